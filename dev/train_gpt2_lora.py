@@ -50,9 +50,14 @@ import sys
 import time
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+# Debian's torch runs its own ops on OpenMP threads but its GEMMs on OpenBLAS's pthreads. With the default
+# (active) OpenMP wait policy the idle OpenMP threads spin and starve OpenBLAS on a 2-core machine: a
+# LoRA step measured ~4x slower. Passive waiting must be set before libgomp loads, i.e. before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 CHECKPOINT_MAGIC, CHECKPOINT_VERSION = 20240326, 3  # llm.c fp32 checkpoint, padded vocab
 TOKENS_MAGIC, TOKENS_VERSION = 20240520, 1  # llm.c token file
@@ -433,7 +438,7 @@ def cmd_bench(args):
     x = torch.randint(0, cfg.V, (B, T))
     y = torch.randint(0, cfg.V, (B, T))
     print(f"torch config B {B} T {T} steps {args.steps} threads {torch.get_num_threads()} r {args.r} "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__} OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}")
     for mode in (["lora", "full"] if args.mode == "both" else [args.mode]):
         targets = TARGETS if mode == "lora" else ()
         model = GPT(cfg, args.r, 2.0 * args.r, targets)
