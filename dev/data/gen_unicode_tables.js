@@ -1,7 +1,7 @@
 // Writes dev/unicode_classes.h, the Unicode class table that dev/tokenizer.h includes.
 // Classes follow the GPT-2 pre-tokenizer regex as JavaScript evaluates it with the /u flag:
 // 1 = \p{L} (letter), 2 = \p{N} (number), 3 = \s (white space); everything else is "other".
-// Usage: node dev/data/gen_unicode_tables.js > dev/unicode_classes.h
+// Usage: make unicode-classes (node dev/data/gen_unicode_tables.js > dev/unicode_classes.h)
 const classOf = (cp) => {
   if (cp >= 0xD800 && cp <= 0xDFFF) return 0; // lone surrogates: never produced from valid UTF-8
   const s = String.fromCodePoint(cp);
