@@ -1,0 +1,51 @@
+# train_gpt2_lora: `make` builds the trainer, `make test` builds and runs the test binary.
+CXX ?= g++
+CXXFLAGS ?= -O3 -std=c++17 -Wall -Wextra -Wno-unused-parameter -Wno-unused-function
+LDFLAGS ?=
+LDLIBS ?= -lm
+
+# -march=native only where the compiler takes it (never -ffast-math/-Ofast: this is a reference build)
+ifneq ($(shell echo 'int main(){}' | $(CXX) -march=native -x c++ - -o /dev/null 2>/dev/null && echo ok),)
+  CXXFLAGS += -march=native
+endif
+
+# OpenMP: on when the compiler supports it, off with NO_OMP=1
+ifeq ($(NO_OMP), 1)
+  $(info ✗ OpenMP off (NO_OMP=1))
+  CXXFLAGS += -Wno-unknown-pragmas
+else ifneq ($(shell echo | $(CXX) -fopenmp -x c++ -E - >/dev/null 2>&1 && echo ok),)
+  $(info ✓ OpenMP found)
+  CXXFLAGS += -fopenmp
+  LDFLAGS += -fopenmp
+else
+  $(info ✗ OpenMP not found: building single-threaded)
+  CXXFLAGS += -Wno-unknown-pragmas
+endif
+
+# a build directory per OpenMP setting, so NO_OMP=1 never reuses an OpenMP object
+BUILD := build/$(if $(filter 1,$(NO_OMP)),noomp,omp)
+TEST_SOURCES := test_lora.cpp $(wildcard dev/test_tokenizer.cpp)
+
+.PHONY: all test clean
+all: train_gpt2_lora
+
+train_gpt2_lora: $(BUILD)/train_gpt2_lora
+	cp $< $@
+
+$(BUILD)/train_gpt2_lora: train_gpt2_lora.cpp lora.h $(wildcard dev/tokenizer.h)
+	@mkdir -p $(BUILD)
+	$(CXX) $(CXXFLAGS) $< $(LDFLAGS) $(LDLIBS) -o $@
+
+$(BUILD)/test_lora: $(TEST_SOURCES) train_gpt2_lora.cpp lora.h $(wildcard dev/*.h)
+	@mkdir -p $(BUILD)
+	$(CXX) $(CXXFLAGS) $(TEST_SOURCES) $(LDFLAGS) $(LDLIBS) -o $@
+
+# the tests also run the trainer binary (bad-input exit codes), so build both with the same flags
+test: $(BUILD)/test_lora $(BUILD)/train_gpt2_lora
+	cp $(BUILD)/train_gpt2_lora train_gpt2_lora
+	TRAIN_BIN=$(BUILD)/train_gpt2_lora ./$(BUILD)/test_lora
+
+clean:
+	rm -rf build train_gpt2_lora
+
+-include dev/data.mk dev/twin.mk dev/bench.mk

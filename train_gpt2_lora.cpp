@@ -1,0 +1,1505 @@
+/*
+LoRA fine-tuning of GPT-2 on the CPU, in one file, in the spirit of llm.c's train_gpt2.c.
+
+What it is: GPT-2 (pre-LN, GELU-tanh, tied token embedding / LM head) with its forward and backward
+written by hand, LoRA adapters (lora.h) on the attention and MLP matmuls of a frozen base, AdamW on the
+adapters only, and llm.c's file formats, so llm.c's starter-pack checkpoint, tokens and tokenizer work.
+With -f it trains every parameter instead (full fine-tuning, the baseline LoRA is compared with).
+
+What it is not: a framework. Every kernel is a plain loop nest with OpenMP; the float matmul has a fast
+path with its naive twin beside it, and test_lora.cpp checks every backward against finite differences.
+The kernels and the model are templates over the scalar type only so that the tests can run the very
+same code in double precision; the program itself runs in float.
+
+Reading order: kernels (forward/backward pairs) -> model -> build/forward/backward/update/free ->
+files (checkpoint, tokens, tokenizer) -> data loader and sampling -> main.
+*/
+#include <algorithm>
+#include <cerrno>
+#include <cstdarg>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+#include <time.h>
+#include <unistd.h>
+#include <sys/stat.h>
+#include <sys/resource.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "lora.h"
+
+// ----------------------------------------------------------------------------
+// errors: every failure names the file or flag, says what was wrong and ends in a HINT
+
+[[noreturn]] static void die(const std::string& msg) {
+    fprintf(stderr, "Error: %s\n", msg.c_str());
+    exit(EXIT_FAILURE);
+}
+
+static std::string strprintf(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+static std::string strprintf(const char* fmt, ...) {
+    char buf[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    return std::string(buf);
+}
+
+static void* malloc_check(size_t size, const char* what) {
+    void* p = malloc(size > 0 ? size : 1);
+    if (p == NULL) {
+        die(strprintf("out of memory allocating %zu bytes for %s\n---> HINT: lower the batch size (-b) or sequence length (-t)", size, what));
+    }
+    return p;
+}
+
+template <typename real> static real* calloc_real(size_t n, const char* what) {
+    real* p = (real*)malloc_check(n * sizeof(real), what);
+    memset(p, 0, n * sizeof(real));
+    return p;
+}
+
+// ----------------------------------------------------------------------------
+// kernels. Dimension letters, used everywhere below and never improvised:
+// B = batch size, T = sequence length, C = channels, OC = output channels, V = vocab size,
+// Vp = V padded to a multiple of 128, L = layers, NH = heads, hs = head size C/NH, r = LoRA rank.
+// Every backward accumulates (+=) into its gradients. A NULL gradient pointer means "frozen, skip".
+
+// inp (B,T) token ids, wte (Vp,C), wpe (maxT,C) -> out (B,T,C)
+template <typename real>
+void encoder_forward(real* out, const int* inp, const real* wte, const real* wpe, int B, int T, int C) {
+    #pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            real* out_bt = out + ((size_t)b * T + t) * C;
+            const real* wte_ix = wte + (size_t)inp[b * T + t] * C;
+            const real* wpe_t = wpe + (size_t)t * C;
+            for (int c = 0; c < C; c++) { out_bt[c] = wte_ix[c] + wpe_t[c]; }
+        }
+    }
+}
+
+// dout (B,T,C) -> dwte (Vp,C) +=, dwpe (maxT,C) +=
+template <typename real>
+void encoder_backward(real* dwte, real* dwpe, const real* dout, const int* inp, int B, int T, int C) {
+    // forward was: out[b,t] = wte[inp[b,t]] + wpe[t]; so now each row routes dout to both.
+    // parallel over channels: two positions may share a token id, so rows can't be split across threads
+    #pragma omp parallel for
+    for (int c = 0; c < C; c++) {
+        for (int b = 0; b < B; b++) {
+            for (int t = 0; t < T; t++) {
+                real d = dout[((size_t)b * T + t) * C + c];
+                dwte[(size_t)inp[b * T + t] * C + c] += d;
+                dwpe[(size_t)t * C + c] += d;
+            }
+        }
+    }
+}
+
+// inp (B,T,C), weight (C), bias (C) -> out (B,T,C); mean, rstd (B,T) cached
+template <typename real>
+void layernorm_forward(real* out, real* mean, real* rstd, const real* inp, const real* weight, const real* bias,
+                       int B, int T, int C) {
+    const real eps = (real)1e-5;
+    #pragma omp parallel for
+    for (int bt = 0; bt < B * T; bt++) {
+        const real* x = inp + (size_t)bt * C;
+        real m = 0;
+        for (int c = 0; c < C; c++) { m += x[c]; }
+        m = m / C;
+        real v = 0;
+        for (int c = 0; c < C; c++) { real d = x[c] - m; v += d * d; }
+        v = v / C;
+        real s = 1 / std::sqrt(v + eps);
+        real* out_bt = out + (size_t)bt * C;
+        for (int c = 0; c < C; c++) { out_bt[c] = (x[c] - m) * s * weight[c] + bias[c]; }
+        mean[bt] = m;
+        rstd[bt] = s;
+    }
+}
+
+// dout (B,T,C) -> dinp (B,T,C) +=, dweight (C) +=, dbias (C) += (dweight, dbias may be NULL)
+template <typename real>
+void layernorm_backward(real* dinp, real* dweight, real* dbias, const real* dout, const real* inp,
+                        const real* weight, const real* mean, const real* rstd, int B, int T, int C) {
+    // forward was: norm = (x - mean) * rstd; out = norm * weight + bias. With dnorm = dout * weight,
+    // dx = rstd * (dnorm - mean_c(dnorm) - norm * mean_c(dnorm * norm))   (mean and rstd depend on x too)
+    #pragma omp parallel for
+    for (int bt = 0; bt < B * T; bt++) {
+        const real* dout_bt = dout + (size_t)bt * C;
+        const real* inp_bt = inp + (size_t)bt * C;
+        real* dinp_bt = dinp + (size_t)bt * C;
+        real m = mean[bt], s = rstd[bt];
+        real dnorm_mean = 0, dnorm_norm_mean = 0;
+        for (int c = 0; c < C; c++) {
+            real norm = (inp_bt[c] - m) * s;
+            real dnorm = weight[c] * dout_bt[c];
+            dnorm_mean += dnorm;
+            dnorm_norm_mean += dnorm * norm;
+        }
+        dnorm_mean = dnorm_mean / C;
+        dnorm_norm_mean = dnorm_norm_mean / C;
+        for (int c = 0; c < C; c++) {
+            real norm = (inp_bt[c] - m) * s;
+            real dnorm = weight[c] * dout_bt[c];
+            dinp_bt[c] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
+        }
+    }
+    if (dweight == NULL) return;
+    // parallel over channels: each thread owns dweight[c] and dbias[c]
+    #pragma omp parallel for
+    for (int c = 0; c < C; c++) {
+        real dw = 0, db = 0;
+        for (int bt = 0; bt < B * T; bt++) {
+            real d = dout[(size_t)bt * C + c];
+            dw += d * (inp[(size_t)bt * C + c] - mean[bt]) * rstd[bt];
+            db += d;
+        }
+        dweight[c] += dw;
+        dbias[c] += db;
+    }
+}
+
+// inp (B,T,C), weight (OC,C), bias (OC) or NULL -> out (B,T,OC) = inp @ weight^T + bias
+template <typename real>
+void matmul_forward_naive(real* out, const real* inp, const real* weight, const real* bias,
+                          int B, int T, int C, int OC) {
+    #pragma omp parallel for collapse(2)
+    for (int bt = 0; bt < B * T; bt++) {
+        for (int o = 0; o < OC; o++) {
+            const real* inp_bt = inp + (size_t)bt * C;
+            const real* w_row = weight + (size_t)o * C;
+            real sum = bias != NULL ? bias[o] : 0;
+            for (int c = 0; c < C; c++) { sum += inp_bt[c] * w_row[c]; }
+            out[(size_t)bt * OC + o] = sum;
+        }
+    }
+}
+
+// dout (B,T,OC) -> dinp (B,T,C) +=, dweight (OC,C) +=, dbias (OC) +=; any of the three may be NULL:
+// a frozen weight passes NULL and costs no weight-gradient work at all
+template <typename real>
+void matmul_backward_naive(real* dinp, real* dweight, real* dbias, const real* dout, const real* inp,
+                           const real* weight, int B, int T, int C, int OC) {
+    // forward was: out[bt,o] = bias[o] + sum_c inp[bt,c] * weight[o,c]
+    if (dinp != NULL) {
+        // dinp = dout @ weight; parallel over rows, each thread owns dinp[bt,:]
+        #pragma omp parallel for
+        for (int bt = 0; bt < B * T; bt++) {
+            real* dinp_bt = dinp + (size_t)bt * C;
+            const real* dout_bt = dout + (size_t)bt * OC;
+            for (int o = 0; o < OC; o++) {
+                real d = dout_bt[o];
+                const real* w_row = weight + (size_t)o * C;
+                for (int c = 0; c < C; c++) { dinp_bt[c] += d * w_row[c]; }
+            }
+        }
+    }
+    if (dweight != NULL || dbias != NULL) {
+        // dweight = dout^T @ inp, dbias = column sums of dout; parallel over OC, each thread owns row o
+        #pragma omp parallel for
+        for (int o = 0; o < OC; o++) {
+            real* dw_row = dweight != NULL ? dweight + (size_t)o * C : NULL;
+            real db = 0;
+            for (int bt = 0; bt < B * T; bt++) {
+                real d = dout[(size_t)bt * OC + o];
+                db += d;
+                if (dw_row == NULL) continue;
+                const real* inp_bt = inp + (size_t)bt * C;
+                for (int c = 0; c < C; c++) { dw_row[c] += d * inp_bt[c]; }
+            }
+            if (dbias != NULL) dbias[o] += db;
+        }
+    }
+}
+
+// The generic matmul is the naive one; float, the type the program trains in, gets the fast path below.
+template <typename real>
+void matmul_forward(real* out, const real* inp, const real* weight, const real* bias, int B, int T, int C, int OC) {
+    matmul_forward_naive(out, inp, weight, bias, B, T, C, OC);
+}
+template <typename real>
+void matmul_backward(real* dinp, real* dweight, real* dbias, const real* dout, const real* inp, const real* weight,
+                     int B, int T, int C, int OC) {
+    matmul_backward_naive(dinp, dweight, dbias, dout, inp, weight, B, T, C, OC);
+}
+
+// fast float path (same contract as the naive twin above)
+void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int B, int T, int C, int OC) {
+    matmul_forward_naive(out, inp, weight, bias, B, T, C, OC);
+}
+void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                     const float* weight, int B, int T, int C, int OC) {
+    matmul_backward_naive(dinp, dweight, dbias, dout, inp, weight, B, T, C, OC);
+}
+
+// qkv (B,T,3C) with q|k|v along channels -> out (B,T,C); att (B,NH,T,T) post-softmax weights cached
+template <typename real>
+void attention_forward(real* out, real* att, const real* qkv, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    real scale = 1 / std::sqrt((real)hs);
+    // parallel over (b, t, h): each thread owns one row att[b,h,t,:] and out[b,t,h*hs:(h+1)*hs]
+    #pragma omp parallel for collapse(3)
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            for (int h = 0; h < NH; h++) {
+                const real* q = qkv + ((size_t)b * T + t) * 3 * C + h * hs;
+                real* att_bth = att + (((size_t)b * NH + h) * T + t) * T;
+                // pre-softmax scores, causal: only t2 <= t
+                real maxval = -1e30f;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const real* k = qkv + ((size_t)b * T + t2) * 3 * C + C + h * hs;
+                    real s = 0;
+                    for (int i = 0; i < hs; i++) { s += q[i] * k[i]; }
+                    s *= scale;
+                    att_bth[t2] = s;
+                    if (s > maxval) maxval = s;
+                }
+                real sum = 0;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    real e = std::exp(att_bth[t2] - maxval);
+                    att_bth[t2] = e;
+                    sum += e;
+                }
+                real inv = 1 / sum;
+                for (int t2 = 0; t2 < T; t2++) { att_bth[t2] = t2 <= t ? att_bth[t2] * inv : 0; }
+                // out = att @ v
+                real* out_bth = out + ((size_t)b * T + t) * C + h * hs;
+                for (int i = 0; i < hs; i++) { out_bth[i] = 0; }
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const real* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * hs;
+                    real a = att_bth[t2];
+                    for (int i = 0; i < hs; i++) { out_bth[i] += a * v[i]; }
+                }
+            }
+        }
+    }
+}
+
+// dout (B,T,C) -> dqkv (B,T,3C) +=; datt (B,NH,T,T) is scratch
+template <typename real>
+void attention_backward(real* dqkv, real* datt, const real* dout, const real* qkv, const real* att,
+                        int B, int T, int C, int NH) {
+    int hs = C / NH;
+    real scale = 1 / std::sqrt((real)hs);
+    // parallel over (b, h): everything a head touches (q, k, v of head h in sequence b) is its own
+    #pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < NH; h++) {
+            for (int t = 0; t < T; t++) {
+                const real* att_bth = att + (((size_t)b * NH + h) * T + t) * T;
+                real* datt_bth = datt + (((size_t)b * NH + h) * T + t) * T;
+                const real* dout_bth = dout + ((size_t)b * T + t) * C + h * hs;
+                // forward was: out = sum_t2 att[t2] * v[t2]; so datt[t2] = dout . v[t2], dv[t2] += att[t2] * dout
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const real* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * hs;
+                    real* dv = dqkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * hs;
+                    real d = 0;
+                    for (int i = 0; i < hs; i++) {
+                        d += dout_bth[i] * v[i];
+                        dv[i] += att_bth[t2] * dout_bth[i];
+                    }
+                    datt_bth[t2] = d;
+                }
+                // forward was: att = softmax(s); so ds[t2] = att[t2] * (datt[t2] - sum_j att[j] datt[j])
+                real dot = 0;
+                for (int t2 = 0; t2 <= t; t2++) { dot += att_bth[t2] * datt_bth[t2]; }
+                // forward was: s[t2] = scale * q . k[t2]; so dq += scale ds[t2] k[t2], dk[t2] += scale ds[t2] q
+                const real* q = qkv + ((size_t)b * T + t) * 3 * C + h * hs;
+                real* dq = dqkv + ((size_t)b * T + t) * 3 * C + h * hs;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    real ds = att_bth[t2] * (datt_bth[t2] - dot) * scale;
+                    const real* k = qkv + ((size_t)b * T + t2) * 3 * C + C + h * hs;
+                    real* dk = dqkv + ((size_t)b * T + t2) * 3 * C + C + h * hs;
+                    for (int i = 0; i < hs; i++) {
+                        dq[i] += ds * k[i];
+                        dk[i] += ds * q[i];
+                    }
+                }
+            }
+        }
+    }
+}
+
+#define GELU_SCALING_FACTOR 0.7978845608028654 // sqrt(2 / pi)
+// inp (N) -> out (N) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GPT-2's tanh approximation
+template <typename real>
+void gelu_forward(real* out, const real* inp, size_t N) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < N; i++) {
+        real x = inp[i];
+        real u = (real)GELU_SCALING_FACTOR * (x + (real)0.044715 * x * x * x);
+        out[i] = (real)0.5 * x * (1 + std::tanh(u));
+    }
+}
+
+// dout (N) -> dinp (N) +=
+template <typename real>
+void gelu_backward(real* dinp, const real* inp, const real* dout, size_t N) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < N; i++) {
+        real x = inp[i];
+        real u = (real)GELU_SCALING_FACTOR * (x + (real)0.044715 * x * x * x);
+        real th = std::tanh(u);
+        real du = (real)GELU_SCALING_FACTOR * (1 + 3 * (real)0.044715 * x * x);
+        real grad = (real)0.5 * (1 + th) + (real)0.5 * x * (1 - th * th) * du;
+        dinp[i] += grad * dout[i];
+    }
+}
+
+// inp1, inp2 (N) -> out (N) = inp1 + inp2. Its backward is the identity into both inputs, which the
+// model gets for free by keeping one dresidual buffer for the whole residual stream (see gpt2_backward).
+template <typename real>
+void residual_forward(real* out, const real* inp1, const real* inp2, size_t N) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < N; i++) { out[i] = inp1[i] + inp2[i]; }
+}
+
+// Fused softmax + cross-entropy. logits (B,T,Vp), targets (B,T) -> losses (B,T); lse (B,T) cached.
+// No probabilities buffer: the backward recomputes softmax from logits and the cached log-sum-exp.
+// Only the first V logits are real tokens; the padding Vp - V never enters the softmax.
+template <typename real>
+void crossentropy_forward(real* losses, real* lse, const real* logits, const int* targets,
+                          int B, int T, int V, int Vp) {
+    #pragma omp parallel for
+    for (int bt = 0; bt < B * T; bt++) {
+        const real* logits_bt = logits + (size_t)bt * Vp;
+        real maxval = -1e30f;
+        for (int v = 0; v < V; v++) { if (logits_bt[v] > maxval) maxval = logits_bt[v]; }
+        real sum = 0;
+        for (int v = 0; v < V; v++) { sum += std::exp(logits_bt[v] - maxval); }
+        lse[bt] = maxval + std::log(sum);
+        losses[bt] = lse[bt] - logits_bt[targets[bt]];
+    }
+}
+
+// dlosses = dloss for every position -> dlogits (B,T,Vp), written IN PLACE over logits (which die here)
+template <typename real>
+void crossentropy_backward(real* logits_dlogits, const real* lse, const int* targets, real dloss,
+                           int B, int T, int V, int Vp) {
+    // forward was: loss = lse - logits[target]; so dlogits[v] = (softmax[v] - [v == target]) * dloss
+    #pragma omp parallel for
+    for (int bt = 0; bt < B * T; bt++) {
+        real* row = logits_dlogits + (size_t)bt * Vp;
+        for (int v = 0; v < V; v++) { row[v] = std::exp(row[v] - lse[bt]) * dloss; }
+        row[targets[bt]] -= dloss;
+        for (int v = V; v < Vp; v++) { row[v] = 0; }
+    }
+}
+
+// AdamW as llm.c does it, t = step + 1 (bias correction):
+// p -= lr * (mhat / (sqrt(vhat) + eps) + weight_decay * p)
+template <typename real>
+void adamw_update(real* params, const real* grads, real* m, real* v, size_t n, float lr, float beta1,
+                  float beta2, float eps, float weight_decay, int t) {
+    real bc1 = 1 - (real)std::pow((double)beta1, t), bc2 = 1 - (real)std::pow((double)beta2, t);
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) {
+        real g = grads[i];
+        real mi = (real)beta1 * m[i] + (1 - (real)beta1) * g;
+        real vi = (real)beta2 * v[i] + (1 - (real)beta2) * g * g;
+        m[i] = mi;
+        v[i] = vi;
+        real mhat = mi / bc1, vhat = vi / bc2;
+        params[i] -= (real)lr * (mhat / (std::sqrt(vhat) + (real)eps) + (real)weight_decay * params[i]);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// the model
+
+struct GPT2Config {
+    int max_seq_len;       // maxT, e.g. 1024
+    int vocab_size;        // V, e.g. 50257
+    int padded_vocab_size; // Vp, e.g. 50304 (multiple of 128)
+    int num_layers;        // L, e.g. 12
+    int num_heads;         // NH, e.g. 12
+    int channels;          // C, e.g. 768
+};
+
+#define NUM_PARAMETER_TENSORS 16
+template <typename real>
+struct ParameterTensors {
+    real* wte;      // (Vp, C) token embedding, also the LM head
+    real* wpe;      // (maxT, C)
+    real* ln1w;     // (L, C)
+    real* ln1b;     // (L, C)
+    real* qkvw;     // (L, 3C, C)
+    real* qkvb;     // (L, 3C)
+    real* attprojw; // (L, C, C)
+    real* attprojb; // (L, C)
+    real* ln2w;     // (L, C)
+    real* ln2b;     // (L, C)
+    real* fcw;      // (L, 4C, C)
+    real* fcb;      // (L, 4C)
+    real* fcprojw;  // (L, C, 4C)
+    real* fcprojb;  // (L, C)
+    real* lnfw;     // (C)
+    real* lnfb;     // (C)
+};
+static const char* const param_tensor_names[NUM_PARAMETER_TENSORS] = {
+    "wte", "wpe", "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
+    "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb", "lnfw", "lnfb"};
+
+static void fill_in_parameter_sizes(size_t* sizes, GPT2Config cfg) {
+    size_t Vp = cfg.padded_vocab_size, C = cfg.channels, maxT = cfg.max_seq_len, L = cfg.num_layers;
+    sizes[0] = Vp * C;          // wte
+    sizes[1] = maxT * C;        // wpe
+    sizes[2] = L * C;           // ln1w
+    sizes[3] = L * C;           // ln1b
+    sizes[4] = L * (3 * C) * C; // qkvw
+    sizes[5] = L * (3 * C);     // qkvb
+    sizes[6] = L * C * C;       // attprojw
+    sizes[7] = L * C;           // attprojb
+    sizes[8] = L * C;           // ln2w
+    sizes[9] = L * C;           // ln2b
+    sizes[10] = L * (4 * C) * C; // fcw
+    sizes[11] = L * (4 * C);    // fcb
+    sizes[12] = L * C * (4 * C); // fcprojw
+    sizes[13] = L * C;          // fcprojb
+    sizes[14] = C;              // lnfw
+    sizes[15] = C;              // lnfb
+}
+
+// points the 16 tensors into one flat buffer, in checkpoint order
+template <typename real>
+void point_parameters(ParameterTensors<real>* p, const size_t* sizes, real* memory) {
+    real** ptrs[NUM_PARAMETER_TENSORS] = {
+        &p->wte, &p->wpe, &p->ln1w, &p->ln1b, &p->qkvw, &p->qkvb, &p->attprojw, &p->attprojb,
+        &p->ln2w, &p->ln2b, &p->fcw, &p->fcb, &p->fcprojw, &p->fcprojb, &p->lnfw, &p->lnfb};
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        *(ptrs[i]) = memory;
+        memory += sizes[i];
+    }
+}
+
+#define NUM_ACTIVATION_TENSORS 19
+template <typename real>
+struct ActivationTensors {
+    real* encoded;   // (B, T, C)
+    real* ln1;       // (L, B, T, C)
+    real* ln1_mean;  // (L, B, T)
+    real* ln1_rstd;  // (L, B, T)
+    real* qkv;       // (L, B, T, 3C)
+    real* atty;      // (L, B, T, C)
+    real* att;       // (L, B, NH, T, T) post-softmax
+    real* residual2; // (L, B, T, C)
+    real* ln2;       // (L, B, T, C)
+    real* ln2_mean;  // (L, B, T)
+    real* ln2_rstd;  // (L, B, T)
+    real* fch;       // (L, B, T, 4C)
+    real* fch_gelu;  // (L, B, T, 4C)
+    real* residual3; // (L, B, T, C)
+    real* lnf;       // (B, T, C)
+    real* lnf_mean;  // (B, T)
+    real* lnf_rstd;  // (B, T)
+    real* logits;    // (B, T, Vp); the backward overwrites it with dlogits
+    real* proj;      // (B, T, C) output of attproj / fcproj before the residual add; not needed backward
+};
+
+static void fill_in_activation_sizes(size_t* sizes, GPT2Config cfg, size_t B, size_t T) {
+    size_t C = cfg.channels, NH = cfg.num_heads, L = cfg.num_layers, Vp = cfg.padded_vocab_size;
+    size_t s[NUM_ACTIVATION_TENSORS] = {
+        B * T * C, L * B * T * C, L * B * T, L * B * T, L * B * T * 3 * C, L * B * T * C, L * B * NH * T * T,
+        L * B * T * C, L * B * T * C, L * B * T, L * B * T, L * B * T * 4 * C, L * B * T * 4 * C,
+        L * B * T * C, B * T * C, B * T, B * T, B * T * Vp, B * T * C};
+    memcpy(sizes, s, sizeof(s));
+}
+
+// Gradients of the activations, one layer's worth: the backward walks the layers top to bottom and
+// reuses these buffers for every layer. dresidual carries the gradient of the residual stream.
+#define NUM_BACKWARD_TENSORS 7
+template <typename real>
+struct BackwardTensors {
+    real* dresidual; // (B, T, C)
+    real* dln;       // (B, T, C) gradient at a layernorm output: lnf, ln2, ln1 in turn
+    real* datty;     // (B, T, C)
+    real* dqkv;      // (B, T, 3C)
+    real* datt;      // (B, NH, T, T) scratch of attention_backward
+    real* dfch;      // (B, T, 4C)
+    real* dfch_gelu; // (B, T, 4C)
+};
+
+template <typename real>
+struct GPT2 {
+    GPT2Config config;
+    ParameterTensors<real> params;
+    size_t param_sizes[NUM_PARAMETER_TENSORS];
+    real* params_memory;
+    size_t num_parameters;
+    // full fine-tuning (-f) only: gradients and AdamW state of every base parameter; NULL otherwise
+    bool train_base;
+    ParameterTensors<real> grads;
+    real* grads_memory;
+    real* m_memory;
+    real* v_memory;
+    // LoRA adapters; lora.num_parameters == 0 when none are attached
+    LoRA<real> lora;
+    // activations, allocated once for (B, T) by gpt2_allocate; smaller batches reuse the same memory
+    ActivationTensors<real> acts;
+    size_t act_sizes[NUM_ACTIVATION_TENSORS];
+    real* acts_memory;
+    size_t num_activations;
+    BackwardTensors<real> dacts;
+    real* dacts_memory;
+    size_t num_dacts;
+    real* losses;  // (B, T)
+    real* lse;     // (B, T) log-sum-exp of each row of logits, for the fused cross-entropy backward
+    int alloc_B, alloc_T;
+    int batch_size, seq_len;
+    int* inputs;   // (B, T)
+    int* targets;  // (B, T)
+    bool have_targets;
+    real mean_loss;
+};
+
+// the pointer p + offset, or NULL when p is NULL (a frozen tensor has no gradient)
+template <typename real> static inline real* at(real* p, size_t offset) { return p ? p + offset : NULL; }
+
+template <typename real>
+void gpt2_init_empty(GPT2<real>* model, GPT2Config cfg) {
+    memset(model, 0, sizeof(*model));
+    model->config = cfg;
+    fill_in_parameter_sizes(model->param_sizes, cfg);
+    model->num_parameters = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) { model->num_parameters += model->param_sizes[i]; }
+    model->params_memory = calloc_real<real>(model->num_parameters, "parameters");
+    point_parameters(&model->params, model->param_sizes, model->params_memory);
+}
+
+// a model with GPT-2-style random init (for tests and benchmarks): N(0, 0.02) matrices, projections
+// into the residual scaled by 1/sqrt(2L), layernorm weights 1, biases 0, padded wte rows 0
+template <typename real>
+void gpt2_build_random(GPT2<real>* model, GPT2Config cfg, uint64_t seed) {
+    gpt2_init_empty(model, cfg);
+    Rng rng;
+    rng_seed(&rng, seed);
+    ParameterTensors<real>* p = &model->params;
+    real* normal[] = {p->wte, p->wpe, p->qkvw, p->attprojw, p->fcw, p->fcprojw};
+    size_t sizes[] = {(size_t)cfg.vocab_size * cfg.channels, model->param_sizes[1], model->param_sizes[4],
+                      model->param_sizes[6], model->param_sizes[10], model->param_sizes[12]};
+    float stds[] = {0.02f, 0.02f, 0.02f, 0.02f / sqrtf(2.0f * cfg.num_layers), 0.02f, 0.02f / sqrtf(2.0f * cfg.num_layers)};
+    for (int k = 0; k < 6; k++) {
+        for (size_t i = 0; i < sizes[k]; i++) { normal[k][i] = (real)(stds[k] * rng_normal(&rng)); }
+    }
+    real* ones[] = {p->ln1w, p->ln2w, p->lnfw};
+    size_t ones_n[] = {model->param_sizes[2], model->param_sizes[8], model->param_sizes[14]};
+    for (int k = 0; k < 3; k++) {
+        for (size_t i = 0; i < ones_n[k]; i++) { ones[k][i] = 1; }
+    }
+}
+
+// attaches LoRA adapters to a frozen base (see lora_init for the init convention)
+template <typename real>
+void gpt2_lora_attach(GPT2<real>* model, LoRAConfig cfg, uint64_t seed) {
+    lora_init(&model->lora, cfg, model->config.num_layers, model->config.channels, seed);
+    if (model->alloc_B > 0) lora_allocate_activations(&model->lora, (size_t)model->alloc_B * model->alloc_T);
+}
+
+// every base parameter trainable: gradient buffers and AdamW state for all of them
+template <typename real>
+void gpt2_enable_full_training(GPT2<real>* model) {
+    model->train_base = true;
+    model->grads_memory = calloc_real<real>(model->num_parameters, "parameter gradients");
+    model->m_memory = calloc_real<real>(model->num_parameters, "AdamW m");
+    model->v_memory = calloc_real<real>(model->num_parameters, "AdamW v");
+    point_parameters(&model->grads, model->param_sizes, model->grads_memory);
+}
+
+// allocates activations (and their gradients) once, for batches up to (B, T)
+template <typename real>
+void gpt2_allocate(GPT2<real>* model, int B, int T) {
+    GPT2Config cfg = model->config;
+    fill_in_activation_sizes(model->act_sizes, cfg, B, T);
+    model->num_activations = 0;
+    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { model->num_activations += model->act_sizes[i]; }
+    model->acts_memory = calloc_real<real>(model->num_activations, "activations");
+    real** ptrs[NUM_ACTIVATION_TENSORS] = {
+        &model->acts.encoded, &model->acts.ln1, &model->acts.ln1_mean, &model->acts.ln1_rstd, &model->acts.qkv,
+        &model->acts.atty, &model->acts.att, &model->acts.residual2, &model->acts.ln2, &model->acts.ln2_mean,
+        &model->acts.ln2_rstd, &model->acts.fch, &model->acts.fch_gelu, &model->acts.residual3, &model->acts.lnf,
+        &model->acts.lnf_mean, &model->acts.lnf_rstd, &model->acts.logits, &model->acts.proj};
+    real* mem = model->acts_memory;
+    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { *(ptrs[i]) = mem; mem += model->act_sizes[i]; }
+
+    size_t BT = (size_t)B * T, C = cfg.channels, NH = cfg.num_heads;
+    size_t dsizes[NUM_BACKWARD_TENSORS] = {BT * C, BT * C, BT * C, BT * 3 * C, (size_t)B * NH * T * T, BT * 4 * C, BT * 4 * C};
+    model->num_dacts = 0;
+    for (int i = 0; i < NUM_BACKWARD_TENSORS; i++) { model->num_dacts += dsizes[i]; }
+    model->dacts_memory = calloc_real<real>(model->num_dacts, "activation gradients");
+    real** dptrs[NUM_BACKWARD_TENSORS] = {&model->dacts.dresidual, &model->dacts.dln, &model->dacts.datty,
+        &model->dacts.dqkv, &model->dacts.datt, &model->dacts.dfch, &model->dacts.dfch_gelu};
+    mem = model->dacts_memory;
+    for (int i = 0; i < NUM_BACKWARD_TENSORS; i++) { *(dptrs[i]) = mem; mem += dsizes[i]; }
+
+    model->losses = calloc_real<real>(BT, "losses");
+    model->lse = calloc_real<real>(BT, "log-sum-exp");
+    model->inputs = (int*)malloc_check(BT * sizeof(int), "inputs");
+    model->targets = (int*)malloc_check(BT * sizeof(int), "targets");
+    model->alloc_B = B;
+    model->alloc_T = T;
+    if (model->lora.num_parameters > 0) lora_allocate_activations(&model->lora, BT);
+}
+
+// one adapted matmul's LoRA branch at layer l; nothing when that target carries no adapter
+template <typename real>
+void gpt2_lora_forward(LoRA<real>* lora, int target, int l, real* out, const real* inp, int BT) {
+    if (lora->lora_A[target] == NULL) return;
+    int r = lora->config.r, C = lora_target_in(target, lora->C), OC = lora_target_out(target, lora->C);
+    lora_forward(out, lora->h[target] + (size_t)l * BT * r, inp, lora->lora_A[target] + (size_t)l * r * C,
+                 lora->lora_B[target] + (size_t)l * OC * r, (real)lora->config.scale, BT, C, OC, r);
+}
+
+template <typename real>
+void gpt2_lora_backward(LoRA<real>* lora, int target, int l, real* dinp, const real* dout, const real* inp, int BT) {
+    if (lora->lora_A[target] == NULL) return;
+    int r = lora->config.r, C = lora_target_in(target, lora->C), OC = lora_target_out(target, lora->C);
+    lora_backward(dinp, lora->dlora_A[target] + (size_t)l * r * C, lora->dlora_B[target] + (size_t)l * OC * r,
+                  lora->dh, dout, lora->h[target] + (size_t)l * BT * r, inp, lora->lora_A[target] + (size_t)l * r * C,
+                  lora->lora_B[target] + (size_t)l * OC * r, (real)lora->config.scale, BT, C, OC, r);
+}
+
+// inputs, targets (B, T) token ids; targets may be NULL (inference: no loss)
+template <typename real>
+void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int B, int T) {
+    if (model->acts_memory == NULL) gpt2_allocate(model, B, T);
+    if (B > model->alloc_B || T > model->alloc_T || (size_t)B * T * T > (size_t)model->alloc_B * model->alloc_T * model->alloc_T) {
+        die(strprintf("forward with B=%d T=%d exceeds the allocated B=%d T=%d", B, T, model->alloc_B, model->alloc_T));
+    }
+    int V = model->config.vocab_size, Vp = model->config.padded_vocab_size;
+    int L = model->config.num_layers, NH = model->config.num_heads, C = model->config.channels;
+    int BT = B * T;
+    model->batch_size = B;
+    model->seq_len = T;
+    memcpy(model->inputs, inputs, (size_t)BT * sizeof(int));
+    model->have_targets = targets != NULL;
+    if (targets != NULL) memcpy(model->targets, targets, (size_t)BT * sizeof(int));
+
+    ParameterTensors<real> params = model->params;
+    ActivationTensors<real> acts = model->acts;
+    LoRA<real>* lora = &model->lora;
+    encoder_forward(acts.encoded, inputs, params.wte, params.wpe, B, T, C);
+    for (int l = 0; l < L; l++) {
+        real* residual = l == 0 ? acts.encoded : acts.residual3 + (size_t)(l - 1) * BT * C;
+        // this layer's weights
+        real* l_ln1w = params.ln1w + (size_t)l * C;
+        real* l_ln1b = params.ln1b + (size_t)l * C;
+        real* l_qkvw = params.qkvw + (size_t)l * 3 * C * C;
+        real* l_qkvb = params.qkvb + (size_t)l * 3 * C;
+        real* l_attprojw = params.attprojw + (size_t)l * C * C;
+        real* l_attprojb = params.attprojb + (size_t)l * C;
+        real* l_ln2w = params.ln2w + (size_t)l * C;
+        real* l_ln2b = params.ln2b + (size_t)l * C;
+        real* l_fcw = params.fcw + (size_t)l * 4 * C * C;
+        real* l_fcb = params.fcb + (size_t)l * 4 * C;
+        real* l_fcprojw = params.fcprojw + (size_t)l * C * 4 * C;
+        real* l_fcprojb = params.fcprojb + (size_t)l * C;
+        // this layer's activations
+        real* l_ln1 = acts.ln1 + (size_t)l * BT * C;
+        real* l_ln1_mean = acts.ln1_mean + (size_t)l * BT;
+        real* l_ln1_rstd = acts.ln1_rstd + (size_t)l * BT;
+        real* l_qkv = acts.qkv + (size_t)l * BT * 3 * C;
+        real* l_atty = acts.atty + (size_t)l * BT * C;
+        real* l_att = acts.att + (size_t)l * B * NH * T * T;
+        real* l_residual2 = acts.residual2 + (size_t)l * BT * C;
+        real* l_ln2 = acts.ln2 + (size_t)l * BT * C;
+        real* l_ln2_mean = acts.ln2_mean + (size_t)l * BT;
+        real* l_ln2_rstd = acts.ln2_rstd + (size_t)l * BT;
+        real* l_fch = acts.fch + (size_t)l * BT * 4 * C;
+        real* l_fch_gelu = acts.fch_gelu + (size_t)l * BT * 4 * C;
+        real* l_residual3 = acts.residual3 + (size_t)l * BT * C;
+        real* proj = acts.proj;
+
+        layernorm_forward(l_ln1, l_ln1_mean, l_ln1_rstd, residual, l_ln1w, l_ln1b, B, T, C);
+        matmul_forward(l_qkv, l_ln1, l_qkvw, l_qkvb, B, T, C, 3 * C);
+        gpt2_lora_forward(lora, LORA_QKV, l, l_qkv, l_ln1, BT);
+        attention_forward(l_atty, l_att, l_qkv, B, T, C, NH);
+        matmul_forward(proj, l_atty, l_attprojw, l_attprojb, B, T, C, C);
+        gpt2_lora_forward(lora, LORA_ATTPROJ, l, proj, l_atty, BT);
+        residual_forward(l_residual2, residual, proj, (size_t)BT * C);
+        layernorm_forward(l_ln2, l_ln2_mean, l_ln2_rstd, l_residual2, l_ln2w, l_ln2b, B, T, C);
+        matmul_forward(l_fch, l_ln2, l_fcw, l_fcb, B, T, C, 4 * C);
+        gpt2_lora_forward(lora, LORA_FC, l, l_fch, l_ln2, BT);
+        gelu_forward(l_fch_gelu, l_fch, (size_t)BT * 4 * C);
+        matmul_forward(proj, l_fch_gelu, l_fcprojw, l_fcprojb, B, T, 4 * C, C);
+        gpt2_lora_forward(lora, LORA_FCPROJ, l, proj, l_fch_gelu, BT);
+        residual_forward(l_residual3, l_residual2, proj, (size_t)BT * C);
+    }
+    real* residual = acts.residual3 + (size_t)(L - 1) * BT * C;
+    layernorm_forward(acts.lnf, acts.lnf_mean, acts.lnf_rstd, residual, params.lnfw, params.lnfb, B, T, C);
+    matmul_forward(acts.logits, acts.lnf, params.wte, (real*)NULL, B, T, C, Vp);
+
+    if (targets != NULL) {
+        crossentropy_forward(model->losses, model->lse, acts.logits, targets, B, T, V, Vp);
+        double sum = 0;
+        for (int i = 0; i < BT; i++) { sum += model->losses[i]; }
+        model->mean_loss = (real)(sum / BT);
+    }
+}
+
+template <typename real>
+void gpt2_zero_grad(GPT2<real>* model) {
+    if (model->grads_memory) memset(model->grads_memory, 0, model->num_parameters * sizeof(real));
+    if (model->lora.num_parameters > 0) lora_zero_grad(&model->lora);
+}
+
+// The exact reverse of gpt2_forward. Frozen weights get NULL gradients, so their matmuls only pass
+// the activation gradient through. Requires a forward with targets just before; destroys the logits.
+template <typename real>
+void gpt2_backward(GPT2<real>* model) {
+    if (!model->have_targets) die("gpt2_backward needs a forward pass with targets first");
+    int B = model->batch_size, T = model->seq_len, BT = B * T;
+    int V = model->config.vocab_size, Vp = model->config.padded_vocab_size;
+    int L = model->config.num_layers, NH = model->config.num_heads, C = model->config.channels;
+    ParameterTensors<real> params = model->params;
+    ParameterTensors<real> grads = model->grads; // all NULL unless full fine-tuning
+    ActivationTensors<real> acts = model->acts;
+    BackwardTensors<real> d = model->dacts;
+    LoRA<real>* lora = &model->lora;
+
+    // the loss is the mean over B*T positions
+    real dloss = (real)1 / BT;
+    memset(d.dresidual, 0, (size_t)BT * C * sizeof(real));
+    memset(d.dln, 0, (size_t)BT * C * sizeof(real));
+    crossentropy_backward(acts.logits, model->lse, model->targets, dloss, B, T, V, Vp);
+    real* dlogits = acts.logits;
+    matmul_backward(d.dln, grads.wte, (real*)NULL, dlogits, acts.lnf, params.wte, B, T, C, Vp);
+    real* residual = acts.residual3 + (size_t)(L - 1) * BT * C;
+    layernorm_backward(d.dresidual, grads.lnfw, grads.lnfb, d.dln, residual, params.lnfw, acts.lnf_mean, acts.lnf_rstd, B, T, C);
+
+    for (int l = L - 1; l >= 0; l--) {
+        residual = l == 0 ? acts.encoded : acts.residual3 + (size_t)(l - 1) * BT * C;
+        real* l_ln1w = params.ln1w + (size_t)l * C;
+        real* l_qkvw = params.qkvw + (size_t)l * 3 * C * C;
+        real* l_attprojw = params.attprojw + (size_t)l * C * C;
+        real* l_ln2w = params.ln2w + (size_t)l * C;
+        real* l_fcw = params.fcw + (size_t)l * 4 * C * C;
+        real* l_fcprojw = params.fcprojw + (size_t)l * C * 4 * C;
+        real* dl_ln1w = at(grads.ln1w, (size_t)l * C);
+        real* dl_ln1b = at(grads.ln1b, (size_t)l * C);
+        real* dl_qkvw = at(grads.qkvw, (size_t)l * 3 * C * C);
+        real* dl_qkvb = at(grads.qkvb, (size_t)l * 3 * C);
+        real* dl_attprojw = at(grads.attprojw, (size_t)l * C * C);
+        real* dl_attprojb = at(grads.attprojb, (size_t)l * C);
+        real* dl_ln2w = at(grads.ln2w, (size_t)l * C);
+        real* dl_ln2b = at(grads.ln2b, (size_t)l * C);
+        real* dl_fcw = at(grads.fcw, (size_t)l * 4 * C * C);
+        real* dl_fcb = at(grads.fcb, (size_t)l * 4 * C);
+        real* dl_fcprojw = at(grads.fcprojw, (size_t)l * C * 4 * C);
+        real* dl_fcprojb = at(grads.fcprojb, (size_t)l * C);
+        real* l_ln1 = acts.ln1 + (size_t)l * BT * C;
+        real* l_ln1_mean = acts.ln1_mean + (size_t)l * BT;
+        real* l_ln1_rstd = acts.ln1_rstd + (size_t)l * BT;
+        real* l_qkv = acts.qkv + (size_t)l * BT * 3 * C;
+        real* l_atty = acts.atty + (size_t)l * BT * C;
+        real* l_att = acts.att + (size_t)l * B * NH * T * T;
+        real* l_residual2 = acts.residual2 + (size_t)l * BT * C;
+        real* l_ln2 = acts.ln2 + (size_t)l * BT * C;
+        real* l_ln2_mean = acts.ln2_mean + (size_t)l * BT;
+        real* l_ln2_rstd = acts.ln2_rstd + (size_t)l * BT;
+        real* l_fch = acts.fch + (size_t)l * BT * 4 * C;
+        real* l_fch_gelu = acts.fch_gelu + (size_t)l * BT * 4 * C;
+        // the layer's gradient scratch starts at zero: the kernels below accumulate into it
+        memset(d.dln, 0, (size_t)BT * C * sizeof(real));
+        memset(d.datty, 0, (size_t)BT * C * sizeof(real));
+        memset(d.dqkv, 0, (size_t)BT * 3 * C * sizeof(real));
+        memset(d.dfch, 0, (size_t)BT * 4 * C * sizeof(real));
+        memset(d.dfch_gelu, 0, (size_t)BT * 4 * C * sizeof(real));
+        // Below layer 0 only the embeddings remain; when they are frozen, the gradient of the block's
+        // input is never used, so layer 0 skips it (the adapters still get all their gradients).
+        bool need_dinp = l > 0 || model->train_base;
+
+        // residual3 = residual2 + proj: both receive dresidual unchanged (it's the same buffer)
+        matmul_backward(d.dfch_gelu, dl_fcprojw, dl_fcprojb, d.dresidual, l_fch_gelu, l_fcprojw, B, T, 4 * C, C);
+        gpt2_lora_backward(lora, LORA_FCPROJ, l, d.dfch_gelu, d.dresidual, l_fch_gelu, BT);
+        gelu_backward(d.dfch, l_fch, d.dfch_gelu, (size_t)BT * 4 * C);
+        matmul_backward(d.dln, dl_fcw, dl_fcb, d.dfch, l_ln2, l_fcw, B, T, C, 4 * C);
+        gpt2_lora_backward(lora, LORA_FC, l, d.dln, d.dfch, l_ln2, BT);
+        layernorm_backward(d.dresidual, dl_ln2w, dl_ln2b, d.dln, l_residual2, l_ln2w, l_ln2_mean, l_ln2_rstd, B, T, C);
+        // residual2 = residual + proj: again dresidual flows to both unchanged
+        matmul_backward(d.datty, dl_attprojw, dl_attprojb, d.dresidual, l_atty, l_attprojw, B, T, C, C);
+        gpt2_lora_backward(lora, LORA_ATTPROJ, l, d.datty, d.dresidual, l_atty, BT);
+        attention_backward(d.dqkv, d.datt, d.datty, l_qkv, l_att, B, T, C, NH);
+        memset(d.dln, 0, (size_t)BT * C * sizeof(real));
+        real* dln1 = need_dinp ? d.dln : NULL;
+        matmul_backward(dln1, dl_qkvw, dl_qkvb, d.dqkv, l_ln1, l_qkvw, B, T, C, 3 * C);
+        gpt2_lora_backward(lora, LORA_QKV, l, dln1, d.dqkv, l_ln1, BT);
+        if (need_dinp) {
+            layernorm_backward(d.dresidual, dl_ln1w, dl_ln1b, d.dln, residual, l_ln1w, l_ln1_mean, l_ln1_rstd, B, T, C);
+        }
+    }
+    if (model->train_base) {
+        encoder_backward(grads.wte, grads.wpe, d.dresidual, model->inputs, B, T, C);
+    }
+    model->have_targets = false; // the logits are gone: another backward needs another forward
+}
+
+// AdamW on what is trainable: the adapters, or with -f every base parameter
+template <typename real>
+void gpt2_update(GPT2<real>* model, float lr, float beta1, float beta2, float eps, float weight_decay, int t) {
+    if (model->train_base) {
+        adamw_update(model->params_memory, model->grads_memory, model->m_memory, model->v_memory,
+                     model->num_parameters, lr, beta1, beta2, eps, weight_decay, t);
+    }
+    LoRA<real>* lora = &model->lora;
+    if (lora->num_parameters > 0) {
+        adamw_update(lora->params_memory, lora->grads_memory, lora->m_memory, lora->v_memory,
+                     lora->num_parameters, lr, beta1, beta2, eps, weight_decay, t);
+    }
+}
+
+template <typename real>
+size_t gpt2_trainable_parameters(const GPT2<real>* model) {
+    return (model->train_base ? model->num_parameters : 0) + model->lora.num_parameters;
+}
+
+template <typename real>
+void gpt2_free(GPT2<real>* model) {
+    free(model->params_memory);
+    free(model->grads_memory);
+    free(model->m_memory);
+    free(model->v_memory);
+    free(model->acts_memory);
+    free(model->dacts_memory);
+    free(model->losses);
+    free(model->lse);
+    free(model->inputs);
+    free(model->targets);
+    if (model->lora.params_memory) lora_free(&model->lora);
+    memset(model, 0, sizeof(*model));
+}
+
+// ----------------------------------------------------------------------------
+// files. Readers return "" on success or a message naming the file, what was wrong and a HINT;
+// nothing is allocated from a header value before that value has been checked against the file size.
+
+#define CHECKPOINT_MAGIC 20240326
+#define TOKENS_MAGIC 20240520
+#define TOKENIZER_MAGIC 20240328
+#define DEBUG_STATE_MAGIC 20240327
+
+static std::string file_size_of(FILE* f, const char* path, long* size) {
+    if (fseek(f, 0, SEEK_END) != 0 || (*size = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
+        return strprintf("cannot determine the size of '%s'\n---> HINT: pass a regular file, not a pipe or directory", path);
+    }
+    return "";
+}
+
+static std::string open_for_reading(const char* path, const char* what, const char* hint, FILE** f) {
+    struct stat st;
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) {
+        return strprintf("%s '%s' is a directory\n---> HINT: %s", what, path, hint);
+    }
+    *f = fopen(path, "rb");
+    if (*f == NULL) return strprintf("cannot open %s '%s': %s\n---> HINT: %s", what, path, strerror(errno), hint);
+    return "";
+}
+
+// names a file by its magic number, to explain "wrong magic" errors
+static const char* describe_magic(int magic) {
+    switch (magic) {
+        case CHECKPOINT_MAGIC: return "an llm.c model checkpoint";
+        case TOKENS_MAGIC: return "an llm.c token file";
+        case TOKENIZER_MAGIC: return "an llm.c tokenizer file";
+        case DEBUG_STATE_MAGIC: return "an llm.c debug state";
+        default: return "not an llm.c file";
+    }
+}
+
+// reads an llm.c fp32 checkpoint (version 3) into a fresh model
+template <typename real>
+std::string gpt2_read_checkpoint(GPT2<real>* model, const char* path) {
+    const char* hint = "pass an llm.c fp32 checkpoint with -e (e.g. gpt2_124M.bin from llm.c's starter pack, or make run)";
+    FILE* f = NULL;
+    std::string err = open_for_reading(path, "checkpoint", hint, &f);
+    if (!err.empty()) return err;
+    long size = 0;
+    err = file_size_of(f, path, &size);
+    int header[256];
+    if (err.empty() && (size < (long)sizeof(header) || fread(header, sizeof(header), 1, f) != 1)) {
+        err = strprintf("checkpoint '%s' is truncated: %ld bytes, shorter than the 1024-byte header\n---> HINT: %s", path, size, hint);
+    }
+    if (err.empty() && header[0] != CHECKPOINT_MAGIC) {
+        err = strprintf("checkpoint '%s' has magic %d, expected %d; it is %s\n---> HINT: %s", path, header[0], CHECKPOINT_MAGIC, describe_magic(header[0]), hint);
+    }
+    if (err.empty() && header[1] != 3) {
+        err = strprintf("checkpoint '%s' has version %d, expected 3 (fp32)%s\n---> HINT: export an fp32 checkpoint (llm.c's train_gpt2.py writes gpt2_124M.bin as version 3)",
+                        path, header[1], header[1] == 5 ? "; version 5 is bf16, which this fp32 trainer does not read" : "");
+    }
+    GPT2Config cfg;
+    if (err.empty()) {
+        cfg.max_seq_len = header[2];
+        cfg.vocab_size = header[3];
+        cfg.num_layers = header[4];
+        cfg.num_heads = header[5];
+        cfg.channels = header[6];
+        cfg.padded_vocab_size = header[7];
+        bool ok = cfg.max_seq_len > 0 && cfg.max_seq_len <= 1 << 20 && cfg.vocab_size > 0 && cfg.vocab_size <= 1 << 24 &&
+                  cfg.padded_vocab_size >= cfg.vocab_size && cfg.padded_vocab_size <= 1 << 24 && cfg.num_layers > 0 &&
+                  cfg.num_layers <= 1024 && cfg.num_heads > 0 && cfg.channels > 0 && cfg.channels <= 1 << 16 &&
+                  cfg.channels % cfg.num_heads == 0 && cfg.vocab_size <= 65536;
+        if (!ok) {
+            err = strprintf("checkpoint '%s' has impossible shapes: maxT=%d V=%d Vp=%d L=%d NH=%d C=%d (need positive sizes, Vp >= V, V <= 65536 for uint16 tokens, C divisible by NH)\n---> HINT: the file is corrupt or not an llm.c checkpoint; %s",
+                            path, cfg.max_seq_len, cfg.vocab_size, cfg.padded_vocab_size, cfg.num_layers, cfg.num_heads, cfg.channels, hint);
+        }
+    }
+    if (err.empty()) {
+        size_t sizes[NUM_PARAMETER_TENSORS], n = 0;
+        fill_in_parameter_sizes(sizes, cfg);
+        for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) { n += sizes[i]; }
+        size_t expected = sizeof(header) + n * sizeof(float);
+        if ((size_t)size != expected) {
+            err = strprintf("checkpoint '%s' is %ld bytes but its header (L=%d C=%d Vp=%d maxT=%d) needs %zu: %s\n---> HINT: %s",
+                            path, size, cfg.num_layers, cfg.channels, cfg.padded_vocab_size, cfg.max_seq_len, expected,
+                            (size_t)size < expected ? "the file is truncated (re-download or re-export it)" : "there are trailing bytes", hint);
+        }
+    }
+    if (err.empty()) {
+        gpt2_init_empty(model, cfg);
+        // stream the fp32 blob, converting to real when the model is not float
+        std::vector<float> buf(1 << 16);
+        size_t done = 0;
+        while (done < model->num_parameters) {
+            size_t n = std::min(buf.size(), model->num_parameters - done);
+            if (fread(buf.data(), sizeof(float), n, f) != n) {
+                err = strprintf("checkpoint '%s': read error after %zu parameters\n---> HINT: %s", path, done, hint);
+                break;
+            }
+            for (size_t i = 0; i < n; i++) { model->params_memory[done + i] = (real)buf[i]; }
+            done += n;
+        }
+    }
+    fclose(f);
+    return err;
+}
+
+template <typename real>
+void gpt2_build_from_checkpoint(GPT2<real>* model, const char* path) {
+    std::string err = gpt2_read_checkpoint(model, path);
+    if (!err.empty()) die(err);
+}
+
+// writes to path.tmp, then renames: a crash never leaves a half-written file under the real name
+static std::string write_atomically(const char* path, const std::vector<std::pair<const void*, size_t>>& parts) {
+    std::string tmp = std::string(path) + ".tmp";
+    FILE* f = fopen(tmp.c_str(), "wb");
+    if (f == NULL) {
+        return strprintf("cannot write '%s': %s\n---> HINT: check that the output directory (-o) exists and is writable", tmp.c_str(), strerror(errno));
+    }
+    bool ok = true;
+    for (const auto& part : parts) {
+        if (part.second > 0 && fwrite(part.first, 1, part.second, f) != part.second) { ok = false; break; }
+    }
+    if (fflush(f) != 0 || fsync(fileno(f)) != 0) ok = false;
+    if (fclose(f) != 0) ok = false;
+    if (!ok) {
+        int e = errno;
+        remove(tmp.c_str());
+        return strprintf("failed writing '%s': %s\n---> HINT: check free disk space; nothing was left behind", path, strerror(e));
+    }
+    if (rename(tmp.c_str(), path) != 0) {
+        int e = errno;
+        remove(tmp.c_str());
+        return strprintf("cannot rename '%s' to '%s': %s\n---> HINT: check permissions of the output directory", tmp.c_str(), path, strerror(e));
+    }
+    return "";
+}
+
+// writes an llm.c fp32 checkpoint (version 3) of the base weights, atomically
+static std::string gpt2_write_checkpoint(const GPT2<float>* model, const char* path) {
+    int header[256] = {0};
+    header[0] = CHECKPOINT_MAGIC;
+    header[1] = 3;
+    header[2] = model->config.max_seq_len;
+    header[3] = model->config.vocab_size;
+    header[4] = model->config.num_layers;
+    header[5] = model->config.num_heads;
+    header[6] = model->config.channels;
+    header[7] = model->config.padded_vocab_size;
+    return write_atomically(path, {{header, sizeof(header)}, {model->params_memory, model->num_parameters * sizeof(float)}});
+}
+
+// An llm.c token file, validated: every id must be < V of the model it will feed.
+struct TokenFile {
+    std::vector<uint16_t> tokens;
+};
+
+static std::string tokens_read(TokenFile* tf, const char* path, int V, const char* flag) {
+    std::string hint = strprintf("pass an llm.c token file with %s (make data writes data/tiny_shakespeare_train.bin and _val.bin)", flag);
+    FILE* f = NULL;
+    std::string err = open_for_reading(path, "token file", hint.c_str(), &f);
+    if (!err.empty()) return err;
+    long size = 0;
+    err = file_size_of(f, path, &size);
+    int header[256];
+    if (err.empty() && (size < (long)sizeof(header) || fread(header, sizeof(header), 1, f) != 1)) {
+        err = strprintf("token file '%s' is truncated: %ld bytes, shorter than the 1024-byte header\n---> HINT: %s", path, size, hint.c_str());
+    }
+    if (err.empty() && header[0] != TOKENS_MAGIC) {
+        err = strprintf("token file '%s' has magic %d, expected %d; it is %s\n---> HINT: %s", path, header[0], TOKENS_MAGIC, describe_magic(header[0]), hint.c_str());
+    }
+    if (err.empty() && header[1] != 1) {
+        err = strprintf("token file '%s' has version %d, expected 1\n---> HINT: %s", path, header[1], hint.c_str());
+    }
+    if (err.empty() && (header[2] < 0 || (size_t)size != sizeof(header) + 2 * (size_t)header[2])) {
+        err = strprintf("token file '%s' claims %d tokens (%zu bytes with the header) but is %ld bytes: truncated or corrupt\n---> HINT: regenerate it (make data)",
+                        path, header[2], sizeof(header) + 2 * (size_t)(header[2] < 0 ? 0 : header[2]), size);
+    }
+    if (err.empty()) {
+        tf->tokens.resize((size_t)header[2]);
+        if (!tf->tokens.empty() && fread(tf->tokens.data(), 2, tf->tokens.size(), f) != tf->tokens.size()) {
+            err = strprintf("token file '%s': read error\n---> HINT: %s", path, hint.c_str());
+        }
+    }
+    fclose(f);
+    if (err.empty()) {
+        for (size_t i = 0; i < tf->tokens.size(); i++) {
+            if (tf->tokens[i] >= V) {
+                err = strprintf("token file '%s': token %zu has id %d, but the model's vocabulary has V=%d ids\n---> HINT: the tokens were made with another tokenizer; re-tokenize the text for this model",
+                                path, i, tf->tokens[i], V);
+                break;
+            }
+        }
+    }
+    return err;
+}
+
+// An llm.c tokenizer file (decoding only): for each id a uint8 length and that many bytes.
+struct Tokenizer {
+    std::vector<std::string> pieces;
+    int eot_token;
+};
+
+static std::string tokenizer_read(Tokenizer* tok, const char* path) {
+    const char* hint = "pass llm.c's gpt2_tokenizer.bin (make data writes data/gpt2_tokenizer.bin), or omit it to print token ids";
+    FILE* f = NULL;
+    std::string err = open_for_reading(path, "tokenizer file", hint, &f);
+    if (!err.empty()) return err;
+    long size = 0;
+    err = file_size_of(f, path, &size);
+    int header[256];
+    if (err.empty() && (size < (long)sizeof(header) || fread(header, sizeof(header), 1, f) != 1)) {
+        err = strprintf("tokenizer file '%s' is truncated: %ld bytes, shorter than the 1024-byte header\n---> HINT: %s", path, size, hint);
+    }
+    if (err.empty() && header[0] != TOKENIZER_MAGIC) {
+        err = strprintf("tokenizer file '%s' has magic %d, expected %d; it is %s\n---> HINT: %s", path, header[0], TOKENIZER_MAGIC, describe_magic(header[0]), hint);
+    }
+    if (err.empty() && header[1] != 1 && header[1] != 2) {
+        err = strprintf("tokenizer file '%s' has version %d, expected 1 or 2\n---> HINT: %s", path, header[1], hint);
+    }
+    // every id takes at least 2 bytes (length + one byte), which bounds the count by the file size
+    if (err.empty() && (header[2] <= 0 || (long)header[2] * 2 > size - (long)sizeof(header))) {
+        err = strprintf("tokenizer file '%s' claims %d tokens, impossible for its %ld bytes\n---> HINT: %s", path, header[2], size, hint);
+    }
+    if (err.empty()) {
+        tok->eot_token = header[1] == 2 ? header[3] : 50256;
+        tok->pieces.resize(header[2]);
+        for (int i = 0; i < header[2] && err.empty(); i++) {
+            unsigned char len = 0;
+            char buf[256];
+            if (fread(&len, 1, 1, f) != 1 || len == 0 || fread(buf, 1, len, f) != len) {
+                err = strprintf("tokenizer file '%s' is truncated or corrupt at token %d (lengths must be 1..255)\n---> HINT: %s", path, i, hint);
+            } else {
+                tok->pieces[i].assign(buf, len);
+            }
+        }
+        if (err.empty() && ftell(f) != size) {
+            err = strprintf("tokenizer file '%s' has %ld trailing bytes after %d tokens\n---> HINT: %s", path, size - ftell(f), header[2], hint);
+        }
+    }
+    fclose(f);
+    return err;
+}
+
+// ----------------------------------------------------------------------------
+// data loader: batches of B*T+1 consecutive tokens (inputs, and targets shifted by one),
+// advancing by B*T; optionally visiting the batches of each epoch in a seeded random order
+
+struct DataLoader {
+    TokenFile file;
+    int B, T;
+    size_t num_batches;
+    size_t position;            // index into order
+    std::vector<size_t> order;  // batch visiting order for this epoch
+    bool shuffle;
+    Rng rng;
+    std::vector<int> inputs, targets; // (B, T)
+};
+
+static std::string dataloader_init(DataLoader* loader, const char* path, int B, int T, int V, bool shuffle,
+                                   uint64_t seed, const char* flag) {
+    std::string err = tokens_read(&loader->file, path, V, flag);
+    if (!err.empty()) return err;
+    size_t need = (size_t)B * T + 1;
+    if (loader->file.tokens.size() < need) {
+        return strprintf("token file '%s' has %zu tokens, fewer than one batch needs (B*T+1 = %zu)\n---> HINT: lower -b or -t, or use a larger token file",
+                         path, loader->file.tokens.size(), need);
+    }
+    loader->B = B;
+    loader->T = T;
+    loader->num_batches = (loader->file.tokens.size() - 1) / ((size_t)B * T);
+    loader->shuffle = shuffle;
+    rng_seed(&loader->rng, seed);
+    loader->order.resize(loader->num_batches);
+    loader->inputs.resize((size_t)B * T);
+    loader->targets.resize((size_t)B * T);
+    for (size_t i = 0; i < loader->num_batches; i++) { loader->order[i] = i; }
+    loader->position = 0;
+    return "";
+}
+
+static void dataloader_reset(DataLoader* loader) {
+    loader->position = 0;
+    for (size_t i = 0; i < loader->num_batches; i++) { loader->order[i] = i; }
+}
+
+static void dataloader_next_batch(DataLoader* loader) {
+    if (loader->position == loader->num_batches) loader->position = 0; // next epoch
+    if (loader->position == 0 && loader->shuffle) {
+        // Fisher-Yates over batch indices
+        for (size_t i = loader->num_batches - 1; i > 0; i--) {
+            size_t j = rng_u32(&loader->rng) % (i + 1);
+            std::swap(loader->order[i], loader->order[j]);
+        }
+    }
+    size_t BT = (size_t)loader->B * loader->T;
+    const uint16_t* chunk = loader->file.tokens.data() + loader->order[loader->position] * BT;
+    for (size_t i = 0; i < BT; i++) {
+        loader->inputs[i] = chunk[i];
+        loader->targets[i] = chunk[i + 1];
+    }
+    loader->position++;
+}
+
+// ----------------------------------------------------------------------------
+// sampling
+
+// samples from softmax(logits[0..V) / temperature); coin in [0, 1)
+static int sample_softmax(const float* logits, int V, float temperature, float coin) {
+    float maxval = -1e30f;
+    for (int v = 0; v < V; v++) { if (logits[v] > maxval) maxval = logits[v]; }
+    double sum = 0;
+    for (int v = 0; v < V; v++) { sum += exp((logits[v] - maxval) / temperature); }
+    double cdf = 0, target = coin * sum;
+    for (int v = 0; v < V; v++) {
+        cdf += exp((logits[v] - maxval) / temperature);
+        if (target < cdf) return v;
+    }
+    return V - 1;
+}
+
+// generates n tokens after the prompt, one sequence (B = 1), recomputing the prefix each step;
+// the context slides when it would exceed the allocated T
+static std::vector<int> gpt2_generate(GPT2<float>* model, const std::vector<int>& prompt, int n, Rng* rng) {
+    std::vector<int> tokens = prompt;
+    int maxT = model->alloc_T;
+    for (int i = 0; i < n; i++) {
+        int len = (int)std::min<size_t>(tokens.size(), (size_t)maxT);
+        const int* ctx = tokens.data() + tokens.size() - len;
+        gpt2_forward(model, ctx, (const int*)NULL, 1, len);
+        const float* logits = model->acts.logits + (size_t)(len - 1) * model->config.padded_vocab_size;
+        tokens.push_back(sample_softmax(logits, model->config.vocab_size, 1.0f, rng_f32(rng)));
+    }
+    return std::vector<int>(tokens.begin() + prompt.size(), tokens.end());
+}
+
+static void print_tokens(const Tokenizer* tok, const std::vector<int>& ids) {
+    for (int id : ids) {
+        if (tok != NULL && id >= 0 && id < (int)tok->pieces.size()) {
+            // like llm.c, print only printable pieces (single bytes must be printable or whitespace)
+            const std::string& s = tok->pieces[id];
+            if (s.size() == 1 && !(isprint((unsigned char)s[0]) || isspace((unsigned char)s[0]))) continue;
+            fwrite(s.data(), 1, s.size(), stdout);
+        } else {
+            printf("%d ", id);
+        }
+    }
+    printf("\n");
+    fflush(stdout);
+}
+
+// ----------------------------------------------------------------------------
+// main
+
+static double now_seconds() {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static float gpt2_validate(GPT2<float>* model, DataLoader* val, int batches) {
+    dataloader_reset(val);
+    double sum = 0;
+    for (int i = 0; i < batches; i++) {
+        dataloader_next_batch(val);
+        gpt2_forward(model, val->inputs.data(), val->targets.data(), val->B, val->T);
+        sum += model->mean_loss;
+    }
+    return (float)(sum / batches);
+}
+
+static double mib(size_t bytes) { return bytes / (1024.0 * 1024.0); }
+
+#ifndef TESTING
+static void error_usage() {
+    fprintf(stderr,
+        "Usage:   ./train_gpt2_lora [options]\n"
+        "Example: ./train_gpt2_lora -e data/gpt2_124M.bin -i data/tiny_shakespeare_train.bin -r 8 -x 100\n"
+        "Options:\n"
+        "  -e <file>   base model, llm.c fp32 checkpoint (default data/gpt2_124M.bin)\n"
+        "  -i <file>   training tokens (default data/tiny_shakespeare_train.bin)\n"
+        "  -j <file>   validation tokens (default data/tiny_shakespeare_val.bin)\n"
+        "  -c <file>   llm.c tokenizer for printing samples (default data/gpt2_tokenizer.bin; ids if absent)\n"
+        "  -o <dir>    output directory (default: none, nothing is written)\n"
+        "  -b <int>    batch size B, >= 1 (default 4)\n"
+        "  -t <int>    sequence length T, 1..maxT (default 64)\n"
+        "  -r <int>    LoRA rank r, >= 1 (default 8)\n"
+        "  -a <float>  LoRA alpha; scale = alpha / r (default 16)\n"
+        "  -q <list>   LoRA targets from qkv,attproj,fc,fcproj (default all four)\n"
+        "  -f <0|1>    full fine-tuning: train every base parameter, no LoRA (default 0)\n"
+        "  -l <float>  learning rate, >= 0 (default 1e-3 with LoRA, 1e-4 with -f 1)\n"
+        "  -d <float>  AdamW weight decay, >= 0 (default 0)\n"
+        "  -x <int>    training steps, >= 0 (default 40)\n"
+        "  -v <int>    validation loss every v steps, 0 = never (default 20)\n"
+        "  -m <int>    validation batches, >= 1 (default 5)\n"
+        "  -s <int>    sample every s steps, 0 = never (default 20)\n"
+        "  -g <int>    tokens generated per sample, >= 1 (default 64)\n"
+        "  -u <0|1>    shuffle the order of training batches each epoch (default 0)\n"
+        "  -n <int>    random seed for LoRA init, shuffling and sampling (default 1337)\n");
+    exit(EXIT_FAILURE);
+}
+
+static int parse_int(const char* flag, const char* s) {
+    char* end = NULL;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno != 0 || end == s || *end != '\0' || v < INT32_MIN || v > INT32_MAX) {
+        fprintf(stderr, "Error: flag %s expects an integer, got '%s'\n---> HINT: see the usage below\n", flag, s);
+        error_usage();
+    }
+    return (int)v;
+}
+
+static float parse_float(const char* flag, const char* s) {
+    char* end = NULL;
+    errno = 0;
+    float v = strtof(s, &end);
+    if (errno != 0 || end == s || *end != '\0' || !std::isfinite(v)) {
+        fprintf(stderr, "Error: flag %s expects a number, got '%s'\n---> HINT: see the usage below\n", flag, s);
+        error_usage();
+    }
+    return v;
+}
+
+static void bad_flag(const char* flag, const std::string& what) {
+    fprintf(stderr, "Error: flag %s: %s\n", flag, what.c_str());
+    exit(EXIT_FAILURE);
+}
+
+int main(int argc, char** argv) {
+    // defaults, llm.c-like: B=4, T=64 on tinyshakespeare with GPT-2 124M
+    const char* base_path = "data/gpt2_124M.bin";       // -e
+    const char* train_path = "data/tiny_shakespeare_train.bin"; // -i
+    const char* val_path = "data/tiny_shakespeare_val.bin";     // -j
+    const char* tokenizer_path = "data/gpt2_tokenizer.bin";     // -c
+    const char* output_dir = NULL;  // -o
+    int B = 4;                      // -b
+    int T = 64;                     // -t
+    int rank = 8;                   // -r
+    float alpha = 16.0f;            // -a
+    const char* targets = "qkv,attproj,fc,fcproj"; // -q
+    int full = 0;                   // -f
+    float lr = 1e-3f;               // -l, 1e-3 with LoRA; -f 1 lowers it to 1e-4 unless -l is given
+    bool lr_given = false;
+    float weight_decay = 0.0f;      // -d
+    int steps = 40;                 // -x
+    int val_every = 20;             // -v
+    int val_batches = 5;            // -m
+    int sample_every = 20;          // -s
+    int gen_tokens = 64;            // -g
+    int shuffle = 0;                // -u
+    int seed = 1337;                // -n
+    bool tokenizer_given = false;
+    for (int i = 1; i < argc; i += 2) {
+        if (argv[i][0] != '-' || strlen(argv[i]) != 2) {
+            fprintf(stderr, "Error: unknown argument '%s'\n---> HINT: flags are a dash and one letter, each followed by a value\n", argv[i]);
+            error_usage();
+        }
+        if (argv[i][1] == 'h') error_usage();
+        if (i + 1 >= argc) {
+            fprintf(stderr, "Error: flag %s needs a value\n", argv[i]);
+            error_usage();
+        }
+        const char* v = argv[i + 1];
+        switch (argv[i][1]) {
+            case 'e': base_path = v; break;
+            case 'i': train_path = v; break;
+            case 'j': val_path = v; break;
+            case 'c': tokenizer_path = v; tokenizer_given = true; break;
+            case 'o': output_dir = v; break;
+            case 'b': B = parse_int(argv[i], v); break;
+            case 't': T = parse_int(argv[i], v); break;
+            case 'r': rank = parse_int(argv[i], v); break;
+            case 'a': alpha = parse_float(argv[i], v); break;
+            case 'q': targets = v; break;
+            case 'f': full = parse_int(argv[i], v); break;
+            case 'l': lr = parse_float(argv[i], v); lr_given = true; break;
+            case 'd': weight_decay = parse_float(argv[i], v); break;
+            case 'x': steps = parse_int(argv[i], v); break;
+            case 'v': val_every = parse_int(argv[i], v); break;
+            case 'm': val_batches = parse_int(argv[i], v); break;
+            case 's': sample_every = parse_int(argv[i], v); break;
+            case 'g': gen_tokens = parse_int(argv[i], v); break;
+            case 'u': shuffle = parse_int(argv[i], v); break;
+            case 'n': seed = parse_int(argv[i], v); break;
+            default:
+                fprintf(stderr, "Error: unknown flag '%s'\n", argv[i]);
+                error_usage();
+        }
+    }
+    // validation / overrides
+    if (B <= 0) bad_flag("-b", strprintf("batch size must be >= 1, got %d", B));
+    if (T <= 0) bad_flag("-t", strprintf("sequence length must be >= 1, got %d", T));
+    if (rank <= 0) bad_flag("-r", strprintf("LoRA rank must be >= 1, got %d\n---> HINT: try -r 8; to train every weight use -f 1", rank));
+    if (!(alpha > 0)) bad_flag("-a", strprintf("LoRA alpha must be > 0, got %g", alpha));
+    if (full != 0 && full != 1) bad_flag("-f", strprintf("must be 0 or 1, got %d", full));
+    if (shuffle != 0 && shuffle != 1) bad_flag("-u", strprintf("must be 0 or 1, got %d", shuffle));
+    if (lr < 0) bad_flag("-l", strprintf("learning rate must be >= 0, got %g", lr));
+    if (full && !lr_given) lr = 1e-4f;
+    if (weight_decay < 0) bad_flag("-d", strprintf("weight decay must be >= 0, got %g", weight_decay));
+    if (steps < 0) bad_flag("-x", strprintf("steps must be >= 0, got %d", steps));
+    if (val_every < 0) bad_flag("-v", strprintf("must be >= 0, got %d", val_every));
+    if (val_batches <= 0) bad_flag("-m", strprintf("validation batches must be >= 1, got %d", val_batches));
+    if (sample_every < 0) bad_flag("-s", strprintf("must be >= 0, got %d", sample_every));
+    if (gen_tokens <= 0) bad_flag("-g", strprintf("generated tokens must be >= 1, got %d", gen_tokens));
+    unsigned target_mask = 0;
+    std::string err;
+    if (!full && !lora_parse_targets(targets, &target_mask, &err)) bad_flag("-q", err);
+    if (output_dir != NULL) {
+        struct stat st;
+        if (stat(output_dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+            bad_flag("-o", strprintf("output directory '%s' does not exist\n---> HINT: create it first (mkdir -p %s)", output_dir, output_dir));
+        }
+    }
+
+    GPT2<float> model;
+    err = gpt2_read_checkpoint(&model, base_path);
+    if (!err.empty()) die("flag -e: " + err);
+    GPT2Config cfg = model.config;
+    if (T > cfg.max_seq_len) bad_flag("-t", strprintf("sequence length %d exceeds the model's maxT=%d\n---> HINT: use -t %d or less", T, cfg.max_seq_len, cfg.max_seq_len));
+
+    LoRAConfig lcfg = lora_config(rank, alpha, target_mask);
+    if (full) {
+        gpt2_enable_full_training(&model);
+    } else {
+        gpt2_lora_attach(&model, lcfg, (uint64_t)seed);
+    }
+    gpt2_allocate(&model, B, T);
+
+    DataLoader train_loader, val_loader;
+    err = dataloader_init(&train_loader, train_path, B, T, cfg.vocab_size, shuffle != 0, (uint64_t)seed, "-i");
+    if (!err.empty()) die("flag -i: " + err);
+    err = dataloader_init(&val_loader, val_path, B, T, cfg.vocab_size, false, 0, "-j");
+    if (!err.empty()) die("flag -j: " + err);
+    if (val_batches > (int)val_loader.num_batches) val_batches = (int)val_loader.num_batches;
+
+    Tokenizer tokenizer;
+    bool have_tokenizer = false;
+    if (access(tokenizer_path, F_OK) == 0 || tokenizer_given) {
+        err = tokenizer_read(&tokenizer, tokenizer_path);
+        if (!err.empty()) die("flag -c: " + err);
+        have_tokenizer = true;
+    }
+
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    printf("[GPT-2]\n");
+    printf("checkpoint: %s\n", base_path);
+    printf("max_seq_len: %d\nvocab_size: %d\npadded_vocab_size: %d\nnum_layers: %d\nnum_heads: %d\nchannels: %d\n",
+           cfg.max_seq_len, cfg.vocab_size, cfg.padded_vocab_size, cfg.num_layers, cfg.num_heads, cfg.channels);
+    printf("num_parameters: %zu\n", model.num_parameters);
+    size_t trainable = gpt2_trainable_parameters(&model);
+    if (!full) {
+        printf("[LoRA]\n");
+        printf("rank: %d\nalpha: %g\nscale: %g\ntargets: %s\n", lcfg.r, lcfg.alpha, lcfg.scale, lora_targets_string(lcfg.targets).c_str());
+        printf("trainable_params: %zu\nfrozen_params: %zu\ntrainable %%: %.4f\n", trainable, model.num_parameters,
+               100.0 * trainable / (double)(model.num_parameters + trainable));
+    } else {
+        printf("[Full fine-tuning]\ntrainable_params: %zu\n", trainable);
+    }
+    size_t act_bytes = (model.num_activations + model.num_dacts + 2 * (size_t)B * T) * sizeof(float) +
+                       (full ? 0 : lora_activation_bytes(&model.lora));
+    size_t full_extra = 3 * model.num_parameters * sizeof(float);
+    printf("[Memory]\n");
+    printf("parameters: %.1f MiB (base %.1f + trainable adapters %.1f)\n", mib((model.num_parameters + model.lora.num_parameters) * sizeof(float)),
+           mib(model.num_parameters * sizeof(float)), mib(model.lora.num_parameters * sizeof(float)));
+    printf("gradients: %.1f MiB\noptimizer state: %.1f MiB\nactivations: %.1f MiB\n", mib(trainable * sizeof(float)),
+           mib(2 * trainable * sizeof(float)), mib(act_bytes));
+    printf("total: %.1f MiB (full fine-tuning of this model needs %.1f MiB)\n",
+           mib((model.num_parameters + model.lora.num_parameters + 3 * trainable) * sizeof(float) + act_bytes - (full ? model.num_parameters * sizeof(float) : 0)),
+           mib(model.num_parameters * sizeof(float) + full_extra + act_bytes));
+    printf("[Run]\nB: %d\nT: %d\nsteps: %d\nlearning_rate: %g\nweight_decay: %g\nthreads: %d\n", B, T, steps, lr, weight_decay, threads);
+    printf("train: %s (%zu tokens, %zu batches)\nval: %s (%zu tokens, %d batches used)\n", train_path,
+           train_loader.file.tokens.size(), train_loader.num_batches, val_path, val_loader.file.tokens.size(), val_batches);
+    printf("tokenizer: %s\n", have_tokenizer ? tokenizer_path : "(none: samples print token ids)");
+    fflush(stdout);
+
+    Rng sample_rng;
+    rng_seed(&sample_rng, (uint64_t)seed + 1);
+    int eot = have_tokenizer ? tokenizer.eot_token : 50256;
+    if (eot >= cfg.vocab_size) eot = 0;
+    double total_ms = 0, first_loss = 0, last_loss = 0, last_val = -1;
+    for (int step = 0; step <= steps; step++) {
+        bool last_step = step == steps;
+        if (val_every > 0 && (step % val_every == 0 || last_step)) {
+            last_val = gpt2_validate(&model, &val_loader, val_batches);
+            printf("val loss %f\n", last_val);
+            fflush(stdout);
+        }
+        if (sample_every > 0 && (step % sample_every == 0 || last_step)) {
+            std::vector<int> out = gpt2_generate(&model, std::vector<int>{eot}, gen_tokens, &sample_rng);
+            printf("generating:\n---\n");
+            print_tokens(have_tokenizer ? &tokenizer : NULL, out);
+            printf("---\n");
+        }
+        if (last_step) break;
+        double t0 = now_seconds();
+        dataloader_next_batch(&train_loader);
+        gpt2_forward(&model, train_loader.inputs.data(), train_loader.targets.data(), B, T);
+        gpt2_zero_grad(&model);
+        gpt2_backward(&model);
+        gpt2_update(&model, lr, 0.9f, 0.999f, 1e-8f, weight_decay, step + 1);
+        double ms = (now_seconds() - t0) * 1000.0;
+        if (step > 0) total_ms += ms; // the first step pays page faults; leave it out of the average
+        if (step == 0) first_loss = model.mean_loss;
+        last_loss = model.mean_loss;
+        double avg = step > 0 ? total_ms / step : ms;
+        printf("step %d/%d: train loss %f (took %.1f ms, %.0f tok/s, ETA %.1f s)\n", step + 1, steps, model.mean_loss, ms,
+               B * T / (ms / 1000.0), avg * (steps - step - 1) / 1000.0);
+        fflush(stdout);
+        if (!std::isfinite(model.mean_loss)) die(strprintf("train loss is %f at step %d\n---> HINT: lower the learning rate (-l)", model.mean_loss, step + 1));
+    }
+    if (full && output_dir != NULL) {
+        std::string path = std::string(output_dir) + "/model.bin";
+        err = gpt2_write_checkpoint(&model, path.c_str());
+        if (!err.empty()) die(err);
+        printf("wrote %s\n", path.c_str());
+    }
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    printf("[Summary]\nfirst train loss: %f\nlast train loss: %f\n", first_loss, last_loss);
+    if (last_val >= 0) printf("final val loss: %f\n", last_val);
+    if (steps > 1) printf("average step: %.1f ms (%.0f tok/s)\n", total_ms / (steps - 1), B * T * (steps - 1) / (total_ms / 1000.0));
+    printf("peak RSS: %.1f MiB\n", ru.ru_maxrss / 1024.0);
+    gpt2_free(&model);
+    return 0;
+}
+#endif
