@@ -210,6 +210,7 @@ TEST_CASE("tokenizer: missing, truncated or malformed encoder.json / vocab.bpe a
         tok_write(e, b.enc_data);
         tok_write(v, b.voc_data);
         BPE bpe;
+        bpe.print_errors = false; // the expected errors are checked, not printed
         CHECK(bpe_load(&bpe, e.c_str(), v.c_str()) != 0);
         CHECK(bpe.error.find(b.bad_is_enc ? e : v) != std::string::npos);  // names the bad file
         CHECK(bpe.error.find("HINT") != std::string::npos);
@@ -218,6 +219,7 @@ TEST_CASE("tokenizer: missing, truncated or malformed encoder.json / vocab.bpe a
         CHECK(bpe.error.empty());
     }
     BPE bpe;
+    bpe.print_errors = false;
     std::string missing = dir.path + "/does_not_exist.json";
     CHECK(bpe_load(&bpe, missing.c_str(), good_voc.c_str()) != 0);
     CHECK(bpe.error.find(missing) != std::string::npos);
@@ -294,6 +296,7 @@ TEST_CASE("tokenizer: llm.c token file (magic 20240520) round trips and rejects 
     std::vector<int> back;
     REQUIRE(read_token_file(path.c_str(), back) == 0);
     CHECK(back == tokens);
+    MESSAGE("the next 4 ERROR lines are expected: bad token ids and bad token files are refused");
     // ids that do not fit uint16 are refused and leave the old file alone
     CHECK(write_token_file(path.c_str(), {1, 65536}) != 0);
     CHECK(write_token_file(path.c_str(), {-1}) != 0);

@@ -5,8 +5,9 @@
 //
 // API (every function is static or inline, so several translation units may include this file):
 //   int  bpe_load(BPE* bpe, const char* encoder_json, const char* vocab_bpe);
-//        0 on success; otherwise prints "ERROR ... HINT ..." naming the file to stderr, keeps the same
-//        text in bpe->error and returns non-zero (the caller decides whether to exit).
+//        0 on success; otherwise prints "ERROR ... HINT ..." naming the file to stderr (unless
+//        bpe->print_errors is false), keeps the same text in bpe->error and returns non-zero (the
+//        caller decides whether to exit).
 //   int  bpe_load_default(BPE* bpe);   // tries BPE_SEARCH_DIRS (../shared/data/gpt2_tokenizer, data/gpt2_tokenizer)
 //   void bpe_encode(const BPE* bpe, const char* text, size_t len, std::vector<int>& out);
 //        appends the ids of `text` to out; any bytes are accepted (invalid UTF-8 included);
@@ -52,6 +53,7 @@ struct BPE {
     // pre-token bytes -> its ids; pieces longer than BPE_CACHE_MAX_PIECE bytes are not cached
     mutable std::unordered_map<std::string, std::vector<int>> cache;
     std::string error;                        // the last load error, "" after a successful load
+    bool print_errors = true;                 // false: load errors go only to `error` (tests of bad files)
 };
 
 #define BPE_EOT_STRING "<|endoftext|>"
@@ -262,7 +264,7 @@ static inline std::string bpe_decode(const BPE* bpe, const int* ids, size_t n) {
 // records the error in bpe->error, prints it, returns 1
 static inline int bpe_fail_(BPE* bpe, const std::string& msg, const char* hint) {
     bpe->error = "ERROR: " + msg + "\n---> HINT: " + hint;
-    fprintf(stderr, "%s\n", bpe->error.c_str());
+    if (bpe->print_errors) fprintf(stderr, "%s\n", bpe->error.c_str());
     return 1;
 }
 
@@ -537,7 +539,7 @@ static inline int bpe_write_tokenizer(const BPE* bpe, const char* path) {
     std::string body;
     for (int id = 0; id < bpe->vocab_size; id++) {
         const std::string& t = bpe->token_bytes[(size_t)id];
-        if (t.empty() || t.size() > 255) { fprintf(stderr, "ERROR: token %d has %zu bytes, the llm.c format needs 1..255\n", id, t.size()); return 1; }
+        if (t.empty() || t.size() > 255) { fprintf(stderr, "ERROR: %s: token %d has %zu bytes, the llm.c format needs 1..255\n---> HINT: load the GPT-2 files with bpe_load first\n", path, id, t.size()); return 1; }
         body += (char)(unsigned char)t.size();
         body += t;
     }
@@ -546,12 +548,12 @@ static inline int bpe_write_tokenizer(const BPE* bpe, const char* path) {
 
 // token file: [0]=20240520, [1]=1, [2]=count; then count uint16 tokens
 static inline int write_token_file(const char* path, const std::vector<int>& tokens) {
-    if (tokens.size() > (size_t)INT32_MAX) { fprintf(stderr, "ERROR: %s: %zu tokens do not fit the int32 count\n", path, tokens.size()); return 1; }
+    if (tokens.size() > (size_t)INT32_MAX) { fprintf(stderr, "ERROR: %s: %zu tokens do not fit the int32 count\n---> HINT: split the data into several files\n", path, tokens.size()); return 1; }
     int32_t header[256] = {0};
     header[0] = 20240520; header[1] = 1; header[2] = (int32_t)tokens.size();
     std::vector<uint16_t> u16(tokens.size());
     for (size_t k = 0; k < tokens.size(); k++) {
-        if (tokens[k] < 0 || tokens[k] > 65535) { fprintf(stderr, "ERROR: %s: token %d does not fit uint16\n", path, tokens[k]); return 1; }
+        if (tokens[k] < 0 || tokens[k] > 65535) { fprintf(stderr, "ERROR: %s: token %d does not fit uint16\n---> HINT: llm.c token files hold ids 0..65535 (GPT-2's are < 50257)\n", path, tokens[k]); return 1; }
         u16[k] = (uint16_t)tokens[k];
     }
     return bpe_write_atomic_(path, {{header, sizeof(header)}, {u16.data(), u16.size() * sizeof(uint16_t)}});
