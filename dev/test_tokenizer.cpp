@@ -136,7 +136,7 @@ TEST_CASE("tokenizer: decode(encode(x)) == x for random bytes and random UTF-8")
 TEST_CASE("tokenizer: ids and pieces equal the reference encoder on dev/fixtures/tokenizer_cases.txt") {
     const BPE& bpe = tok_gpt2();
     std::string all;
-    REQUIRE_MESSAGE(bpe_read_file_("dev/fixtures/tokenizer_cases.txt", all),
+    REQUIRE_MESSAGE(bpe_read_file("dev/fixtures/tokenizer_cases.txt", all),
                     "dev/fixtures/tokenizer_cases.txt missing: run tests from the repo root, or `make tokenizer-fixture`");
     std::istringstream lines(all);
     std::string line;
@@ -180,8 +180,8 @@ TEST_CASE("tokenizer: missing, truncated or malformed encoder.json / vocab.bpe a
     const std::string enc_path = tok_source("encoder.json"), voc_path = tok_source("vocab.bpe");
     REQUIRE_MESSAGE(!enc_path.empty(), "GPT-2 BPE files not found: run `make data`");
     std::string enc, voc;
-    REQUIRE(bpe_read_file_(enc_path.c_str(), enc));
-    REQUIRE(bpe_read_file_(voc_path.c_str(), voc));
+    REQUIRE(bpe_read_file(enc_path.c_str(), enc));
+    REQUIRE(bpe_read_file(voc_path.c_str(), voc));
     TokTempDir dir;
     std::string good_enc = dir.file("good_encoder.json"), good_voc = dir.file("good_vocab.bpe");
     tok_write(good_enc, enc);
@@ -254,7 +254,7 @@ TEST_CASE("tokenizer: llm.c tokenizer file (magic 20240328, version 2) holds eve
     dir.file("tok.bin.tmp");
     REQUIRE(bpe_write_tokenizer(&bpe, path.c_str()) == 0);
     std::string s;
-    REQUIRE(bpe_read_file_(path.c_str(), s));
+    REQUIRE(bpe_read_file(path.c_str(), s));
     REQUIRE(s.size() >= 1024);
     int32_t header[256];
     memcpy(header, s.data(), sizeof(header));
@@ -286,7 +286,7 @@ TEST_CASE("tokenizer: llm.c token file (magic 20240520) round trips and rejects 
     const std::vector<int> tokens = {50256, 0, 1, 65535, 15496, 995, 50256};
     REQUIRE(write_token_file(path.c_str(), tokens) == 0);
     std::string s;
-    REQUIRE(bpe_read_file_(path.c_str(), s));
+    REQUIRE(bpe_read_file(path.c_str(), s));
     CHECK(s.size() == 1024 + 2 * tokens.size());
     int32_t header[3];
     memcpy(header, s.data(), sizeof(header));

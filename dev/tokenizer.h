@@ -17,6 +17,8 @@
 //   int  bpe_write_tokenizer(const BPE* bpe, const char* path);    // llm.c tokenizer file, version 2
 //   int  write_token_file(const char* path, const std::vector<int>& tokens);  // llm.c token file
 //   int  read_token_file(const char* path, std::vector<int>& tokens);
+//   bool bpe_read_file(const char* path, std::string& out);     // whole file; false if unreadable
+//   int  bpe_write_atomic(const char* path, {{ptr, nbytes}, ...}); // the writers' temp-then-rename
 //   Writers write "<path>.tmp" then rename it over path; all return 0 on success, non-zero after a
 //   message on stderr.
 // bpe_encode keeps a cache in the BPE (mutable): one BPE must not be used by two threads at once.
@@ -24,10 +26,12 @@
 // Pre-tokenization is GPT-2's regex, as the reference JavaScript encoder evaluates it:
 //   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 // implemented as a hand-written scanner over UTF-8 code points (bpe_next_piece_). Letter / number /
-// space classes come from an exact generated table (dev/unicode_classes.h). Bytes that are not valid
-// UTF-8 (stray continuation bytes, overlong forms, surrogates, > U+10FFFF, truncated sequences) count
-// one byte at a time as "other" (class of '!'): the reference cannot see such bytes at all, and this
-// keeps decode(encode(x)) == x for every byte string.
+// space classes come from an exact generated table (dev/unicode_classes.h). \s is JavaScript's: it
+// differs from tiktoken's and Python's on rare characters only (U+FEFF is space here; U+0085 is not,
+// nor U+001C..U+001F, which Python's re counts). Bytes that are not valid UTF-8 (stray continuation
+// bytes, overlong forms, surrogates, > U+10FFFF, truncated sequences) count one byte at a time as
+// "other" (class of '!'): the reference cannot see such bytes at all, and this keeps
+// decode(encode(x)) == x for every byte string.
 #pragma once
 
 #include <stdint.h>
@@ -272,7 +276,7 @@ static inline int bpe_fail_(BPE* bpe, const std::string& msg, const char* hint) 
                        "(sha256 in ../shared/data/gpt2_tokenizer/SHA256SUMS); `make data` fetches them"
 
 // whole file into out; false if it cannot be opened or read
-static inline bool bpe_read_file_(const char* path, std::string& out) {
+static inline bool bpe_read_file(const char* path, std::string& out) {
     FILE* f = fopen(path, "rb");
     if (!f) return false;
     out.clear();
@@ -417,8 +421,8 @@ static inline int bpe_load(BPE* bpe, const char* encoder_json, const char* vocab
     bpe->vocab_size = 0; bpe->eot_token = -1;
     bpe->token_bytes.clear(); bpe->merges.clear(); bpe->cache.clear();
     std::string js, vb;
-    if (!bpe_read_file_(encoder_json, js)) return bpe_fail_(bpe, std::string("cannot read ") + encoder_json, BPE_HINT_FILES);
-    if (!bpe_read_file_(vocab_bpe, vb)) return bpe_fail_(bpe, std::string("cannot read ") + vocab_bpe, BPE_HINT_FILES);
+    if (!bpe_read_file(encoder_json, js)) return bpe_fail_(bpe, std::string("cannot read ") + encoder_json, BPE_HINT_FILES);
+    if (!bpe_read_file(vocab_bpe, vb)) return bpe_fail_(bpe, std::string("cannot read ") + vocab_bpe, BPE_HINT_FILES);
 
     // encoder.json: token string -> id, ids must be exactly 0..N-1
     std::vector<std::pair<std::string, long>> items;
@@ -517,7 +521,7 @@ static inline int bpe_load_default(BPE* bpe) {
 // llm.c file writers (header: 256 little-endian int32, unused slots 0)
 
 // writes n bytes from each of parts to path via "<path>.tmp" + rename; 0 on success
-static inline int bpe_write_atomic_(const char* path, const std::vector<std::pair<const void*, size_t>>& parts) {
+static inline int bpe_write_atomic(const char* path, const std::vector<std::pair<const void*, size_t>>& parts) {
     std::string tmp = std::string(path) + ".tmp";
     FILE* f = fopen(tmp.c_str(), "wb");
     if (!f) { fprintf(stderr, "ERROR: cannot create %s\n---> HINT: check that the directory exists and is writable\n", tmp.c_str()); return 1; }
@@ -543,7 +547,7 @@ static inline int bpe_write_tokenizer(const BPE* bpe, const char* path) {
         body += (char)(unsigned char)t.size();
         body += t;
     }
-    return bpe_write_atomic_(path, {{header, sizeof(header)}, {body.data(), body.size()}});
+    return bpe_write_atomic(path, {{header, sizeof(header)}, {body.data(), body.size()}});
 }
 
 // token file: [0]=20240520, [1]=1, [2]=count; then count uint16 tokens
@@ -556,12 +560,12 @@ static inline int write_token_file(const char* path, const std::vector<int>& tok
         if (tokens[k] < 0 || tokens[k] > 65535) { fprintf(stderr, "ERROR: %s: token %d does not fit uint16\n---> HINT: llm.c token files hold ids 0..65535 (GPT-2's are < 50257)\n", path, tokens[k]); return 1; }
         u16[k] = (uint16_t)tokens[k];
     }
-    return bpe_write_atomic_(path, {{header, sizeof(header)}, {u16.data(), u16.size() * sizeof(uint16_t)}});
+    return bpe_write_atomic(path, {{header, sizeof(header)}, {u16.data(), u16.size() * sizeof(uint16_t)}});
 }
 
 static inline int read_token_file(const char* path, std::vector<int>& tokens) {
     std::string s;
-    if (!bpe_read_file_(path, s)) { fprintf(stderr, "ERROR: cannot read %s\n---> HINT: run `make data`\n", path); return 1; }
+    if (!bpe_read_file(path, s)) { fprintf(stderr, "ERROR: cannot read %s\n---> HINT: run `make data`\n", path); return 1; }
     int32_t header[256];
     if (s.size() < sizeof(header)) { fprintf(stderr, "ERROR: %s: shorter than the 1024-byte header\n---> HINT: delete it and run `make data`\n", path); return 1; }
     memcpy(header, s.data(), sizeof(header));

