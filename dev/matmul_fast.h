@@ -77,7 +77,7 @@ void matmul_backward_naive(float* dinp, float* dweight, float* dbias,
 #define MATMUL_KC 256  // K slice: an NR-column panel of Bmat is KC*NR*4 = 16 KB, stays in L1
 #endif
 #ifndef MATMUL_MC
-#define MATMUL_MC 96   // rows per tile: the packed A slice is MC*KC*4 = 96 KB, stays in L2
+#define MATMUL_MC 264  // rows per tile: covers BT=256, so each weight slice is packed only once
 #endif
 #ifndef MATMUL_NC
 #define MATMUL_NC 192  // columns per tile: the packed Bmat slice is KC*NC*4 = 192 KB, in L2
@@ -94,37 +94,40 @@ static inline float madd(float a, float b, float c) {
 #endif
 }
 
-// per-thread packing buffers, allocated once on the thread's first matmul and reused forever
+// per-thread buffer for the packed Bmat slice, allocated once on the thread's first matmul and
+// reused forever (no allocation per step)
 static float* matmul_pack_buffer() {
     static thread_local float* buf = NULL;
     if (buf == NULL) {
-        size_t bytes = sizeof(float) * ((size_t)MC * KC + (size_t)KC * NC);
-        buf = (float*)aligned_alloc(64, bytes);
-        if (buf == NULL) { fprintf(stderr, "matmul: out of memory for pack buffers\n"); exit(1); }
+        buf = (float*)aligned_alloc(64, sizeof(float) * (size_t)KC * NC);
+        if (buf == NULL) { fprintf(stderr, "matmul: out of memory for the pack buffer\n"); exit(1); }
     }
     return buf;
 }
 
-// Cmat (MR,NR) += Ap (KC panel, MR-interleaved) @ Bp (KC panel, NR-interleaved); only the
-// first m rows and n columns are stored (the rest are padding). The loops are written plainly;
-// with MR, NR compile-time constants the compiler keeps acc in 12 registers and turns the j loop
-// into NR/8 vector FMAs per row: 2 vector loads + 6 broadcasts feed 12 FMAs per k.
-static inline void matmul_micro_kernel(int kc, const float* __restrict Ap, const float* __restrict Bp,
-                                       float* Cmat, size_t ldc, int m, int n) {
+// Cmat (m,n) += A (m,kc) @ Bp (kc,NR) for one register block, m <= MR, n <= NR.
+// A(i,k) = A[i*rsa + k*csa] is read in place; Bp is a packed panel, row k at Bp + k*NR (zero
+// padded past n). Rows past m read row m-1 again and their sums are dropped, so one kernel serves
+// every edge. With MR, NR compile-time constants the compiler keeps acc in 12 registers and turns
+// the j loop into NR/8 vector FMAs: per k, 2 vector loads + 6 broadcasts feed 12 FMAs.
+static inline void matmul_micro_kernel(int kc, const float* A, size_t rsa, size_t csa,
+                                       const float* __restrict Bp, float* Cmat, size_t ldc, int m, int n) {
+    const float* a_row[MR];
+    for (int i = 0; i < MR; i++) { a_row[i] = A + (size_t)(i < m ? i : m - 1) * rsa; }
     float acc[MR][NR] = {};
     for (int k = 0; k < kc; k++) {
-        const float* a = Ap + (size_t)k * MR;
         const float* b = Bp + (size_t)k * NR;
         for (int i = 0; i < MR; i++) {
-            float a_i = a[i];
+            float a_ik = a_row[i][(size_t)k * csa];
             // "unroll 1": if GCC fully unrolls j before vectorizing, it falls back to 128-bit
             // SLP with acc spilled to the stack (4x slower); kept as a loop it becomes ymm FMAs
             #pragma GCC unroll 1
-            for (int j = 0; j < NR; j++) { acc[i][j] = madd(a_i, b[j], acc[i][j]); }
+            for (int j = 0; j < NR; j++) { acc[i][j] = madd(a_ik, b[j], acc[i][j]); }
         }
     }
     if (m == MR && n == NR) {
         for (int i = 0; i < MR; i++) {
+            #pragma GCC unroll 1
             for (int j = 0; j < NR; j++) { Cmat[i * ldc + j] += acc[i][j]; }
         }
     } else {
@@ -141,29 +144,15 @@ static void matmul_gemm(int M, int N, int K, const float* A, size_t rsa, size_t 
     int tiles_m = (M + MC - 1) / MC, tiles_n = (N + NC - 1) / NC;
     int tiles = tiles_m * tiles_n;
     // parallel over output tiles: each task writes only its own MC x NC block of Cmat, and the
-    // pack buffers are per thread, so there are no races and no atomics
+    // pack buffer is per thread, so there are no races and no atomics
     #pragma omp parallel for schedule(dynamic, 1)
     for (int t = 0; t < tiles; t++) {
         int i0 = (t % tiles_m) * MC, j0 = (t / tiles_m) * NC;
         int mc = (M - i0 < MC) ? M - i0 : MC, nc = (N - j0 < NC) ? N - j0 : NC;
-        int mpanels = (mc + MR - 1) / MR, npanels = (nc + NR - 1) / NR;
-        float* Ap = matmul_pack_buffer();
-        float* Bp = Ap + (size_t)MC * KC;
+        int npanels = (nc + NR - 1) / NR;
+        float* Bp = matmul_pack_buffer();
         for (int k0 = 0; k0 < K; k0 += KC) {
             int kc = (K - k0 < KC) ? K - k0 : KC;
-            // pack A slice: panel p holds rows i0+p*MR .. +MR, laid out [k][i], zero rows past M
-            for (int p = 0; p < mpanels; p++) {
-                float* dst = Ap + (size_t)p * MR * kc;
-                for (int i = 0; i < MR; i++) {
-                    int row = p * MR + i;
-                    if (row < mc) {
-                        const float* src = A + (size_t)(i0 + row) * rsa + (size_t)k0 * csa;
-                        for (int k = 0; k < kc; k++) { dst[(size_t)k * MR + i] = src[(size_t)k * csa]; }
-                    } else {
-                        for (int k = 0; k < kc; k++) { dst[(size_t)k * MR + i] = 0.0f; }
-                    }
-                }
-            }
             // pack Bmat slice: panel p holds columns j0+p*NR .. +NR, laid out [k][j], zero past N
             for (int p = 0; p < npanels; p++) {
                 float* dst = Bp + (size_t)p * NR * kc;
@@ -181,13 +170,15 @@ static void matmul_gemm(int M, int N, int K, const float* A, size_t rsa, size_t 
                     }
                 }
             }
-            // register blocks: one Bmat panel (L1) against every A panel (L2)
-            for (int pj = 0; pj < npanels; pj++) {
-                int n = (nc - pj * NR < NR) ? nc - pj * NR : NR;
-                for (int pi = 0; pi < mpanels; pi++) {
-                    int m = (mc - pi * MR < MR) ? mc - pi * MR : MR;
-                    float* c_blk = Cmat + (size_t)(i0 + pi * MR) * ldc + (j0 + pj * NR);
-                    matmul_micro_kernel(kc, Ap + (size_t)pi * MR * kc, Bp + (size_t)pj * NR * kc, c_blk, ldc, m, n);
+            // register blocks: an MR-row strip of A (L1) against every packed Bmat panel (L2)
+            const float* A_k0 = A + (size_t)k0 * csa;
+            for (int i = 0; i < mc; i += MR) {
+                int m = (mc - i < MR) ? mc - i : MR;
+                for (int pj = 0; pj < npanels; pj++) {
+                    int n = (nc - pj * NR < NR) ? nc - pj * NR : NR;
+                    float* c_blk = Cmat + (size_t)(i0 + i) * ldc + (j0 + pj * NR);
+                    matmul_micro_kernel(kc, A_k0 + (size_t)(i0 + i) * rsa, rsa, csa,
+                                        Bp + (size_t)pj * NR * kc, c_blk, ldc, m, n);
                 }
             }
         }
