@@ -19,6 +19,7 @@ Dimension letters: BT = B*T rows, C = input channels, OC = output channels, r = 
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -315,6 +316,87 @@ void lora_free(LoRA<real>* lora) {
     for (int t = 0; t < LORA_NUM_TARGETS; t++) { free(lora->h[t]); }
     free(lora->dh);
     memset(lora, 0, sizeof(*lora));
+}
+
+// ----------------------------------------------------------------------------
+// merge and unmerge: folding the adapters into the frozen weights, and taking them out again
+
+// W (OC,C), lora_A (r,C), lora_B (OC,r) -> W (OC,C) += sign * scale * lora_B @ lora_A   (sign = +1 or -1)
+// Merged, the adapted matmul is one plain matmul again: inp @ (W0 + scale * lora_B lora_A)^T equals
+// inp @ W0^T + scale * (inp @ lora_A^T) @ lora_B^T up to fp32 rounding, at zero extra inference cost.
+// Unmerge (sign = -1) computes the very same delta in the very same order, so (W0 + d) - d returns W0
+// up to one rounding of the sum: |error| <= ulp(|W0| + |d|).
+template <typename real>
+void lora_merge(real* W, const real* lora_A, const real* lora_B, real scale, int C, int OC, int r, int sign) {
+    // parallel over output rows: each thread owns row W[o,:]
+    #pragma omp parallel for
+    for (int o = 0; o < OC; o++) {
+        const real* lora_B_row = lora_B + (size_t)o * r;
+        real* W_row = W + (size_t)o * C;
+        for (int c = 0; c < C; c++) {
+            real delta = 0;
+            for (int i = 0; i < r; i++) { delta += lora_B_row[i] * lora_A[(size_t)i * C + c]; }
+            W_row[c] += sign * scale * delta;
+        }
+    }
+}
+
+// every adapted matrix of every layer: base[t] is target t's frozen weight (L, out, in), NULL when the
+// target carries no adapter. sign +1 merges, -1 unmerges.
+template <typename real>
+void lora_merge_all(const LoRA<real>* lora, real* const base[LORA_NUM_TARGETS], int sign) {
+    int r = lora->config.r;
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        if (lora->lora_A[t] == NULL) continue;
+        int in = lora_target_in(t, lora->C), out = lora_target_out(t, lora->C);
+        for (int l = 0; l < lora->L; l++) {
+            lora_merge(base[t] + (size_t)l * out * in, lora->lora_A[t] + (size_t)l * r * in,
+                       lora->lora_B[t] + (size_t)l * out * r, (real)lora->config.scale, in, out, r, sign);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// the adapter's tensors, one per (layer, target, A or B), as adapter files and PEFT name them
+
+struct LoRATensor {
+    int layer, target;
+    bool is_B;      // false: lora_A (r, in); true: lora_B (out, r)
+    int rows, cols; // shape, row-major
+    size_t offset;  // element offset into the flat params buffer
+};
+
+// The tensors in flat-buffer order: for each enabled target, lora_A of layers 0..L-1, then lora_B of
+// layers 0..L-1. Walking this list visits params_memory front to back without gaps.
+static inline std::vector<LoRATensor> lora_tensor_list(LoRAConfig cfg, int L, int C) {
+    std::vector<LoRATensor> list;
+    size_t off = 0;
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        if (!(cfg.targets & (1u << t))) continue;
+        int in = lora_target_in(t, C), out = lora_target_out(t, C);
+        for (int is_B = 0; is_B < 2; is_B++) {
+            for (int l = 0; l < L; l++) {
+                LoRATensor x;
+                x.layer = l;
+                x.target = t;
+                x.is_B = is_B != 0;
+                x.rows = is_B ? out : cfg.r;
+                x.cols = is_B ? cfg.r : in;
+                x.offset = off;
+                off += (size_t)x.rows * x.cols;
+                list.push_back(x);
+            }
+        }
+    }
+    return list;
+}
+
+// Hugging Face PEFT's key for one tensor of a GPT-2 adapter, e.g.
+// "base_model.model.transformer.h.3.mlp.c_fc.lora_B.weight". PEFT's lora_A / lora_B are nn.Linear
+// modules, so their weights are (r, in) and (out, r) whatever the base layer is: exactly our layout.
+static inline std::string lora_peft_key(int layer, int target, bool is_B) {
+    return "base_model.model.transformer.h." + std::to_string(layer) + "." + lora_peft_names[target] +
+           (is_B ? ".lora_B.weight" : ".lora_A.weight");
 }
 
 #endif // LORA_H
