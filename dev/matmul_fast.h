@@ -111,7 +111,7 @@ static float* matmul_pack_buffer() {
 // every edge. With MR, NR compile-time constants the compiler keeps acc in 12 registers and turns
 // the j loop into NR/8 vector FMAs: per k, 2 vector loads + 6 broadcasts feed 12 FMAs.
 static inline void matmul_micro_kernel(int kc, const float* A, size_t rsa, size_t csa,
-                                       const float* __restrict Bp, float* Cmat, size_t ldc, int m, int n) {
+                                       const float* __restrict Bp, float* Cmat, size_t ldc, int m, int n, float alpha) {
     const float* a_row[MR];
     for (int i = 0; i < MR; i++) { a_row[i] = A + (size_t)(i < m ? i : m - 1) * rsa; }
     float acc[MR][NR] = {};
@@ -128,18 +128,18 @@ static inline void matmul_micro_kernel(int kc, const float* A, size_t rsa, size_
     if (m == MR && n == NR) {
         for (int i = 0; i < MR; i++) {
             #pragma GCC unroll 1
-            for (int j = 0; j < NR; j++) { Cmat[i * ldc + j] += acc[i][j]; }
+            for (int j = 0; j < NR; j++) { Cmat[i * ldc + j] += alpha * acc[i][j]; }
         }
     } else {
         for (int i = 0; i < m; i++) {
-            for (int j = 0; j < n; j++) { Cmat[i * ldc + j] += acc[i][j]; }
+            for (int j = 0; j < n; j++) { Cmat[i * ldc + j] += alpha * acc[i][j]; }
         }
     }
 }
 
-// Cmat (M,N) += A (M,K) @ Bmat (K,N); A(i,k) = A[i*rsa + k*csa], Bmat(k,j) = Bmat[k*rsb + j*csb],
+// Cmat (M,N) += alpha * A (M,K) @ Bmat (K,N); A(i,k) = A[i*rsa + k*csa], Bmat(k,j) = Bmat[k*rsb + j*csb],
 // Cmat row-major with leading dimension ldc. Cmat must not alias A or Bmat.
-static void matmul_gemm(int M, int N, int K, const float* A, size_t rsa, size_t csa,
+static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t rsa, size_t csa,
                         const float* Bmat, size_t rsb, size_t csb, float* Cmat, size_t ldc) {
     int tiles_m = (M + MC - 1) / MC, tiles_n = (N + NC - 1) / NC;
     int tiles = tiles_m * tiles_n;
@@ -178,7 +178,7 @@ static void matmul_gemm(int M, int N, int K, const float* A, size_t rsa, size_t 
                     int n = (nc - pj * NR < NR) ? nc - pj * NR : NR;
                     float* c_blk = Cmat + (size_t)(i0 + i) * ldc + (j0 + pj * NR);
                     matmul_micro_kernel(kc, A_k0 + (size_t)(i0 + i) * rsa, rsa, csa,
-                                        Bp + (size_t)pj * NR * kc, c_blk, ldc, m, n);
+                                        Bp + (size_t)pj * NR * kc, c_blk, ldc, m, n, alpha);
                 }
             }
         }
@@ -197,7 +197,7 @@ void matmul_forward(float* out, const float* inp, const float* weight, const flo
         for (int o = 0; o < OC; o++) { out_bt[o] = (bias != NULL) ? bias[o] : 0.0f; }
     }
     // out (BT,OC) += inp (BT,C) @ weight^T: Bmat(c,o) = weight[o*C + c]
-    matmul_gemm((int)BT, OC, C, inp, C, 1, weight, 1, C, out, OC);
+    matmul_gemm((int)BT, OC, C, 1.0f, inp, C, 1, weight, 1, C, out, OC);
 }
 
 // dout (B,T,OC) -> dinp (B,T,C) +=, dweight (OC,C) +=, dbias (OC) +=; any of the three may be NULL
@@ -208,10 +208,10 @@ void matmul_backward(float* dinp, float* dweight, float* dbias,
     // forward was: out = inp @ weight^T + bias; so now:
     size_t BT = (size_t)B * T;
     if (dinp != NULL) {     // dinp (BT,C) += dout (BT,OC) @ weight (OC,C)
-        matmul_gemm((int)BT, C, OC, dout, OC, 1, weight, C, 1, dinp, C);
+        matmul_gemm((int)BT, C, OC, 1.0f, dout, OC, 1, weight, C, 1, dinp, C);
     }
     if (dweight != NULL) {  // dweight (OC,C) += dout^T (OC,BT) @ inp (BT,C)
-        matmul_gemm(OC, C, (int)BT, dout, 1, OC, inp, C, 1, dweight, C);
+        matmul_gemm(OC, C, (int)BT, 1.0f, dout, 1, OC, inp, C, 1, dweight, C);
     }
     if (dbias != NULL) {    // dbias[o] += sum_bt dout[bt,o]
         // parallel over output channels: each thread owns a range of dbias
@@ -224,4 +224,35 @@ void matmul_backward(float* dinp, float* dweight, float* dbias,
             }
         }
     }
+}
+
+// ----------------------------------------------------------------------------
+// LoRA branches as thin GEMMs (float fast path; lora.h's templates are the naive twins,
+// reachable for floats as lora_forward<float> / lora_backward<float>)
+
+// inp (BT,C), lora_A (r,C), lora_B (OC,r) -> h (BT,r) cached; out (BT,OC) += scale * h @ lora_B^T
+void lora_forward(float* out, float* h, const float* inp, const float* lora_A, const float* lora_B,
+                  float scale, int BT, int C, int OC, int r) {
+    // h = inp @ lora_A^T: (BT,C) @ (C,r), Bmat(c,i) = lora_A[i*C + c]
+    memset(h, 0, (size_t)BT * r * sizeof(float));
+    matmul_gemm(BT, r, C, 1.0f, inp, C, 1, lora_A, 1, C, h, r);
+    // out += scale * h @ lora_B^T: (BT,r) @ (r,OC), Bmat(i,o) = lora_B[o*r + i]; never forms lora_B @ lora_A
+    matmul_gemm(BT, OC, r, scale, h, r, 1, lora_B, 1, r, out, OC);
+}
+
+// dout (BT,OC), h (BT,r), inp (BT,C), lora_A (r,C), lora_B (OC,r)
+//   -> dlora_B (OC,r) +=, dlora_A (r,C) +=, dinp (BT,C) += (dinp may be NULL); dh (BT,r) is scratch
+void lora_backward(float* dinp, float* dlora_A, float* dlora_B, float* dh,
+                   const float* dout, const float* h, const float* inp, const float* lora_A, const float* lora_B,
+                   float scale, int BT, int C, int OC, int r) {
+    // forward was: out += scale * h @ lora_B^T with h = inp @ lora_A^T; so now:
+    // dlora_B (OC,r) += scale * dout^T @ h: A(o,bt) = dout[bt*OC + o]
+    matmul_gemm(OC, r, BT, scale, dout, 1, OC, h, r, 1, dlora_B, r);
+    // dh (BT,r) = scale * dout @ lora_B
+    memset(dh, 0, (size_t)BT * r * sizeof(float));
+    matmul_gemm(BT, r, OC, scale, dout, OC, 1, lora_B, r, 1, dh, r);
+    // dlora_A (r,C) += dh^T @ inp: A(i,bt) = dh[bt*r + i]
+    matmul_gemm(r, C, BT, 1.0f, dh, 1, r, inp, C, 1, dlora_A, C);
+    // dinp (BT,C) += dh @ lora_A
+    if (dinp != NULL) matmul_gemm(BT, C, r, 1.0f, dh, r, 1, lora_A, C, 1, dinp, C);
 }

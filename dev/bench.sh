@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# dev/bench.sh: the whole `make bench` run (see dev/bench.mk). Everything is measured in this one run,
+# so the printed ratios compare numbers taken side by side on the same (shared, noisy) machine.
+#   STEPS=N      timed steps per 124M configuration (default 5; the small config runs 4x as many)
+#   BENCH_STEP, BENCH_MATMUL: the built programs (set by make)
+set -euo pipefail
+BENCH_STEP=${BENCH_STEP:-build/omp/bench_step}
+BENCH_MATMUL=${BENCH_MATMUL:-build/omp/bench_matmul}
+STEPS=${STEPS:-5}
+PYTHON=${PYTHON:-/usr/bin/python3}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# peers are measured with their own defaults: OpenBLAS picks its kernel and cache sizes itself
+unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
+
+big=data/bench_gpt2_124M.bin     # random-init GPT-2 124M shape: L=12, C=768, NH=12, maxT=1024
+small=data/bench_gpt2_L4_C256.bin # the offline base's shape: L=4, C=256, NH=4, maxT=256
+[ -f "$big" ] || "$BENCH_STEP" gen "$big" 12 768 12 1024
+[ -f "$small" ] || "$BENCH_STEP" gen "$small" 4 256 4 256
+
+echo "[bench] OMP_NUM_THREADS=$OMP_NUM_THREADS B=4 T=64 r=8 (all four targets), $(nproc) cores, $(date -u +%FT%TZ)"
+declare -A ms rss
+for cfg in small big; do
+    ckpt=${!cfg}
+    n=$STEPS; [ "$cfg" = small ] && n=$((4 * STEPS))
+    for mode in lora full; do
+        line=$("$BENCH_STEP" "$mode" "$ckpt" 4 64 "$n")
+        echo "$line"
+        ms[$cfg.$mode]=$(awk '{for (i = 1; i < NF; i++) if ($i == "ms/step") print $(i + 1)}' <<<"$line")
+        rss[$cfg.$mode]=$(awk '{for (i = 1; i < NF; i++) if ($i == "peak_rss_MiB") print $(i + 1)}' <<<"$line")
+    done
+    awk -v cfg="$cfg" -v a="${ms[$cfg.lora]}" -v b="${ms[$cfg.full]}" -v c="${rss[$cfg.lora]}" -v d="${rss[$cfg.full]}" \
+        'BEGIN { printf "ratio %s lora/full ms/step %.3f peak_rss %.3f\n", cfg, a / b, c / d }'
+done
+
+if "$PYTHON" -c "import torch" 2>/dev/null; then
+    out=$(MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 \
+          "$PYTHON" dev/train_gpt2_lora.py bench --B 4 --T 64 --steps "$STEPS" --threads "$OMP_NUM_THREADS")
+    echo "$out"
+    t_lora=$(awk '/torch lora ms\/step/ {print $4}' <<<"$out")
+    t_full=$(awk '/torch full ms\/step/ {print $4}' <<<"$out")
+    awk -v a="${ms[big.lora]}" -v b="$t_lora" -v c="${ms[big.full]}" -v d="$t_full" \
+        'BEGIN { printf "ratio 124M ours/torch lora %.3f full %.3f\n", a / b, c / d }'
+else
+    echo "torch: not found in $PYTHON, skipped"
+fi
+
+"$BENCH_MATMUL" 5
