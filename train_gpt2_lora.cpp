@@ -12,7 +12,8 @@ The kernels and the model are templates over the scalar type only so that the te
 same code in double precision; the program itself runs in float.
 
 Reading order: kernels (forward/backward pairs) -> model -> build/forward/backward/update/free ->
-files (checkpoint, tokens, tokenizer) -> data loader and sampling -> main.
+files (checkpoint, tokens, tokenizer) -> data loader and sampling -> adapter files (own format,
+PEFT safetensors, merge) -> main.
 */
 #include <algorithm>
 #include <cerrno>
@@ -32,6 +33,7 @@ files (checkpoint, tokens, tokenizer) -> data loader and sampling -> main.
 #include <omp.h>
 #endif
 #include "lora.h"
+#include "dev/tokenizer.h" // GPT-2 BPE for -p prompts
 
 // ----------------------------------------------------------------------------
 // errors: every failure names the file or flag, says what was wrong and ends in a HINT
@@ -883,6 +885,7 @@ void gpt2_free(GPT2<real>* model) {
 #define TOKENS_MAGIC 20240520
 #define TOKENIZER_MAGIC 20240328
 #define DEBUG_STATE_MAGIC 20240327
+#define ADAPTER_MAGIC 20240801 // our LoRA adapter files (see "adapter files" below)
 
 static std::string file_size_of(FILE* f, const char* path, long* size) {
     if (fseek(f, 0, SEEK_END) != 0 || (*size = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
@@ -908,6 +911,7 @@ static const char* describe_magic(int magic) {
         case TOKENS_MAGIC: return "an llm.c token file";
         case TOKENIZER_MAGIC: return "an llm.c tokenizer file";
         case DEBUG_STATE_MAGIC: return "an llm.c debug state";
+        case ADAPTER_MAGIC: return "a train_gpt2_lora adapter file (pass it with -A)";
         default: return "not an llm.c file";
     }
 }
@@ -1194,9 +1198,23 @@ static int sample_softmax(const float* logits, int V, float temperature, float c
     return V - 1;
 }
 
+// samples from softmax(logits / temperature) restricted to the top_k largest logits (all V when top_k <= 0
+// or top_k >= V); ties in the ranking go to the lower id; coin in [0, 1)
+static int sample_top_k(const float* logits, int V, float temperature, int top_k, float coin) {
+    if (top_k <= 0 || top_k >= V) return sample_softmax(logits, V, temperature, coin);
+    std::vector<int> ids(V);
+    for (int v = 0; v < V; v++) ids[v] = v;
+    std::partial_sort(ids.begin(), ids.begin() + top_k, ids.end(),
+                      [&](int a, int b) { return logits[a] != logits[b] ? logits[a] > logits[b] : a < b; });
+    std::vector<float> top(top_k);
+    for (int k = 0; k < top_k; k++) top[k] = logits[ids[k]];
+    return ids[sample_softmax(top.data(), top_k, temperature, coin)];
+}
+
 // generates n tokens after the prompt, one sequence (B = 1), recomputing the prefix each step;
-// the context slides when it would exceed the allocated T
-static std::vector<int> gpt2_generate(GPT2<float>* model, const std::vector<int>& prompt, int n, Rng* rng) {
+// the context slides when it would exceed the allocated T. temperature > 0; top_k <= 0 samples from all V
+static std::vector<int> gpt2_generate(GPT2<float>* model, const std::vector<int>& prompt, int n, Rng* rng,
+                                      float temperature = 1.0f, int top_k = 0) {
     std::vector<int> tokens = prompt;
     int maxT = model->alloc_T;
     for (int i = 0; i < n; i++) {
@@ -1204,7 +1222,7 @@ static std::vector<int> gpt2_generate(GPT2<float>* model, const std::vector<int>
         const int* ctx = tokens.data() + tokens.size() - len;
         gpt2_forward(model, ctx, (const int*)NULL, 1, len);
         const float* logits = model->acts.logits + (size_t)(len - 1) * model->config.padded_vocab_size;
-        tokens.push_back(sample_softmax(logits, model->config.vocab_size, 1.0f, rng_f32(rng)));
+        tokens.push_back(sample_top_k(logits, model->config.vocab_size, temperature, top_k, rng_f32(rng)));
     }
     return std::vector<int>(tokens.begin() + prompt.size(), tokens.end());
 }
@@ -1222,6 +1240,846 @@ static void print_tokens(const Tokenizer* tok, const std::vector<int>& ids) {
     }
     printf("\n");
     fflush(stdout);
+}
+
+// ----------------------------------------------------------------------------
+// adapter files: our own format (exact resume), PEFT's safetensors + adapter_config.json (export and
+// import), and merging an adapter into the base for inference or for a merged llm.c checkpoint.
+//
+// adapter.bin, little-endian like every llm.c file: a header of 256 int32 (unused slots 0)
+//   [0] magic 20240801  [1] version 1  [2] r  [3] alpha (fp32 bits)  [4] targets bitmask (1 qkv, 2 attproj,
+//   4 fc, 8 fcproj)  [5] L  [6] C  [7] V  [8] Vp  [9] maxT  [10] NH  [11..12] base checksum (u64, low word first)
+//   [13..14] n = adapter parameter count (u64)  [15] has_state (0/1)  and, when has_state = 1:
+//   [16] steps completed  [17..18] sampler RNG state  [19..20] train loader RNG state  [21] loader B
+//   [22] loader T  [23] loader shuffle  [24..25] loader position  [26..27] loader batch count nb
+// then n fp32 adapter parameters in lora.h's flat layout (lora_tensor_list order), and when has_state = 1
+// the AdamW m (n fp32), v (n fp32) and the loader's batch order (nb u64).
+// The base checksum is FNV-1a 64 over the fp32 base parameters taken as 32-bit words (one xor and one
+// multiply per float: h = (h ^ word) * 0x100000001b3, from h = 0xcbf29ce484222325), in checkpoint order.
+
+#define ADAPTER_VERSION 1
+
+// FNV-1a 64 over n fp32 values as 32-bit words: ~0.2 s for GPT-2 124M, done once per run
+static uint64_t base_checksum(const float* params, size_t n) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t word;
+        memcpy(&word, params + i, sizeof(word));
+        h = (h ^ word) * 0x100000001b3ull;
+    }
+    return h;
+}
+
+static void header_put_u64(int* header, int i, uint64_t v) {
+    uint32_t lo = (uint32_t)v, hi = (uint32_t)(v >> 32);
+    memcpy(&header[i], &lo, 4);
+    memcpy(&header[i + 1], &hi, 4);
+}
+static uint64_t header_get_u64(const int* header, int i) {
+    uint32_t lo, hi;
+    memcpy(&lo, &header[i], 4);
+    memcpy(&hi, &header[i + 1], 4);
+    return (uint64_t)hi << 32 | lo;
+}
+
+// What an exact resume needs besides the weights and the AdamW moments (those live in model->lora)
+struct TrainState {
+    int step = 0;                     // optimizer steps completed; AdamW's t of the next step is step + 1
+    Rng sample_rng = {0};             // the sampler's stream
+    int loader_B = 0, loader_T = 0;
+    bool loader_shuffle = false;
+    Rng loader_rng = {0};
+    size_t loader_position = 0;
+    std::vector<size_t> loader_order; // (nb) batch visiting order of the current epoch
+};
+
+static TrainState train_state_capture(int step, const DataLoader* loader, const Rng* sample_rng) {
+    TrainState s;
+    s.step = step;
+    s.sample_rng = *sample_rng;
+    s.loader_B = loader->B;
+    s.loader_T = loader->T;
+    s.loader_shuffle = loader->shuffle;
+    s.loader_rng = loader->rng;
+    s.loader_position = loader->position;
+    s.loader_order = loader->order;
+    return s;
+}
+
+// puts a freshly initialised loader where the saved run's loader was; it must read the same batches
+static std::string train_state_restore(const TrainState& s, DataLoader* loader, const char* path) {
+    if (s.loader_B != loader->B || s.loader_T != loader->T || s.loader_shuffle != loader->shuffle ||
+        s.loader_order.size() != loader->num_batches) {
+        return strprintf("adapter file '%s' was saved by a run with B=%d T=%d shuffle=%d and %zu training batches, "
+                         "but this run has B=%d T=%d shuffle=%d and %zu batches\n"
+                         "---> HINT: resume with the same -b, -t, -u and -i as the run that saved it",
+                         path, s.loader_B, s.loader_T, (int)s.loader_shuffle, s.loader_order.size(), loader->B,
+                         loader->T, (int)loader->shuffle, loader->num_batches);
+    }
+    loader->rng = s.loader_rng;
+    loader->position = s.loader_position;
+    loader->order = s.loader_order;
+    return "";
+}
+
+// writes the adapters of model (and, when state != NULL, the AdamW moments and the training state)
+static std::string lora_file_write(const char* path, const GPT2<float>* model, uint64_t base_sum, const TrainState* state) {
+    const LoRA<float>* lora = &model->lora;
+    const GPT2Config& cfg = model->config;
+    int header[256] = {0};
+    header[0] = ADAPTER_MAGIC;
+    header[1] = ADAPTER_VERSION;
+    header[2] = lora->config.r;
+    memcpy(&header[3], &lora->config.alpha, 4);
+    header[4] = (int)lora->config.targets;
+    header[5] = cfg.num_layers;
+    header[6] = cfg.channels;
+    header[7] = cfg.vocab_size;
+    header[8] = cfg.padded_vocab_size;
+    header[9] = cfg.max_seq_len;
+    header[10] = cfg.num_heads;
+    header_put_u64(header, 11, base_sum);
+    header_put_u64(header, 13, lora->num_parameters);
+    size_t n = lora->num_parameters;
+    std::vector<std::pair<const void*, size_t>> parts = {{header, sizeof(header)}, {lora->params_memory, n * sizeof(float)}};
+    std::vector<uint64_t> order;
+    if (state != NULL) {
+        header[15] = 1;
+        header[16] = state->step;
+        header_put_u64(header, 17, state->sample_rng.state);
+        header_put_u64(header, 19, state->loader_rng.state);
+        header[21] = state->loader_B;
+        header[22] = state->loader_T;
+        header[23] = state->loader_shuffle ? 1 : 0;
+        header_put_u64(header, 24, state->loader_position);
+        header_put_u64(header, 26, state->loader_order.size());
+        order.assign(state->loader_order.begin(), state->loader_order.end());
+        parts.push_back({lora->m_memory, n * sizeof(float)});
+        parts.push_back({lora->v_memory, n * sizeof(float)});
+        parts.push_back({order.data(), order.size() * sizeof(uint64_t)});
+    }
+    return write_atomically(path, parts);
+}
+
+// Reads an adapter for the base already in model (its checksum is base_sum) and attaches it, replacing
+// any adapter attached before. The AdamW moments go to model->lora; *has_state says whether the file had
+// them, and then *state holds the step and the loader/sampler state.
+static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t base_sum, TrainState* state, bool* has_state) {
+    const char* hint = "pass an adapter.bin written by train_gpt2_lora -o (or a PEFT adapter directory) with -A";
+    *has_state = false;
+    FILE* f = NULL;
+    std::string err = open_for_reading(path, "adapter file", hint, &f);
+    if (!err.empty()) return err;
+    long size = 0;
+    err = file_size_of(f, path, &size);
+    int header[256];
+    if (err.empty() && (size < (long)sizeof(header) || fread(header, sizeof(header), 1, f) != 1)) {
+        err = strprintf("adapter file '%s' is truncated: %ld bytes, shorter than the 1024-byte header\n---> HINT: %s", path, size, hint);
+    }
+    if (err.empty() && header[0] != ADAPTER_MAGIC) {
+        bool json_at_8 = ((const char*)header)[8] == '{';
+        err = strprintf("adapter file '%s' has magic %d, expected %d; it is %s\n---> HINT: %s", path, header[0], ADAPTER_MAGIC,
+                        json_at_8 ? "probably a safetensors file (pass the PEFT adapter's directory to -A instead)" : describe_magic(header[0]), hint);
+    }
+    if (err.empty() && header[1] != ADAPTER_VERSION) {
+        err = strprintf("adapter file '%s' has version %d, expected %d\n---> HINT: re-save it with this train_gpt2_lora", path, header[1], ADAPTER_VERSION);
+    }
+    LoRAConfig lcfg = {0, 0, 0, 0};
+    if (err.empty()) {
+        float alpha;
+        memcpy(&alpha, &header[3], 4);
+        if (header[2] < 1 || header[2] > 65536 || !std::isfinite(alpha) || !(alpha > 0) || header[4] <= 0 || header[4] > (int)LORA_ALL_TARGETS) {
+            err = strprintf("adapter file '%s' has an impossible config: r=%d alpha=%g targets=%d (need r >= 1, alpha > 0, targets 1..15)\n---> HINT: the file is corrupt; %s",
+                            path, header[2], alpha, header[4], hint);
+        } else {
+            lcfg = lora_config(header[2], alpha, (unsigned)header[4]);
+        }
+    }
+    const GPT2Config& cfg = model->config;
+    if (err.empty() && (header[5] != cfg.num_layers || header[6] != cfg.channels || header[7] != cfg.vocab_size ||
+                        header[8] != cfg.padded_vocab_size || header[9] != cfg.max_seq_len || header[10] != cfg.num_heads)) {
+        err = strprintf("adapter file '%s' has shapes for a base with L=%d C=%d V=%d Vp=%d maxT=%d NH=%d, but the base (-e) has L=%d C=%d V=%d Vp=%d maxT=%d NH=%d\n"
+                        "---> HINT: load the base checkpoint the adapter was trained on with -e",
+                        path, header[5], header[6], header[7], header[8], header[9], header[10], cfg.num_layers, cfg.channels,
+                        cfg.vocab_size, cfg.padded_vocab_size, cfg.max_seq_len, cfg.num_heads);
+    }
+    size_t n = 0, nb = 0;
+    if (err.empty()) {
+        n = lora_count_parameters(lcfg, cfg.num_layers, cfg.channels);
+        if (header_get_u64(header, 13) != n) {
+            err = strprintf("adapter file '%s' says it holds %llu parameters, but r=%d and targets %s on this base need %zu\n---> HINT: the file is corrupt; %s",
+                            path, (unsigned long long)header_get_u64(header, 13), lcfg.r, lora_targets_string(lcfg.targets).c_str(), n, hint);
+        } else if (header[15] != 0 && header[15] != 1) {
+            err = strprintf("adapter file '%s' has has_state=%d, expected 0 or 1\n---> HINT: the file is corrupt; %s", path, header[15], hint);
+        }
+    }
+    if (err.empty() && header_get_u64(header, 11) != base_sum) {
+        err = strprintf("adapter file '%s' belongs to another base: it was trained on base weights with checksum %016llx, "
+                        "but the base loaded with -e has checksum %016llx\n"
+                        "---> HINT: load the exact base checkpoint the adapter was trained on with -e (a merged checkpoint is a different base)",
+                        path, (unsigned long long)header_get_u64(header, 11), (unsigned long long)base_sum);
+    }
+    if (err.empty()) {
+        // expected size, computed only from values already bounded by the file size
+        size_t expected = sizeof(header) + n * sizeof(float);
+        if (header[15] == 1) {
+            uint64_t nb64 = header_get_u64(header, 26);
+            nb = nb64 <= (uint64_t)size / sizeof(uint64_t) ? (size_t)nb64 : (size_t)size; // larger than possible: size check fails
+            expected += 2 * n * sizeof(float) + nb * sizeof(uint64_t);
+        }
+        if ((size_t)size != expected) {
+            err = strprintf("adapter file '%s' is %ld bytes but its header (r=%d, targets %s, %s) needs %zu: %s\n---> HINT: %s",
+                            path, size, lcfg.r, lora_targets_string(lcfg.targets).c_str(),
+                            header[15] == 1 ? "with optimizer state" : "weights only", expected,
+                            (size_t)size < expected ? "the file is truncated" : "there are trailing bytes", hint);
+        }
+    }
+    std::vector<uint64_t> order;
+    if (err.empty()) {
+        if (model->lora.params_memory != NULL) lora_free(&model->lora);
+        gpt2_lora_attach(model, lcfg, 0); // the init is overwritten below
+        LoRA<float>* lora = &model->lora;
+        bool ok = fread(lora->params_memory, sizeof(float), n, f) == n;
+        if (ok && header[15] == 1) {
+            order.resize(nb);
+            ok = fread(lora->m_memory, sizeof(float), n, f) == n && fread(lora->v_memory, sizeof(float), n, f) == n &&
+                 fread(order.data(), sizeof(uint64_t), nb, f) == nb;
+        }
+        if (!ok) err = strprintf("adapter file '%s': read error\n---> HINT: %s", path, hint);
+    }
+    fclose(f);
+    if (err.empty() && header[15] == 1) {
+        uint64_t position = header_get_u64(header, 24);
+        std::vector<bool> seen(nb, false);
+        bool ok = header[16] >= 0 && position <= nb && header[21] > 0 && header[22] > 0;
+        for (size_t i = 0; i < nb && ok; i++) {
+            ok = order[i] < nb && !seen[order[i]];
+            if (ok) seen[order[i]] = true;
+        }
+        if (!ok) {
+            err = strprintf("adapter file '%s' has an impossible training state (step %d, loader position %llu of %zu batches, or a batch order that is not a permutation)\n---> HINT: the file is corrupt; %s",
+                            path, header[16], (unsigned long long)position, nb, hint);
+        } else {
+            *has_state = true;
+            state->step = header[16];
+            state->sample_rng.state = header_get_u64(header, 17);
+            state->loader_rng.state = header_get_u64(header, 19);
+            state->loader_B = header[21];
+            state->loader_T = header[22];
+            state->loader_shuffle = header[23] != 0;
+            state->loader_position = (size_t)position;
+            state->loader_order.assign(order.begin(), order.end());
+        }
+    }
+    if (!err.empty() && model->lora.params_memory != NULL) lora_free(&model->lora);
+    return err;
+}
+
+// folds the adapters into qkvw, attprojw, fcw, fcprojw (sign +1) or takes them out again (sign -1)
+template <typename real>
+void gpt2_lora_merge(GPT2<real>* model, int sign) {
+    real* base[LORA_NUM_TARGETS] = {model->params.qkvw, model->params.attprojw, model->params.fcw, model->params.fcprojw};
+    lora_merge_all(&model->lora, base, sign);
+}
+
+// -M: writes base + scale * lora_B lora_A as an llm.c checkpoint (atomically), which any llm.c reader
+// loads as a plain GPT-2. The model is unmerged again afterwards: its base equals the original within
+// fp32 rounding (see the unmerge test), and its adapters stay attached.
+static std::string write_merged_checkpoint(GPT2<float>* model, const char* path) {
+    gpt2_lora_merge(model, +1);
+    std::string err = gpt2_write_checkpoint(model, path);
+    gpt2_lora_merge(model, -1);
+    return err;
+}
+
+// ---- a minimal JSON reader (RFC 8259): objects, arrays, strings with escapes, numbers, literals.
+// Enough for safetensors headers and adapter_config.json; it rejects anything malformed.
+
+struct Json {
+    enum Kind { NUL, BOOL, NUMBER, STRING, ARRAY, OBJECT } kind = NUL;
+    bool boolean = false;
+    double number = 0;
+    std::string str;                                   // STRING: decoded text; NUMBER: the literal as written
+    std::vector<Json> items;                           // ARRAY
+    std::vector<std::pair<std::string, Json>> members; // OBJECT, in document order, keys unique
+    const Json* get(const char* key) const {
+        for (const auto& m : members) { if (m.first == key) return &m.second; }
+        return NULL;
+    }
+};
+
+struct JsonParser {
+    const unsigned char* s;
+    size_t n, i;
+    int depth;
+    std::string err;
+};
+
+static bool json_fail(JsonParser* p, const char* what) {
+    if (p->err.empty()) p->err = strprintf("%s at byte %zu", what, p->i);
+    return false;
+}
+static void json_skip_space(JsonParser* p) {
+    while (p->i < p->n && (p->s[p->i] == ' ' || p->s[p->i] == '\t' || p->s[p->i] == '\n' || p->s[p->i] == '\r')) p->i++;
+}
+static int json_hex4(JsonParser* p) {
+    if (p->i + 4 > p->n) return -1;
+    int v = 0;
+    for (int k = 0; k < 4; k++) {
+        int c = p->s[p->i + k], d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (d < 0) return -1;
+        v = v * 16 + d;
+    }
+    p->i += 4;
+    return v;
+}
+static void json_put_utf8(std::string* out, uint32_t cp) {
+    if (cp < 0x80) { *out += (char)cp; }
+    else if (cp < 0x800) { *out += (char)(0xC0 | cp >> 6); *out += (char)(0x80 | (cp & 63)); }
+    else if (cp < 0x10000) { *out += (char)(0xE0 | cp >> 12); *out += (char)(0x80 | ((cp >> 6) & 63)); *out += (char)(0x80 | (cp & 63)); }
+    else { *out += (char)(0xF0 | cp >> 18); *out += (char)(0x80 | ((cp >> 12) & 63)); *out += (char)(0x80 | ((cp >> 6) & 63)); *out += (char)(0x80 | (cp & 63)); }
+}
+// the length of the valid UTF-8 sequence at s[i], or 0 (overlong forms, surrogates and > U+10FFFF are invalid)
+static size_t utf8_sequence_length(const unsigned char* s, size_t n, size_t i) {
+    unsigned char c = s[i];
+    if (c < 0x80) return 1;
+    size_t len = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 ? 2 : 0;
+    if (len == 0 || c > 0xF4 || i + len > n) return 0;
+    uint32_t cp = c & (0x7F >> len);
+    for (size_t k = 1; k < len; k++) {
+        if ((s[i + k] & 0xC0) != 0x80) return 0;
+        cp = cp << 6 | (s[i + k] & 63);
+    }
+    if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)) || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+    return len;
+}
+
+static bool json_parse_string(JsonParser* p, std::string* out) {
+    p->i++; // the opening quote
+    out->clear();
+    while (p->i < p->n) {
+        unsigned char c = p->s[p->i];
+        if (c == '"') { p->i++; return true; }
+        if (c < 0x20) return json_fail(p, "control character inside a string");
+        if (c != '\\') {
+            size_t len = utf8_sequence_length(p->s, p->n, p->i);
+            if (len == 0) return json_fail(p, "invalid UTF-8 inside a string");
+            out->append((const char*)p->s + p->i, len);
+            p->i += len;
+            continue;
+        }
+        if (++p->i >= p->n) break;
+        char e = (char)p->s[p->i++];
+        switch (e) {
+            case '"': *out += '"'; break;
+            case '\\': *out += '\\'; break;
+            case '/': *out += '/'; break;
+            case 'b': *out += '\b'; break;
+            case 'f': *out += '\f'; break;
+            case 'n': *out += '\n'; break;
+            case 'r': *out += '\r'; break;
+            case 't': *out += '\t'; break;
+            case 'u': {
+                int cp = json_hex4(p);
+                if (cp < 0) return json_fail(p, "bad \\u escape (need 4 hex digits)");
+                if (cp >= 0xDC00 && cp <= 0xDFFF) return json_fail(p, "lone low surrogate in \\u escape");
+                if (cp >= 0xD800 && cp <= 0xDBFF) { // a high surrogate must be followed by \uDC00..\uDFFF
+                    if (p->i + 2 > p->n || p->s[p->i] != '\\' || p->s[p->i + 1] != 'u') return json_fail(p, "lone high surrogate in \\u escape");
+                    p->i += 2;
+                    int lo = json_hex4(p);
+                    if (lo < 0xDC00 || lo > 0xDFFF) return json_fail(p, "bad low surrogate in \\u escape");
+                    cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+                }
+                json_put_utf8(out, (uint32_t)cp);
+                break;
+            }
+            default: p->i--; return json_fail(p, "unknown escape in a string");
+        }
+    }
+    return json_fail(p, "unterminated string");
+}
+
+static bool json_parse_value(JsonParser* p, Json* out);
+
+static bool json_parse_number(JsonParser* p, Json* out) {
+    size_t start = p->i;
+    auto digits = [&]() { size_t k = p->i; while (p->i < p->n && p->s[p->i] >= '0' && p->s[p->i] <= '9') p->i++; return p->i - k; };
+    if (p->s[p->i] == '-') p->i++;
+    if (p->i < p->n && p->s[p->i] == '0') { p->i++; }
+    else if (digits() == 0) return json_fail(p, "bad number");
+    if (p->i < p->n && p->s[p->i] == '.') { p->i++; if (digits() == 0) return json_fail(p, "bad number: no digits after '.'"); }
+    if (p->i < p->n && (p->s[p->i] == 'e' || p->s[p->i] == 'E')) {
+        p->i++;
+        if (p->i < p->n && (p->s[p->i] == '+' || p->s[p->i] == '-')) p->i++;
+        if (digits() == 0) return json_fail(p, "bad number: no digits in the exponent");
+    }
+    out->kind = Json::NUMBER;
+    out->str.assign((const char*)p->s + start, p->i - start);
+    out->number = strtod(out->str.c_str(), NULL);
+    return true;
+}
+
+static bool json_parse_value(JsonParser* p, Json* out) {
+    json_skip_space(p);
+    if (p->i >= p->n) return json_fail(p, "unexpected end of JSON");
+    if (++p->depth > 64) return json_fail(p, "nesting deeper than 64");
+    unsigned char c = p->s[p->i];
+    bool ok = true;
+    if (c == '{') {
+        out->kind = Json::OBJECT;
+        p->i++;
+        json_skip_space(p);
+        if (p->i < p->n && p->s[p->i] == '}') { p->i++; }
+        else {
+            while (ok) {
+                json_skip_space(p);
+                if (p->i >= p->n || p->s[p->i] != '"') { ok = json_fail(p, "expected a string key"); break; }
+                std::string key;
+                if (!(ok = json_parse_string(p, &key))) break;
+                if (out->get(key.c_str()) != NULL) { ok = json_fail(p, ("duplicate key \"" + key + "\"").c_str()); break; }
+                json_skip_space(p);
+                if (p->i >= p->n || p->s[p->i] != ':') { ok = json_fail(p, "expected ':' after a key"); break; }
+                p->i++;
+                out->members.push_back({key, Json()});
+                if (!(ok = json_parse_value(p, &out->members.back().second))) break;
+                json_skip_space(p);
+                if (p->i < p->n && p->s[p->i] == ',') { p->i++; continue; }
+                if (p->i < p->n && p->s[p->i] == '}') { p->i++; break; }
+                ok = json_fail(p, "expected ',' or '}' in an object");
+            }
+        }
+    } else if (c == '[') {
+        out->kind = Json::ARRAY;
+        p->i++;
+        json_skip_space(p);
+        if (p->i < p->n && p->s[p->i] == ']') { p->i++; }
+        else {
+            while (ok) {
+                out->items.push_back(Json());
+                if (!(ok = json_parse_value(p, &out->items.back()))) break;
+                json_skip_space(p);
+                if (p->i < p->n && p->s[p->i] == ',') { p->i++; continue; }
+                if (p->i < p->n && p->s[p->i] == ']') { p->i++; break; }
+                ok = json_fail(p, "expected ',' or ']' in an array");
+            }
+        }
+    } else if (c == '"') {
+        out->kind = Json::STRING;
+        ok = json_parse_string(p, &out->str);
+    } else if (c == '-' || (c >= '0' && c <= '9')) {
+        ok = json_parse_number(p, out);
+    } else {
+        static const char* const words[3] = {"true", "false", "null"};
+        int w = -1;
+        for (int k = 0; k < 3; k++) {
+            size_t len = strlen(words[k]);
+            if (p->i + len <= p->n && memcmp(p->s + p->i, words[k], len) == 0) { w = k; p->i += len; }
+        }
+        if (w < 0) ok = json_fail(p, "unexpected character");
+        else if (w == 2) out->kind = Json::NUL;
+        else { out->kind = Json::BOOL; out->boolean = w == 0; }
+    }
+    p->depth--;
+    return ok;
+}
+
+// parses one JSON document (surrounding whitespace allowed); "" or "what, at byte k"
+static std::string json_parse(const char* text, size_t n, Json* out) {
+    JsonParser p = {(const unsigned char*)text, n, 0, 0, ""};
+    *out = Json();
+    if (!json_parse_value(&p, out)) return p.err;
+    json_skip_space(&p);
+    if (p.i != n) return strprintf("trailing characters after the JSON value at byte %zu", p.i);
+    return "";
+}
+
+// a JSON number that is a non-negative integer without fraction or exponent, as a u64
+static bool json_to_u64(const Json* v, uint64_t* out) {
+    if (v == NULL || v->kind != Json::NUMBER || v->str.empty() || v->str.size() > 19) return false;
+    uint64_t x = 0;
+    for (char c : v->str) {
+        if (c < '0' || c > '9') return false;
+        x = x * 10 + (uint64_t)(c - '0');
+    }
+    *out = x;
+    return true;
+}
+
+static std::string json_quote(const std::string& s) {
+    std::string out = "\"";
+    for (unsigned char c : s) {
+        if (c == '"' || c == '\\') { out += '\\'; out += (char)c; }
+        else if (c < 0x20) { out += strprintf("\\u%04x", c); }
+        else { out += (char)c; }
+    }
+    return out + "\"";
+}
+
+// ---- safetensors: u64 LE header length N, N bytes of JSON header (padded with spaces to a multiple of
+// 8), then the data buffer. Header: {"__metadata__": {"format": "pt"}, name: {"dtype": "F32", "shape":
+// [...], "data_offsets": [begin, end]}, ...} with offsets relative to the data buffer. We write and
+// read F32 only; the tensors tile the buffer exactly (no gaps, no overlaps, nothing after the last).
+
+#define SAFETENSORS_MAX_HEADER 100000000ull
+
+struct SafeTensorOut {
+    std::string name;
+    std::vector<size_t> shape;
+    const float* data;
+};
+
+static std::string safetensors_write(const char* path, const std::vector<SafeTensorOut>& tensors) {
+    std::string header = "{\"__metadata__\":{\"format\":\"pt\"}";
+    size_t offset = 0;
+    for (const SafeTensorOut& t : tensors) {
+        size_t count = 1;
+        std::string shape;
+        for (size_t d : t.shape) { count *= d; shape += (shape.empty() ? "" : ",") + std::to_string(d); }
+        header += "," + json_quote(t.name) + ":{\"dtype\":\"F32\",\"shape\":[" + shape + "],\"data_offsets\":[" +
+                  std::to_string(offset) + "," + std::to_string(offset + count * sizeof(float)) + "]}";
+        offset += count * sizeof(float);
+    }
+    header += "}";
+    while (header.size() % 8 != 0) header += ' '; // so that the data buffer starts 8-aligned
+    uint64_t N = header.size();
+    std::vector<std::pair<const void*, size_t>> parts = {{&N, sizeof(N)}, {header.data(), header.size()}};
+    for (const SafeTensorOut& t : tensors) {
+        size_t count = 1;
+        for (size_t d : t.shape) count *= d;
+        parts.push_back({t.data, count * sizeof(float)});
+    }
+    return write_atomically(path, parts);
+}
+
+struct SafeTensor {
+    std::string name;
+    std::vector<size_t> shape;
+    size_t begin, end; // byte offsets into the data buffer
+};
+
+struct SafeTensors {
+    std::vector<SafeTensor> tensors;                              // in header order
+    std::vector<std::pair<std::string, std::string>> metadata;    // __metadata__, if any
+    std::vector<float> data;                                      // the whole data buffer
+    const SafeTensor* find(const std::string& name) const {
+        for (const SafeTensor& t : tensors) { if (t.name == name) return &t; }
+        return NULL;
+    }
+    const float* values(const SafeTensor* t) const { return data.data() + t->begin / sizeof(float); }
+};
+
+static std::string safetensors_read(const char* path, SafeTensors* st) {
+    const char* hint = "pass a safetensors file of F32 tensors, e.g. the adapter_model.safetensors PEFT's save_pretrained writes";
+    *st = SafeTensors();
+    FILE* f = NULL;
+    std::string err = open_for_reading(path, "safetensors file", hint, &f);
+    if (!err.empty()) return err;
+    long size = 0;
+    err = file_size_of(f, path, &size);
+    uint64_t N = 0;
+    if (err.empty() && (size < 8 || fread(&N, 8, 1, f) != 1)) {
+        err = strprintf("safetensors file '%s' is %ld bytes, too short for the 8-byte header length\n---> HINT: %s", path, size, hint);
+    }
+    if (err.empty() && N > SAFETENSORS_MAX_HEADER) {
+        err = strprintf("safetensors file '%s' has a header length of %llu bytes, over the limit of %llu\n---> HINT: the file is corrupt or not safetensors; %s",
+                        path, (unsigned long long)N, SAFETENSORS_MAX_HEADER, hint);
+    }
+    if (err.empty() && N > (uint64_t)size - 8) {
+        err = strprintf("safetensors file '%s' has a header length of %llu bytes, but only %ld bytes follow the length: the file is truncated\n---> HINT: %s",
+                        path, (unsigned long long)N, size - 8, hint);
+    }
+    std::string header;
+    if (err.empty()) {
+        header.resize((size_t)N);
+        if (N > 0 && fread(&header[0], 1, (size_t)N, f) != (size_t)N) err = strprintf("safetensors file '%s': read error\n---> HINT: %s", path, hint);
+    }
+    Json doc;
+    if (err.empty()) {
+        std::string jerr = json_parse(header.data(), header.size(), &doc);
+        if (!jerr.empty()) {
+            err = strprintf("safetensors file '%s': the header is not valid JSON: %s\n---> HINT: the file is corrupt; %s", path, jerr.c_str(), hint);
+        } else if (doc.kind != Json::OBJECT) {
+            err = strprintf("safetensors file '%s': the header is JSON but not an object\n---> HINT: %s", path, hint);
+        }
+    }
+    size_t data_bytes = err.empty() ? (size_t)size - 8 - (size_t)N : 0;
+    for (size_t k = 0; err.empty() && k < doc.members.size(); k++) {
+        const std::string& name = doc.members[k].first;
+        const Json& v = doc.members[k].second;
+        if (name == "__metadata__") {
+            bool ok = v.kind == Json::OBJECT;
+            for (size_t j = 0; ok && j < v.members.size(); j++) {
+                ok = v.members[j].second.kind == Json::STRING;
+                if (ok) st->metadata.push_back({v.members[j].first, v.members[j].second.str});
+            }
+            if (!ok) err = strprintf("safetensors file '%s': __metadata__ must map strings to strings\n---> HINT: %s", path, hint);
+            continue;
+        }
+        const Json* dtype = v.get("dtype");
+        const Json* shape = v.get("shape");
+        const Json* offsets = v.get("data_offsets");
+        if (v.kind != Json::OBJECT || dtype == NULL || dtype->kind != Json::STRING || shape == NULL || shape->kind != Json::ARRAY ||
+            offsets == NULL || offsets->kind != Json::ARRAY) {
+            err = strprintf("safetensors file '%s': tensor '%s' needs \"dtype\" (string), \"shape\" (array) and \"data_offsets\" (array)\n---> HINT: %s", path, name.c_str(), hint);
+            break;
+        }
+        if (dtype->str != "F32") {
+            err = strprintf("safetensors file '%s': tensor '%s' has dtype %s; only F32 is read\n---> HINT: save the adapter from a float32 model (model.float() before save_pretrained)",
+                            path, name.c_str(), dtype->str.c_str());
+            break;
+        }
+        SafeTensor t;
+        t.name = name;
+        size_t count = 1;
+        bool ok = true;
+        for (const Json& d : shape->items) {
+            uint64_t x = 0;
+            ok = ok && json_to_u64(&d, &x) && x <= (1ull << 40) && !__builtin_mul_overflow(count, (size_t)x, &count);
+            t.shape.push_back((size_t)x);
+        }
+        uint64_t begin = 0, end = 0;
+        ok = ok && offsets->items.size() == 2 && json_to_u64(&offsets->items[0], &begin) && json_to_u64(&offsets->items[1], &end);
+        if (!ok) {
+            err = strprintf("safetensors file '%s': tensor '%s' has a shape or data_offsets that are not non-negative integers ([begin, end] for the offsets)\n---> HINT: %s", path, name.c_str(), hint);
+            break;
+        }
+        if (begin > end || end > data_bytes) {
+            err = strprintf("safetensors file '%s': tensor '%s' has data_offsets [%llu, %llu] out of range of the %zu-byte data buffer\n---> HINT: the file is truncated or corrupt; %s",
+                            path, name.c_str(), (unsigned long long)begin, (unsigned long long)end, data_bytes, hint);
+            break;
+        }
+        if (count > SIZE_MAX / sizeof(float) || end - begin != count * sizeof(float)) {
+            err = strprintf("safetensors file '%s': tensor '%s' spans %llu bytes, but its shape of %zu F32 values needs %zu\n---> HINT: the file is corrupt; %s",
+                            path, name.c_str(), (unsigned long long)(end - begin), count, count * sizeof(float), hint);
+            break;
+        }
+        t.begin = (size_t)begin;
+        t.end = (size_t)end;
+        st->tensors.push_back(t);
+    }
+    if (err.empty()) {
+        // the tensors, sorted by offset, must tile [0, data_bytes) exactly
+        std::vector<const SafeTensor*> sorted;
+        for (const SafeTensor& t : st->tensors) sorted.push_back(&t);
+        std::sort(sorted.begin(), sorted.end(), [](const SafeTensor* a, const SafeTensor* b) { return a->begin != b->begin ? a->begin < b->begin : a->end < b->end; });
+        size_t at = 0;
+        for (const SafeTensor* t : sorted) {
+            if (t->begin != at) {
+                err = strprintf("safetensors file '%s': tensor '%s' starts at byte %zu of the data buffer, but the previous tensor ends at %zu: %s\n---> HINT: the file is corrupt; %s",
+                                path, t->name.c_str(), t->begin, at, t->begin > at ? "a gap" : "overlapping tensors", hint);
+                break;
+            }
+            at = t->end;
+        }
+        if (err.empty() && at != data_bytes) {
+            err = strprintf("safetensors file '%s' has %zu trailing bytes after the last tensor\n---> HINT: the file is corrupt; %s", path, data_bytes - at, hint);
+        }
+    }
+    if (err.empty()) {
+        st->data.resize(data_bytes / sizeof(float));
+        if (!st->data.empty() && fread(st->data.data(), sizeof(float), st->data.size(), f) != st->data.size()) {
+            err = strprintf("safetensors file '%s': read error\n---> HINT: %s", path, hint);
+        }
+    }
+    fclose(f);
+    if (!err.empty()) *st = SafeTensors();
+    return err;
+}
+
+// ---- PEFT: adapter_model.safetensors + adapter_config.json, as Hugging Face PEFT saves a LoRA for GPT-2.
+// Orientation, checked in PEFT's source (peft/tuners/lora/layer.py): for a transformers Conv1D base layer
+// (GPT-2's c_attn, c_proj, c_fc, whose weight is stored (in, out)) PEFT takes in_features, out_features =
+// weight.shape and still builds lora_A = nn.Linear(in, r) and lora_B = nn.Linear(r, out), so the saved
+// lora_A.weight is (r, in) and lora_B.weight (out, r). fan_in_fan_out = True only makes get_delta_weight
+// transpose lora_B @ lora_A into Conv1D's (in, out) layout when merging. llm.c stores weights (out, in),
+// so our lora_A (r, in) and lora_B (out, r) are PEFT's tensors as they are: no transpose either way.
+// Target matching (peft/tuners/tuners_utils.py): a module matches when its full name equals a listed
+// name or ends with "." + name; "c_proj" would match both projections, so we write qualified names.
+
+#define PEFT_WEIGHTS_FILE "adapter_model.safetensors"
+#define PEFT_CONFIG_FILE "adapter_config.json"
+
+static std::string peft_config_json(LoRAConfig cfg, const char* base_name) {
+    std::string targets;
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        if (cfg.targets & (1u << t)) targets += (targets.empty() ? "" : ", ") + json_quote(lora_peft_names[t]);
+    }
+    // lora_alpha is an int in PEFT's LoraConfig; write a fraction only when alpha has one
+    std::string alpha = cfg.alpha == std::floor(cfg.alpha) && std::fabs(cfg.alpha) < 1e9f ? strprintf("%d", (int)cfg.alpha) : strprintf("%.9g", cfg.alpha);
+    return "{\n"
+           "  \"peft_type\": \"LORA\",\n"
+           "  \"task_type\": \"CAUSAL_LM\",\n"
+           "  \"base_model_name_or_path\": " + json_quote(base_name) + ",\n"
+           "  \"r\": " + std::to_string(cfg.r) + ",\n"
+           "  \"lora_alpha\": " + alpha + ",\n"
+           "  \"target_modules\": [" + targets + "],\n"
+           "  \"fan_in_fan_out\": true,\n"
+           "  \"bias\": \"none\",\n"
+           "  \"lora_dropout\": 0.0,\n"
+           "  \"use_rslora\": false,\n"
+           "  \"use_dora\": false,\n"
+           "  \"init_lora_weights\": true,\n"
+           "  \"inference_mode\": true\n"
+           "}\n";
+}
+
+// writes <dir>/adapter_model.safetensors and <dir>/adapter_config.json; base_name is a hub id like "gpt2"
+static std::string peft_export(const char* dir, const GPT2<float>* model, const char* base_name) {
+    const LoRA<float>* lora = &model->lora;
+    std::vector<SafeTensorOut> tensors;
+    for (const LoRATensor& t : lora_tensor_list(lora->config, lora->L, lora->C)) {
+        tensors.push_back({lora_peft_key(t.layer, t.target, t.is_B), {(size_t)t.rows, (size_t)t.cols}, lora->params_memory + t.offset});
+    }
+    std::string err = safetensors_write((std::string(dir) + "/" PEFT_WEIGHTS_FILE).c_str(), tensors);
+    if (!err.empty()) return err;
+    std::string config = peft_config_json(lora->config, base_name);
+    return write_atomically((std::string(dir) + "/" PEFT_CONFIG_FILE).c_str(), {{config.data(), config.size()}});
+}
+
+static std::string read_text_file(const char* path, const char* what, const char* hint, std::string* out) {
+    FILE* f = NULL;
+    std::string err = open_for_reading(path, what, hint, &f);
+    if (!err.empty()) return err;
+    long size = 0;
+    err = file_size_of(f, path, &size);
+    if (err.empty()) {
+        out->resize((size_t)size);
+        if (size > 0 && fread(&(*out)[0], 1, (size_t)size, f) != (size_t)size) err = strprintf("%s '%s': read error\n---> HINT: %s", what, path, hint);
+    }
+    fclose(f);
+    return err;
+}
+
+// Reads a PEFT LoRA adapter directory (made by PEFT or by peft_export) and attaches it to the base in
+// model. The config decides r, alpha and the targets; every adapted target needs both tensors for every
+// layer, with the exact shapes; any other key is an error (PEFT itself would ignore a misspelled key).
+static std::string peft_import(const char* dir, GPT2<float>* model) {
+    const char* hint = "pass a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, as save_pretrained writes them) with -A";
+    std::string config_path = std::string(dir) + "/" PEFT_CONFIG_FILE, weights_path = std::string(dir) + "/" PEFT_WEIGHTS_FILE;
+    const char* cpath = config_path.c_str();
+    std::string text;
+    std::string err = read_text_file(cpath, "PEFT config", hint, &text);
+    if (!err.empty()) return err;
+    Json doc;
+    std::string jerr = json_parse(text.data(), text.size(), &doc);
+    if (!jerr.empty()) return strprintf("PEFT config '%s' is not valid JSON: %s\n---> HINT: %s", cpath, jerr.c_str(), hint);
+    if (doc.kind != Json::OBJECT) return strprintf("PEFT config '%s' is not a JSON object\n---> HINT: %s", cpath, hint);
+    auto bad = [&](const std::string& what, const char* fix) { return strprintf("PEFT config '%s': %s\n---> HINT: %s", cpath, what.c_str(), fix); };
+    const Json* v = doc.get("peft_type");
+    if (v == NULL || v->kind != Json::STRING || v->str != "LORA") return bad("peft_type must be \"LORA\"", hint);
+    uint64_t r = 0;
+    if (!json_to_u64(doc.get("r"), &r) || r < 1 || r > 65536) return bad("r must be an integer >= 1", hint);
+    float alpha = 8.0f; // PEFT's default lora_alpha
+    v = doc.get("lora_alpha");
+    if (v != NULL && (v->kind != Json::NUMBER || !(v->number > 0) || !std::isfinite(v->number))) return bad("lora_alpha must be a number > 0", hint);
+    if (v != NULL) alpha = (float)v->number;
+    v = doc.get("use_rslora");
+    if (v != NULL && v->kind == Json::BOOL && v->boolean) return bad("use_rslora is true (scale alpha/sqrt(r)), which train_gpt2_lora does not support", "export the adapter with use_rslora=False");
+    v = doc.get("use_dora");
+    if (v != NULL && v->kind == Json::BOOL && v->boolean) return bad("use_dora is true; DoRA is not supported", "train a plain LoRA adapter (use_dora=False)");
+    v = doc.get("bias");
+    if (v != NULL && !(v->kind == Json::STRING && v->str == "none")) return bad("bias must be \"none\" (bias training is not supported)", "train with bias=\"none\"");
+    v = doc.get("layers_to_transform");
+    if (v != NULL && v->kind != Json::NUL && !(v->kind == Json::ARRAY && v->items.empty())) return bad("layers_to_transform is set; only adapters on every layer are supported", hint);
+    for (const char* key : {"rank_pattern", "alpha_pattern"}) {
+        v = doc.get(key);
+        if (v != NULL && v->kind != Json::NUL && !(v->kind == Json::OBJECT && v->members.empty())) return bad(std::string(key) + " is set; one r and alpha for every layer are supported", hint);
+    }
+    // target_modules: a list of names matched like PEFT does; missing means PEFT's default for GPT-2, c_attn
+    unsigned targets = 0;
+    v = doc.get("target_modules");
+    if (v == NULL || v->kind == Json::NUL) {
+        targets = 1u << LORA_QKV;
+    } else if (v->kind != Json::ARRAY) {
+        return bad("target_modules must be a list of module names (a regex string is not supported)", "list the modules, e.g. [\"c_attn\", \"c_proj\", \"c_fc\"]");
+    } else {
+        for (const Json& name : v->items) {
+            if (name.kind != Json::STRING) return bad("target_modules must hold strings", hint);
+            unsigned matched = 0;
+            for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+                std::string module = std::string("transformer.h.0.") + lora_peft_names[t];
+                bool hit = module == name.str || (module.size() > name.str.size() &&
+                           module.compare(module.size() - name.str.size() - 1, std::string::npos, "." + name.str) == 0);
+                if (hit) matched |= 1u << t;
+            }
+            if (matched == 0) return bad("target module \"" + name.str + "\" is none of GPT-2's adaptable matmuls", "use c_attn, c_proj (or attn.c_proj / mlp.c_proj), c_fc");
+            targets |= matched;
+        }
+    }
+    if (targets == 0) return bad("target_modules is empty", hint);
+    LoRAConfig cfg = lora_config((int)r, alpha, targets);
+
+    SafeTensors st;
+    err = safetensors_read(weights_path.c_str(), &st);
+    if (!err.empty()) return err;
+    int L = model->config.num_layers, C = model->config.channels;
+    std::vector<LoRATensor> list = lora_tensor_list(cfg, L, C);
+    for (const LoRATensor& t : list) {
+        std::string key = lora_peft_key(t.layer, t.target, t.is_B);
+        const SafeTensor* s = st.find(key);
+        if (s == NULL) {
+            return strprintf("PEFT adapter '%s' has no tensor '%s', which its config (r=%d, targets %s) needs\n---> HINT: the adapter was made for another model or config; %s",
+                             weights_path.c_str(), key.c_str(), cfg.r, lora_targets_string(cfg.targets).c_str(), hint);
+        }
+        if (s->shape.size() != 2 || s->shape[0] != (size_t)t.rows || s->shape[1] != (size_t)t.cols) {
+            std::string shape;
+            for (size_t d : s->shape) shape += (shape.empty() ? "" : ",") + std::to_string(d);
+            return strprintf("PEFT adapter '%s': tensor '%s' has shape [%s], expected [%d,%d] (r=%d on a base with C=%d)\n---> HINT: the adapter was made for another base (-e) or its config's r is wrong",
+                             weights_path.c_str(), key.c_str(), shape.c_str(), t.rows, t.cols, cfg.r, C);
+        }
+    }
+    if (st.tensors.size() != list.size()) {
+        for (const SafeTensor& s : st.tensors) {
+            bool expected = false;
+            for (const LoRATensor& t : list) expected = expected || s.name == lora_peft_key(t.layer, t.target, t.is_B);
+            if (!expected) {
+                return strprintf("PEFT adapter '%s' has tensor '%s', which is not a lora_A/lora_B of a target in its config (%s) on an L=%d base\n---> HINT: check target_modules in '%s'; %s",
+                                 weights_path.c_str(), s.name.c_str(), lora_targets_string(cfg.targets).c_str(), L, cpath, hint);
+            }
+        }
+    }
+    if (model->lora.params_memory != NULL) lora_free(&model->lora);
+    gpt2_lora_attach(model, cfg, 0); // the init is overwritten here
+    for (const LoRATensor& t : list) {
+        const SafeTensor* s = st.find(lora_peft_key(t.layer, t.target, t.is_B));
+        memcpy(model->lora.params_memory + t.offset, st.values(s), (size_t)t.rows * t.cols * sizeof(float));
+    }
+    return "";
+}
+
+// -A: a directory is a PEFT adapter, a file is our adapter.bin
+static std::string lora_file_load(const char* path, GPT2<float>* model, uint64_t base_sum, TrainState* state, bool* has_state) {
+    struct stat st;
+    *has_state = false;
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) return peft_import(path, model);
+    return lora_file_read(path, model, base_sum, state, has_state);
+}
+
+// everything -o gets for an adapter: <dir>/adapter.bin (with the state for exact resume) and the PEFT export
+static std::string lora_file_save_all(const char* dir, const GPT2<float>* model, uint64_t base_sum, const TrainState& state, const char* base_name) {
+    std::string err = lora_file_write((std::string(dir) + "/adapter.bin").c_str(), model, base_sum, &state);
+    if (err.empty()) err = peft_export(dir, model, base_name);
+    return err;
+}
+
+// ---- inference from a text prompt
+
+// encodes prompt with the GPT-2 BPE (an empty prompt starts from <|endoftext|>) and appends n sampled
+// tokens; *text gets the decoded continuation
+static std::string generate_from_prompt(GPT2<float>* model, const BPE* bpe, const std::string& prompt, int n,
+                                        float temperature, int top_k, Rng* rng, std::string* text) {
+    std::vector<int> ids;
+    bpe_encode(bpe, prompt.data(), prompt.size(), ids);
+    if (ids.empty()) ids.push_back(bpe->eot_token);
+    for (int id : ids) {
+        if (id >= model->config.vocab_size) {
+            return strprintf("flag -p: the prompt encodes to token id %d, but the base model has only V=%d ids\n"
+                             "---> HINT: prompts need a base with GPT-2's vocabulary (V=50257), e.g. gpt2_124M.bin", id, model->config.vocab_size);
+        }
+    }
+    std::vector<int> out = gpt2_generate(model, ids, n, rng, temperature, top_k);
+    *text = bpe_decode(bpe, out.data(), out.size());
+    return "";
 }
 
 // ----------------------------------------------------------------------------
@@ -1271,7 +2129,16 @@ static void error_usage() {
         "  -s <int>    sample every s steps, 0 = never (default 20)\n"
         "  -g <int>    tokens generated per sample, >= 1 (default 64)\n"
         "  -u <0|1>    shuffle the order of training batches each epoch (default 0)\n"
-        "  -n <int>    random seed for LoRA init, shuffling and sampling (default 1337)\n");
+        "  -n <int>    random seed for LoRA init, shuffling and sampling (default 1337)\n"
+        "  -k <int>    also save the adapter to -o every k steps, 0 = only at the end (default 0)\n"
+        "  -A <path>   load an adapter: adapter.bin (resumes training with its optimizer state) or a PEFT dir\n"
+        "  -M <file>   write base + adapter merged as an llm.c checkpoint at the end (-x 0: merge only)\n"
+        "  -p <text>   generate -g tokens from this prompt and exit (inference only, no training data)\n"
+        "  -T <float>  sampling temperature, > 0 (default 1)\n"
+        "  -K <int>    sample from the K most likely tokens only, 0 = all (default 0)\n"
+        "  -W <0|1>    -p with the adapter merged into the weights, or as a separate branch (default 1)\n"
+        "  -E <dir>    GPT-2 BPE dir (encoder.json, vocab.bpe) for -p (default ../shared/data/gpt2_tokenizer)\n"
+        "  -N <name>   base_model_name_or_path for the PEFT adapter_config.json (default gpt2)\n");
     exit(EXIT_FAILURE);
 }
 
@@ -1325,6 +2192,15 @@ int main(int argc, char** argv) {
     int gen_tokens = 64;            // -g
     int shuffle = 0;                // -u
     int seed = 1337;                // -n
+    int save_every = 0;             // -k
+    const char* adapter_path = NULL; // -A
+    const char* merged_path = NULL; // -M
+    const char* prompt = NULL;      // -p
+    float temperature = 1.0f;       // -T
+    int top_k = 0;                  // -K
+    int merged_inference = 1;       // -W
+    const char* bpe_dir = NULL;     // -E, NULL: search ../shared/data/gpt2_tokenizer, data/gpt2_tokenizer
+    const char* base_name = "gpt2"; // -N
     bool tokenizer_given = false;
     for (int i = 1; i < argc; i += 2) {
         if (argv[i][0] != '-' || strlen(argv[i]) != 2) {
@@ -1358,6 +2234,15 @@ int main(int argc, char** argv) {
             case 'g': gen_tokens = parse_int(argv[i], v); break;
             case 'u': shuffle = parse_int(argv[i], v); break;
             case 'n': seed = parse_int(argv[i], v); break;
+            case 'k': save_every = parse_int(argv[i], v); break;
+            case 'A': adapter_path = v; break;
+            case 'M': merged_path = v; break;
+            case 'p': prompt = v; break;
+            case 'T': temperature = parse_float(argv[i], v); break;
+            case 'K': top_k = parse_int(argv[i], v); break;
+            case 'W': merged_inference = parse_int(argv[i], v); break;
+            case 'E': bpe_dir = v; break;
+            case 'N': base_name = v; break;
             default:
                 fprintf(stderr, "Error: unknown flag '%s'\n", argv[i]);
                 error_usage();
@@ -1378,6 +2263,17 @@ int main(int argc, char** argv) {
     if (val_batches <= 0) bad_flag("-m", strprintf("validation batches must be >= 1, got %d", val_batches));
     if (sample_every < 0) bad_flag("-s", strprintf("must be >= 0, got %d", sample_every));
     if (gen_tokens <= 0) bad_flag("-g", strprintf("generated tokens must be >= 1, got %d", gen_tokens));
+    if (save_every < 0) bad_flag("-k", strprintf("must be >= 0, got %d", save_every));
+    if (save_every > 0 && output_dir == NULL) bad_flag("-k", "saving every k steps needs an output directory\n---> HINT: add -o <dir>");
+    if (!(temperature > 0)) bad_flag("-T", strprintf("temperature must be > 0, got %g", temperature));
+    if (top_k < 0) bad_flag("-K", strprintf("top-k must be >= 0, got %d", top_k));
+    if (merged_inference != 0 && merged_inference != 1) bad_flag("-W", strprintf("must be 0 or 1, got %d", merged_inference));
+    if (base_name[0] == '\0' || base_name[0] == '/') {
+        bad_flag("-N", strprintf("'%s' is not a model name\n---> HINT: use a Hugging Face hub id such as gpt2 (PEFT configs never carry absolute paths)", base_name));
+    }
+    if (full && (adapter_path != NULL || merged_path != NULL)) {
+        bad_flag(adapter_path ? "-A" : "-M", "LoRA adapters do not apply to full fine-tuning\n---> HINT: drop -f 1 (with -f 1, -o writes the whole model as model.bin)");
+    }
     unsigned target_mask = 0;
     std::string err;
     if (!full && !lora_parse_targets(targets, &target_mask, &err)) bad_flag("-q", err);
@@ -1395,10 +2291,62 @@ int main(int argc, char** argv) {
     if (T > cfg.max_seq_len) bad_flag("-t", strprintf("sequence length %d exceeds the model's maxT=%d\n---> HINT: use -t %d or less", T, cfg.max_seq_len, cfg.max_seq_len));
 
     LoRAConfig lcfg = lora_config(rank, alpha, target_mask);
+    uint64_t base_sum = 0;  // checksum of the frozen base, stamped into adapter files (-o) and checked (-A)
+    TrainState resume;      // the saved run's step, loader and sampler state, when -A has them
+    bool have_state = false;
+    std::string adapter_desc = strprintf("new (seed %d)", seed);
     if (full) {
         gpt2_enable_full_training(&model);
     } else {
-        gpt2_lora_attach(&model, lcfg, (uint64_t)seed);
+        if (adapter_path != NULL || output_dir != NULL) base_sum = base_checksum(model.params_memory, model.num_parameters);
+        if (adapter_path != NULL) {
+            err = lora_file_load(adapter_path, &model, base_sum, &resume, &have_state);
+            if (!err.empty()) die("flag -A: " + err);
+            lcfg = model.lora.config; // the adapter's r, alpha and targets, whatever -r -a -q say
+            adapter_desc = strprintf("%s (%s)", adapter_path, have_state ? strprintf("step %d, with optimizer state", resume.step).c_str() : "weights only");
+        } else {
+            gpt2_lora_attach(&model, lcfg, (uint64_t)seed);
+        }
+    }
+
+    // no training data needed: -p generates from a prompt; -M with -x 0 only merges (and -o converts)
+    if (prompt != NULL || (merged_path != NULL && steps == 0)) {
+        printf("[LoRA]\nadapter: %s\nrank: %d\nalpha: %g\ntargets: %s\n", adapter_desc.c_str(), lcfg.r, lcfg.alpha, lora_targets_string(lcfg.targets).c_str());
+        if (output_dir != NULL) {
+            err = lora_file_write((std::string(output_dir) + "/adapter.bin").c_str(), &model, base_sum, NULL);
+            if (err.empty()) err = peft_export(output_dir, &model, base_name);
+            if (!err.empty()) die("flag -o: " + err);
+            printf("saved adapter: %s/adapter.bin (weights only), %s/" PEFT_WEIGHTS_FILE ", %s/" PEFT_CONFIG_FILE "\n", output_dir, output_dir, output_dir);
+        }
+        if (merged_path != NULL) {
+            err = write_merged_checkpoint(&model, merged_path);
+            if (!err.empty()) die("flag -M: " + err);
+            printf("wrote merged checkpoint %s\n", merged_path);
+        }
+        if (prompt != NULL) {
+            BPE bpe;
+            bpe.print_errors = false;
+            int rc = bpe_dir == NULL ? bpe_load_default(&bpe)
+                                     : bpe_load(&bpe, (std::string(bpe_dir) + "/encoder.json").c_str(), (std::string(bpe_dir) + "/vocab.bpe").c_str());
+            if (rc != 0) die(std::string(bpe_dir ? "flag -E: " : "flag -p: ") + bpe.error);
+            if (merged_inference) {
+                gpt2_lora_merge(&model, +1); // one plain matmul per adapted layer from here on
+                lora_free(&model.lora);
+            }
+            gpt2_allocate(&model, 1, T);
+            Rng rng;
+            rng_seed(&rng, (uint64_t)seed + 1);
+            std::string text;
+            double t0 = now_seconds();
+            err = generate_from_prompt(&model, &bpe, prompt, gen_tokens, temperature, top_k, &rng, &text);
+            if (!err.empty()) die(err);
+            double secs = now_seconds() - t0;
+            printf("[Generate]\nmode: %s\ntemperature: %g\ntop_k: %d\ncontext: %d\n---\n%s%s\n---\n", merged_inference ? "merged" : "unmerged",
+                   temperature, top_k, T, prompt, text.c_str());
+            printf("generated %d tokens in %.2f s (%.1f tok/s)\n", gen_tokens, secs, gen_tokens / secs);
+        }
+        gpt2_free(&model);
+        return 0;
     }
     gpt2_allocate(&model, B, T);
 
@@ -1408,6 +2356,14 @@ int main(int argc, char** argv) {
     err = dataloader_init(&val_loader, val_path, B, T, cfg.vocab_size, false, 0, "-j");
     if (!err.empty()) die("flag -j: " + err);
     if (val_batches > (int)val_loader.num_batches) val_batches = (int)val_loader.num_batches;
+    int start_step = 0; // > 0 when -A resumes a run
+    if (have_state) {
+        if (resume.step > steps) bad_flag("-x", strprintf("the adapter from -A has already trained %d steps, more than -x %d\n---> HINT: -x is the total step count; pass -x %d or more", resume.step, steps, resume.step));
+        err = train_state_restore(resume, &train_loader, adapter_path);
+        if (!err.empty()) die("flag -A: " + err);
+        start_step = resume.step;
+    }
+
 
     Tokenizer tokenizer;
     bool have_tokenizer = false;
@@ -1429,6 +2385,7 @@ int main(int argc, char** argv) {
     size_t trainable = gpt2_trainable_parameters(&model);
     if (!full) {
         printf("[LoRA]\n");
+        printf("adapter: %s\n", adapter_desc.c_str());
         printf("rank: %d\nalpha: %g\nscale: %g\ntargets: %s\n", lcfg.r, lcfg.alpha, lcfg.scale, lora_targets_string(lcfg.targets).c_str());
         printf("trainable_params: %zu\nfrozen_params: %zu\ntrainable %%: %.4f\n", trainable, model.num_parameters,
                100.0 * trainable / (double)(model.num_parameters + trainable));
@@ -1454,18 +2411,26 @@ int main(int argc, char** argv) {
 
     Rng sample_rng;
     rng_seed(&sample_rng, (uint64_t)seed + 1);
+    if (have_state) sample_rng = resume.sample_rng;
     int eot = have_tokenizer ? tokenizer.eot_token : 50256;
     if (eot >= cfg.vocab_size) eot = 0;
     double total_ms = 0, first_loss = 0, last_loss = 0, last_val = -1;
-    for (int step = 0; step <= steps; step++) {
+    for (int step = start_step; step <= steps; step++) {
         bool last_step = step == steps;
+        // the adapter with everything an exact resume needs, saved where the next step would begin
+        if (!full && output_dir != NULL && (last_step || (save_every > 0 && step > start_step && step % save_every == 0))) {
+            TrainState state = train_state_capture(step, &train_loader, &sample_rng);
+            err = lora_file_save_all(output_dir, &model, base_sum, state, base_name);
+            if (!err.empty()) die("flag -o: " + err);
+            printf("saved adapter (step %d): %s/adapter.bin, %s/" PEFT_WEIGHTS_FILE ", %s/" PEFT_CONFIG_FILE "\n", step, output_dir, output_dir, output_dir);
+        }
         if (val_every > 0 && (step % val_every == 0 || last_step)) {
             last_val = gpt2_validate(&model, &val_loader, val_batches);
             printf("val loss %f\n", last_val);
             fflush(stdout);
         }
         if (sample_every > 0 && (step % sample_every == 0 || last_step)) {
-            std::vector<int> out = gpt2_generate(&model, std::vector<int>{eot}, gen_tokens, &sample_rng);
+            std::vector<int> out = gpt2_generate(&model, std::vector<int>{eot}, gen_tokens, &sample_rng, temperature, top_k);
             printf("generating:\n---\n");
             print_tokens(have_tokenizer ? &tokenizer : NULL, out);
             printf("---\n");
@@ -1478,14 +2443,19 @@ int main(int argc, char** argv) {
         gpt2_backward(&model);
         gpt2_update(&model, lr, 0.9f, 0.999f, 1e-8f, weight_decay, step + 1);
         double ms = (now_seconds() - t0) * 1000.0;
-        if (step > 0) total_ms += ms; // the first step pays page faults; leave it out of the average
-        if (step == 0) first_loss = model.mean_loss;
+        if (step > start_step) total_ms += ms; // the first step pays page faults; leave it out of the average
+        if (step == start_step) first_loss = model.mean_loss;
         last_loss = model.mean_loss;
-        double avg = step > 0 ? total_ms / step : ms;
+        double avg = step > start_step ? total_ms / (step - start_step) : ms;
         printf("step %d/%d: train loss %f (took %.1f ms, %.0f tok/s, ETA %.1f s)\n", step + 1, steps, model.mean_loss, ms,
                B * T / (ms / 1000.0), avg * (steps - step - 1) / 1000.0);
         fflush(stdout);
         if (!std::isfinite(model.mean_loss)) die(strprintf("train loss is %f at step %d\n---> HINT: lower the learning rate (-l)", model.mean_loss, step + 1));
+    }
+    if (merged_path != NULL) {
+        err = write_merged_checkpoint(&model, merged_path);
+        if (!err.empty()) die("flag -M: " + err);
+        printf("wrote merged checkpoint %s\n", merged_path);
     }
     if (full && output_dir != NULL) {
         std::string path = std::string(output_dir) + "/model.bin";
@@ -1497,7 +2467,7 @@ int main(int argc, char** argv) {
     getrusage(RUSAGE_SELF, &ru);
     printf("[Summary]\nfirst train loss: %f\nlast train loss: %f\n", first_loss, last_loss);
     if (last_val >= 0) printf("final val loss: %f\n", last_val);
-    if (steps > 1) printf("average step: %.1f ms (%.0f tok/s)\n", total_ms / (steps - 1), B * T * (steps - 1) / (total_ms / 1000.0));
+    if (steps - start_step > 1) printf("average step: %.1f ms (%.0f tok/s)\n", total_ms / (steps - start_step - 1), B * T * (steps - start_step - 1) / (total_ms / 1000.0));
     printf("peak RSS: %.1f MiB\n", ru.ru_maxrss / 1024.0);
     gpt2_free(&model);
     return 0;
