@@ -103,17 +103,36 @@ static inline std::string lora_targets_string(unsigned mask) {
 
 struct LoRAConfig {
     int r;            // rank of every adapter, r >= 1
-    float alpha;      // scale = alpha / r
-    float scale;
+    float alpha;      // scale = alpha / r (alpha / sqrt(r) with use_rslora)
+    float scale;      // derived by lora_scale_of, never set by hand
     unsigned targets; // bitmask over LoRATarget
+    // the variants (see "LoRA variants" below); lora_config sets plain LoRA
+    bool use_rslora;  // rsLoRA: scale = alpha / sqrt(r)
+    float lr_ratio_B; // LoRA+: lora_B trains with lr * lr_ratio_B (1 = plain)
 };
+
+// the one place the scale is derived. rsLoRA (Kalajdzievski 2023): with alpha / r the update
+// scale * lora_B lora_A shrinks as r grows and large ranks stop learning; alpha / sqrt(r) keeps it rank-stable.
+static inline float lora_scale_of(const LoRAConfig& cfg) {
+    return cfg.use_rslora ? cfg.alpha / sqrtf((float)cfg.r) : cfg.alpha / (float)cfg.r;
+}
 
 static inline LoRAConfig lora_config(int r, float alpha, unsigned targets) {
     LoRAConfig cfg;
+    memset(&cfg, 0, sizeof(cfg));
     cfg.r = r;
     cfg.alpha = alpha;
-    cfg.scale = alpha / (float)r;
     cfg.targets = targets;
+    cfg.use_rslora = false;
+    cfg.lr_ratio_B = 1.0f;
+    cfg.scale = lora_scale_of(cfg);
+    return cfg;
+}
+
+// rsLoRA on or off, the scale re-derived
+static inline LoRAConfig lora_config_rslora(LoRAConfig cfg, bool use_rslora) {
+    cfg.use_rslora = use_rslora;
+    cfg.scale = lora_scale_of(cfg);
     return cfg;
 }
 

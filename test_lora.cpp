@@ -703,3 +703,70 @@ TEST_CASE("the trainer binary: bad inputs exit non-zero with a message naming th
     MESSAGE("trainer binary, 30 LoRA steps on a cyclic stream: loss " << first << " -> " << last);
     CHECK(last < 0.5f * first);
 }
+
+// ----------------------------------------------------------------------------
+// ---- LoRA variants ----
+// rsLoRA, LoRA+, DoRA, quantized base (int8 / NF4), PiSSA, multi-adapter batches (issue 13)
+
+// random adapters on a tiny model: lora_B nonzero so the branch contributes
+template <typename real>
+static void randomize_lora_B(LoRA<real>* lora, int L, int C, uint64_t seed, double magnitude) {
+    Rng rng;
+    rng_seed(&rng, seed);
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        if (!lora->lora_B[t]) continue;
+        size_t n = (size_t)L * lora_target_out(t, C) * lora->config.r;
+        for (size_t i = 0; i < n; i++) { lora->lora_B[t][i] = (real)(magnitude * (2.0 * rng_f32(&rng) - 1.0)); }
+    }
+}
+
+// the base's adapted matrices as lora_merge_all wants them
+template <typename real>
+static void base_matrices(GPT2<real>* model, real* base[LORA_NUM_TARGETS]) {
+    base[LORA_QKV] = model->params.qkvw;
+    base[LORA_ATTPROJ] = model->params.attprojw;
+    base[LORA_FC] = model->params.fcw;
+    base[LORA_FCPROJ] = model->params.fcprojw;
+}
+
+TEST_CASE("rsLoRA: scale = alpha / sqrt(r), and the forward adds exactly alpha / sqrt(r) * lora_B lora_A") {
+    LoRAConfig plain = lora_config(16, 32.0f, LORA_ALL_TARGETS);
+    LoRAConfig rs = lora_config_rslora(plain, true);
+    CHECK(plain.scale == 2.0f);   // 32 / 16, exact in fp32
+    CHECK(rs.scale == 8.0f);      // 32 / sqrt(16), exact in fp32
+    CHECK(lora_config_rslora(rs, false).scale == 2.0f);
+    // the model: rsLoRA adapters unmerged vs the base with alpha / sqrt(r) * lora_B lora_A added by hand
+    const int B = 2, T = 6, r = 4;
+    const double alpha = 3.0;
+    GPT2<double> adapted, merged;
+    gpt2_build_random(&adapted, tiny_config(), 61);
+    gpt2_build_random(&merged, tiny_config(), 61);
+    gpt2_lora_attach(&adapted, lora_config_rslora(lora_config(r, (float)alpha, LORA_ALL_TARGETS), true), 62);
+    int L = adapted.config.num_layers, C = adapted.config.channels;
+    randomize_lora_B(&adapted.lora, L, C, 63, 0.1);
+    double* base[LORA_NUM_TARGETS];
+    base_matrices(&merged, base);
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        int in = lora_target_in(t, C), out = lora_target_out(t, C);
+        for (int l = 0; l < L; l++) {
+            lora_merge(base[t] + (size_t)l * out * in, adapted.lora.lora_A[t] + (size_t)l * r * in,
+                       adapted.lora.lora_B[t] + (size_t)l * out * r, alpha / std::sqrt((double)r), in, out, r, +1);
+        }
+    }
+    Rng rng;
+    rng_seed(&rng, 64);
+    std::vector<int> inputs;
+    random_tokens(&rng, &inputs, B * T, adapted.config.vocab_size);
+    gpt2_forward(&adapted, inputs.data(), (const int*)NULL, B, T);
+    gpt2_forward(&merged, inputs.data(), (const int*)NULL, B, T);
+    double maxdiff = 0;
+    for (size_t i = 0; i < (size_t)B * T * adapted.config.padded_vocab_size; i++) {
+        maxdiff = std::max(maxdiff, std::fabs(adapted.acts.logits[i] - merged.acts.logits[i]));
+    }
+    const double tol_rslora = 1e-12; // double: merged vs unmerged differ only by rounding order
+    MESSAGE("rsLoRA logits unmerged vs merged by hand: maxdiff " << maxdiff);
+    CHECK(maxdiff < tol_rslora);
+    gpt2_free(&adapted);
+    gpt2_free(&merged);
+}
+// ---- end of LoRA variants ----

@@ -1384,7 +1384,7 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
     if (err.empty() && header[1] != ADAPTER_VERSION) {
         err = strprintf("adapter file '%s' has version %d, expected %d\n---> HINT: re-save it with this train_gpt2_lora", path, header[1], ADAPTER_VERSION);
     }
-    LoRAConfig lcfg = {0, 0, 0, 0};
+    LoRAConfig lcfg = {}; // all zero
     if (err.empty()) {
         float alpha;
         memcpy(&alpha, &header[3], 4);
