@@ -94,12 +94,12 @@ static inline float madd(float a, float b, float c) {
 #endif
 }
 
-// per-thread buffer for the packed Bmat slice, allocated once on the thread's first matmul and
-// reused forever (no allocation per step)
+// per-thread buffer for the packed slices (Bmat: KC x NC, then A: MC x KC), allocated once on the
+// thread's first matmul and reused forever (no allocation per step)
 static float* matmul_pack_buffer() {
     static thread_local float* buf = NULL;
     if (buf == NULL) {
-        buf = (float*)aligned_alloc(64, sizeof(float) * (size_t)KC * NC);
+        buf = (float*)aligned_alloc(64, sizeof(float) * ((size_t)KC * NC + (size_t)MC * KC));
         if (buf == NULL) { fprintf(stderr, "matmul: out of memory for the pack buffer\n"); exit(1); }
     }
     return buf;
@@ -170,15 +170,32 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
                     }
                 }
             }
+            // A is read in place when its rows run along k (forward, dinp). Otherwise (dweight: A is
+            // dout^T, whose k steps are OC floats apart, a new page each) the slice is packed into
+            // MR-row panels laid out [k][i], which the same micro-kernel reads with rsa=1, csa=MR.
+            const float* A_blk = A + (size_t)i0 * rsa + (size_t)k0 * csa;
+            size_t rs = rsa, cs = csa, panel_stride = (size_t)MR * rsa;
+            if (csa != 1) {
+                float* Ap = Bp + (size_t)KC * NC;
+                for (int p = 0; p * MR < mc; p++) {
+                    float* dst = Ap + (size_t)p * MR * kc;
+                    for (int k = 0; k < kc; k++) {
+                        for (int i = 0; i < MR; i++) { // rows past mc repeat row mc-1; their sums are dropped
+                            int row = (p * MR + i < mc) ? p * MR + i : mc - 1;
+                            dst[(size_t)k * MR + i] = A_blk[(size_t)row * rsa + (size_t)k * csa];
+                        }
+                    }
+                }
+                A_blk = Ap; rs = 1; cs = MR; panel_stride = (size_t)MR * kc;
+            }
             // register blocks: an MR-row strip of A (L1) against every packed Bmat panel (L2)
-            const float* A_k0 = A + (size_t)k0 * csa;
             for (int i = 0; i < mc; i += MR) {
                 int m = (mc - i < MR) ? mc - i : MR;
+                const float* a_strip = A_blk + (size_t)(i / MR) * panel_stride;
                 for (int pj = 0; pj < npanels; pj++) {
                     int n = (nc - pj * NR < NR) ? nc - pj * NR : NR;
                     float* c_blk = Cmat + (size_t)(i0 + i) * ldc + (j0 + pj * NR);
-                    matmul_micro_kernel(kc, A_k0 + (size_t)(i0 + i) * rsa, rsa, csa,
-                                        Bp + (size_t)pj * NR * kc, c_blk, ldc, m, n, alpha);
+                    matmul_micro_kernel(kc, a_strip, rs, cs, Bp + (size_t)pj * NR * kc, c_blk, ldc, m, n, alpha);
                 }
             }
         }
