@@ -1252,6 +1252,7 @@ static void print_tokens(const Tokenizer* tok, const std::vector<int>& ids) {
 //   [13..14] n = adapter parameter count (u64)  [15] has_state (0/1)  and, when has_state = 1:
 //   [16] steps completed  [17..18] sampler RNG state  [19..20] train loader RNG state  [21] loader B
 //   [22] loader T  [23] loader shuffle  [24..25] loader position  [26..27] loader batch count nb
+//   [28] variant bits, whatever has_state: 1 = rsLoRA (scale = alpha / sqrt(r) instead of alpha / r)
 // then n fp32 adapter parameters in lora.h's flat layout (lora_tensor_list order), and when has_state = 1
 // the AdamW m (n fp32), v (n fp32) and the loader's batch order (nb u64).
 // The base checksum is FNV-1a 64 over the fp32 base parameters taken as 32-bit words (one xor and one
@@ -1340,6 +1341,7 @@ static std::string lora_file_write(const char* path, const GPT2<float>* model, u
     header[10] = cfg.num_heads;
     header_put_u64(header, 11, base_sum);
     header_put_u64(header, 13, lora->num_parameters);
+    header[28] = lora->config.use_rslora ? 1 : 0;
     size_t n = lora->num_parameters;
     std::vector<std::pair<const void*, size_t>> parts = {{header, sizeof(header)}, {lora->params_memory, n * sizeof(float)}};
     std::vector<uint64_t> order;
@@ -1388,11 +1390,12 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
     if (err.empty()) {
         float alpha;
         memcpy(&alpha, &header[3], 4);
-        if (header[2] < 1 || header[2] > 65536 || !std::isfinite(alpha) || !(alpha > 0) || header[4] <= 0 || header[4] > (int)LORA_ALL_TARGETS) {
-            err = strprintf("adapter file '%s' has an impossible config: r=%d alpha=%g targets=%d (need r >= 1, alpha > 0, targets 1..15)\n---> HINT: the file is corrupt; %s",
-                            path, header[2], alpha, header[4], hint);
+        if (header[2] < 1 || header[2] > 65536 || !std::isfinite(alpha) || !(alpha > 0) || header[4] <= 0 || header[4] > (int)LORA_ALL_TARGETS ||
+            (header[28] & ~1) != 0) {
+            err = strprintf("adapter file '%s' has an impossible config: r=%d alpha=%g targets=%d variant bits=%d (need r >= 1, alpha > 0, targets 1..15, variant bits 0 or 1)\n---> HINT: the file is corrupt; %s",
+                            path, header[2], alpha, header[4], header[28], hint);
         } else {
-            lcfg = lora_config(header[2], alpha, (unsigned)header[4]);
+            lcfg = lora_config_rslora(lora_config(header[2], alpha, (unsigned)header[4]), (header[28] & 1) != 0);
         }
     }
     const GPT2Config& cfg = model->config;
@@ -1916,7 +1919,7 @@ static std::string peft_config_json(LoRAConfig cfg, const char* base_name) {
            "  \"fan_in_fan_out\": true,\n"
            "  \"bias\": \"none\",\n"
            "  \"lora_dropout\": 0.0,\n"
-           "  \"use_rslora\": false,\n"
+           "  \"use_rslora\": " + std::string(cfg.use_rslora ? "true" : "false") + ",\n"
            "  \"use_dora\": false,\n"
            "  \"init_lora_weights\": true,\n"
            "  \"inference_mode\": true\n"
@@ -1974,7 +1977,8 @@ static std::string peft_import(const char* dir, GPT2<float>* model) {
     if (v != NULL && (v->kind != Json::NUMBER || !(v->number > 0) || !std::isfinite(v->number))) return bad("lora_alpha must be a number > 0", hint);
     if (v != NULL) alpha = (float)v->number;
     v = doc.get("use_rslora");
-    if (v != NULL && v->kind == Json::BOOL && v->boolean) return bad("use_rslora is true (scale alpha/sqrt(r)), which train_gpt2_lora does not support", "export the adapter with use_rslora=False");
+    if (v != NULL && v->kind != Json::BOOL) return bad("use_rslora must be true or false", hint);
+    bool use_rslora = v != NULL && v->boolean; // PEFT's scale is then alpha / sqrt(r), as ours
     v = doc.get("use_dora");
     if (v != NULL && v->kind == Json::BOOL && v->boolean) return bad("use_dora is true; DoRA is not supported", "train a plain LoRA adapter (use_dora=False)");
     v = doc.get("bias");
@@ -2007,7 +2011,7 @@ static std::string peft_import(const char* dir, GPT2<float>* model) {
         }
     }
     if (targets == 0) return bad("target_modules is empty", hint);
-    LoRAConfig cfg = lora_config((int)r, alpha, targets);
+    LoRAConfig cfg = lora_config_rslora(lora_config((int)r, alpha, targets), use_rslora);
 
     SafeTensors st;
     err = safetensors_read(weights_path.c_str(), &st);
@@ -2288,6 +2292,8 @@ int main(int argc, char** argv) {
     err = gpt2_read_checkpoint(&model, base_path);
     if (!err.empty()) die("flag -e: " + err);
     GPT2Config cfg = model.config;
+    bool no_training = prompt != NULL || (merged_path != NULL && steps == 0); // -p, or -M alone: no data needed
+    if (no_training) T = std::min(T, cfg.max_seq_len); // -t is only the context window of -p
     if (T > cfg.max_seq_len) bad_flag("-t", strprintf("sequence length %d exceeds the model's maxT=%d\n---> HINT: use -t %d or less", T, cfg.max_seq_len, cfg.max_seq_len));
 
     LoRAConfig lcfg = lora_config(rank, alpha, target_mask);
@@ -2310,7 +2316,7 @@ int main(int argc, char** argv) {
     }
 
     // no training data needed: -p generates from a prompt; -M with -x 0 only merges (and -o converts)
-    if (prompt != NULL || (merged_path != NULL && steps == 0)) {
+    if (no_training) {
         printf("[LoRA]\nadapter: %s\nrank: %d\nalpha: %g\ntargets: %s\n", adapter_desc.c_str(), lcfg.r, lcfg.alpha, lora_targets_string(lcfg.targets).c_str());
         if (output_dir != NULL) {
             err = lora_file_write((std::string(output_dir) + "/adapter.bin").c_str(), &model, base_sum, NULL);
