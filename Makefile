@@ -22,28 +22,39 @@ else
   CXXFLAGS += -Wno-unknown-pragmas
 endif
 
+# MPI: the trainer is built with mpicxx -DUSE_MPI (data parallel under mpirun) when found, off with NO_MPI=1
+ifeq ($(NO_MPI), 1)
+  $(info ✗ MPI off (NO_MPI=1))
+else ifneq ($(shell command -v mpicxx 2>/dev/null),)
+  $(info ✓ MPI found: the trainer runs data-parallel under mpirun)
+  MPI := 1
+else
+  $(info ✗ MPI not found (no mpicxx): single-process trainer)
+endif
+
 # a build directory per OpenMP setting, so NO_OMP=1 never reuses an OpenMP object
 BUILD := build/$(if $(filter 1,$(NO_OMP)),noomp,omp)
+TRAIN := $(BUILD)$(if $(MPI),/mpi)/train_gpt2_lora
 TEST_SOURCES := test_lora.cpp $(wildcard dev/test_tokenizer.cpp)
 
 .PHONY: all test clean
 all: train_gpt2_lora
 
-train_gpt2_lora: $(BUILD)/train_gpt2_lora
+train_gpt2_lora: $(TRAIN)
 	cp $< $@
 
-$(BUILD)/train_gpt2_lora: train_gpt2_lora.cpp lora.h $(wildcard dev/tokenizer.h)
-	@mkdir -p $(BUILD)
-	$(CXX) $(CXXFLAGS) $< $(LDFLAGS) $(LDLIBS) -o $@
+$(TRAIN): train_gpt2_lora.cpp lora.h $(wildcard dev/tokenizer.h)
+	@mkdir -p $(@D)
+	$(if $(MPI),mpicxx -DUSE_MPI,$(CXX)) $(CXXFLAGS) $< $(LDFLAGS) $(LDLIBS) -o $@
 
 $(BUILD)/test_lora: $(TEST_SOURCES) train_gpt2_lora.cpp lora.h $(wildcard dev/*.h)
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $(TEST_SOURCES) $(LDFLAGS) $(LDLIBS) -o $@
 
 # the tests also run the trainer binary (bad-input exit codes), so build both with the same flags
-test: $(BUILD)/test_lora $(BUILD)/train_gpt2_lora
-	cp $(BUILD)/train_gpt2_lora train_gpt2_lora
-	TRAIN_BIN=$(BUILD)/train_gpt2_lora ./$(BUILD)/test_lora
+test: $(BUILD)/test_lora $(TRAIN)
+	cp $(TRAIN) train_gpt2_lora
+	TRAIN_BIN=$(TRAIN) MPIRUN=$(if $(MPI),mpirun) ./$(BUILD)/test_lora
 
 clean:
 	rm -rf build train_gpt2_lora

@@ -1432,3 +1432,150 @@ TEST_CASE("the trainer binary: -o/-k save, -A resumes with the same losses, bad 
     CHECK(run_trainer("-e " + ckpt + " -p hello -T 0", &out) != 0);
     CHECK(has(out, "-T"));
 }
+
+// ----------------------------------------------------------------------------
+// data parallel (MPI): 2 ranks with batch B each train exactly like one process with batch 2B.
+// Runs only when make built the trainer with MPI (it then sets MPIRUN); skipped with a message otherwise.
+
+// every number that follows `prefix` in the log, in order
+static std::vector<double> numbers_after(const std::string& log, const char* prefix) {
+    std::vector<double> v;
+    for (size_t p = log.find(prefix); p != std::string::npos; p = log.find(prefix, p + 1)) {
+        v.push_back(strtod(log.c_str() + p + strlen(prefix), NULL));
+    }
+    return v;
+}
+
+static double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
+    double m = 0;
+    for (size_t i = 0; i < a.size() && i < b.size(); i++) m = std::max(m, fabs(a[i] - b[i]));
+    return m;
+}
+
+static std::vector<float> checkpoint_params(const std::string& path) {
+    GPT2<float> model;
+    REQUIRE(gpt2_read_checkpoint(&model, path.c_str()) == "");
+    std::vector<float> p(model.params_memory, model.params_memory + model.num_parameters);
+    gpt2_free(&model);
+    return p;
+}
+
+// the adapter weights in dir/adapter.bin, read for the base checkpoint it was trained on
+static std::vector<float> adapter_params(const std::string& base, const std::string& dir) {
+    GPT2<float> model;
+    REQUIRE(gpt2_read_checkpoint(&model, base.c_str()) == "");
+    TrainState state;
+    bool has_state = false;
+    std::string path = dir + "/adapter.bin";
+    REQUIRE(lora_file_read(path.c_str(), &model, base_checksum(model.params_memory, model.num_parameters), &state, &has_state) == "");
+    std::vector<float> p(model.lora.params_memory, model.lora.params_memory + model.lora.num_parameters);
+    gpt2_free(&model);
+    return p;
+}
+
+// |a - b| / |a - a0| in the 2-norm: how far two runs ended apart, relative to how far they moved from a0
+static double relative_distance(const std::vector<float>& a, const std::vector<float>& b, const std::vector<float>& a0) {
+    double d2 = 0, u2 = 0;
+    for (size_t i = 0; i < a.size(); i++) {
+        d2 += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        u2 += ((double)a[i] - a0[i]) * ((double)a[i] - a0[i]);
+    }
+    return sqrt(d2 / u2);
+}
+
+static bool dir_has_tmp_file(const std::string& dir) {
+    std::string cmd = "ls '" + dir + "' | grep -q '\\.tmp$'";
+    return system(cmd.c_str()) == 0;
+}
+
+TEST_CASE("data parallel: mpirun -np 2 with batch B per rank equals one process with batch 2B") {
+    const char* mpirun = getenv("MPIRUN");
+    if (mpirun == NULL || mpirun[0] == '\0') {
+        MESSAGE("skipped: the trainer was built without MPI (no mpicxx, or NO_MPI=1)");
+        return;
+    }
+    TempDir dir;
+    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
+    write_tiny_checkpoint(ckpt);
+    // a learnable but not trivial stream: a cycle with a random token every few positions
+    Rng rng;
+    rng_seed(&rng, 14);
+    std::vector<uint16_t> ids(3000);
+    for (size_t i = 0; i < ids.size(); i++) ids[i] = (uint16_t)(i % 5 == 4 ? rng_u32(&rng) % 61 : (i * 7) % 61);
+    write_tokens(tokens, ids);
+    // shuffled batches (-u 1), so the test also covers that every rank visits the same global order
+    std::string common = "-e " + ckpt + " -i " + tokens + " -j " + tokens + " -t 8 -x 12 -v 4 -m 3 -s 0 -u 1 -l 0.01 -r 8 -a 16 -n 1337";
+    // --oversubscribe: 2 ranks even on a 1-core runner; one OpenMP thread per rank
+    std::string launch = std::string(mpirun) + " --allow-run-as-root --oversubscribe -np 2 -x OMP_NUM_THREADS=1 " +
+                         (getenv("TRAIN_BIN") ? getenv("TRAIN_BIN") : "./train_gpt2_lora");
+    // The losses and weights of the two runs differ only by fp32 summation order (2B*T terms in one sum versus
+    // two sums of B*T averaged; thread splits of the matmuls), about 1e-7 relative per step, amplified a little by
+    // 12 AdamW steps at lr 1e-2. Losses are ~4; 1e-4 leaves two orders of margin yet catches a wrong shard,
+    // which changes the loss in the second decimal.
+    const double tol_loss = 1e-4;
+    // Adapters: the runs end ~3e-7 apart relative to how far the adapters moved (measured); 1e-4 leaves room
+    // for other thread counts yet catches a wrong shard (measured: relative 0.8).
+    const double tol_adapter = 1e-4;
+    // Full fine-tuning (-f 1) has weights whose true gradient is exactly zero: the key biases (softmax is
+    // shift invariant). Their fp32 gradient is rounding noise, which AdamW normalizes into steps of ~lr, so
+    // those 64 weights may differ by up to lr per step between the runs (measured: 7e-4 max, 2e-4 relative
+    // over all weights). So -f compares the 2-norm of the difference relative to the update, at 2e-3.
+    const double tol_full = 2e-3;
+
+    for (int full = 0; full <= 1; full++) {
+        CAPTURE(full);
+        std::string single_dir = dir.file(full ? "single_f" : "single"), dp_dir = dir.file(full ? "dp_f" : "dp");
+        REQUIRE(mkdir(single_dir.c_str(), 0755) == 0);
+        REQUIRE(mkdir(dp_dir.c_str(), 0755) == 0);
+        std::string args = common + " -f " + std::to_string(full);
+        std::string one, two;
+        REQUIRE(run_trainer(args + " -b 4 -o " + single_dir, &one) == 0);
+        // run_trainer prefixes TRAIN_BIN; here the launch line replaces it
+        std::string cmd = launch + " " + args + " -b 2 -o " + dp_dir + " 2>&1";
+        FILE* p = popen(cmd.c_str(), "r");
+        REQUIRE(p != NULL);
+        char buf[4096];
+        size_t n;
+        while ((n = fread(buf, 1, sizeof(buf), p)) > 0) two.append(buf, n);
+        int status = pclose(p);
+        INFO("mpirun output:\n" << two);
+        REQUIRE((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+        CHECK(has(two, "ranks: 2 (global batch 4"));
+        CHECK(has(two, "allreduce"));
+        CHECK(numbers_after(two, "[Run]").size() == 1); // only rank 0 logs
+
+        std::vector<double> loss1 = numbers_after(one, ": train loss "), loss2 = numbers_after(two, ": train loss ");
+        std::vector<double> val1 = numbers_after(one, "val loss "), val2 = numbers_after(two, "val loss ");
+        REQUIRE(loss1.size() == 12);
+        REQUIRE(loss2.size() == 12);
+        REQUIRE(val1.size() == 4); // steps 0, 4, 8 and the end
+        REQUIRE(val2.size() == 4);
+        MESSAGE("data parallel (-f " << full << "): train loss " << loss1.front() << " -> " << loss1.back()
+                << ", max |diff| 1 process vs 2 ranks: train " << max_abs_diff(loss1, loss2) << ", val " << max_abs_diff(val1, val2));
+        CHECK(loss1.back() < loss1.front()); // it trains, so the comparison is not between two idle runs
+        CHECK(max_abs_diff(loss1, loss2) <= tol_loss);
+        CHECK(max_abs_diff(val1, val2) <= tol_loss);
+        // the trained weights themselves, written by rank 0 only, atomically
+        std::vector<float> w1, w2, w0;
+        if (full) {
+            w1 = checkpoint_params(single_dir + "/model.bin");
+            w2 = checkpoint_params(dp_dir + "/model.bin");
+            w0 = checkpoint_params(ckpt);
+        } else {
+            w1 = adapter_params(ckpt, single_dir);
+            w2 = adapter_params(ckpt, dp_dir);
+            GPT2<float> init; // the same seeded init both runs started from (-n default)
+            REQUIRE(gpt2_read_checkpoint(&init, ckpt.c_str()) == "");
+            gpt2_lora_attach(&init, lora_config(8, 16.0f, LORA_ALL_TARGETS), 1337);
+            w0.assign(init.lora.params_memory, init.lora.params_memory + init.lora.num_parameters);
+            gpt2_free(&init);
+        }
+        REQUIRE(w1.size() == w0.size());
+        REQUIRE(w2.size() == w0.size());
+        double rel = relative_distance(w1, w2, w0);
+        MESSAGE("data parallel -f " << full << ": |w(1 process) - w(2 ranks)| / |w - w_init| = " << rel << " over " << w1.size() << " weights");
+        CHECK(rel <= (full ? tol_full : tol_adapter));
+        CHECK_FALSE(dir_has_tmp_file(dp_dir));
+    }
+}
+

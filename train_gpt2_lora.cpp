@@ -32,6 +32,11 @@ PEFT safetensors, merge) -> main.
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef USE_MPI
+#define OMPI_SKIP_MPICXX 1 // the C API only: no deprecated C++ bindings
+#define MPICH_SKIP_MPICXX 1
+#include <mpi.h>
+#endif
 #include "lora.h"
 #include "dev/tokenizer.h" // GPT-2 BPE for -p prompts
 
@@ -1123,7 +1128,10 @@ static std::string tokenizer_read(Tokenizer* tok, const char* path) {
 
 // ----------------------------------------------------------------------------
 // data loader: batches of B*T+1 consecutive tokens (inputs, and targets shifted by one),
-// advancing by B*T; optionally visiting the batches of each epoch in a seeded random order
+// advancing by B*T; optionally visiting the batches of each epoch in a seeded random order.
+// Data parallel (world > 1 ranks): a global batch is B*world*T+1 tokens, visited in the same seeded
+// order on every rank, and rank k reads its k-th slice of B*T+1, so the ranks together see exactly
+// what one process with batch B*world sees.
 
 struct DataLoader {
     TokenFile file;
@@ -1134,20 +1142,23 @@ struct DataLoader {
     bool shuffle;
     Rng rng;
     std::vector<int> inputs, targets; // (B, T)
+    int rank, world;            // this rank's slice of each global batch, and the number of ranks
 };
 
 static std::string dataloader_init(DataLoader* loader, const char* path, int B, int T, int V, bool shuffle,
-                                   uint64_t seed, const char* flag) {
+                                   uint64_t seed, const char* flag, int rank = 0, int world = 1) {
     std::string err = tokens_read(&loader->file, path, V, flag);
     if (!err.empty()) return err;
-    size_t need = (size_t)B * T + 1;
+    size_t need = (size_t)B * world * T + 1;
     if (loader->file.tokens.size() < need) {
-        return strprintf("token file '%s' has %zu tokens, fewer than one batch needs (B*T+1 = %zu)\n---> HINT: lower -b or -t, or use a larger token file",
-                         path, loader->file.tokens.size(), need);
+        return strprintf("token file '%s' has %zu tokens, fewer than one batch needs (B*T%s+1 = %zu)\n---> HINT: lower -b or -t, or use a larger token file",
+                         path, loader->file.tokens.size(), world > 1 ? "*ranks" : "", need);
     }
     loader->B = B;
     loader->T = T;
-    loader->num_batches = (loader->file.tokens.size() - 1) / ((size_t)B * T);
+    loader->rank = rank;
+    loader->world = world;
+    loader->num_batches = (loader->file.tokens.size() - 1) / ((size_t)B * world * T);
     loader->shuffle = shuffle;
     rng_seed(&loader->rng, seed);
     loader->order.resize(loader->num_batches);
@@ -1173,7 +1184,8 @@ static void dataloader_next_batch(DataLoader* loader) {
         }
     }
     size_t BT = (size_t)loader->B * loader->T;
-    const uint16_t* chunk = loader->file.tokens.data() + loader->order[loader->position] * BT;
+    // global batch number order[position] starts at order[position] * world * BT; this rank's slice at rank * BT
+    const uint16_t* chunk = loader->file.tokens.data() + (loader->order[loader->position] * loader->world + loader->rank) * BT;
     for (size_t i = 0; i < BT; i++) {
         loader->inputs[i] = chunk[i];
         loader->targets[i] = chunk[i + 1];
@@ -2087,6 +2099,79 @@ static std::string generate_from_prompt(GPT2<float>* model, const BPE* bpe, cons
 }
 
 // ----------------------------------------------------------------------------
+// data parallelism over MPI ranks (compiled in with -DUSE_MPI, which make sets when it finds mpicxx).
+// Every rank holds the whole model and reads its own slice of each global batch (see the data loader).
+// Each rank's loss is the mean over its B*T positions, so the mean over ranks of their gradients is the
+// gradient of the mean over all B*world*T positions: what one process with batch B*world computes, up
+// to fp32 summation order. After backward one MPI_Allreduce sums the trainable gradients (one flat
+// buffer, in place) and every rank divides by world; every rank then applies the same AdamW step to
+// the same gradient, so the weights stay identical on all ranks and are never sent. With LoRA that is
+// a few MB a step, not the base model. Only rank 0 logs, samples and writes files.
+// A rank that dies takes the job down: MPI_ERRORS_ARE_FATAL aborts on a failed call, and mpirun kills
+// the remaining ranks as soon as one exits abnormally, so nobody waits forever in an allreduce.
+
+struct DataParallel {
+    int rank = 0, world = 1;       // this process and the number of processes: 0 and 1 without MPI
+    double allreduce_ms = 0;       // wall time of the last gradient allreduce (includes waiting for the slowest rank)
+    size_t allreduce_bytes = 0;    // bytes of gradient each rank contributes per step
+};
+
+static void dp_init(DataParallel* dp, int* argc, char*** argv) {
+#ifdef USE_MPI
+    MPI_Init(argc, argv);
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_ARE_FATAL); // MPI's default, made explicit
+    MPI_Comm_rank(MPI_COMM_WORLD, &dp->rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &dp->world);
+    // ranks other than 0 stay silent on stdout; their errors still reach stderr
+    if (dp->rank != 0 && freopen("/dev/null", "w", stdout) == NULL) die("rank: cannot redirect stdout to /dev/null");
+#else
+    // launched by mpirun but built without MPI: every process would train alone on the same data
+    const char* n = getenv("OMPI_COMM_WORLD_SIZE") ? getenv("OMPI_COMM_WORLD_SIZE") : getenv("PMI_SIZE");
+    if (n != NULL && atoi(n) > 1) {
+        die(strprintf("started as one of %s MPI processes, but this train_gpt2_lora was built without MPI\n"
+                      "---> HINT: install an MPI (apt-get install libopenmpi-dev openmpi-bin) and rebuild with make", n));
+    }
+#endif
+}
+
+// in place: x = mean over ranks of x, with one MPI_Allreduce
+static void dp_average(DataParallel* dp, float* x, size_t n) {
+#ifdef USE_MPI
+    if (dp->world == 1) return;
+    if (n > (size_t)INT32_MAX) die(strprintf("cannot allreduce %zu floats in one call (MPI counts are int)", n));
+    double t0 = MPI_Wtime();
+    MPI_Allreduce(MPI_IN_PLACE, x, (int)n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+    for (size_t i = 0; i < n; i++) { x[i] /= dp->world; }
+    dp->allreduce_ms = (MPI_Wtime() - t0) * 1000.0;
+    dp->allreduce_bytes = n * sizeof(float);
+#endif
+}
+
+// the gradients of what is trainable: the adapters, or with -f every base parameter (main uses one or the other)
+static void dp_average_gradients(DataParallel* dp, GPT2<float>* model) {
+    if (model->train_base) {
+        dp_average(dp, model->grads_memory, model->num_parameters);
+    } else {
+        dp_average(dp, model->lora.grads_memory, model->lora.num_parameters);
+    }
+}
+
+// mean over ranks of one number (a loss), in double
+static float dp_mean(const DataParallel* dp, float x) {
+    double v = x;
+#ifdef USE_MPI
+    if (dp->world > 1) MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+#endif
+    return (float)(v / dp->world);
+}
+
+static void dp_finalize() {
+#ifdef USE_MPI
+    MPI_Finalize();
+#endif
+}
+
+// ----------------------------------------------------------------------------
 // main
 
 static double now_seconds() {
@@ -2174,6 +2259,8 @@ static void bad_flag(const char* flag, const std::string& what) {
 }
 
 int main(int argc, char** argv) {
+    DataParallel dp; // one process unless started by mpirun with an MPI build
+    dp_init(&dp, &argc, &argv);
     // defaults, llm.c-like: B=4, T=64 on tinyshakespeare with GPT-2 124M
     const char* base_path = "data/gpt2_124M.bin";       // -e
     const char* train_path = "data/tiny_shakespeare_train.bin"; // -i
@@ -2281,6 +2368,7 @@ int main(int argc, char** argv) {
     unsigned target_mask = 0;
     std::string err;
     if (!full && !lora_parse_targets(targets, &target_mask, &err)) bad_flag("-q", err);
+    if (dp.rank != 0) { output_dir = NULL; merged_path = NULL; sample_every = 0; } // only rank 0 samples and writes (and checks -o)
     if (output_dir != NULL) {
         struct stat st;
         if (stat(output_dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
@@ -2352,14 +2440,15 @@ int main(int argc, char** argv) {
             printf("generated %d tokens in %.2f s (%.1f tok/s)\n", gen_tokens, secs, gen_tokens / secs);
         }
         gpt2_free(&model);
+        dp_finalize();
         return 0;
     }
     gpt2_allocate(&model, B, T);
 
     DataLoader train_loader, val_loader;
-    err = dataloader_init(&train_loader, train_path, B, T, cfg.vocab_size, shuffle != 0, (uint64_t)seed, "-i");
+    err = dataloader_init(&train_loader, train_path, B, T, cfg.vocab_size, shuffle != 0, (uint64_t)seed, "-i", dp.rank, dp.world);
     if (!err.empty()) die("flag -i: " + err);
-    err = dataloader_init(&val_loader, val_path, B, T, cfg.vocab_size, false, 0, "-j");
+    err = dataloader_init(&val_loader, val_path, B, T, cfg.vocab_size, false, 0, "-j", dp.rank, dp.world);
     if (!err.empty()) die("flag -j: " + err);
     if (val_batches > (int)val_loader.num_batches) val_batches = (int)val_loader.num_batches;
     int start_step = 0; // > 0 when -A resumes a run
@@ -2410,6 +2499,7 @@ int main(int argc, char** argv) {
            mib((model.num_parameters + model.lora.num_parameters + 3 * trainable) * sizeof(float) + act_bytes - (full ? model.num_parameters * sizeof(float) : 0)),
            mib(model.num_parameters * sizeof(float) + full_extra + act_bytes));
     printf("[Run]\nB: %d\nT: %d\nsteps: %d\nlearning_rate: %g\nweight_decay: %g\nthreads: %d\n", B, T, steps, lr, weight_decay, threads);
+    if (dp.world > 1) printf("ranks: %d (global batch %d = B x ranks)\n", dp.world, B * dp.world);
     printf("train: %s (%zu tokens, %zu batches)\nval: %s (%zu tokens, %d batches used)\n", train_path,
            train_loader.file.tokens.size(), train_loader.num_batches, val_path, val_loader.file.tokens.size(), val_batches);
     printf("tokenizer: %s\n", have_tokenizer ? tokenizer_path : "(none: samples print token ids)");
@@ -2431,7 +2521,7 @@ int main(int argc, char** argv) {
             printf("saved adapter (step %d): %s/adapter.bin, %s/" PEFT_WEIGHTS_FILE ", %s/" PEFT_CONFIG_FILE "\n", step, output_dir, output_dir, output_dir);
         }
         if (val_every > 0 && (step % val_every == 0 || last_step)) {
-            last_val = gpt2_validate(&model, &val_loader, val_batches);
+            last_val = dp_mean(&dp, gpt2_validate(&model, &val_loader, val_batches));
             printf("val loss %f\n", last_val);
             fflush(stdout);
         }
@@ -2447,14 +2537,17 @@ int main(int argc, char** argv) {
         gpt2_forward(&model, train_loader.inputs.data(), train_loader.targets.data(), B, T);
         gpt2_zero_grad(&model);
         gpt2_backward(&model);
+        dp_average_gradients(&dp, &model); // data parallel: mean gradient and loss over ranks
+        model.mean_loss = dp_mean(&dp, model.mean_loss);
         gpt2_update(&model, lr, 0.9f, 0.999f, 1e-8f, weight_decay, step + 1);
         double ms = (now_seconds() - t0) * 1000.0;
         if (step > start_step) total_ms += ms; // the first step pays page faults; leave it out of the average
         if (step == start_step) first_loss = model.mean_loss;
         last_loss = model.mean_loss;
         double avg = step > start_step ? total_ms / (step - start_step) : ms;
-        printf("step %d/%d: train loss %f (took %.1f ms, %.0f tok/s, ETA %.1f s)\n", step + 1, steps, model.mean_loss, ms,
-               B * T / (ms / 1000.0), avg * (steps - step - 1) / 1000.0);
+        printf("step %d/%d: train loss %f (took %.1f ms, %.0f tok/s", step + 1, steps, model.mean_loss, ms, (double)B * T * dp.world / (ms / 1000.0));
+        if (dp.world > 1) printf(" over %d ranks, allreduce %.2f ms for %zu bytes", dp.world, dp.allreduce_ms, dp.allreduce_bytes);
+        printf(", ETA %.1f s)\n", avg * (steps - step - 1) / 1000.0);
         fflush(stdout);
         if (!std::isfinite(model.mean_loss)) die(strprintf("train loss is %f at step %d\n---> HINT: lower the learning rate (-l)", model.mean_loss, step + 1));
     }
@@ -2473,9 +2566,10 @@ int main(int argc, char** argv) {
     getrusage(RUSAGE_SELF, &ru);
     printf("[Summary]\nfirst train loss: %f\nlast train loss: %f\n", first_loss, last_loss);
     if (last_val >= 0) printf("final val loss: %f\n", last_val);
-    if (steps - start_step > 1) printf("average step: %.1f ms (%.0f tok/s)\n", total_ms / (steps - start_step - 1), B * T * (steps - start_step - 1) / (total_ms / 1000.0));
+    if (steps - start_step > 1) printf("average step: %.1f ms (%.0f tok/s)\n", total_ms / (steps - start_step - 1), (double)B * T * dp.world * (steps - start_step - 1) / (total_ms / 1000.0));
     printf("peak RSS: %.1f MiB\n", ru.ru_maxrss / 1024.0);
     gpt2_free(&model);
+    dp_finalize();
     return 0;
 }
 #endif
