@@ -1975,3 +1975,107 @@ TEST_CASE("base model (LoRA off) matches llm.c's starter-pack debug state, when 
     CHECK(twin_maxdiff("llm.c loss", &loss, &s.loss, 1, tol_llmc_loss) <= tol_llmc_loss);
     gpt2_free(&model);
 }
+
+// ----------------------------------------------------------------------------
+// ---- fast kernels vs naive ----
+// The blocked float matmul (and the LoRA branches built on it) against their naive twins, on shapes
+// that leave a remainder for every tile size (MR=6, NR=16, KC=256, MC=264, NC=192) and on the
+// GPT-2 124M shapes at a small BT. Gradients start nonzero, so accumulation (+=) is checked too.
+
+// max |fast - naive| / max |naive|: the error relative to the size of the result
+static double fast_vs_naive(const std::vector<float>& fast, const std::vector<float>& naive) {
+    double maxdiff = 0, scale = 0;
+    for (size_t i = 0; i < fast.size(); i++) {
+        maxdiff = std::max(maxdiff, std::fabs((double)fast[i] - (double)naive[i]));
+        scale = std::max(scale, std::fabs((double)naive[i]));
+    }
+    return scale > 0 ? maxdiff / scale : maxdiff;
+}
+
+// Both kernels sum the same fp32 products in a different order (KC slices, FMA rounding): their
+// difference grows like sqrt(K) * 2^-24 relative to the largest output, ~1.4e-5 at K = 50304 in the
+// worst case; 3e-5 keeps a 2x margin there while an indexing bug gives O(1).
+const double tol_fast_matmul = 3e-5;
+
+static std::vector<float> uniform_floats(Rng* rng, size_t n) {
+    std::vector<float> v(n);
+    for (float& x : v) x = rng_uniform(rng, -1, 1);
+    return v;
+}
+
+TEST_CASE("fast matmul vs naive: forward, dinp, dweight, dbias on odd and GPT-2 124M shapes; NULL grads skip") {
+    Rng rng;
+    rng_seed(&rng, 909);
+    // {B, T, C, OC}: odd sizes around every tile edge, K > KC, BT > MC, OC > NC; then 124M at BT = 4..8
+    const int shapes[][4] = {{1, 1, 1, 1}, {1, 5, 7, 3}, {2, 7, 13, 37}, {3, 11, 29, 131}, {1, 37, 257, 17},
+                             {1, 300, 33, 200}, {2, 133, 19, 45}, {1, 7, 600, 390},
+                             {2, 4, 768, 2304}, {2, 4, 768, 3072}, {2, 4, 3072, 768}, {1, 4, 768, 50304}};
+    for (auto& s : shapes) {
+        int B = s[0], T = s[1], C = s[2], OC = s[3];
+        CAPTURE(B); CAPTURE(T); CAPTURE(C); CAPTURE(OC);
+        size_t BT = (size_t)B * T;
+        std::vector<float> inp = uniform_floats(&rng, BT * C), weight = uniform_floats(&rng, (size_t)OC * C);
+        std::vector<float> bias = uniform_floats(&rng, OC), dout = uniform_floats(&rng, BT * OC);
+        std::vector<float> out_fast(BT * OC), out_naive(BT * OC);
+        matmul_forward(out_fast.data(), inp.data(), weight.data(), bias.data(), B, T, C, OC);
+        matmul_forward_naive(out_naive.data(), inp.data(), weight.data(), bias.data(), B, T, C, OC);
+        CHECK(fast_vs_naive(out_fast, out_naive) <= tol_fast_matmul);
+        matmul_forward(out_fast.data(), inp.data(), weight.data(), (const float*)NULL, B, T, C, OC);
+        matmul_forward_naive(out_naive.data(), inp.data(), weight.data(), (const float*)NULL, B, T, C, OC);
+        CHECK(fast_vs_naive(out_fast, out_naive) <= tol_fast_matmul);
+
+        // all three gradients, accumulated onto nonzero values
+        std::vector<float> dinp_f = uniform_floats(&rng, BT * C), dw_f = uniform_floats(&rng, (size_t)OC * C);
+        std::vector<float> db_f = uniform_floats(&rng, OC);
+        std::vector<float> dinp_n = dinp_f, dw_n = dw_f, db_n = db_f;
+        matmul_backward(dinp_f.data(), dw_f.data(), db_f.data(), dout.data(), inp.data(), weight.data(), B, T, C, OC);
+        matmul_backward_naive(dinp_n.data(), dw_n.data(), db_n.data(), dout.data(), inp.data(), weight.data(), B, T, C, OC);
+        CHECK(fast_vs_naive(dinp_f, dinp_n) <= tol_fast_matmul);
+        CHECK(fast_vs_naive(dw_f, dw_n) <= tol_fast_matmul);
+        CHECK(fast_vs_naive(db_f, db_n) <= tol_fast_matmul);
+
+        // frozen weight: only dinp, which must equal what the full call added
+        std::vector<float> dinp_only(BT * C, 0.0f), dinp_ref(BT * C, 0.0f), dw_ref((size_t)OC * C, 0.0f);
+        matmul_backward(dinp_only.data(), (float*)NULL, (float*)NULL, dout.data(), inp.data(), weight.data(), B, T, C, OC);
+        matmul_backward_naive(dinp_ref.data(), (float*)NULL, (float*)NULL, dout.data(), inp.data(), weight.data(), B, T, C, OC);
+        CHECK(fast_vs_naive(dinp_only, dinp_ref) <= tol_fast_matmul);
+        // no dinp (layer 0 with frozen embeddings): dweight alone
+        std::vector<float> dw_only((size_t)OC * C, 0.0f);
+        matmul_backward((float*)NULL, dw_only.data(), (float*)NULL, dout.data(), inp.data(), weight.data(), B, T, C, OC);
+        matmul_backward_naive((float*)NULL, dw_ref.data(), (float*)NULL, dout.data(), inp.data(), weight.data(), B, T, C, OC);
+        CHECK(fast_vs_naive(dw_only, dw_ref) <= tol_fast_matmul);
+    }
+}
+
+TEST_CASE("fast LoRA kernels (thin GEMMs) vs the naive lora.h templates, over ranks and odd shapes") {
+    Rng rng;
+    rng_seed(&rng, 910);
+    // {BT, C, OC, r}: r below, at and above the register tile width; BT beyond one tile
+    const int shapes[][4] = {{1, 1, 1, 1}, {7, 13, 37, 3}, {33, 64, 192, 8}, {300, 29, 131, 17}, {64, 768, 2304, 8}};
+    for (auto& s : shapes) {
+        int BT = s[0], C = s[1], OC = s[2], r = s[3];
+        CAPTURE(BT); CAPTURE(C); CAPTURE(OC); CAPTURE(r);
+        float scale = 2.0f;
+        std::vector<float> inp = uniform_floats(&rng, (size_t)BT * C), lora_A = uniform_floats(&rng, (size_t)r * C);
+        std::vector<float> lora_B = uniform_floats(&rng, (size_t)OC * r), dout = uniform_floats(&rng, (size_t)BT * OC);
+        std::vector<float> out_f = uniform_floats(&rng, (size_t)BT * OC), out_n = out_f;
+        std::vector<float> h_f((size_t)BT * r), h_n((size_t)BT * r);
+        lora_forward(out_f.data(), h_f.data(), inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
+        lora_forward<float>(out_n.data(), h_n.data(), inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
+        CHECK(fast_vs_naive(h_f, h_n) <= tol_fast_matmul);
+        CHECK(fast_vs_naive(out_f, out_n) <= tol_fast_matmul);
+        for (bool with_dinp : {true, false}) {
+            CAPTURE(with_dinp);
+            std::vector<float> dinp_f = uniform_floats(&rng, (size_t)BT * C), dA_f = uniform_floats(&rng, (size_t)r * C);
+            std::vector<float> dB_f = uniform_floats(&rng, (size_t)OC * r), dh_f((size_t)BT * r), dh_n((size_t)BT * r);
+            std::vector<float> dinp_n = dinp_f, dA_n = dA_f, dB_n = dB_f;
+            lora_backward(with_dinp ? dinp_f.data() : NULL, dA_f.data(), dB_f.data(), dh_f.data(), dout.data(), h_n.data(),
+                          inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
+            lora_backward<float>(with_dinp ? dinp_n.data() : NULL, dA_n.data(), dB_n.data(), dh_n.data(), dout.data(), h_n.data(),
+                                 inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
+            CHECK(fast_vs_naive(dinp_f, dinp_n) <= tol_fast_matmul);
+            CHECK(fast_vs_naive(dA_f, dA_n) <= tol_fast_matmul);
+            CHECK(fast_vs_naive(dB_f, dB_n) <= tol_fast_matmul);
+        }
+    }
+}
