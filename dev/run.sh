@@ -21,15 +21,15 @@ BASE_C="${BASE_C:-128}"          # channels
 BASE_NH="${BASE_NH:-4}"          # heads
 BASE_T="${BASE_T:-128}"          # max sequence length, and T while pretraining
 BASE_B="${BASE_B:-8}"            # batch size while pretraining
-BASE_STEPS="${BASE_STEPS:-300}"  # pretraining steps on Brown (B*T tokens each)
+BASE_STEPS="${BASE_STEPS:-400}"  # pretraining steps on Brown (B*T tokens each)
 BASE_LR="${BASE_LR:-2e-3}"       # constant AdamW learning rate
 # the LoRA fine-tune on tinyshakespeare
 LORA_B="${LORA_B:-8}"
 LORA_T="${LORA_T:-128}"
-LORA_STEPS="${LORA_STEPS:-150}"
+LORA_STEPS="${LORA_STEPS:-200}"
 LORA_R="${LORA_R:-8}"
 LORA_ALPHA="${LORA_ALPHA:-32}"
-LORA_LR="${LORA_LR:-3e-3}"
+LORA_LR="${LORA_LR:-1e-2}"
 
 BROWN_BASE=data/brown_base.bin
 STARTER_BASE=data/gpt2_124M.bin
@@ -117,7 +117,7 @@ else
         fail "step 3 (random init)" "see the error above"
     mkdir -p "$RUN_DIR/pretrain"
     ./train_gpt2_lora -e "$RUN_DIR/base_init.bin" -i data/brown_train.bin -j data/brown_val.bin -f 1 \
-        -b "$BASE_B" -t "$BASE_T" -x "$BASE_STEPS" -l "$BASE_LR" -v 50 -m 4 -s "$BASE_STEPS" -g 48 \
+        -b "$BASE_B" -t "$BASE_T" -x "$BASE_STEPS" -l "$BASE_LR" -v 100 -m 4 -s "$BASE_STEPS" -g 48 -k 100 \
         -o "$RUN_DIR/pretrain" | tee "$RUN_DIR/pretrain.log" ||
         fail "step 3 (pretraining)" "see the error above; the log is $RUN_DIR/pretrain.log"
     mv "$RUN_DIR/pretrain/model.bin" "$BROWN_BASE" # a rename: data/brown_base.bin appears only when complete
@@ -145,12 +145,13 @@ val_lora=$(grep '^val loss ' "$LOG" | tail -1 | awk '{print $3}')
 trainable=$(grep '^trainable_params: ' "$LOG" | awk '{print $2}')
 frozen=$(grep '^frozen_params: ' "$LOG" | awk '{print $2}')
 base_bytes=$(stat -c %s "$BASE")
-# the adapter file, when the trainer writes one under -o; else the size of its fp32 parameters
-adapter_file=$(find "$RUN_DIR/lora" -maxdepth 1 -type f ! -name '*.tmp' ! -name '*.json' -newer "$BASE" 2>/dev/null | head -1)
-if [ -n "$adapter_file" ]; then
-    adapter_bytes=$(stat -c %s "$adapter_file"); adapter_what="$adapter_file"
+# the adapter as the trainer wrote it under -o: PEFT safetensors (weights only) and adapter.bin (+ AdamW state)
+peft="$RUN_DIR/lora/adapter_model.safetensors"
+if [ -s "$peft" ]; then
+    adapter_bytes=$(stat -c %s "$peft")
+    adapter_what="$peft; $RUN_DIR/lora/adapter.bin with the AdamW state for resuming is $(stat -c %s "$RUN_DIR/lora/adapter.bin" 2>/dev/null || echo '?') bytes"
 else
-    adapter_bytes=$((trainable * 4)); adapter_what="fp32 adapter parameters; no adapter file written"
+    adapter_bytes=$((trainable * 4)); adapter_what="the adapter's fp32 parameters; no adapter file was written"
 fi
 banner "summary"
 awk -v vb="$val_base" -v vl="$val_lora" -v tr="$trainable" -v fr="$frozen" -v ab="$adapter_bytes" -v bb="$base_bytes" \
@@ -160,5 +161,12 @@ awk -v vb="$val_base" -v vl="$val_lora" -v tr="$trainable" -v fr="$frozen" -v ab
     printf "trainable parameters:     %d of %d (%.3f%%)\n", tr, tr + fr, 100.0 * tr / (tr + fr)
     printf "adapter vs base bytes:    %d vs %d (%.2f%%; %s)\n", ab, bb, 100.0 * ab / bb, aw
 }'
+# the trainer's first sample (step 0: the base) and its last (after LoRA), each between "---" lines
+samples() { awk '/^generating:$/ { n++; getline; inside = 1; next } inside && /^---$/ { inside = 0; next } inside { print n "\t" $0 }' "$LOG"; }
+nsamples=$(samples | tail -1 | cut -f1)
+echo "sample before (base, step 0):"
+samples | awk -F'\t' '$1 == 1 { print "    " $2 }'
+echo "sample after (LoRA, step $LORA_STEPS):"
+samples | awk -F'\t' -v n="${nsamples:-0}" '$1 == n && n > 1 { print "    " $2 }'
 echo "times:                    build $TIME_BUILD s, data $TIME_DATA, base $TIME_BASE, LoRA $TIME_LORA, total $(since "$T_START") s"
 echo "logs:                     $RUN_DIR/pretrain.log (when pretrained here), $LOG"
