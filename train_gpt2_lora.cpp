@@ -1131,7 +1131,7 @@ static const char* describe_magic(int magic) {
 // reads an llm.c fp32 checkpoint (version 3) into a fresh model
 template <typename real>
 std::string gpt2_read_checkpoint(GPT2<real>* model, const char* path) {
-    const char* hint = "pass an llm.c fp32 checkpoint with -e (e.g. gpt2_124M.bin from llm.c's starter pack, or make run)";
+    const char* hint = "pass an llm.c fp32 checkpoint with -e: data/gpt2_124M.bin is llm.c's starter pack (dev/download_starter_pack.sh, online); offline, `make run` pretrains data/brown_base.bin";
     FILE* f = NULL;
     std::string err = open_for_reading(path, "checkpoint", hint, &f);
     if (!err.empty()) return err;
