@@ -47,7 +47,7 @@ $(TRAIN): train_gpt2_lora.cpp lora.h $(wildcard dev/tokenizer.h)
 	@mkdir -p $(@D)
 	$(if $(MPI),mpicxx -DUSE_MPI,$(CXX)) $(CXXFLAGS) $< $(LDFLAGS) $(LDLIBS) -o $@
 
-$(BUILD)/test_lora: $(TEST_SOURCES) train_gpt2_lora.cpp lora.h $(wildcard dev/*.h)
+$(BUILD)/test_lora: $(TEST_SOURCES) train_gpt2_lora.cpp lora.h $(wildcard dev/*.h dev/fuzz/*.h)
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $(TEST_SOURCES) $(LDFLAGS) $(LDLIBS) -o $@
 

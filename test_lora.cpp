@@ -2079,3 +2079,545 @@ TEST_CASE("fast LoRA kernels (thin GEMMs) vs the naive lora.h templates, over ra
         }
     }
 }
+
+// ---- reliability: fuzzed readers ----
+// Every file reader gets mutants of a file it accepts: truncations at every header offset and a sample
+// of body offsets, every header byte flipped, each header int set to huge, negative and zero values,
+// and (for the JSON parts) each number replaced by a huge or negative one. Each mutant must give either
+// success or a clean error that names the file and carries a HINT: no crash, no hang, and, while the
+// mutants run, no allocation of more than 4 GB (a reader that sizes a buffer from an unchecked header
+// fails here; under `make asan` the same cap comes from max_allocation_size_mb, and ASan proves the
+// reads stay in bounds). The libFuzzer targets in dev/fuzz/ drive the same readers with random bytes.
+#include "dev/fuzz/fuzz_files.h"
+#include <sys/resource.h>
+#include <fcntl.h>
+#include <signal.h>
+
+// caps the data segment at 4 GB while alive (not under ASan, whose shadow memory counts too)
+struct AllocationCap {
+    struct rlimit old;
+    bool set = false;
+    AllocationCap() {
+#if !defined(__SANITIZE_ADDRESS__)
+        getrlimit(RLIMIT_DATA, &old);
+        struct rlimit cap = old;
+        cap.rlim_cur = (rlim_t)4 << 30;
+        if (old.rlim_max == RLIM_INFINITY || old.rlim_max > cap.rlim_cur) set = setrlimit(RLIMIT_DATA, &cap) == 0;
+#endif
+    }
+    ~AllocationCap() { if (set) setrlimit(RLIMIT_DATA, &old); }
+};
+
+// a reader under test: reads path, returns "" or its error message
+using ReaderFn = std::function<std::string(const std::string& path)>;
+
+struct MutationCounts { size_t mutants = 0, accepted = 0, rejected = 0; };
+
+// runs the reader on bytes and checks that the outcome is clean; must_fail for mutants never valid
+static void mutant(const char* reader, const std::string& what, const std::string& bytes, const ReaderFn& read,
+                   bool must_fail, const std::string& name, MutationCounts* counts) {
+    MemFile file(bytes.data(), bytes.size());
+    std::string err = read(file.path);
+    std::string named = name.empty() ? file.path : name;
+    counts->mutants++;
+    (err.empty() ? counts->accepted : counts->rejected)++;
+    if (must_fail) CHECK_MESSAGE(!err.empty(), std::string(reader) << ": " << what << " was accepted");
+    if (!err.empty()) {
+        CHECK_MESSAGE(has(err, named.c_str()), std::string(reader) << ": " << what << ": error does not name the file: " << err);
+        CHECK_MESSAGE(has(err, "HINT"), std::string(reader) << ": " << what << ": error has no HINT: " << err);
+    }
+}
+
+struct MutationPlan {
+    size_t header_bytes = 0;    // the fixed header: every offset is a truncation point, every byte is flipped
+    int int_fields = 0;         // how many leading int32 header slots get the extreme values
+    bool text = false;          // trailing whitespace may be cut without harm (JSON, vocab.bpe)
+    size_t numbers_end = 0;     // digit runs in [0, numbers_end) become huge or negative (JSON parts)
+    std::string name;           // what the errors must name; "" = the mutated file's own path
+};
+
+static MutationCounts mutate_reader(const char* reader, const std::string& good, MutationPlan plan, const ReaderFn& read) {
+    size_t header_bytes = plan.header_bytes;
+    const std::string& name = plan.name;
+    AllocationCap cap;
+    MutationCounts counts;
+    {
+        MemFile file(good.data(), good.size());
+        std::string err = read(file.path);
+        REQUIRE_MESSAGE(err.empty(), std::string(reader) << ": the unmutated file is rejected: " << err);
+    }
+    size_t must_fail_below = good.size();
+    if (plan.text) { while (must_fail_below > 0 && isspace((unsigned char)good[must_fail_below - 1])) must_fail_below--; }
+    header_bytes = std::min(header_bytes, good.size());
+    // truncations: every header offset, then 64 body offsets and the last byte
+    std::vector<size_t> cuts;
+    for (size_t n = 0; n <= header_bytes; n++) cuts.push_back(n);
+    size_t body = good.size() - header_bytes;
+    for (size_t k = 1; k <= 64 && body > 0; k++) cuts.push_back(header_bytes + body * k / 65);
+    cuts.push_back(good.size() - 1);
+    for (size_t n : cuts) {
+        if (n >= good.size()) continue;
+        mutant(reader, "truncated to " + std::to_string(n) + " bytes", good.substr(0, n), read, n < must_fail_below, name, &counts);
+    }
+    // flipped bytes: all bits of every header byte, the top bit too; 64 body bytes
+    std::vector<size_t> flips;
+    for (size_t i = 0; i < header_bytes; i++) flips.push_back(i);
+    for (size_t k = 0; k < 64 && body > 0; k++) flips.push_back(header_bytes + body * k / 64);
+    for (size_t i : flips) {
+        for (unsigned char mask : {0xFFu, 0x80u, 0x01u}) {
+            std::string bad = good;
+            bad[i] = (char)(bad[i] ^ mask);
+            mutant(reader, "byte " + std::to_string(i) + " ^ " + std::to_string(mask), bad, read, false, name, &counts);
+        }
+    }
+    // header ints: huge, negative, zero, and one past the file size
+    const int32_t extremes[] = {0, -1, 1, -2147483647 - 1, 2147483647, 1 << 30, -(1 << 30), 65536, (int32_t)good.size() + 1};
+    for (int field = 0; field < plan.int_fields && (size_t)(field + 1) * 4 <= good.size(); field++) {
+        for (int32_t v : extremes) {
+            std::string bad = good;
+            memcpy(&bad[(size_t)field * 4], &v, 4);
+            mutant(reader, "header int " + std::to_string(field) + " = " + std::to_string(v), bad, read, false, name, &counts);
+        }
+    }
+    // numbers in text: each run of digits (within the header part) becomes huge or negative
+    if (plan.numbers_end > 0) {
+        const char* numbers[] = {"99999999999999999999", "18446744073709551615", "-1", "-99999999", "4294967296", "0"};
+        size_t limit = std::min(plan.numbers_end, good.size());
+        size_t runs = 0;
+        for (size_t i = 0; i < limit && runs < 400; i++) {
+            if (!isdigit((unsigned char)good[i]) || (i > 0 && isdigit((unsigned char)good[i - 1]))) continue;
+            size_t j = i;
+            while (j < limit && isdigit((unsigned char)good[j])) j++;
+            runs++;
+            for (const char* num : numbers) {
+                std::string bad = good.substr(0, i) + num + good.substr(j);
+                mutant(reader, "number at byte " + std::to_string(i) + " = " + num, bad, read, false, name, &counts);
+            }
+        }
+    }
+    MESSAGE(std::string(reader) << ": " << counts.mutants << " mutants, " << counts.rejected << " rejected cleanly, " << counts.accepted << " accepted");
+    CHECK(counts.rejected > 0);
+    return counts;
+}
+
+static std::string file_string(const std::string& path) {
+    std::vector<char> v = read_all(path);
+    return std::string(v.begin(), v.end());
+}
+
+// the tiny base of these tests: V=8 (Vp=8), maxT=4, L=1, NH=1, C=4 -- a 2224-byte checkpoint
+static void build_fuzz_base(GPT2<float>* model) { gpt2_build_random(model, GPT2Config{4, 8, 8, 1, 1, 4}, 1); }
+
+TEST_CASE("fuzzed readers: llm.c checkpoint, token file and tokenizer file give clean errors on mutants") {
+    TempDir dir;
+    GPT2<float> base;
+    build_fuzz_base(&base);
+    REQUIRE(gpt2_write_checkpoint(&base, dir.file("model.bin").c_str()) == "");
+    gpt2_free(&base);
+    MutationPlan plan;
+    plan.header_bytes = 1024;
+    plan.int_fields = 8;
+    mutate_reader("checkpoint", file_string(dir.file("model.bin")), plan, [](const std::string& path) {
+        GPT2<float> model;
+        memset(&model, 0, sizeof(model));
+        std::string err = gpt2_read_checkpoint(&model, path.c_str());
+        if (err.empty()) gpt2_free(&model);
+        return err;
+    });
+
+    int header[256] = {0};
+    header[0] = TOKENS_MAGIC; header[1] = 1; header[2] = 16;
+    std::string tokens((const char*)header, sizeof(header));
+    for (uint16_t id = 0; id < 16; id++) tokens.append((const char*)&id, 2);
+    plan.int_fields = 3;
+    mutate_reader("token file", tokens, plan, [](const std::string& path) {
+        TokenFile tf;
+        return tokens_read(&tf, path.c_str(), 61, "-i");
+    });
+
+    memset(header, 0, sizeof(header));
+    header[0] = TOKENIZER_MAGIC; header[1] = 2; header[2] = 4; header[3] = 3;
+    std::string tok((const char*)header, sizeof(header));
+    tok += std::string("\x02hi\x01!\x03you\x05<eot>", 15);
+    plan.int_fields = 4;
+    mutate_reader("tokenizer file", tok, plan, [](const std::string& path) {
+        Tokenizer t;
+        std::string err = tokenizer_read(&t, path.c_str());
+        // an accepted file's end-of-text id indexes its pieces (the trainer feeds it to the model); version 1 implies 50256
+        if (err.empty()) CHECK((t.eot_token == 50256 || (t.eot_token >= 0 && t.eot_token < (int)t.pieces.size())));
+        return err;
+    });
+}
+
+TEST_CASE("fuzzed readers: the GPT-2 BPE files (encoder.json, vocab.bpe) give clean errors on mutants") {
+    std::string js, vb;
+    fuzz_synthetic_bpe(&js, &vb);
+    MutationPlan plan;
+    plan.text = true;
+    plan.header_bytes = 64;
+    plan.numbers_end = js.size();
+    MemFile vocab(vb.data(), vb.size());
+    mutate_reader("encoder.json", js, plan, [&](const std::string& path) {
+        BPE bpe;
+        bpe.print_errors = false;
+        bpe_load(&bpe, path.c_str(), vocab.path.c_str());
+        return bpe.error;
+    });
+    MemFile encoder(js.data(), js.size());
+    plan.numbers_end = 0;
+    plan.header_bytes = vb.size();
+    mutate_reader("vocab.bpe", vb, plan, [&](const std::string& path) {
+        BPE bpe;
+        bpe.print_errors = false;
+        bpe_load(&bpe, encoder.path.c_str(), path.c_str());
+        if (bpe.error.empty()) { // an accepted pair still round-trips text
+            const std::string text = "hello, hell of a hello\n";
+            std::vector<int> ids;
+            bpe_encode(&bpe, text.data(), text.size(), ids);
+            CHECK(bpe_decode(&bpe, ids.data(), ids.size()) == text);
+        }
+        return bpe.error;
+    });
+}
+
+TEST_CASE("fuzzed readers: adapter.bin, safetensors and the PEFT config give clean errors on mutants") {
+    TempDir dir;
+    GPT2<float> base;
+    build_fuzz_base(&base);
+    uint64_t base_sum = base_checksum(base.params_memory, base.num_parameters);
+    gpt2_lora_attach(&base, lora_config(2, 4.0f, LORA_ALL_TARGETS), 2);
+    TrainState state;
+    state.step = 3;
+    state.loader_B = 1;
+    state.loader_T = 4;
+    state.loader_position = 1;
+    state.loader_order = {2, 0, 1};
+    REQUIRE(lora_file_write(dir.file("adapter.bin").c_str(), &base, base_sum, &state) == "");
+    REQUIRE(peft_export(dir.path.c_str(), &base, "gpt2") == "");
+    lora_free(&base.lora);
+
+    MutationPlan plan;
+    plan.header_bytes = 1024;
+    plan.int_fields = 28; // magic .. the u64 batch count of the training state
+    mutate_reader("adapter file", file_string(dir.file("adapter.bin")), plan, [&](const std::string& path) {
+        TrainState s;
+        bool has_state = false;
+        std::string err = lora_file_read(path.c_str(), &base, base_sum, &s, &has_state);
+        if (err.empty()) {
+            CHECK(base.lora.num_parameters == lora_count_parameters(base.lora.config, 1, 4));
+            if (has_state) CHECK(s.loader_position <= s.loader_order.size());
+        }
+        if (base.lora.params_memory != NULL) lora_free(&base.lora);
+        return err;
+    });
+
+    std::string st = file_string(dir.file(PEFT_WEIGHTS_FILE));
+    uint64_t N = 0;
+    memcpy(&N, st.data(), 8);
+    plan = MutationPlan();
+    plan.header_bytes = 8 + (size_t)N;
+    plan.int_fields = 2; // the u64 header length
+    plan.numbers_end = 8 + (size_t)N;
+    mutate_reader("safetensors", st, plan, [](const std::string& path) {
+        SafeTensors s;
+        std::string err = safetensors_read(path.c_str(), &s);
+        for (const SafeTensor& t : s.tensors) CHECK((t.begin <= t.end && t.end <= s.data.size() * sizeof(float)));
+        return err;
+    });
+
+    std::string config = file_string(dir.file(PEFT_CONFIG_FILE));
+    plan = MutationPlan();
+    plan.text = true;
+    plan.header_bytes = config.size();
+    plan.numbers_end = config.size();
+    plan.name = dir.file("");
+    mutate_reader("PEFT adapter_config.json", config, plan, [&](const std::string& path) {
+        std::string bytes = file_string(path);
+        write_bytes(dir.file(PEFT_CONFIG_FILE), bytes.data(), bytes.size());
+        std::string err = peft_import(dir.path.c_str(), &base);
+        if (base.lora.params_memory != NULL) lora_free(&base.lora);
+        return err;
+    });
+    gpt2_free(&base);
+}
+
+// -- the non-finite guard: a NaN/inf loss or gradient stops training before the update
+
+TEST_CASE("non-finite guard: a NaN gradient or an inf loss is caught before the update, naming the step") {
+    const int B = 2, T = 8;
+    GPT2<float> model;
+    build_trainable_tiny(&model, 91);
+    gpt2_lora_attach(&model, lora_config(4, 8.0f, LORA_ALL_TARGETS), 92);
+    Rng rng;
+    rng_seed(&rng, 93);
+    std::vector<int> inputs, targets;
+    random_tokens(&rng, &inputs, B * T, model.config.vocab_size);
+    random_tokens(&rng, &targets, B * T, model.config.vocab_size);
+    gpt2_forward(&model, inputs.data(), targets.data(), B, T);
+    gpt2_zero_grad(&model);
+    gpt2_backward(&model);
+    CHECK(gpt2_check_step_finite(&model, 7) == "");
+    model.lora.grads_memory[model.lora.num_parameters / 2] = NAN;
+    std::string err = gpt2_check_step_finite(&model, 7);
+    CHECK(has(err, "gradient"));
+    CHECK(has(err, "step 7"));
+    CHECK(has(err, "HINT"));
+    model.lora.grads_memory[model.lora.num_parameters / 2] = 0;
+    model.mean_loss = INFINITY;
+    err = gpt2_check_step_finite(&model, 8);
+    CHECK(has(err, "train loss is inf at step 8"));
+    gpt2_free(&model);
+}
+
+// the tiny trainer setup of the binary tests: a checkpoint, a cyclic token stream, the common flags
+struct TrainerFiles {
+    TempDir dir;
+    std::string ckpt, tokens, common;
+    explicit TrainerFiles(float lnfw = 1.0f) {
+        ckpt = dir.file("tiny.bin");
+        tokens = dir.file("tokens.bin");
+        GPT2<float> model;
+        build_trainable_tiny(&model, 81);
+        for (int c = 0; c < model.config.channels; c++) model.params.lnfw[c] = lnfw; // the final layernorm's gain
+        REQUIRE(gpt2_write_checkpoint(&model, ckpt.c_str()) == "");
+        gpt2_free(&model);
+        std::vector<uint16_t> ids(400);
+        for (size_t i = 0; i < ids.size(); i++) ids[i] = (uint16_t)((i * 7) % 61);
+        write_tokens(tokens, ids);
+        common = "-e " + ckpt + " -i " + tokens + " -j " + tokens + " -b 2 -t 8 -v 0 -s 0";
+    }
+    uint64_t base_sum() const {
+        GPT2<float> model;
+        REQUIRE(gpt2_read_checkpoint(&model, ckpt.c_str()) == "");
+        uint64_t sum = base_checksum(model.params_memory, model.num_parameters);
+        gpt2_free(&model);
+        return sum;
+    }
+};
+
+// names of the files in dir ending in .tmp: a crash or failed write must leave none
+static std::vector<std::string> tmp_files(const std::string& dir) {
+    std::vector<std::string> found;
+    std::string cmd = "ls -a '" + dir + "'";
+    FILE* p = popen(cmd.c_str(), "r");
+    char line[4096];
+    while (p != NULL && fgets(line, sizeof(line), p)) {
+        std::string name(line);
+        while (!name.empty() && name.back() == '\n') name.pop_back();
+        if (name.size() >= 4 && name.compare(name.size() - 4, 4, ".tmp") == 0) found.push_back(name);
+    }
+    if (p) pclose(p);
+    return found;
+}
+
+TEST_CASE("non-finite guard in the trainer: inf weights or a blown-up lr stop it, naming the step; the saved adapter stays the last good one") {
+    // final layernorm gain 1e38: its outputs and the logits overflow to inf at the first forward, so the
+    // loss is NaN at step 1 (scaling wte instead would not do: the layernorms renormalise it away)
+    TrainerFiles inf_base(1e38f);
+    std::string out;
+    CHECK(run_trainer(inf_base.common + " -x 5", &out) != 0);
+    CHECK(has(out, "at step 1"));
+    CHECK(has(out, "stopping before the update"));
+    CHECK(has(out, "HINT"));
+    CHECK_FALSE(has(out, "step 1/5")); // the bad step never completed
+
+    // lr 1e38: step 1 is finite but throws every adapter weight to ~1e38, so step 2's forward overflows.
+    // With -k 1 the adapter after step 1 is saved; the guard must stop step 2 before anything else is saved.
+    TrainerFiles files;
+    std::string outdir = files.dir.file("out");
+    REQUIRE(mkdir(outdir.c_str(), 0755) == 0);
+    int rc = run_trainer(files.common + " -x 6 -k 1 -l 1e38 -o " + outdir, &out);
+    CHECK(rc != 0);
+    size_t at = out.find("at step ");
+    REQUIRE(at != std::string::npos);
+    int bad_step = atoi(out.c_str() + at + 8);
+    MESSAGE("lr 1e38: stopped at step " << bad_step);
+    CHECK(bad_step >= 2);
+    CHECK(has(out, ("saved adapter (step " + std::to_string(bad_step - 1) + ")").c_str()));
+    GPT2<float> model;
+    REQUIRE(gpt2_read_checkpoint(&model, files.ckpt.c_str()) == "");
+    TrainState state;
+    bool has_state = false;
+    REQUIRE(lora_file_read((outdir + "/adapter.bin").c_str(), &model, files.base_sum(), &state, &has_state) == "");
+    CHECK(has_state);
+    CHECK(state.step == bad_step - 1); // the last good step, not the bad one
+    size_t nonfinite = 0;
+    for (size_t i = 0; i < model.lora.num_parameters; i++) nonfinite += !std::isfinite(model.lora.params_memory[i]);
+    CHECK(nonfinite == 0);
+    CHECK(tmp_files(outdir).empty());
+    gpt2_free(&model);
+}
+
+// -- Ctrl-C: the trainer finishes the step, saves atomically and exits with 128 + SIGINT
+
+TEST_CASE("SIGINT during training: the step finishes, the adapter is saved complete (no .tmp), exit status 130") {
+    TrainerFiles files;
+    std::string outdir = files.dir.file("out"), log = files.dir.file("log.txt");
+    REQUIRE(mkdir(outdir.c_str(), 0755) == 0);
+    const char* bin = getenv("TRAIN_BIN");
+    std::string args = std::string(bin ? bin : "./train_gpt2_lora") + " " + files.common + " -x 1000000 -o " + outdir;
+    std::string shell_cmd = "exec " + args; // built before fork: the child only calls async-signal-safe functions
+    pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        // the child: output to the log file, then become the trainer
+        int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0) _exit(127);
+        execl("/bin/sh", "sh", "-c", shell_cmd.c_str(), (char*)NULL);
+        _exit(127);
+    }
+    // wait (up to 5 minutes, for slow sanitizer builds) until training is under way, then interrupt
+    bool started = false;
+    for (int i = 0; i < 3000 && !started; i++) {
+        started = has(file_string(log), "step 3/");
+        if (!started) usleep(100 * 1000);
+    }
+    CHECK(started);
+    kill(pid, SIGINT);
+    int status = 0;
+    REQUIRE(waitpid(pid, &status, 0) == pid);
+    std::string out = file_string(log);
+    MESSAGE("trainer after SIGINT: exited " << (WIFEXITED(status) ? WEXITSTATUS(status) : -1));
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 128 + SIGINT);
+    size_t at = out.find("interrupted by SIGINT (Ctrl-C) after step ");
+    REQUIRE(at != std::string::npos);
+    int step = atoi(out.c_str() + at + strlen("interrupted by SIGINT (Ctrl-C) after step "));
+    CHECK(step >= 3);
+    CHECK(has(out, ("saved adapter (step " + std::to_string(step) + ")").c_str()));
+    CHECK(has(out, "[Summary]"));
+    CHECK(tmp_files(outdir).empty());
+    // the saved files are complete: adapter.bin loads with its training state, the PEFT pair imports
+    GPT2<float> model;
+    REQUIRE(gpt2_read_checkpoint(&model, files.ckpt.c_str()) == "");
+    TrainState state;
+    bool has_state = false;
+    CHECK(lora_file_read((outdir + "/adapter.bin").c_str(), &model, files.base_sum(), &state, &has_state) == "");
+    CHECK(has_state);
+    CHECK(state.step == step);
+    CHECK(peft_import(outdir.c_str(), &model) == "");
+    gpt2_free(&model);
+    // and the run resumes from it
+    std::string resumed;
+    CHECK(run_trainer(files.common + " -x " + std::to_string(step + 2) + " -A " + outdir + "/adapter.bin", &resumed) == 0);
+    CHECK(has(resumed, ("step " + std::to_string(step + 2) + "/" + std::to_string(step + 2)).c_str()));
+}
+
+// -- determinism: the same seed and thread count give bit-identical losses and adapters
+
+// n LoRA steps on the tiny model over a token stream, batches shuffled or not; returns the losses
+static std::vector<float> train_tiny_run(const std::string& tokens, bool shuffle, int n, std::vector<float>* adapter) {
+    const int B = 2, T = 8;
+    GPT2<float> model;
+    build_trainable_tiny(&model, 101);
+    gpt2_lora_attach(&model, lora_config(4, 8.0f, LORA_ALL_TARGETS), 102);
+    gpt2_allocate(&model, B, T);
+    DataLoader loader;
+    REQUIRE(dataloader_init(&loader, tokens.c_str(), B, T, model.config.vocab_size, shuffle, 103, "-i") == "");
+    std::vector<float> losses;
+    for (int step = 0; step < n; step++) {
+        dataloader_next_batch(&loader);
+        gpt2_forward(&model, loader.inputs.data(), loader.targets.data(), B, T);
+        losses.push_back(model.mean_loss);
+        gpt2_zero_grad(&model);
+        gpt2_backward(&model);
+        gpt2_update(&model, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.01f, step + 1);
+    }
+    adapter->assign(model.lora.params_memory, model.lora.params_memory + model.lora.num_parameters);
+    gpt2_free(&model);
+    return losses;
+}
+
+TEST_CASE("determinism: two runs with the same seed and thread count give bit-identical losses and adapters (shuffle off and on)") {
+    TempDir dir;
+    std::vector<uint16_t> ids(700);
+    Rng rng;
+    rng_seed(&rng, 104);
+    for (uint16_t& id : ids) id = (uint16_t)(rng_u32(&rng) % 61);
+    write_tokens(dir.file("tokens.bin"), ids);
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    for (bool shuffle : {false, true}) {
+        CAPTURE(shuffle);
+        CAPTURE(threads);
+        std::vector<float> adapter1, adapter2;
+        // 60 steps: more than the 43 batches of an epoch, so a reshuffle happens too
+        std::vector<float> losses1 = train_tiny_run(dir.file("tokens.bin"), shuffle, 60, &adapter1);
+        std::vector<float> losses2 = train_tiny_run(dir.file("tokens.bin"), shuffle, 60, &adapter2);
+        REQUIRE(losses1.size() == losses2.size());
+        CHECK(memcmp(losses1.data(), losses2.data(), losses1.size() * sizeof(float)) == 0);
+        REQUIRE(adapter1.size() == adapter2.size());
+        CHECK(memcmp(adapter1.data(), adapter2.data(), adapter1.size() * sizeof(float)) == 0);
+        MESSAGE("shuffle " << shuffle << ", " << threads << " threads: 60 losses identical, last " << losses1.back());
+    }
+}
+
+// -- disk full and unwritable outputs: a clear error and nothing left behind
+
+// RLIMIT_FSIZE makes writes past `bytes` fail with EFBIG, as a full disk fails them with ENOSPC
+struct FileSizeCap {
+    struct rlimit old;
+    void (*old_handler)(int);
+    explicit FileSizeCap(rlim_t bytes) {
+        old_handler = signal(SIGXFSZ, SIG_IGN); // the default action would kill the writer
+        getrlimit(RLIMIT_FSIZE, &old);
+        struct rlimit cap = old;
+        cap.rlim_cur = bytes;
+        REQUIRE(setrlimit(RLIMIT_FSIZE, &cap) == 0);
+    }
+    ~FileSizeCap() {
+        setrlimit(RLIMIT_FSIZE, &old);
+        signal(SIGXFSZ, old_handler);
+    }
+};
+
+TEST_CASE("disk full and unwritable output: write_atomically gives a clear error and leaves no partial file") {
+    TempDir dir;
+    std::vector<char> big(1 << 20, 'x');
+    std::string path = dir.file("out.bin");
+    {
+        FileSizeCap cap(4096);
+        std::string err = write_atomically(path.c_str(), {{big.data(), big.size()}});
+        CHECK(has(err, "failed writing"));
+        CHECK(has(err, path.c_str()));
+        CHECK(has(err, "HINT"));
+    }
+    CHECK(access(path.c_str(), F_OK) != 0);
+    CHECK(tmp_files(dir.path).empty());
+    // an old file under the name survives a failed overwrite unchanged
+    write_bytes(path, "old", 3);
+    {
+        FileSizeCap cap(4096);
+        CHECK(write_atomically(path.c_str(), {{big.data(), big.size()}}) != "");
+    }
+    CHECK(file_string(path) == "old");
+    CHECK(tmp_files(dir.path).empty());
+    // unwritable places (tests run as root, so permissions would not stop them): a path under a regular
+    // file, a directory that does not exist, and sysfs, which refuses new files
+    for (std::string bad : {dir.file("out.bin/adapter.bin"), dir.file("missing/adapter.bin"), std::string("/sys/adapter.bin"),
+                            std::string("/proc/adapter.bin")}) {
+        CAPTURE(bad);
+        std::string err = write_atomically(bad.c_str(), {{big.data(), 16}});
+        CHECK(has(err, "cannot write"));
+        CHECK(has(err, bad.c_str()));
+        CHECK(has(err, "HINT"));
+        CHECK(access((bad + ".tmp").c_str(), F_OK) != 0);
+    }
+}
+
+TEST_CASE("unwritable output in the trainer: saving the adapter fails with a clear error naming -o; nothing is left") {
+    // (disk full is the write_atomically test above: an RLIMIT_FSIZE cap on the trainer would also hit
+    // what an MPI build's runtime writes at startup, before any adapter)
+    TrainerFiles files;
+    std::string out;
+    // an output directory on sysfs, which refuses new files even to root
+    int rc = run_trainer(files.common + " -x 1 -o /sys", &out);
+    CHECK(rc != 0);
+    CHECK(has(out, "-o"));
+    CHECK(has(out, "/sys/adapter.bin"));
+    CHECK(access("/sys/adapter.bin.tmp", F_OK) != 0);
+}
+
+// ----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ PEFT safetensors, merge) -> main.
 #include <unistd.h>
 #include <sys/stat.h>
 #include <sys/resource.h>
+#include <signal.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -1068,6 +1069,28 @@ void gpt2_update(GPT2<real>* model, float lr, float beta1, float beta2, float ep
     }
 }
 
+// The non-finite guard: "" when the loss and every gradient the update would apply are finite, else a
+// message naming the step. The caller checks it between backward and update, so a NaN/inf step never
+// reaches the weights, and so never reaches an adapter or checkpoint saved afterwards.
+template <typename real>
+std::string gpt2_check_step_finite(const GPT2<real>* model, int step) {
+    std::vector<std::pair<const real*, size_t>> grads = {{model->grads_memory, model->grads_memory ? model->num_parameters : 0},
+                                                         {model->lora.grads_memory, model->lora.num_parameters}};
+    const char* hint = "lower the learning rate (-l); check the base checkpoint (-e) for inf/NaN weights; the last adapter saved with -o is intact";
+    if (!std::isfinite((double)model->mean_loss)) {
+        return strprintf("train loss is %f at step %d; stopping before the update\n---> HINT: %s", (double)model->mean_loss, step, hint);
+    }
+    for (const auto& g : grads) {
+        for (size_t i = 0; i < g.second; i++) {
+            if (!std::isfinite((double)g.first[i])) {
+                return strprintf("a gradient is %f at step %d (train loss %f); stopping before the update\n---> HINT: %s",
+                                 (double)g.first[i], step, (double)model->mean_loss, hint);
+            }
+        }
+    }
+    return "";
+}
+
 template <typename real>
 size_t gpt2_trainable_parameters(const GPT2<real>* model) {
     return (model->train_base ? model->num_parameters : 0) + model->lora.num_parameters;
@@ -1185,6 +1208,7 @@ std::string gpt2_read_checkpoint(GPT2<real>* model, const char* path) {
             size_t n = std::min(buf.size(), model->num_parameters - done);
             if (fread(buf.data(), sizeof(float), n, f) != n) {
                 err = strprintf("checkpoint '%s': read error after %zu parameters\n---> HINT: %s", path, done, hint);
+                gpt2_free(model); // the caller gets no half-read model, and nothing leaks
                 break;
             }
             for (size_t i = 0; i < n; i++) { model->params_memory[done + i] = (real)buf[i]; }
@@ -1312,6 +1336,10 @@ static std::string tokenizer_read(Tokenizer* tok, const char* path) {
     // every id takes at least 2 bytes (length + one byte), which bounds the count by the file size
     if (err.empty() && (header[2] <= 0 || (long)header[2] * 2 > size - (long)sizeof(header))) {
         err = strprintf("tokenizer file '%s' claims %d tokens, impossible for its %ld bytes\n---> HINT: %s", path, header[2], size, hint);
+    }
+    // version 2 names its end-of-text id; it must index the pieces (a bad one would index wte out of bounds)
+    if (err.empty() && header[1] == 2 && (header[3] < 0 || header[3] >= header[2])) {
+        err = strprintf("tokenizer file '%s' has end-of-text id %d, outside its %d tokens\n---> HINT: %s", path, header[3], header[2], hint);
     }
     if (err.empty()) {
         tok->eot_token = header[1] == 2 ? header[3] : 50256;
@@ -2400,6 +2428,21 @@ static float gpt2_validate(GPT2<float>* model, DataLoader* val, int batches) {
 
 static double mib(size_t bytes) { return bytes / (1024.0 * 1024.0); }
 
+// Ctrl-C (SIGINT) or SIGTERM during training: the handler only records the signal; the loop finishes the
+// step it is in, saves as at the end of a run (atomically) and exits with 128 + signal. SA_RESETHAND: a
+// second Ctrl-C kills at once, which is still safe, since every file is written to .tmp and renamed.
+static volatile sig_atomic_t stop_signal = 0;
+static void on_stop_signal(int sig) { stop_signal = sig; }
+static void install_stop_handlers() {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESETHAND | SA_RESTART;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}
+
 #ifndef TESTING
 static void error_usage() {
     fprintf(stderr,
@@ -2718,6 +2761,7 @@ int main(int argc, char** argv) {
     int eot = have_tokenizer ? tokenizer.eot_token : 50256;
     if (eot >= cfg.vocab_size) eot = 0;
     double total_ms = 0, first_loss = 0, last_loss = 0, last_val = -1;
+    install_stop_handlers();
     for (int step = start_step; step <= steps; step++) {
         bool last_step = step == steps;
         // the adapter with everything an exact resume needs, saved where the next step would begin
@@ -2735,12 +2779,12 @@ int main(int argc, char** argv) {
             if (!err.empty()) die("flag -o: " + err);
             printf("saved checkpoint (step %d): %s\n", step, path.c_str());
         }
-        if (val_every > 0 && (step % val_every == 0 || last_step)) {
+        if (val_every > 0 && (step % val_every == 0 || last_step) && stop_signal == 0) {
             last_val = dp_mean(&dp, gpt2_validate(&model, &val_loader, val_batches));
             printf("val loss %f\n", last_val);
             fflush(stdout);
         }
-        if (sample_every > 0 && (step % sample_every == 0 || last_step)) {
+        if (sample_every > 0 && (step % sample_every == 0 || last_step) && stop_signal == 0) {
             std::vector<int> out = gpt2_generate(&model, std::vector<int>{eot}, gen_tokens, &sample_rng, temperature, top_k);
             printf("generating:\n---\n");
             print_tokens(have_tokenizer ? &tokenizer : NULL, out);
@@ -2754,6 +2798,8 @@ int main(int argc, char** argv) {
         gpt2_backward(&model);
         dp_average_gradients(&dp, &model); // data parallel: mean gradient and loss over ranks
         model.mean_loss = dp_mean(&dp, model.mean_loss);
+        err = gpt2_check_step_finite(&model, step + 1);
+        if (!err.empty()) die(err);
         gpt2_update(&model, lr, 0.9f, 0.999f, 1e-8f, weight_decay, step + 1);
         double ms = (now_seconds() - t0) * 1000.0;
         if (step > start_step) total_ms += ms; // the first step pays page faults; leave it out of the average
@@ -2764,7 +2810,13 @@ int main(int argc, char** argv) {
         if (dp.world > 1) printf(" over %d ranks, allreduce %.2f ms for %zu bytes", dp.world, dp.allreduce_ms, dp.allreduce_bytes);
         printf(", ETA %.1f s)\n", avg * (steps - step - 1) / 1000.0);
         fflush(stdout);
-        if (!std::isfinite(model.mean_loss)) die(strprintf("train loss is %f at step %d\n---> HINT: lower the learning rate (-l)", model.mean_loss, step + 1));
+        if (stop_signal != 0 && step + 1 < steps) {
+            // interrupted: this step is done; make it the last one, so the saves below happen as at a normal end
+            printf("interrupted by %s after step %d: saving and stopping%s\n", stop_signal == SIGINT ? "SIGINT (Ctrl-C)" : "SIGTERM",
+                   step + 1, output_dir == NULL ? " (no -o: nothing to save)" : full ? "" : " (resume with -A <dir>/adapter.bin)");
+            fflush(stdout);
+            steps = step + 1;
+        }
     }
     if (merged_path != NULL) {
         err = write_merged_checkpoint(&model, merged_path);
@@ -2785,6 +2837,6 @@ int main(int argc, char** argv) {
     printf("peak RSS: %.1f MiB\n", ru.ru_maxrss / 1024.0);
     gpt2_free(&model);
     dp_finalize();
-    return 0;
+    return stop_signal != 0 ? 128 + stop_signal : 0;
 }
 #endif
