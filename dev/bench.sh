@@ -9,6 +9,9 @@ BENCH_MATMUL=${BENCH_MATMUL:-build/omp/bench_matmul}
 STEPS=${STEPS:-5}
 PYTHON=${PYTHON:-/usr/bin/python3}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# passive OpenMP waiting (the twin sets the same for torch): on this shared 2-core machine an active
+# spin-wait burns the time slice a descheduled partner thread needs (measured 3x slower under load)
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 # peers are measured with their own defaults: OpenBLAS picks its kernel and cache sizes itself
 unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
 
@@ -17,7 +20,7 @@ small=data/bench_gpt2_L4_C256.bin # the offline base's shape: L=4, C=256, NH=4, 
 [ -f "$big" ] || "$BENCH_STEP" gen "$big" 12 768 12 1024
 [ -f "$small" ] || "$BENCH_STEP" gen "$small" 4 256 4 256
 
-echo "[bench] OMP_NUM_THREADS=$OMP_NUM_THREADS B=4 T=64 r=8 (all four targets), $(nproc) cores, $(date -u +%FT%TZ)"
+echo "[bench] OMP_NUM_THREADS=$OMP_NUM_THREADS OMP_WAIT_POLICY=$OMP_WAIT_POLICY load $(cut -d" " -f1-3 /proc/loadavg) B=4 T=64 r=8 (all four targets), $(nproc) cores, $(date -u +%FT%TZ)"
 declare -A ms rss
 for cfg in small big; do
     ckpt=${!cfg}

@@ -6,14 +6,14 @@
 //   ./build/bench_step lora <ckpt> <B> <T> <steps> [r]       LoRA, all four targets, alpha = 2r
 //   ./build/bench_step full <ckpt> <B> <T> <steps>           full fine-tuning (-f 1)
 //
-// Output: bench <mode> L <L> C <C> B <B> T <T> ms/step <x> tok/s <x> GFLOP/s <x> matmul% <x> peak_rss_MiB <x>
+// Output: bench <mode> L <L> C <C> B <B> T <T> ms/step <x> tok/s <x> GFLOP/s <x> matmul% <x> peak_rss_MiB <x> (phases)
 // GFLOP/s counts the base matmuls only (what matmul_stats records: 2*BT*C*OC per product done);
 // matmul% is their share of the step time.
 #define TESTING
 #include "../train_gpt2_lora.cpp"
 #include <chrono>
 
-static double now_seconds() {
+static double bench_now() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
@@ -68,26 +68,31 @@ int main(int argc, char** argv) {
     uint64_t s = 42;
     for (int& t : tokens) { s = s * 6364136223846793005ULL + 1442695040888963407ULL; t = (int)((s >> 33) % model.config.vocab_size); }
 
-    double total = 0, mm_seconds = 0, mm_flops = 0;
+    double total = 0, mm_seconds = 0, mm_flops = 0, t_fwd = 0, t_bwd = 0, t_upd = 0;
     for (int step = 0; step <= steps; step++) { // step 0 warms up (first touch of buffers), not timed
         matmul_stats = MatmulStats{0.0, 0.0};
-        double t0 = now_seconds();
+        double t0 = bench_now();
         gpt2_forward(&model, tokens.data(), tokens.data() + 1, B, T);
+        double t1 = bench_now();
         gpt2_zero_grad(&model);
         gpt2_backward(&model);
+        double t2 = bench_now();
         gpt2_update(&model, 1e-4f, 0.9f, 0.999f, 1e-8f, 0.0f, step + 1);
-        double dt = now_seconds() - t0;
+        double t3 = bench_now();
         if (step == 0) continue;
-        total += dt;
+        total += t3 - t0;
+        t_fwd += t1 - t0; t_bwd += t2 - t1; t_upd += t3 - t2;
         mm_seconds += matmul_stats.seconds;
         mm_flops += matmul_stats.flops;
     }
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     double ms = 1000.0 * total / steps;
-    printf("bench %s L %d C %d B %d T %d ms/step %.1f tok/s %.0f GFLOP/s %.1f matmul%% %.0f peak_rss_MiB %.0f loss %.4f\n",
+    printf("bench %s L %d C %d B %d T %d ms/step %.1f tok/s %.0f GFLOP/s %.1f matmul%% %.0f peak_rss_MiB %.0f "
+           "(forward %.1f, zero_grad+backward %.1f, update %.1f ms)\n",
            full ? "full" : "lora", model.config.num_layers, model.config.channels, B, T, ms, (double)B * T * steps / total,
-           mm_flops / total * 1e-9, 100.0 * mm_seconds / total, ru.ru_maxrss / 1024.0, (double)model.mean_loss);
+           mm_flops / total * 1e-9, 100.0 * mm_seconds / total, ru.ru_maxrss / 1024.0,
+           1000.0 * t_fwd / steps, 1000.0 * t_bwd / steps, 1000.0 * t_upd / steps);
     gpt2_free(&model);
     return 0;
 }
