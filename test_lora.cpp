@@ -1419,6 +1419,15 @@ TEST_CASE("the trainer binary: -o/-k save, -A resumes with the same losses, bad 
     CHECK(has(out, "wrote merged checkpoint"));
     CHECK(run_trainer("-e " + merged + " " + common + " -x 1", &out) == 0);
     CHECK(run_trainer("-e " + ckpt + " -x 0 -A " + dir.file("a") + " -M " + merged, &out) == 0); // from the PEFT export
+    // a malformed PEFT export: non-zero exit naming -A and the safetensors file
+    REQUIRE(mkdir(dir.file("peft_bad").c_str(), 0755) == 0);
+    std::vector<char> st = read_all(dir.file("a/adapter_model.safetensors")), config = read_all(dir.file("a/adapter_config.json"));
+    write_bytes(dir.file("peft_bad/adapter_model.safetensors"), st.data(), st.size() - 4);
+    write_bytes(dir.file("peft_bad/adapter_config.json"), config.data(), config.size());
+    CHECK(run_trainer("-e " + ckpt + " -x 0 -A " + dir.file("peft_bad") + " -M " + merged, &out) != 0);
+    CHECK(has(out, "-A"));
+    CHECK(has(out, "peft_bad/adapter_model.safetensors"));
+    CHECK(has(out, "HINT"));
     // bad flags
     CHECK(run_trainer("-e " + ckpt + " " + common + " -x 1 -k 2", &out) != 0);
     CHECK(has(out, "-k"));
