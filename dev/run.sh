@@ -26,10 +26,10 @@ BASE_LR="${BASE_LR:-2e-3}"       # constant AdamW learning rate
 # the LoRA fine-tune on tinyshakespeare
 LORA_B="${LORA_B:-8}"
 LORA_T="${LORA_T:-128}"
-LORA_STEPS="${LORA_STEPS:-200}"
+LORA_STEPS="${LORA_STEPS:-300}"
 LORA_R="${LORA_R:-8}"
 LORA_ALPHA="${LORA_ALPHA:-32}"
-LORA_LR="${LORA_LR:-1e-2}"
+LORA_LR="${LORA_LR:-5e-3}"
 
 BROWN_BASE=data/brown_base.bin
 STARTER_BASE=data/gpt2_124M.bin
@@ -169,4 +169,7 @@ samples | awk -F'\t' '$1 == 1 { print "    " $2 }'
 echo "sample after (LoRA, step $LORA_STEPS):"
 samples | awk -F'\t' -v n="${nsamples:-0}" '$1 == n && n > 1 { print "    " $2 }'
 echo "times:                    build $TIME_BUILD s, data $TIME_DATA, base $TIME_BASE, LoRA $TIME_LORA, total $(since "$T_START") s"
+# CPU seconds of everything this run started: on a shared machine, wall time alone says little
+times > "$RUN_DIR/times.txt"
+echo "CPU time:                 $(tail -1 "$RUN_DIR/times.txt" | awk '{print $1 " user, " $2 " sys"}') (load average now: $(cut -d' ' -f1-3 /proc/loadavg))"
 echo "logs:                     $RUN_DIR/pretrain.log (when pretrained here), $LOG"
