@@ -769,6 +769,446 @@ TEST_CASE("rsLoRA: scale = alpha / sqrt(r), and the forward adds exactly alpha /
     gpt2_free(&adapted);
     gpt2_free(&merged);
 }
+TEST_CASE("LoRA+: one AdamW step moves lora_B with lr * ratio and lora_A with lr, element by element") {
+    const int B = 2, T = 5, r = 3;
+    const float lr = 1e-2f, ratio = 16.0f, wd = 0.1f, eps = 1e-8f;
+    GPT2<double> model;
+    gpt2_build_random(&model, tiny_config(), 71);
+    LoRAConfig cfg = lora_config(r, 6.0f, (1u << LORA_QKV) | (1u << LORA_FC) | (1u << LORA_FCPROJ)); // no attproj: a gap
+    cfg.lr_ratio_B = ratio;
+    gpt2_lora_attach(&model, cfg, 72);
+    int L = model.config.num_layers, C = model.config.channels;
+    randomize_lora_B(&model.lora, L, C, 73, 0.1);
+    Rng rng;
+    rng_seed(&rng, 74);
+    std::vector<int> inputs, targets;
+    random_tokens(&rng, &inputs, B * T, model.config.vocab_size);
+    random_tokens(&rng, &targets, B * T, model.config.vocab_size);
+    gpt2_forward(&model, inputs.data(), targets.data(), B, T);
+    gpt2_zero_grad(&model);
+    gpt2_backward(&model);
+    size_t n = model.lora.num_parameters;
+    std::vector<double> p0(model.lora.params_memory, model.lora.params_memory + n);
+    std::vector<double> g(model.lora.grads_memory, model.lora.grads_memory + n);
+    gpt2_update(&model, lr, 0.9f, 0.999f, eps, wd, 1);
+    // which elements are lora_B, from the tensor list (independent of lora_lr_ranges)
+    std::vector<char> is_B(n, 0);
+    size_t nB = 0;
+    for (const LoRATensor& x : lora_tensor_list(cfg, L, C)) {
+        if (!x.is_B) continue;
+        for (size_t i = 0; i < (size_t)x.rows * x.cols; i++) { is_B[x.offset + i] = 1; nB++; }
+    }
+    CHECK(nB == (size_t)L * r * (3 * C + 4 * C + C));
+    // AdamW at t = 1: m = (1 - b1) g, v = (1 - b2) g^2, so mhat = g and vhat = g^2 after bias correction:
+    // p1 = p0 - lr_e * (g / (|g| + eps) + wd * p0), lr_e = lr * ratio on lora_B, lr on lora_A
+    double maxdiff = 0;
+    for (size_t i = 0; i < n; i++) {
+        double lr_e = is_B[i] ? (double)lr * ratio : (double)lr;
+        double expect = p0[i] - lr_e * (g[i] / (std::fabs(g[i]) + (double)eps) + (double)wd * p0[i]);
+        maxdiff = std::max(maxdiff, std::fabs(model.lora.params_memory[i] - expect));
+    }
+    // double arithmetic, but lr, betas and eps enter as floats: same values either way, so only
+    // rounding of a few operations on O(lr * ratio) = O(0.2) steps remains
+    const double tol_loraplus = 1e-12;
+    MESSAGE("LoRA+ step vs the per-element formula: maxdiff " << maxdiff);
+    CHECK(maxdiff < tol_loraplus);
+    // and with the ratio, a lora_B step really is ratio times larger than it would be without
+    CHECK(std::fabs(model.lora.params_memory[model.lora.lora_B[LORA_QKV] - model.lora.params_memory] -
+                    p0[model.lora.lora_B[LORA_QKV] - model.lora.params_memory]) > 1.0 * lr);
+    gpt2_free(&model);
+}
+
+TEST_CASE("DoRA: the row norm without forming lora_B lora_A equals the norm of the formed matrix") {
+    const int C = 7, OC = 5, r = 3;
+    Rng rng;
+    rng_seed(&rng, 81);
+    std::vector<double> W0 = random_vector(&rng, (size_t)OC * C, 1.0), lora_A = random_vector(&rng, (size_t)r * C, 0.5);
+    std::vector<double> lora_B = random_vector(&rng, (size_t)OC * r, 0.5), n(OC), P((size_t)OC * r);
+    const double scale = 1.7;
+    dora_norm_forward(n.data(), P.data(), W0.data(), lora_A.data(), lora_B.data(), scale, C, OC, r);
+    std::vector<double> V = W0;
+    lora_merge(V.data(), lora_A.data(), lora_B.data(), scale, C, OC, r, +1);
+    double maxdiff = 0;
+    for (int o = 0; o < OC; o++) {
+        double sum = 0;
+        for (int c = 0; c < C; c++) { sum += V[(size_t)o * C + c] * V[(size_t)o * C + c]; }
+        maxdiff = std::max(maxdiff, std::fabs(std::sqrt(sum) - n[o]));
+    }
+    const double tol_norm = 1e-12; // double, O(1) norms: the expansion only reorders the sums
+    CHECK(maxdiff < tol_norm);
+}
+
+TEST_CASE("dora_backward matches finite differences (m, lora_A, lora_B, inp) over magnitudes") {
+    const int BT = 4, C = 6, OC = 5, r = 2;
+    Rng rng;
+    rng_seed(&rng, 82);
+    for (double mag : {0.1, 1.0, 3.0}) {
+        CAPTURE(mag);
+        std::vector<double> inp = random_vector(&rng, (size_t)BT * C, mag), w = random_vector(&rng, (size_t)BT * OC, 1.0);
+        std::vector<double> W0 = random_vector(&rng, (size_t)OC * C, 0.5), bias = random_vector(&rng, OC, 0.5);
+        std::vector<double> lora_A = random_vector(&rng, (size_t)r * C, 0.5), lora_B = random_vector(&rng, (size_t)OC * r, 0.5);
+        std::vector<double> m = random_vector(&rng, OC, 1.0);
+        for (double& x : m) x += 1.5; // magnitudes are positive in practice (they start at row norms)
+        const double scale = 1.3;
+        std::vector<double> out((size_t)BT * OC), h((size_t)BT * r), z((size_t)BT * OC), n(OC), P((size_t)OC * r);
+        auto loss = [&]() {
+            matmul_forward_naive(out.data(), inp.data(), W0.data(), bias.data(), 1, BT, C, OC);
+            dora_forward(out.data(), h.data(), z.data(), n.data(), P.data(), inp.data(), bias.data(), W0.data(),
+                         lora_A.data(), lora_B.data(), m.data(), scale, BT, C, OC, r);
+            return dot(w, out.data());
+        };
+        loss();
+        std::vector<double> dinp(inp.size(), 0.0), dA(lora_A.size(), 0.0), dB(lora_B.size(), 0.0), dm(OC, 0.0);
+        std::vector<double> dh((size_t)BT * r), dz((size_t)BT * OC);
+        // as in the model: the base matmul passes dout @ W0, dora_backward adds the rest
+        matmul_backward_naive(dinp.data(), (double*)NULL, (double*)NULL, w.data(), inp.data(), W0.data(), 1, BT, C, OC);
+        dora_backward(dinp.data(), dA.data(), dB.data(), dm.data(), dh.data(), dz.data(), w.data(), h.data(), z.data(),
+                      n.data(), P.data(), inp.data(), W0.data(), lora_A.data(), lora_B.data(), m.data(), scale, BT, C, OC, r);
+        CHECK(fd_relative_error(m.data(), m.size(), dm.data(), loss, "dora dm") < tol_fd);
+        CHECK(fd_relative_error(lora_A.data(), lora_A.size(), dA.data(), loss, "dora dlora_A") < tol_fd);
+        CHECK(fd_relative_error(lora_B.data(), lora_B.size(), dB.data(), loss, "dora dlora_B") < tol_fd);
+        CHECK(fd_relative_error(inp.data(), inp.size(), dinp.data(), loss, "dora dinp") < tol_fd);
+    }
+}
+
+TEST_CASE("DoRA in the model: starts at the base (m = row norms), and every adapter gradient matches finite differences") {
+    const int B = 2, T = 5, r = 2;
+    GPT2<double> base, model;
+    gpt2_build_random(&base, tiny_config(), 91);
+    gpt2_build_random(&model, tiny_config(), 91);
+    LoRAConfig cfg = lora_config(r, 4.0f, LORA_ALL_TARGETS);
+    std::string err;
+    REQUIRE(lora_parse_variants("dora", &cfg, &err));
+    gpt2_lora_attach(&model, cfg, 92);
+    int L = model.config.num_layers, C = model.config.channels;
+    CHECK(model.lora.num_parameters == lora_count_parameters(lora_config(r, 4.0f, LORA_ALL_TARGETS), L, C) + (size_t)L * (3 + 1 + 4 + 1) * C);
+    Rng rng;
+    rng_seed(&rng, 93);
+    std::vector<int> inputs, targets;
+    random_tokens(&rng, &inputs, B * T, model.config.vocab_size);
+    random_tokens(&rng, &targets, B * T, model.config.vocab_size);
+    gpt2_forward(&base, inputs.data(), (const int*)NULL, B, T);
+    gpt2_forward(&model, inputs.data(), (const int*)NULL, B, T);
+    double maxdiff = 0;
+    for (size_t i = 0; i < (size_t)B * T * model.config.padded_vocab_size; i++) {
+        maxdiff = std::max(maxdiff, std::fabs(base.acts.logits[i] - model.acts.logits[i]));
+    }
+    const double tol_dora_init = 1e-12; // m / n = 1 exactly; (out - bias) + bias rounds in double
+    CHECK(maxdiff < tol_dora_init);
+    // move away from init: lora_B and m nonzero / off the norms, then the whole gradient by central differences
+    randomize_lora_B(&model.lora, L, C, 94, 0.1);
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        for (size_t i = 0; i < (size_t)L * lora_target_out(t, C); i++) { model.lora.dora_m[t][i] *= 1.0 + 0.2 * (rng_f32(&rng) - 0.5); }
+    }
+    auto loss = [&]() {
+        gpt2_forward(&model, inputs.data(), targets.data(), B, T);
+        return model.mean_loss;
+    };
+    loss();
+    gpt2_zero_grad(&model);
+    gpt2_backward(&model);
+    std::vector<double> grads(model.lora.grads_memory, model.lora.grads_memory + model.lora.num_parameters);
+    CHECK(fd_relative_error(model.lora.params_memory, model.lora.num_parameters, grads.data(), loss,
+                            "model DoRA: lora_A, lora_B and m of every target") < tol_fd);
+    gpt2_free(&base);
+    gpt2_free(&model);
+}
+
+TEST_CASE("quantized base: int8 and NF4 quantize -> dequantize stay within their per-block error bounds") {
+    const size_t n = 1000; // not a multiple of 64: the last block is partial
+    Rng rng;
+    rng_seed(&rng, 101);
+    std::vector<float> W(n);
+    for (size_t i = 0; i < n; i++) { W[i] = 0.02f * rng_normal(&rng) * (1 + (float)(i / 64)); } // blocks of different scales
+    for (size_t i = 128; i < 192; i++) { W[i] = 0; } // an all-zero block must come back as zeros
+    W[5] = 0.3f; // an outlier sets its block's absmax
+    // the largest gap between neighbouring NF4 levels (between 0.7229... and 1)
+    float max_gap = 0;
+    for (int k = 0; k < 15; k++) { max_gap = std::max(max_gap, nf4_levels[k + 1] - nf4_levels[k]); }
+    for (int quant : {(int)LORA_QUANT_INT8, (int)LORA_QUANT_NF4}) {
+        CAPTURE(quant);
+        std::vector<uint8_t> q(lora_quant_code_bytes(quant, n));
+        std::vector<float> absmax(lora_quant_blocks(n)), D(n);
+        quantize_forward(q.data(), absmax.data(), W.data(), n, quant);
+        dequantize_forward(D.data(), q.data(), absmax.data(), n, quant);
+        CHECK(q.size() == (quant == LORA_QUANT_INT8 ? n : n / 2));
+        size_t worst_block = 0;
+        double worst = 0; // the largest error as a fraction of its block's bound
+        for (size_t b = 0; b < absmax.size(); b++) {
+            float amax = 0;
+            for (size_t i = b * 64; i < std::min(n, b * 64 + 64); i++) { amax = std::max(amax, std::fabs(W[i])); }
+            CHECK(absmax[b] == amax);
+            // int8: half a step of absmax / 127; NF4: half the widest level gap. Plus fp32 rounding of the
+            // scaling (a few ulp of absmax).
+            double bound = amax * (quant == LORA_QUANT_INT8 ? 0.5 / 127 : 0.5 * max_gap) + 4 * amax * 1.2e-7;
+            for (size_t i = b * 64; i < std::min(n, b * 64 + 64); i++) {
+                double err = std::fabs((double)W[i] - D[i]);
+                CHECK(err <= bound);
+                if (bound > 0 && err / bound > worst) { worst = err / bound; worst_block = b; }
+            }
+        }
+        MESSAGE(std::string(lora_quant_names[quant]) << ": worst error " << worst << " of the bound (block " << worst_block << ")");
+        for (size_t i = 128; i < 192; i++) { CHECK(D[i] == 0.0f); }
+        // NF4 picks the nearest level: no other level is closer to W / absmax
+        if (quant == LORA_QUANT_NF4) {
+            int not_nearest = 0;
+            for (size_t i = 0; i < n; i++) {
+                float amax = absmax[i / 64];
+                if (amax == 0) continue;
+                float x = W[i] / amax, got = D[i] / amax;
+                for (int k = 0; k < 16; k++) { if (std::fabs(x - nf4_levels[k]) < std::fabs(x - got) - 1e-6f) not_nearest++; }
+            }
+            CHECK(not_nearest == 0);
+        }
+    }
+}
+
+TEST_CASE("quantized base: the model's forward and adapter gradients equal an fp32 model holding the dequantized weights") {
+    const int B = 2, T = 6, r = 4;
+    for (int quant : {(int)LORA_QUANT_INT8, (int)LORA_QUANT_NF4}) {
+        CAPTURE(quant);
+        GPT2<float> qmodel, ref;
+        gpt2_build_random(&qmodel, tiny_config(), 111);
+        gpt2_build_random(&ref, tiny_config(), 111);
+        LoRAConfig cfg = lora_config(r, 8.0f, LORA_ALL_TARGETS);
+        cfg.base_quant = quant;
+        gpt2_lora_attach(&qmodel, cfg, 112);
+        gpt2_lora_attach(&ref, lora_config(r, 8.0f, LORA_ALL_TARGETS), 112);
+        int L = qmodel.config.num_layers, C = qmodel.config.channels;
+        randomize_lora_B(&qmodel.lora, L, C, 113, 0.1);
+        randomize_lora_B(&ref.lora, L, C, 113, 0.1);
+        // the reference: fp32 matrices replaced by dequantize(quantize(W)), computed here layer by layer
+        float* base[LORA_NUM_TARGETS];
+        base_matrices(&ref, base);
+        for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+            size_t n = (size_t)lora_target_out(t, C) * lora_target_in(t, C);
+            std::vector<uint8_t> q(lora_quant_code_bytes(quant, n));
+            std::vector<float> absmax(lora_quant_blocks(n));
+            for (int l = 0; l < L; l++) {
+                quantize_forward(q.data(), absmax.data(), base[t] + (size_t)l * n, n, quant);
+                dequantize_forward(base[t] + (size_t)l * n, q.data(), absmax.data(), n, quant);
+            }
+        }
+        CHECK(lora_base_weight_bytes(&qmodel.lora, quant) < lora_base_weight_bytes(&qmodel.lora, LORA_QUANT_FP32) / (quant == LORA_QUANT_INT8 ? 3 : 6));
+        Rng rng;
+        rng_seed(&rng, 114);
+        std::vector<int> inputs, targets;
+        random_tokens(&rng, &inputs, B * T, qmodel.config.vocab_size);
+        random_tokens(&rng, &targets, B * T, qmodel.config.vocab_size);
+        gpt2_forward(&qmodel, inputs.data(), targets.data(), B, T);
+        gpt2_forward(&ref, inputs.data(), targets.data(), B, T);
+        double maxdiff = 0;
+        for (size_t i = 0; i < (size_t)B * T * qmodel.config.padded_vocab_size; i++) {
+            maxdiff = std::max(maxdiff, (double)std::fabs(qmodel.acts.logits[i] - ref.acts.logits[i]));
+        }
+        // the same fp32 weights reach the same matmul kernels in the same order
+        const double tol_quant_logits = 1e-6;
+        MESSAGE(std::string(lora_quant_names[quant]) << " base vs fp32 on dequantized weights: logits maxdiff " << maxdiff);
+        CHECK(maxdiff < tol_quant_logits);
+        gpt2_zero_grad(&qmodel);
+        gpt2_backward(&qmodel);
+        gpt2_zero_grad(&ref);
+        gpt2_backward(&ref);
+        double gdiff = 0, gmax = 0;
+        for (size_t i = 0; i < qmodel.lora.num_parameters; i++) {
+            gdiff = std::max(gdiff, (double)std::fabs(qmodel.lora.grads_memory[i] - ref.lora.grads_memory[i]));
+            gmax = std::max(gmax, (double)std::fabs(ref.lora.grads_memory[i]));
+        }
+        const double tol_quant_grads = 1e-5; // relative to the largest gradient; fp32, same kernels
+        CHECK(gdiff <= tol_quant_grads * gmax);
+        gpt2_free(&qmodel);
+        gpt2_free(&ref);
+    }
+}
+
+TEST_CASE("PiSSA's SVD (randomized subspace iteration) agrees with a Jacobi eigen-decomposition of W^T W") {
+    const int OC = 12, C = 9, r = 3;
+    Rng rng;
+    rng_seed(&rng, 121);
+    std::vector<double> W = random_vector(&rng, (size_t)OC * C, 1.0);
+    std::vector<double> U((size_t)OC * r), S(r), Vt((size_t)r * C);
+    svd_top_forward(U.data(), S.data(), Vt.data(), W.data(), OC, C, r, 8, 122);
+    // direct: W^T W = V diag(S^2) V^T, eigen-decomposed by the same Jacobi rotations but on the full (C, C) matrix
+    std::vector<double> G((size_t)C * C), E((size_t)C * C);
+    for (int i = 0; i < C; i++) {
+        for (int j = 0; j < C; j++) {
+            double sum = 0;
+            for (int o = 0; o < OC; o++) { sum += W[(size_t)o * C + i] * W[(size_t)o * C + j]; }
+            G[(size_t)i * C + j] = sum;
+        }
+    }
+    jacobi_eigen(G.data(), E.data(), C);
+    std::vector<int> order(C);
+    for (int i = 0; i < C; i++) order[i] = i;
+    std::sort(order.begin(), order.end(), [&](int a, int b) { return G[(size_t)a * C + a] > G[(size_t)b * C + b]; });
+    // double throughout; squaring into W^T W costs a factor cond ~ 10 of the 1e-16 relative precision
+    const double tol_svd = 1e-10;
+    for (int i = 0; i < r; i++) {
+        double sigma = std::sqrt(G[(size_t)order[i] * C + order[i]]);
+        CHECK(std::fabs(S[i] - sigma) < tol_svd * S[0]);
+        // the same right singular vector up to sign: |v_i . v_i'| = 1
+        double d = 0;
+        for (int c = 0; c < C; c++) { d += Vt[(size_t)i * C + c] * E[(size_t)c * C + order[i]]; }
+        CHECK(std::fabs(std::fabs(d) - 1) < tol_svd);
+        // and u_i = W v_i / sigma_i
+        double maxdiff = 0;
+        for (int o = 0; o < OC; o++) {
+            double wv = 0;
+            for (int c = 0; c < C; c++) { wv += W[(size_t)o * C + c] * Vt[(size_t)i * C + c]; }
+            maxdiff = std::max(maxdiff, std::fabs(wv / S[i] - U[(size_t)o * r + i]));
+        }
+        CHECK(maxdiff < tol_svd);
+    }
+}
+
+TEST_CASE("PiSSA: scale * lora_B lora_A is the top-r SVD part, and the model's forward is unchanged at init") {
+    const int B = 2, T = 6, r = 4;
+    GPT2<float> base, model;
+    gpt2_build_random(&base, tiny_config(), 131);
+    gpt2_build_random(&model, tiny_config(), 131);
+    LoRAConfig cfg = lora_config(r, 8.0f, LORA_ALL_TARGETS);
+    std::string err;
+    REQUIRE(lora_parse_variants("pissa", &cfg, &err));
+    gpt2_lora_attach(&model, cfg, 132);
+    int C = model.config.channels;
+    // the residual's largest singular value is the (r+1)-th of W0: the top r moved into the adapter
+    float* W0[LORA_NUM_TARGETS];
+    float* Wres[LORA_NUM_TARGETS];
+    base_matrices(&base, W0);
+    base_matrices(&model, Wres);
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        int in = lora_target_in(t, C), out = lora_target_out(t, C);
+        std::vector<double> U((size_t)out * (r + 1)), S(r + 1), Vt((size_t)(r + 1) * in), Ur((size_t)out), Sr(1), Vr(in);
+        svd_top_forward(U.data(), S.data(), Vt.data(), W0[t], out, in, r + 1, 30, 133);
+        svd_top_forward(Ur.data(), Sr.data(), Vr.data(), Wres[t], out, in, 1, 30, 134);
+        CAPTURE(t);
+        // Eckart-Young: no rank-r subtraction leaves less than sigma_{r+1}(W0); the exact top-r SVD leaves
+        // exactly that. A random matrix's spectrum decays slowly, so LORA_PISSA_ITERS subspace iterations
+        // land within a few percent; a wrong split (wrong scale, wrong side) would leave O(sigma_1).
+        const double tol_sigma_lo = 1e-4; // fp32 rounding of the residual, relative to sigma_1
+        const double tol_sigma_hi = 0.05; // how far from optimal the iterated subspace may be
+        MESSAGE("target " << t << ": sigma_1(residual) " << Sr[0] << ", sigma_{r+1}(W0) " << S[r] << ", sigma_1(W0) " << S[0]);
+        CHECK(Sr[0] > S[r] - tol_sigma_lo * S[0]);
+        CHECK(Sr[0] < S[r] * (1 + tol_sigma_hi));
+        CHECK(S[r] < (1 - 2 * tol_sigma_hi) * S[0]); // the spectrum decays enough for the check above to mean something
+    }
+    Rng rng;
+    rng_seed(&rng, 135);
+    std::vector<int> inputs;
+    random_tokens(&rng, &inputs, B * T, model.config.vocab_size);
+    gpt2_forward(&base, inputs.data(), (const int*)NULL, B, T);
+    gpt2_forward(&model, inputs.data(), (const int*)NULL, B, T);
+    double maxdiff = 0, maxlogit = 0;
+    for (size_t i = 0; i < (size_t)B * T * model.config.padded_vocab_size; i++) {
+        maxdiff = std::max(maxdiff, (double)std::fabs(base.acts.logits[i] - model.acts.logits[i]));
+        maxlogit = std::max(maxlogit, (double)std::fabs(base.acts.logits[i]));
+    }
+    // fp32: W0 = residual + scale lora_B lora_A holds to a few ulp of |W0| per weight, and the residual
+    // and low-rank branch round separately; through 2 layers that stays far below 1e-4 of the logits
+    const double tol_pissa_init = 1e-4;
+    MESSAGE("PiSSA init: logits maxdiff " << maxdiff << " (max |logit| " << maxlogit << ")");
+    CHECK(maxdiff < tol_pissa_init * std::max(1.0, maxlogit));
+    gpt2_free(&base);
+    gpt2_free(&model);
+}
+
+// three different adapters (ranks, scales, targets) with nonzero lora_B, for a tiny model
+template <typename real>
+static void make_three_adapters(LoRA<real> adapters[3], int L, int C) {
+    LoRAConfig cfgs[3] = {lora_config(2, 4.0f, LORA_ALL_TARGETS), lora_config_rslora(lora_config(4, 2.0f, (1u << LORA_QKV) | (1u << LORA_FC)), true),
+                          lora_config(3, 6.0f, (1u << LORA_ATTPROJ) | (1u << LORA_FCPROJ))};
+    for (int k = 0; k < 3; k++) {
+        lora_init(&adapters[k], cfgs[k], L, C, 140 + k);
+        randomize_lora_B(&adapters[k], L, C, 150 + k, 0.2);
+    }
+}
+
+TEST_CASE("multi-adapter batch: each sequence with its own adapter equals running that adapter alone") {
+    const int B = 4, T = 6;
+    GPT2<float> multi;
+    gpt2_build_random(&multi, tiny_config(), 141);
+    int L = multi.config.num_layers, C = multi.config.channels;
+    LoRA<float> adapters[3];
+    make_three_adapters(adapters, L, C);
+    const LoRA<float>* ptrs[3] = {&adapters[0], &adapters[1], &adapters[2]};
+    const int index[B] = {2, 0, 1, 0};
+    lora_multi_set(&multi.lora, ptrs, index, T, L, C);
+    Rng rng;
+    rng_seed(&rng, 142);
+    std::vector<int> inputs;
+    random_tokens(&rng, &inputs, B * T, multi.config.vocab_size);
+    gpt2_forward(&multi, inputs.data(), (const int*)NULL, B, T);
+    int Vp = multi.config.padded_vocab_size;
+    // one model per adapter: the same base, the adapter's parameters copied in, one sequence at a time
+    double maxdiff = 0;
+    for (int b = 0; b < B; b++) {
+        GPT2<float> single;
+        gpt2_build_random(&single, tiny_config(), 141);
+        const LoRA<float>* a = ptrs[index[b]];
+        gpt2_lora_attach(&single, a->config, 0);
+        memcpy(single.lora.params_memory, a->params_memory, a->num_parameters * sizeof(float));
+        gpt2_forward(&single, inputs.data() + (size_t)b * T, (const int*)NULL, 1, T);
+        for (size_t i = 0; i < (size_t)T * Vp; i++) {
+            maxdiff = std::max(maxdiff, (double)std::fabs(single.acts.logits[i] - multi.acts.logits[(size_t)b * T * Vp + i]));
+        }
+        gpt2_free(&single);
+    }
+    // fp32: the same kernels on the same rows; only the base matmul's blocking may differ with the batch size
+    const double tol_multi = 1e-5;
+    MESSAGE("multi-adapter batch vs each adapter alone: logits maxdiff " << maxdiff);
+    CHECK(maxdiff < tol_multi);
+    multi.lora.multi = NULL; // the holder owns nothing
+    gpt2_free(&multi);
+    for (int k = 0; k < 3; k++) lora_free(&adapters[k]);
+}
+
+TEST_CASE("weighted combination of adapters: one adapter whose delta is sum_k w_k scale_k lora_B_k lora_A_k") {
+    const int B = 2, T = 6;
+    GPT2<double> combined, merged;
+    gpt2_build_random(&combined, tiny_config(), 161);
+    gpt2_build_random(&merged, tiny_config(), 161);
+    int L = combined.config.num_layers, C = combined.config.channels;
+    LoRA<double> adapters[3], mix;
+    make_three_adapters(adapters, L, C);
+    const LoRA<double>* ptrs[3] = {&adapters[0], &adapters[1], &adapters[2]};
+    const float weights[3] = {0.5f, 1.25f, -0.75f};
+    lora_combine(&mix, ptrs, weights, 3);
+    CHECK(mix.config.r == 2 + 4 + 3);
+    CHECK(mix.config.targets == LORA_ALL_TARGETS);
+    gpt2_lora_attach(&combined, mix.config, 0);
+    memcpy(combined.lora.params_memory, mix.params_memory, mix.num_parameters * sizeof(double));
+    // the reference: every adapter merged into the base with weight * its own scale
+    double* base[LORA_NUM_TARGETS];
+    base_matrices(&merged, base);
+    for (int k = 0; k < 3; k++) {
+        for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+            if (adapters[k].lora_A[t] == NULL) continue;
+            int in = lora_target_in(t, C), out = lora_target_out(t, C), r = adapters[k].config.r;
+            for (int l = 0; l < L; l++) {
+                lora_merge(base[t] + (size_t)l * out * in, adapters[k].lora_A[t] + (size_t)l * r * in, adapters[k].lora_B[t] + (size_t)l * out * r,
+                           (double)weights[k] * adapters[k].config.scale, in, out, r, +1);
+            }
+        }
+    }
+    Rng rng;
+    rng_seed(&rng, 162);
+    std::vector<int> inputs;
+    random_tokens(&rng, &inputs, B * T, combined.config.vocab_size);
+    gpt2_forward(&combined, inputs.data(), (const int*)NULL, B, T);
+    gpt2_forward(&merged, inputs.data(), (const int*)NULL, B, T);
+    double maxdiff = 0;
+    for (size_t i = 0; i < (size_t)B * T * combined.config.padded_vocab_size; i++) {
+        maxdiff = std::max(maxdiff, std::fabs(combined.acts.logits[i] - merged.acts.logits[i]));
+    }
+    const double tol_combine = 1e-12; // double: the same sum, merged vs unmerged order
+    MESSAGE("combined adapter vs weighted merge: logits maxdiff " << maxdiff);
+    CHECK(maxdiff < tol_combine);
+    gpt2_free(&combined);
+    gpt2_free(&merged);
+    lora_free(&mix);
+    for (int k = 0; k < 3; k++) lora_free(&adapters[k]);
+}
+
 // ---- end of LoRA variants ----
 
 // ----------------------------------------------------------------------------

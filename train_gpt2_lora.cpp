@@ -814,6 +814,9 @@ void gpt2_build_random(GPT2<real>* model, GPT2Config cfg, uint64_t seed) {
 template <typename real>
 void gpt2_lora_attach(GPT2<real>* model, LoRAConfig cfg, uint64_t seed) {
     lora_init(&model->lora, cfg, model->config.num_layers, model->config.channels, seed);
+    ParameterTensors<real> p = model->params; // the variants (DoRA, PiSSA, a quantized base) need the base weights
+    real* const W[LORA_NUM_TARGETS] = {p.qkvw, p.attprojw, p.fcw, p.fcprojw}, * const bias[LORA_NUM_TARGETS] = {p.qkvb, p.attprojb, p.fcb, p.fcprojb};
+    lora_attach_base(&model->lora, W, bias);
     if (model->alloc_B > 0) lora_allocate_activations(&model->lora, (size_t)model->alloc_B * model->alloc_T);
 }
 
@@ -865,6 +868,7 @@ void gpt2_allocate(GPT2<real>* model, int B, int T) {
 // one adapted matmul's LoRA branch at layer l; nothing when that target carries no adapter
 template <typename real>
 void gpt2_lora_forward(LoRA<real>* lora, int target, int l, real* out, const real* inp, int BT) {
+    if (lora_variant_forward(lora, target, l, out, inp, BT)) return; // DoRA, or several adapters in one batch
     if (lora->lora_A[target] == NULL) return;
     int r = lora->config.r, C = lora_target_in(target, lora->C), OC = lora_target_out(target, lora->C);
     lora_forward(out, lora->h[target] + (size_t)l * BT * r, inp, lora->lora_A[target] + (size_t)l * r * C,
@@ -874,6 +878,7 @@ void gpt2_lora_forward(LoRA<real>* lora, int target, int l, real* out, const rea
 template <typename real>
 void gpt2_lora_backward(LoRA<real>* lora, int target, int l, real* dinp, const real* dout, const real* inp, int BT) {
     if (lora->lora_A[target] == NULL) return;
+    if (lora_variant_backward(lora, target, l, dinp, dout, inp, BT)) return; // DoRA
     int r = lora->config.r, C = lora_target_in(target, lora->C), OC = lora_target_out(target, lora->C);
     lora_backward(dinp, lora->dlora_A[target] + (size_t)l * r * C, lora->dlora_B[target] + (size_t)l * OC * r,
                   lora->dh, dout, lora->h[target] + (size_t)l * BT * r, inp, lora->lora_A[target] + (size_t)l * r * C,
@@ -905,15 +910,16 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
         // this layer's weights
         real* l_ln1w = params.ln1w + (size_t)l * C;
         real* l_ln1b = params.ln1b + (size_t)l * C;
-        real* l_qkvw = params.qkvw + (size_t)l * 3 * C * C;
+        // the adapted matrices: the fp32 weights, or with a quantized base (-Q) this layer's dequantized copy
+        real* l_qkvw = lora_base_weight(lora, LORA_QKV, l, params.qkvw + (size_t)l * 3 * C * C);
         real* l_qkvb = params.qkvb + (size_t)l * 3 * C;
-        real* l_attprojw = params.attprojw + (size_t)l * C * C;
+        real* l_attprojw = lora_base_weight(lora, LORA_ATTPROJ, l, params.attprojw + (size_t)l * C * C);
         real* l_attprojb = params.attprojb + (size_t)l * C;
         real* l_ln2w = params.ln2w + (size_t)l * C;
         real* l_ln2b = params.ln2b + (size_t)l * C;
-        real* l_fcw = params.fcw + (size_t)l * 4 * C * C;
+        real* l_fcw = lora_base_weight(lora, LORA_FC, l, params.fcw + (size_t)l * 4 * C * C);
         real* l_fcb = params.fcb + (size_t)l * 4 * C;
-        real* l_fcprojw = params.fcprojw + (size_t)l * C * 4 * C;
+        real* l_fcprojw = lora_base_weight(lora, LORA_FCPROJ, l, params.fcprojw + (size_t)l * C * 4 * C);
         real* l_fcprojb = params.fcprojb + (size_t)l * C;
         // this layer's activations
         real* l_ln1 = acts.ln1 + (size_t)l * BT * C;
@@ -991,11 +997,11 @@ void gpt2_backward(GPT2<real>* model) {
     for (int l = L - 1; l >= 0; l--) {
         residual = l == 0 ? acts.encoded : acts.residual3 + (size_t)(l - 1) * BT * C;
         real* l_ln1w = params.ln1w + (size_t)l * C;
-        real* l_qkvw = params.qkvw + (size_t)l * 3 * C * C;
-        real* l_attprojw = params.attprojw + (size_t)l * C * C;
+        real* l_qkvw = lora_base_weight(lora, LORA_QKV, l, params.qkvw + (size_t)l * 3 * C * C); // dequantized with -Q
+        real* l_attprojw = lora_base_weight(lora, LORA_ATTPROJ, l, params.attprojw + (size_t)l * C * C);
         real* l_ln2w = params.ln2w + (size_t)l * C;
-        real* l_fcw = params.fcw + (size_t)l * 4 * C * C;
-        real* l_fcprojw = params.fcprojw + (size_t)l * C * 4 * C;
+        real* l_fcw = lora_base_weight(lora, LORA_FC, l, params.fcw + (size_t)l * 4 * C * C);
+        real* l_fcprojw = lora_base_weight(lora, LORA_FCPROJ, l, params.fcprojw + (size_t)l * C * 4 * C);
         real* dl_ln1w = at(grads.ln1w, (size_t)l * C);
         real* dl_ln1b = at(grads.ln1b, (size_t)l * C);
         real* dl_qkvw = at(grads.qkvw, (size_t)l * 3 * C * C);
@@ -1063,9 +1069,10 @@ void gpt2_update(GPT2<real>* model, float lr, float beta1, float beta2, float ep
                      model->num_parameters, lr, beta1, beta2, eps, weight_decay, t);
     }
     LoRA<real>* lora = &model->lora;
-    if (lora->num_parameters > 0) {
-        adamw_update(lora->params_memory, lora->grads_memory, lora->m_memory, lora->v_memory,
-                     lora->num_parameters, lr, beta1, beta2, eps, weight_decay, t);
+    // LoRA+: the lora_B ranges step with lr * lr_ratio_B (one range covering everything when the ratio is 1)
+    for (const LoRALrRange& g : lora_lr_ranges(lora->config, lora->L, lora->C)) {
+        adamw_update(lora->params_memory + g.offset, lora->grads_memory + g.offset, lora->m_memory + g.offset,
+                     lora->v_memory + g.offset, g.n, lr * g.lr_mult, beta1, beta2, eps, weight_decay, t);
     }
 }
 
@@ -2477,7 +2484,10 @@ static void error_usage() {
         "  -K <int>    sample from the K most likely tokens only, 0 = all (default 0)\n"
         "  -W <0|1>    -p with the adapter merged into the weights, or as a separate branch (default 1)\n"
         "  -E <dir>    GPT-2 BPE dir (encoder.json, vocab.bpe) for -p (default ../shared/data/gpt2_tokenizer)\n"
-        "  -N <name>   base_model_name_or_path for the PEFT adapter_config.json (default gpt2)\n");
+        "  -N <name>   base_model_name_or_path for the PEFT adapter_config.json (default gpt2)\n"
+        "  -V <list>   LoRA variant: lora, or a comma list of rslora,dora,pissa (default lora)\n"
+        "  -Q <kind>   frozen base matrices stored as fp32, int8 or nf4 (QLoRA-style; default fp32)\n"
+        "  -P <float>  LoRA+: lora_B learning rate = P * lr, > 0 (default 1)\n");
     exit(EXIT_FAILURE);
 }
 
@@ -2542,6 +2552,9 @@ int main(int argc, char** argv) {
     int merged_inference = 1;       // -W
     const char* bpe_dir = NULL;     // -E, NULL: search ../shared/data/gpt2_tokenizer, data/gpt2_tokenizer
     const char* base_name = "gpt2"; // -N
+    const char* variants = "lora";  // -V, lora or a comma list of rslora,dora,pissa
+    const char* quant = "fp32";     // -Q, the frozen base's adapted matrices: fp32, int8 or nf4
+    float lr_ratio_B = 1.0f;        // -P, LoRA+: lora_B learns with lr * P
     bool tokenizer_given = false;
     for (int i = 1; i < argc; i += 2) {
         if (argv[i][0] != '-' || strlen(argv[i]) != 2) {
@@ -2584,6 +2597,9 @@ int main(int argc, char** argv) {
             case 'W': merged_inference = parse_int(argv[i], v); break;
             case 'E': bpe_dir = v; break;
             case 'N': base_name = v; break;
+            case 'V': variants = v; break;
+            case 'Q': quant = v; break;
+            case 'P': lr_ratio_B = parse_float(argv[i], v); break;
             default:
                 fprintf(stderr, "Error: unknown flag '%s'\n", argv[i]);
                 error_usage();
@@ -2635,6 +2651,11 @@ int main(int argc, char** argv) {
     if (T > cfg.max_seq_len) bad_flag("-t", strprintf("sequence length %d exceeds the model's maxT=%d\n---> HINT: use -t %d or less", T, cfg.max_seq_len, cfg.max_seq_len));
 
     LoRAConfig lcfg = lora_config(rank, alpha, target_mask);
+    if (!lora_parse_variants(variants, &lcfg, &err)) bad_flag("-V", err);
+    if (!lora_parse_quant(quant, &lcfg.base_quant, &err)) bad_flag("-Q", err);
+    if (full && lcfg.base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base is frozen, full fine-tuning trains it\n---> HINT: drop -f 1, or use -Q fp32");
+    if (!(lr_ratio_B > 0)) bad_flag("-P", strprintf("the LoRA+ ratio must be > 0, got %g\n---> HINT: 1 is plain LoRA; the LoRA+ paper uses 16", lr_ratio_B));
+    lcfg.lr_ratio_B = lr_ratio_B;
     uint64_t base_sum = 0;  // checksum of the frozen base, stamped into adapter files (-o) and checked (-A)
     TrainState resume;      // the saved run's step, loader and sampler state, when -A has them
     bool have_state = false;
@@ -2732,6 +2753,9 @@ int main(int argc, char** argv) {
         printf("[LoRA]\n");
         printf("adapter: %s\n", adapter_desc.c_str());
         printf("rank: %d\nalpha: %g\nscale: %g\ntargets: %s\n", lcfg.r, lcfg.alpha, lcfg.scale, lora_targets_string(lcfg.targets).c_str());
+        printf("variant: %s\n", lora_variants_string(lcfg).c_str());
+        printf("base_matrices_bytes: %zu (fp32 would be %zu)\n", lora_base_weight_bytes(&model.lora, lcfg.base_quant),
+               lora_base_weight_bytes(&model.lora, LORA_QUANT_FP32));
         printf("trainable_params: %zu\nfrozen_params: %zu\ntrainable %%: %.4f\n", trainable, model.num_parameters,
                100.0 * trainable / (double)(model.num_parameters + trainable));
     } else {
