@@ -2028,6 +2028,47 @@ TEST_CASE("data parallel: mpirun -np 2 with batch B per rank equals one process 
     }
 }
 
+TEST_CASE("data parallel: when one rank is killed the job ends with an error instead of hanging, and the saved adapter is whole") {
+    const char* mpirun = getenv("MPIRUN");
+    if (mpirun == NULL || mpirun[0] == '\0' || system("command -v pgrep >/dev/null") != 0) {
+        MESSAGE("skipped: needs an MPI build of the trainer and pgrep");
+        return;
+    }
+    TempDir dir;
+    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin"), out = dir.file("out"), log = dir.file("log.txt");
+    write_tiny_checkpoint(ckpt);
+    std::vector<uint16_t> ids(3000);
+    for (size_t i = 0; i < ids.size(); i++) ids[i] = (uint16_t)((i * 7) % 61);
+    write_tokens(tokens, ids);
+    REQUIRE(mkdir(out.c_str(), 0755) == 0);
+    // a run far too long to finish, saving every step; once step 3 is logged, kill -9 the last rank (a direct
+    // child of mpirun), then wait up to 60 s for mpirun to end. Still running then: the other rank hangs, so
+    // the script kills the job itself and exits 124, which the test rejects (as 3: killed nothing).
+    std::string run = std::string(mpirun) + " --allow-run-as-root --oversubscribe -np 2 -x OMP_NUM_THREADS=1 " +
+                      (getenv("TRAIN_BIN") ? getenv("TRAIN_BIN") : "./train_gpt2_lora") + " -e " + ckpt + " -i " + tokens +
+                      " -j " + tokens + " -b 2 -t 8 -x 1000000 -v 0 -s 0 -k 1 -o " + out;
+    std::string script = run + " > " + log + " 2>&1 &\nM=$!\nn=0\n" +
+        "while ! grep -q 'step 3/' " + log + "; do n=$((n+1)); if [ $n -gt 600 ] || ! kill -0 $M 2>/dev/null; then pkill -9 -P $M; kill -9 $M; exit 3; fi; sleep 0.1; done\n" +
+        "kill -9 $(pgrep -P $M | tail -n 1)\nn=0\n" +
+        "while kill -0 $M 2>/dev/null; do n=$((n+1)); if [ $n -gt 600 ]; then pkill -9 -P $M; kill -9 $M; exit 124; fi; sleep 0.1; done\n" +
+        "wait $M\n";
+    std::string script_path = dir.file("kill_one_rank.sh");
+    write_bytes(script_path, script.data(), script.size());
+    int status = system(("sh " + script_path).c_str());
+    std::string output;
+    for (char c : read_all(log)) output.push_back(c);
+    INFO("mpirun output:\n" << output);
+    REQUIRE(WIFEXITED(status));
+    int rc = WEXITSTATUS(status);
+    MESSAGE("killed rank: mpirun exit code " << rc);
+    CHECK(rc != 0);
+    CHECK(rc != 124); // the surviving rank hung
+    CHECK(rc != 3);   // the run ended or stalled before step 3: nothing was killed
+    CHECK(has(output, "signal 9"));
+    CHECK_FALSE(dir_has_tmp_file(out));
+    // the last adapter rank 0 saved is complete: it reads back
+    adapter_params(ckpt, out);
+}
 
 // ----------------------------------------------------------------------------
 // ---- parity with the PyTorch twin ----

@@ -2390,13 +2390,17 @@ static void dp_average(DataParallel* dp, float* x, size_t n) {
 #endif
 }
 
-// the gradients of what is trainable: the adapters, or with -f every base parameter (main uses one or the other)
+// the gradients of what is trainable: the adapters, or with -f every base parameter (main trains one or the other)
 static void dp_average_gradients(DataParallel* dp, GPT2<float>* model) {
-    if (model->train_base) {
-        dp_average(dp, model->grads_memory, model->num_parameters);
-    } else {
-        dp_average(dp, model->lora.grads_memory, model->lora.num_parameters);
+    if (dp->world == 1) return;
+    float* grads = model->train_base ? model->grads_memory : model->lora.grads_memory;
+    size_t n = model->train_base ? model->num_parameters : model->lora.num_parameters;
+    // any other trainable buffer would silently differ between ranks: refuse instead
+    if (n != gpt2_trainable_parameters(model)) {
+        die("data parallel (mpirun) averages the gradients of LoRA or of full fine-tuning (-f 1) only, and this run trains other parameters\n"
+            "---> HINT: run this method in one process, without mpirun");
     }
+    dp_average(dp, grads, n);
 }
 
 // mean over ranks of one number (a loss), in double
