@@ -15,6 +15,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         gpt2_lora_attach(&base, lora_config(2, 4.0f, LORA_ALL_TARGETS), 2);
         if (!peft_export(dir.c_str(), &base, "gpt2").empty()) abort();
         lora_free(&base.lora);
+        atexit([] { // leave nothing in /dev/shm
+            remove((dir + "/" PEFT_CONFIG_FILE).c_str());
+            remove((dir + "/" PEFT_WEIGHTS_FILE).c_str());
+            rmdir(dir.c_str());
+        });
     }
     std::string config = dir + "/" PEFT_CONFIG_FILE;
     FILE* f = fopen(config.c_str(), "wb");
