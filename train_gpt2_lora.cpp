@@ -543,6 +543,13 @@ void attention_backward(real* dqkv, real* datt, const real* dout, const real* qk
 }
 
 #define GELU_SCALING_FACTOR 0.7978845608028654 // sqrt(2 / pi)
+// tanh for GELU. In float, tanh(u) = 1 - 2 / (exp(2u) + 1): libm's tanhf was ~4x slower than expf
+// here and GELU is ~10% of a LoRA step; the absolute error stays below 2e-7 (GELU needs absolute, not
+// relative, accuracy: out = 0.5 x (1 + tanh)), and exp overflow/underflow gives exactly 1 / -1.
+// Double (the finite-difference tests) keeps std::tanh.
+static inline float gelu_tanh(float u) { return 1.0f - 2.0f / (std::exp(2.0f * u) + 1.0f); }
+static inline double gelu_tanh(double u) { return std::tanh(u); }
+
 // inp (N) -> out (N) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GPT-2's tanh approximation
 template <typename real>
 void gelu_forward(real* out, const real* inp, size_t N) {
@@ -550,7 +557,7 @@ void gelu_forward(real* out, const real* inp, size_t N) {
     for (size_t i = 0; i < N; i++) {
         real x = inp[i];
         real u = (real)GELU_SCALING_FACTOR * (x + (real)0.044715 * x * x * x);
-        out[i] = (real)0.5 * x * (1 + std::tanh(u));
+        out[i] = (real)0.5 * x * (1 + gelu_tanh(u));
     }
 }
 
@@ -561,7 +568,7 @@ void gelu_backward(real* dinp, const real* inp, const real* dout, size_t N) {
     for (size_t i = 0; i < N; i++) {
         real x = inp[i];
         real u = (real)GELU_SCALING_FACTOR * (x + (real)0.044715 * x * x * x);
-        real th = std::tanh(u);
+        real th = gelu_tanh(u);
         real du = (real)GELU_SCALING_FACTOR * (1 + 3 * (real)0.044715 * x * x);
         real grad = (real)0.5 * (1 + th) + (real)0.5 * x * (1 - th * th) * du;
         dinp[i] += grad * dout[i];
