@@ -3111,3 +3111,260 @@ TEST_CASE("unwritable output in the trainer: saving the adapter fails with a cle
 }
 
 // ----------------------------------------------------------------------------
+
+// ----------------------------------------------------------------------------
+// ---- other adaptation methods ----
+// adapters, prefix tuning, freezing and L2-SP: each backward against central differences in double
+
+TEST_CASE("adapter_backward matches finite differences (dinp, down and up weights and biases)") {
+    const int BT = 5, C = 6, m = 3;
+    Rng rng;
+    rng_seed(&rng, 1001);
+    for (double mag : {1e-1, 1.0, 3.0}) {
+        CAPTURE(mag);
+        std::vector<double> inp = random_vector(&rng, (size_t)BT * C, mag), w = random_vector(&rng, (size_t)BT * C, 1.0);
+        std::vector<double> down_w = random_vector(&rng, (size_t)m * C, 0.5), down_b = random_vector(&rng, m, 0.5);
+        std::vector<double> up_w = random_vector(&rng, (size_t)C * m, 0.5), up_b = random_vector(&rng, C, 0.5);
+        std::vector<double> out((size_t)BT * C), h((size_t)BT * m), hg((size_t)BT * m), dh(h.size()), dhg(h.size());
+        auto loss = [&]() {
+            adapter_forward(out.data(), h.data(), hg.data(), inp.data(), down_w.data(), down_b.data(), up_w.data(), up_b.data(), BT, C, m);
+            return dot(w, out.data());
+        };
+        loss();
+        std::vector<double> dinp(inp.size(), 0.0), ddown_w(down_w.size(), 0.0), ddown_b(m, 0.0), dup_w(up_w.size(), 0.0), dup_b(C, 0.0);
+        adapter_backward(dinp.data(), ddown_w.data(), ddown_b.data(), dup_w.data(), dup_b.data(), dh.data(), dhg.data(), w.data(),
+                         h.data(), hg.data(), inp.data(), down_w.data(), up_w.data(), BT, C, m);
+        CHECK(fd_relative_error(inp.data(), inp.size(), dinp.data(), loss, "adapter dinp") < tol_fd);
+        CHECK(fd_relative_error(down_w.data(), down_w.size(), ddown_w.data(), loss, "adapter ddown_w") < tol_fd);
+        CHECK(fd_relative_error(down_b.data(), m, ddown_b.data(), loss, "adapter ddown_b") < tol_fd);
+        CHECK(fd_relative_error(up_w.data(), up_w.size(), dup_w.data(), loss, "adapter dup_w") < tol_fd);
+        CHECK(fd_relative_error(up_b.data(), C, dup_b.data(), loss, "adapter dup_b") < tol_fd);
+    }
+}
+
+TEST_CASE("attention_prefix_backward matches finite differences; with P = 0 it is plain causal attention") {
+    const int B = 2, T = 4, C = 6, NH = 2, P = 3;
+    Rng rng;
+    rng_seed(&rng, 1002);
+    for (double mag : {1e-1, 1.0, 3.0}) {
+        CAPTURE(mag);
+        std::vector<double> qkv = random_vector(&rng, (size_t)B * T * 3 * C, mag), w = random_vector(&rng, (size_t)B * T * C, 1.0);
+        std::vector<double> pk = random_vector(&rng, (size_t)P * C, mag), pv = random_vector(&rng, (size_t)P * C, mag);
+        std::vector<double> out((size_t)B * T * C), att((size_t)B * NH * T * (P + T)), datt(att.size());
+        auto loss = [&]() {
+            attention_prefix_forward(out.data(), att.data(), qkv.data(), pk.data(), pv.data(), B, T, C, NH, P);
+            return dot(w, out.data());
+        };
+        loss();
+        std::vector<double> dqkv(qkv.size(), 0.0), dpk(pk.size(), 0.0), dpv(pv.size(), 0.0);
+        attention_prefix_backward(dqkv.data(), dpk.data(), dpv.data(), datt.data(), w.data(), qkv.data(), pk.data(), pv.data(),
+                                  att.data(), B, T, C, NH, P);
+        CHECK(fd_relative_error(qkv.data(), qkv.size(), dqkv.data(), loss, "prefix attention dqkv") < tol_fd);
+        CHECK(fd_relative_error(pk.data(), pk.size(), dpk.data(), loss, "prefix attention dprefix_k") < tol_fd);
+        CHECK(fd_relative_error(pv.data(), pv.size(), dpv.data(), loss, "prefix attention dprefix_v") < tol_fd);
+        // P = 0: the same arithmetic as attention_forward, so the same bits
+        std::vector<double> out0(out.size()), att0((size_t)B * NH * T * T), out1(out.size()), att1(att0.size());
+        attention_prefix_forward(out0.data(), att0.data(), qkv.data(), pk.data(), pv.data(), B, T, C, NH, 0);
+        attention_forward(out1.data(), att1.data(), qkv.data(), B, T, C, NH);
+        CHECK(out0 == out1);
+    }
+}
+
+// perturbs every base parameter by up to +-0.05 so layernorm weights and biases are not exactly 1 / 0
+static void build_tiny_perturbed(GPT2<double>* model, uint64_t seed) {
+    gpt2_build_random(model, tiny_config(), seed);
+    Rng rng;
+    rng_seed(&rng, seed + 100);
+    for (size_t i = 0; i < model->num_parameters; i++) { model->params_memory[i] += 0.05 * (2.0 * rng_f32(&rng) - 1.0); }
+}
+
+// forward + backward once on random tokens; returns the loss closure for finite differences
+static std::function<double()> tiny_loss_and_backward(GPT2<double>* model, std::vector<int>* inputs, std::vector<int>* targets,
+                                                      uint64_t seed, bool with_penalty = false) {
+    const int B = 2, T = 5;
+    Rng rng;
+    rng_seed(&rng, seed);
+    random_tokens(&rng, inputs, B * T, model->config.vocab_size);
+    random_tokens(&rng, targets, B * T, model->config.vocab_size);
+    auto loss = [=]() {
+        gpt2_forward(model, inputs->data(), targets->data(), B, T);
+        return (double)model->mean_loss + (with_penalty ? (double)model->reg_loss : 0.0);
+    };
+    loss();
+    gpt2_zero_grad(model);
+    gpt2_backward(model);
+    return loss;
+}
+
+TEST_CASE("end to end, adapters: every adapter parameter's gradient matches finite differences") {
+    GPT2<double> model;
+    build_tiny_perturbed(&model, 1101);
+    const int m = 3;
+    gpt2_adapters_attach(&model, m, 1102);
+    // up = 0 at init would leave down with a zero gradient; make them nonzero so both are checked
+    Rng rng;
+    rng_seed(&rng, 1103);
+    for (size_t i = 0; i < model.adapters.buf.n; i++) model.adapters.buf.params[i] += 0.1 * (2.0 * rng_f32(&rng) - 1.0);
+    std::vector<int> inputs, targets;
+    auto loss = tiny_loss_and_backward(&model, &inputs, &targets, 1104);
+    std::vector<double> grads(model.adapters.buf.grads, model.adapters.buf.grads + model.adapters.buf.n);
+    CHECK(fd_relative_error(model.adapters.buf.params, model.adapters.buf.n, grads.data(), loss, "model adapters (all)") < tol_fd);
+    gpt2_free(&model);
+}
+
+TEST_CASE("adapters and LoRA-free base: up = 0 at init gives logits bit-identical to the base") {
+    const int B = 2, T = 8;
+    GPT2<float> base, adapted;
+    gpt2_build_random(&base, tiny_config(), 1111);
+    gpt2_build_random(&adapted, tiny_config(), 1111);
+    gpt2_adapters_attach(&adapted, 4, 1112);
+    Rng rng;
+    rng_seed(&rng, 1113);
+    std::vector<int> inputs;
+    random_tokens(&rng, &inputs, B * T, base.config.vocab_size);
+    gpt2_forward(&base, inputs.data(), (const int*)NULL, B, T);
+    gpt2_forward(&adapted, inputs.data(), (const int*)NULL, B, T);
+    size_t n = (size_t)B * T * base.config.padded_vocab_size;
+    CHECK(memcmp(base.acts.logits, adapted.acts.logits, n * sizeof(float)) == 0);
+    CHECK(gpt2_trainable_parameters(&adapted) == adapters_count_parameters(2, 32, 4));
+    gpt2_free(&base);
+    gpt2_free(&adapted);
+}
+
+TEST_CASE("end to end, prefix tuning: every prefix key and value gradient matches finite differences") {
+    GPT2<double> model;
+    build_tiny_perturbed(&model, 1201);
+    gpt2_prefix_attach(&model, 3, 1202);
+    // larger than the 0.02 init so the prefix carries real attention weight
+    for (size_t i = 0; i < model.prefix.buf.n; i++) model.prefix.buf.params[i] *= 20;
+    std::vector<int> inputs, targets;
+    auto loss = tiny_loss_and_backward(&model, &inputs, &targets, 1203);
+    std::vector<double> grads(model.prefix.buf.grads, model.prefix.buf.grads + model.prefix.buf.n);
+    CHECK(fd_relative_error(model.prefix.buf.params, model.prefix.buf.n, grads.data(), loss, "model prefix keys+values") < tol_fd);
+    CHECK(model.prefix.buf.n == 2 * (size_t)2 * 3 * 32); // 2 (keys, values) * L * P * C
+    gpt2_free(&model);
+}
+
+// central differences on up to 40 evenly spread elements of x[0..n)
+static double fd_sampled(double* x, size_t n, const double* grad, const std::function<double()>& loss, const std::string& label) {
+    size_t stride = std::max<size_t>(1, n / 40);
+    double maxdiff = 0, maxgrad = 0;
+    for (size_t i = 0; i < n; i += stride) {
+        double old = x[i], eps = 1e-5 * std::max(1.0, std::fabs(old));
+        x[i] = old + eps;
+        double lp = loss();
+        x[i] = old - eps;
+        double lm = loss();
+        x[i] = old;
+        double numeric = (lp - lm) / (2 * eps);
+        maxdiff = std::max(maxdiff, std::fabs(numeric - grad[i]));
+        maxgrad = std::max(maxgrad, std::max(std::fabs(grad[i]), std::fabs(numeric)));
+    }
+    double rel = maxgrad > 0 ? maxdiff / maxgrad : 0;
+    MESSAGE(label << ": maxdiff " << maxdiff << " relative " << rel);
+    return rel;
+}
+
+TEST_CASE("end to end, freezing: the top block and lnf gradients match finite differences; nothing below is touched") {
+    GPT2<double> model;
+    build_tiny_perturbed(&model, 1301);
+    gpt2_enable_top_training(&model, 1); // L = 2: block 1 and lnf train; block 0 and the embeddings are frozen
+    int L = model.config.num_layers;
+    CHECK(model.grads.wte == (double*)NULL);
+    CHECK(model.grads.wpe == (double*)NULL);
+    std::vector<int> inputs, targets;
+    auto loss = tiny_loss_and_backward(&model, &inputs, &targets, 1302);
+    // each trained tensor's tail, against central differences on the parameter it belongs to
+    size_t p = 0, g = 0, trained = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        size_t n = model.param_sizes[i] - model.top_offsets[i];
+        if (n > 0) {
+            std::string label = std::string("freeze d") + param_tensor_names[i];
+            std::vector<double> grad(model.top_grads + g, model.top_grads + g + n);
+            CAPTURE(label);
+            CHECK(fd_sampled(model.params_memory + p + model.top_offsets[i], n, grad.data(), loss, label) < tol_fd);
+        }
+        if (i >= 2 && i <= 13) CHECK(n == model.param_sizes[i] / L); // one block of L
+        p += model.param_sizes[i];
+        g += n;
+        trained += n;
+    }
+    CHECK(trained == gpt2_trainable_parameters(&model));
+    // a step changes block 1 and lnf only: block 0 and the embeddings stay bit-identical
+    std::vector<double> before(model.params_memory, model.params_memory + model.num_parameters);
+    loss();
+    gpt2_zero_grad(&model);
+    gpt2_backward(&model);
+    gpt2_update(&model, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.0f, 1);
+    size_t changed_frozen = 0, changed_trained = 0;
+    p = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        for (size_t j = 0; j < model.param_sizes[i]; j++) {
+            bool differs = model.params_memory[p + j] != before[p + j];
+            if (j < model.top_offsets[i]) changed_frozen += differs;
+            else changed_trained += differs;
+        }
+        p += model.param_sizes[i];
+    }
+    CHECK(changed_frozen == 0);
+    CHECK(changed_trained > trained / 2);
+    gpt2_free(&model);
+}
+
+TEST_CASE("end to end, L2-SP: gradients of loss + lambda/2 ||W - W0||^2 match finite differences") {
+    GPT2<double> model;
+    build_tiny_perturbed(&model, 1401);
+    const float lambda = 0.5f;
+    gpt2_enable_l2sp(&model, lambda);
+    // move W away from W0 so the penalty and its gradient are not zero
+    Rng rng;
+    rng_seed(&rng, 1402);
+    for (size_t i = 0; i < model.num_parameters; i++) model.params_memory[i] += 0.05 * (2.0 * rng_f32(&rng) - 1.0);
+    std::vector<int> inputs, targets;
+    auto loss = tiny_loss_and_backward(&model, &inputs, &targets, 1403, true);
+    CHECK(model.reg_loss > 0);
+    size_t off = 0;
+    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
+        std::vector<double> grad(model.grads_memory + off, model.grads_memory + off + model.param_sizes[k]);
+        std::string label = std::string("l2sp d") + param_tensor_names[k];
+        CAPTURE(label);
+        CHECK(fd_sampled(model.params_memory + off, model.param_sizes[k], grad.data(), loss, label) < tol_fd);
+        off += model.param_sizes[k];
+    }
+    // at W = W0 the penalty is exactly zero
+    memcpy(model.params_memory, model.params0, model.num_parameters * sizeof(double));
+    loss();
+    CHECK(model.reg_loss == 0.0);
+    gpt2_free(&model);
+}
+
+TEST_CASE("the trainer binary: -F, -H, -X and -w train, and their bad values exit non-zero naming the flag") {
+    TempDir dir;
+    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
+    write_tiny_checkpoint(ckpt);
+    std::vector<uint16_t> ids(400);
+    for (size_t i = 0; i < ids.size(); i++) ids[i] = (uint16_t)((i * 7) % 61);
+    write_tokens(tokens, ids);
+    std::string common = "-e " + ckpt + " -i " + tokens + " -j " + tokens + " -b 2 -t 8 -v 0 -s 0";
+    std::string out;
+    CHECK(run_trainer(common + " -F 99", &out) != 0); // the tiny model has 2 blocks
+    CHECK(has(out, "-F"));
+    CHECK(run_trainer(common + " -H -1", &out) != 0);
+    CHECK(has(out, "-H"));
+    CHECK(run_trainer(common + " -H 4 -X 2", &out) != 0);
+    CHECK(has(out, "choose one method"));
+    CHECK(run_trainer(common + " -w 0.1", &out) != 0); // L2-SP needs -f 1
+    CHECK(has(out, "-w"));
+    // each method trains: the validation loss (the same 5 batches before and after) falls on the cyclic stream
+    for (std::string flags : {" -F 1 -l 0.01", " -H 4 -l 0.01", " -X 2 -l 0.2", " -f 1 -w 0.01 -l 0.01"}) {
+        CAPTURE(flags);
+        CHECK(run_trainer(common + " -x 20 -v 20" + flags, &out) == 0);
+        size_t p1 = out.find("\nval loss "), p2 = out.find("final val loss: ");
+        REQUIRE(p1 != std::string::npos);
+        REQUIRE(p2 != std::string::npos);
+        float first = strtof(out.c_str() + p1 + 10, NULL), last = strtof(out.c_str() + p2 + 16, NULL);
+        MESSAGE("trainer binary" << flags << ": val loss " << first << " -> " << last);
+        CHECK(last < first);
+        CHECK(has(out, "bytes: params "));
+    }
+}

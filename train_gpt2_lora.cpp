@@ -634,6 +634,349 @@ void adamw_update(real* params, const real* grads, real* m, real* v, size_t n, f
 }
 
 // ----------------------------------------------------------------------------
+// ---- other adaptation methods ----
+// The methods LoRA is compared with: Houlsby adapters, prefix tuning, freezing all but the top blocks
+// (gpt2_enable_top_training) and L2-SP regularized fine-tuning (l2sp_*). Full fine-tuning is the core's.
+// Two more letters: m = adapter bottleneck width, P = prefix positions per layer.
+
+// one flat buffer of trainable parameters with its gradient and AdamW moments, all the same layout
+template <typename real>
+struct TrainableBuffer {
+    real* params;
+    real* grads;
+    real* m;
+    real* v;
+    size_t n;
+};
+
+template <typename real>
+void trainable_alloc(TrainableBuffer<real>* tb, size_t n, const char* what) {
+    tb->n = n;
+    tb->params = calloc_real<real>(n, what);
+    tb->grads = calloc_real<real>(n, what);
+    tb->m = calloc_real<real>(n, what);
+    tb->v = calloc_real<real>(n, what);
+}
+
+template <typename real>
+void trainable_free(TrainableBuffer<real>* tb) {
+    free(tb->params);
+    free(tb->grads);
+    free(tb->m);
+    free(tb->v);
+    memset(tb, 0, sizeof(*tb));
+}
+
+// the gradient of a parameter pointer p inside tb (same offset in the gradient buffer)
+template <typename real>
+static inline real* grad_of(TrainableBuffer<real>* tb, const real* p) { return tb->grads + (p - tb->params); }
+
+// inp (BT,C), down_w (m,C), down_b (m), up_w (C,m), up_b (C) -> h, hg (BT,m) cached;
+// out (BT,C) = inp + gelu(inp @ down_w^T + down_b) @ up_w^T + up_b. out must not alias inp.
+template <typename real>
+void adapter_forward(real* out, real* h, real* hg, const real* inp, const real* down_w, const real* down_b,
+                     const real* up_w, const real* up_b, int BT, int C, int m) {
+    matmul_forward(h, inp, down_w, down_b, 1, BT, C, m);     // h = down(inp)
+    gelu_forward(hg, h, (size_t)BT * m);                      // hg = gelu(h)
+    matmul_forward(out, hg, up_w, up_b, 1, BT, m, C);        // out = up(hg)
+    residual_forward(out, out, inp, (size_t)BT * C);         // out += inp, the adapter's own skip
+}
+
+// dout (BT,C) -> dinp (BT,C) +=, ddown_w (m,C) +=, ddown_b (m) +=, dup_w (C,m) +=, dup_b (C) +=;
+// dh, dhg (BT,m) are scratch (overwritten). dinp must not alias dout.
+template <typename real>
+void adapter_backward(real* dinp, real* ddown_w, real* ddown_b, real* dup_w, real* dup_b, real* dh, real* dhg,
+                      const real* dout, const real* h, const real* hg, const real* inp, const real* down_w,
+                      const real* up_w, int BT, int C, int m) {
+    // forward was: out = inp + up(gelu(down(inp))); so dinp = dout + down_w^T (gelu'(h) * (up_w^T dout)) per row
+    memset(dh, 0, (size_t)BT * m * sizeof(real));
+    memset(dhg, 0, (size_t)BT * m * sizeof(real));
+    matmul_backward(dhg, dup_w, dup_b, dout, hg, up_w, 1, BT, m, C);
+    gelu_backward(dh, h, dhg, (size_t)BT * m);
+    matmul_backward(dinp, ddown_w, ddown_b, dh, inp, down_w, 1, BT, C, m);
+    #pragma omp parallel for
+    for (size_t i = 0; i < (size_t)BT * C; i++) { dinp[i] += dout[i]; } // the skip
+}
+
+// Houlsby adapters: one bottleneck after the attention projection (pos 0) and one after the MLP projection
+// (pos 1) of every block, before the residual add. Adapter a = 2 * l + pos.
+template <typename real>
+struct Adapters {
+    int m;                       // bottleneck width; 0 = no adapters
+    int L, C;
+    real* down_w;                // (L, 2, m, C)
+    real* down_b;                // (L, 2, m)
+    real* up_w;                  // (L, 2, C, m)
+    real* up_b;                  // (L, 2, C)
+    TrainableBuffer<real> buf;   // down_w, down_b, up_w, up_b back to back
+    // activations, for batches up to act_BT rows
+    real* x;                     // (L, 2, BT, C) adapter inputs (the projection outputs)
+    real* h;                     // (L, 2, BT, m) bottleneck before GELU
+    real* hg;                    // (L, 2, BT, m) bottleneck after GELU
+    real* dx;                    // (BT, C) backward scratch: the gradient at the adapter input
+    real* dh;                    // (BT, m) backward scratch
+    real* dhg;                   // (BT, m) backward scratch
+    size_t act_BT;
+};
+
+static inline size_t adapters_count_parameters(int L, int C, int m) { return (size_t)L * 2 * (2 * (size_t)m * C + m + C); }
+
+// down_w ~ U(-1/sqrt(C), 1/sqrt(C)), up = 0: every adapter starts as the identity, so the model starts at the base
+template <typename real>
+void adapters_init(Adapters<real>* ad, int L, int C, int m, uint64_t seed) {
+    memset(ad, 0, sizeof(*ad));
+    ad->m = m;
+    ad->L = L;
+    ad->C = C;
+    trainable_alloc(&ad->buf, adapters_count_parameters(L, C, m), "adapters");
+    ad->down_w = ad->buf.params;
+    ad->down_b = ad->down_w + (size_t)L * 2 * m * C;
+    ad->up_w = ad->down_b + (size_t)L * 2 * m;
+    ad->up_b = ad->up_w + (size_t)L * 2 * C * m;
+    Rng rng;
+    rng_seed(&rng, seed);
+    float bound = 1.0f / sqrtf((float)C);
+    for (size_t i = 0; i < (size_t)L * 2 * m * C; i++) { ad->down_w[i] = (real)rng_uniform(&rng, -bound, bound); }
+}
+
+template <typename real>
+void adapters_allocate_activations(Adapters<real>* ad, size_t BT) {
+    size_t La = (size_t)ad->L * 2;
+    free(ad->x); free(ad->h); free(ad->hg); free(ad->dx); free(ad->dh); free(ad->dhg);
+    ad->x = calloc_real<real>(La * BT * ad->C, "adapter inputs");
+    ad->h = calloc_real<real>(La * BT * ad->m, "adapter bottleneck");
+    ad->hg = calloc_real<real>(La * BT * ad->m, "adapter bottleneck");
+    ad->dx = calloc_real<real>(BT * ad->C, "adapter scratch");
+    ad->dh = calloc_real<real>(BT * ad->m, "adapter scratch");
+    ad->dhg = calloc_real<real>(BT * ad->m, "adapter scratch");
+    ad->act_BT = BT;
+}
+
+template <typename real>
+size_t adapters_activation_bytes(const Adapters<real>* ad) {
+    if (ad->m == 0) return 0;
+    size_t BT = ad->act_BT, La = (size_t)ad->L * 2;
+    return (La * BT * ((size_t)ad->C + 2 * ad->m) + BT * ((size_t)ad->C + 2 * ad->m)) * sizeof(real);
+}
+
+template <typename real>
+void adapters_free(Adapters<real>* ad) {
+    trainable_free(&ad->buf);
+    free(ad->x); free(ad->h); free(ad->hg); free(ad->dx); free(ad->dh); free(ad->dhg);
+    memset(ad, 0, sizeof(*ad));
+}
+
+// the adapter at (block l, position pos): proj (BT,C) becomes proj + up(gelu(down(proj))), in place
+template <typename real>
+void gpt2_adapter_forward(Adapters<real>* ad, int pos, int l, real* proj, int BT) {
+    if (ad->m == 0) return;
+    int C = ad->C, m = ad->m;
+    size_t a = 2 * (size_t)l + pos;
+    real* x = ad->x + a * BT * C;
+    memcpy(x, proj, (size_t)BT * C * sizeof(real)); // cached: the backward needs the adapter input
+    adapter_forward(proj, ad->h + a * BT * m, ad->hg + a * BT * m, x, ad->down_w + a * m * C, ad->down_b + a * m,
+                    ad->up_w + a * C * m, ad->up_b + a * C, BT, C, m);
+}
+
+// dout (BT,C) at the adapter output -> the gradient at its input: dout itself when there are no adapters
+template <typename real>
+real* gpt2_adapter_backward(Adapters<real>* ad, int pos, int l, real* dout, int BT) {
+    if (ad->m == 0) return dout;
+    int C = ad->C, m = ad->m;
+    size_t a = 2 * (size_t)l + pos;
+    real* down_w = ad->down_w + a * m * C;
+    real* down_b = ad->down_b + a * m;
+    real* up_w = ad->up_w + a * C * m;
+    real* up_b = ad->up_b + a * C;
+    memset(ad->dx, 0, (size_t)BT * C * sizeof(real));
+    adapter_backward(ad->dx, grad_of(&ad->buf, down_w), grad_of(&ad->buf, down_b), grad_of(&ad->buf, up_w),
+                     grad_of(&ad->buf, up_b), ad->dh, ad->dhg, dout, ad->h + a * BT * m, ad->hg + a * BT * m,
+                     ad->x + a * BT * C, down_w, up_w, BT, C, m);
+    return ad->dx;
+}
+
+// Attention with P trainable prefix positions in front of the sequence (prefix tuning).
+// qkv (B,T,3C), prefix_k, prefix_v (P,C) -> out (B,T,C); att (B,NH,T,P+T) post-softmax weights cached.
+// Column j < P of a row is prefix position j (visible to every query); column P + t2 is real position
+// t2, visible to query t when t2 <= t (the causal mask among real tokens is unchanged).
+template <typename real>
+void attention_prefix_forward(real* out, real* att, const real* qkv, const real* prefix_k, const real* prefix_v,
+                              int B, int T, int C, int NH, int P) {
+    int hs = C / NH, TP = P + T;
+    real scale = 1 / std::sqrt((real)hs);
+    // parallel over (b, t, h): each thread owns one row att[b,h,t,:] and out[b,t,h*hs:(h+1)*hs]
+    #pragma omp parallel for collapse(3)
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            for (int h = 0; h < NH; h++) {
+                const real* q = qkv + ((size_t)b * T + t) * 3 * C + h * hs;
+                real* att_bth = att + (((size_t)b * NH + h) * T + t) * TP;
+                int n = P + t + 1; // visible columns
+                real maxval = -1e30f;
+                for (int j = 0; j < n; j++) {
+                    const real* k = j < P ? prefix_k + (size_t)j * C + h * hs : qkv + ((size_t)b * T + j - P) * 3 * C + C + h * hs;
+                    real s = 0;
+                    for (int i = 0; i < hs; i++) { s += q[i] * k[i]; }
+                    s *= scale;
+                    att_bth[j] = s;
+                    if (s > maxval) maxval = s;
+                }
+                real sum = 0;
+                for (int j = 0; j < n; j++) {
+                    real e = std::exp(att_bth[j] - maxval);
+                    att_bth[j] = e;
+                    sum += e;
+                }
+                real inv = 1 / sum;
+                for (int j = 0; j < TP; j++) { att_bth[j] = j < n ? att_bth[j] * inv : 0; }
+                real* out_bth = out + ((size_t)b * T + t) * C + h * hs;
+                for (int i = 0; i < hs; i++) { out_bth[i] = 0; }
+                for (int j = 0; j < n; j++) {
+                    const real* v = j < P ? prefix_v + (size_t)j * C + h * hs : qkv + ((size_t)b * T + j - P) * 3 * C + 2 * C + h * hs;
+                    real a = att_bth[j];
+                    for (int i = 0; i < hs; i++) { out_bth[i] += a * v[i]; }
+                }
+            }
+        }
+    }
+}
+
+// dout (B,T,C) -> dqkv (B,T,3C) +=, dprefix_k, dprefix_v (P,C) +=; datt (B,NH,T,P+T) is scratch
+template <typename real>
+void attention_prefix_backward(real* dqkv, real* dprefix_k, real* dprefix_v, real* datt, const real* dout,
+                               const real* qkv, const real* prefix_k, const real* prefix_v, const real* att,
+                               int B, int T, int C, int NH, int P) {
+    int hs = C / NH, TP = P + T;
+    real scale = 1 / std::sqrt((real)hs);
+    // parallel over heads only: the prefix of head h is shared by every sequence b, and each thread owns
+    // head h's channels of dqkv and of dprefix_k / dprefix_v, so no atomics are needed
+    #pragma omp parallel for
+    for (int h = 0; h < NH; h++) {
+        for (int b = 0; b < B; b++) {
+            for (int t = 0; t < T; t++) {
+                const real* att_bth = att + (((size_t)b * NH + h) * T + t) * TP;
+                real* datt_bth = datt + (((size_t)b * NH + h) * T + t) * TP;
+                const real* dout_bth = dout + ((size_t)b * T + t) * C + h * hs;
+                int n = P + t + 1;
+                // forward was: out = sum_j att[j] v[j]; so datt[j] = dout . v[j], dv[j] += att[j] dout
+                for (int j = 0; j < n; j++) {
+                    size_t voff = j < P ? (size_t)j * C + h * hs : ((size_t)b * T + j - P) * 3 * C + 2 * C + h * hs;
+                    const real* v = (j < P ? prefix_v : qkv) + voff;
+                    real* dv = (j < P ? dprefix_v : dqkv) + voff;
+                    real d = 0;
+                    for (int i = 0; i < hs; i++) {
+                        d += dout_bth[i] * v[i];
+                        dv[i] += att_bth[j] * dout_bth[i];
+                    }
+                    datt_bth[j] = d;
+                }
+                // forward was: att = softmax(s); so ds[j] = att[j] (datt[j] - sum_i att[i] datt[i])
+                real dot = 0;
+                for (int j = 0; j < n; j++) { dot += att_bth[j] * datt_bth[j]; }
+                // forward was: s[j] = scale q . k[j]; so dq += scale ds[j] k[j], dk[j] += scale ds[j] q
+                const real* q = qkv + ((size_t)b * T + t) * 3 * C + h * hs;
+                real* dq = dqkv + ((size_t)b * T + t) * 3 * C + h * hs;
+                for (int j = 0; j < n; j++) {
+                    real ds = att_bth[j] * (datt_bth[j] - dot) * scale;
+                    size_t koff = j < P ? (size_t)j * C + h * hs : ((size_t)b * T + j - P) * 3 * C + C + h * hs;
+                    const real* k = (j < P ? prefix_k : qkv) + koff;
+                    real* dk = (j < P ? dprefix_k : dqkv) + koff;
+                    for (int i = 0; i < hs; i++) {
+                        dq[i] += ds * k[i];
+                        dk[i] += ds * q[i];
+                    }
+                }
+            }
+        }
+    }
+}
+
+// prefix tuning: P trainable key and value vectors per layer (each head sees its hs channels of them)
+template <typename real>
+struct Prefix {
+    int P;                       // prefix positions per layer; 0 = no prefix
+    int L, C, NH;
+    real* keys;                  // (L, P, C)
+    real* values;                // (L, P, C)
+    TrainableBuffer<real> buf;   // keys then values
+    real* att;                   // (L, B, NH, T, P + T) replaces the model's att when P > 0
+    real* datt;                  // (B, NH, T, P + T) backward scratch
+    size_t act_att;              // elements of att
+};
+
+// keys, values ~ N(0, 0.02^2): near zero, so each prefix position starts with a score near 0 and a value near 0
+template <typename real>
+void prefix_init(Prefix<real>* pf, int L, int C, int NH, int P, uint64_t seed) {
+    memset(pf, 0, sizeof(*pf));
+    pf->P = P;
+    pf->L = L;
+    pf->C = C;
+    pf->NH = NH;
+    trainable_alloc(&pf->buf, 2 * (size_t)L * P * C, "prefix");
+    pf->keys = pf->buf.params;
+    pf->values = pf->keys + (size_t)L * P * C;
+    Rng rng;
+    rng_seed(&rng, seed);
+    for (size_t i = 0; i < pf->buf.n; i++) { pf->buf.params[i] = (real)(0.02f * rng_normal(&rng)); }
+}
+
+template <typename real>
+void prefix_allocate_activations(Prefix<real>* pf, int B, int T) {
+    free(pf->att);
+    free(pf->datt);
+    size_t row = (size_t)B * pf->NH * T * (pf->P + T);
+    pf->act_att = (size_t)pf->L * row;
+    pf->att = calloc_real<real>(pf->act_att, "prefix attention");
+    pf->datt = calloc_real<real>(row, "prefix attention scratch");
+}
+
+template <typename real>
+size_t prefix_activation_bytes(const Prefix<real>* pf) {
+    return pf->P == 0 ? 0 : (pf->act_att + pf->act_att / pf->L) * sizeof(real);
+}
+
+template <typename real>
+void prefix_free(Prefix<real>* pf) {
+    trainable_free(&pf->buf);
+    free(pf->att);
+    free(pf->datt);
+    memset(pf, 0, sizeof(*pf));
+}
+
+template <typename real>
+void gpt2_prefix_attention_forward(Prefix<real>* pf, int l, real* out, const real* qkv, int B, int T) {
+    int C = pf->C, P = pf->P;
+    attention_prefix_forward(out, pf->att + (size_t)l * B * pf->NH * T * (P + T), qkv, pf->keys + (size_t)l * P * C,
+                             pf->values + (size_t)l * P * C, B, T, C, pf->NH, P);
+}
+
+template <typename real>
+void gpt2_prefix_attention_backward(Prefix<real>* pf, int l, real* dqkv, const real* dout, const real* qkv, int B, int T) {
+    int C = pf->C, P = pf->P;
+    real* keys = pf->keys + (size_t)l * P * C;
+    real* values = pf->values + (size_t)l * P * C;
+    attention_prefix_backward(dqkv, grad_of(&pf->buf, keys), grad_of(&pf->buf, values), pf->datt, dout, qkv, keys, values,
+                              pf->att + (size_t)l * B * pf->NH * T * (P + T), B, T, C, pf->NH, P);
+}
+
+// L2-SP: the penalty lambda/2 ||W - W0||^2 pulls the fine-tuned weights W toward the pretrained W0.
+// params, params0 (n) -> returns lambda/2 * sum (params - params0)^2
+template <typename real>
+double l2sp_forward(const real* params, const real* params0, size_t n, float lambda) {
+    double sum = 0;
+    #pragma omp parallel for reduction(+ : sum)
+    for (size_t i = 0; i < n; i++) { double d = (double)params[i] - (double)params0[i]; sum += d * d; }
+    return 0.5 * lambda * sum;
+}
+
+// grads (n) += lambda * (params - params0), the derivative of the penalty above
+template <typename real>
+void l2sp_backward(real* grads, const real* params, const real* params0, size_t n, float lambda) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) { grads[i] += (real)lambda * (params[i] - params0[i]); }
+}
+
+// ----------------------------------------------------------------------------
 // the model
 
 struct GPT2Config {
@@ -763,6 +1106,18 @@ struct GPT2 {
     real* v_memory;
     // LoRA adapters; lora.num_parameters == 0 when none are attached
     LoRA<real> lora;
+    // the other adaptation methods (see "other adaptation methods"); all zero / NULL unless chosen
+    int first_trained_layer;   // -F: blocks below it get no gradient work at all; 0 otherwise
+    size_t num_top_trainable;  // -F: elements of top_grads (the trained tails of the tensors)
+    size_t top_offsets[NUM_PARAMETER_TENSORS]; // -F: where each tensor's trained tail starts
+    real* top_grads;           // -F: gradients, then AdamW m and v, of just those tails
+    real* top_m;
+    real* top_v;
+    Adapters<real> adapters;   // -H: adapters.m == 0 when none
+    Prefix<real> prefix;       // -X: prefix.P == 0 when none
+    real* params0;             // -f 1 -w: a copy of the pretrained weights W0; NULL otherwise
+    float l2sp_lambda;
+    real reg_loss;             // -f 1 -w: lambda/2 ||W - W0||^2 at the last forward with targets
     // activations, allocated once for (B, T) by gpt2_allocate; smaller batches reuse the same memory
     ActivationTensors<real> acts;
     size_t act_sizes[NUM_ACTIVATION_TENSORS];
@@ -837,6 +1192,59 @@ void gpt2_enable_full_training(GPT2<real>* model) {
     point_parameters(&model->grads, model->param_sizes, model->grads_memory);
 }
 
+// -F: only the top k blocks and the final layernorm train. The blocks below and the embeddings
+// (wte is also the LM head) get no gradient buffers, no AdamW state and no gradient work: the backward
+// stops at block first_trained_layer. Each per-layer tensor is (L, ...), so its trained part is a tail.
+template <typename real>
+void gpt2_enable_top_training(GPT2<real>* model, int k) {
+    int L = model->config.num_layers;
+    model->first_trained_layer = L - k;
+    real** dptrs[NUM_PARAMETER_TENSORS] = {
+        &model->grads.wte, &model->grads.wpe, &model->grads.ln1w, &model->grads.ln1b, &model->grads.qkvw,
+        &model->grads.qkvb, &model->grads.attprojw, &model->grads.attprojb, &model->grads.ln2w, &model->grads.ln2b,
+        &model->grads.fcw, &model->grads.fcb, &model->grads.fcprojw, &model->grads.fcprojb, &model->grads.lnfw, &model->grads.lnfb};
+    size_t n = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        size_t size = model->param_sizes[i];
+        bool per_layer = i >= 2 && i <= 13;
+        model->top_offsets[i] = i < 2 ? size : per_layer ? size / L * (size_t)(L - k) : 0;
+        n += size - model->top_offsets[i];
+    }
+    model->num_top_trainable = n;
+    model->top_grads = calloc_real<real>(n, "top-block gradients");
+    model->top_m = calloc_real<real>(n, "AdamW m");
+    model->top_v = calloc_real<real>(n, "AdamW v");
+    size_t off = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        size_t len = model->param_sizes[i] - model->top_offsets[i];
+        *dptrs[i] = len > 0 ? model->top_grads + off : NULL; // a block's gradient is at (l - first_trained_layer)
+        off += len;
+    }
+}
+
+// -H: Houlsby adapters of bottleneck m on a frozen base (see adapters_init for the init)
+template <typename real>
+void gpt2_adapters_attach(GPT2<real>* model, int m, uint64_t seed) {
+    adapters_init(&model->adapters, model->config.num_layers, model->config.channels, m, seed);
+    if (model->alloc_B > 0) adapters_allocate_activations(&model->adapters, (size_t)model->alloc_B * model->alloc_T);
+}
+
+// -X: P trainable key/value positions per layer on a frozen base
+template <typename real>
+void gpt2_prefix_attach(GPT2<real>* model, int P, uint64_t seed) {
+    prefix_init(&model->prefix, model->config.num_layers, model->config.channels, model->config.num_heads, P, seed);
+    if (model->alloc_B > 0) prefix_allocate_activations(&model->prefix, model->alloc_B, model->alloc_T);
+}
+
+// -f 1 -w: full fine-tuning plus lambda/2 ||W - W0||^2, with W0 the weights as they are now
+template <typename real>
+void gpt2_enable_l2sp(GPT2<real>* model, float lambda) {
+    gpt2_enable_full_training(model);
+    model->l2sp_lambda = lambda;
+    model->params0 = calloc_real<real>(model->num_parameters, "pretrained weights W0");
+    memcpy(model->params0, model->params_memory, model->num_parameters * sizeof(real));
+}
+
 // allocates activations (and their gradients) once, for batches up to (B, T)
 template <typename real>
 void gpt2_allocate(GPT2<real>* model, int B, int T) {
@@ -870,6 +1278,8 @@ void gpt2_allocate(GPT2<real>* model, int B, int T) {
     model->alloc_B = B;
     model->alloc_T = T;
     if (model->lora.num_parameters > 0) lora_allocate_activations(&model->lora, BT);
+    if (model->adapters.m > 0) adapters_allocate_activations(&model->adapters, BT);
+    if (model->prefix.P > 0) prefix_allocate_activations(&model->prefix, B, T);
 }
 
 // one adapted matmul's LoRA branch at layer l; nothing when that target carries no adapter
@@ -947,9 +1357,11 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
         layernorm_forward(l_ln1, l_ln1_mean, l_ln1_rstd, residual, l_ln1w, l_ln1b, B, T, C);
         matmul_forward(l_qkv, l_ln1, l_qkvw, l_qkvb, B, T, C, 3 * C);
         gpt2_lora_forward(lora, LORA_QKV, l, l_qkv, l_ln1, BT);
-        attention_forward(l_atty, l_att, l_qkv, B, T, C, NH);
+        if (model->prefix.P > 0) gpt2_prefix_attention_forward(&model->prefix, l, l_atty, l_qkv, B, T);
+        else attention_forward(l_atty, l_att, l_qkv, B, T, C, NH);
         matmul_forward(proj, l_atty, l_attprojw, l_attprojb, B, T, C, C);
         gpt2_lora_forward(lora, LORA_ATTPROJ, l, proj, l_atty, BT);
+        gpt2_adapter_forward(&model->adapters, 0, l, proj, BT);
         residual_forward(l_residual2, residual, proj, (size_t)BT * C);
         layernorm_forward(l_ln2, l_ln2_mean, l_ln2_rstd, l_residual2, l_ln2w, l_ln2b, B, T, C);
         matmul_forward(l_fch, l_ln2, l_fcw, l_fcb, B, T, C, 4 * C);
@@ -957,6 +1369,7 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
         gelu_forward(l_fch_gelu, l_fch, (size_t)BT * 4 * C);
         matmul_forward(proj, l_fch_gelu, l_fcprojw, l_fcprojb, B, T, 4 * C, C);
         gpt2_lora_forward(lora, LORA_FCPROJ, l, proj, l_fch_gelu, BT);
+        gpt2_adapter_forward(&model->adapters, 1, l, proj, BT);
         residual_forward(l_residual3, l_residual2, proj, (size_t)BT * C);
     }
     real* residual = acts.residual3 + (size_t)(L - 1) * BT * C;
@@ -968,6 +1381,8 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
         double sum = 0;
         for (int i = 0; i < BT; i++) { sum += model->losses[i]; }
         model->mean_loss = (real)(sum / BT);
+        // -f 1 -w: the penalty is reported beside the loss (mean_loss stays the cross-entropy)
+        if (model->params0) model->reg_loss = (real)l2sp_forward(model->params_memory, model->params0, model->num_parameters, model->l2sp_lambda);
     }
 }
 
@@ -975,6 +1390,9 @@ template <typename real>
 void gpt2_zero_grad(GPT2<real>* model) {
     if (model->grads_memory) memset(model->grads_memory, 0, model->num_parameters * sizeof(real));
     if (model->lora.num_parameters > 0) lora_zero_grad(&model->lora);
+    if (model->top_grads) memset(model->top_grads, 0, model->num_top_trainable * sizeof(real));
+    if (model->adapters.m > 0) memset(model->adapters.buf.grads, 0, model->adapters.buf.n * sizeof(real));
+    if (model->prefix.P > 0) memset(model->prefix.buf.grads, 0, model->prefix.buf.n * sizeof(real));
 }
 
 // The exact reverse of gpt2_forward. Frozen weights get NULL gradients, so their matmuls only pass
@@ -986,7 +1404,8 @@ void gpt2_backward(GPT2<real>* model) {
     int V = model->config.vocab_size, Vp = model->config.padded_vocab_size;
     int L = model->config.num_layers, NH = model->config.num_heads, C = model->config.channels;
     ParameterTensors<real> params = model->params;
-    ParameterTensors<real> grads = model->grads; // all NULL unless full fine-tuning
+    ParameterTensors<real> grads = model->grads; // all NULL unless full fine-tuning (or -F: the top tails)
+    int l0 = model->first_trained_layer;         // the lowest block with a gradient (0 unless -F)
     ActivationTensors<real> acts = model->acts;
     BackwardTensors<real> d = model->dacts;
     LoRA<real>* lora = &model->lora;
@@ -1001,7 +1420,7 @@ void gpt2_backward(GPT2<real>* model) {
     real* residual = acts.residual3 + (size_t)(L - 1) * BT * C;
     layernorm_backward(d.dresidual, grads.lnfw, grads.lnfb, d.dln, residual, params.lnfw, acts.lnf_mean, acts.lnf_rstd, B, T, C);
 
-    for (int l = L - 1; l >= 0; l--) {
+    for (int l = L - 1; l >= l0; l--) {
         residual = l == 0 ? acts.encoded : acts.residual3 + (size_t)(l - 1) * BT * C;
         real* l_ln1w = params.ln1w + (size_t)l * C;
         real* l_qkvw = lora_base_weight(lora, LORA_QKV, l, params.qkvw + (size_t)l * 3 * C * C); // dequantized with -Q
@@ -1009,18 +1428,18 @@ void gpt2_backward(GPT2<real>* model) {
         real* l_ln2w = params.ln2w + (size_t)l * C;
         real* l_fcw = lora_base_weight(lora, LORA_FC, l, params.fcw + (size_t)l * 4 * C * C);
         real* l_fcprojw = lora_base_weight(lora, LORA_FCPROJ, l, params.fcprojw + (size_t)l * C * 4 * C);
-        real* dl_ln1w = at(grads.ln1w, (size_t)l * C);
-        real* dl_ln1b = at(grads.ln1b, (size_t)l * C);
-        real* dl_qkvw = at(grads.qkvw, (size_t)l * 3 * C * C);
-        real* dl_qkvb = at(grads.qkvb, (size_t)l * 3 * C);
-        real* dl_attprojw = at(grads.attprojw, (size_t)l * C * C);
-        real* dl_attprojb = at(grads.attprojb, (size_t)l * C);
-        real* dl_ln2w = at(grads.ln2w, (size_t)l * C);
-        real* dl_ln2b = at(grads.ln2b, (size_t)l * C);
-        real* dl_fcw = at(grads.fcw, (size_t)l * 4 * C * C);
-        real* dl_fcb = at(grads.fcb, (size_t)l * 4 * C);
-        real* dl_fcprojw = at(grads.fcprojw, (size_t)l * C * 4 * C);
-        real* dl_fcprojb = at(grads.fcprojb, (size_t)l * C);
+        real* dl_ln1w = at(grads.ln1w, (size_t)(l - l0) * C);
+        real* dl_ln1b = at(grads.ln1b, (size_t)(l - l0) * C);
+        real* dl_qkvw = at(grads.qkvw, (size_t)(l - l0) * 3 * C * C);
+        real* dl_qkvb = at(grads.qkvb, (size_t)(l - l0) * 3 * C);
+        real* dl_attprojw = at(grads.attprojw, (size_t)(l - l0) * C * C);
+        real* dl_attprojb = at(grads.attprojb, (size_t)(l - l0) * C);
+        real* dl_ln2w = at(grads.ln2w, (size_t)(l - l0) * C);
+        real* dl_ln2b = at(grads.ln2b, (size_t)(l - l0) * C);
+        real* dl_fcw = at(grads.fcw, (size_t)(l - l0) * 4 * C * C);
+        real* dl_fcb = at(grads.fcb, (size_t)(l - l0) * 4 * C);
+        real* dl_fcprojw = at(grads.fcprojw, (size_t)(l - l0) * C * 4 * C);
+        real* dl_fcprojb = at(grads.fcprojb, (size_t)(l - l0) * C);
         real* l_ln1 = acts.ln1 + (size_t)l * BT * C;
         real* l_ln1_mean = acts.ln1_mean + (size_t)l * BT;
         real* l_ln1_rstd = acts.ln1_rstd + (size_t)l * BT;
@@ -1041,30 +1460,36 @@ void gpt2_backward(GPT2<real>* model) {
         memset(d.dfch_gelu, 0, (size_t)BT * 4 * C * sizeof(real));
         // Below layer 0 only the embeddings remain; when they are frozen, the gradient of the block's
         // input is never used, so layer 0 skips it (the adapters still get all their gradients).
-        bool need_dinp = l > 0 || model->train_base;
+        // With -F the same holds below block l0, and nothing below it is visited at all.
+        bool need_dinp = l > l0 || model->train_base;
 
         // residual3 = residual2 + proj: both receive dresidual unchanged (it's the same buffer)
-        matmul_backward(d.dfch_gelu, dl_fcprojw, dl_fcprojb, d.dresidual, l_fch_gelu, l_fcprojw, B, T, 4 * C, C);
-        gpt2_lora_backward(lora, LORA_FCPROJ, l, d.dfch_gelu, d.dresidual, l_fch_gelu, BT);
+        real* dproj = gpt2_adapter_backward(&model->adapters, 1, l, d.dresidual, BT);
+        matmul_backward(d.dfch_gelu, dl_fcprojw, dl_fcprojb, dproj, l_fch_gelu, l_fcprojw, B, T, 4 * C, C);
+        gpt2_lora_backward(lora, LORA_FCPROJ, l, d.dfch_gelu, dproj, l_fch_gelu, BT);
         gelu_backward(d.dfch, l_fch, d.dfch_gelu, (size_t)BT * 4 * C);
         matmul_backward(d.dln, dl_fcw, dl_fcb, d.dfch, l_ln2, l_fcw, B, T, C, 4 * C);
         gpt2_lora_backward(lora, LORA_FC, l, d.dln, d.dfch, l_ln2, BT);
         layernorm_backward(d.dresidual, dl_ln2w, dl_ln2b, d.dln, l_residual2, l_ln2w, l_ln2_mean, l_ln2_rstd, B, T, C);
         // residual2 = residual + proj: again dresidual flows to both unchanged
-        matmul_backward(d.datty, dl_attprojw, dl_attprojb, d.dresidual, l_atty, l_attprojw, B, T, C, C);
-        gpt2_lora_backward(lora, LORA_ATTPROJ, l, d.datty, d.dresidual, l_atty, BT);
-        attention_backward(d.dqkv, d.datt, d.datty, l_qkv, l_att, B, T, C, NH);
+        dproj = gpt2_adapter_backward(&model->adapters, 0, l, d.dresidual, BT);
+        matmul_backward(d.datty, dl_attprojw, dl_attprojb, dproj, l_atty, l_attprojw, B, T, C, C);
+        gpt2_lora_backward(lora, LORA_ATTPROJ, l, d.datty, dproj, l_atty, BT);
+        if (model->prefix.P > 0) gpt2_prefix_attention_backward(&model->prefix, l, d.dqkv, d.datty, l_qkv, B, T);
+        else attention_backward(d.dqkv, d.datt, d.datty, l_qkv, l_att, B, T, C, NH);
         memset(d.dln, 0, (size_t)BT * C * sizeof(real));
-        real* dln1 = need_dinp ? d.dln : NULL;
+        // (-F: the lowest trained block's ln1 weights still need the gradient at ln1's output)
+        real* dln1 = need_dinp || dl_ln1w != NULL ? d.dln : NULL;
         matmul_backward(dln1, dl_qkvw, dl_qkvb, d.dqkv, l_ln1, l_qkvw, B, T, C, 3 * C);
         gpt2_lora_backward(lora, LORA_QKV, l, dln1, d.dqkv, l_ln1, BT);
-        if (need_dinp) {
+        if (dln1 != NULL) {
             layernorm_backward(d.dresidual, dl_ln1w, dl_ln1b, d.dln, residual, l_ln1w, l_ln1_mean, l_ln1_rstd, B, T, C);
         }
     }
     if (model->train_base) {
         encoder_backward(grads.wte, grads.wpe, d.dresidual, model->inputs, B, T, C);
     }
+    if (model->params0) l2sp_backward(model->grads_memory, model->params_memory, model->params0, model->num_parameters, model->l2sp_lambda);
     model->have_targets = false; // the logits are gone: another backward needs another forward
 }
 
@@ -1080,6 +1505,21 @@ void gpt2_update(GPT2<real>* model, float lr, float beta1, float beta2, float ep
     for (const LoRALrRange& g : lora_lr_ranges(lora->config, lora->L, lora->C)) {
         adamw_update(lora->params_memory + g.offset, lora->grads_memory + g.offset, lora->m_memory + g.offset,
                      lora->v_memory + g.offset, g.n, lr * g.lr_mult, beta1, beta2, eps, weight_decay, t);
+    }
+    if (model->top_grads) {
+        // -F: each tensor's trained tail, its gradients and moments back to back in top_*
+        size_t p = 0, g = 0;
+        for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+            size_t n = model->param_sizes[i] - model->top_offsets[i];
+            if (n > 0) adamw_update(model->params_memory + p + model->top_offsets[i], model->top_grads + g, model->top_m + g,
+                                    model->top_v + g, n, lr, beta1, beta2, eps, weight_decay, t);
+            p += model->param_sizes[i];
+            g += n;
+        }
+    }
+    TrainableBuffer<real>* bufs[2] = {&model->adapters.buf, &model->prefix.buf};
+    for (TrainableBuffer<real>* b : bufs) {
+        if (b->n > 0) adamw_update(b->params, b->grads, b->m, b->v, b->n, lr, beta1, beta2, eps, weight_decay, t);
     }
 }
 
@@ -1107,7 +1547,8 @@ std::string gpt2_check_step_finite(const GPT2<real>* model, int step) {
 
 template <typename real>
 size_t gpt2_trainable_parameters(const GPT2<real>* model) {
-    return (model->train_base ? model->num_parameters : 0) + model->lora.num_parameters;
+    return (model->train_base ? model->num_parameters : 0) + model->lora.num_parameters + model->num_top_trainable +
+           model->adapters.buf.n + model->prefix.buf.n;
 }
 
 template <typename real>
@@ -1123,6 +1564,12 @@ void gpt2_free(GPT2<real>* model) {
     free(model->inputs);
     free(model->targets);
     if (model->lora.params_memory) lora_free(&model->lora);
+    free(model->top_grads);
+    free(model->top_m);
+    free(model->top_v);
+    adapters_free(&model->adapters);
+    prefix_free(&model->prefix);
+    free(model->params0);
     memset(model, 0, sizeof(*model));
 }
 
@@ -2462,6 +2909,79 @@ static void install_stop_handlers() {
     sigaction(SIGTERM, &sa, NULL);
 }
 
+// ----------------------------------------------------------------------------
+// ---- other adaptation methods: setup, report and files for main ----
+
+// -F k, -H m, -X P (at most one, checked by main): sets the method up on a freshly loaded base
+static std::string gpt2_enable_other_method(GPT2<float>* model, int freeze_k, int adapter_m, int prefix_P, uint64_t seed) {
+    int L = model->config.num_layers;
+    if (freeze_k > L) return strprintf("flag -F: cannot train the top %d blocks of a %d-block model\n---> HINT: use -F 1..%d (-f 1 trains everything)", freeze_k, L, L);
+    if (freeze_k > 0) gpt2_enable_top_training(model, freeze_k);
+    if (adapter_m > 0) gpt2_adapters_attach(model, adapter_m, seed);
+    if (prefix_P > 0) gpt2_prefix_attach(model, prefix_P, seed);
+    return "";
+}
+
+// bytes held by each kind of state, as the [Memory] block prints them (docs: doc/memory.md)
+struct MemoryBytes {
+    size_t params;      // base weights + trainable extras (+ W0 with L2-SP)
+    size_t grads;       // one float per trainable parameter
+    size_t optimizer;   // AdamW m and v: two floats per trainable parameter
+    size_t activations; // forward activations, their per-layer gradients and the method's caches
+};
+
+static MemoryBytes gpt2_memory_bytes(const GPT2<float>* model) {
+    MemoryBytes mb;
+    size_t trainable = gpt2_trainable_parameters(model);
+    size_t extras = model->lora.num_parameters + model->adapters.buf.n + model->prefix.buf.n;
+    mb.params = (model->num_parameters + extras + (model->params0 ? model->num_parameters : 0)) * sizeof(float);
+    mb.grads = trainable * sizeof(float);
+    mb.optimizer = 2 * trainable * sizeof(float);
+    size_t BT = (size_t)model->alloc_B * model->alloc_T;
+    mb.activations = (model->num_activations + model->num_dacts + 2 * BT) * sizeof(float) +
+                     (model->lora.num_parameters > 0 ? lora_activation_bytes(&model->lora) : 0) +
+                     adapters_activation_bytes(&model->adapters) + prefix_activation_bytes(&model->prefix);
+    return mb;
+}
+
+// the method block of the log, for everything but plain LoRA (which prints [LoRA])
+static void gpt2_print_method(const GPT2<float>* model) {
+    size_t trainable = gpt2_trainable_parameters(model);
+    if (model->params0) printf("[L2-SP]\nlambda: %g\n", model->l2sp_lambda);
+    else if (model->train_base) printf("[Full fine-tuning]\n");
+    if (model->top_grads) printf("[Freeze]\ntrained blocks: %d..%d and lnf\n", model->first_trained_layer, model->config.num_layers - 1);
+    if (model->adapters.m > 0) printf("[Adapters]\nbottleneck m: %d\n", model->adapters.m);
+    if (model->prefix.P > 0) printf("[Prefix]\nprefix positions P: %d\n", model->prefix.P);
+    printf("trainable_params: %zu\ntrainable %%: %.4f\n", trainable,
+           100.0 * trainable / (double)(model->num_parameters + model->adapters.buf.n + model->prefix.buf.n));
+}
+
+// RSS now (not the peak), from /proc/self/statm; 0 where that is unavailable
+static double rss_now_mib() {
+    long pages_total = 0, pages_resident = 0;
+    FILE* f = fopen("/proc/self/statm", "r");
+    if (f == NULL) return 0;
+    if (fscanf(f, "%ld %ld", &pages_total, &pages_resident) != 2) pages_resident = 0;
+    fclose(f);
+    return pages_resident * (double)sysconf(_SC_PAGESIZE) / (1024.0 * 1024.0);
+}
+
+// -H / -X with -o: the trained adapter or prefix parameters as <dir>/method.bin, a 1024-byte header
+// (magic, version, method 1 = adapter / 2 = prefix, L, C, m or P, parameter count) then the floats
+#define METHOD_FILE_MAGIC 20261110
+static std::string gpt2_write_method_file(const GPT2<float>* model, const char* path) {
+    const TrainableBuffer<float>* buf = model->adapters.m > 0 ? &model->adapters.buf : &model->prefix.buf;
+    int header[256] = {0};
+    header[0] = METHOD_FILE_MAGIC;
+    header[1] = 1;
+    header[2] = model->adapters.m > 0 ? 1 : 2;
+    header[3] = model->config.num_layers;
+    header[4] = model->config.channels;
+    header[5] = model->adapters.m > 0 ? model->adapters.m : model->prefix.P;
+    header[6] = (int)buf->n;
+    return write_atomically(path, {{header, sizeof(header)}, {buf->params, buf->n * sizeof(float)}});
+}
+
 #ifndef TESTING
 static void error_usage() {
     fprintf(stderr,
@@ -2499,7 +3019,11 @@ static void error_usage() {
         "  -N <name>   base_model_name_or_path for the PEFT adapter_config.json (default gpt2)\n"
         "  -V <list>   LoRA variant: lora, or a comma list of rslora,dora,pissa (default lora)\n"
         "  -Q <kind>   frozen base matrices stored as fp32, int8 or nf4 (QLoRA-style; default fp32)\n"
-        "  -P <float>  LoRA+: lora_B learning rate = P * lr, > 0 (default 1)\n");
+        "  -P <float>  LoRA+: lora_B learning rate = P * lr, > 0 (default 1)\n"
+        "  -F <int>    instead of LoRA, freezing: train only the top F blocks and lnf, 0 = off (default 0)\n"
+        "  -H <int>    instead of LoRA, Houlsby adapters of bottleneck m = H, 0 = off (default 0)\n"
+        "  -X <int>    instead of LoRA, prefix tuning with X key/value positions per layer, 0 = off (default 0)\n"
+        "  -w <float>  with -f 1, L2-SP: add w/2 ||W - W0||^2 pulling toward the base, >= 0 (default 0)\n");
     exit(EXIT_FAILURE);
 }
 
@@ -2567,6 +3091,10 @@ int main(int argc, char** argv) {
     const char* variants = "lora";  // -V, lora or a comma list of rslora,dora,pissa
     const char* quant = "fp32";     // -Q, the frozen base's adapted matrices: fp32, int8 or nf4
     float lr_ratio_B = 1.0f;        // -P, LoRA+: lora_B learns with lr * P
+    int freeze_k = 0;               // -F, train only the top k blocks (and lnf)
+    int adapter_m = 0;              // -H, Houlsby adapter bottleneck width
+    int prefix_P = 0;               // -X, prefix positions per layer
+    float l2sp_lambda = 0.0f;       // -w, L2-SP strength (with -f 1)
     bool tokenizer_given = false;
     for (int i = 1; i < argc; i += 2) {
         if (argv[i][0] != '-' || strlen(argv[i]) != 2) {
@@ -2612,6 +3140,10 @@ int main(int argc, char** argv) {
             case 'V': variants = v; break;
             case 'Q': quant = v; break;
             case 'P': lr_ratio_B = parse_float(argv[i], v); break;
+            case 'F': freeze_k = parse_int(argv[i], v); break;
+            case 'H': adapter_m = parse_int(argv[i], v); break;
+            case 'X': prefix_P = parse_int(argv[i], v); break;
+            case 'w': l2sp_lambda = parse_float(argv[i], v); break;
             default:
                 fprintf(stderr, "Error: unknown flag '%s'\n", argv[i]);
                 error_usage();
@@ -2626,6 +3158,21 @@ int main(int argc, char** argv) {
     if (shuffle != 0 && shuffle != 1) bad_flag("-u", strprintf("must be 0 or 1, got %d", shuffle));
     if (lr < 0) bad_flag("-l", strprintf("learning rate must be >= 0, got %g", lr));
     if (full && !lr_given) lr = 1e-4f;
+    // the other adaptation methods: at most one of -f 1, -F, -H, -X; LoRA when none
+    if (freeze_k < 0) bad_flag("-F", strprintf("must be >= 0, got %d", freeze_k));
+    if (adapter_m < 0) bad_flag("-H", strprintf("must be >= 0, got %d", adapter_m));
+    if (prefix_P < 0) bad_flag("-X", strprintf("must be >= 0, got %d", prefix_P));
+    if ((full != 0) + (freeze_k > 0) + (adapter_m > 0) + (prefix_P > 0) > 1) {
+        bad_flag(freeze_k > 0 ? "-F" : adapter_m > 0 ? "-H" : "-X", "choose one method: -f 1, -F, -H or -X (none of them: LoRA)");
+    }
+    if (l2sp_lambda < 0 || (l2sp_lambda > 0 && !full)) {
+        bad_flag("-w", strprintf("L2-SP needs -f 1 and w >= 0, got w = %g\n---> HINT: e.g. -f 1 -w 0.01", l2sp_lambda));
+    }
+    bool lora_on = !full && freeze_k == 0 && adapter_m == 0 && prefix_P == 0;
+    if (freeze_k > 0 && !lr_given) lr = 1e-4f; // trains base weights, like -f 1
+    if (!lora_on && !full && (adapter_path != NULL || merged_path != NULL || prompt != NULL)) {
+        bad_flag(adapter_path ? "-A" : merged_path ? "-M" : "-p", "LoRA adapter files, merging and -p apply to LoRA only\n---> HINT: drop -F / -H / -X");
+    }
     if (weight_decay < 0) bad_flag("-d", strprintf("weight decay must be >= 0, got %g", weight_decay));
     if (steps < 0) bad_flag("-x", strprintf("steps must be >= 0, got %d", steps));
     if (val_every < 0) bad_flag("-v", strprintf("must be >= 0, got %d", val_every));
@@ -2645,7 +3192,7 @@ int main(int argc, char** argv) {
     }
     unsigned target_mask = 0;
     std::string err;
-    if (!full && !lora_parse_targets(targets, &target_mask, &err)) bad_flag("-q", err);
+    if (lora_on && !lora_parse_targets(targets, &target_mask, &err)) bad_flag("-q", err);
     if (dp.rank != 0) { output_dir = NULL; merged_path = NULL; sample_every = 0; } // only rank 0 samples and writes (and checks -o)
     if (output_dir != NULL) {
         struct stat st;
@@ -2654,6 +3201,7 @@ int main(int argc, char** argv) {
         }
     }
 
+    double rss_before_model = rss_now_mib(); // doc/memory.md compares peak RSS minus this with [Memory]
     GPT2<float> model;
     err = gpt2_read_checkpoint(&model, base_path);
     if (!err.empty()) die("flag -e: " + err);
@@ -2672,8 +3220,13 @@ int main(int argc, char** argv) {
     TrainState resume;      // the saved run's step, loader and sampler state, when -A has them
     bool have_state = false;
     std::string adapter_desc = strprintf("new (seed %d)", seed);
-    if (full) {
+    if (full && l2sp_lambda > 0) {
+        gpt2_enable_l2sp(&model, l2sp_lambda);
+    } else if (full) {
         gpt2_enable_full_training(&model);
+    } else if (!lora_on) {
+        err = gpt2_enable_other_method(&model, freeze_k, adapter_m, prefix_P, (uint64_t)seed);
+        if (!err.empty()) die(err);
     } else {
         if (adapter_path != NULL || output_dir != NULL) base_sum = base_checksum(model.params_memory, model.num_parameters);
         if (adapter_path != NULL) {
@@ -2761,7 +3314,7 @@ int main(int argc, char** argv) {
            cfg.max_seq_len, cfg.vocab_size, cfg.padded_vocab_size, cfg.num_layers, cfg.num_heads, cfg.channels);
     printf("num_parameters: %zu\n", model.num_parameters);
     size_t trainable = gpt2_trainable_parameters(&model);
-    if (!full) {
+    if (lora_on) {
         printf("[LoRA]\n");
         printf("adapter: %s\n", adapter_desc.c_str());
         printf("rank: %d\nalpha: %g\nscale: %g\ntargets: %s\n", lcfg.r, lcfg.alpha, lcfg.scale, lora_targets_string(lcfg.targets).c_str());
@@ -2771,19 +3324,18 @@ int main(int argc, char** argv) {
         printf("trainable_params: %zu\nfrozen_params: %zu\ntrainable %%: %.4f\n", trainable, model.num_parameters,
                100.0 * trainable / (double)(model.num_parameters + trainable));
     } else {
-        printf("[Full fine-tuning]\ntrainable_params: %zu\n", trainable);
+        gpt2_print_method(&model);
     }
-    size_t act_bytes = (model.num_activations + model.num_dacts + 2 * (size_t)B * T) * sizeof(float) +
-                       (full ? 0 : lora_activation_bytes(&model.lora));
-    size_t full_extra = 3 * model.num_parameters * sizeof(float);
+    MemoryBytes mem = gpt2_memory_bytes(&model); // doc/memory.md derives each line per method
+    size_t base_bytes = model.num_parameters * sizeof(float), act_bytes = mem.activations;
     printf("[Memory]\n");
-    printf("parameters: %.1f MiB (base %.1f + trainable adapters %.1f)\n", mib((model.num_parameters + model.lora.num_parameters) * sizeof(float)),
-           mib(model.num_parameters * sizeof(float)), mib(model.lora.num_parameters * sizeof(float)));
-    printf("gradients: %.1f MiB\noptimizer state: %.1f MiB\nactivations: %.1f MiB\n", mib(trainable * sizeof(float)),
-           mib(2 * trainable * sizeof(float)), mib(act_bytes));
+    printf("parameters: %.1f MiB (base %.1f + trainable adapters / prefix / L2-SP copy of W0 %.1f)\n", mib(mem.params),
+           mib(base_bytes), mib(mem.params - base_bytes));
+    printf("gradients: %.1f MiB\noptimizer state: %.1f MiB\nactivations: %.1f MiB\n", mib(mem.grads), mib(mem.optimizer), mib(act_bytes));
     printf("total: %.1f MiB (full fine-tuning of this model needs %.1f MiB)\n",
-           mib((model.num_parameters + model.lora.num_parameters + 3 * trainable) * sizeof(float) + act_bytes - (full ? model.num_parameters * sizeof(float) : 0)),
-           mib(model.num_parameters * sizeof(float) + full_extra + act_bytes));
+           mib(mem.params + mem.grads + mem.optimizer + act_bytes),
+           mib(4 * base_bytes + (model.num_activations + model.num_dacts + 2 * (size_t)B * T) * sizeof(float)));
+    printf("bytes: params %zu grads %zu optimizer %zu activations %zu\n", mem.params, mem.grads, mem.optimizer, mem.activations);
     printf("[Run]\nB: %d\nT: %d\nsteps: %d\nlearning_rate: %g\nweight_decay: %g\nthreads: %d\n", B, T, steps, lr, weight_decay, threads);
     if (dp.world > 1) printf("ranks: %d (global batch %d = B x ranks)\n", dp.world, B * dp.world);
     printf("train: %s (%zu tokens, %zu batches)\nval: %s (%zu tokens, %d batches used)\n", train_path,
@@ -2801,7 +3353,7 @@ int main(int argc, char** argv) {
     for (int step = start_step; step <= steps; step++) {
         bool last_step = step == steps;
         // the adapter with everything an exact resume needs, saved where the next step would begin
-        if (!full && output_dir != NULL && (last_step || (save_every > 0 && step > start_step && step % save_every == 0))) {
+        if (lora_on && output_dir != NULL && (last_step || (save_every > 0 && step > start_step && step % save_every == 0))) {
             TrainState state = train_state_capture(step, &train_loader, &sample_rng);
             err = lora_file_save_all(output_dir, &model, base_sum, state, base_name);
             if (!err.empty()) die("flag -o: " + err);
@@ -2845,6 +3397,7 @@ int main(int argc, char** argv) {
         printf("step %d/%d: train loss %f (took %.1f ms, %.0f tok/s", step + 1, steps, model.mean_loss, ms, (double)B * T * dp.world / (ms / 1000.0));
         if (dp.world > 1) printf(" over %d ranks, allreduce %.2f ms for %zu bytes", dp.world, dp.allreduce_ms, dp.allreduce_bytes);
         printf(", ETA %.1f s)\n", avg * (steps - step - 1) / 1000.0);
+        if (model.params0) printf("l2sp penalty %f\n", model.reg_loss);
         fflush(stdout);
         if (stop_signal != 0 && step + 1 < steps) {
             // interrupted: this step is done; make it the last one, so the saves below happen as at a normal end
@@ -2865,12 +3418,20 @@ int main(int argc, char** argv) {
         if (!err.empty()) die(err);
         printf("wrote %s\n", path.c_str());
     }
+    if (!lora_on && !full && output_dir != NULL) {
+        // -F: the whole model (its top blocks changed); -H / -X: only the trained adapter or prefix
+        std::string path = std::string(output_dir) + (freeze_k > 0 ? "/model.bin" : "/method.bin");
+        err = freeze_k > 0 ? gpt2_write_checkpoint(&model, path.c_str()) : gpt2_write_method_file(&model, path.c_str());
+        if (!err.empty()) die("flag -o: " + err);
+        printf("wrote %s\n", path.c_str());
+    }
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     printf("[Summary]\nfirst train loss: %f\nlast train loss: %f\n", first_loss, last_loss);
     if (last_val >= 0) printf("final val loss: %f\n", last_val);
     if (steps - start_step > 1) printf("average step: %.1f ms (%.0f tok/s)\n", total_ms / (steps - start_step - 1), (double)B * T * dp.world * (steps - start_step - 1) / (total_ms / 1000.0));
     printf("peak RSS: %.1f MiB\n", ru.ru_maxrss / 1024.0);
+    printf("RSS before the model: %.1f MiB\n", rss_before_model);
     gpt2_free(&model);
     dp_finalize();
     return stop_signal != 0 ? 128 + stop_signal : 0;
