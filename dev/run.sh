@@ -23,13 +23,15 @@ BASE_T="${BASE_T:-128}"          # max sequence length, and T while pretraining
 BASE_B="${BASE_B:-8}"            # batch size while pretraining
 BASE_STEPS="${BASE_STEPS:-400}"  # pretraining steps on Brown (B*T tokens each)
 BASE_LR="${BASE_LR:-2e-3}"       # constant AdamW learning rate
-# the LoRA fine-tune on tinyshakespeare
-LORA_B="${LORA_B:-8}"
-LORA_T="${LORA_T:-128}"
-LORA_STEPS="${LORA_STEPS:-300}"
+# the LoRA fine-tune on tinyshakespeare; B, T, steps, alpha and lr default per base in step 4: GPT-2 124M
+# costs about 17x more per token than the small base, so it gets llm.c's B=4, T=64, fewer steps and the
+# trainer's own alpha 16, lr 1e-3
+LORA_B="${LORA_B:-}"
+LORA_T="${LORA_T:-}"
+LORA_STEPS="${LORA_STEPS:-}"
 LORA_R="${LORA_R:-8}"
-LORA_ALPHA="${LORA_ALPHA:-32}"
-LORA_LR="${LORA_LR:-5e-3}"
+LORA_ALPHA="${LORA_ALPHA:-}"
+LORA_LR="${LORA_LR:-}"
 
 BROWN_BASE=data/brown_base.bin
 STARTER_BASE=data/gpt2_124M.bin
@@ -129,6 +131,11 @@ fi
 # ---------------------------------------------------------------------------- 4. LoRA
 banner "4/4 LoRA fine-tuning on tinyshakespeare"
 t0=$(now)
+if [ "$BASE" = "$STARTER_BASE" ]; then
+    : "${LORA_B:=4}" "${LORA_T:=64}" "${LORA_STEPS:=100}" "${LORA_ALPHA:=16}" "${LORA_LR:=1e-3}"
+else
+    : "${LORA_B:=8}" "${LORA_T:=128}" "${LORA_STEPS:=300}" "${LORA_ALPHA:=32}" "${LORA_LR:=5e-3}"
+fi
 mkdir -p "$RUN_DIR/lora"
 LOG="$RUN_DIR/lora.log"
 # val loss and a sample at step 0 (lora_B = 0, so this is the base model) and after the last step
