@@ -10,7 +10,7 @@ $(BUILD)/bench_step: dev/bench_step.cpp train_gpt2_lora.cpp lora.h
 
 $(BUILD)/bench_matmul: dev/bench_matmul.cpp train_gpt2_lora.cpp lora.h
 	@mkdir -p $(BUILD)
-	$(CXX) $(CXXFLAGS) -DBENCH_MAIN_LINE $< $(LDFLAGS) $(LDLIBS) -lopenblas -o $@
+	$(CXX) $(CXXFLAGS) $< $(LDFLAGS) $(LDLIBS) -lopenblas -o $@
 
 bench: $(BUILD)/bench_step $(BUILD)/bench_matmul
 	BENCH_STEP=$(BUILD)/bench_step BENCH_MATMUL=$(BUILD)/bench_matmul bash dev/bench.sh

@@ -1,19 +1,16 @@
 // dev/bench_matmul.cpp: GFLOP/s of our matmul kernels vs OpenBLAS sgemm on the GPT-2 124M shapes,
 // plus a correctness check of every fast kernel against its naive twin.
 // Dev-only: this is the one program that links OpenBLAS (-lopenblas); the main build never does.
-// Build + run: make -f dev/bench.mk bench_matmul   (or see dev/bench.mk)
+// Built and run by `make bench` (dev/bench.mk, dev/bench.sh).
 #include <cstdio>
 #include <cstdint>
 #include <vector>
 #include <chrono>
 #include <algorithm>
 #include <cblas.h>
-#ifdef BENCH_MAIN_LINE
+// the trainer's own kernels (TESTING hides its main)
 #define TESTING
 #include "../train_gpt2_lora.cpp"
-#else
-#include "matmul_fast.h"
-#endif
 
 static double now_s() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
