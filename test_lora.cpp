@@ -1209,6 +1209,50 @@ TEST_CASE("weighted combination of adapters: one adapter whose delta is sum_k w_
     for (int k = 0; k < 3; k++) lora_free(&adapters[k]);
 }
 
+TEST_CASE("variants in adapter files: adapter.bin round-trips rsLoRA+DoRA+PiSSA; PEFT gets use_dora, init_lora_weights and the magnitudes") {
+    const int B = 1, T = 6;
+    GPT2<float> model, loaded;
+    gpt2_build_random(&model, tiny_config(), 171);
+    gpt2_build_random(&loaded, tiny_config(), 171);
+    uint64_t base_sum = base_checksum(model.params_memory, model.num_parameters); // of the original base, as main() takes it
+    LoRAConfig cfg = lora_config(2, 4.0f, LORA_ALL_TARGETS);
+    std::string err;
+    REQUIRE(lora_parse_variants("rslora,dora,pissa", &cfg, &err));
+    gpt2_lora_attach(&model, cfg, 172);
+    int C = model.config.channels;
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) { model.lora.dora_m[t][0] *= 1.5f; } // trained-looking magnitudes
+    std::string json = peft_config_json(model.lora.config, "gpt2");
+    CHECK(json.find("\"use_rslora\": true") != std::string::npos);
+    CHECK(json.find("\"use_dora\": true") != std::string::npos);
+    CHECK(json.find("\"init_lora_weights\": \"pissa\"") != std::string::npos);
+    TempDir dir;
+    REQUIRE(lora_file_write(dir.file("adapter.bin").c_str(), &model, base_sum, NULL) == "");
+    TrainState state;
+    bool has_state = true;
+    REQUIRE(lora_file_read(dir.file("adapter.bin").c_str(), &loaded, base_sum, &state, &has_state) == "");
+    CHECK(loaded.lora.config.use_rslora);
+    CHECK(loaded.lora.config.use_dora);
+    CHECK(loaded.lora.config.init_pissa);
+    REQUIRE(loaded.lora.num_parameters == model.lora.num_parameters);
+    CHECK(memcmp(loaded.lora.params_memory, model.lora.params_memory, model.lora.num_parameters * sizeof(float)) == 0);
+    // the PiSSA residual base is recomputed bit for bit (seeded SVD, same code)
+    CHECK(memcmp(loaded.params_memory, model.params_memory, model.num_parameters * sizeof(float)) == 0);
+    std::vector<int> inputs(B * T, 3);
+    gpt2_forward(&model, inputs.data(), (const int*)NULL, B, T);
+    gpt2_forward(&loaded, inputs.data(), (const int*)NULL, B, T);
+    CHECK(memcmp(model.acts.logits, loaded.acts.logits, (size_t)B * T * model.config.padded_vocab_size * sizeof(float)) == 0);
+    // PEFT's safetensors hold one magnitude vector (out) per adapted module
+    REQUIRE(peft_export(dir.path.c_str(), &model, "gpt2") == "");
+    SafeTensors st;
+    REQUIRE(safetensors_read(dir.file(PEFT_WEIGHTS_FILE).c_str(), &st) == "");
+    const SafeTensor* m = st.find("base_model.model.transformer.h.1.mlp.c_fc.lora_magnitude_vector");
+    REQUIRE(m != NULL);
+    CHECK(m->shape == std::vector<size_t>{(size_t)4 * C});
+    CHECK(st.values(m)[0] == model.lora.dora_m[LORA_FC][(size_t)4 * C]); // layer 1, row 0
+    gpt2_free(&model);
+    gpt2_free(&loaded);
+}
+
 // ---- end of LoRA variants ----
 
 // ----------------------------------------------------------------------------

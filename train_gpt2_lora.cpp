@@ -2050,7 +2050,7 @@ static std::string lora_file_write(const char* path, const GPT2<float>* model, u
     header[10] = cfg.num_heads;
     header_put_u64(header, 11, base_sum);
     header_put_u64(header, 13, lora->num_parameters);
-    header[28] = lora->config.use_rslora ? 1 : 0;
+    header[28] = (lora->config.use_rslora ? 1 : 0) | (lora->config.use_dora ? 2 : 0) | (lora->config.init_pissa ? 4 : 0); // variant bits
     size_t n = lora->num_parameters;
     std::vector<std::pair<const void*, size_t>> parts = {{header, sizeof(header)}, {lora->params_memory, n * sizeof(float)}};
     std::vector<uint64_t> order;
@@ -2100,11 +2100,15 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
         float alpha;
         memcpy(&alpha, &header[3], 4);
         if (header[2] < 1 || header[2] > 65536 || !std::isfinite(alpha) || !(alpha > 0) || header[4] <= 0 || header[4] > (int)LORA_ALL_TARGETS ||
-            (header[28] & ~1) != 0) {
-            err = strprintf("adapter file '%s' has an impossible config: r=%d alpha=%g targets=%d variant bits=%d (need r >= 1, alpha > 0, targets 1..15, variant bits 0 or 1)\n---> HINT: the file is corrupt; %s",
+            (header[28] & ~7) != 0) {
+            err = strprintf("adapter file '%s' has an impossible config: r=%d alpha=%g targets=%d variant bits=%d (need r >= 1, alpha > 0, targets 1..15, variant bits 0..7)\n---> HINT: the file is corrupt; %s",
                             path, header[2], alpha, header[4], header[28], hint);
         } else {
             lcfg = lora_config_rslora(lora_config(header[2], alpha, (unsigned)header[4]), (header[28] & 1) != 0);
+            // DoRA: the magnitudes follow in the flat buffer; PiSSA: attaching recomputes the same residual base
+            // (the SVD is seeded), and the file's lora_A / lora_B then replace the initial ones
+            lcfg.use_dora = (header[28] & 2) != 0;
+            lcfg.init_pissa = (header[28] & 4) != 0;
         }
     }
     const GPT2Config& cfg = model->config;
@@ -2629,8 +2633,8 @@ static std::string peft_config_json(LoRAConfig cfg, const char* base_name) {
            "  \"bias\": \"none\",\n"
            "  \"lora_dropout\": 0.0,\n"
            "  \"use_rslora\": " + std::string(cfg.use_rslora ? "true" : "false") + ",\n"
-           "  \"use_dora\": false,\n"
-           "  \"init_lora_weights\": true,\n"
+           "  \"use_dora\": " + std::string(cfg.use_dora ? "true" : "false") + ",\n"
+           "  \"init_lora_weights\": " + std::string(cfg.init_pissa ? "\"pissa\"" : "true") + ",\n"
            "  \"inference_mode\": true\n"
            "}\n";
 }
@@ -2641,6 +2645,15 @@ static std::string peft_export(const char* dir, const GPT2<float>* model, const 
     std::vector<SafeTensorOut> tensors;
     for (const LoRATensor& t : lora_tensor_list(lora->config, lora->L, lora->C)) {
         tensors.push_back({lora_peft_key(t.layer, t.target, t.is_B), {(size_t)t.rows, (size_t)t.cols}, lora->params_memory + t.offset});
+    }
+    // DoRA: PEFT saves each magnitude (out) as "<module>.lora_magnitude_vector" (no ".weight")
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        if (lora->dora_m[t] == NULL) continue;
+        int out = lora_target_out(t, lora->C);
+        for (int l = 0; l < lora->L; l++) {
+            tensors.push_back({"base_model.model.transformer.h." + std::to_string(l) + "." + lora_peft_names[t] + ".lora_magnitude_vector",
+                               {(size_t)out}, lora->dora_m[t] + (size_t)l * out});
+        }
     }
     std::string err = safetensors_write((std::string(dir) + "/" PEFT_WEIGHTS_FILE).c_str(), tensors);
     if (!err.empty()) return err;
