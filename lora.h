@@ -409,11 +409,13 @@ void lora_merge(real* W, const real* lora_A, const real* lora_B, real scale, int
 
 // every adapted matrix of every layer: base[t] is target t's frozen weight (L, out, in), NULL when the
 // target carries no adapter. sign +1 merges, -1 unmerges.
+template <typename real> void dora_merge(const LoRA<real>* lora, int t, real* W, int sign); // DoRA's merge, see below
 template <typename real>
 void lora_merge_all(const LoRA<real>* lora, real* const base[LORA_NUM_TARGETS], int sign) {
     int r = lora->config.r;
     for (int t = 0; t < LORA_NUM_TARGETS; t++) {
         if (lora->lora_A[t] == NULL) continue;
+        if (lora->dora_m[t] != NULL) { dora_merge(lora, t, base[t], sign); continue; }
         int in = lora_target_in(t, lora->C), out = lora_target_out(t, lora->C);
         for (int l = 0; l < lora->L; l++) {
             lora_merge(base[t] + (size_t)l * out * in, lora->lora_A[t] + (size_t)l * r * in,
@@ -878,6 +880,31 @@ void pissa_init(real* W, real* lora_A, real* lora_B, real scale, int C, int OC, 
     }
     // the very lora_merge that merging uses, with sign -1: W + scale lora_B lora_A == W0 up to rounding
     lora_merge(W, lora_A, lora_B, scale, C, OC, r, -1);
+}
+
+// W (L, out, in) of target t -> merged: W_l <- m/n * (W_l + scale lora_B lora_A) row by row, n the row norms
+// of the bracket (kept in dora_n for the unmerge); unmerged (sign -1): W_l <- W_l * n/m - scale lora_B lora_A.
+// Merged, the model is one plain matmul per layer again, equal to the DoRA forward up to rounding.
+template <typename real>
+void dora_merge(const LoRA<real>* lora, int t, real* W, int sign) {
+    int r = lora->config.r, in = lora_target_in(t, lora->C), out = lora_target_out(t, lora->C);
+    real scale = (real)lora->config.scale;
+    for (int l = 0; l < lora->L; l++) {
+        real* W_l = W + (size_t)l * out * in;
+        const real* lora_A_l = lora->lora_A[t] + (size_t)l * r * in;
+        const real* lora_B_l = lora->lora_B[t] + (size_t)l * out * r;
+        const real* m = lora->dora_m[t] + (size_t)l * out;
+        real* n = lora->dora_n[t] + (size_t)l * out;
+        if (sign > 0) {
+            dora_norm_forward(n, lora->dora_P[t] + (size_t)l * out * r, W_l, lora_A_l, lora_B_l, scale, in, out, r);
+            lora_merge(W_l, lora_A_l, lora_B_l, scale, in, out, r, +1);
+        }
+        for (int o = 0; o < out; o++) {
+            real f = sign > 0 ? m[o] / n[o] : n[o] / m[o];
+            for (int c = 0; c < in; c++) { W_l[(size_t)o * in + c] *= f; }
+        }
+        if (sign < 0) lora_merge(W_l, lora_A_l, lora_B_l, scale, in, out, r, -1);
+    }
 }
 
 // ---- the model's hooks: the variants' work for one adapted matmul, called by gpt2_lora_forward/backward

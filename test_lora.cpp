@@ -1253,6 +1253,40 @@ TEST_CASE("variants in adapter files: adapter.bin round-trips rsLoRA+DoRA+PiSSA;
     gpt2_free(&loaded);
 }
 
+TEST_CASE("DoRA merge: the merged plain model equals the DoRA forward, and unmerge restores W0") {
+    const int B = 2, T = 5, r = 2;
+    GPT2<double> model, merged;
+    gpt2_build_random(&model, tiny_config(), 181);
+    gpt2_build_random(&merged, tiny_config(), 181);
+    LoRAConfig cfg = lora_config(r, 4.0f, LORA_ALL_TARGETS);
+    std::string err;
+    REQUIRE(lora_parse_variants("dora", &cfg, &err));
+    gpt2_lora_attach(&model, cfg, 182);
+    int L = model.config.num_layers, C = model.config.channels;
+    randomize_lora_B(&model.lora, L, C, 183, 0.1);
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) { model.lora.dora_m[t][1] *= 1.3; }
+    std::vector<double> W0(merged.params_memory, merged.params_memory + merged.num_parameters);
+    double* base[LORA_NUM_TARGETS];
+    base_matrices(&merged, base);
+    lora_merge_all(&model.lora, base, +1);
+    std::vector<int> inputs(B * T);
+    for (int i = 0; i < B * T; i++) inputs[i] = (7 * i) % model.config.vocab_size;
+    gpt2_forward(&model, inputs.data(), (const int*)NULL, B, T);
+    gpt2_forward(&merged, inputs.data(), (const int*)NULL, B, T);
+    double maxdiff = 0;
+    for (size_t i = 0; i < (size_t)B * T * model.config.padded_vocab_size; i++) {
+        maxdiff = std::max(maxdiff, std::fabs(model.acts.logits[i] - merged.acts.logits[i]));
+    }
+    const double tol_dora_merge = 1e-12; // double: the same W, formed vs factored
+    CHECK(maxdiff < tol_dora_merge);
+    lora_merge_all(&model.lora, base, -1);
+    double wdiff = 0;
+    for (size_t i = 0; i < merged.num_parameters; i++) { wdiff = std::max(wdiff, std::fabs(merged.params_memory[i] - W0[i])); }
+    CHECK(wdiff < tol_dora_merge);
+    gpt2_free(&model);
+    gpt2_free(&merged);
+}
+
 // ---- end of LoRA variants ----
 
 // ----------------------------------------------------------------------------
