@@ -1529,7 +1529,10 @@ void gpt2_update(GPT2<real>* model, float lr, float beta1, float beta2, float ep
 template <typename real>
 std::string gpt2_check_step_finite(const GPT2<real>* model, int step) {
     std::vector<std::pair<const real*, size_t>> grads = {{model->grads_memory, model->grads_memory ? model->num_parameters : 0},
-                                                         {model->lora.grads_memory, model->lora.num_parameters}};
+                                                         {model->lora.grads_memory, model->lora.num_parameters},
+                                                         {model->top_grads, model->top_grads ? model->num_top_trainable : 0},
+                                                         {model->adapters.buf.grads, model->adapters.buf.n},
+                                                         {model->prefix.buf.grads, model->prefix.buf.n}};
     const char* hint = "lower the learning rate (-l); check the base checkpoint (-e) for inf/NaN weights; the last adapter saved with -o is intact";
     if (!std::isfinite((double)model->mean_loss)) {
         return strprintf("train loss is %f at step %d; stopping before the update\n---> HINT: %s", (double)model->mean_loss, step, hint);
