@@ -354,7 +354,9 @@ size_t lora_activation_bytes(const LoRA<real>* lora) {
     size_t n = 0;
     for (int t = 0; t < LORA_NUM_TARGETS; t++) {
         if (lora->h[t]) n += (size_t)lora->L * lora->act_BT * lora->config.r;
+        if (lora->dora_z[t]) n += (size_t)lora->L * lora->act_BT * lora_target_out(t, lora->C); // DoRA's cached z
     }
+    if (lora->dora_dz) n += lora->act_BT * 4 * lora->C;
     return (n + lora->act_BT * lora->config.r) * sizeof(real);
 }
 

@@ -1287,6 +1287,35 @@ TEST_CASE("DoRA merge: the merged plain model equals the DoRA forward, and unmer
     gpt2_free(&merged);
 }
 
+TEST_CASE("the trainer binary: -V, -Q and -P refuse bad values naming the flag; the variants combined train") {
+    TempDir dir;
+    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
+    write_tiny_checkpoint(ckpt);
+    std::vector<uint16_t> ids(400);
+    for (size_t i = 0; i < ids.size(); i++) ids[i] = (uint16_t)((i * 7) % 61);
+    write_tokens(tokens, ids);
+    std::string common = "-e " + ckpt + " -i " + tokens + " -j " + tokens + " -b 2 -t 8 -v 0 -s 0";
+    std::string out;
+    CHECK(run_trainer(common + " -V lorax", &out) != 0);
+    CHECK(has(out, "-V"));
+    CHECK(has(out, "HINT"));
+    CHECK(run_trainer(common + " -Q int4", &out) != 0);
+    CHECK(has(out, "-Q"));
+    CHECK(run_trainer(common + " -P 0", &out) != 0);
+    CHECK(has(out, "-P"));
+    CHECK(run_trainer(common + " -f 1 -Q nf4", &out) != 0);
+    CHECK(has(out, "-Q"));
+    CHECK(run_trainer(common + " -x 10 -v 10 -l 0.01 -V rslora,dora,pissa -Q nf4 -P 4", &out) == 0);
+    CHECK(has(out, "variant: rslora, dora, pissa init, base nf4, lora+ (lr_B = 4"));
+    CHECK(has(out, "base_matrices_bytes: "));
+    size_t p1 = out.find("\nval loss "), p2 = out.find("final val loss: ");
+    REQUIRE(p1 != std::string::npos);
+    REQUIRE(p2 != std::string::npos);
+    float first = strtof(out.c_str() + p1 + 10, NULL), last = strtof(out.c_str() + p2 + 16, NULL);
+    MESSAGE("trainer binary, -V rslora,dora,pissa -Q nf4 -P 4: val loss " << first << " -> " << last);
+    CHECK(last < first);
+}
+
 // ---- end of LoRA variants ----
 
 // ----------------------------------------------------------------------------
