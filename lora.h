@@ -162,7 +162,7 @@ void lora_forward(real* out, real* h, const real* inp, const real* lora_A, const
             for (int c = 0; c < C; c++) { sum += inp_bt[c] * lora_A_row[c]; }
             h_bt[i] = sum;
         }
-        // out += scale * h @ lora_B^T, skipped only in the sense that lora_B = 0 adds exact zeros
+        // out += scale * h @ lora_B^T (while lora_B = 0 this adds exact zeros: the base output is untouched)
         real* out_bt = out + (size_t)bt * OC;
         for (int o = 0; o < OC; o++) {
             const real* lora_B_row = lora_B + (size_t)o * r;
