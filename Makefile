@@ -4,7 +4,7 @@ CXXFLAGS ?= -O3 -std=c++17 -Wall -Wextra -Wno-unused-parameter -Wno-unused-funct
 LDFLAGS ?=
 LDLIBS ?= -lm
 
-# -march=native only where the compiler takes it (never -ffast-math/-Ofast: this is a reference build)
+# -march=native only where the compiler takes it (and no fast-math flags of any kind: this is a reference build)
 ifneq ($(shell echo 'int main(){}' | $(CXX) -march=native -x c++ - -o /dev/null 2>/dev/null && echo ok),)
   CXXFLAGS += -march=native
 endif
