@@ -523,6 +523,18 @@ static void write_tokens(const std::string& path, const std::vector<uint16_t>& t
     write_bytes(path, bytes.data(), bytes.size());
 }
 
+// a learnable token stream: a fixed cycle through the tiny vocabulary (V=61), written as an llm.c token file
+static void write_cycle_tokens(const std::string& path, size_t n) {
+    std::vector<uint16_t> ids(n);
+    for (size_t i = 0; i < n; i++) ids[i] = (uint16_t)((i * 7) % 61);
+    write_tokens(path, ids);
+}
+
+// the trainer flags every binary test starts from: the tiny checkpoint, one token file for train and val
+static std::string trainer_args(const std::string& ckpt, const std::string& tokens) {
+    return "-e " + ckpt + " -i " + tokens + " -j " + tokens + " -b 2 -t 8 -v 0 -s 0";
+}
+
 static std::vector<char> read_all(const std::string& path) {
     std::vector<char> v;
     FILE* f = fopen(path.c_str(), "rb");
@@ -655,10 +667,8 @@ TEST_CASE("the trainer binary: bad inputs exit non-zero with a message naming th
     std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
     write_tiny_checkpoint(ckpt);
     // a learnable stream: a fixed cycle through the vocabulary
-    std::vector<uint16_t> ids(400);
-    for (size_t i = 0; i < ids.size(); i++) ids[i] = (uint16_t)((i * 7) % 61);
-    write_tokens(tokens, ids);
-    std::string common = "-e " + ckpt + " -i " + tokens + " -j " + tokens + " -b 2 -t 8 -v 0 -s 0";
+    write_cycle_tokens(tokens, 400);
+    std::string common = trainer_args(ckpt, tokens);
     std::string out;
 
     CHECK(run_trainer("-e " + dir.file("missing.bin") + " -i " + tokens + " -j " + tokens, &out) != 0);
@@ -681,8 +691,9 @@ TEST_CASE("the trainer binary: bad inputs exit non-zero with a message naming th
     CHECK(run_trainer(common + " -b abc", &out) != 0);
     CHECK(has(out, "-b"));
 
-    std::vector<uint16_t> bad_ids = ids;
-    bad_ids[17] = 61;
+    std::vector<uint16_t> bad_ids(400);
+    for (size_t i = 0; i < bad_ids.size(); i++) bad_ids[i] = (uint16_t)((i * 7) % 61);
+    bad_ids[17] = 61; // one id past the vocabulary
     write_tokens(dir.file("bad_tokens.bin"), bad_ids);
     CHECK(run_trainer("-e " + ckpt + " -i " + dir.file("bad_tokens.bin") + " -j " + tokens + " -b 2 -t 8", &out) != 0);
     CHECK(has(out, "-i"));
@@ -1291,10 +1302,8 @@ TEST_CASE("the trainer binary: -V, -Q and -P refuse bad values naming the flag; 
     TempDir dir;
     std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
     write_tiny_checkpoint(ckpt);
-    std::vector<uint16_t> ids(400);
-    for (size_t i = 0; i < ids.size(); i++) ids[i] = (uint16_t)((i * 7) % 61);
-    write_tokens(tokens, ids);
-    std::string common = "-e " + ckpt + " -i " + tokens + " -j " + tokens + " -b 2 -t 8 -v 0 -s 0";
+    write_cycle_tokens(tokens, 400);
+    std::string common = trainer_args(ckpt, tokens);
     std::string out;
     CHECK(run_trainer(common + " -V lorax", &out) != 0);
     CHECK(has(out, "-V"));
@@ -2144,9 +2153,7 @@ TEST_CASE("data parallel: when one rank is killed the job ends with an error ins
     TempDir dir;
     std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin"), out = dir.file("out"), log = dir.file("log.txt");
     write_tiny_checkpoint(ckpt);
-    std::vector<uint16_t> ids(3000);
-    for (size_t i = 0; i < ids.size(); i++) ids[i] = (uint16_t)((i * 7) % 61);
-    write_tokens(tokens, ids);
+    write_cycle_tokens(tokens, 3000);
     REQUIRE(mkdir(out.c_str(), 0755) == 0);
     // a run far too long to finish, saving every step; once step 3 is logged, kill -9 the last rank (a direct
     // child of mpirun), then wait up to 60 s for mpirun to end. Still running then: the other rank hangs, so
@@ -2978,10 +2985,8 @@ struct TrainerFiles {
         for (int c = 0; c < model.config.channels; c++) model.params.lnfw[c] = lnfw; // the final layernorm's gain
         REQUIRE(gpt2_write_checkpoint(&model, ckpt.c_str()) == "");
         gpt2_free(&model);
-        std::vector<uint16_t> ids(400);
-        for (size_t i = 0; i < ids.size(); i++) ids[i] = (uint16_t)((i * 7) % 61);
-        write_tokens(tokens, ids);
-        common = "-e " + ckpt + " -i " + tokens + " -j " + tokens + " -b 2 -t 8 -v 0 -s 0";
+        write_cycle_tokens(tokens, 400);
+        common = trainer_args(ckpt, tokens);
     }
     uint64_t base_sum() const {
         GPT2<float> model;
@@ -3449,10 +3454,8 @@ TEST_CASE("the trainer binary: -F, -H, -X and -w train, and their bad values exi
     TempDir dir;
     std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
     write_tiny_checkpoint(ckpt);
-    std::vector<uint16_t> ids(400);
-    for (size_t i = 0; i < ids.size(); i++) ids[i] = (uint16_t)((i * 7) % 61);
-    write_tokens(tokens, ids);
-    std::string common = "-e " + ckpt + " -i " + tokens + " -j " + tokens + " -b 2 -t 8 -v 0 -s 0";
+    write_cycle_tokens(tokens, 400);
+    std::string common = trainer_args(ckpt, tokens);
     std::string out;
     CHECK(run_trainer(common + " -F 99", &out) != 0); // the tiny model has 2 blocks
     CHECK(has(out, "-F"));
