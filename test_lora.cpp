@@ -686,6 +686,12 @@ TEST_CASE("the trainer binary: bad inputs exit non-zero with a message naming th
     CHECK(has(out, "-l"));
     CHECK(run_trainer(common + " -q qkv,foo", &out) != 0);
     CHECK(has(out, "foo"));
+    CHECK(run_trainer(common + " -y -1", &out) != 0);
+    CHECK(has(out, "-y"));
+    CHECK(run_trainer(common + " -z 1.5", &out) != 0);
+    CHECK(has(out, "-z"));
+    CHECK(run_trainer(common + " -G -1", &out) != 0);
+    CHECK(has(out, "-G"));
     CHECK(run_trainer(common + " -Z 1", &out) != 0);
     CHECK(has(out, "unknown flag"));
     CHECK(run_trainer(common + " -b abc", &out) != 0);
@@ -702,16 +708,16 @@ TEST_CASE("the trainer binary: bad inputs exit non-zero with a message naming th
     // and a good run trains: the loss falls
     CHECK(run_trainer(common + " -x 30 -l 0.01 -c " + dir.file("no_tokenizer.bin"), &out) != 0); // named but missing tokenizer
     CHECK(has(out, "-c"));
-    int rc = run_trainer(common + " -x 30 -l 0.01", &out);
+    int rc = run_trainer(common + " -x 40 -l 0.01", &out);
     CHECK(rc == 0);
-    CHECK(has(out, "step 30/30"));
+    CHECK(has(out, "step 40/40"));
     float first = -1, last = -1;
     size_t p1 = out.find("first train loss: "), p2 = out.find("last train loss: ");
     REQUIRE(p1 != std::string::npos);
     REQUIRE(p2 != std::string::npos);
     first = strtof(out.c_str() + p1 + 18, NULL);
     last = strtof(out.c_str() + p2 + 17, NULL);
-    MESSAGE("trainer binary, 30 LoRA steps on a cyclic stream: loss " << first << " -> " << last);
+    MESSAGE("trainer binary, 40 LoRA steps on a cyclic stream: loss " << first << " -> " << last);
     CHECK(last < 0.5f * first);
 }
 
@@ -2946,6 +2952,57 @@ TEST_CASE("fuzzed readers: adapter.bin, safetensors and the PEFT config give cle
 }
 
 // -- the non-finite guard: a NaN/inf loss or gradient stops training before the update
+
+TEST_CASE("learning-rate schedule: linear warmup, then a cosine to lr * final_frac at the last step") {
+    const double tol = 1e-6; // relative: the schedule is computed in double and returned as float
+    const float lr = 1e-3f;
+    const int steps = 100, warmup = 10;
+    // warmup: lr * (step + 1) / warmup, reaching lr at the last warmup step
+    CHECK(lr_schedule(lr, 0, steps, warmup, 0.1f) == doctest::Approx(1e-4).epsilon(tol));
+    CHECK(lr_schedule(lr, 4, steps, warmup, 0.1f) == doctest::Approx(5e-4).epsilon(tol));
+    // the first decayed step is lr, the last is lr * final_frac, the midpoint halfway between
+    CHECK(lr_schedule(lr, warmup, steps, warmup, 0.1f) == doctest::Approx(1e-3).epsilon(tol));
+    CHECK(lr_schedule(lr, steps - 1, steps, warmup, 0.1f) == doctest::Approx(1e-4).epsilon(tol));
+    int mid = warmup + (steps - 1 - warmup) / 2; // (99 - 10) / 2 = 44.5 -> 44: just before the midpoint
+    double expected_mid = 1e-3 * (0.1 + 0.5 * (1.0 + cos(M_PI * (mid - warmup) / (double)(steps - 1 - warmup))) * 0.9);
+    CHECK(lr_schedule(lr, mid, steps, warmup, 0.1f) == doctest::Approx(expected_mid).epsilon(tol));
+    // never increases after the warmup
+    for (int s = warmup + 1; s < steps; s++) {
+        CHECK(lr_schedule(lr, s, steps, warmup, 0.1f) <= lr_schedule(lr, s - 1, steps, warmup, 0.1f));
+    }
+    // the defaults (-y 0 -z 1) keep it constant, bit for bit
+    for (int s = 0; s < steps; s++) { CHECK(lr_schedule(lr, s, steps, 0, 1.0f) == lr); }
+}
+
+TEST_CASE("gradient clipping: the returned norm is the global L2 norm; above max_norm every gradient is scaled down to it") {
+    const double tol = 1e-12; // relative, in double
+    GPT2<double> model;
+    build_tiny_lora_model(&model, LORA_ALL_TARGETS, 2, 21);
+    Rng rng;
+    rng_seed(&rng, 22);
+    std::vector<int> inputs, targets;
+    random_tokens(&rng, &inputs, 2 * 5, model.config.vocab_size);
+    random_tokens(&rng, &targets, 2 * 5, model.config.vocab_size);
+    gpt2_forward(&model, inputs.data(), targets.data(), 2, 5);
+    gpt2_zero_grad(&model);
+    gpt2_backward(&model);
+    const double* g = model.lora.grads_memory;
+    size_t n = model.lora.num_parameters;
+    std::vector<double> before(g, g + n);
+    double sumsq = 0;
+    for (double x : before) sumsq += x * x;
+    double norm = sqrt(sumsq);
+    REQUIRE(norm > 0);
+    // max_norm 0 measures only; a max_norm above the norm changes nothing
+    CHECK(gpt2_clip_grad_norm(&model, 0.0f) == doctest::Approx(norm).epsilon(tol));
+    CHECK(gpt2_clip_grad_norm(&model, (float)(2 * norm)) == doctest::Approx(norm).epsilon(tol));
+    for (size_t i = 0; i < n; i++) { CHECK(g[i] == before[i]); }
+    // below it: scaled by max_norm / norm, so the new norm is max_norm and the direction is kept
+    float max_norm = (float)(norm / 4);
+    CHECK(gpt2_clip_grad_norm(&model, max_norm) == doctest::Approx(norm).epsilon(tol));
+    CHECK(gpt2_clip_grad_norm(&model, 0.0f) == doctest::Approx(max_norm).epsilon(tol));
+    for (size_t i = 0; i < n; i++) { CHECK(g[i] == doctest::Approx(before[i] * max_norm / norm).epsilon(tol)); }
+}
 
 TEST_CASE("non-finite guard: a NaN gradient or an inf loss is caught before the update, naming the step") {
     const int B = 2, T = 8;

@@ -1523,6 +1523,51 @@ void gpt2_update(GPT2<real>* model, float lr, float beta1, float beta2, float ep
     }
 }
 
+// The learning rate at step (0-based) of steps, as llm.c schedules it: a linear warmup over the first
+// warmup steps (lr * (step + 1) / warmup), then a cosine from lr down to lr * final_frac at the last step.
+// final_frac = 1 and warmup = 0 keep lr constant.
+static float lr_schedule(float lr, int step, int steps, int warmup, float final_frac) {
+    if (step < warmup) return lr * (float)(step + 1) / (float)warmup;
+    if (final_frac == 1.0f || steps <= warmup + 1) return lr;
+    double progress = (double)(step - warmup) / (double)(steps - 1 - warmup); // 0 at the first decayed step, 1 at the last
+    double coeff = 0.5 * (1.0 + cos(M_PI * progress));                       // 1 -> 0
+    return (float)(lr * (final_frac + coeff * (1.0 - final_frac)));
+}
+
+// Gradient clipping by global norm: the L2 norm of every gradient the update will apply (all trainable
+// buffers together); when it exceeds max_norm, all of them are scaled by max_norm / norm. max_norm <= 0
+// measures only. Returns the norm before clipping. Early in training from scratch, one batch can give a
+// gradient whose Adam step (every element moving by about lr at once) throws the loss back to uniform;
+// clipping at 1, as llm.c does, bounds that.
+template <typename real>
+double gpt2_clip_grad_norm(GPT2<real>* model, float max_norm) {
+    std::vector<std::pair<real*, size_t>> grads = {{model->grads_memory, model->grads_memory ? model->num_parameters : 0},
+                                                   {model->lora.grads_memory, model->lora.num_parameters},
+                                                   {model->top_grads, model->top_grads ? model->num_top_trainable : 0},
+                                                   {model->adapters.buf.grads, model->adapters.buf.n},
+                                                   {model->prefix.buf.grads, model->prefix.buf.n}};
+    double sumsq = 0.0;
+    for (const auto& g : grads) {
+        const real* p = g.first;
+        size_t n = g.second;
+        double part = 0.0;
+        #pragma omp parallel for reduction(+:part)
+        for (size_t i = 0; i < n; i++) { part += (double)p[i] * (double)p[i]; }
+        sumsq += part;
+    }
+    double norm = sqrt(sumsq);
+    if (max_norm > 0 && norm > max_norm) {
+        real scale = (real)(max_norm / norm);
+        for (const auto& g : grads) {
+            real* p = g.first;
+            size_t n = g.second;
+            #pragma omp parallel for
+            for (size_t i = 0; i < n; i++) { p[i] *= scale; }
+        }
+    }
+    return norm;
+}
+
 // The non-finite guard: "" when the loss and every gradient the update would apply are finite, else a
 // message naming the step. The caller checks it between backward and update, so a NaN/inf step never
 // reaches the weights, and so never reaches an adapter or checkpoint saved afterwards.
@@ -3023,6 +3068,9 @@ static void error_usage() {
         "  -s <int>    sample every s steps, 0 = never (default 20)\n"
         "  -g <int>    tokens generated per sample, >= 1 (default 64)\n"
         "  -u <0|1>    shuffle the order of training batches each epoch (default 0)\n"
+        "  -y <int>    learning-rate warmup: linear over the first y steps, >= 0 (default 0)\n"
+        "  -z <float>  then cosine decay to z * lr at the last step, 0..1; 1 = constant (default 1)\n"
+        "  -G <float>  clip the global gradient norm to G before each update, 0 = off (default 1)\n"
         "  -n <int>    random seed for LoRA init, shuffling and sampling (default 1337)\n"
         "  -k <int>    also save the adapter (-f 1: model.bin) to -o every k steps, 0 = only at the end (default 0)\n"
         "  -A <path>   load an adapter: adapter.bin (resumes training with its optimizer state) or a PEFT dir\n"
@@ -3094,6 +3142,9 @@ int main(int argc, char** argv) {
     int sample_every = 20;          // -s
     int gen_tokens = 64;            // -g
     int shuffle = 0;                // -u
+    int warmup = 0;                 // -y, linear learning-rate warmup steps
+    float lr_final_frac = 1.0f;     // -z, cosine decay to lr * z at the last step; 1 = constant
+    float grad_clip = 1.0f;         // -G, clip the global gradient norm to G; 0 = off
     int seed = 1337;                // -n
     int save_every = 0;             // -k
     const char* adapter_path = NULL; // -A
@@ -3143,6 +3194,9 @@ int main(int argc, char** argv) {
             case 's': sample_every = parse_int(argv[i], v); break;
             case 'g': gen_tokens = parse_int(argv[i], v); break;
             case 'u': shuffle = parse_int(argv[i], v); break;
+            case 'y': warmup = parse_int(argv[i], v); break;
+            case 'z': lr_final_frac = parse_float(argv[i], v); break;
+            case 'G': grad_clip = parse_float(argv[i], v); break;
             case 'n': seed = parse_int(argv[i], v); break;
             case 'k': save_every = parse_int(argv[i], v); break;
             case 'A': adapter_path = v; break;
@@ -3173,6 +3227,9 @@ int main(int argc, char** argv) {
     if (full != 0 && full != 1) bad_flag("-f", strprintf("must be 0 or 1, got %d", full));
     if (shuffle != 0 && shuffle != 1) bad_flag("-u", strprintf("must be 0 or 1, got %d", shuffle));
     if (lr < 0) bad_flag("-l", strprintf("learning rate must be >= 0, got %g", lr));
+    if (warmup < 0) bad_flag("-y", strprintf("warmup steps must be >= 0, got %d", warmup));
+    if (!(lr_final_frac >= 0 && lr_final_frac <= 1)) bad_flag("-z", strprintf("the final learning-rate fraction must be in [0, 1], got %g\n---> HINT: -z 0.1 decays to a tenth of -l; -z 1 keeps it constant", lr_final_frac));
+    if (!(grad_clip >= 0)) bad_flag("-G", strprintf("the gradient-norm clip must be >= 0 (0 = off), got %g", grad_clip));
     if (full && !lr_given) lr = 1e-4f;
     // the other adaptation methods: at most one of -f 1, -F, -H, -X; LoRA when none
     if (freeze_k < 0) bad_flag("-F", strprintf("must be >= 0, got %d", freeze_k));
@@ -3352,7 +3409,8 @@ int main(int argc, char** argv) {
            mib(mem.params + mem.grads + mem.optimizer + act_bytes),
            mib(4 * base_bytes + (model.num_activations + model.num_dacts + 2 * (size_t)B * T) * sizeof(float)));
     printf("bytes: params %zu grads %zu optimizer %zu activations %zu\n", mem.params, mem.grads, mem.optimizer, mem.activations);
-    printf("[Run]\nB: %d\nT: %d\nsteps: %d\nlearning_rate: %g\nweight_decay: %g\nthreads: %d\n", B, T, steps, lr, weight_decay, threads);
+    printf("[Run]\nB: %d\nT: %d\nsteps: %d\nlearning_rate: %g\nwarmup_steps: %d\nfinal_lr_fraction: %g\ngrad_clip: %g\nweight_decay: %g\nthreads: %d\n",
+           B, T, steps, lr, warmup, lr_final_frac, grad_clip, weight_decay, threads);
     if (dp.world > 1) printf("ranks: %d (global batch %d = B x ranks)\n", dp.world, B * dp.world);
     printf("train: %s (%zu tokens, %zu batches)\nval: %s (%zu tokens, %d batches used)\n", train_path,
            train_loader.file.tokens.size(), train_loader.num_batches, val_path, val_loader.file.tokens.size(), val_batches);
@@ -3404,13 +3462,15 @@ int main(int argc, char** argv) {
         model.mean_loss = dp_mean(&dp, model.mean_loss);
         err = gpt2_check_step_finite(&model, step + 1);
         if (!err.empty()) die(err);
-        gpt2_update(&model, lr, 0.9f, 0.999f, 1e-8f, weight_decay, step + 1);
+        double grad_norm = gpt2_clip_grad_norm(&model, grad_clip);
+        float step_lr = lr_schedule(lr, step, steps, warmup, lr_final_frac);
+        gpt2_update(&model, step_lr, 0.9f, 0.999f, 1e-8f, weight_decay, step + 1);
         double ms = (now_seconds() - t0) * 1000.0;
         if (step > start_step) total_ms += ms; // the first step pays page faults; leave it out of the average
         if (step == start_step) first_loss = model.mean_loss;
         last_loss = model.mean_loss;
         double avg = step > start_step ? total_ms / (step - start_step) : ms;
-        printf("step %d/%d: train loss %f (took %.1f ms, %.0f tok/s", step + 1, steps, model.mean_loss, ms, (double)B * T * dp.world / (ms / 1000.0));
+        printf("step %d/%d: train loss %f norm %.4f lr %.2e (took %.1f ms, %.0f tok/s", step + 1, steps, model.mean_loss, grad_norm, step_lr, ms, (double)B * T * dp.world / (ms / 1000.0));
         if (dp.world > 1) printf(" over %d ranks, allreduce %.2f ms for %zu bytes", dp.world, dp.allreduce_ms, dp.allreduce_bytes);
         printf(", ETA %.1f s)\n", avg * (steps - step - 1) / 1000.0);
         if (model.params0) printf("l2sp penalty %f\n", model.reg_loss);
