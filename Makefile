@@ -37,11 +37,15 @@ BUILD := build/$(if $(filter 1,$(NO_OMP)),noomp,omp)
 TRAIN := $(BUILD)$(if $(MPI),/mpi)/train_gpt2_lora
 TEST_SOURCES := test_lora.cpp $(wildcard dev/test_tokenizer.cpp)
 
-.PHONY: all test clean
+.PHONY: all test clean FORCE
 all: train_gpt2_lora
 
-train_gpt2_lora: $(TRAIN)
-	cp $< $@
+# always checked: after `make test NO_OMP=1` the copy here is the single-threaded build, which a plain
+# `make` must replace with its own even though the copy is newer
+train_gpt2_lora: $(TRAIN) FORCE
+	@cmp -s $< $@ || { echo "cp $< $@"; cp $< $@.tmp && mv $@.tmp $@; }
+
+FORCE:
 
 $(TRAIN): train_gpt2_lora.cpp lora.h $(wildcard dev/tokenizer.h)
 	@mkdir -p $(@D)
@@ -53,7 +57,7 @@ $(BUILD)/test_lora: $(TEST_SOURCES) train_gpt2_lora.cpp lora.h $(wildcard dev/*.
 
 # the tests also run the trainer binary (bad-input exit codes), so build both with the same flags
 test: $(BUILD)/test_lora $(TRAIN)
-	cp $(TRAIN) train_gpt2_lora
+	@cmp -s $(TRAIN) train_gpt2_lora || { cp $(TRAIN) train_gpt2_lora.tmp && mv train_gpt2_lora.tmp train_gpt2_lora; }
 	TRAIN_BIN=$(TRAIN) MPIRUN=$(if $(MPI),mpirun) ./$(BUILD)/test_lora
 
 clean:
