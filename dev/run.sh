@@ -21,17 +21,21 @@ BASE_C="${BASE_C:-128}"          # channels
 BASE_NH="${BASE_NH:-4}"          # heads
 BASE_T="${BASE_T:-128}"          # max sequence length, and T while pretraining
 BASE_B="${BASE_B:-8}"            # batch size while pretraining
-BASE_STEPS="${BASE_STEPS:-400}"  # pretraining steps on Brown (B*T tokens each)
-BASE_LR="${BASE_LR:-2e-3}"       # constant AdamW learning rate
-# the LoRA fine-tune on tinyshakespeare; B, T, steps, alpha and lr default per base in step 4: GPT-2 124M
-# costs about 17x more per token than the small base, so it gets llm.c's B=4, T=64, fewer steps and the
-# trainer's own alpha 16, lr 1e-3
+BASE_STEPS="${BASE_STEPS:-600}"  # pretraining steps on Brown (B*T tokens each): about half an epoch
+BASE_LR="${BASE_LR:-1e-3}"       # AdamW peak learning rate: linear warmup, then a cosine down to a tenth
+BASE_WARMUP="${BASE_WARMUP:-50}" # warmup steps (without a warmup, lr 1e-3 from scratch throws the loss back
+                                 # to uniform now and then: Adam moves every rarely-seen token row at once)
+# the LoRA fine-tune on tinyshakespeare; B, T, steps, r, alpha, lr and warmup default per base in step 4
+# (the lr decays by a cosine to a tenth in both): GPT-2 124M costs about 17x more per token than the small
+# base, so it gets llm.c's B=4, T=64, fewer steps and the trainer's own r 8, alpha 16, lr 1e-3; the small
+# base gets r 16 (1.8% of its parameters), alpha 32, lr 5e-3 after 20 warmup steps
 LORA_B="${LORA_B:-}"
 LORA_T="${LORA_T:-}"
 LORA_STEPS="${LORA_STEPS:-}"
-LORA_R="${LORA_R:-8}"
+LORA_R="${LORA_R:-}"
 LORA_ALPHA="${LORA_ALPHA:-}"
 LORA_LR="${LORA_LR:-}"
+LORA_WARMUP="${LORA_WARMUP:-}"
 
 BROWN_BASE=data/brown_base.bin
 STARTER_BASE=data/gpt2_124M.bin
@@ -114,12 +118,12 @@ else
     BASE="$BROWN_BASE"
     echo "base: no $STARTER_BASE (llm.c starter pack; dev/download_starter_pack.sh fetches it when online),"
     echo "      so pretraining a small GPT-2 on the Brown corpus: L=$BASE_L C=$BASE_C NH=$BASE_NH maxT=$BASE_T,"
-    echo "      $BASE_STEPS steps of B=$BASE_B x T=$BASE_T tokens, lr $BASE_LR -> $BROWN_BASE"
+    echo "      $BASE_STEPS steps of B=$BASE_B x T=$BASE_T tokens (shuffled), lr $BASE_LR (warmup $BASE_WARMUP, cosine to 0.1x) -> $BROWN_BASE"
     "./$RANDOM_MODEL" -o "$RUN_DIR/base_init.bin" -l "$BASE_L" -c "$BASE_C" -n "$BASE_NH" -t "$BASE_T" ||
         fail "step 3 (random init)" "see the error above"
     mkdir -p "$RUN_DIR/pretrain"
-    ./train_gpt2_lora -e "$RUN_DIR/base_init.bin" -i data/brown_train.bin -j data/brown_val.bin -f 1 \
-        -b "$BASE_B" -t "$BASE_T" -x "$BASE_STEPS" -l "$BASE_LR" -v 100 -m 4 -s "$BASE_STEPS" -g 48 -k 100 \
+    ./train_gpt2_lora -e "$RUN_DIR/base_init.bin" -i data/brown_train.bin -j data/brown_val.bin -f 1 -u 1 \
+        -b "$BASE_B" -t "$BASE_T" -x "$BASE_STEPS" -l "$BASE_LR" -y "$BASE_WARMUP" -z 0.1 -v 100 -m 8 -s "$BASE_STEPS" -g 48 -k 100 \
         -o "$RUN_DIR/pretrain" | tee "$RUN_DIR/pretrain.log" ||
         fail "step 3 (pretraining)" "see the error above; the log is $RUN_DIR/pretrain.log"
     mv "$RUN_DIR/pretrain/model.bin" "$BROWN_BASE" # a rename: data/brown_base.bin appears only when complete
@@ -132,16 +136,16 @@ fi
 banner "4/4 LoRA fine-tuning on tinyshakespeare"
 t0=$(now)
 if [ "$BASE" = "$STARTER_BASE" ]; then
-    : "${LORA_B:=4}" "${LORA_T:=64}" "${LORA_STEPS:=100}" "${LORA_ALPHA:=16}" "${LORA_LR:=1e-3}"
+    : "${LORA_B:=4}" "${LORA_T:=64}" "${LORA_STEPS:=100}" "${LORA_R:=8}" "${LORA_ALPHA:=16}" "${LORA_LR:=1e-3}" "${LORA_WARMUP:=0}"
 else
-    : "${LORA_B:=8}" "${LORA_T:=128}" "${LORA_STEPS:=300}" "${LORA_ALPHA:=32}" "${LORA_LR:=5e-3}"
+    : "${LORA_B:=8}" "${LORA_T:=128}" "${LORA_STEPS:=400}" "${LORA_R:=16}" "${LORA_ALPHA:=32}" "${LORA_LR:=5e-3}" "${LORA_WARMUP:=20}"
 fi
 mkdir -p "$RUN_DIR/lora"
 LOG="$RUN_DIR/lora.log"
 # val loss and a sample at step 0 (lora_B = 0, so this is the base model) and after the last step
 ./train_gpt2_lora -e "$BASE" -i data/tiny_shakespeare_train.bin -j data/tiny_shakespeare_val.bin \
     -b "$LORA_B" -t "$LORA_T" -x "$LORA_STEPS" -r "$LORA_R" -a "$LORA_ALPHA" -l "$LORA_LR" -u 1 \
-    -v "$LORA_STEPS" -m 8 -s "$LORA_STEPS" -g 64 -o "$RUN_DIR/lora" | tee "$LOG" ||
+    -y "$LORA_WARMUP" -z 0.1 -v "$LORA_STEPS" -m 8 -s "$LORA_STEPS" -g 64 -o "$RUN_DIR/lora" | tee "$LOG" ||
     fail "step 4 (LoRA)" "see the error above; the log is $LOG"
 TIME_LORA="$(since "$t0") s"
 
