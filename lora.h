@@ -262,8 +262,9 @@ struct LoRA {
     real* dora_dz;                             // (BT, 4C) backward scratch
     uint8_t* quant_q[LORA_NUM_TARGETS];        // (L, out, in) int8 codes, or two NF4 codes per byte
     float* quant_absmax[LORA_NUM_TARGETS];     // one absmax per block of LORA_QUANT_BLOCK weights
-    real* quant_w[LORA_NUM_TARGETS];           // (out, in) one layer dequantized, for the matmul at hand
-    int quant_layer[LORA_NUM_TARGETS];         // which layer quant_w holds, -1 none
+    real* quant_w;                             // (out, in) one layer of one matrix dequantized, for the matmul at hand;
+                                               // sized for the largest, (4C, C), and shared by all four targets
+    int quant_t, quant_l;                      // which target and layer quant_w holds, -1 none
     const LoRA<real>* const* multi;            // multi-adapter inference: the adapters, NULL otherwise
     const int* multi_index;                    // (B) which adapter each sequence uses
     int multi_T;                               // rows per sequence
@@ -379,10 +380,10 @@ void lora_free(LoRA<real>* lora) {
         free(lora->dora_z[t]);
         free(lora->quant_q[t]);
         free(lora->quant_absmax[t]);
-        free(lora->quant_w[t]);
     }
     free(lora->dh);
     free(lora->dora_dz);
+    free(lora->quant_w);
     memset(lora, 0, sizeof(*lora));
 }
 
@@ -912,19 +913,24 @@ void dora_merge(const LoRA<real>* lora, int t, real* W, int sign) {
 // ---- the model's hooks: the variants' work for one adapted matmul, called by gpt2_lora_forward/backward
 
 // the frozen base weight of target t at layer l: the fp32 matrix itself, or (quantized base) its
-// dequantized copy
+// dequantized copy. fp32_weight is NULL once a quantized base has dropped its fp32 matrices (the model's
+// gpt2_lora_attach does that right after quantizing), and is then never read.
+// The dequantized copy lives in the one scratch all four targets share, so it stays valid only until
+// another matrix is asked for: fetch it right before its matmul. The matmul and the adapter branch
+// after it (DoRA reads W too) then dequantize once.
 template <typename real>
 real* lora_base_weight(LoRA<real>* lora, int t, int l, real* fp32_weight) {
     if (lora->quant_q[t] == NULL) return fp32_weight;
-    if (lora->quant_layer[t] != l) { // the scratch holds one layer: forward and backward each dequantize once per matmul
+    if (lora->quant_t != t || lora->quant_l != l) {
         size_t n = (size_t)lora_target_out(t, lora->C) * lora_target_in(t, lora->C);
         // each layer's matrix is quantized on its own: its codes and blocks start at layer offsets
-        dequantize_forward(lora->quant_w[t], lora->quant_q[t] + (size_t)l * lora_quant_code_bytes(lora->config.base_quant, n),
+        dequantize_forward(lora->quant_w, lora->quant_q[t] + (size_t)l * lora_quant_code_bytes(lora->config.base_quant, n),
                            lora->quant_absmax[t] + (size_t)l * lora_quant_blocks(n),
                            n, lora->config.base_quant);
-        lora->quant_layer[t] = l;
+        lora->quant_t = t;
+        lora->quant_l = l;
     }
-    return lora->quant_w[t];
+    return lora->quant_w;
 }
 
 // the bytes of the base's adapted matrices as stored: fp32, or codes + absmax per block
@@ -939,11 +945,20 @@ size_t lora_base_weight_bytes(const LoRA<real>* lora, int quant) {
     return bytes;
 }
 
+// the dequantization scratch a quantized base holds besides its codes: one (4C, C) layer
+template <typename real>
+size_t lora_quant_scratch_bytes(const LoRA<real>* lora) {
+    return lora->quant_w ? (size_t)4 * lora->C * lora->C * sizeof(real) : 0;
+}
+
+// p + offset, or NULL when p is NULL (a quantized base's dropped fp32 matrix)
+template <typename real> static inline real* lora_offset(real* p, size_t offset) { return p ? p + offset : NULL; }
+
 // Wires the base model's adapted matrices into the adapters: W[t] (L, out, in) and bias[t] (L, out) per
 // target. In order: PiSSA replaces W by its residual (so the fp32 base changes); a quantized base stores all four block matrices (every target, adapted or not)
 // as codes; DoRA magnitudes start at the row norms of the (dequantized) base, so m / n = 1 and the model
-// starts exactly at the base. The fp32 matrices in W stay as they were (merging into the original base
-// is what a QLoRA user does at the end); the quantized model's matmuls never read them.
+// starts exactly at the base. The fp32 matrices in W are left as they were: lora.h never frees the
+// model's memory; the model drops them right after this (gpt2_lora_attach), since nothing reads them.
 template <typename real>
 void lora_attach_base(LoRA<real>* lora, real* const W[LORA_NUM_TARGETS], real* const bias[LORA_NUM_TARGETS]) {
     int L = lora->L, r = lora->config.r, quant = lora->config.base_quant;
@@ -958,12 +973,12 @@ void lora_attach_base(LoRA<real>* lora, real* const W[LORA_NUM_TARGETS], real* c
     for (int t = 0; t < LORA_NUM_TARGETS; t++) {
         lora->base_w[t] = W[t];
         lora->base_b[t] = bias[t];
-        lora->quant_layer[t] = -1;
         if (quant == LORA_QUANT_FP32) continue;
         size_t n = (size_t)lora_target_out(t, lora->C) * lora_target_in(t, lora->C);
         lora->quant_q[t] = lora_calloc<uint8_t>((size_t)L * lora_quant_code_bytes(quant, n));
         lora->quant_absmax[t] = lora_calloc<float>((size_t)L * lora_quant_blocks(n));
-        lora->quant_w[t] = lora_calloc<real>(n);
+        if (lora->quant_w == NULL) lora->quant_w = lora_calloc<real>((size_t)4 * lora->C * lora->C);
+        lora->quant_t = lora->quant_l = -1;
         for (int l = 0; l < L; l++) {
             quantize_forward(lora->quant_q[t] + (size_t)l * lora_quant_code_bytes(quant, n),
                              lora->quant_absmax[t] + (size_t)l * lora_quant_blocks(n), W[t] + (size_t)l * n, n, quant);
@@ -1051,7 +1066,7 @@ bool lora_variant_forward(LoRA<real>* lora, int t, int l, real* out, const real*
     int r = lora->config.r, C = lora_target_in(t, lora->C), OC = lora_target_out(t, lora->C);
     dora_forward(out, lora->h[t] + (size_t)l * BT * r, lora->dora_z[t] + (size_t)l * BT * OC, lora->dora_n[t] + (size_t)l * OC,
                  lora->dora_P[t] + (size_t)l * OC * r, inp, lora->base_b[t] + (size_t)l * OC,
-                 lora_base_weight(lora, t, l, lora->base_w[t] + (size_t)l * OC * C), lora->lora_A[t] + (size_t)l * r * C,
+                 lora_base_weight(lora, t, l, lora_offset(lora->base_w[t], (size_t)l * OC * C)), lora->lora_A[t] + (size_t)l * r * C,
                  lora->lora_B[t] + (size_t)l * OC * r, lora->dora_m[t] + (size_t)l * OC, (real)lora->config.scale, BT, C, OC, r);
     return true;
 }
@@ -1063,7 +1078,7 @@ bool lora_variant_backward(LoRA<real>* lora, int t, int l, real* dinp, const rea
     dora_backward(dinp, lora->dlora_A[t] + (size_t)l * r * C, lora->dlora_B[t] + (size_t)l * OC * r,
                   lora->ddora_m[t] + (size_t)l * OC, lora->dh, lora->dora_dz, dout, lora->h[t] + (size_t)l * BT * r,
                   lora->dora_z[t] + (size_t)l * BT * OC, lora->dora_n[t] + (size_t)l * OC, lora->dora_P[t] + (size_t)l * OC * r,
-                  inp, lora_base_weight(lora, t, l, lora->base_w[t] + (size_t)l * OC * C), lora->lora_A[t] + (size_t)l * r * C,
+                  inp, lora_base_weight(lora, t, l, lora_offset(lora->base_w[t], (size_t)l * OC * C)), lora->lora_A[t] + (size_t)l * r * C,
                   lora->lora_B[t] + (size_t)l * OC * r, lora->dora_m[t] + (size_t)l * OC, (real)lora->config.scale, BT, C, OC, r);
     return true;
 }

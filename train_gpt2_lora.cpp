@@ -1098,6 +1098,8 @@ struct GPT2 {
     size_t param_sizes[NUM_PARAMETER_TENSORS];
     real* params_memory;
     size_t num_parameters;
+    size_t num_params_stored; // floats held in params_memory: num_parameters, less qkvw, attprojw, fcw, fcprojw
+                              // once a quantized base (-Q) has dropped them (those four pointers are then NULL)
     // full fine-tuning (-f) only: gradients and AdamW state of every base parameter; NULL otherwise
     bool train_base;
     ParameterTensors<real> grads;
@@ -1146,6 +1148,7 @@ void gpt2_init_empty(GPT2<real>* model, GPT2Config cfg) {
     fill_in_parameter_sizes(model->param_sizes, cfg);
     model->num_parameters = 0;
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) { model->num_parameters += model->param_sizes[i]; }
+    model->num_params_stored = model->num_parameters;
     model->params_memory = calloc_real<real>(model->num_parameters, "parameters");
     point_parameters(&model->params, model->param_sizes, model->params_memory);
 }
@@ -1172,13 +1175,55 @@ void gpt2_build_random(GPT2<real>* model, GPT2Config cfg, uint64_t seed) {
     }
 }
 
-// attaches LoRA adapters to a frozen base (see lora_init for the init convention)
+// the tensors a quantized base (-Q) holds as codes instead of fp32: the four block matrices
+static inline bool param_tensor_is_block_matrix(int i) { return i == 4 || i == 6 || i == 10 || i == 12; }
+
+// -Q: once lora_attach_base has quantized the block matrices, their fp32 copies go. The other 12 tensors
+// move down in params_memory (in checkpoint order, so a memmove never overwrites one still to move), the
+// buffer shrinks to them (realloc gives the tail back), and qkvw, attprojw, fcw, fcprojw become NULL.
+// From here on every reader of those four goes through lora_base_weight (dequantized layer by layer).
+template <typename real>
+void gpt2_drop_block_matrices(GPT2<real>* model) {
+    real** ptrs[NUM_PARAMETER_TENSORS] = {
+        &model->params.wte, &model->params.wpe, &model->params.ln1w, &model->params.ln1b, &model->params.qkvw,
+        &model->params.qkvb, &model->params.attprojw, &model->params.attprojb, &model->params.ln2w, &model->params.ln2b,
+        &model->params.fcw, &model->params.fcb, &model->params.fcprojw, &model->params.fcprojb, &model->params.lnfw, &model->params.lnfb};
+    size_t kept = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        if (param_tensor_is_block_matrix(i)) continue;
+        memmove(model->params_memory + kept, *ptrs[i], model->param_sizes[i] * sizeof(real));
+        kept += model->param_sizes[i];
+    }
+    real* shrunk = (real*)realloc(model->params_memory, kept * sizeof(real));
+    if (shrunk != NULL) model->params_memory = shrunk; // (a failed shrink leaves the larger buffer, data intact)
+    model->num_params_stored = kept;
+    kept = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        if (param_tensor_is_block_matrix(i)) { *ptrs[i] = NULL; continue; }
+        *ptrs[i] = model->params_memory + kept;
+        kept += model->param_sizes[i];
+    }
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) { model->lora.base_w[t] = NULL; }
+    model->lora.base_b[0] = model->params.qkvb; // the biases moved with the rest
+    model->lora.base_b[1] = model->params.attprojb;
+    model->lora.base_b[2] = model->params.fcb;
+    model->lora.base_b[3] = model->params.fcprojb;
+}
+
+// attaches LoRA adapters to a frozen base (see lora_init for the init convention). With a quantized base
+// (cfg.base_quant) the block matrices are quantized and their fp32 copies dropped: the base then holds
+// only codes, so it takes one attach per loaded base.
 template <typename real>
 void gpt2_lora_attach(GPT2<real>* model, LoRAConfig cfg, uint64_t seed) {
+    if (model->params.qkvw == NULL) {
+        die("gpt2_lora_attach: this base was quantized by an earlier attach and holds no fp32 block matrices\n"
+            "---> HINT: load the base checkpoint again before attaching another adapter");
+    }
     lora_init(&model->lora, cfg, model->config.num_layers, model->config.channels, seed);
     ParameterTensors<real> p = model->params; // the variants (DoRA, PiSSA, a quantized base) need the base weights
     real* const W[LORA_NUM_TARGETS] = {p.qkvw, p.attprojw, p.fcw, p.fcprojw}, * const bias[LORA_NUM_TARGETS] = {p.qkvb, p.attprojb, p.fcb, p.fcprojb};
     lora_attach_base(&model->lora, W, bias);
+    if (cfg.base_quant != LORA_QUANT_FP32) gpt2_drop_block_matrices(model);
     if (model->alloc_B > 0) lora_allocate_activations(&model->lora, (size_t)model->alloc_B * model->alloc_T);
 }
 
@@ -1282,6 +1327,17 @@ void gpt2_allocate(GPT2<real>* model, int B, int T) {
     if (model->prefix.P > 0) prefix_allocate_activations(&model->prefix, B, T);
 }
 
+// the weight of adapted matmul t (a LoRA target) at layer l: the fp32 tensor's layer, or with a quantized
+// base (-Q: the fp32 pointer is NULL) the dequantized layer in lora's shared scratch, valid until the next
+// matrix is fetched, so callers fetch it right at its matmul
+template <typename real>
+real* gpt2_base_weight(GPT2<real>* model, int t, int l) {
+    ParameterTensors<real>& p = model->params;
+    size_t C = model->config.channels;
+    real* W = t == LORA_QKV ? p.qkvw : t == LORA_ATTPROJ ? p.attprojw : t == LORA_FC ? p.fcw : p.fcprojw;
+    return lora_base_weight(&model->lora, t, l, at(W, (size_t)l * lora_target_out(t, (int)C) * lora_target_in(t, (int)C)));
+}
+
 // one adapted matmul's LoRA branch at layer l; nothing when that target carries no adapter
 template <typename real>
 void gpt2_lora_forward(LoRA<real>* lora, int target, int l, real* out, const real* inp, int BT) {
@@ -1327,16 +1383,12 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
         // this layer's weights
         real* l_ln1w = params.ln1w + (size_t)l * C;
         real* l_ln1b = params.ln1b + (size_t)l * C;
-        // the adapted matrices: the fp32 weights, or with a quantized base (-Q) this layer's dequantized copy
-        real* l_qkvw = lora_base_weight(lora, LORA_QKV, l, params.qkvw + (size_t)l * 3 * C * C);
+        // (the adapted matrices qkvw, attprojw, fcw, fcprojw come from gpt2_base_weight, right at their matmul)
         real* l_qkvb = params.qkvb + (size_t)l * 3 * C;
-        real* l_attprojw = lora_base_weight(lora, LORA_ATTPROJ, l, params.attprojw + (size_t)l * C * C);
         real* l_attprojb = params.attprojb + (size_t)l * C;
         real* l_ln2w = params.ln2w + (size_t)l * C;
         real* l_ln2b = params.ln2b + (size_t)l * C;
-        real* l_fcw = lora_base_weight(lora, LORA_FC, l, params.fcw + (size_t)l * 4 * C * C);
         real* l_fcb = params.fcb + (size_t)l * 4 * C;
-        real* l_fcprojw = lora_base_weight(lora, LORA_FCPROJ, l, params.fcprojw + (size_t)l * C * 4 * C);
         real* l_fcprojb = params.fcprojb + (size_t)l * C;
         // this layer's activations
         real* l_ln1 = acts.ln1 + (size_t)l * BT * C;
@@ -1355,19 +1407,19 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
         real* proj = acts.proj;
 
         layernorm_forward(l_ln1, l_ln1_mean, l_ln1_rstd, residual, l_ln1w, l_ln1b, B, T, C);
-        matmul_forward(l_qkv, l_ln1, l_qkvw, l_qkvb, B, T, C, 3 * C);
+        matmul_forward(l_qkv, l_ln1, gpt2_base_weight(model, LORA_QKV, l), l_qkvb, B, T, C, 3 * C);
         gpt2_lora_forward(lora, LORA_QKV, l, l_qkv, l_ln1, BT);
         if (model->prefix.P > 0) gpt2_prefix_attention_forward(&model->prefix, l, l_atty, l_qkv, B, T);
         else attention_forward(l_atty, l_att, l_qkv, B, T, C, NH);
-        matmul_forward(proj, l_atty, l_attprojw, l_attprojb, B, T, C, C);
+        matmul_forward(proj, l_atty, gpt2_base_weight(model, LORA_ATTPROJ, l), l_attprojb, B, T, C, C);
         gpt2_lora_forward(lora, LORA_ATTPROJ, l, proj, l_atty, BT);
         gpt2_adapter_forward(&model->adapters, 0, l, proj, BT);
         residual_forward(l_residual2, residual, proj, (size_t)BT * C);
         layernorm_forward(l_ln2, l_ln2_mean, l_ln2_rstd, l_residual2, l_ln2w, l_ln2b, B, T, C);
-        matmul_forward(l_fch, l_ln2, l_fcw, l_fcb, B, T, C, 4 * C);
+        matmul_forward(l_fch, l_ln2, gpt2_base_weight(model, LORA_FC, l), l_fcb, B, T, C, 4 * C);
         gpt2_lora_forward(lora, LORA_FC, l, l_fch, l_ln2, BT);
         gelu_forward(l_fch_gelu, l_fch, (size_t)BT * 4 * C);
-        matmul_forward(proj, l_fch_gelu, l_fcprojw, l_fcprojb, B, T, 4 * C, C);
+        matmul_forward(proj, l_fch_gelu, gpt2_base_weight(model, LORA_FCPROJ, l), l_fcprojb, B, T, 4 * C, C);
         gpt2_lora_forward(lora, LORA_FCPROJ, l, proj, l_fch_gelu, BT);
         gpt2_adapter_forward(&model->adapters, 1, l, proj, BT);
         residual_forward(l_residual3, l_residual2, proj, (size_t)BT * C);
@@ -1423,11 +1475,7 @@ void gpt2_backward(GPT2<real>* model) {
     for (int l = L - 1; l >= l0; l--) {
         residual = l == 0 ? acts.encoded : acts.residual3 + (size_t)(l - 1) * BT * C;
         real* l_ln1w = params.ln1w + (size_t)l * C;
-        real* l_qkvw = lora_base_weight(lora, LORA_QKV, l, params.qkvw + (size_t)l * 3 * C * C); // dequantized with -Q
-        real* l_attprojw = lora_base_weight(lora, LORA_ATTPROJ, l, params.attprojw + (size_t)l * C * C);
         real* l_ln2w = params.ln2w + (size_t)l * C;
-        real* l_fcw = lora_base_weight(lora, LORA_FC, l, params.fcw + (size_t)l * 4 * C * C);
-        real* l_fcprojw = lora_base_weight(lora, LORA_FCPROJ, l, params.fcprojw + (size_t)l * C * 4 * C);
         real* dl_ln1w = at(grads.ln1w, (size_t)(l - l0) * C);
         real* dl_ln1b = at(grads.ln1b, (size_t)(l - l0) * C);
         real* dl_qkvw = at(grads.qkvw, (size_t)(l - l0) * 3 * C * C);
@@ -1465,22 +1513,22 @@ void gpt2_backward(GPT2<real>* model) {
 
         // residual3 = residual2 + proj: both receive dresidual unchanged (it's the same buffer)
         real* dproj = gpt2_adapter_backward(&model->adapters, 1, l, d.dresidual, BT);
-        matmul_backward(d.dfch_gelu, dl_fcprojw, dl_fcprojb, dproj, l_fch_gelu, l_fcprojw, B, T, 4 * C, C);
+        matmul_backward(d.dfch_gelu, dl_fcprojw, dl_fcprojb, dproj, l_fch_gelu, gpt2_base_weight(model, LORA_FCPROJ, l), B, T, 4 * C, C);
         gpt2_lora_backward(lora, LORA_FCPROJ, l, d.dfch_gelu, dproj, l_fch_gelu, BT);
         gelu_backward(d.dfch, l_fch, d.dfch_gelu, (size_t)BT * 4 * C);
-        matmul_backward(d.dln, dl_fcw, dl_fcb, d.dfch, l_ln2, l_fcw, B, T, C, 4 * C);
+        matmul_backward(d.dln, dl_fcw, dl_fcb, d.dfch, l_ln2, gpt2_base_weight(model, LORA_FC, l), B, T, C, 4 * C);
         gpt2_lora_backward(lora, LORA_FC, l, d.dln, d.dfch, l_ln2, BT);
         layernorm_backward(d.dresidual, dl_ln2w, dl_ln2b, d.dln, l_residual2, l_ln2w, l_ln2_mean, l_ln2_rstd, B, T, C);
         // residual2 = residual + proj: again dresidual flows to both unchanged
         dproj = gpt2_adapter_backward(&model->adapters, 0, l, d.dresidual, BT);
-        matmul_backward(d.datty, dl_attprojw, dl_attprojb, dproj, l_atty, l_attprojw, B, T, C, C);
+        matmul_backward(d.datty, dl_attprojw, dl_attprojb, dproj, l_atty, gpt2_base_weight(model, LORA_ATTPROJ, l), B, T, C, C);
         gpt2_lora_backward(lora, LORA_ATTPROJ, l, d.datty, dproj, l_atty, BT);
         if (model->prefix.P > 0) gpt2_prefix_attention_backward(&model->prefix, l, d.dqkv, d.datty, l_qkv, B, T);
         else attention_backward(d.dqkv, d.datt, d.datty, l_qkv, l_att, B, T, C, NH);
         memset(d.dln, 0, (size_t)BT * C * sizeof(real));
         // (-F: the lowest trained block's ln1 weights still need the gradient at ln1's output)
         real* dln1 = need_dinp || dl_ln1w != NULL ? d.dln : NULL;
-        matmul_backward(dln1, dl_qkvw, dl_qkvb, d.dqkv, l_ln1, l_qkvw, B, T, C, 3 * C);
+        matmul_backward(dln1, dl_qkvw, dl_qkvb, d.dqkv, l_ln1, gpt2_base_weight(model, LORA_QKV, l), B, T, C, 3 * C);
         gpt2_lora_backward(lora, LORA_QKV, l, dln1, d.dqkv, l_ln1, BT);
         if (dln1 != NULL) {
             layernorm_backward(d.dresidual, dl_ln1w, dl_ln1b, d.dln, residual, l_ln1w, l_ln1_mean, l_ln1_rstd, B, T, C);
@@ -1716,17 +1764,25 @@ static std::string write_atomically(const char* path, const std::vector<std::pai
 }
 
 // writes an llm.c fp32 checkpoint (version 3) of the base weights, atomically
-static std::string gpt2_write_checkpoint(const GPT2<float>* model, const char* path) {
+// an llm.c v3 checkpoint of the n = all parameters in checkpoint order
+static std::string checkpoint_write(const char* path, const GPT2Config& cfg, const float* params, size_t n) {
     int header[256] = {0};
     header[0] = CHECKPOINT_MAGIC;
     header[1] = 3;
-    header[2] = model->config.max_seq_len;
-    header[3] = model->config.vocab_size;
-    header[4] = model->config.num_layers;
-    header[5] = model->config.num_heads;
-    header[6] = model->config.channels;
-    header[7] = model->config.padded_vocab_size;
-    return write_atomically(path, {{header, sizeof(header)}, {model->params_memory, model->num_parameters * sizeof(float)}});
+    header[2] = cfg.max_seq_len;
+    header[3] = cfg.vocab_size;
+    header[4] = cfg.num_layers;
+    header[5] = cfg.num_heads;
+    header[6] = cfg.channels;
+    header[7] = cfg.padded_vocab_size;
+    return write_atomically(path, {{header, sizeof(header)}, {params, n * sizeof(float)}});
+}
+static std::string gpt2_write_checkpoint(const GPT2<float>* model, const char* path) {
+    if (model->num_params_stored != model->num_parameters) {
+        return strprintf("cannot write '%s': the base is quantized (-Q) and holds no fp32 block matrices\n"
+                         "---> HINT: write_merged_checkpoint (-M) writes the dequantized base + adapters", path);
+    }
+    return checkpoint_write(path, model->config, model->params_memory, model->num_parameters);
 }
 
 // An llm.c token file, validated: every id must be < V of the model it will feed.
@@ -1964,10 +2020,13 @@ static void print_tokens(const Tokenizer* tok, const std::vector<int>& ids) {
 //   [16] steps completed  [17..18] sampler RNG state  [19..20] train loader RNG state  [21] loader B
 //   [22] loader T  [23] loader shuffle  [24..25] loader position  [26..27] loader batch count nb
 //   [28] variant bits, whatever has_state: 1 = rsLoRA (scale = alpha / sqrt(r) instead of alpha / r)
+//   [29] the base storage the adapter trained on: 0 fp32, 1 int8, 2 nf4 (-Q; -A uses it unless -Q is given)
 // then n fp32 adapter parameters in lora.h's flat layout (lora_tensor_list order), and when has_state = 1
 // the AdamW m (n fp32), v (n fp32) and the loader's batch order (nb u64).
 // The base checksum is FNV-1a 64 over the fp32 base parameters taken as 32-bit words (one xor and one
 // multiply per float: h = (h ^ word) * 0x100000001b3, from h = 0xcbf29ce484222325), in checkpoint order.
+// It is always the checksum of the base file as read: with -Q, main takes it before quantizing, so an
+// adapter trained on a quantized base checks against the same checkpoint as an fp32 one.
 
 #define ADAPTER_VERSION 1
 
@@ -2054,6 +2113,7 @@ static std::string lora_file_write(const char* path, const GPT2<float>* model, u
     header_put_u64(header, 11, base_sum);
     header_put_u64(header, 13, lora->num_parameters);
     header[28] = (lora->config.use_rslora ? 1 : 0) | (lora->config.use_dora ? 2 : 0) | (lora->config.init_pissa ? 4 : 0); // variant bits
+    header[29] = lora->config.base_quant;
     size_t n = lora->num_parameters;
     std::vector<std::pair<const void*, size_t>> parts = {{header, sizeof(header)}, {lora->params_memory, n * sizeof(float)}};
     std::vector<uint64_t> order;
@@ -2078,7 +2138,9 @@ static std::string lora_file_write(const char* path, const GPT2<float>* model, u
 // Reads an adapter for the base already in model (its checksum is base_sum) and attaches it, replacing
 // any adapter attached before. The AdamW moments go to model->lora; *has_state says whether the file had
 // them, and then *state holds the step and the loader/sampler state.
-static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t base_sum, TrainState* state, bool* has_state) {
+// base_quant: how to store the base's block matrices (LoRAQuant), or -1 (default): as the file says.
+static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t base_sum, TrainState* state, bool* has_state,
+                                  int base_quant = -1) {
     const char* hint = "pass an adapter.bin written by train_gpt2_lora -o (or a PEFT adapter directory) with -A";
     *has_state = false;
     FILE* f = NULL;
@@ -2103,15 +2165,16 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
         float alpha;
         memcpy(&alpha, &header[3], 4);
         if (header[2] < 1 || header[2] > 65536 || !std::isfinite(alpha) || !(alpha > 0) || header[4] <= 0 || header[4] > (int)LORA_ALL_TARGETS ||
-            (header[28] & ~7) != 0) {
-            err = strprintf("adapter file '%s' has an impossible config: r=%d alpha=%g targets=%d variant bits=%d (need r >= 1, alpha > 0, targets 1..15, variant bits 0..7)\n---> HINT: the file is corrupt; %s",
-                            path, header[2], alpha, header[4], header[28], hint);
+            (header[28] & ~7) != 0 || header[29] < 0 || header[29] >= LORA_NUM_QUANTS) {
+            err = strprintf("adapter file '%s' has an impossible config: r=%d alpha=%g targets=%d variant bits=%d base storage=%d (need r >= 1, alpha > 0, targets 1..15, variant bits 0..7, base storage 0..2)\n---> HINT: the file is corrupt; %s",
+                            path, header[2], alpha, header[4], header[28], header[29], hint);
         } else {
             lcfg = lora_config_rslora(lora_config(header[2], alpha, (unsigned)header[4]), (header[28] & 1) != 0);
             // DoRA: the magnitudes follow in the flat buffer; PiSSA: attaching recomputes the same residual base
             // (the SVD is seeded), and the file's lora_A / lora_B then replace the initial ones
             lcfg.use_dora = (header[28] & 2) != 0;
             lcfg.init_pissa = (header[28] & 4) != 0;
+            lcfg.base_quant = base_quant >= 0 ? base_quant : header[29];
         }
     }
     const GPT2Config& cfg = model->config;
@@ -2195,16 +2258,54 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
 }
 
 // folds the adapters into qkvw, attprojw, fcw, fcprojw (sign +1) or takes them out again (sign -1)
+// (a quantized base has no fp32 matrices to fold into: write_merged_checkpoint merges into a dequantized copy)
 template <typename real>
 void gpt2_lora_merge(GPT2<real>* model, int sign) {
+    if (model->params.qkvw == NULL) die("gpt2_lora_merge: the base is quantized (-Q) and holds no fp32 block matrices to merge into");
     real* base[LORA_NUM_TARGETS] = {model->params.qkvw, model->params.attprojw, model->params.fcw, model->params.fcprojw};
     lora_merge_all(&model->lora, base, sign);
+}
+
+// the whole base in checkpoint order, num_parameters floats, into full: the stored tensors copied and,
+// with a quantized base, the four block matrices dequantized (exactly what the matmuls see)
+template <typename real>
+void gpt2_expand_params(GPT2<real>* model, real* full) {
+    const GPT2Config& cfg = model->config;
+    ParameterTensors<real> p = model->params;
+    const real* stored[NUM_PARAMETER_TENSORS] = {p.wte, p.wpe, p.ln1w, p.ln1b, p.qkvw, p.qkvb, p.attprojw, p.attprojb,
+                                                 p.ln2w, p.ln2b, p.fcw, p.fcb, p.fcprojw, p.fcprojb, p.lnfw, p.lnfb};
+    size_t off = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        size_t n = model->param_sizes[i];
+        if (stored[i] != NULL) {
+            memcpy(full + off, stored[i], n * sizeof(real));
+        } else {
+            int t = i == 4 ? LORA_QKV : i == 6 ? LORA_ATTPROJ : i == 10 ? LORA_FC : LORA_FCPROJ;
+            size_t per_layer = n / cfg.num_layers;
+            for (int l = 0; l < cfg.num_layers; l++) {
+                memcpy(full + off + (size_t)l * per_layer, lora_base_weight(&model->lora, t, l, (real*)NULL), per_layer * sizeof(real));
+            }
+        }
+        off += n;
+    }
 }
 
 // -M: writes base + scale * lora_B lora_A as an llm.c checkpoint (atomically), which any llm.c reader
 // loads as a plain GPT-2. The model is unmerged again afterwards: its base equals the original within
 // fp32 rounding (see the unmerge test), and its adapters stay attached.
+// With a quantized base (-Q) the merge goes into a dequantized fp32 copy of the whole base, built for the
+// write and freed after it: the file is the model that was trained (dequantized base + adapters), not the
+// original fp32 base + adapters, which this process no longer holds.
 static std::string write_merged_checkpoint(GPT2<float>* model, const char* path) {
+    if (model->params.qkvw == NULL) {
+        std::vector<float> full(model->num_parameters);
+        gpt2_expand_params(model, full.data());
+        ParameterTensors<float> p;
+        point_parameters(&p, model->param_sizes, full.data());
+        float* base[LORA_NUM_TARGETS] = {p.qkvw, p.attprojw, p.fcw, p.fcprojw};
+        lora_merge_all(&model->lora, base, +1);
+        return checkpoint_write(path, model->config, full.data(), model->num_parameters);
+    }
     gpt2_lora_merge(model, +1);
     std::string err = gpt2_write_checkpoint(model, path);
     gpt2_lora_merge(model, -1);
@@ -2681,7 +2782,8 @@ static std::string read_text_file(const char* path, const char* what, const char
 // Reads a PEFT LoRA adapter directory (made by PEFT or by peft_export) and attaches it to the base in
 // model. The config decides r, alpha and the targets; every adapted target needs both tensors for every
 // layer, with the exact shapes; any other key is an error (PEFT itself would ignore a misspelled key).
-static std::string peft_import(const char* dir, GPT2<float>* model) {
+// base_quant: how to store the base's block matrices (LoRAQuant; PEFT files do not say: fp32 by default)
+static std::string peft_import(const char* dir, GPT2<float>* model, int base_quant = LORA_QUANT_FP32) {
     const char* hint = "pass a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, as save_pretrained writes them) with -A";
     std::string config_path = std::string(dir) + "/" PEFT_CONFIG_FILE, weights_path = std::string(dir) + "/" PEFT_WEIGHTS_FILE;
     const char* cpath = config_path.c_str();
@@ -2737,6 +2839,7 @@ static std::string peft_import(const char* dir, GPT2<float>* model) {
     }
     if (targets == 0) return bad("target_modules is empty", hint);
     LoRAConfig cfg = lora_config_rslora(lora_config((int)r, alpha, targets), use_rslora);
+    cfg.base_quant = base_quant;
 
     SafeTensors st;
     err = safetensors_read(weights_path.c_str(), &st);
@@ -2776,12 +2879,14 @@ static std::string peft_import(const char* dir, GPT2<float>* model) {
     return "";
 }
 
-// -A: a directory is a PEFT adapter, a file is our adapter.bin
-static std::string lora_file_load(const char* path, GPT2<float>* model, uint64_t base_sum, TrainState* state, bool* has_state) {
+// -A: a directory is a PEFT adapter, a file is our adapter.bin. base_quant: -Q when given, else -1 (the
+// adapter.bin's own base storage; fp32 for PEFT)
+static std::string lora_file_load(const char* path, GPT2<float>* model, uint64_t base_sum, TrainState* state, bool* has_state,
+                                  int base_quant = -1) {
     struct stat st;
     *has_state = false;
-    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) return peft_import(path, model);
-    return lora_file_read(path, model, base_sum, state, has_state);
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) return peft_import(path, model, base_quant >= 0 ? base_quant : LORA_QUANT_FP32);
+    return lora_file_read(path, model, base_sum, state, has_state, base_quant);
 }
 
 // everything -o gets for an adapter: <dir>/adapter.bin (with the state for exact resume) and the PEFT export
@@ -2940,7 +3045,8 @@ static std::string gpt2_enable_other_method(GPT2<float>* model, int freeze_k, in
 
 // bytes held by each kind of state, as the [Memory] block prints them (docs: doc/memory.md)
 struct MemoryBytes {
-    size_t params;      // base weights + trainable extras (+ W0 with L2-SP)
+    size_t base;        // the base weights as held: fp32, or with -Q the fp32 rest + block-matrix codes, absmax and one dequantized layer per matrix
+    size_t params;      // base + trainable extras (+ W0 with L2-SP)
     size_t grads;       // one float per trainable parameter
     size_t optimizer;   // AdamW m and v: two floats per trainable parameter
     size_t activations; // forward activations, their per-layer gradients and the method's caches
@@ -2950,7 +3056,11 @@ static MemoryBytes gpt2_memory_bytes(const GPT2<float>* model) {
     MemoryBytes mb;
     size_t trainable = gpt2_trainable_parameters(model);
     size_t extras = model->lora.num_parameters + model->adapters.buf.n + model->prefix.buf.n;
-    mb.params = (model->num_parameters + extras + (model->params0 ? model->num_parameters : 0)) * sizeof(float);
+    mb.base = model->num_params_stored * sizeof(float);
+    if (model->lora.quant_q[0] != NULL) { // -Q: the block matrices are codes (see gpt2_drop_block_matrices)
+        mb.base += lora_base_weight_bytes(&model->lora, model->lora.config.base_quant) + lora_quant_scratch_bytes(&model->lora);
+    }
+    mb.params = mb.base + (extras + (model->params0 ? model->num_parameters : 0)) * sizeof(float);
     mb.grads = trainable * sizeof(float);
     mb.optimizer = 2 * trainable * sizeof(float);
     size_t BT = (size_t)model->alloc_B * model->alloc_T;
@@ -3105,7 +3215,8 @@ int main(int argc, char** argv) {
     const char* bpe_dir = NULL;     // -E, NULL: search ../shared/data/gpt2_tokenizer, data/gpt2_tokenizer
     const char* base_name = "gpt2"; // -N
     const char* variants = "lora";  // -V, lora or a comma list of rslora,dora,pissa
-    const char* quant = "fp32";     // -Q, the frozen base's adapted matrices: fp32, int8 or nf4
+    const char* quant = "fp32";     // -Q, the frozen base's adapted matrices: fp32, int8 or nf4 (with -A: the adapter's)
+    bool quant_given = false;
     float lr_ratio_B = 1.0f;        // -P, LoRA+: lora_B learns with lr * P
     int freeze_k = 0;               // -F, train only the top k blocks (and lnf)
     int adapter_m = 0;              // -H, Houlsby adapter bottleneck width
@@ -3154,7 +3265,7 @@ int main(int argc, char** argv) {
             case 'E': bpe_dir = v; break;
             case 'N': base_name = v; break;
             case 'V': variants = v; break;
-            case 'Q': quant = v; break;
+            case 'Q': quant = v; quant_given = true; break;
             case 'P': lr_ratio_B = parse_float(argv[i], v); break;
             case 'F': freeze_k = parse_int(argv[i], v); break;
             case 'H': adapter_m = parse_int(argv[i], v); break;
@@ -3230,6 +3341,7 @@ int main(int argc, char** argv) {
     if (!lora_parse_variants(variants, &lcfg, &err)) bad_flag("-V", err);
     if (!lora_parse_quant(quant, &lcfg.base_quant, &err)) bad_flag("-Q", err);
     if (full && lcfg.base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base is frozen, full fine-tuning trains it\n---> HINT: drop -f 1, or use -Q fp32");
+    if (!lora_on && lcfg.base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base applies to LoRA only\n---> HINT: drop -F / -H / -X, or use -Q fp32");
     if (!(lr_ratio_B > 0)) bad_flag("-P", strprintf("the LoRA+ ratio must be > 0, got %g\n---> HINT: 1 is plain LoRA; the LoRA+ paper uses 16", lr_ratio_B));
     lcfg.lr_ratio_B = lr_ratio_B;
     uint64_t base_sum = 0;  // checksum of the frozen base, stamped into adapter files (-o) and checked (-A)
@@ -3244,9 +3356,12 @@ int main(int argc, char** argv) {
         err = gpt2_enable_other_method(&model, freeze_k, adapter_m, prefix_P, (uint64_t)seed);
         if (!err.empty()) die(err);
     } else {
+        // the checksum of the base file as read, before -Q quantizes the block matrices and drops their fp32
+        // copies (attach below): adapters trained on a quantized base check against the same file
         if (adapter_path != NULL || output_dir != NULL) base_sum = base_checksum(model.params_memory, model.num_parameters);
         if (adapter_path != NULL) {
-            err = lora_file_load(adapter_path, &model, base_sum, &resume, &have_state);
+            // -Q given: store the base that way; else as the adapter.bin says it trained (fp32 for PEFT)
+            err = lora_file_load(adapter_path, &model, base_sum, &resume, &have_state, quant_given ? lcfg.base_quant : -1);
             if (!err.empty()) die("flag -A: " + err);
             lcfg = model.lora.config; // the adapter's r, alpha and targets, whatever -r -a -q say
             adapter_desc = strprintf("%s (%s)", adapter_path, have_state ? strprintf("step %d, with optimizer state", resume.step).c_str() : "weights only");
@@ -3275,7 +3390,9 @@ int main(int argc, char** argv) {
             int rc = bpe_dir == NULL ? bpe_load_default(&bpe)
                                      : bpe_load(&bpe, (std::string(bpe_dir) + "/encoder.json").c_str(), (std::string(bpe_dir) + "/vocab.bpe").c_str());
             if (rc != 0) die(std::string(bpe_dir ? "flag -E: " : "flag -p: ") + bpe.error);
-            if (merged_inference) {
+            // a quantized base has no fp32 matrices to merge into: it generates unmerged (quantized base + adapters)
+            bool merge_now = merged_inference && model.params.qkvw != NULL;
+            if (merge_now) {
                 gpt2_lora_merge(&model, +1); // one plain matmul per adapted layer from here on
                 lora_free(&model.lora);
             }
@@ -3287,7 +3404,8 @@ int main(int argc, char** argv) {
             err = generate_from_prompt(&model, &bpe, prompt, gen_tokens, temperature, top_k, &rng, &text);
             if (!err.empty()) die(err);
             double secs = now_seconds() - t0;
-            printf("[Generate]\nmode: %s\ntemperature: %g\ntop_k: %d\ncontext: %d\n---\n%s%s\n---\n", merged_inference ? "merged" : "unmerged",
+            printf("[Generate]\nmode: %s\ntemperature: %g\ntop_k: %d\ncontext: %d\n---\n%s%s\n---\n",
+                   merge_now ? "merged" : merged_inference ? "unmerged (quantized base)" : "unmerged",
                    temperature, top_k, T, prompt, text.c_str());
             printf("generated %d tokens in %.2f s (%.1f tok/s)\n", gen_tokens, secs, gen_tokens / secs);
         }
@@ -3343,14 +3461,15 @@ int main(int argc, char** argv) {
         gpt2_print_method(&model);
     }
     MemoryBytes mem = gpt2_memory_bytes(&model); // doc/memory.md derives each line per method
-    size_t base_bytes = model.num_parameters * sizeof(float), act_bytes = mem.activations;
+    size_t base_bytes = mem.base, fp32_base_bytes = model.num_parameters * sizeof(float), act_bytes = mem.activations;
     printf("[Memory]\n");
-    printf("parameters: %.1f MiB (base %.1f + trainable adapters / prefix / L2-SP copy of W0 %.1f)\n", mib(mem.params),
-           mib(base_bytes), mib(mem.params - base_bytes));
+    printf("parameters: %.1f MiB (base %.1f%s + trainable adapters / prefix / L2-SP copy of W0 %.1f)\n", mib(mem.params),
+           mib(base_bytes), base_bytes != fp32_base_bytes ? strprintf(", quantized from %.1f", mib(fp32_base_bytes)).c_str() : "",
+           mib(mem.params - base_bytes));
     printf("gradients: %.1f MiB\noptimizer state: %.1f MiB\nactivations: %.1f MiB\n", mib(mem.grads), mib(mem.optimizer), mib(act_bytes));
     printf("total: %.1f MiB (full fine-tuning of this model needs %.1f MiB)\n",
            mib(mem.params + mem.grads + mem.optimizer + act_bytes),
-           mib(4 * base_bytes + (model.num_activations + model.num_dacts + 2 * (size_t)B * T) * sizeof(float)));
+           mib(4 * fp32_base_bytes + (model.num_activations + model.num_dacts + 2 * (size_t)B * T) * sizeof(float)));
     printf("bytes: params %zu grads %zu optimizer %zu activations %zu\n", mem.params, mem.grads, mem.optimizer, mem.activations);
     printf("[Run]\nB: %d\nT: %d\nsteps: %d\nlearning_rate: %g\nweight_decay: %g\nthreads: %d\n", B, T, steps, lr, weight_decay, threads);
     if (dp.world > 1) printf("ranks: %d (global batch %d = B x ranks)\n", dp.world, B * dp.world);
