@@ -954,35 +954,39 @@ size_t lora_quant_scratch_bytes(const LoRA<real>* lora) {
 // p + offset, or NULL when p is NULL (a quantized base's dropped fp32 matrix)
 template <typename real> static inline real* lora_offset(real* p, size_t offset) { return p ? p + offset : NULL; }
 
-// Wires the base model's adapted matrices into the adapters: W[t] (L, out, in) and bias[t] (L, out) per
-// target. In order: PiSSA replaces W by its residual (so the fp32 base changes); a quantized base stores all four block matrices (every target, adapted or not)
-// as codes; DoRA magnitudes start at the row norms of the (dequantized) base, so m / n = 1 and the model
-// starts exactly at the base. The fp32 matrices in W are left as they were: lora.h never frees the
-// model's memory; the model drops them right after this (gpt2_lora_attach), since nothing reads them.
+// Wires the base model's adapted matrices into the adapters, one (target, layer) at a time, then once
+// for all. lora_attach_layer: PiSSA replaces W_l by its residual (so the fp32 base changes), and a
+// quantized base stores W_l as codes (all four block matrices, adapted or not). lora_attach_finish: the
+// base pointers (W[t] may be NULL once a quantized base dropped its fp32 copies), and DoRA magnitudes at
+// the row norms of the (dequantized) base, so m / n = 1 and the model starts exactly at the base.
+// lora.h never frees the model's memory: the model drops the fp32 matrices of a quantized base itself
+// (gpt2_lora_attach), or never holds them (a checkpoint read with the block matrices left on disk).
 template <typename real>
-void lora_attach_base(LoRA<real>* lora, real* const W[LORA_NUM_TARGETS], real* const bias[LORA_NUM_TARGETS]) {
+void lora_attach_layer(LoRA<real>* lora, int t, int l, real* W_l) {
     int L = lora->L, r = lora->config.r, quant = lora->config.base_quant;
-    for (int t = 0; t < LORA_NUM_TARGETS && lora->config.init_pissa; t++) {
-        if (lora->lora_A[t] == NULL) continue;
-        int in = lora_target_in(t, lora->C), out = lora_target_out(t, lora->C);
-        for (int l = 0; l < L; l++) {
-            pissa_init(W[t] + (size_t)l * out * in, lora->lora_A[t] + (size_t)l * r * in, lora->lora_B[t] + (size_t)l * out * r,
-                       (real)lora->config.scale, in, out, r, 1000u * t + l);
-        }
+    int in = lora_target_in(t, lora->C), out = lora_target_out(t, lora->C);
+    size_t n = (size_t)out * in;
+    if (lora->config.init_pissa && lora->lora_A[t] != NULL) {
+        pissa_init(W_l, lora->lora_A[t] + (size_t)l * r * in, lora->lora_B[t] + (size_t)l * out * r,
+                   (real)lora->config.scale, in, out, r, 1000u * t + l);
     }
+    if (quant == LORA_QUANT_FP32) return;
+    if (lora->quant_q[t] == NULL) {
+        lora->quant_q[t] = lora_calloc<uint8_t>((size_t)L * lora_quant_code_bytes(quant, n));
+        lora->quant_absmax[t] = lora_calloc<float>((size_t)L * lora_quant_blocks(n));
+    }
+    if (lora->quant_w == NULL) lora->quant_w = lora_calloc<real>((size_t)4 * lora->C * lora->C);
+    lora->quant_t = lora->quant_l = -1;
+    quantize_forward(lora->quant_q[t] + (size_t)l * lora_quant_code_bytes(quant, n),
+                     lora->quant_absmax[t] + (size_t)l * lora_quant_blocks(n), W_l, n, quant);
+}
+
+template <typename real>
+void lora_attach_finish(LoRA<real>* lora, real* const W[LORA_NUM_TARGETS], real* const bias[LORA_NUM_TARGETS]) {
+    int L = lora->L, r = lora->config.r;
     for (int t = 0; t < LORA_NUM_TARGETS; t++) {
         lora->base_w[t] = W[t];
         lora->base_b[t] = bias[t];
-        if (quant == LORA_QUANT_FP32) continue;
-        size_t n = (size_t)lora_target_out(t, lora->C) * lora_target_in(t, lora->C);
-        lora->quant_q[t] = lora_calloc<uint8_t>((size_t)L * lora_quant_code_bytes(quant, n));
-        lora->quant_absmax[t] = lora_calloc<float>((size_t)L * lora_quant_blocks(n));
-        if (lora->quant_w == NULL) lora->quant_w = lora_calloc<real>((size_t)4 * lora->C * lora->C);
-        lora->quant_t = lora->quant_l = -1;
-        for (int l = 0; l < L; l++) {
-            quantize_forward(lora->quant_q[t] + (size_t)l * lora_quant_code_bytes(quant, n),
-                             lora->quant_absmax[t] + (size_t)l * lora_quant_blocks(n), W[t] + (size_t)l * n, n, quant);
-        }
     }
     for (int t = 0; t < LORA_NUM_TARGETS; t++) {
         if (lora->dora_m[t] == NULL) continue;
@@ -991,10 +995,20 @@ void lora_attach_base(LoRA<real>* lora, real* const W[LORA_NUM_TARGETS], real* c
         lora->dora_P[t] = lora_calloc<real>((size_t)L * out * r);
         for (int l = 0; l < L; l++) {
             dora_norm_forward(lora->dora_m[t] + (size_t)l * out, lora->dora_P[t] + (size_t)l * out * r,
-                              lora_base_weight(lora, t, l, W[t] + (size_t)l * out * in), lora->lora_A[t] + (size_t)l * r * in,
+                              lora_base_weight(lora, t, l, lora_offset(W[t], (size_t)l * out * in)), lora->lora_A[t] + (size_t)l * r * in,
                               lora->lora_B[t] + (size_t)l * out * r, (real)lora->config.scale, in, out, r);
         }
     }
+}
+
+// both steps for a base held in memory: W[t] (L, out, in) and bias[t] (L, out) per target
+template <typename real>
+void lora_attach_base(LoRA<real>* lora, real* const W[LORA_NUM_TARGETS], real* const bias[LORA_NUM_TARGETS]) {
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        size_t n = (size_t)lora_target_out(t, lora->C) * lora_target_in(t, lora->C);
+        for (int l = 0; l < lora->L; l++) { lora_attach_layer(lora, t, l, W[t] + (size_t)l * n); }
+    }
+    lora_attach_finish(lora, W, bias);
 }
 
 // ---- several adapters on one base, for inference

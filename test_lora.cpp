@@ -3660,6 +3660,19 @@ TEST_CASE("quantized base: an adapter trained on -Q checks against the fp32 base
     for (size_t i = 0; i < nl; i++) maxdiff = std::max(maxdiff, (double)std::fabs(d.acts.logits[i] - a.acts.logits[i]));
     MESSAGE("NF4-trained adapter on the fp32 base vs the NF4 base: logits maxdiff " << maxdiff);
     CHECK(maxdiff > 0); // NF4 rounding is visible in the logits
+    // the base read with its block matrices left on disk (what main does for -Q): the same checksum,
+    // streamed from the file, and the same model after the attach quantizes them layer by layer from it
+    GPT2<float> g;
+    REQUIRE(gpt2_read_checkpoint(&g, ckpt.c_str(), true) == "");
+    CHECK(g.num_params_stored == non_block_floats(g.config));
+    CHECK(g.params.qkvw == nullptr);
+    uint64_t file_sum = 0;
+    REQUIRE(checkpoint_checksum(ckpt.c_str(), &file_sum) == "");
+    CHECK(file_sum == sum);
+    REQUIRE(lora_file_read(adapter.c_str(), &g, file_sum, &s, &has_state, LORA_QUANT_NF4) == "");
+    gpt2_forward(&g, inputs.data(), (const int*)NULL, B, T);
+    CHECK(memcmp(g.acts.logits, a.acts.logits, nl * sizeof(float)) == 0);
+    gpt2_free(&g);
     // a corrupt base-storage field is refused
     std::vector<char> bytes = read_all(adapter);
     int bad = 7;
@@ -3712,4 +3725,43 @@ TEST_CASE("the trainer binary with -Q: smaller [Memory] parameters, -A resumes q
     CHECK(run_trainer(common + " -x 1 -H 4 -Q nf4", &out) != 0);
     CHECK(has(out, "-Q"));
     CHECK(has(out, "HINT"));
+}
+
+TEST_CASE("quantized base read layer by layer from the file equals quantizing it in memory (with PiSSA and DoRA too)") {
+    const int B = 2, T = 8;
+    TempDir dir;
+    std::string ckpt = dir.file("base.bin");
+    write_tiny_checkpoint(ckpt);
+    for (int variant = 0; variant < 2; variant++) {
+        CAPTURE(variant);
+        LoRAConfig cfg = lora_config(4, 8.0f, variant == 0 ? LORA_ALL_TARGETS : (1u << LORA_QKV) | (1u << LORA_FC));
+        cfg.base_quant = variant == 0 ? LORA_QUANT_INT8 : LORA_QUANT_NF4;
+        cfg.use_dora = cfg.init_pissa = variant == 1; // PiSSA changes W before it is quantized: per layer, in the scratch
+        GPT2<float> whole, ondisk;
+        REQUIRE(gpt2_read_checkpoint(&whole, ckpt.c_str()) == "");
+        REQUIRE(gpt2_read_checkpoint(&ondisk, ckpt.c_str(), true) == "");
+        gpt2_lora_attach(&whole, cfg, 141);
+        gpt2_lora_attach(&ondisk, cfg, 141);
+        CHECK(whole.num_params_stored == ondisk.num_params_stored);
+        CHECK(memcmp(whole.params_memory, ondisk.params_memory, whole.num_params_stored * sizeof(float)) == 0);
+        CHECK(memcmp(whole.lora.params_memory, ondisk.lora.params_memory, whole.lora.num_parameters * sizeof(float)) == 0);
+        Rng rng;
+        rng_seed(&rng, 142);
+        std::vector<int> inputs, targets;
+        random_tokens(&rng, &inputs, B * T, whole.config.vocab_size);
+        random_tokens(&rng, &targets, B * T, whole.config.vocab_size);
+        randomize_lora_B(&whole.lora, whole.config.num_layers, whole.config.channels, 143, 0.1);
+        randomize_lora_B(&ondisk.lora, ondisk.config.num_layers, ondisk.config.channels, 143, 0.1);
+        gpt2_forward(&whole, inputs.data(), targets.data(), B, T);
+        gpt2_forward(&ondisk, inputs.data(), targets.data(), B, T);
+        size_t nl = (size_t)B * T * whole.config.padded_vocab_size;
+        CHECK(memcmp(whole.acts.logits, ondisk.acts.logits, nl * sizeof(float)) == 0); // the same codes: bit for bit
+        gpt2_zero_grad(&whole);
+        gpt2_backward(&whole);
+        gpt2_zero_grad(&ondisk);
+        gpt2_backward(&ondisk);
+        CHECK(memcmp(whole.lora.grads_memory, ondisk.lora.grads_memory, whole.lora.num_parameters * sizeof(float)) == 0);
+        gpt2_free(&whole);
+        gpt2_free(&ondisk);
+    }
 }

@@ -1100,6 +1100,8 @@ struct GPT2 {
     size_t num_parameters;
     size_t num_params_stored; // floats held in params_memory: num_parameters, less qkvw, attprojw, fcw, fcprojw
                               // once a quantized base (-Q) has dropped them (those four pointers are then NULL)
+    char* block_file;         // the checkpoint whose block matrices were left on disk for gpt2_lora_attach to
+                              // quantize (gpt2_read_checkpoint with leave_block_matrices); NULL otherwise
     // full fine-tuning (-f) only: gradients and AdamW state of every base parameter; NULL otherwise
     bool train_base;
     ParameterTensors<real> grads;
@@ -1175,8 +1177,10 @@ void gpt2_build_random(GPT2<real>* model, GPT2Config cfg, uint64_t seed) {
     }
 }
 
-// the tensors a quantized base (-Q) holds as codes instead of fp32: the four block matrices
+// the tensors a quantized base (-Q) holds as codes instead of fp32: the four block matrices, and the
+// LoRA target each one is
 static inline bool param_tensor_is_block_matrix(int i) { return i == 4 || i == 6 || i == 10 || i == 12; }
+static inline int block_matrix_target(int i) { return i == 4 ? LORA_QKV : i == 6 ? LORA_ATTPROJ : i == 10 ? LORA_FC : LORA_FCPROJ; }
 
 // -Q: once lora_attach_base has quantized the block matrices, their fp32 copies go. The other 12 tensors
 // move down in params_memory (in checkpoint order, so a memmove never overwrites one still to move), the
@@ -1203,6 +1207,7 @@ void gpt2_drop_block_matrices(GPT2<real>* model) {
         *ptrs[i] = model->params_memory + kept;
         kept += model->param_sizes[i];
     }
+    if (model->lora.num_parameters == 0) return; // (a checkpoint read without them: nothing attached yet)
     for (int t = 0; t < LORA_NUM_TARGETS; t++) { model->lora.base_w[t] = NULL; }
     model->lora.base_b[0] = model->params.qkvb; // the biases moved with the rest
     model->lora.base_b[1] = model->params.attprojb;
@@ -1210,20 +1215,55 @@ void gpt2_drop_block_matrices(GPT2<real>* model) {
     model->lora.base_b[3] = model->params.fcprojb;
 }
 
+// -Q with the block matrices left on disk: each layer of each is read from the checkpoint into one
+// (4C, C) scratch and handed to lora_attach_layer (PiSSA, then quantize), so at most one fp32 layer of
+// them is ever in memory. The file was validated when the model was read from it.
+template <typename real>
+void gpt2_attach_layers_from_file(GPT2<real>* model) {
+    const char* path = model->block_file;
+    FILE* f = fopen(path, "rb");
+    if (f == NULL) die(strprintf("checkpoint '%s' can no longer be opened to quantize its block matrices\n---> HINT: keep the -e file in place while the trainer starts", path));
+    int L = model->config.num_layers, C = model->config.channels;
+    std::vector<float> buf((size_t)4 * C * C);
+    std::vector<real> W_l(buf.size());
+    size_t offset = 256 * sizeof(int); // past the header
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        size_t n = model->param_sizes[i] / L; // one layer
+        for (int l = 0; l < L && param_tensor_is_block_matrix(i); l++) {
+            if (fseek(f, (long)(offset + (size_t)l * n * sizeof(float)), SEEK_SET) != 0 || fread(buf.data(), sizeof(float), n, f) != n) {
+                die(strprintf("checkpoint '%s': read error in %s, layer %d\n---> HINT: the file changed since it was loaded; load it again", path, param_tensor_names[i], l));
+            }
+            for (size_t k = 0; k < n; k++) { W_l[k] = (real)buf[k]; }
+            lora_attach_layer(&model->lora, block_matrix_target(i), l, W_l.data());
+        }
+        offset += model->param_sizes[i] * sizeof(float);
+    }
+    fclose(f);
+}
+
 // attaches LoRA adapters to a frozen base (see lora_init for the init convention). With a quantized base
 // (cfg.base_quant) the block matrices are quantized and their fp32 copies dropped: the base then holds
 // only codes, so it takes one attach per loaded base.
 template <typename real>
 void gpt2_lora_attach(GPT2<real>* model, LoRAConfig cfg, uint64_t seed) {
-    if (model->params.qkvw == NULL) {
+    if (model->params.qkvw == NULL && model->block_file == NULL) {
         die("gpt2_lora_attach: this base was quantized by an earlier attach and holds no fp32 block matrices\n"
             "---> HINT: load the base checkpoint again before attaching another adapter");
+    }
+    if (model->block_file != NULL && cfg.base_quant == LORA_QUANT_FP32) {
+        die("gpt2_lora_attach: the base was read for a quantized attach (block matrices left on disk), but this adapter wants an fp32 base\n"
+            "---> HINT: give the same -Q the adapter was trained with, or -Q fp32 to read the base whole");
     }
     lora_init(&model->lora, cfg, model->config.num_layers, model->config.channels, seed);
     ParameterTensors<real> p = model->params; // the variants (DoRA, PiSSA, a quantized base) need the base weights
     real* const W[LORA_NUM_TARGETS] = {p.qkvw, p.attprojw, p.fcw, p.fcprojw}, * const bias[LORA_NUM_TARGETS] = {p.qkvb, p.attprojb, p.fcb, p.fcprojb};
-    lora_attach_base(&model->lora, W, bias);
-    if (cfg.base_quant != LORA_QUANT_FP32) gpt2_drop_block_matrices(model);
+    if (model->block_file != NULL) {
+        gpt2_attach_layers_from_file(model); // the fp32 block matrices were never in memory
+        lora_attach_finish(&model->lora, W, bias);
+    } else {
+        lora_attach_base(&model->lora, W, bias);
+        if (cfg.base_quant != LORA_QUANT_FP32) gpt2_drop_block_matrices(model);
+    }
     if (model->alloc_B > 0) lora_allocate_activations(&model->lora, (size_t)model->alloc_B * model->alloc_T);
 }
 
@@ -1361,6 +1401,9 @@ void gpt2_lora_backward(LoRA<real>* lora, int target, int l, real* dinp, const r
 // inputs, targets (B, T) token ids; targets may be NULL (inference: no loss)
 template <typename real>
 void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int B, int T) {
+    if (model->params.qkvw == NULL && model->lora.quant_q[0] == NULL) {
+        die("gpt2_forward: the base's block matrices are still on disk (read for -Q); attach the adapters first (gpt2_lora_attach)");
+    }
     if (model->acts_memory == NULL) gpt2_allocate(model, B, T);
     if (B > model->alloc_B || T > model->alloc_T || (size_t)B * T * T > (size_t)model->alloc_B * model->alloc_T * model->alloc_T) {
         die(strprintf("forward with B=%d T=%d exceeds the allocated B=%d T=%d", B, T, model->alloc_B, model->alloc_T));
@@ -1621,6 +1664,7 @@ void gpt2_free(GPT2<real>* model) {
     adapters_free(&model->adapters);
     prefix_free(&model->prefix);
     free(model->params0);
+    free(model->block_file);
     memset(model, 0, sizeof(*model));
 }
 
@@ -1663,9 +1707,13 @@ static const char* describe_magic(int magic) {
     }
 }
 
-// reads an llm.c fp32 checkpoint (version 3) into a fresh model
+// reads an llm.c fp32 checkpoint (version 3) into a fresh model.
+// leave_block_matrices (a quantized base, -Q): qkvw, attprojw, fcw, fcprojw are skipped, the model holds
+// the other 12 tensors only (those four pointers NULL) and remembers the file, from which
+// gpt2_lora_attach reads them one layer at a time to quantize. So the fp32 block matrices are never all
+// in memory, and the peak RSS of a quantized run is its quantized size, not the fp32 model's.
 template <typename real>
-std::string gpt2_read_checkpoint(GPT2<real>* model, const char* path) {
+std::string gpt2_read_checkpoint(GPT2<real>* model, const char* path, bool leave_block_matrices = false) {
     const char* hint = "pass an llm.c fp32 checkpoint with -e: data/gpt2_124M.bin is llm.c's starter pack (dev/download_starter_pack.sh, online); offline, `make run` pretrains data/brown_base.bin";
     FILE* f = NULL;
     std::string err = open_for_reading(path, "checkpoint", hint, &f);
@@ -1713,18 +1761,34 @@ std::string gpt2_read_checkpoint(GPT2<real>* model, const char* path) {
     }
     if (err.empty()) {
         gpt2_init_empty(model, cfg);
-        // stream the fp32 blob, converting to real when the model is not float
+        // stream the fp32 blob tensor by tensor, converting to real when the model is not float
         std::vector<float> buf(1 << 16);
-        size_t done = 0;
-        while (done < model->num_parameters) {
-            size_t n = std::min(buf.size(), model->num_parameters - done);
-            if (fread(buf.data(), sizeof(float), n, f) != n) {
-                err = strprintf("checkpoint '%s': read error after %zu parameters\n---> HINT: %s", path, done, hint);
-                gpt2_free(model); // the caller gets no half-read model, and nothing leaks
-                break;
+        size_t done = 0; // parameters read (or skipped)
+        for (int i = 0; i < NUM_PARAMETER_TENSORS && err.empty(); i++) {
+            size_t end = done + model->param_sizes[i];
+            if (leave_block_matrices && param_tensor_is_block_matrix(i)) {
+                // its calloc'd pages are never written (so, on Linux, never resident); the drop below returns them
+                if (fseek(f, (long)(model->param_sizes[i] * sizeof(float)), SEEK_CUR) != 0) {
+                    err = strprintf("checkpoint '%s': seek error after %zu parameters\n---> HINT: %s", path, done, hint);
+                }
+                done = end;
+                continue;
             }
-            for (size_t i = 0; i < n; i++) { model->params_memory[done + i] = (real)buf[i]; }
-            done += n;
+            while (done < end) {
+                size_t n = std::min(buf.size(), end - done);
+                if (fread(buf.data(), sizeof(float), n, f) != n) {
+                    err = strprintf("checkpoint '%s': read error after %zu parameters\n---> HINT: %s", path, done, hint);
+                    break;
+                }
+                for (size_t k = 0; k < n; k++) { model->params_memory[done + k] = (real)buf[k]; }
+                done += n;
+            }
+        }
+        if (!err.empty()) {
+            gpt2_free(model); // the caller gets no half-read model, and nothing leaks
+        } else if (leave_block_matrices) {
+            gpt2_drop_block_matrices(model);
+            model->block_file = strdup(path);
         }
     }
     fclose(f);
@@ -2025,21 +2089,37 @@ static void print_tokens(const Tokenizer* tok, const std::vector<int>& ids) {
 // the AdamW m (n fp32), v (n fp32) and the loader's batch order (nb u64).
 // The base checksum is FNV-1a 64 over the fp32 base parameters taken as 32-bit words (one xor and one
 // multiply per float: h = (h ^ word) * 0x100000001b3, from h = 0xcbf29ce484222325), in checkpoint order.
-// It is always the checksum of the base file as read: with -Q, main takes it before quantizing, so an
-// adapter trained on a quantized base checks against the same checkpoint as an fp32 one.
+// It is always the checksum of the fp32 base file, never of a quantized copy: with -Q main streams it from
+// the file (checkpoint_checksum), so an adapter trained on a quantized base checks against the same
+// checkpoint as an fp32 one (and -A can load it quantized or, with -Q fp32, on the fp32 base).
 
 #define ADAPTER_VERSION 1
 
 // FNV-1a 64 over n fp32 values as 32-bit words: one serial xor + multiply per float, about a second for
 // GPT-2 124M on a busy 2-core machine; computed once per run, and only when -A or -o is given
-static uint64_t base_checksum(const float* params, size_t n) {
-    uint64_t h = 0xcbf29ce484222325ull;
+static uint64_t base_checksum(const float* params, size_t n, uint64_t h = 0xcbf29ce484222325ull) {
     for (size_t i = 0; i < n; i++) {
         uint32_t word;
         memcpy(&word, params + i, sizeof(word));
         h = (h ^ word) * 0x100000001b3ull;
     }
     return h;
+}
+
+// the same checksum streamed from a checkpoint file (read with -Q, the model never holds all of it)
+static std::string checkpoint_checksum(const char* path, uint64_t* sum) {
+    FILE* f = fopen(path, "rb");
+    if (f == NULL) return strprintf("checkpoint '%s' can no longer be opened for its checksum\n---> HINT: keep the -e file in place while the trainer starts", path);
+    std::vector<float> buf(1 << 16);
+    uint64_t h = 0xcbf29ce484222325ull;
+    bool ok = fseek(f, 256 * sizeof(int), SEEK_SET) == 0;
+    size_t n;
+    while (ok && (n = fread(buf.data(), sizeof(float), buf.size(), f)) > 0) { h = base_checksum(buf.data(), n, h); }
+    ok = ok && !ferror(f);
+    fclose(f);
+    if (!ok) return strprintf("checkpoint '%s': read error while taking its checksum\n---> HINT: the file changed since it was loaded; load it again", path);
+    *sum = h;
+    return "";
 }
 
 static void header_put_u64(int* header, int i, uint64_t v) {
@@ -2280,7 +2360,7 @@ void gpt2_expand_params(GPT2<real>* model, real* full) {
         if (stored[i] != NULL) {
             memcpy(full + off, stored[i], n * sizeof(real));
         } else {
-            int t = i == 4 ? LORA_QKV : i == 6 ? LORA_ATTPROJ : i == 10 ? LORA_FC : LORA_FCPROJ;
+            int t = block_matrix_target(i);
             size_t per_layer = n / cfg.num_layers;
             for (int l = 0; l < cfg.num_layers; l++) {
                 memcpy(full + off + (size_t)l * per_layer, lora_base_weight(&model->lora, t, l, (real*)NULL), per_layer * sizeof(real));
@@ -3328,9 +3408,17 @@ int main(int argc, char** argv) {
         }
     }
 
+    int base_quant = LORA_QUANT_FP32;
+    if (!lora_parse_quant(quant, &base_quant, &err)) bad_flag("-Q", err);
+    if (full && base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base is frozen, full fine-tuning trains it\n---> HINT: drop -f 1, or use -Q fp32");
+    if (!lora_on && base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base applies to LoRA only\n---> HINT: drop -F / -H / -X, or use -Q fp32");
+
     double rss_before_model = rss_now_mib(); // doc/memory.md compares peak RSS minus this with [Memory]
     GPT2<float> model;
-    err = gpt2_read_checkpoint(&model, base_path);
+    // -Q int8 / nf4: the block matrices stay on disk until the attach quantizes them layer by layer, so
+    // they are never all in memory in fp32. (-A without -Q: the adapter file says how the base is stored,
+    // known only after the load, so the base is read whole and its fp32 block matrices dropped after quantizing.)
+    err = gpt2_read_checkpoint(&model, base_path, base_quant != LORA_QUANT_FP32);
     if (!err.empty()) die("flag -e: " + err);
     GPT2Config cfg = model.config;
     bool no_training = prompt != NULL || (merged_path != NULL && steps == 0); // -p, or -M alone: no data needed
@@ -3339,9 +3427,7 @@ int main(int argc, char** argv) {
 
     LoRAConfig lcfg = lora_config(rank, alpha, target_mask);
     if (!lora_parse_variants(variants, &lcfg, &err)) bad_flag("-V", err);
-    if (!lora_parse_quant(quant, &lcfg.base_quant, &err)) bad_flag("-Q", err);
-    if (full && lcfg.base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base is frozen, full fine-tuning trains it\n---> HINT: drop -f 1, or use -Q fp32");
-    if (!lora_on && lcfg.base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base applies to LoRA only\n---> HINT: drop -F / -H / -X, or use -Q fp32");
+    lcfg.base_quant = base_quant;
     if (!(lr_ratio_B > 0)) bad_flag("-P", strprintf("the LoRA+ ratio must be > 0, got %g\n---> HINT: 1 is plain LoRA; the LoRA+ paper uses 16", lr_ratio_B));
     lcfg.lr_ratio_B = lr_ratio_B;
     uint64_t base_sum = 0;  // checksum of the frozen base, stamped into adapter files (-o) and checked (-A)
@@ -3356,9 +3442,13 @@ int main(int argc, char** argv) {
         err = gpt2_enable_other_method(&model, freeze_k, adapter_m, prefix_P, (uint64_t)seed);
         if (!err.empty()) die(err);
     } else {
-        // the checksum of the base file as read, before -Q quantizes the block matrices and drops their fp32
-        // copies (attach below): adapters trained on a quantized base check against the same file
-        if (adapter_path != NULL || output_dir != NULL) base_sum = base_checksum(model.params_memory, model.num_parameters);
+        // the checksum of the fp32 base file, whatever -Q: adapters trained on a quantized base check
+        // against the same file (-A without -Q reads the base whole: the attach below quantizes it after this)
+        if (adapter_path != NULL || output_dir != NULL) {
+            if (model.block_file != NULL) err = checkpoint_checksum(base_path, &base_sum); // (-Q: not all in memory)
+            else base_sum = base_checksum(model.params_memory, model.num_parameters);
+            if (!err.empty()) die("flag -e: " + err);
+        }
         if (adapter_path != NULL) {
             // -Q given: store the base that way; else as the adapter.bin says it trained (fp32 for PEFT)
             err = lora_file_load(adapter_path, &model, base_sum, &resume, &have_state, quant_given ? lcfg.base_quant : -1);
