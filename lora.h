@@ -913,8 +913,8 @@ void dora_merge(const LoRA<real>* lora, int t, real* W, int sign) {
 // ---- the model's hooks: the variants' work for one adapted matmul, called by gpt2_lora_forward/backward
 
 // the frozen base weight of target t at layer l: the fp32 matrix itself, or (quantized base) its
-// dequantized copy. fp32_weight is NULL once a quantized base has dropped its fp32 matrices (the model's
-// gpt2_lora_attach does that right after quantizing), and is then never read.
+// dequantized copy. With a quantized base fp32_weight is never read (and is NULL when the model never
+// held the fp32 matrices: the trainer reads them from the checkpoint one layer at a time to quantize).
 // The dequantized copy lives in the one scratch all four targets share, so it stays valid only until
 // another matrix is asked for: fetch it right before its matmul. The matmul and the adapter branch
 // after it (DoRA reads W too) then dequantize once.
@@ -951,16 +951,16 @@ size_t lora_quant_scratch_bytes(const LoRA<real>* lora) {
     return lora->quant_w ? (size_t)4 * lora->C * lora->C * sizeof(real) : 0;
 }
 
-// p + offset, or NULL when p is NULL (a quantized base's dropped fp32 matrix)
+// p + offset, or NULL when p is NULL (a quantized base's fp32 matrix that is not in memory)
 template <typename real> static inline real* lora_offset(real* p, size_t offset) { return p ? p + offset : NULL; }
 
 // Wires the base model's adapted matrices into the adapters, one (target, layer) at a time, then once
 // for all. lora_attach_layer: PiSSA replaces W_l by its residual (so the fp32 base changes), and a
 // quantized base stores W_l as codes (all four block matrices, adapted or not). lora_attach_finish: the
-// base pointers (W[t] may be NULL once a quantized base dropped its fp32 copies), and DoRA magnitudes at
+// base pointers (W[t] is NULL when a quantized base's fp32 matrix is not in memory), and DoRA magnitudes at
 // the row norms of the (dequantized) base, so m / n = 1 and the model starts exactly at the base.
-// lora.h never frees the model's memory: the model drops the fp32 matrices of a quantized base itself
-// (gpt2_lora_attach), or never holds them (a checkpoint read with the block matrices left on disk).
+// lora.h never frees the model's memory: the trainer never holds a quantized base's fp32 matrices at all
+// (it reads the checkpoint without them and hands lora_attach_layer one layer at a time from the file).
 template <typename real>
 void lora_attach_layer(LoRA<real>* lora, int t, int l, real* W_l) {
     int L = lora->L, r = lora->config.r, quant = lora->config.base_quant;

@@ -3492,11 +3492,14 @@ static size_t non_block_floats(GPT2Config c) {
 
 TEST_CASE("quantized base: the fp32 block matrices are gone, and the model equals an fp32 model on the dequantized weights") {
     const int B = 2, T = 8, steps = 8;
+    TempDir dir;
+    std::string ckpt = dir.file("base.bin");
+    write_tiny_checkpoint(ckpt); // build_trainable_tiny(81)
     for (int quant : {(int)LORA_QUANT_INT8, (int)LORA_QUANT_NF4}) {
         CAPTURE(quant);
         GPT2<float> q, ref;
-        build_trainable_tiny(&q, 121);
-        build_trainable_tiny(&ref, 121);
+        REQUIRE(gpt2_read_checkpoint(&q, ckpt.c_str(), true) == ""); // as the trainer reads it for -Q
+        build_trainable_tiny(&ref, 81);
         LoRAConfig cfg = lora_config(4, 8.0f, LORA_ALL_TARGETS);
         cfg.base_quant = quant;
         gpt2_lora_attach(&q, cfg, 122);
@@ -3553,7 +3556,6 @@ TEST_CASE("quantized base: the fp32 block matrices are gone, and the model equal
         CHECK(memcmp(full.data(), ref.params_memory, full.size() * sizeof(float)) == 0);
 
         // training: the same batches on both, losses equal and falling
-        TempDir dir;
         std::string tokens = dir.file("tokens.bin");
         write_cyclic_tokens(tokens, 150);
         gpt2_allocate(&q, B, T);
@@ -3644,7 +3646,6 @@ TEST_CASE("quantized base: an adapter trained on -Q checks against the fp32 base
     REQUIRE(lora_file_read(adapter.c_str(), &c, tiny_base_sum(&c), &s, &has_state) == "");
     CHECK(has_state);
     CHECK(c.lora.config.base_quant == LORA_QUANT_NF4);
-    CHECK(c.params.qkvw == nullptr);
     CHECK(memcmp(c.lora.m_memory, a.lora.m_memory, a.lora.num_parameters * sizeof(float)) == 0);
     gpt2_forward(&c, inputs.data(), (const int*)NULL, B, T);
     CHECK(memcmp(c.acts.logits, a.acts.logits, nl * sizeof(float)) == 0); // the same codes, the same adapter: bit for bit
@@ -3669,9 +3670,17 @@ TEST_CASE("quantized base: an adapter trained on -Q checks against the fp32 base
     uint64_t file_sum = 0;
     REQUIRE(checkpoint_checksum(ckpt.c_str(), &file_sum) == "");
     CHECK(file_sum == sum);
-    REQUIRE(lora_file_read(adapter.c_str(), &g, file_sum, &s, &has_state, LORA_QUANT_NF4) == "");
+    REQUIRE(lora_file_read(adapter.c_str(), &g, file_sum, &s, &has_state) == ""); // NF4, as the file says
+    CHECK(g.params.qkvw == nullptr);
     gpt2_forward(&g, inputs.data(), (const int*)NULL, B, T);
     CHECK(memcmp(g.acts.logits, a.acts.logits, nl * sizeof(float)) == 0);
+    // another adapter on the same model reads the block matrices from the file again; an fp32 one cannot
+    REQUIRE(lora_file_read(adapter.c_str(), &g, file_sum, &s, &has_state) == "");
+    gpt2_forward(&g, inputs.data(), (const int*)NULL, B, T);
+    CHECK(memcmp(g.acts.logits, a.acts.logits, nl * sizeof(float)) == 0);
+    std::string fp32_err = lora_file_read(adapter.c_str(), &g, file_sum, &s, &has_state, LORA_QUANT_FP32);
+    CHECK(has(fp32_err, "-Q"));
+    CHECK(has(fp32_err, "HINT"));
     gpt2_free(&g);
     // a corrupt base-storage field is refused
     std::vector<char> bytes = read_all(adapter);
@@ -3742,8 +3751,12 @@ TEST_CASE("quantized base read layer by layer from the file equals quantizing it
         REQUIRE(gpt2_read_checkpoint(&ondisk, ckpt.c_str(), true) == "");
         gpt2_lora_attach(&whole, cfg, 141);
         gpt2_lora_attach(&ondisk, cfg, 141);
-        CHECK(whole.num_params_stored == ondisk.num_params_stored);
-        CHECK(memcmp(whole.params_memory, ondisk.params_memory, whole.num_params_stored * sizeof(float)) == 0);
+        CHECK(ondisk.num_params_stored == non_block_floats(ondisk.config));
+        CHECK(whole.num_params_stored == whole.num_parameters); // (built in memory: the fp32 copies stay, unread)
+        std::vector<float> full_whole(whole.num_parameters), full_ondisk(ondisk.num_parameters);
+        gpt2_expand_params(&whole, full_whole.data());
+        gpt2_expand_params(&ondisk, full_ondisk.data());
+        CHECK(memcmp(full_whole.data(), full_ondisk.data(), full_whole.size() * sizeof(float)) == 0); // the same codes
         CHECK(memcmp(whole.lora.params_memory, ondisk.lora.params_memory, whole.lora.num_parameters * sizeof(float)) == 0);
         Rng rng;
         rng_seed(&rng, 142);

@@ -1099,7 +1099,7 @@ struct GPT2 {
     real* params_memory;
     size_t num_parameters;
     size_t num_params_stored; // floats held in params_memory: num_parameters, less qkvw, attprojw, fcw, fcprojw
-                              // once a quantized base (-Q) has dropped them (those four pointers are then NULL)
+                              // when the checkpoint was read for a quantized base (-Q): those four pointers are then NULL
     char* block_file;         // the checkpoint whose block matrices were left on disk for gpt2_lora_attach to
                               // quantize (gpt2_read_checkpoint with leave_block_matrices); NULL otherwise
     // full fine-tuning (-f) only: gradients and AdamW state of every base parameter; NULL otherwise
@@ -1143,16 +1143,48 @@ struct GPT2 {
 // the pointer p + offset, or NULL when p is NULL (a frozen tensor has no gradient)
 template <typename real> static inline real* at(real* p, size_t offset) { return p ? p + offset : NULL; }
 
+// the tensors a quantized base (-Q) holds as codes instead of fp32: the four block matrices, and the
+// LoRA target each one is
+static inline bool param_tensor_is_block_matrix(int i) { return i == 4 || i == 6 || i == 10 || i == 12; }
+static inline int block_matrix_target(int i) { return i == 4 ? LORA_QKV : i == 6 ? LORA_ATTPROJ : i == 10 ? LORA_FC : LORA_FCPROJ; }
+
+// the 16 tensors' pointers, in checkpoint order
 template <typename real>
-void gpt2_init_empty(GPT2<real>* model, GPT2Config cfg) {
+static void parameter_pointers(ParameterTensors<real>* p, real** ptrs[NUM_PARAMETER_TENSORS]) {
+    real** all[NUM_PARAMETER_TENSORS] = {&p->wte, &p->wpe, &p->ln1w, &p->ln1b, &p->qkvw, &p->qkvb, &p->attprojw, &p->attprojb,
+                                         &p->ln2w, &p->ln2b, &p->fcw, &p->fcb, &p->fcprojw, &p->fcprojb, &p->lnfw, &p->lnfb};
+    memcpy(ptrs, all, sizeof(all));
+}
+
+// points the tensors into params_memory back to back in checkpoint order; without_block_matrices (a
+// quantized base) leaves qkvw, attprojw, fcw, fcprojw out and NULL. Returns the floats pointed into.
+template <typename real>
+size_t point_stored_parameters(GPT2<real>* model, bool without_block_matrices) {
+    real** ptrs[NUM_PARAMETER_TENSORS];
+    parameter_pointers(&model->params, ptrs);
+    size_t off = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        bool left_out = without_block_matrices && param_tensor_is_block_matrix(i);
+        *ptrs[i] = left_out ? NULL : model->params_memory + off;
+        off += left_out ? 0 : model->param_sizes[i];
+    }
+    return off;
+}
+
+// an all-zero model; without_block_matrices: with no memory for the four block matrices (pointers NULL)
+template <typename real>
+void gpt2_init_empty(GPT2<real>* model, GPT2Config cfg, bool without_block_matrices = false) {
     memset(model, 0, sizeof(*model));
     model->config = cfg;
     fill_in_parameter_sizes(model->param_sizes, cfg);
     model->num_parameters = 0;
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) { model->num_parameters += model->param_sizes[i]; }
-    model->num_params_stored = model->num_parameters;
-    model->params_memory = calloc_real<real>(model->num_parameters, "parameters");
-    point_parameters(&model->params, model->param_sizes, model->params_memory);
+    model->num_params_stored = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        model->num_parameters += model->param_sizes[i];
+        if (!(without_block_matrices && param_tensor_is_block_matrix(i))) model->num_params_stored += model->param_sizes[i];
+    }
+    model->params_memory = calloc_real<real>(model->num_params_stored, "parameters");
+    point_stored_parameters(model, without_block_matrices);
 }
 
 // a model with GPT-2-style random init (for tests and benchmarks): N(0, 0.02) matrices, projections
@@ -1175,44 +1207,6 @@ void gpt2_build_random(GPT2<real>* model, GPT2Config cfg, uint64_t seed) {
     for (int k = 0; k < 3; k++) {
         for (size_t i = 0; i < ones_n[k]; i++) { ones[k][i] = 1; }
     }
-}
-
-// the tensors a quantized base (-Q) holds as codes instead of fp32: the four block matrices, and the
-// LoRA target each one is
-static inline bool param_tensor_is_block_matrix(int i) { return i == 4 || i == 6 || i == 10 || i == 12; }
-static inline int block_matrix_target(int i) { return i == 4 ? LORA_QKV : i == 6 ? LORA_ATTPROJ : i == 10 ? LORA_FC : LORA_FCPROJ; }
-
-// -Q: once lora_attach_base has quantized the block matrices, their fp32 copies go. The other 12 tensors
-// move down in params_memory (in checkpoint order, so a memmove never overwrites one still to move), the
-// buffer shrinks to them (realloc gives the tail back), and qkvw, attprojw, fcw, fcprojw become NULL.
-// From here on every reader of those four goes through lora_base_weight (dequantized layer by layer).
-template <typename real>
-void gpt2_drop_block_matrices(GPT2<real>* model) {
-    real** ptrs[NUM_PARAMETER_TENSORS] = {
-        &model->params.wte, &model->params.wpe, &model->params.ln1w, &model->params.ln1b, &model->params.qkvw,
-        &model->params.qkvb, &model->params.attprojw, &model->params.attprojb, &model->params.ln2w, &model->params.ln2b,
-        &model->params.fcw, &model->params.fcb, &model->params.fcprojw, &model->params.fcprojb, &model->params.lnfw, &model->params.lnfb};
-    size_t kept = 0;
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
-        if (param_tensor_is_block_matrix(i)) continue;
-        memmove(model->params_memory + kept, *ptrs[i], model->param_sizes[i] * sizeof(real));
-        kept += model->param_sizes[i];
-    }
-    real* shrunk = (real*)realloc(model->params_memory, kept * sizeof(real));
-    if (shrunk != NULL) model->params_memory = shrunk; // (a failed shrink leaves the larger buffer, data intact)
-    model->num_params_stored = kept;
-    kept = 0;
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
-        if (param_tensor_is_block_matrix(i)) { *ptrs[i] = NULL; continue; }
-        *ptrs[i] = model->params_memory + kept;
-        kept += model->param_sizes[i];
-    }
-    if (model->lora.num_parameters == 0) return; // (a checkpoint read without them: nothing attached yet)
-    for (int t = 0; t < LORA_NUM_TARGETS; t++) { model->lora.base_w[t] = NULL; }
-    model->lora.base_b[0] = model->params.qkvb; // the biases moved with the rest
-    model->lora.base_b[1] = model->params.attprojb;
-    model->lora.base_b[2] = model->params.fcb;
-    model->lora.base_b[3] = model->params.fcprojb;
 }
 
 // -Q with the block matrices left on disk: each layer of each is read from the checkpoint into one
@@ -1241,15 +1235,13 @@ void gpt2_attach_layers_from_file(GPT2<real>* model) {
     fclose(f);
 }
 
-// attaches LoRA adapters to a frozen base (see lora_init for the init convention). With a quantized base
-// (cfg.base_quant) the block matrices are quantized and their fp32 copies dropped: the base then holds
-// only codes, so it takes one attach per loaded base.
+// attaches LoRA adapters to a frozen base (see lora_init for the init convention). A quantized base
+// (cfg.base_quant): the block matrices become codes. The trainer reads the checkpoint without them
+// (gpt2_read_checkpoint's leave_block_matrices) and they are quantized here one layer at a time from the
+// file, so their fp32 copy is never held, and every attach (another adapter, a reload) starts from the file.
+// On a base built in memory (tests) the fp32 matrices stay allocated beside the codes, unread.
 template <typename real>
 void gpt2_lora_attach(GPT2<real>* model, LoRAConfig cfg, uint64_t seed) {
-    if (model->params.qkvw == NULL && model->block_file == NULL) {
-        die("gpt2_lora_attach: this base was quantized by an earlier attach and holds no fp32 block matrices\n"
-            "---> HINT: load the base checkpoint again before attaching another adapter");
-    }
     if (model->block_file != NULL && cfg.base_quant == LORA_QUANT_FP32) {
         die("gpt2_lora_attach: the base was read for a quantized attach (block matrices left on disk), but this adapter wants an fp32 base\n"
             "---> HINT: give the same -Q the adapter was trained with, or -Q fp32 to read the base whole");
@@ -1262,7 +1254,6 @@ void gpt2_lora_attach(GPT2<real>* model, LoRAConfig cfg, uint64_t seed) {
         lora_attach_finish(&model->lora, W, bias);
     } else {
         lora_attach_base(&model->lora, W, bias);
-        if (cfg.base_quant != LORA_QUANT_FP32) gpt2_drop_block_matrices(model);
     }
     if (model->alloc_B > 0) lora_allocate_activations(&model->lora, (size_t)model->alloc_B * model->alloc_T);
 }
@@ -1760,34 +1751,36 @@ std::string gpt2_read_checkpoint(GPT2<real>* model, const char* path, bool leave
         }
     }
     if (err.empty()) {
-        gpt2_init_empty(model, cfg);
+        gpt2_init_empty(model, cfg, leave_block_matrices);
         // stream the fp32 blob tensor by tensor, converting to real when the model is not float
+        real** ptrs[NUM_PARAMETER_TENSORS];
+        parameter_pointers(&model->params, ptrs);
         std::vector<float> buf(1 << 16);
         size_t done = 0; // parameters read (or skipped)
         for (int i = 0; i < NUM_PARAMETER_TENSORS && err.empty(); i++) {
-            size_t end = done + model->param_sizes[i];
-            if (leave_block_matrices && param_tensor_is_block_matrix(i)) {
-                // its calloc'd pages are never written (so, on Linux, never resident); the drop below returns them
-                if (fseek(f, (long)(model->param_sizes[i] * sizeof(float)), SEEK_CUR) != 0) {
+            real* dst = *ptrs[i];
+            size_t size = model->param_sizes[i];
+            if (dst == NULL) { // a block matrix left on disk
+                if (fseek(f, (long)(size * sizeof(float)), SEEK_CUR) != 0) {
                     err = strprintf("checkpoint '%s': seek error after %zu parameters\n---> HINT: %s", path, done, hint);
                 }
-                done = end;
+                done += size;
                 continue;
             }
-            while (done < end) {
-                size_t n = std::min(buf.size(), end - done);
+            for (size_t at_i = 0; at_i < size;) {
+                size_t n = std::min(buf.size(), size - at_i);
                 if (fread(buf.data(), sizeof(float), n, f) != n) {
-                    err = strprintf("checkpoint '%s': read error after %zu parameters\n---> HINT: %s", path, done, hint);
+                    err = strprintf("checkpoint '%s': read error after %zu parameters\n---> HINT: %s", path, done + at_i, hint);
                     break;
                 }
-                for (size_t k = 0; k < n; k++) { model->params_memory[done + k] = (real)buf[k]; }
-                done += n;
+                for (size_t k = 0; k < n; k++) { dst[at_i + k] = (real)buf[k]; }
+                at_i += n;
             }
+            done += size;
         }
         if (!err.empty()) {
             gpt2_free(model); // the caller gets no half-read model, and nothing leaks
         } else if (leave_block_matrices) {
-            gpt2_drop_block_matrices(model);
             model->block_file = strdup(path);
         }
     }
@@ -2296,6 +2289,10 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
                             (size_t)size < expected ? "the file is truncated" : "there are trailing bytes", hint);
         }
     }
+    if (err.empty() && model->block_file != NULL && lcfg.base_quant == LORA_QUANT_FP32) {
+        err = strprintf("adapter file '%s' is for an fp32 base, but the base was read for a quantized one (block matrices left on disk)\n"
+                        "---> HINT: pass the -Q the adapter was trained with, or -Q fp32", path);
+    }
     std::vector<uint64_t> order;
     if (err.empty()) {
         if (model->lora.params_memory != NULL) lora_free(&model->lora);
@@ -2341,13 +2338,13 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
 // (a quantized base has no fp32 matrices to fold into: write_merged_checkpoint merges into a dequantized copy)
 template <typename real>
 void gpt2_lora_merge(GPT2<real>* model, int sign) {
-    if (model->params.qkvw == NULL) die("gpt2_lora_merge: the base is quantized (-Q) and holds no fp32 block matrices to merge into");
+    if (model->lora.quant_q[0] != NULL) die("gpt2_lora_merge: the base is quantized (-Q): there are no fp32 block matrices to merge into");
     real* base[LORA_NUM_TARGETS] = {model->params.qkvw, model->params.attprojw, model->params.fcw, model->params.fcprojw};
     lora_merge_all(&model->lora, base, sign);
 }
 
-// the whole base in checkpoint order, num_parameters floats, into full: the stored tensors copied and,
-// with a quantized base, the four block matrices dequantized (exactly what the matmuls see)
+// the whole base in checkpoint order, num_parameters floats, into full, exactly as the matmuls see it:
+// with a quantized base the four block matrices dequantized
 template <typename real>
 void gpt2_expand_params(GPT2<real>* model, real* full) {
     const GPT2Config& cfg = model->config;
@@ -2357,13 +2354,13 @@ void gpt2_expand_params(GPT2<real>* model, real* full) {
     size_t off = 0;
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
         size_t n = model->param_sizes[i];
-        if (stored[i] != NULL) {
+        if (!param_tensor_is_block_matrix(i)) {
             memcpy(full + off, stored[i], n * sizeof(real));
         } else {
             int t = block_matrix_target(i);
             size_t per_layer = n / cfg.num_layers;
             for (int l = 0; l < cfg.num_layers; l++) {
-                memcpy(full + off + (size_t)l * per_layer, lora_base_weight(&model->lora, t, l, (real*)NULL), per_layer * sizeof(real));
+                memcpy(full + off + (size_t)l * per_layer, lora_base_weight(&model->lora, t, l, at((real*)stored[i], (size_t)l * per_layer)), per_layer * sizeof(real));
             }
         }
         off += n;
@@ -2377,7 +2374,7 @@ void gpt2_expand_params(GPT2<real>* model, real* full) {
 // write and freed after it: the file is the model that was trained (dequantized base + adapters), not the
 // original fp32 base + adapters, which this process no longer holds.
 static std::string write_merged_checkpoint(GPT2<float>* model, const char* path) {
-    if (model->params.qkvw == NULL) {
+    if (model->lora.quant_q[0] != NULL) {
         std::vector<float> full(model->num_parameters);
         gpt2_expand_params(model, full.data());
         ParameterTensors<float> p;
@@ -2950,6 +2947,9 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
             }
         }
     }
+    if (model->block_file != NULL && cfg.base_quant == LORA_QUANT_FP32) {
+        return strprintf("PEFT adapter '%s': the base was read for a quantized attach (block matrices left on disk) but -Q is fp32\n---> HINT: pass -Q int8 or -Q nf4 with -A", dir);
+    }
     if (model->lora.params_memory != NULL) lora_free(&model->lora);
     gpt2_lora_attach(model, cfg, 0); // the init is overwritten here
     for (const LoRATensor& t : list) {
@@ -2957,6 +2957,17 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
         memcpy(model->lora.params_memory + t.offset, st.values(s), (size_t)t.rows * t.cols * sizeof(float));
     }
     return "";
+}
+
+// the base storage an adapter.bin says it trained on (header[29]), read before the base is loaded;
+// fp32 for anything else (a PEFT directory, an unreadable or invalid file: lora_file_read reports those)
+static int adapter_file_base_quant(const char* path) {
+    int header[256];
+    FILE* f = fopen(path, "rb");
+    if (f == NULL) return LORA_QUANT_FP32;
+    bool ok = fread(header, sizeof(header), 1, f) == 1 && header[0] == ADAPTER_MAGIC;
+    fclose(f);
+    return ok && header[29] > 0 && header[29] < LORA_NUM_QUANTS ? header[29] : LORA_QUANT_FP32;
 }
 
 // -A: a directory is a PEFT adapter, a file is our adapter.bin. base_quant: -Q when given, else -1 (the
@@ -3137,7 +3148,7 @@ static MemoryBytes gpt2_memory_bytes(const GPT2<float>* model) {
     size_t trainable = gpt2_trainable_parameters(model);
     size_t extras = model->lora.num_parameters + model->adapters.buf.n + model->prefix.buf.n;
     mb.base = model->num_params_stored * sizeof(float);
-    if (model->lora.quant_q[0] != NULL) { // -Q: the block matrices are codes (see gpt2_drop_block_matrices)
+    if (model->lora.quant_q[0] != NULL) { // -Q: the block matrices are codes (see gpt2_lora_attach)
         mb.base += lora_base_weight_bytes(&model->lora, model->lora.config.base_quant) + lora_quant_scratch_bytes(&model->lora);
     }
     mb.params = mb.base + (extras + (model->params0 ? model->num_parameters : 0)) * sizeof(float);
@@ -3415,10 +3426,10 @@ int main(int argc, char** argv) {
 
     double rss_before_model = rss_now_mib(); // doc/memory.md compares peak RSS minus this with [Memory]
     GPT2<float> model;
-    // -Q int8 / nf4: the block matrices stay on disk until the attach quantizes them layer by layer, so
-    // they are never all in memory in fp32. (-A without -Q: the adapter file says how the base is stored,
-    // known only after the load, so the base is read whole and its fp32 block matrices dropped after quantizing.)
-    err = gpt2_read_checkpoint(&model, base_path, base_quant != LORA_QUANT_FP32);
+    // -Q int8 / nf4 (or -A with an adapter.bin trained on one, and no -Q): the block matrices stay on disk
+    // until the attach quantizes them layer by layer, so they are never in memory in fp32
+    int read_quant = quant_given || adapter_path == NULL ? base_quant : adapter_file_base_quant(adapter_path);
+    err = gpt2_read_checkpoint(&model, base_path, lora_on && read_quant != LORA_QUANT_FP32);
     if (!err.empty()) die("flag -e: " + err);
     GPT2Config cfg = model.config;
     bool no_training = prompt != NULL || (merged_path != NULL && steps == 0); // -p, or -M alone: no data needed
@@ -3481,7 +3492,7 @@ int main(int argc, char** argv) {
                                      : bpe_load(&bpe, (std::string(bpe_dir) + "/encoder.json").c_str(), (std::string(bpe_dir) + "/vocab.bpe").c_str());
             if (rc != 0) die(std::string(bpe_dir ? "flag -E: " : "flag -p: ") + bpe.error);
             // a quantized base has no fp32 matrices to merge into: it generates unmerged (quantized base + adapters)
-            bool merge_now = merged_inference && model.params.qkvw != NULL;
+            bool merge_now = merged_inference && model.lora.quant_q[0] == NULL;
             if (merge_now) {
                 gpt2_lora_merge(&model, +1); // one plain matmul per adapted layer from here on
                 lora_free(&model.lora);
