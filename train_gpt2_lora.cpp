@@ -3235,7 +3235,7 @@ static void error_usage() {
         "  -E <dir>    GPT-2 BPE dir (encoder.json, vocab.bpe) for -p (default ../shared/data/gpt2_tokenizer)\n"
         "  -N <name>   base_model_name_or_path for the PEFT adapter_config.json (default gpt2)\n"
         "  -V <list>   LoRA variant: lora, or a comma list of rslora,dora,pissa (default lora)\n"
-        "  -Q <kind>   frozen base matrices stored as fp32, int8 or nf4 (QLoRA-style; default fp32)\n"
+        "  -Q <kind>   frozen base matrices as fp32, int8 or nf4 (QLoRA-style; default fp32, -A: the adapter's)\n"
         "  -P <float>  LoRA+: lora_B learning rate = P * lr, > 0 (default 1)\n"
         "  -F <int>    instead of LoRA, freezing: train only the top F blocks and lnf, 0 = off (default 0)\n"
         "  -H <int>    instead of LoRA, Houlsby adapters of bottleneck m = H, 0 = off (default 0)\n"
