@@ -262,8 +262,9 @@ struct LoRA {
     real* dora_dz;                             // (BT, 4C) backward scratch
     uint8_t* quant_q[LORA_NUM_TARGETS];        // (L, out, in) int8 codes, or two NF4 codes per byte
     float* quant_absmax[LORA_NUM_TARGETS];     // one absmax per block of LORA_QUANT_BLOCK weights
-    real* quant_w[LORA_NUM_TARGETS];           // (out, in) one layer dequantized, for the matmul at hand
-    int quant_layer[LORA_NUM_TARGETS];         // which layer quant_w holds, -1 none
+    real* quant_w;                             // (out, in) one layer of one matrix dequantized, for the matmul at hand;
+                                               // sized for the largest, (4C, C), and shared by all four targets
+    int quant_t, quant_l;                      // which target and layer quant_w holds, -1 none
     const LoRA<real>* const* multi;            // multi-adapter inference: the adapters, NULL otherwise
     const int* multi_index;                    // (B) which adapter each sequence uses
     int multi_T;                               // rows per sequence
@@ -379,10 +380,10 @@ void lora_free(LoRA<real>* lora) {
         free(lora->dora_z[t]);
         free(lora->quant_q[t]);
         free(lora->quant_absmax[t]);
-        free(lora->quant_w[t]);
     }
     free(lora->dh);
     free(lora->dora_dz);
+    free(lora->quant_w);
     memset(lora, 0, sizeof(*lora));
 }
 
@@ -912,19 +913,24 @@ void dora_merge(const LoRA<real>* lora, int t, real* W, int sign) {
 // ---- the model's hooks: the variants' work for one adapted matmul, called by gpt2_lora_forward/backward
 
 // the frozen base weight of target t at layer l: the fp32 matrix itself, or (quantized base) its
-// dequantized copy
+// dequantized copy. With a quantized base fp32_weight is never read (and is NULL when the model never
+// held the fp32 matrices: the trainer reads them from the checkpoint one layer at a time to quantize).
+// The dequantized copy lives in the one scratch all four targets share, so it stays valid only until
+// another matrix is asked for: fetch it right before its matmul. The matmul and the adapter branch
+// after it (DoRA reads W too) then dequantize once.
 template <typename real>
 real* lora_base_weight(LoRA<real>* lora, int t, int l, real* fp32_weight) {
     if (lora->quant_q[t] == NULL) return fp32_weight;
-    if (lora->quant_layer[t] != l) { // the scratch holds one layer: forward and backward each dequantize once per matmul
+    if (lora->quant_t != t || lora->quant_l != l) {
         size_t n = (size_t)lora_target_out(t, lora->C) * lora_target_in(t, lora->C);
         // each layer's matrix is quantized on its own: its codes and blocks start at layer offsets
-        dequantize_forward(lora->quant_w[t], lora->quant_q[t] + (size_t)l * lora_quant_code_bytes(lora->config.base_quant, n),
+        dequantize_forward(lora->quant_w, lora->quant_q[t] + (size_t)l * lora_quant_code_bytes(lora->config.base_quant, n),
                            lora->quant_absmax[t] + (size_t)l * lora_quant_blocks(n),
                            n, lora->config.base_quant);
-        lora->quant_layer[t] = l;
+        lora->quant_t = t;
+        lora->quant_l = l;
     }
-    return lora->quant_w[t];
+    return lora->quant_w;
 }
 
 // the bytes of the base's adapted matrices as stored: fp32, or codes + absmax per block
@@ -939,35 +945,48 @@ size_t lora_base_weight_bytes(const LoRA<real>* lora, int quant) {
     return bytes;
 }
 
-// Wires the base model's adapted matrices into the adapters: W[t] (L, out, in) and bias[t] (L, out) per
-// target. In order: PiSSA replaces W by its residual (so the fp32 base changes); a quantized base stores all four block matrices (every target, adapted or not)
-// as codes; DoRA magnitudes start at the row norms of the (dequantized) base, so m / n = 1 and the model
-// starts exactly at the base. The fp32 matrices in W stay as they were (merging into the original base
-// is what a QLoRA user does at the end); the quantized model's matmuls never read them.
+// the dequantization scratch a quantized base holds besides its codes: one (4C, C) layer
 template <typename real>
-void lora_attach_base(LoRA<real>* lora, real* const W[LORA_NUM_TARGETS], real* const bias[LORA_NUM_TARGETS]) {
+size_t lora_quant_scratch_bytes(const LoRA<real>* lora) {
+    return lora->quant_w ? (size_t)4 * lora->C * lora->C * sizeof(real) : 0;
+}
+
+// p + offset, or NULL when p is NULL (a quantized base's fp32 matrix that is not in memory)
+template <typename real> static inline real* lora_offset(real* p, size_t offset) { return p ? p + offset : NULL; }
+
+// Wires the base model's adapted matrices into the adapters, one (target, layer) at a time, then once
+// for all. lora_attach_layer: PiSSA replaces W_l by its residual (so the fp32 base changes), and a
+// quantized base stores W_l as codes (all four block matrices, adapted or not). lora_attach_finish: the
+// base pointers (W[t] is NULL when a quantized base's fp32 matrix is not in memory), and DoRA magnitudes at
+// the row norms of the (dequantized) base, so m / n = 1 and the model starts exactly at the base.
+// lora.h never frees the model's memory: the trainer never holds a quantized base's fp32 matrices at all
+// (it reads the checkpoint without them and hands lora_attach_layer one layer at a time from the file).
+template <typename real>
+void lora_attach_layer(LoRA<real>* lora, int t, int l, real* W_l) {
     int L = lora->L, r = lora->config.r, quant = lora->config.base_quant;
-    for (int t = 0; t < LORA_NUM_TARGETS && lora->config.init_pissa; t++) {
-        if (lora->lora_A[t] == NULL) continue;
-        int in = lora_target_in(t, lora->C), out = lora_target_out(t, lora->C);
-        for (int l = 0; l < L; l++) {
-            pissa_init(W[t] + (size_t)l * out * in, lora->lora_A[t] + (size_t)l * r * in, lora->lora_B[t] + (size_t)l * out * r,
-                       (real)lora->config.scale, in, out, r, 1000u * t + l);
-        }
+    int in = lora_target_in(t, lora->C), out = lora_target_out(t, lora->C);
+    size_t n = (size_t)out * in;
+    if (lora->config.init_pissa && lora->lora_A[t] != NULL) {
+        pissa_init(W_l, lora->lora_A[t] + (size_t)l * r * in, lora->lora_B[t] + (size_t)l * out * r,
+                   (real)lora->config.scale, in, out, r, 1000u * t + l);
     }
+    if (quant == LORA_QUANT_FP32) return;
+    if (lora->quant_q[t] == NULL) {
+        lora->quant_q[t] = lora_calloc<uint8_t>((size_t)L * lora_quant_code_bytes(quant, n));
+        lora->quant_absmax[t] = lora_calloc<float>((size_t)L * lora_quant_blocks(n));
+    }
+    if (lora->quant_w == NULL) lora->quant_w = lora_calloc<real>((size_t)4 * lora->C * lora->C);
+    lora->quant_t = lora->quant_l = -1;
+    quantize_forward(lora->quant_q[t] + (size_t)l * lora_quant_code_bytes(quant, n),
+                     lora->quant_absmax[t] + (size_t)l * lora_quant_blocks(n), W_l, n, quant);
+}
+
+template <typename real>
+void lora_attach_finish(LoRA<real>* lora, real* const W[LORA_NUM_TARGETS], real* const bias[LORA_NUM_TARGETS]) {
+    int L = lora->L, r = lora->config.r;
     for (int t = 0; t < LORA_NUM_TARGETS; t++) {
         lora->base_w[t] = W[t];
         lora->base_b[t] = bias[t];
-        lora->quant_layer[t] = -1;
-        if (quant == LORA_QUANT_FP32) continue;
-        size_t n = (size_t)lora_target_out(t, lora->C) * lora_target_in(t, lora->C);
-        lora->quant_q[t] = lora_calloc<uint8_t>((size_t)L * lora_quant_code_bytes(quant, n));
-        lora->quant_absmax[t] = lora_calloc<float>((size_t)L * lora_quant_blocks(n));
-        lora->quant_w[t] = lora_calloc<real>(n);
-        for (int l = 0; l < L; l++) {
-            quantize_forward(lora->quant_q[t] + (size_t)l * lora_quant_code_bytes(quant, n),
-                             lora->quant_absmax[t] + (size_t)l * lora_quant_blocks(n), W[t] + (size_t)l * n, n, quant);
-        }
     }
     for (int t = 0; t < LORA_NUM_TARGETS; t++) {
         if (lora->dora_m[t] == NULL) continue;
@@ -976,10 +995,20 @@ void lora_attach_base(LoRA<real>* lora, real* const W[LORA_NUM_TARGETS], real* c
         lora->dora_P[t] = lora_calloc<real>((size_t)L * out * r);
         for (int l = 0; l < L; l++) {
             dora_norm_forward(lora->dora_m[t] + (size_t)l * out, lora->dora_P[t] + (size_t)l * out * r,
-                              lora_base_weight(lora, t, l, W[t] + (size_t)l * out * in), lora->lora_A[t] + (size_t)l * r * in,
+                              lora_base_weight(lora, t, l, lora_offset(W[t], (size_t)l * out * in)), lora->lora_A[t] + (size_t)l * r * in,
                               lora->lora_B[t] + (size_t)l * out * r, (real)lora->config.scale, in, out, r);
         }
     }
+}
+
+// both steps for a base held in memory: W[t] (L, out, in) and bias[t] (L, out) per target
+template <typename real>
+void lora_attach_base(LoRA<real>* lora, real* const W[LORA_NUM_TARGETS], real* const bias[LORA_NUM_TARGETS]) {
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        size_t n = (size_t)lora_target_out(t, lora->C) * lora_target_in(t, lora->C);
+        for (int l = 0; l < lora->L; l++) { lora_attach_layer(lora, t, l, W[t] + (size_t)l * n); }
+    }
+    lora_attach_finish(lora, W, bias);
 }
 
 // ---- several adapters on one base, for inference
@@ -1051,7 +1080,7 @@ bool lora_variant_forward(LoRA<real>* lora, int t, int l, real* out, const real*
     int r = lora->config.r, C = lora_target_in(t, lora->C), OC = lora_target_out(t, lora->C);
     dora_forward(out, lora->h[t] + (size_t)l * BT * r, lora->dora_z[t] + (size_t)l * BT * OC, lora->dora_n[t] + (size_t)l * OC,
                  lora->dora_P[t] + (size_t)l * OC * r, inp, lora->base_b[t] + (size_t)l * OC,
-                 lora_base_weight(lora, t, l, lora->base_w[t] + (size_t)l * OC * C), lora->lora_A[t] + (size_t)l * r * C,
+                 lora_base_weight(lora, t, l, lora_offset(lora->base_w[t], (size_t)l * OC * C)), lora->lora_A[t] + (size_t)l * r * C,
                  lora->lora_B[t] + (size_t)l * OC * r, lora->dora_m[t] + (size_t)l * OC, (real)lora->config.scale, BT, C, OC, r);
     return true;
 }
@@ -1063,7 +1092,7 @@ bool lora_variant_backward(LoRA<real>* lora, int t, int l, real* dinp, const rea
     dora_backward(dinp, lora->dlora_A[t] + (size_t)l * r * C, lora->dlora_B[t] + (size_t)l * OC * r,
                   lora->ddora_m[t] + (size_t)l * OC, lora->dh, lora->dora_dz, dout, lora->h[t] + (size_t)l * BT * r,
                   lora->dora_z[t] + (size_t)l * BT * OC, lora->dora_n[t] + (size_t)l * OC, lora->dora_P[t] + (size_t)l * OC * r,
-                  inp, lora_base_weight(lora, t, l, lora->base_w[t] + (size_t)l * OC * C), lora->lora_A[t] + (size_t)l * r * C,
+                  inp, lora_base_weight(lora, t, l, lora_offset(lora->base_w[t], (size_t)l * OC * C)), lora->lora_A[t] + (size_t)l * r * C,
                   lora->lora_B[t] + (size_t)l * OC * r, lora->dora_m[t] + (size_t)l * OC, (real)lora->config.scale, BT, C, OC, r);
     return true;
 }

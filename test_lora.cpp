@@ -3535,3 +3535,303 @@ TEST_CASE("the trainer binary: -F, -H, -X and -w train, and their bad values exi
         CHECK(has(out, "bytes: params "));
     }
 }
+
+// ----------------------------------------------------------------------------
+// ---- a quantized base holds no fp32 block matrices (issue 13, -Q memory) ----
+
+// the floats of the 12 tensors besides qkvw, attprojw, fcw, fcprojw, written out from the shapes
+static size_t non_block_floats(GPT2Config c) {
+    size_t C = c.channels, L = c.num_layers;
+    return (size_t)c.padded_vocab_size * C + (size_t)c.max_seq_len * C // wte, wpe
+           + L * (2 * C + 3 * C + C + 2 * C + 4 * C + C)               // ln1w ln1b, qkvb, attprojb, ln2w ln2b, fcb, fcprojb
+           + 2 * C;                                                   // lnfw, lnfb
+}
+
+TEST_CASE("quantized base: the fp32 block matrices are gone, and the model equals an fp32 model on the dequantized weights") {
+    const int B = 2, T = 8, steps = 8;
+    TempDir dir;
+    std::string ckpt = dir.file("base.bin");
+    write_tiny_checkpoint(ckpt); // build_trainable_tiny(81)
+    for (int quant : {(int)LORA_QUANT_INT8, (int)LORA_QUANT_NF4}) {
+        CAPTURE(quant);
+        GPT2<float> q, ref;
+        REQUIRE(gpt2_read_checkpoint(&q, ckpt.c_str(), true) == ""); // as the trainer reads it for -Q
+        build_trainable_tiny(&ref, 81);
+        LoRAConfig cfg = lora_config(4, 8.0f, LORA_ALL_TARGETS);
+        cfg.base_quant = quant;
+        gpt2_lora_attach(&q, cfg, 122);
+        gpt2_lora_attach(&ref, lora_config(4, 8.0f, LORA_ALL_TARGETS), 122);
+        GPT2Config c = q.config;
+        size_t C = c.channels, L = c.num_layers;
+
+        // the bytes, counted here from the shapes: each layer's matrix is quantized alone, in blocks of 64
+        // weights with one fp32 absmax each; int8 one byte a weight, NF4 half; plus the matmuls' scratch,
+        // one dequantized fp32 layer of the largest matrix, (4C, C), shared by all four
+        size_t kept = non_block_floats(c), codes = 0, absmax = 0, scratch = 4 * C * C * sizeof(float);
+        for (size_t n : {3 * C * C, C * C, 4 * C * C, 4 * C * C}) {
+            codes += L * (quant == LORA_QUANT_INT8 ? n : (n + 1) / 2);
+            absmax += L * ((n + 63) / 64) * sizeof(float);
+        }
+        CHECK(q.num_params_stored == kept);
+        CHECK(q.num_parameters == ref.num_parameters); // the logical model is unchanged
+        CHECK(q.params.qkvw == nullptr);
+        CHECK(q.params.attprojw == nullptr);
+        CHECK(q.params.fcw == nullptr);
+        CHECK(q.params.fcprojw == nullptr);
+        MemoryBytes mq = gpt2_memory_bytes(&q), mr = gpt2_memory_bytes(&ref);
+        CHECK(mr.base == ref.num_parameters * sizeof(float));
+        CHECK(mq.base == kept * sizeof(float) + codes + absmax + scratch);
+        CHECK(mq.params < mr.params);
+        MESSAGE(std::string(lora_quant_names[quant]) << ": parameter bytes " << mq.params << " vs fp32 " << mr.params);
+
+        // the 12 kept tensors moved down intact: bit-identical to the fp32 model's
+        const float* qt[] = {q.params.wte, q.params.wpe, q.params.ln1w, q.params.ln1b, q.params.qkvb, q.params.attprojb,
+                             q.params.ln2w, q.params.ln2b, q.params.fcb, q.params.fcprojb, q.params.lnfw, q.params.lnfb};
+        const float* rt[] = {ref.params.wte, ref.params.wpe, ref.params.ln1w, ref.params.ln1b, ref.params.qkvb, ref.params.attprojb,
+                             ref.params.ln2w, ref.params.ln2b, ref.params.fcb, ref.params.fcprojb, ref.params.lnfw, ref.params.lnfb};
+        const int idx[] = {0, 1, 2, 3, 5, 7, 8, 9, 11, 13, 14, 15};
+        for (int k = 0; k < 12; k++) {
+            CAPTURE(param_tensor_names[idx[k]]);
+            CHECK(memcmp(qt[k], rt[k], q.param_sizes[idx[k]] * sizeof(float)) == 0);
+        }
+
+        // the reference: the fp32 model's matrices replaced by dequantize(quantize(W)), layer by layer here
+        float* base[LORA_NUM_TARGETS];
+        base_matrices(&ref, base);
+        for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+            size_t n = (size_t)lora_target_out(t, (int)C) * lora_target_in(t, (int)C);
+            std::vector<uint8_t> codes_l(lora_quant_code_bytes(quant, n));
+            std::vector<float> absmax_l(lora_quant_blocks(n));
+            for (size_t l = 0; l < L; l++) {
+                quantize_forward(codes_l.data(), absmax_l.data(), base[t] + l * n, n, quant);
+                dequantize_forward(base[t] + l * n, codes_l.data(), absmax_l.data(), n, quant);
+            }
+        }
+        // the whole base as -M writes it: exactly those values (the same dequantization, no arithmetic after it)
+        std::vector<float> full(q.num_parameters);
+        gpt2_expand_params(&q, full.data());
+        CHECK(memcmp(full.data(), ref.params_memory, full.size() * sizeof(float)) == 0);
+
+        // training: the same batches on both, losses equal and falling
+        std::string tokens = dir.file("tokens.bin");
+        write_cyclic_tokens(tokens, 150);
+        gpt2_allocate(&q, B, T);
+        gpt2_allocate(&ref, B, T);
+        DataLoader lq, lr;
+        REQUIRE(dataloader_init(&lq, tokens.c_str(), B, T, 61, false, 0, "-i") == "");
+        REQUIRE(dataloader_init(&lr, tokens.c_str(), B, T, 61, false, 0, "-i") == "");
+        std::vector<float> losses_q, losses_r;
+        train_steps(&q, &lq, 0, steps, &losses_q);
+        train_steps(&ref, &lr, 0, steps, &losses_r);
+        double maxdiff = 0;
+        for (int k = 0; k < steps; k++) maxdiff = std::max(maxdiff, (double)std::fabs(losses_q[k] - losses_r[k]));
+        // the same fp32 weights reach the same kernels in the same order: equal to the last bit in practice;
+        // allow fp32 rounding of a loss of ~4 (a wrong dequantized layer would be off by > 1e-3)
+        const double tol_quant_losses = 1e-6;
+        MESSAGE(std::string(lora_quant_names[quant]) << ": loss " << losses_q[0] << " -> " << losses_q[steps - 1] << ", max |quantized - fp32 dequantized| " << maxdiff);
+        CHECK(maxdiff <= tol_quant_losses);
+        CHECK(losses_q[steps - 1] < losses_q[0]);
+
+        // logits after training, and a merged checkpoint (-M) read back as a plain GPT-2: the dequantized base + adapters
+        Rng rng;
+        rng_seed(&rng, 123);
+        std::vector<int> inputs;
+        random_tokens(&rng, &inputs, B * T, c.vocab_size);
+        gpt2_forward(&q, inputs.data(), (const int*)NULL, B, T);
+        gpt2_forward(&ref, inputs.data(), (const int*)NULL, B, T);
+        size_t nl = (size_t)B * T * c.padded_vocab_size;
+        double ldiff = 0, maxlogit = 0;
+        for (size_t i = 0; i < nl; i++) {
+            ldiff = std::max(ldiff, (double)std::fabs(q.acts.logits[i] - ref.acts.logits[i]));
+            maxlogit = std::max(maxlogit, (double)std::fabs(q.acts.logits[i]));
+        }
+        const double tol_quant_logits = 1e-6 * std::max(1.0, maxlogit); // same weights, same kernels (see above)
+        CHECK(ldiff <= tol_quant_logits);
+        std::string merged_path = dir.file("merged.bin");
+        REQUIRE(write_merged_checkpoint(&q, merged_path.c_str()) == "");
+        GPT2<float> merged;
+        REQUIRE(gpt2_read_checkpoint(&merged, merged_path.c_str()) == "");
+        gpt2_forward(&merged, inputs.data(), (const int*)NULL, B, T);
+        double mdiff = 0;
+        for (size_t i = 0; i < nl; i++) mdiff = std::max(mdiff, (double)std::fabs(merged.acts.logits[i] - q.acts.logits[i]));
+        // as in the fp32 merge test: the merged and unmerged paths sum the same products in another order
+        const double tol_merged_logits = 1e-5 * std::max(1.0, maxlogit);
+        MESSAGE(std::string(lora_quant_names[quant]) << ": merged (dequantized base) vs unmerged logits maxdiff " << mdiff);
+        CHECK(mdiff <= tol_merged_logits);
+        // nothing else can write or merge the fp32 matrices it no longer has
+        CHECK(has(gpt2_write_checkpoint(&q, dir.file("plain.bin").c_str()), "HINT"));
+        gpt2_free(&merged);
+        gpt2_free(&q);
+        gpt2_free(&ref);
+    }
+}
+
+TEST_CASE("quantized base: an adapter trained on -Q checks against the fp32 base file and reloads quantized, or fp32 on request") {
+    const int B = 2, T = 8;
+    TempDir dir;
+    std::string ckpt = dir.file("base.bin"), tokens = dir.file("tokens.bin"), adapter = dir.file("adapter.bin");
+    write_tiny_checkpoint(ckpt);
+    write_cyclic_tokens(tokens, 150);
+    GPT2<float> a;
+    REQUIRE(gpt2_read_checkpoint(&a, ckpt.c_str()) == "");
+    uint64_t sum = tiny_base_sum(&a); // as main takes it: of the file as read, before quantizing
+    LoRAConfig cfg = lora_config(4, 8.0f, LORA_ALL_TARGETS);
+    cfg.base_quant = LORA_QUANT_NF4;
+    gpt2_lora_attach(&a, cfg, 131);
+    gpt2_allocate(&a, B, T);
+    DataLoader la;
+    REQUIRE(dataloader_init(&la, tokens.c_str(), B, T, 61, false, 0, "-i") == "");
+    std::vector<float> losses;
+    train_steps(&a, &la, 0, 3, &losses);
+    Rng sample_rng;
+    rng_seed(&sample_rng, 132);
+    TrainState state = train_state_capture(3, &la, &sample_rng);
+    REQUIRE(lora_file_write(adapter.c_str(), &a, sum, &state) == "");
+    Rng rng;
+    rng_seed(&rng, 133);
+    std::vector<int> inputs;
+    random_tokens(&rng, &inputs, B * T, a.config.vocab_size);
+    gpt2_forward(&a, inputs.data(), (const int*)NULL, B, T);
+    size_t nl = (size_t)B * T * a.config.padded_vocab_size;
+
+    // a fresh load of the same file: the checksum matches, and the adapter comes back on an NF4 base
+    GPT2<float> c;
+    REQUIRE(gpt2_read_checkpoint(&c, ckpt.c_str()) == "");
+    CHECK(tiny_base_sum(&c) == sum);
+    TrainState s;
+    bool has_state = false;
+    REQUIRE(lora_file_read(adapter.c_str(), &c, tiny_base_sum(&c), &s, &has_state) == "");
+    CHECK(has_state);
+    CHECK(c.lora.config.base_quant == LORA_QUANT_NF4);
+    CHECK(memcmp(c.lora.m_memory, a.lora.m_memory, a.lora.num_parameters * sizeof(float)) == 0);
+    gpt2_forward(&c, inputs.data(), (const int*)NULL, B, T);
+    CHECK(memcmp(c.acts.logits, a.acts.logits, nl * sizeof(float)) == 0); // the same codes, the same adapter: bit for bit
+
+    // asked for fp32 (-A with -Q fp32): the same adapter on the original fp32 base, which differs a little
+    GPT2<float> d;
+    REQUIRE(gpt2_read_checkpoint(&d, ckpt.c_str()) == "");
+    REQUIRE(lora_file_read(adapter.c_str(), &d, tiny_base_sum(&d), &s, &has_state, LORA_QUANT_FP32) == "");
+    CHECK(d.lora.config.base_quant == LORA_QUANT_FP32);
+    CHECK(d.params.qkvw != nullptr);
+    gpt2_forward(&d, inputs.data(), (const int*)NULL, B, T);
+    double maxdiff = 0;
+    for (size_t i = 0; i < nl; i++) maxdiff = std::max(maxdiff, (double)std::fabs(d.acts.logits[i] - a.acts.logits[i]));
+    MESSAGE("NF4-trained adapter on the fp32 base vs the NF4 base: logits maxdiff " << maxdiff);
+    CHECK(maxdiff > 0); // NF4 rounding is visible in the logits
+    // the base read with its block matrices left on disk (what main does for -Q): the same checksum,
+    // streamed from the file, and the same model after the attach quantizes them layer by layer from it
+    GPT2<float> g;
+    REQUIRE(gpt2_read_checkpoint(&g, ckpt.c_str(), true) == "");
+    CHECK(g.num_params_stored == non_block_floats(g.config));
+    CHECK(g.params.qkvw == nullptr);
+    uint64_t file_sum = 0;
+    REQUIRE(checkpoint_checksum(ckpt.c_str(), &file_sum) == "");
+    CHECK(file_sum == sum);
+    REQUIRE(lora_file_read(adapter.c_str(), &g, file_sum, &s, &has_state) == ""); // NF4, as the file says
+    CHECK(g.params.qkvw == nullptr);
+    gpt2_forward(&g, inputs.data(), (const int*)NULL, B, T);
+    CHECK(memcmp(g.acts.logits, a.acts.logits, nl * sizeof(float)) == 0);
+    // another adapter on the same model reads the block matrices from the file again; an fp32 one cannot
+    REQUIRE(lora_file_read(adapter.c_str(), &g, file_sum, &s, &has_state) == "");
+    gpt2_forward(&g, inputs.data(), (const int*)NULL, B, T);
+    CHECK(memcmp(g.acts.logits, a.acts.logits, nl * sizeof(float)) == 0);
+    std::string fp32_err = lora_file_read(adapter.c_str(), &g, file_sum, &s, &has_state, LORA_QUANT_FP32);
+    CHECK(has(fp32_err, "-Q"));
+    CHECK(has(fp32_err, "HINT"));
+    gpt2_free(&g);
+    // a corrupt base-storage field is refused
+    std::vector<char> bytes = read_all(adapter);
+    int bad = 7;
+    memcpy(bytes.data() + 29 * 4, &bad, 4);
+    write_bytes(dir.file("bad.bin"), bytes.data(), bytes.size());
+    GPT2<float> e;
+    REQUIRE(gpt2_read_checkpoint(&e, ckpt.c_str()) == "");
+    std::string err = lora_file_read(dir.file("bad.bin").c_str(), &e, tiny_base_sum(&e), &s, &has_state);
+    CHECK(has(err, "base storage=7"));
+    CHECK(has(err, "HINT"));
+    CHECK(e.params.qkvw != nullptr); // nothing attached, nothing dropped
+    gpt2_free(&a);
+    gpt2_free(&c);
+    gpt2_free(&d);
+    gpt2_free(&e);
+}
+
+TEST_CASE("the trainer binary with -Q: smaller [Memory] parameters, -A resumes quantized with the same losses, -M writes the dequantized merge") {
+    TempDir dir;
+    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
+    write_tiny_checkpoint(ckpt);
+    write_cyclic_tokens(tokens, 400);
+    std::string common = "-e " + ckpt + " -i " + tokens + " -j " + tokens + " -b 2 -t 8 -v 3 -s 0 -u 1 -l 0.01";
+    for (const char* sub : {"a", "b"}) REQUIRE(mkdir(dir.file(sub).c_str(), 0755) == 0);
+    std::string out_fp32, out_a, out_b, out_c, out;
+    REQUIRE(run_trainer(common + " -x 6", &out_fp32) == 0);
+    REQUIRE(run_trainer(common + " -x 6 -Q int8 -o " + dir.file("a"), &out_a) == 0);
+    auto params_bytes = [](const std::string& log) {
+        size_t at = log.find("bytes: params ");
+        return at == std::string::npos ? 0ull : strtoull(log.c_str() + at + 14, NULL, 10);
+    };
+    MESSAGE("[Memory] params bytes: fp32 " << params_bytes(out_fp32) << ", int8 " << params_bytes(out_a));
+    CHECK(params_bytes(out_a) > 0);
+    CHECK(params_bytes(out_a) < params_bytes(out_fp32));
+    CHECK(has(out_a, "quantized from"));
+    REQUIRE(run_trainer(common + " -x 3 -Q int8 -o " + dir.file("b"), &out_b) == 0);
+    // -A alone: the adapter says int8, the base file's checksum matches
+    REQUIRE(run_trainer(common + " -x 6 -A " + dir.file("b/adapter.bin"), &out_c) == 0);
+    CHECK(has(out_c, "base int8"));
+    std::vector<std::string> la = step_losses(out_a, 4, 6, 6), lc = step_losses(out_c, 4, 6, 6);
+    MESSAGE("-Q int8 steps 4..6, uninterrupted: " << la[0] << " " << la[1] << " " << la[2] << "; resumed: " << lc[0] << " " << lc[1] << " " << lc[2]);
+    CHECK(la[0] != "missing");
+    CHECK(la == lc);
+    // -M from a quantized run: the dequantized base + adapters, which then loads as a plain base
+    std::string merged = dir.file("merged.bin");
+    CHECK(run_trainer("-e " + ckpt + " -x 0 -A " + dir.file("a/adapter.bin") + " -M " + merged, &out) == 0);
+    CHECK(has(out, "wrote merged checkpoint"));
+    CHECK(run_trainer("-e " + merged + " -i " + tokens + " -j " + tokens + " -b 2 -t 8 -v 0 -s 0 -x 1", &out) == 0);
+    // -Q applies to LoRA only
+    CHECK(run_trainer(common + " -x 1 -H 4 -Q nf4", &out) != 0);
+    CHECK(has(out, "-Q"));
+    CHECK(has(out, "HINT"));
+}
+
+TEST_CASE("quantized base read layer by layer from the file equals quantizing it in memory (with PiSSA and DoRA too)") {
+    const int B = 2, T = 8;
+    TempDir dir;
+    std::string ckpt = dir.file("base.bin");
+    write_tiny_checkpoint(ckpt);
+    for (int variant = 0; variant < 2; variant++) {
+        CAPTURE(variant);
+        LoRAConfig cfg = lora_config(4, 8.0f, variant == 0 ? LORA_ALL_TARGETS : (1u << LORA_QKV) | (1u << LORA_FC));
+        cfg.base_quant = variant == 0 ? LORA_QUANT_INT8 : LORA_QUANT_NF4;
+        cfg.use_dora = cfg.init_pissa = variant == 1; // PiSSA changes W before it is quantized: per layer, in the scratch
+        GPT2<float> whole, ondisk;
+        REQUIRE(gpt2_read_checkpoint(&whole, ckpt.c_str()) == "");
+        REQUIRE(gpt2_read_checkpoint(&ondisk, ckpt.c_str(), true) == "");
+        gpt2_lora_attach(&whole, cfg, 141);
+        gpt2_lora_attach(&ondisk, cfg, 141);
+        CHECK(ondisk.num_params_stored == non_block_floats(ondisk.config));
+        CHECK(whole.num_params_stored == whole.num_parameters); // (built in memory: the fp32 copies stay, unread)
+        std::vector<float> full_whole(whole.num_parameters), full_ondisk(ondisk.num_parameters);
+        gpt2_expand_params(&whole, full_whole.data());
+        gpt2_expand_params(&ondisk, full_ondisk.data());
+        CHECK(memcmp(full_whole.data(), full_ondisk.data(), full_whole.size() * sizeof(float)) == 0); // the same codes
+        CHECK(memcmp(whole.lora.params_memory, ondisk.lora.params_memory, whole.lora.num_parameters * sizeof(float)) == 0);
+        Rng rng;
+        rng_seed(&rng, 142);
+        std::vector<int> inputs, targets;
+        random_tokens(&rng, &inputs, B * T, whole.config.vocab_size);
+        random_tokens(&rng, &targets, B * T, whole.config.vocab_size);
+        randomize_lora_B(&whole.lora, whole.config.num_layers, whole.config.channels, 143, 0.1);
+        randomize_lora_B(&ondisk.lora, ondisk.config.num_layers, ondisk.config.channels, 143, 0.1);
+        gpt2_forward(&whole, inputs.data(), targets.data(), B, T);
+        gpt2_forward(&ondisk, inputs.data(), targets.data(), B, T);
+        size_t nl = (size_t)B * T * whole.config.padded_vocab_size;
+        CHECK(memcmp(whole.acts.logits, ondisk.acts.logits, nl * sizeof(float)) == 0); // the same codes: bit for bit
+        gpt2_zero_grad(&whole);
+        gpt2_backward(&whole);
+        gpt2_zero_grad(&ondisk);
+        gpt2_backward(&ondisk);
+        CHECK(memcmp(whole.lora.grads_memory, ondisk.lora.grads_memory, whole.lora.num_parameters * sizeof(float)) == 0);
+        gpt2_free(&whole);
+        gpt2_free(&ondisk);
+    }
+}

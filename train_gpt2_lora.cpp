@@ -1098,6 +1098,10 @@ struct GPT2 {
     size_t param_sizes[NUM_PARAMETER_TENSORS];
     real* params_memory;
     size_t num_parameters;
+    size_t num_params_stored; // floats held in params_memory: num_parameters, less qkvw, attprojw, fcw, fcprojw
+                              // when the checkpoint was read for a quantized base (-Q): those four pointers are then NULL
+    char* block_file;         // the checkpoint whose block matrices were left on disk for gpt2_lora_attach to
+                              // quantize (gpt2_read_checkpoint with leave_block_matrices); NULL otherwise
     // full fine-tuning (-f) only: gradients and AdamW state of every base parameter; NULL otherwise
     bool train_base;
     ParameterTensors<real> grads;
@@ -1139,15 +1143,48 @@ struct GPT2 {
 // the pointer p + offset, or NULL when p is NULL (a frozen tensor has no gradient)
 template <typename real> static inline real* at(real* p, size_t offset) { return p ? p + offset : NULL; }
 
+// the tensors a quantized base (-Q) holds as codes instead of fp32: the four block matrices, and the
+// LoRA target each one is
+static inline bool param_tensor_is_block_matrix(int i) { return i == 4 || i == 6 || i == 10 || i == 12; }
+static inline int block_matrix_target(int i) { return i == 4 ? LORA_QKV : i == 6 ? LORA_ATTPROJ : i == 10 ? LORA_FC : LORA_FCPROJ; }
+
+// the 16 tensors' pointers, in checkpoint order
 template <typename real>
-void gpt2_init_empty(GPT2<real>* model, GPT2Config cfg) {
+static void parameter_pointers(ParameterTensors<real>* p, real** ptrs[NUM_PARAMETER_TENSORS]) {
+    real** all[NUM_PARAMETER_TENSORS] = {&p->wte, &p->wpe, &p->ln1w, &p->ln1b, &p->qkvw, &p->qkvb, &p->attprojw, &p->attprojb,
+                                         &p->ln2w, &p->ln2b, &p->fcw, &p->fcb, &p->fcprojw, &p->fcprojb, &p->lnfw, &p->lnfb};
+    memcpy(ptrs, all, sizeof(all));
+}
+
+// points the tensors into params_memory back to back in checkpoint order; without_block_matrices (a
+// quantized base) leaves qkvw, attprojw, fcw, fcprojw out and NULL. Returns the floats pointed into.
+template <typename real>
+size_t point_stored_parameters(GPT2<real>* model, bool without_block_matrices) {
+    real** ptrs[NUM_PARAMETER_TENSORS];
+    parameter_pointers(&model->params, ptrs);
+    size_t off = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        bool left_out = without_block_matrices && param_tensor_is_block_matrix(i);
+        *ptrs[i] = left_out ? NULL : model->params_memory + off;
+        off += left_out ? 0 : model->param_sizes[i];
+    }
+    return off;
+}
+
+// an all-zero model; without_block_matrices: with no memory for the four block matrices (pointers NULL)
+template <typename real>
+void gpt2_init_empty(GPT2<real>* model, GPT2Config cfg, bool without_block_matrices = false) {
     memset(model, 0, sizeof(*model));
     model->config = cfg;
     fill_in_parameter_sizes(model->param_sizes, cfg);
     model->num_parameters = 0;
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) { model->num_parameters += model->param_sizes[i]; }
-    model->params_memory = calloc_real<real>(model->num_parameters, "parameters");
-    point_parameters(&model->params, model->param_sizes, model->params_memory);
+    model->num_params_stored = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        model->num_parameters += model->param_sizes[i];
+        if (!(without_block_matrices && param_tensor_is_block_matrix(i))) model->num_params_stored += model->param_sizes[i];
+    }
+    model->params_memory = calloc_real<real>(model->num_params_stored, "parameters");
+    point_stored_parameters(model, without_block_matrices);
 }
 
 // a model with GPT-2-style random init (for tests and benchmarks): N(0, 0.02) matrices, projections
@@ -1172,13 +1209,52 @@ void gpt2_build_random(GPT2<real>* model, GPT2Config cfg, uint64_t seed) {
     }
 }
 
-// attaches LoRA adapters to a frozen base (see lora_init for the init convention)
+// -Q with the block matrices left on disk: each layer of each is read from the checkpoint into one
+// (4C, C) scratch and handed to lora_attach_layer (PiSSA, then quantize), so at most one fp32 layer of
+// them is ever in memory. The file was validated when the model was read from it.
+template <typename real>
+void gpt2_attach_layers_from_file(GPT2<real>* model) {
+    const char* path = model->block_file;
+    FILE* f = fopen(path, "rb");
+    if (f == NULL) die(strprintf("checkpoint '%s' can no longer be opened to quantize its block matrices\n---> HINT: keep the -e file in place while the trainer starts", path));
+    int L = model->config.num_layers, C = model->config.channels;
+    std::vector<float> buf((size_t)4 * C * C);
+    std::vector<real> W_l(buf.size());
+    size_t offset = 256 * sizeof(int); // past the header
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        size_t n = model->param_sizes[i] / L; // one layer
+        for (int l = 0; l < L && param_tensor_is_block_matrix(i); l++) {
+            if (fseek(f, (long)(offset + (size_t)l * n * sizeof(float)), SEEK_SET) != 0 || fread(buf.data(), sizeof(float), n, f) != n) {
+                die(strprintf("checkpoint '%s': read error in %s, layer %d\n---> HINT: the file changed since it was loaded; load it again", path, param_tensor_names[i], l));
+            }
+            for (size_t k = 0; k < n; k++) { W_l[k] = (real)buf[k]; }
+            lora_attach_layer(&model->lora, block_matrix_target(i), l, W_l.data());
+        }
+        offset += model->param_sizes[i] * sizeof(float);
+    }
+    fclose(f);
+}
+
+// attaches LoRA adapters to a frozen base (see lora_init for the init convention). A quantized base
+// (cfg.base_quant): the block matrices become codes. The trainer reads the checkpoint without them
+// (gpt2_read_checkpoint's leave_block_matrices) and they are quantized here one layer at a time from the
+// file, so their fp32 copy is never held, and every attach (another adapter, a reload) starts from the file.
+// On a base built in memory (tests) the fp32 matrices stay allocated beside the codes, unread.
 template <typename real>
 void gpt2_lora_attach(GPT2<real>* model, LoRAConfig cfg, uint64_t seed) {
+    if (model->block_file != NULL && cfg.base_quant == LORA_QUANT_FP32) {
+        die("gpt2_lora_attach: the base was read for a quantized attach (block matrices left on disk), but this adapter wants an fp32 base\n"
+            "---> HINT: give the same -Q the adapter was trained with, or -Q fp32 to read the base whole");
+    }
     lora_init(&model->lora, cfg, model->config.num_layers, model->config.channels, seed);
     ParameterTensors<real> p = model->params; // the variants (DoRA, PiSSA, a quantized base) need the base weights
     real* const W[LORA_NUM_TARGETS] = {p.qkvw, p.attprojw, p.fcw, p.fcprojw}, * const bias[LORA_NUM_TARGETS] = {p.qkvb, p.attprojb, p.fcb, p.fcprojb};
-    lora_attach_base(&model->lora, W, bias);
+    if (model->block_file != NULL) {
+        gpt2_attach_layers_from_file(model); // the fp32 block matrices were never in memory
+        lora_attach_finish(&model->lora, W, bias);
+    } else {
+        lora_attach_base(&model->lora, W, bias);
+    }
     if (model->alloc_B > 0) lora_allocate_activations(&model->lora, (size_t)model->alloc_B * model->alloc_T);
 }
 
@@ -1282,6 +1358,17 @@ void gpt2_allocate(GPT2<real>* model, int B, int T) {
     if (model->prefix.P > 0) prefix_allocate_activations(&model->prefix, B, T);
 }
 
+// the weight of adapted matmul t (a LoRA target) at layer l: the fp32 tensor's layer, or with a quantized
+// base (-Q: the fp32 pointer is NULL) the dequantized layer in lora's shared scratch, valid until the next
+// matrix is fetched, so callers fetch it right at its matmul
+template <typename real>
+real* gpt2_base_weight(GPT2<real>* model, int t, int l) {
+    ParameterTensors<real>& p = model->params;
+    size_t C = model->config.channels;
+    real* W = t == LORA_QKV ? p.qkvw : t == LORA_ATTPROJ ? p.attprojw : t == LORA_FC ? p.fcw : p.fcprojw;
+    return lora_base_weight(&model->lora, t, l, at(W, (size_t)l * lora_target_out(t, (int)C) * lora_target_in(t, (int)C)));
+}
+
 // one adapted matmul's LoRA branch at layer l; nothing when that target carries no adapter
 template <typename real>
 void gpt2_lora_forward(LoRA<real>* lora, int target, int l, real* out, const real* inp, int BT) {
@@ -1305,6 +1392,9 @@ void gpt2_lora_backward(LoRA<real>* lora, int target, int l, real* dinp, const r
 // inputs, targets (B, T) token ids; targets may be NULL (inference: no loss)
 template <typename real>
 void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int B, int T) {
+    if (model->params.qkvw == NULL && model->lora.quant_q[0] == NULL) {
+        die("gpt2_forward: the base's block matrices are still on disk (read for -Q); attach the adapters first (gpt2_lora_attach)");
+    }
     if (model->acts_memory == NULL) gpt2_allocate(model, B, T);
     if (B > model->alloc_B || T > model->alloc_T || (size_t)B * T * T > (size_t)model->alloc_B * model->alloc_T * model->alloc_T) {
         die(strprintf("forward with B=%d T=%d exceeds the allocated B=%d T=%d", B, T, model->alloc_B, model->alloc_T));
@@ -1327,16 +1417,12 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
         // this layer's weights
         real* l_ln1w = params.ln1w + (size_t)l * C;
         real* l_ln1b = params.ln1b + (size_t)l * C;
-        // the adapted matrices: the fp32 weights, or with a quantized base (-Q) this layer's dequantized copy
-        real* l_qkvw = lora_base_weight(lora, LORA_QKV, l, params.qkvw + (size_t)l * 3 * C * C);
+        // (the adapted matrices qkvw, attprojw, fcw, fcprojw come from gpt2_base_weight, right at their matmul)
         real* l_qkvb = params.qkvb + (size_t)l * 3 * C;
-        real* l_attprojw = lora_base_weight(lora, LORA_ATTPROJ, l, params.attprojw + (size_t)l * C * C);
         real* l_attprojb = params.attprojb + (size_t)l * C;
         real* l_ln2w = params.ln2w + (size_t)l * C;
         real* l_ln2b = params.ln2b + (size_t)l * C;
-        real* l_fcw = lora_base_weight(lora, LORA_FC, l, params.fcw + (size_t)l * 4 * C * C);
         real* l_fcb = params.fcb + (size_t)l * 4 * C;
-        real* l_fcprojw = lora_base_weight(lora, LORA_FCPROJ, l, params.fcprojw + (size_t)l * C * 4 * C);
         real* l_fcprojb = params.fcprojb + (size_t)l * C;
         // this layer's activations
         real* l_ln1 = acts.ln1 + (size_t)l * BT * C;
@@ -1355,19 +1441,19 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
         real* proj = acts.proj;
 
         layernorm_forward(l_ln1, l_ln1_mean, l_ln1_rstd, residual, l_ln1w, l_ln1b, B, T, C);
-        matmul_forward(l_qkv, l_ln1, l_qkvw, l_qkvb, B, T, C, 3 * C);
+        matmul_forward(l_qkv, l_ln1, gpt2_base_weight(model, LORA_QKV, l), l_qkvb, B, T, C, 3 * C);
         gpt2_lora_forward(lora, LORA_QKV, l, l_qkv, l_ln1, BT);
         if (model->prefix.P > 0) gpt2_prefix_attention_forward(&model->prefix, l, l_atty, l_qkv, B, T);
         else attention_forward(l_atty, l_att, l_qkv, B, T, C, NH);
-        matmul_forward(proj, l_atty, l_attprojw, l_attprojb, B, T, C, C);
+        matmul_forward(proj, l_atty, gpt2_base_weight(model, LORA_ATTPROJ, l), l_attprojb, B, T, C, C);
         gpt2_lora_forward(lora, LORA_ATTPROJ, l, proj, l_atty, BT);
         gpt2_adapter_forward(&model->adapters, 0, l, proj, BT);
         residual_forward(l_residual2, residual, proj, (size_t)BT * C);
         layernorm_forward(l_ln2, l_ln2_mean, l_ln2_rstd, l_residual2, l_ln2w, l_ln2b, B, T, C);
-        matmul_forward(l_fch, l_ln2, l_fcw, l_fcb, B, T, C, 4 * C);
+        matmul_forward(l_fch, l_ln2, gpt2_base_weight(model, LORA_FC, l), l_fcb, B, T, C, 4 * C);
         gpt2_lora_forward(lora, LORA_FC, l, l_fch, l_ln2, BT);
         gelu_forward(l_fch_gelu, l_fch, (size_t)BT * 4 * C);
-        matmul_forward(proj, l_fch_gelu, l_fcprojw, l_fcprojb, B, T, 4 * C, C);
+        matmul_forward(proj, l_fch_gelu, gpt2_base_weight(model, LORA_FCPROJ, l), l_fcprojb, B, T, 4 * C, C);
         gpt2_lora_forward(lora, LORA_FCPROJ, l, proj, l_fch_gelu, BT);
         gpt2_adapter_forward(&model->adapters, 1, l, proj, BT);
         residual_forward(l_residual3, l_residual2, proj, (size_t)BT * C);
@@ -1423,11 +1509,7 @@ void gpt2_backward(GPT2<real>* model) {
     for (int l = L - 1; l >= l0; l--) {
         residual = l == 0 ? acts.encoded : acts.residual3 + (size_t)(l - 1) * BT * C;
         real* l_ln1w = params.ln1w + (size_t)l * C;
-        real* l_qkvw = lora_base_weight(lora, LORA_QKV, l, params.qkvw + (size_t)l * 3 * C * C); // dequantized with -Q
-        real* l_attprojw = lora_base_weight(lora, LORA_ATTPROJ, l, params.attprojw + (size_t)l * C * C);
         real* l_ln2w = params.ln2w + (size_t)l * C;
-        real* l_fcw = lora_base_weight(lora, LORA_FC, l, params.fcw + (size_t)l * 4 * C * C);
-        real* l_fcprojw = lora_base_weight(lora, LORA_FCPROJ, l, params.fcprojw + (size_t)l * C * 4 * C);
         real* dl_ln1w = at(grads.ln1w, (size_t)(l - l0) * C);
         real* dl_ln1b = at(grads.ln1b, (size_t)(l - l0) * C);
         real* dl_qkvw = at(grads.qkvw, (size_t)(l - l0) * 3 * C * C);
@@ -1465,22 +1547,22 @@ void gpt2_backward(GPT2<real>* model) {
 
         // residual3 = residual2 + proj: both receive dresidual unchanged (it's the same buffer)
         real* dproj = gpt2_adapter_backward(&model->adapters, 1, l, d.dresidual, BT);
-        matmul_backward(d.dfch_gelu, dl_fcprojw, dl_fcprojb, dproj, l_fch_gelu, l_fcprojw, B, T, 4 * C, C);
+        matmul_backward(d.dfch_gelu, dl_fcprojw, dl_fcprojb, dproj, l_fch_gelu, gpt2_base_weight(model, LORA_FCPROJ, l), B, T, 4 * C, C);
         gpt2_lora_backward(lora, LORA_FCPROJ, l, d.dfch_gelu, dproj, l_fch_gelu, BT);
         gelu_backward(d.dfch, l_fch, d.dfch_gelu, (size_t)BT * 4 * C);
-        matmul_backward(d.dln, dl_fcw, dl_fcb, d.dfch, l_ln2, l_fcw, B, T, C, 4 * C);
+        matmul_backward(d.dln, dl_fcw, dl_fcb, d.dfch, l_ln2, gpt2_base_weight(model, LORA_FC, l), B, T, C, 4 * C);
         gpt2_lora_backward(lora, LORA_FC, l, d.dln, d.dfch, l_ln2, BT);
         layernorm_backward(d.dresidual, dl_ln2w, dl_ln2b, d.dln, l_residual2, l_ln2w, l_ln2_mean, l_ln2_rstd, B, T, C);
         // residual2 = residual + proj: again dresidual flows to both unchanged
         dproj = gpt2_adapter_backward(&model->adapters, 0, l, d.dresidual, BT);
-        matmul_backward(d.datty, dl_attprojw, dl_attprojb, dproj, l_atty, l_attprojw, B, T, C, C);
+        matmul_backward(d.datty, dl_attprojw, dl_attprojb, dproj, l_atty, gpt2_base_weight(model, LORA_ATTPROJ, l), B, T, C, C);
         gpt2_lora_backward(lora, LORA_ATTPROJ, l, d.datty, dproj, l_atty, BT);
         if (model->prefix.P > 0) gpt2_prefix_attention_backward(&model->prefix, l, d.dqkv, d.datty, l_qkv, B, T);
         else attention_backward(d.dqkv, d.datt, d.datty, l_qkv, l_att, B, T, C, NH);
         memset(d.dln, 0, (size_t)BT * C * sizeof(real));
         // (-F: the lowest trained block's ln1 weights still need the gradient at ln1's output)
         real* dln1 = need_dinp || dl_ln1w != NULL ? d.dln : NULL;
-        matmul_backward(dln1, dl_qkvw, dl_qkvb, d.dqkv, l_ln1, l_qkvw, B, T, C, 3 * C);
+        matmul_backward(dln1, dl_qkvw, dl_qkvb, d.dqkv, l_ln1, gpt2_base_weight(model, LORA_QKV, l), B, T, C, 3 * C);
         gpt2_lora_backward(lora, LORA_QKV, l, dln1, d.dqkv, l_ln1, BT);
         if (dln1 != NULL) {
             layernorm_backward(d.dresidual, dl_ln1w, dl_ln1b, d.dln, residual, l_ln1w, l_ln1_mean, l_ln1_rstd, B, T, C);
@@ -1618,6 +1700,7 @@ void gpt2_free(GPT2<real>* model) {
     adapters_free(&model->adapters);
     prefix_free(&model->prefix);
     free(model->params0);
+    free(model->block_file);
     memset(model, 0, sizeof(*model));
 }
 
@@ -1660,9 +1743,13 @@ static const char* describe_magic(int magic) {
     }
 }
 
-// reads an llm.c fp32 checkpoint (version 3) into a fresh model
+// reads an llm.c fp32 checkpoint (version 3) into a fresh model.
+// leave_block_matrices (a quantized base, -Q): qkvw, attprojw, fcw, fcprojw are skipped, the model holds
+// the other 12 tensors only (those four pointers NULL) and remembers the file, from which
+// gpt2_lora_attach reads them one layer at a time to quantize. So the fp32 block matrices are never all
+// in memory, and the peak RSS of a quantized run is its quantized size, not the fp32 model's.
 template <typename real>
-std::string gpt2_read_checkpoint(GPT2<real>* model, const char* path) {
+std::string gpt2_read_checkpoint(GPT2<real>* model, const char* path, bool leave_block_matrices = false) {
     const char* hint = "pass an llm.c fp32 checkpoint with -e: data/gpt2_124M.bin is llm.c's starter pack (dev/download_starter_pack.sh, online); offline, `make run` pretrains data/brown_base.bin";
     FILE* f = NULL;
     std::string err = open_for_reading(path, "checkpoint", hint, &f);
@@ -1709,19 +1796,37 @@ std::string gpt2_read_checkpoint(GPT2<real>* model, const char* path) {
         }
     }
     if (err.empty()) {
-        gpt2_init_empty(model, cfg);
-        // stream the fp32 blob, converting to real when the model is not float
+        gpt2_init_empty(model, cfg, leave_block_matrices);
+        // stream the fp32 blob tensor by tensor, converting to real when the model is not float
+        real** ptrs[NUM_PARAMETER_TENSORS];
+        parameter_pointers(&model->params, ptrs);
         std::vector<float> buf(1 << 16);
-        size_t done = 0;
-        while (done < model->num_parameters) {
-            size_t n = std::min(buf.size(), model->num_parameters - done);
-            if (fread(buf.data(), sizeof(float), n, f) != n) {
-                err = strprintf("checkpoint '%s': read error after %zu parameters\n---> HINT: %s", path, done, hint);
-                gpt2_free(model); // the caller gets no half-read model, and nothing leaks
-                break;
+        size_t done = 0; // parameters read (or skipped)
+        for (int i = 0; i < NUM_PARAMETER_TENSORS && err.empty(); i++) {
+            real* dst = *ptrs[i];
+            size_t size = model->param_sizes[i];
+            if (dst == NULL) { // a block matrix left on disk
+                if (fseek(f, (long)(size * sizeof(float)), SEEK_CUR) != 0) {
+                    err = strprintf("checkpoint '%s': seek error after %zu parameters\n---> HINT: %s", path, done, hint);
+                }
+                done += size;
+                continue;
             }
-            for (size_t i = 0; i < n; i++) { model->params_memory[done + i] = (real)buf[i]; }
-            done += n;
+            for (size_t at_i = 0; at_i < size;) {
+                size_t n = std::min(buf.size(), size - at_i);
+                if (fread(buf.data(), sizeof(float), n, f) != n) {
+                    err = strprintf("checkpoint '%s': read error after %zu parameters\n---> HINT: %s", path, done + at_i, hint);
+                    break;
+                }
+                for (size_t k = 0; k < n; k++) { dst[at_i + k] = (real)buf[k]; }
+                at_i += n;
+            }
+            done += size;
+        }
+        if (!err.empty()) {
+            gpt2_free(model); // the caller gets no half-read model, and nothing leaks
+        } else if (leave_block_matrices) {
+            model->block_file = strdup(path);
         }
     }
     fclose(f);
@@ -1761,17 +1866,25 @@ static std::string write_atomically(const char* path, const std::vector<std::pai
 }
 
 // writes an llm.c fp32 checkpoint (version 3) of the base weights, atomically
-static std::string gpt2_write_checkpoint(const GPT2<float>* model, const char* path) {
+// an llm.c v3 checkpoint of the n = all parameters in checkpoint order
+static std::string checkpoint_write(const char* path, const GPT2Config& cfg, const float* params, size_t n) {
     int header[256] = {0};
     header[0] = CHECKPOINT_MAGIC;
     header[1] = 3;
-    header[2] = model->config.max_seq_len;
-    header[3] = model->config.vocab_size;
-    header[4] = model->config.num_layers;
-    header[5] = model->config.num_heads;
-    header[6] = model->config.channels;
-    header[7] = model->config.padded_vocab_size;
-    return write_atomically(path, {{header, sizeof(header)}, {model->params_memory, model->num_parameters * sizeof(float)}});
+    header[2] = cfg.max_seq_len;
+    header[3] = cfg.vocab_size;
+    header[4] = cfg.num_layers;
+    header[5] = cfg.num_heads;
+    header[6] = cfg.channels;
+    header[7] = cfg.padded_vocab_size;
+    return write_atomically(path, {{header, sizeof(header)}, {params, n * sizeof(float)}});
+}
+static std::string gpt2_write_checkpoint(const GPT2<float>* model, const char* path) {
+    if (model->num_params_stored != model->num_parameters) {
+        return strprintf("cannot write '%s': the base is quantized (-Q) and holds no fp32 block matrices\n"
+                         "---> HINT: write_merged_checkpoint (-M) writes the dequantized base + adapters", path);
+    }
+    return checkpoint_write(path, model->config, model->params_memory, model->num_parameters);
 }
 
 // An llm.c token file, validated: every id must be < V of the model it will feed.
@@ -2009,23 +2122,42 @@ static void print_tokens(const Tokenizer* tok, const std::vector<int>& ids) {
 //   [16] steps completed  [17..18] sampler RNG state  [19..20] train loader RNG state  [21] loader B
 //   [22] loader T  [23] loader shuffle  [24..25] loader position  [26..27] loader batch count nb
 //   [28] variant bits, whatever has_state: 1 = rsLoRA (scale = alpha / sqrt(r) instead of alpha / r)
+//   [29] the base storage the adapter trained on: 0 fp32, 1 int8, 2 nf4 (-Q; -A uses it unless -Q is given)
 // then n fp32 adapter parameters in lora.h's flat layout (lora_tensor_list order), and when has_state = 1
 // the AdamW m (n fp32), v (n fp32) and the loader's batch order (nb u64).
 // The base checksum is FNV-1a 64 over the fp32 base parameters taken as 32-bit words (one xor and one
 // multiply per float: h = (h ^ word) * 0x100000001b3, from h = 0xcbf29ce484222325), in checkpoint order.
+// It is always the checksum of the fp32 base file, never of a quantized copy: with -Q main streams it from
+// the file (checkpoint_checksum), so an adapter trained on a quantized base checks against the same
+// checkpoint as an fp32 one (and -A can load it quantized or, with -Q fp32, on the fp32 base).
 
 #define ADAPTER_VERSION 1
 
 // FNV-1a 64 over n fp32 values as 32-bit words: one serial xor + multiply per float, about a second for
 // GPT-2 124M on a busy 2-core machine; computed once per run, and only when -A or -o is given
-static uint64_t base_checksum(const float* params, size_t n) {
-    uint64_t h = 0xcbf29ce484222325ull;
+static uint64_t base_checksum(const float* params, size_t n, uint64_t h = 0xcbf29ce484222325ull) {
     for (size_t i = 0; i < n; i++) {
         uint32_t word;
         memcpy(&word, params + i, sizeof(word));
         h = (h ^ word) * 0x100000001b3ull;
     }
     return h;
+}
+
+// the same checksum streamed from a checkpoint file (read with -Q, the model never holds all of it)
+static std::string checkpoint_checksum(const char* path, uint64_t* sum) {
+    FILE* f = fopen(path, "rb");
+    if (f == NULL) return strprintf("checkpoint '%s' can no longer be opened for its checksum\n---> HINT: keep the -e file in place while the trainer starts", path);
+    std::vector<float> buf(1 << 16);
+    uint64_t h = 0xcbf29ce484222325ull;
+    bool ok = fseek(f, 256 * sizeof(int), SEEK_SET) == 0;
+    size_t n;
+    while (ok && (n = fread(buf.data(), sizeof(float), buf.size(), f)) > 0) { h = base_checksum(buf.data(), n, h); }
+    ok = ok && !ferror(f);
+    fclose(f);
+    if (!ok) return strprintf("checkpoint '%s': read error while taking its checksum\n---> HINT: the file changed since it was loaded; load it again", path);
+    *sum = h;
+    return "";
 }
 
 static void header_put_u64(int* header, int i, uint64_t v) {
@@ -2099,6 +2231,7 @@ static std::string lora_file_write(const char* path, const GPT2<float>* model, u
     header_put_u64(header, 11, base_sum);
     header_put_u64(header, 13, lora->num_parameters);
     header[28] = (lora->config.use_rslora ? 1 : 0) | (lora->config.use_dora ? 2 : 0) | (lora->config.init_pissa ? 4 : 0); // variant bits
+    header[29] = lora->config.base_quant;
     size_t n = lora->num_parameters;
     std::vector<std::pair<const void*, size_t>> parts = {{header, sizeof(header)}, {lora->params_memory, n * sizeof(float)}};
     std::vector<uint64_t> order;
@@ -2123,7 +2256,9 @@ static std::string lora_file_write(const char* path, const GPT2<float>* model, u
 // Reads an adapter for the base already in model (its checksum is base_sum) and attaches it, replacing
 // any adapter attached before. The AdamW moments go to model->lora; *has_state says whether the file had
 // them, and then *state holds the step and the loader/sampler state.
-static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t base_sum, TrainState* state, bool* has_state) {
+// base_quant: how to store the base's block matrices (LoRAQuant), or -1 (default): as the file says.
+static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t base_sum, TrainState* state, bool* has_state,
+                                  int base_quant = -1) {
     const char* hint = "pass an adapter.bin written by train_gpt2_lora -o (or a PEFT adapter directory) with -A";
     *has_state = false;
     FILE* f = NULL;
@@ -2148,15 +2283,16 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
         float alpha;
         memcpy(&alpha, &header[3], 4);
         if (header[2] < 1 || header[2] > 65536 || !std::isfinite(alpha) || !(alpha > 0) || header[4] <= 0 || header[4] > (int)LORA_ALL_TARGETS ||
-            (header[28] & ~7) != 0) {
-            err = strprintf("adapter file '%s' has an impossible config: r=%d alpha=%g targets=%d variant bits=%d (need r >= 1, alpha > 0, targets 1..15, variant bits 0..7)\n---> HINT: the file is corrupt; %s",
-                            path, header[2], alpha, header[4], header[28], hint);
+            (header[28] & ~7) != 0 || header[29] < 0 || header[29] >= LORA_NUM_QUANTS) {
+            err = strprintf("adapter file '%s' has an impossible config: r=%d alpha=%g targets=%d variant bits=%d base storage=%d (need r >= 1, alpha > 0, targets 1..15, variant bits 0..7, base storage 0..2)\n---> HINT: the file is corrupt; %s",
+                            path, header[2], alpha, header[4], header[28], header[29], hint);
         } else {
             lcfg = lora_config_rslora(lora_config(header[2], alpha, (unsigned)header[4]), (header[28] & 1) != 0);
             // DoRA: the magnitudes follow in the flat buffer; PiSSA: attaching recomputes the same residual base
             // (the SVD is seeded), and the file's lora_A / lora_B then replace the initial ones
             lcfg.use_dora = (header[28] & 2) != 0;
             lcfg.init_pissa = (header[28] & 4) != 0;
+            lcfg.base_quant = base_quant >= 0 ? base_quant : header[29];
         }
     }
     const GPT2Config& cfg = model->config;
@@ -2197,6 +2333,10 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
                             header[15] == 1 ? "with optimizer state" : "weights only", expected,
                             (size_t)size < expected ? "the file is truncated" : "there are trailing bytes", hint);
         }
+    }
+    if (err.empty() && model->block_file != NULL && lcfg.base_quant == LORA_QUANT_FP32) {
+        err = strprintf("adapter file '%s' is for an fp32 base, but the base was read for a quantized one (block matrices left on disk)\n"
+                        "---> HINT: pass the -Q the adapter was trained with, or -Q fp32", path);
     }
     std::vector<uint64_t> order;
     if (err.empty()) {
@@ -2240,16 +2380,54 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
 }
 
 // folds the adapters into qkvw, attprojw, fcw, fcprojw (sign +1) or takes them out again (sign -1)
+// (a quantized base has no fp32 matrices to fold into: write_merged_checkpoint merges into a dequantized copy)
 template <typename real>
 void gpt2_lora_merge(GPT2<real>* model, int sign) {
+    if (model->lora.quant_q[0] != NULL) die("gpt2_lora_merge: the base is quantized (-Q): there are no fp32 block matrices to merge into");
     real* base[LORA_NUM_TARGETS] = {model->params.qkvw, model->params.attprojw, model->params.fcw, model->params.fcprojw};
     lora_merge_all(&model->lora, base, sign);
+}
+
+// the whole base in checkpoint order, num_parameters floats, into full, exactly as the matmuls see it:
+// with a quantized base the four block matrices dequantized
+template <typename real>
+void gpt2_expand_params(GPT2<real>* model, real* full) {
+    const GPT2Config& cfg = model->config;
+    ParameterTensors<real> p = model->params;
+    const real* stored[NUM_PARAMETER_TENSORS] = {p.wte, p.wpe, p.ln1w, p.ln1b, p.qkvw, p.qkvb, p.attprojw, p.attprojb,
+                                                 p.ln2w, p.ln2b, p.fcw, p.fcb, p.fcprojw, p.fcprojb, p.lnfw, p.lnfb};
+    size_t off = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        size_t n = model->param_sizes[i];
+        if (!param_tensor_is_block_matrix(i)) {
+            memcpy(full + off, stored[i], n * sizeof(real));
+        } else {
+            int t = block_matrix_target(i);
+            size_t per_layer = n / cfg.num_layers;
+            for (int l = 0; l < cfg.num_layers; l++) {
+                memcpy(full + off + (size_t)l * per_layer, lora_base_weight(&model->lora, t, l, at((real*)stored[i], (size_t)l * per_layer)), per_layer * sizeof(real));
+            }
+        }
+        off += n;
+    }
 }
 
 // -M: writes base + scale * lora_B lora_A as an llm.c checkpoint (atomically), which any llm.c reader
 // loads as a plain GPT-2. The model is unmerged again afterwards: its base equals the original within
 // fp32 rounding (see the unmerge test), and its adapters stay attached.
+// With a quantized base (-Q) the merge goes into a dequantized fp32 copy of the whole base, built for the
+// write and freed after it: the file is the model that was trained (dequantized base + adapters), not the
+// original fp32 base + adapters, which this process no longer holds.
 static std::string write_merged_checkpoint(GPT2<float>* model, const char* path) {
+    if (model->lora.quant_q[0] != NULL) {
+        std::vector<float> full(model->num_parameters);
+        gpt2_expand_params(model, full.data());
+        ParameterTensors<float> p;
+        point_parameters(&p, model->param_sizes, full.data());
+        float* base[LORA_NUM_TARGETS] = {p.qkvw, p.attprojw, p.fcw, p.fcprojw};
+        lora_merge_all(&model->lora, base, +1);
+        return checkpoint_write(path, model->config, full.data(), model->num_parameters);
+    }
     gpt2_lora_merge(model, +1);
     std::string err = gpt2_write_checkpoint(model, path);
     gpt2_lora_merge(model, -1);
@@ -2726,7 +2904,8 @@ static std::string read_text_file(const char* path, const char* what, const char
 // Reads a PEFT LoRA adapter directory (made by PEFT or by peft_export) and attaches it to the base in
 // model. The config decides r, alpha and the targets; every adapted target needs both tensors for every
 // layer, with the exact shapes; any other key is an error (PEFT itself would ignore a misspelled key).
-static std::string peft_import(const char* dir, GPT2<float>* model) {
+// base_quant: how to store the base's block matrices (LoRAQuant; PEFT files do not say: fp32 by default)
+static std::string peft_import(const char* dir, GPT2<float>* model, int base_quant = LORA_QUANT_FP32) {
     const char* hint = "pass a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, as save_pretrained writes them) with -A";
     std::string config_path = std::string(dir) + "/" PEFT_CONFIG_FILE, weights_path = std::string(dir) + "/" PEFT_WEIGHTS_FILE;
     const char* cpath = config_path.c_str();
@@ -2782,6 +2961,7 @@ static std::string peft_import(const char* dir, GPT2<float>* model) {
     }
     if (targets == 0) return bad("target_modules is empty", hint);
     LoRAConfig cfg = lora_config_rslora(lora_config((int)r, alpha, targets), use_rslora);
+    cfg.base_quant = base_quant;
 
     SafeTensors st;
     err = safetensors_read(weights_path.c_str(), &st);
@@ -2812,6 +2992,9 @@ static std::string peft_import(const char* dir, GPT2<float>* model) {
             }
         }
     }
+    if (model->block_file != NULL && cfg.base_quant == LORA_QUANT_FP32) {
+        return strprintf("PEFT adapter '%s': the base was read for a quantized attach (block matrices left on disk) but -Q is fp32\n---> HINT: pass -Q int8 or -Q nf4 with -A", dir);
+    }
     if (model->lora.params_memory != NULL) lora_free(&model->lora);
     gpt2_lora_attach(model, cfg, 0); // the init is overwritten here
     for (const LoRATensor& t : list) {
@@ -2821,12 +3004,25 @@ static std::string peft_import(const char* dir, GPT2<float>* model) {
     return "";
 }
 
-// -A: a directory is a PEFT adapter, a file is our adapter.bin
-static std::string lora_file_load(const char* path, GPT2<float>* model, uint64_t base_sum, TrainState* state, bool* has_state) {
+// the base storage an adapter.bin says it trained on (header[29]), read before the base is loaded;
+// fp32 for anything else (a PEFT directory, an unreadable or invalid file: lora_file_read reports those)
+static int adapter_file_base_quant(const char* path) {
+    int header[256];
+    FILE* f = fopen(path, "rb");
+    if (f == NULL) return LORA_QUANT_FP32;
+    bool ok = fread(header, sizeof(header), 1, f) == 1 && header[0] == ADAPTER_MAGIC;
+    fclose(f);
+    return ok && header[29] > 0 && header[29] < LORA_NUM_QUANTS ? header[29] : LORA_QUANT_FP32;
+}
+
+// -A: a directory is a PEFT adapter, a file is our adapter.bin. base_quant: -Q when given, else -1 (the
+// adapter.bin's own base storage; fp32 for PEFT)
+static std::string lora_file_load(const char* path, GPT2<float>* model, uint64_t base_sum, TrainState* state, bool* has_state,
+                                  int base_quant = -1) {
     struct stat st;
     *has_state = false;
-    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) return peft_import(path, model);
-    return lora_file_read(path, model, base_sum, state, has_state);
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) return peft_import(path, model, base_quant >= 0 ? base_quant : LORA_QUANT_FP32);
+    return lora_file_read(path, model, base_sum, state, has_state, base_quant);
 }
 
 // everything -o gets for an adapter: <dir>/adapter.bin (with the state for exact resume) and the PEFT export
@@ -2985,7 +3181,8 @@ static std::string gpt2_enable_other_method(GPT2<float>* model, int freeze_k, in
 
 // bytes held by each kind of state, as the [Memory] block prints them (docs: doc/memory.md)
 struct MemoryBytes {
-    size_t params;      // base weights + trainable extras (+ W0 with L2-SP)
+    size_t base;        // the base weights as held: fp32, or with -Q the fp32 rest + block-matrix codes, absmax and one dequantized layer per matrix
+    size_t params;      // base + trainable extras (+ W0 with L2-SP)
     size_t grads;       // one float per trainable parameter
     size_t optimizer;   // AdamW m and v: two floats per trainable parameter
     size_t activations; // forward activations, their per-layer gradients and the method's caches
@@ -2995,7 +3192,11 @@ static MemoryBytes gpt2_memory_bytes(const GPT2<float>* model) {
     MemoryBytes mb;
     size_t trainable = gpt2_trainable_parameters(model);
     size_t extras = model->lora.num_parameters + model->adapters.buf.n + model->prefix.buf.n;
-    mb.params = (model->num_parameters + extras + (model->params0 ? model->num_parameters : 0)) * sizeof(float);
+    mb.base = model->num_params_stored * sizeof(float);
+    if (model->lora.quant_q[0] != NULL) { // -Q: the block matrices are codes (see gpt2_lora_attach)
+        mb.base += lora_base_weight_bytes(&model->lora, model->lora.config.base_quant) + lora_quant_scratch_bytes(&model->lora);
+    }
+    mb.params = mb.base + (extras + (model->params0 ? model->num_parameters : 0)) * sizeof(float);
     mb.grads = trainable * sizeof(float);
     mb.optimizer = 2 * trainable * sizeof(float);
     size_t BT = (size_t)model->alloc_B * model->alloc_T;
@@ -3082,7 +3283,7 @@ static void error_usage() {
         "  -E <dir>    GPT-2 BPE dir (encoder.json, vocab.bpe) for -p (default ../shared/data/gpt2_tokenizer)\n"
         "  -N <name>   base_model_name_or_path for the PEFT adapter_config.json (default gpt2)\n"
         "  -V <list>   LoRA variant: lora, or a comma list of rslora,dora,pissa (default lora)\n"
-        "  -Q <kind>   frozen base matrices stored as fp32, int8 or nf4 (QLoRA-style; default fp32)\n"
+        "  -Q <kind>   frozen base matrices as fp32, int8 or nf4 (QLoRA-style; default fp32, -A: the adapter's)\n"
         "  -P <float>  LoRA+: lora_B learning rate = P * lr, > 0 (default 1)\n"
         "  -F <int>    instead of LoRA, freezing: train only the top F blocks and lnf, 0 = off (default 0)\n"
         "  -H <int>    instead of LoRA, Houlsby adapters of bottleneck m = H, 0 = off (default 0)\n"
@@ -3156,7 +3357,8 @@ int main(int argc, char** argv) {
     const char* bpe_dir = NULL;     // -E, NULL: search ../shared/data/gpt2_tokenizer, data/gpt2_tokenizer
     const char* base_name = "gpt2"; // -N
     const char* variants = "lora";  // -V, lora or a comma list of rslora,dora,pissa
-    const char* quant = "fp32";     // -Q, the frozen base's adapted matrices: fp32, int8 or nf4
+    const char* quant = "fp32";     // -Q, the frozen base's adapted matrices: fp32, int8 or nf4 (with -A: the adapter's)
+    bool quant_given = false;
     float lr_ratio_B = 1.0f;        // -P, LoRA+: lora_B learns with lr * P
     int freeze_k = 0;               // -F, train only the top k blocks (and lnf)
     int adapter_m = 0;              // -H, Houlsby adapter bottleneck width
@@ -3208,7 +3410,7 @@ int main(int argc, char** argv) {
             case 'E': bpe_dir = v; break;
             case 'N': base_name = v; break;
             case 'V': variants = v; break;
-            case 'Q': quant = v; break;
+            case 'Q': quant = v; quant_given = true; break;
             case 'P': lr_ratio_B = parse_float(argv[i], v); break;
             case 'F': freeze_k = parse_int(argv[i], v); break;
             case 'H': adapter_m = parse_int(argv[i], v); break;
@@ -3274,9 +3476,17 @@ int main(int argc, char** argv) {
         }
     }
 
+    int base_quant = LORA_QUANT_FP32;
+    if (!lora_parse_quant(quant, &base_quant, &err)) bad_flag("-Q", err);
+    if (full && base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base is frozen, full fine-tuning trains it\n---> HINT: drop -f 1, or use -Q fp32");
+    if (!lora_on && base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base applies to LoRA only\n---> HINT: drop -F / -H / -X, or use -Q fp32");
+
     double rss_before_model = rss_now_mib(); // doc/memory.md compares peak RSS minus this with [Memory]
     GPT2<float> model;
-    err = gpt2_read_checkpoint(&model, base_path);
+    // -Q int8 / nf4 (or -A with an adapter.bin trained on one, and no -Q): the block matrices stay on disk
+    // until the attach quantizes them layer by layer, so they are never in memory in fp32
+    int read_quant = quant_given || adapter_path == NULL ? base_quant : adapter_file_base_quant(adapter_path);
+    err = gpt2_read_checkpoint(&model, base_path, lora_on && read_quant != LORA_QUANT_FP32);
     if (!err.empty()) die("flag -e: " + err);
     GPT2Config cfg = model.config;
     bool no_training = prompt != NULL || (merged_path != NULL && steps == 0); // -p, or -M alone: no data needed
@@ -3285,8 +3495,7 @@ int main(int argc, char** argv) {
 
     LoRAConfig lcfg = lora_config(rank, alpha, target_mask);
     if (!lora_parse_variants(variants, &lcfg, &err)) bad_flag("-V", err);
-    if (!lora_parse_quant(quant, &lcfg.base_quant, &err)) bad_flag("-Q", err);
-    if (full && lcfg.base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base is frozen, full fine-tuning trains it\n---> HINT: drop -f 1, or use -Q fp32");
+    lcfg.base_quant = base_quant;
     if (!(lr_ratio_B > 0)) bad_flag("-P", strprintf("the LoRA+ ratio must be > 0, got %g\n---> HINT: 1 is plain LoRA; the LoRA+ paper uses 16", lr_ratio_B));
     lcfg.lr_ratio_B = lr_ratio_B;
     uint64_t base_sum = 0;  // checksum of the frozen base, stamped into adapter files (-o) and checked (-A)
@@ -3301,9 +3510,16 @@ int main(int argc, char** argv) {
         err = gpt2_enable_other_method(&model, freeze_k, adapter_m, prefix_P, (uint64_t)seed);
         if (!err.empty()) die(err);
     } else {
-        if (adapter_path != NULL || output_dir != NULL) base_sum = base_checksum(model.params_memory, model.num_parameters);
+        // the checksum of the fp32 base file, whatever -Q: adapters trained on a quantized base check
+        // against the same file (-A without -Q reads the base whole: the attach below quantizes it after this)
+        if (adapter_path != NULL || output_dir != NULL) {
+            if (model.block_file != NULL) err = checkpoint_checksum(base_path, &base_sum); // (-Q: not all in memory)
+            else base_sum = base_checksum(model.params_memory, model.num_parameters);
+            if (!err.empty()) die("flag -e: " + err);
+        }
         if (adapter_path != NULL) {
-            err = lora_file_load(adapter_path, &model, base_sum, &resume, &have_state);
+            // -Q given: store the base that way; else as the adapter.bin says it trained (fp32 for PEFT)
+            err = lora_file_load(adapter_path, &model, base_sum, &resume, &have_state, quant_given ? lcfg.base_quant : -1);
             if (!err.empty()) die("flag -A: " + err);
             lcfg = model.lora.config; // the adapter's r, alpha and targets, whatever -r -a -q say
             adapter_desc = strprintf("%s (%s)", adapter_path, have_state ? strprintf("step %d, with optimizer state", resume.step).c_str() : "weights only");
@@ -3332,7 +3548,9 @@ int main(int argc, char** argv) {
             int rc = bpe_dir == NULL ? bpe_load_default(&bpe)
                                      : bpe_load(&bpe, (std::string(bpe_dir) + "/encoder.json").c_str(), (std::string(bpe_dir) + "/vocab.bpe").c_str());
             if (rc != 0) die(std::string(bpe_dir ? "flag -E: " : "flag -p: ") + bpe.error);
-            if (merged_inference) {
+            // a quantized base has no fp32 matrices to merge into: it generates unmerged (quantized base + adapters)
+            bool merge_now = merged_inference && model.lora.quant_q[0] == NULL;
+            if (merge_now) {
                 gpt2_lora_merge(&model, +1); // one plain matmul per adapted layer from here on
                 lora_free(&model.lora);
             }
@@ -3344,7 +3562,8 @@ int main(int argc, char** argv) {
             err = generate_from_prompt(&model, &bpe, prompt, gen_tokens, temperature, top_k, &rng, &text);
             if (!err.empty()) die(err);
             double secs = now_seconds() - t0;
-            printf("[Generate]\nmode: %s\ntemperature: %g\ntop_k: %d\ncontext: %d\n---\n%s%s\n---\n", merged_inference ? "merged" : "unmerged",
+            printf("[Generate]\nmode: %s\ntemperature: %g\ntop_k: %d\ncontext: %d\n---\n%s%s\n---\n",
+                   merge_now ? "merged" : merged_inference ? "unmerged (quantized base)" : "unmerged",
                    temperature, top_k, T, prompt, text.c_str());
             printf("generated %d tokens in %.2f s (%.1f tok/s)\n", gen_tokens, secs, gen_tokens / secs);
         }
@@ -3400,14 +3619,15 @@ int main(int argc, char** argv) {
         gpt2_print_method(&model);
     }
     MemoryBytes mem = gpt2_memory_bytes(&model); // doc/memory.md derives each line per method
-    size_t base_bytes = model.num_parameters * sizeof(float), act_bytes = mem.activations;
+    size_t base_bytes = mem.base, fp32_base_bytes = model.num_parameters * sizeof(float), act_bytes = mem.activations;
     printf("[Memory]\n");
-    printf("parameters: %.1f MiB (base %.1f + trainable adapters / prefix / L2-SP copy of W0 %.1f)\n", mib(mem.params),
-           mib(base_bytes), mib(mem.params - base_bytes));
+    printf("parameters: %.1f MiB (base %.1f%s + trainable adapters / prefix / L2-SP copy of W0 %.1f)\n", mib(mem.params),
+           mib(base_bytes), base_bytes != fp32_base_bytes ? strprintf(", quantized from %.1f", mib(fp32_base_bytes)).c_str() : "",
+           mib(mem.params - base_bytes));
     printf("gradients: %.1f MiB\noptimizer state: %.1f MiB\nactivations: %.1f MiB\n", mib(mem.grads), mib(mem.optimizer), mib(act_bytes));
     printf("total: %.1f MiB (full fine-tuning of this model needs %.1f MiB)\n",
            mib(mem.params + mem.grads + mem.optimizer + act_bytes),
-           mib(4 * base_bytes + (model.num_activations + model.num_dacts + 2 * (size_t)B * T) * sizeof(float)));
+           mib(4 * fp32_base_bytes + (model.num_activations + model.num_dacts + 2 * (size_t)B * T) * sizeof(float)));
     printf("bytes: params %zu grads %zu optimizer %zu activations %zu\n", mem.params, mem.grads, mem.optimizer, mem.activations);
     printf("[Run]\nB: %d\nT: %d\nsteps: %d\nlearning_rate: %g\nwarmup_steps: %d\nfinal_lr_fraction: %g\ngrad_clip: %g\nweight_decay: %g\nthreads: %d\n",
            B, T, steps, lr, warmup, lr_final_frac, grad_clip, weight_decay, threads);

@@ -19,6 +19,7 @@ def parse(name):
     r = {"name": name}
     r["base_params"] = one(r"^num_parameters: (\d+)", int)
     r["trainable"] = one(r"^trainable_params: (\d+)", int)
+    r["trainable_pct"] = one(r"^trainable %: ([\d.]+)")  # of base + trainable extras, as the trainer counts them
     m = re.search(r"^bytes: params (\d+) grads (\d+) optimizer (\d+) activations (\d+)", log, re.M)
     r["params_b"], r["grads_b"], r["opt_b"], r["act_b"] = (int(x) for x in m.groups())
     r["peak_rss"] = one(r"^peak RSS: ([\d.]+) MiB")
@@ -59,8 +60,7 @@ md.append(f"Produced by `make compare` (dev/compare.sh + dev/compare.py) from a 
 md.append("| method | flags | trainable params (% of total) | params MiB | grads MiB | optimizer MiB | activations MiB | peak RSS MiB | ms/step | val loss at step 0 | val loss at the end | saved checkpoint |")
 md.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
-    total = r["base_params"] + (r["params_b"] // 4 - r["base_params"] if r["penalty"] is None else 0)
-    pct = 100.0 * r["trainable"] / total
+    pct = r["trainable_pct"]  # (params_b no longer says how many floats the base has: -Q stores it as codes)
     md.append(f"| {r['name']} | `{flags[r['name']]}` | {r['trainable']:,} ({pct:.3g}%) | {mib(r['params_b'])} | {mib(r['grads_b'])} | "
               f"{mib(r['opt_b'])} | {mib(r['act_b'])} | {r['peak_rss']:.1f} | {r['ms']:.0f} | {r['curve'][0][1]:.4f} | "
               f"{r['final_val']:.4f} | {size(r['saved_b'])} ({r['saved']}) |")
