@@ -455,6 +455,21 @@ void lora_backward(float* dinp, float* dlora_A, float* dlora_B, float* dh, const
 }
 
 // qkv (B,T,3C) with q|k|v along channels -> out (B,T,C); att (B,NH,T,T) post-softmax weights cached
+// a . b over n elements in 8 interleaved partial sums (lane j sums elements j, j+8, ...), added up at
+// the end. Each lane is a plain sequential sum, so the compiler may keep the 8 lanes in one vector
+// register without reassociating anything (no -ffast-math); a single running sum could not vectorize.
+template <typename real>
+static inline real dot_lanes(const real* a, const real* b, int n) {
+    real lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int j = 0; j < 8; j++) { lane[j] += a[i + j] * b[i + j]; }
+    }
+    real s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    for (; i < n; i++) { s += a[i] * b[i]; }
+    return s;
+}
+
 template <typename real>
 void attention_forward(real* out, real* att, const real* qkv, int B, int T, int C, int NH) {
     int hs = C / NH;
@@ -470,9 +485,7 @@ void attention_forward(real* out, real* att, const real* qkv, int B, int T, int 
                 real maxval = -1e30f;
                 for (int t2 = 0; t2 <= t; t2++) {
                     const real* k = qkv + ((size_t)b * T + t2) * 3 * C + C + h * hs;
-                    real s = 0;
-                    for (int i = 0; i < hs; i++) { s += q[i] * k[i]; }
-                    s *= scale;
+                    real s = dot_lanes(q, k, hs) * scale;
                     att_bth[t2] = s;
                     if (s > maxval) maxval = s;
                 }
@@ -515,12 +528,8 @@ void attention_backward(real* dqkv, real* datt, const real* dout, const real* qk
                 for (int t2 = 0; t2 <= t; t2++) {
                     const real* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * hs;
                     real* dv = dqkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * hs;
-                    real d = 0;
-                    for (int i = 0; i < hs; i++) {
-                        d += dout_bth[i] * v[i];
-                        dv[i] += att_bth[t2] * dout_bth[i];
-                    }
-                    datt_bth[t2] = d;
+                    for (int i = 0; i < hs; i++) { dv[i] += att_bth[t2] * dout_bth[i]; }
+                    datt_bth[t2] = dot_lanes(dout_bth, v, hs);
                 }
                 // forward was: att = softmax(s); so ds[t2] = att[t2] * (datt[t2] - sum_j att[j] datt[j])
                 real dot = 0;
