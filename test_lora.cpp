@@ -1270,6 +1270,68 @@ TEST_CASE("variants in adapter files: adapter.bin round-trips rsLoRA+DoRA+PiSSA;
     gpt2_free(&loaded);
 }
 
+TEST_CASE("PEFT import of DoRA: use_dora with the magnitudes gives the same model; PiSSA is refused (its residual base is not in the files)") {
+    const int B = 1, T = 6;
+    GPT2<float> model, loaded;
+    gpt2_build_random(&model, tiny_config(), 191);
+    gpt2_build_random(&loaded, tiny_config(), 191);
+    LoRAConfig cfg = lora_config(2, 4.0f, (1u << LORA_QKV) | (1u << LORA_FCPROJ));
+    std::string err;
+    REQUIRE(lora_parse_variants("dora", &cfg, &err));
+    gpt2_lora_attach(&model, cfg, 192);
+    Rng rng;
+    rng_seed(&rng, 193);
+    for (size_t i = 0; i < model.lora.num_parameters; i++) model.lora.params_memory[i] += rng_uniform(&rng, -0.1f, 0.1f); // lora_A, lora_B and m all trained-looking
+    TempDir dir;
+    REQUIRE(peft_export(dir.path.c_str(), &model, "gpt2") == "");
+    REQUIRE(peft_import(dir.path.c_str(), &loaded) == "");
+    CHECK(loaded.lora.config.use_dora);
+    CHECK(loaded.lora.config.targets == model.lora.config.targets);
+    REQUIRE(loaded.lora.num_parameters == model.lora.num_parameters);
+    // bit-identical: the files carry fp32 values, and the magnitudes overwrite attach's ||W0||_row
+    CHECK(memcmp(loaded.lora.params_memory, model.lora.params_memory, model.lora.num_parameters * sizeof(float)) == 0);
+    std::vector<int> inputs(B * T);
+    for (int i = 0; i < B * T; i++) inputs[i] = (5 * i + 1) % model.config.vocab_size;
+    gpt2_forward(&model, inputs.data(), (const int*)NULL, B, T);
+    gpt2_forward(&loaded, inputs.data(), (const int*)NULL, B, T);
+    CHECK(memcmp(model.acts.logits, loaded.acts.logits, (size_t)B * T * model.config.padded_vocab_size * sizeof(float)) == 0);
+
+    // a magnitude missing, or of the wrong length: clear errors naming the tensor
+    SafeTensors st;
+    REQUIRE(safetensors_read(dir.file(PEFT_WEIGHTS_FILE).c_str(), &st) == "");
+    std::vector<SafeTensorOut> keep, shorter;
+    std::vector<std::vector<float>> copies;
+    for (const SafeTensor& x : st.tensors) copies.emplace_back(st.values(&x), st.values(&x) + (x.end - x.begin) / sizeof(float));
+    const std::string victim = "base_model.model.transformer.h.1.mlp.c_proj.lora_magnitude_vector";
+    for (size_t i = 0; i < st.tensors.size(); i++) {
+        const SafeTensor& x = st.tensors[i];
+        if (x.name != victim) keep.push_back({x.name, x.shape, copies[i].data()});
+        shorter.push_back({x.name, x.name == victim ? std::vector<size_t>{x.shape[0] - 1} : x.shape, copies[i].data()});
+    }
+    REQUIRE(safetensors_write(dir.file(PEFT_WEIGHTS_FILE).c_str(), keep) == "");
+    err = peft_import(dir.path.c_str(), &loaded);
+    CHECK(has(err, victim.c_str()));
+    CHECK(has(err, "use_dora"));
+    REQUIRE(safetensors_write(dir.file(PEFT_WEIGHTS_FILE).c_str(), shorter) == "");
+    err = peft_import(dir.path.c_str(), &loaded);
+    CHECK(has(err, victim.c_str()));
+    CHECK(has(err, "shape"));
+
+    // PiSSA: refused with the reason and the two ways out
+    std::string config;
+    REQUIRE(read_text_file(dir.file(PEFT_CONFIG_FILE).c_str(), "config", "", &config) == "");
+    size_t at = config.find("\"init_lora_weights\": true");
+    REQUIRE(at != std::string::npos);
+    config.replace(at, strlen("\"init_lora_weights\": true"), "\"init_lora_weights\": \"pissa_niter_4\"");
+    write_bytes(dir.file(PEFT_CONFIG_FILE), config.data(), config.size());
+    err = peft_import(dir.path.c_str(), &loaded);
+    CHECK(has(err, "PiSSA"));
+    CHECK(has(err, "residual base"));
+    CHECK(has(err, "HINT"));
+    gpt2_free(&model);
+    gpt2_free(&loaded);
+}
+
 TEST_CASE("DoRA merge: the merged plain model equals the DoRA forward, and unmerge restores W0") {
     const int B = 2, T = 5, r = 2;
     GPT2<double> model, merged;
@@ -1834,7 +1896,7 @@ TEST_CASE("PEFT export -> import round trip gives the same adapter; the importer
     CHECK(with_config("\"use_rslora\": false", "\"use_rslora\": true") == ""); // rsLoRA: PEFT's scale alpha / sqrt(r) is ours
     CHECK(loaded.lora.config.use_rslora);
     CHECK(loaded.lora.config.scale == 8.0f / 2.0f);
-    CHECK(has(with_config("\"use_dora\": false", "\"use_dora\": true"), "use_dora"));
+    CHECK(has(with_config("\"use_dora\": false", "\"use_dora\": true"), "use_dora")); // no magnitudes in these files
     CHECK(has(with_config("\"attn.c_attn\", \"mlp.c_fc\"", "\"attn.c_attn\", \"lm_head\""), "lm_head"));
     CHECK(has(with_config("\"attn.c_attn\", \"mlp.c_fc\"", "\"attn.c_attn\""), "not a lora_A/lora_B")); // fc keys unexpected
     CHECK(has(with_config("\"attn.c_attn\", \"mlp.c_fc\"", "\"c_attn\", \"c_proj\", \"c_fc\""), "has no tensor")); // c_proj keys missing

@@ -2938,7 +2938,15 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
     if (v != NULL && v->kind != Json::BOOL) return bad("use_rslora must be true or false", hint);
     bool use_rslora = v != NULL && v->boolean; // PEFT's scale is then alpha / sqrt(r), as ours
     v = doc.get("use_dora");
-    if (v != NULL && v->kind == Json::BOOL && v->boolean) return bad("use_dora is true; DoRA is not supported", "train a plain LoRA adapter (use_dora=False)");
+    if (v != NULL && v->kind != Json::BOOL && v->kind != Json::NUL) return bad("use_dora must be true or false", hint);
+    bool use_dora = v != NULL && v->kind == Json::BOOL && v->boolean; // then one lora_magnitude_vector per module
+    v = doc.get("init_lora_weights");
+    if (v != NULL && v->kind == Json::STRING && v->str.compare(0, 5, "pissa") == 0) {
+        // PiSSA changes the base too (W0 -> W0 - scale lora_B0 lora_A0 at init), and that residual base is
+        // not in the adapter files: on the original base this adapter would give a different model
+        return bad("init_lora_weights is \"" + v->str + "\": a PiSSA adapter needs the residual base it was trained on, which PEFT does not save with it",
+                   "in PEFT, save it converted to a plain LoRA (save_pretrained(..., path_initial_model_for_weight_conversion=...)); ours: load adapter.bin, which redoes the PiSSA split of the base");
+    }
     v = doc.get("bias");
     if (v != NULL && !(v->kind == Json::STRING && v->str == "none")) return bad("bias must be \"none\" (bias training is not supported)", "train with bias=\"none\"");
     v = doc.get("layers_to_transform");
@@ -2970,6 +2978,7 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
     }
     if (targets == 0) return bad("target_modules is empty", hint);
     LoRAConfig cfg = lora_config_rslora(lora_config((int)r, alpha, targets), use_rslora);
+    cfg.use_dora = use_dora;
     cfg.base_quant = base_quant;
 
     SafeTensors st;
@@ -2991,10 +3000,30 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
                              weights_path.c_str(), key.c_str(), shape.c_str(), t.rows, t.cols, cfg.r, C);
         }
     }
-    if (st.tensors.size() != list.size()) {
+    // DoRA: PEFT's "<module>.lora_magnitude_vector", one (out) vector per adapted module
+    std::vector<std::pair<std::string, size_t>> magnitudes; // key, offset in dora_m[t] order: (target, layer)
+    auto magnitude_key = [](int l, int t) { return "base_model.model.transformer.h." + std::to_string(l) + "." + lora_peft_names[t] + ".lora_magnitude_vector"; };
+    for (int t = 0; use_dora && t < LORA_NUM_TARGETS; t++) {
+        if (!(cfg.targets & (1u << t))) continue;
+        int out = lora_target_out(t, C);
+        for (int l = 0; l < L; l++) {
+            std::string key = magnitude_key(l, t);
+            const SafeTensor* s = st.find(key);
+            if (s == NULL) {
+                return strprintf("PEFT adapter '%s' has no tensor '%s', which its config (use_dora) needs\n---> HINT: %s", weights_path.c_str(), key.c_str(), hint);
+            }
+            if (s->shape.size() != 1 || s->shape[0] != (size_t)out) {
+                return strprintf("PEFT adapter '%s': DoRA magnitude '%s' must have shape [%d] (the module's outputs)\n---> HINT: the adapter was made for another base (-e)",
+                                 weights_path.c_str(), key.c_str(), out);
+            }
+            magnitudes.push_back({key, (size_t)t * L + l});
+        }
+    }
+    if (st.tensors.size() != list.size() + magnitudes.size()) {
         for (const SafeTensor& s : st.tensors) {
             bool expected = false;
             for (const LoRATensor& t : list) expected = expected || s.name == lora_peft_key(t.layer, t.target, t.is_B);
+            for (const auto& m : magnitudes) expected = expected || s.name == m.first;
             if (!expected) {
                 return strprintf("PEFT adapter '%s' has tensor '%s', which is not a lora_A/lora_B of a target in its config (%s) on an L=%d base\n---> HINT: check target_modules in '%s'; %s",
                                  weights_path.c_str(), s.name.c_str(), lora_targets_string(cfg.targets).c_str(), L, cpath, hint);
@@ -3009,6 +3038,10 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
     for (const LoRATensor& t : list) {
         const SafeTensor* s = st.find(lora_peft_key(t.layer, t.target, t.is_B));
         memcpy(model->lora.params_memory + t.offset, st.values(s), (size_t)t.rows * t.cols * sizeof(float));
+    }
+    for (const auto& m : magnitudes) { // the trained magnitudes replace the ||W0||_row that attach started from
+        int t = (int)(m.second / L), l = (int)(m.second % L), out = lora_target_out(t, C);
+        memcpy(model->lora.dora_m[t] + (size_t)l * out, st.values(st.find(m.first)), (size_t)out * sizeof(float));
     }
     return "";
 }
