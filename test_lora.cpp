@@ -3015,6 +3015,32 @@ TEST_CASE("fuzzed readers: adapter.bin, safetensors and the PEFT config give cle
 
 // -- the non-finite guard: a NaN/inf loss or gradient stops training before the update
 
+TEST_CASE("exp_fast (float): within 1 ulp of exp over [-87.3, 0], exactly 1 at 0, 0 below; GELU's float tanh from it") {
+    const double tol_exp_rel = 0x1p-23;        // 1 ulp of a float: range reduction + degree-7 polynomial + roundings
+    const double tol_tanh_abs = 3e-7;          // GELU needs absolute accuracy; (1 - e)/(1 + e) loses relative accuracy near 0
+    double worst = 0, worst_tanh = 0;
+    for (int i = 0; i <= 873000; i++) {        // x = 0 .. -87.3 in steps of 1e-4
+        float x = -1e-4f * (float)i;
+        double exact = std::exp((double)x);
+        worst = std::max(worst, std::fabs((double)exp_fast(x) - exact) / exact);
+        float u = x / 8.0f;                    // tanh matters on about [-10, 10]; odd, so both signs
+        worst_tanh = std::max(worst_tanh, std::fabs((double)gelu_tanh(u) - std::tanh((double)u)));
+        worst_tanh = std::max(worst_tanh, std::fabs((double)gelu_tanh(-u) - std::tanh((double)-u)));
+    }
+    MESSAGE("exp_fast: max relative error " << worst << "; float tanh: max absolute error " << worst_tanh);
+    CHECK(worst < tol_exp_rel);
+    CHECK(worst_tanh < tol_tanh_abs);
+    CHECK(exp_fast(0.0f) == 1.0f);             // the softmax's max element counts exactly 1
+    CHECK(exp_fast(-88.0f) == 0.0f);           // below 2^-126: 0 (a softmax term that small adds nothing)
+    CHECK(exp_fast(-1e30f) == 0.0f);
+    CHECK(std::isnan(exp_fast(std::nanf(""))));
+    CHECK(gelu_tanh(0.0f) == 0.0f);
+    CHECK(gelu_tanh(100.0f) == 1.0f);
+    CHECK(gelu_tanh(-100.0f) == -1.0f);
+    CHECK(gelu_tanh(1e30f) == 1.0f);
+    CHECK(exp_fast(-1.0) == std::exp(-1.0));   // double (the finite-difference tests) is std::exp itself
+}
+
 TEST_CASE("learning-rate schedule: linear warmup, then a cosine to lr * final_frac at the last step") {
     const double tol = 1e-6; // relative: the schedule is computed in double and returned as float
     const float lr = 1e-3f;
