@@ -47,14 +47,14 @@ if "$PYTHON" -c "import torch" 2>/dev/null; then
     t_full=$(awk '/torch full ms\/step/ {print $4}' <<<"$out")
     # LoRA against LoRA, the closest race: ROUNDS rounds alternating our process and torch's, so both
     # see the same background load; each side keeps its best round
-    best_ours=${ms[big.lora]} best_torch=
+    best_ours= best_torch=
     for round in $(seq "$ROUNDS"); do
         line=$("$BENCH_STEP" lora "$big" 4 64 "$STEPS")
         ours=$(awk '{for (i = 1; i < NF; i++) if ($i == "ms/step") print $(i + 1)}' <<<"$line")
         out=$(torch_bench lora)
         theirs=$(awk '/torch lora ms\/step/ {print $4}' <<<"$out")
-        echo "round $round lora ms/step ours $ours torch $theirs"
-        best_ours=$(awk -v a="$best_ours" -v b="$ours" 'BEGIN { print (b < a) ? b : a }')
+        awk -v r="$round" -v a="$ours" -v b="$theirs" 'BEGIN { printf "round %d lora ms/step ours %s torch %s ratio %.3f\n", r, a, b, a / b }'
+        best_ours=$(awk -v a="$best_ours" -v b="$ours" 'BEGIN { print (a == "" || b < a) ? b : a }')
         best_torch=$(awk -v a="$best_torch" -v b="$theirs" 'BEGIN { print (a == "" || b < a) ? b : a }')
     done
     awk -v a="$best_ours" -v b="$best_torch" -v c="${ms[big.full]}" -v d="$t_full" -v n="$ROUNDS" \
