@@ -874,9 +874,7 @@ void attention_prefix_forward(real* out, real* att, const real* qkv, const real*
                 real maxval = -1e30f;
                 for (int j = 0; j < n; j++) {
                     const real* k = j < P ? prefix_k + (size_t)j * C + h * hs : qkv + ((size_t)b * T + j - P) * 3 * C + C + h * hs;
-                    real s = 0;
-                    for (int i = 0; i < hs; i++) { s += q[i] * k[i]; }
-                    s *= scale;
+                    real s = dot_lanes(q, k, hs) * scale;
                     att_bth[j] = s;
                     if (s > maxval) maxval = s;
                 }
@@ -922,12 +920,8 @@ void attention_prefix_backward(real* dqkv, real* dprefix_k, real* dprefix_v, rea
                     size_t voff = j < P ? (size_t)j * C + h * hs : ((size_t)b * T + j - P) * 3 * C + 2 * C + h * hs;
                     const real* v = (j < P ? prefix_v : qkv) + voff;
                     real* dv = (j < P ? dprefix_v : dqkv) + voff;
-                    real d = 0;
-                    for (int i = 0; i < hs; i++) {
-                        d += dout_bth[i] * v[i];
-                        dv[i] += att_bth[j] * dout_bth[i];
-                    }
-                    datt_bth[j] = d;
+                    for (int i = 0; i < hs; i++) { dv[i] += att_bth[j] * dout_bth[i]; }
+                    datt_bth[j] = dot_lanes(dout_bth, v, hs);
                 }
                 // forward was: att = softmax(s); so ds[j] = att[j] (datt[j] - sum_i att[i] datt[i])
                 real dot = 0;
