@@ -146,6 +146,17 @@ static inline LoRAConfig lora_config_rslora(LoRAConfig cfg, bool use_rslora) {
 // ----------------------------------------------------------------------------
 // the LoRA kernels
 
+// one row of the bottleneck: inp_bt (C), lora_A (r,C) -> h_bt (r) = inp_bt @ lora_A^T (LoRA and DoRA share it)
+template <typename real>
+static inline void lora_down_row(real* h_bt, const real* inp_bt, const real* lora_A, int C, int r) {
+    for (int i = 0; i < r; i++) {
+        const real* lora_A_row = lora_A + (size_t)i * C;
+        real sum = 0;
+        for (int c = 0; c < C; c++) { sum += inp_bt[c] * lora_A_row[c]; }
+        h_bt[i] = sum;
+    }
+}
+
 // inp (BT,C), lora_A (r,C), lora_B (OC,r) -> h (BT,r) cached; out (BT,OC) += scale * h @ lora_B^T
 template <typename real>
 void lora_forward(real* out, real* h, const real* inp, const real* lora_A, const real* lora_B,
@@ -155,13 +166,7 @@ void lora_forward(real* out, real* h, const real* inp, const real* lora_A, const
     for (int bt = 0; bt < BT; bt++) {
         const real* inp_bt = inp + (size_t)bt * C;
         real* h_bt = h + (size_t)bt * r;
-        // h = inp @ lora_A^T: the r-dimensional bottleneck
-        for (int i = 0; i < r; i++) {
-            const real* lora_A_row = lora_A + (size_t)i * C;
-            real sum = 0;
-            for (int c = 0; c < C; c++) { sum += inp_bt[c] * lora_A_row[c]; }
-            h_bt[i] = sum;
-        }
+        lora_down_row(h_bt, inp_bt, lora_A, C, r);
         // out += scale * h @ lora_B^T (while lora_B = 0 this adds exact zeros: the base output is untouched)
         real* out_bt = out + (size_t)bt * OC;
         for (int o = 0; o < OC; o++) {
@@ -470,6 +475,11 @@ static inline std::string lora_peft_key(int layer, int target, bool is_B) {
            (is_B ? ".lora_B.weight" : ".lora_A.weight");
 }
 
+// DoRA's magnitude (out) of one module, as PEFT saves it: "<module>.lora_magnitude_vector" (no ".weight")
+static inline std::string lora_peft_magnitude_key(int layer, int target) {
+    return "base_model.model.transformer.h." + std::to_string(layer) + "." + lora_peft_names[target] + ".lora_magnitude_vector";
+}
+
 // ----------------------------------------------------------------------------
 // ---- LoRA variants ----
 // rsLoRA (the scale, see lora_scale_of above), LoRA+, DoRA, a quantized frozen base (int8 / NF4), PiSSA
@@ -562,12 +572,7 @@ void dora_forward(real* out, real* h, real* z, real* n, real* P, const real* inp
     for (int bt = 0; bt < BT; bt++) {
         const real* inp_bt = inp + (size_t)bt * C;
         real* h_bt = h + (size_t)bt * r;
-        for (int i = 0; i < r; i++) {
-            const real* lora_A_row = lora_A + (size_t)i * C;
-            real sum = 0;
-            for (int c = 0; c < C; c++) { sum += inp_bt[c] * lora_A_row[c]; }
-            h_bt[i] = sum;
-        }
+        lora_down_row(h_bt, inp_bt, lora_A, C, r);
         real* out_bt = out + (size_t)bt * OC;
         real* z_bt = z + (size_t)bt * OC;
         for (int o = 0; o < OC; o++) {

@@ -1658,6 +1658,16 @@ void gpt2_update(GPT2<real>* model, float lr, float beta1, float beta2, float ep
     }
 }
 
+// every gradient buffer the update applies, as (pointer, count); unused ones have count 0
+template <typename real>
+std::vector<std::pair<real*, size_t>> gpt2_trainable_grads(const GPT2<real>* model) {
+    return {{model->grads_memory, model->grads_memory ? model->num_parameters : 0},
+            {model->lora.grads_memory, model->lora.num_parameters},
+            {model->top_grads, model->top_grads ? model->num_top_trainable : 0},
+            {model->adapters.buf.grads, model->adapters.buf.n},
+            {model->prefix.buf.grads, model->prefix.buf.n}};
+}
+
 // The learning rate at step (0-based) of steps, as llm.c schedules it: a linear warmup over the first
 // warmup steps (lr * (step + 1) / warmup), then a cosine from lr down to lr * final_frac at the last step.
 // final_frac = 1 and warmup = 0 keep lr constant.
@@ -1678,11 +1688,7 @@ static float lr_schedule(float lr, int step, int steps, int warmup, float final_
 // lr_schedule are what removed them.)
 template <typename real>
 double gpt2_clip_grad_norm(GPT2<real>* model, float max_norm) {
-    std::vector<std::pair<real*, size_t>> grads = {{model->grads_memory, model->grads_memory ? model->num_parameters : 0},
-                                                   {model->lora.grads_memory, model->lora.num_parameters},
-                                                   {model->top_grads, model->top_grads ? model->num_top_trainable : 0},
-                                                   {model->adapters.buf.grads, model->adapters.buf.n},
-                                                   {model->prefix.buf.grads, model->prefix.buf.n}};
+    std::vector<std::pair<real*, size_t>> grads = gpt2_trainable_grads(model);
     double sumsq = 0.0;
     for (const auto& g : grads) {
         const real* p = g.first;
@@ -1710,11 +1716,7 @@ double gpt2_clip_grad_norm(GPT2<real>* model, float max_norm) {
 // reaches the weights, and so never reaches an adapter or checkpoint saved afterwards.
 template <typename real>
 std::string gpt2_check_step_finite(const GPT2<real>* model, int step) {
-    std::vector<std::pair<const real*, size_t>> grads = {{model->grads_memory, model->grads_memory ? model->num_parameters : 0},
-                                                         {model->lora.grads_memory, model->lora.num_parameters},
-                                                         {model->top_grads, model->top_grads ? model->num_top_trainable : 0},
-                                                         {model->adapters.buf.grads, model->adapters.buf.n},
-                                                         {model->prefix.buf.grads, model->prefix.buf.n}};
+    std::vector<std::pair<real*, size_t>> grads = gpt2_trainable_grads(model);
     const char* hint = "lower the learning rate (-l); check the base checkpoint (-e) for inf/NaN weights; the last adapter saved with -o is intact";
     if (!std::isfinite((double)model->mean_loss)) {
         return strprintf("train loss is %f at step %d; stopping before the update\n---> HINT: %s", (double)model->mean_loss, step, hint);
@@ -2927,12 +2929,12 @@ static std::string peft_export(const char* dir, const GPT2<float>* model, const 
     for (const LoRATensor& t : lora_tensor_list(lora->config, lora->L, lora->C)) {
         tensors.push_back({lora_peft_key(t.layer, t.target, t.is_B), {(size_t)t.rows, (size_t)t.cols}, lora->params_memory + t.offset});
     }
-    // DoRA: PEFT saves each magnitude (out) as "<module>.lora_magnitude_vector" (no ".weight")
+    // DoRA: one magnitude vector (out) per module
     for (int t = 0; t < LORA_NUM_TARGETS; t++) {
         if (lora->dora_m[t] == NULL) continue;
         int out = lora_target_out(t, lora->C);
         for (int l = 0; l < lora->L; l++) {
-            tensors.push_back({"base_model.model.transformer.h." + std::to_string(l) + "." + lora_peft_names[t] + ".lora_magnitude_vector",
+            tensors.push_back({lora_peft_magnitude_key(l, t),
                                {(size_t)out}, lora->dora_m[t] + (size_t)l * out});
         }
     }
@@ -3046,14 +3048,14 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
                              weights_path.c_str(), key.c_str(), shape.c_str(), t.rows, t.cols, cfg.r, C);
         }
     }
-    // DoRA: PEFT's "<module>.lora_magnitude_vector", one (out) vector per adapted module
-    std::vector<std::pair<std::string, size_t>> magnitudes; // key, offset in dora_m[t] order: (target, layer)
-    auto magnitude_key = [](int l, int t) { return "base_model.model.transformer.h." + std::to_string(l) + "." + lora_peft_names[t] + ".lora_magnitude_vector"; };
+    // DoRA: one magnitude vector (out) per adapted module
+    struct Magnitude { std::string key; int target, layer; };
+    std::vector<Magnitude> magnitudes;
     for (int t = 0; use_dora && t < LORA_NUM_TARGETS; t++) {
         if (!(cfg.targets & (1u << t))) continue;
         int out = lora_target_out(t, C);
         for (int l = 0; l < L; l++) {
-            std::string key = magnitude_key(l, t);
+            std::string key = lora_peft_magnitude_key(l, t);
             const SafeTensor* s = st.find(key);
             if (s == NULL) {
                 return strprintf("PEFT adapter '%s' has no tensor '%s', which its config (use_dora) needs\n---> HINT: %s", weights_path.c_str(), key.c_str(), hint);
@@ -3062,14 +3064,14 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
                 return strprintf("PEFT adapter '%s': DoRA magnitude '%s' must have shape [%d] (the module's outputs)\n---> HINT: the adapter was made for another base (-e)",
                                  weights_path.c_str(), key.c_str(), out);
             }
-            magnitudes.push_back({key, (size_t)t * L + l});
+            magnitudes.push_back({key, t, l});
         }
     }
     if (st.tensors.size() != list.size() + magnitudes.size()) {
         for (const SafeTensor& s : st.tensors) {
             bool expected = false;
             for (const LoRATensor& t : list) expected = expected || s.name == lora_peft_key(t.layer, t.target, t.is_B);
-            for (const auto& m : magnitudes) expected = expected || s.name == m.first;
+            for (const Magnitude& m : magnitudes) expected = expected || s.name == m.key;
             if (!expected) {
                 return strprintf("PEFT adapter '%s' has tensor '%s', which is not a lora_A/lora_B of a target in its config (%s) on an L=%d base\n---> HINT: check target_modules in '%s'; %s",
                                  weights_path.c_str(), s.name.c_str(), lora_targets_string(cfg.targets).c_str(), L, cpath, hint);
@@ -3085,9 +3087,9 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
         const SafeTensor* s = st.find(lora_peft_key(t.layer, t.target, t.is_B));
         memcpy(model->lora.params_memory + t.offset, st.values(s), (size_t)t.rows * t.cols * sizeof(float));
     }
-    for (const auto& m : magnitudes) { // the trained magnitudes replace the ||W0||_row that attach started from
-        int t = (int)(m.second / L), l = (int)(m.second % L), out = lora_target_out(t, C);
-        memcpy(model->lora.dora_m[t] + (size_t)l * out, st.values(st.find(m.first)), (size_t)out * sizeof(float));
+    for (const Magnitude& m : magnitudes) { // the trained magnitudes replace the ||W0||_row that attach started from
+        int out = lora_target_out(m.target, C);
+        memcpy(model->lora.dora_m[m.target] + (size_t)m.layer * out, st.values(st.find(m.key)), (size_t)out * sizeof(float));
     }
     return "";
 }
