@@ -3090,6 +3090,7 @@ TEST_CASE("gradient clipping: the returned norm is the global L2 norm; above max
     CHECK(gpt2_clip_grad_norm(&model, max_norm) == doctest::Approx(norm).epsilon(tol));
     CHECK(gpt2_clip_grad_norm(&model, 0.0f) == doctest::Approx(max_norm).epsilon(tol));
     for (size_t i = 0; i < n; i++) { CHECK(g[i] == doctest::Approx(before[i] * max_norm / norm).epsilon(tol)); }
+    gpt2_free(&model);
 }
 
 TEST_CASE("non-finite guard: a NaN gradient or an inf loss is caught before the update, naming the step") {
