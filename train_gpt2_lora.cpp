@@ -1097,6 +1097,35 @@ void point_parameters(ParameterTensors<real>* p, const size_t* sizes, real* memo
     }
 }
 
+// the pointer p + offset, or NULL when p is NULL (a frozen tensor has no gradient)
+template <typename real> static inline real* at(real* p, size_t offset) { return p ? p + offset : NULL; }
+
+// One block's slice of the 12 per-layer tensors: layer l of params (or of gradients, where a NULL
+// tensor, frozen, gives NULL slices). The forward takes the four block matrices from gpt2_base_weight
+// instead, which also covers a quantized base (-Q), whose fp32 qkvw ... fcprojw are not in memory.
+template <typename real>
+struct LayerParams {
+    real *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw, *fcprojb;
+};
+
+template <typename real>
+LayerParams<real> layer_params(const ParameterTensors<real>& p, int l, size_t C) {
+    LayerParams<real> lp;
+    lp.ln1w = at(p.ln1w, l * C);
+    lp.ln1b = at(p.ln1b, l * C);
+    lp.qkvw = at(p.qkvw, l * 3 * C * C);
+    lp.qkvb = at(p.qkvb, l * 3 * C);
+    lp.attprojw = at(p.attprojw, l * C * C);
+    lp.attprojb = at(p.attprojb, l * C);
+    lp.ln2w = at(p.ln2w, l * C);
+    lp.ln2b = at(p.ln2b, l * C);
+    lp.fcw = at(p.fcw, l * 4 * C * C);
+    lp.fcb = at(p.fcb, l * 4 * C);
+    lp.fcprojw = at(p.fcprojw, l * C * 4 * C);
+    lp.fcprojb = at(p.fcprojb, l * C);
+    return lp;
+}
+
 #define NUM_ACTIVATION_TENSORS 19
 template <typename real>
 struct ActivationTensors {
@@ -1128,6 +1157,35 @@ static void fill_in_activation_sizes(size_t* sizes, GPT2Config cfg, size_t B, si
         L * B * T * C, L * B * T * C, L * B * T, L * B * T, L * B * T * 4 * C, L * B * T * 4 * C,
         L * B * T * C, B * T * C, B * T, B * T, B * T * Vp, B * T * C};
     memcpy(sizes, s, sizeof(s));
+}
+
+// One block's slice of the activations: what gpt2_forward writes at layer l and gpt2_backward reads
+// back. residual is the block's input: the embeddings at l = 0, else the previous block's residual3.
+template <typename real>
+struct LayerActivations {
+    real *residual, *ln1, *ln1_mean, *ln1_rstd, *qkv, *atty, *att, *residual2, *ln2, *ln2_mean, *ln2_rstd,
+         *fch, *fch_gelu, *residual3;
+};
+
+template <typename real>
+LayerActivations<real> layer_activations(const ActivationTensors<real>& acts, int l, size_t B, size_t T, size_t C, size_t NH) {
+    size_t BT = B * T;
+    LayerActivations<real> la;
+    la.residual = l == 0 ? acts.encoded : acts.residual3 + (l - 1) * BT * C;
+    la.ln1 = acts.ln1 + l * BT * C;
+    la.ln1_mean = acts.ln1_mean + l * BT;
+    la.ln1_rstd = acts.ln1_rstd + l * BT;
+    la.qkv = acts.qkv + l * BT * 3 * C;
+    la.atty = acts.atty + l * BT * C;
+    la.att = acts.att + l * B * NH * T * T;
+    la.residual2 = acts.residual2 + l * BT * C;
+    la.ln2 = acts.ln2 + l * BT * C;
+    la.ln2_mean = acts.ln2_mean + l * BT;
+    la.ln2_rstd = acts.ln2_rstd + l * BT;
+    la.fch = acts.fch + l * BT * 4 * C;
+    la.fch_gelu = acts.fch_gelu + l * BT * 4 * C;
+    la.residual3 = acts.residual3 + l * BT * C;
+    return la;
 }
 
 // Gradients of the activations, one layer's worth: the backward walks the layers top to bottom and
@@ -1193,8 +1251,6 @@ struct GPT2 {
     real mean_loss;
 };
 
-// the pointer p + offset, or NULL when p is NULL (a frozen tensor has no gradient)
-template <typename real> static inline real* at(real* p, size_t offset) { return p ? p + offset : NULL; }
 
 // the tensors a quantized base (-Q) holds as codes instead of fp32: the four block matrices, and the
 // LoRA target each one is
@@ -1466,50 +1522,27 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
     LoRA<real>* lora = &model->lora;
     encoder_forward(acts.encoded, inputs, params.wte, params.wpe, B, T, C);
     for (int l = 0; l < L; l++) {
-        real* residual = l == 0 ? acts.encoded : acts.residual3 + (size_t)(l - 1) * BT * C;
-        // this layer's weights
-        real* l_ln1w = params.ln1w + (size_t)l * C;
-        real* l_ln1b = params.ln1b + (size_t)l * C;
-        // (the adapted matrices qkvw, attprojw, fcw, fcprojw come from gpt2_base_weight, right at their matmul)
-        real* l_qkvb = params.qkvb + (size_t)l * 3 * C;
-        real* l_attprojb = params.attprojb + (size_t)l * C;
-        real* l_ln2w = params.ln2w + (size_t)l * C;
-        real* l_ln2b = params.ln2b + (size_t)l * C;
-        real* l_fcb = params.fcb + (size_t)l * 4 * C;
-        real* l_fcprojb = params.fcprojb + (size_t)l * C;
-        // this layer's activations
-        real* l_ln1 = acts.ln1 + (size_t)l * BT * C;
-        real* l_ln1_mean = acts.ln1_mean + (size_t)l * BT;
-        real* l_ln1_rstd = acts.ln1_rstd + (size_t)l * BT;
-        real* l_qkv = acts.qkv + (size_t)l * BT * 3 * C;
-        real* l_atty = acts.atty + (size_t)l * BT * C;
-        real* l_att = acts.att + (size_t)l * B * NH * T * T;
-        real* l_residual2 = acts.residual2 + (size_t)l * BT * C;
-        real* l_ln2 = acts.ln2 + (size_t)l * BT * C;
-        real* l_ln2_mean = acts.ln2_mean + (size_t)l * BT;
-        real* l_ln2_rstd = acts.ln2_rstd + (size_t)l * BT;
-        real* l_fch = acts.fch + (size_t)l * BT * 4 * C;
-        real* l_fch_gelu = acts.fch_gelu + (size_t)l * BT * 4 * C;
-        real* l_residual3 = acts.residual3 + (size_t)l * BT * C;
+        LayerParams<real> lp = layer_params(params, l, C);                 // this block's weights
+        LayerActivations<real> la = layer_activations(acts, l, B, T, C, NH); // and activations
         real* proj = acts.proj;
 
-        layernorm_forward(l_ln1, l_ln1_mean, l_ln1_rstd, residual, l_ln1w, l_ln1b, B, T, C);
-        matmul_forward(l_qkv, l_ln1, gpt2_base_weight(model, LORA_QKV, l), l_qkvb, B, T, C, 3 * C);
-        gpt2_lora_forward(lora, LORA_QKV, l, l_qkv, l_ln1, BT);
-        if (model->prefix.P > 0) gpt2_prefix_attention_forward(&model->prefix, l, l_atty, l_qkv, B, T);
-        else attention_forward(l_atty, l_att, l_qkv, B, T, C, NH);
-        matmul_forward(proj, l_atty, gpt2_base_weight(model, LORA_ATTPROJ, l), l_attprojb, B, T, C, C);
-        gpt2_lora_forward(lora, LORA_ATTPROJ, l, proj, l_atty, BT);
+        layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, la.residual, lp.ln1w, lp.ln1b, B, T, C);
+        matmul_forward(la.qkv, la.ln1, gpt2_base_weight(model, LORA_QKV, l), lp.qkvb, B, T, C, 3 * C);
+        gpt2_lora_forward(lora, LORA_QKV, l, la.qkv, la.ln1, BT);
+        if (model->prefix.P > 0) gpt2_prefix_attention_forward(&model->prefix, l, la.atty, la.qkv, B, T);
+        else attention_forward(la.atty, la.att, la.qkv, B, T, C, NH);
+        matmul_forward(proj, la.atty, gpt2_base_weight(model, LORA_ATTPROJ, l), lp.attprojb, B, T, C, C);
+        gpt2_lora_forward(lora, LORA_ATTPROJ, l, proj, la.atty, BT);
         gpt2_adapter_forward(&model->adapters, 0, l, proj, BT);
-        residual_forward(l_residual2, residual, proj, (size_t)BT * C);
-        layernorm_forward(l_ln2, l_ln2_mean, l_ln2_rstd, l_residual2, l_ln2w, l_ln2b, B, T, C);
-        matmul_forward(l_fch, l_ln2, gpt2_base_weight(model, LORA_FC, l), l_fcb, B, T, C, 4 * C);
-        gpt2_lora_forward(lora, LORA_FC, l, l_fch, l_ln2, BT);
-        gelu_forward(l_fch_gelu, l_fch, (size_t)BT * 4 * C);
-        matmul_forward(proj, l_fch_gelu, gpt2_base_weight(model, LORA_FCPROJ, l), l_fcprojb, B, T, 4 * C, C);
-        gpt2_lora_forward(lora, LORA_FCPROJ, l, proj, l_fch_gelu, BT);
+        residual_forward(la.residual2, la.residual, proj, (size_t)BT * C);
+        layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.residual2, lp.ln2w, lp.ln2b, B, T, C);
+        matmul_forward(la.fch, la.ln2, gpt2_base_weight(model, LORA_FC, l), lp.fcb, B, T, C, 4 * C);
+        gpt2_lora_forward(lora, LORA_FC, l, la.fch, la.ln2, BT);
+        gelu_forward(la.fch_gelu, la.fch, (size_t)BT * 4 * C);
+        matmul_forward(proj, la.fch_gelu, gpt2_base_weight(model, LORA_FCPROJ, l), lp.fcprojb, B, T, 4 * C, C);
+        gpt2_lora_forward(lora, LORA_FCPROJ, l, proj, la.fch_gelu, BT);
         gpt2_adapter_forward(&model->adapters, 1, l, proj, BT);
-        residual_forward(l_residual3, l_residual2, proj, (size_t)BT * C);
+        residual_forward(la.residual3, la.residual2, proj, (size_t)BT * C);
     }
     real* residual = acts.residual3 + (size_t)(L - 1) * BT * C;
     layernorm_forward(acts.lnf, acts.lnf_mean, acts.lnf_rstd, residual, params.lnfw, params.lnfb, B, T, C);
@@ -1560,33 +1593,9 @@ void gpt2_backward(GPT2<real>* model) {
     layernorm_backward(d.dresidual, grads.lnfw, grads.lnfb, d.dln, residual, params.lnfw, acts.lnf_mean, acts.lnf_rstd, B, T, C);
 
     for (int l = L - 1; l >= l0; l--) {
-        residual = l == 0 ? acts.encoded : acts.residual3 + (size_t)(l - 1) * BT * C;
-        real* l_ln1w = params.ln1w + (size_t)l * C;
-        real* l_ln2w = params.ln2w + (size_t)l * C;
-        real* dl_ln1w = at(grads.ln1w, (size_t)(l - l0) * C);
-        real* dl_ln1b = at(grads.ln1b, (size_t)(l - l0) * C);
-        real* dl_qkvw = at(grads.qkvw, (size_t)(l - l0) * 3 * C * C);
-        real* dl_qkvb = at(grads.qkvb, (size_t)(l - l0) * 3 * C);
-        real* dl_attprojw = at(grads.attprojw, (size_t)(l - l0) * C * C);
-        real* dl_attprojb = at(grads.attprojb, (size_t)(l - l0) * C);
-        real* dl_ln2w = at(grads.ln2w, (size_t)(l - l0) * C);
-        real* dl_ln2b = at(grads.ln2b, (size_t)(l - l0) * C);
-        real* dl_fcw = at(grads.fcw, (size_t)(l - l0) * 4 * C * C);
-        real* dl_fcb = at(grads.fcb, (size_t)(l - l0) * 4 * C);
-        real* dl_fcprojw = at(grads.fcprojw, (size_t)(l - l0) * C * 4 * C);
-        real* dl_fcprojb = at(grads.fcprojb, (size_t)(l - l0) * C);
-        real* l_ln1 = acts.ln1 + (size_t)l * BT * C;
-        real* l_ln1_mean = acts.ln1_mean + (size_t)l * BT;
-        real* l_ln1_rstd = acts.ln1_rstd + (size_t)l * BT;
-        real* l_qkv = acts.qkv + (size_t)l * BT * 3 * C;
-        real* l_atty = acts.atty + (size_t)l * BT * C;
-        real* l_att = acts.att + (size_t)l * B * NH * T * T;
-        real* l_residual2 = acts.residual2 + (size_t)l * BT * C;
-        real* l_ln2 = acts.ln2 + (size_t)l * BT * C;
-        real* l_ln2_mean = acts.ln2_mean + (size_t)l * BT;
-        real* l_ln2_rstd = acts.ln2_rstd + (size_t)l * BT;
-        real* l_fch = acts.fch + (size_t)l * BT * 4 * C;
-        real* l_fch_gelu = acts.fch_gelu + (size_t)l * BT * 4 * C;
+        LayerParams<real> lp = layer_params(params, l, C);                 // this block's weights,
+        LayerParams<real> lg = layer_params(grads, l - l0, C);             // their gradients (NULL: frozen)
+        LayerActivations<real> la = layer_activations(acts, l, B, T, C, NH); // and the forward's activations
         // the layer's gradient scratch starts at zero: the kernels below accumulate into it
         memset(d.dln, 0, (size_t)BT * C * sizeof(real));
         memset(d.datty, 0, (size_t)BT * C * sizeof(real));
@@ -1600,25 +1609,25 @@ void gpt2_backward(GPT2<real>* model) {
 
         // residual3 = residual2 + proj: both receive dresidual unchanged (it's the same buffer)
         real* dproj = gpt2_adapter_backward(&model->adapters, 1, l, d.dresidual, BT);
-        matmul_backward(d.dfch_gelu, dl_fcprojw, dl_fcprojb, dproj, l_fch_gelu, gpt2_base_weight(model, LORA_FCPROJ, l), B, T, 4 * C, C);
-        gpt2_lora_backward(lora, LORA_FCPROJ, l, d.dfch_gelu, dproj, l_fch_gelu, BT);
-        gelu_backward(d.dfch, l_fch, d.dfch_gelu, (size_t)BT * 4 * C);
-        matmul_backward(d.dln, dl_fcw, dl_fcb, d.dfch, l_ln2, gpt2_base_weight(model, LORA_FC, l), B, T, C, 4 * C);
-        gpt2_lora_backward(lora, LORA_FC, l, d.dln, d.dfch, l_ln2, BT);
-        layernorm_backward(d.dresidual, dl_ln2w, dl_ln2b, d.dln, l_residual2, l_ln2w, l_ln2_mean, l_ln2_rstd, B, T, C);
+        matmul_backward(d.dfch_gelu, lg.fcprojw, lg.fcprojb, dproj, la.fch_gelu, gpt2_base_weight(model, LORA_FCPROJ, l), B, T, 4 * C, C);
+        gpt2_lora_backward(lora, LORA_FCPROJ, l, d.dfch_gelu, dproj, la.fch_gelu, BT);
+        gelu_backward(d.dfch, la.fch, d.dfch_gelu, (size_t)BT * 4 * C);
+        matmul_backward(d.dln, lg.fcw, lg.fcb, d.dfch, la.ln2, gpt2_base_weight(model, LORA_FC, l), B, T, C, 4 * C);
+        gpt2_lora_backward(lora, LORA_FC, l, d.dln, d.dfch, la.ln2, BT);
+        layernorm_backward(d.dresidual, lg.ln2w, lg.ln2b, d.dln, la.residual2, lp.ln2w, la.ln2_mean, la.ln2_rstd, B, T, C);
         // residual2 = residual + proj: again dresidual flows to both unchanged
         dproj = gpt2_adapter_backward(&model->adapters, 0, l, d.dresidual, BT);
-        matmul_backward(d.datty, dl_attprojw, dl_attprojb, dproj, l_atty, gpt2_base_weight(model, LORA_ATTPROJ, l), B, T, C, C);
-        gpt2_lora_backward(lora, LORA_ATTPROJ, l, d.datty, dproj, l_atty, BT);
-        if (model->prefix.P > 0) gpt2_prefix_attention_backward(&model->prefix, l, d.dqkv, d.datty, l_qkv, B, T);
-        else attention_backward(d.dqkv, d.datt, d.datty, l_qkv, l_att, B, T, C, NH);
+        matmul_backward(d.datty, lg.attprojw, lg.attprojb, dproj, la.atty, gpt2_base_weight(model, LORA_ATTPROJ, l), B, T, C, C);
+        gpt2_lora_backward(lora, LORA_ATTPROJ, l, d.datty, dproj, la.atty, BT);
+        if (model->prefix.P > 0) gpt2_prefix_attention_backward(&model->prefix, l, d.dqkv, d.datty, la.qkv, B, T);
+        else attention_backward(d.dqkv, d.datt, d.datty, la.qkv, la.att, B, T, C, NH);
         memset(d.dln, 0, (size_t)BT * C * sizeof(real));
         // (-F: the lowest trained block's ln1 weights still need the gradient at ln1's output)
-        real* dln1 = need_dinp || dl_ln1w != NULL ? d.dln : NULL;
-        matmul_backward(dln1, dl_qkvw, dl_qkvb, d.dqkv, l_ln1, gpt2_base_weight(model, LORA_QKV, l), B, T, C, 3 * C);
-        gpt2_lora_backward(lora, LORA_QKV, l, dln1, d.dqkv, l_ln1, BT);
+        real* dln1 = need_dinp || lg.ln1w != NULL ? d.dln : NULL;
+        matmul_backward(dln1, lg.qkvw, lg.qkvb, d.dqkv, la.ln1, gpt2_base_weight(model, LORA_QKV, l), B, T, C, 3 * C);
+        gpt2_lora_backward(lora, LORA_QKV, l, dln1, d.dqkv, la.ln1, BT);
         if (dln1 != NULL) {
-            layernorm_backward(d.dresidual, dl_ln1w, dl_ln1b, d.dln, residual, l_ln1w, l_ln1_mean, l_ln1_rstd, B, T, C);
+            layernorm_backward(d.dresidual, lg.ln1w, lg.ln1b, d.dln, la.residual, lp.ln1w, la.ln1_mean, la.ln1_rstd, B, T, C);
         }
     }
     if (model->train_base) {
