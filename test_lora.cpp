@@ -3924,3 +3924,77 @@ TEST_CASE("quantized base read layer by layer from the file equals quantizing it
         gpt2_free(&ondisk);
     }
 }
+
+TEST_CASE("the trainer binary: several -A with -S weights merge to sum_k w_k scale_k lora_B_k lora_A_k; bad combinations exit naming the flag") {
+    TempDir dir;
+    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
+    write_tiny_checkpoint(ckpt);
+    write_cyclic_tokens(tokens, 400);
+    std::string common = "-i " + tokens + " -j " + tokens + " -b 2 -t 8 -v 0 -s 0 -l 0.01";
+    std::string out;
+    for (const char* sub : {"a", "b", "d"}) REQUIRE(mkdir(dir.file(sub).c_str(), 0755) == 0);
+    // two different adapters: rank, alpha and targets differ, and b is read from its PEFT export
+    REQUIRE(run_trainer("-e " + ckpt + " " + common + " -x 3 -o " + dir.file("a"), &out) == 0);
+    REQUIRE(run_trainer("-e " + ckpt + " " + common + " -x 3 -r 2 -a 3 -q qkv,fc -V rslora -o " + dir.file("b"), &out) == 0);
+    const std::string paths[2] = {dir.file("a/adapter.bin"), dir.file("b")};
+    const float weights[2] = {0.5f, -1.5f};
+    std::string merged = dir.file("merged.bin");
+    REQUIRE(run_trainer("-e " + ckpt + " -x 0 -A " + paths[0] + " -A " + paths[1] + " -S 0.5,-1.5 -M " + merged, &out) == 0);
+    CHECK(has(out, "combined: 0.5 x "));
+
+    // the reference: each adapter merged into the base on its own, with weight * its own scale
+    GPT2<float> ref;
+    REQUIRE(gpt2_read_checkpoint(&ref, ckpt.c_str()) == "");
+    uint64_t base_sum = base_checksum(ref.params_memory, ref.num_parameters);
+    float* base[LORA_NUM_TARGETS];
+    base_matrices(&ref, base);
+    int L = ref.config.num_layers, C = ref.config.channels;
+    for (int k = 0; k < 2; k++) {
+        GPT2<float> holder;
+        REQUIRE(gpt2_read_checkpoint(&holder, ckpt.c_str()) == "");
+        TrainState state;
+        bool has_state = false;
+        REQUIRE(lora_file_load(paths[k].c_str(), &holder, base_sum, &state, &has_state) == "");
+        const LoRA<float>& a = holder.lora;
+        for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+            if (a.lora_A[t] == NULL) continue;
+            int in = lora_target_in(t, C), OC = lora_target_out(t, C), r = a.config.r;
+            for (int l = 0; l < L; l++) {
+                lora_merge(base[t] + (size_t)l * OC * in, a.lora_A[t] + (size_t)l * r * in, a.lora_B[t] + (size_t)l * OC * r,
+                           weights[k] * a.config.scale, in, OC, r, +1);
+            }
+        }
+        gpt2_free(&holder);
+    }
+    std::vector<float> got = checkpoint_params(merged);
+    REQUIRE(got.size() == ref.num_parameters);
+    double maxdiff = 0, maxdelta = 0;
+    std::vector<float> base0 = checkpoint_params(ckpt);
+    for (size_t i = 0; i < got.size(); i++) {
+        maxdiff = std::max(maxdiff, (double)fabsf(got[i] - ref.params_memory[i]));
+        maxdelta = std::max(maxdelta, (double)fabsf(ref.params_memory[i] - base0[i]));
+    }
+    const double tol_combine_merge = 1e-6; // fp32: one merge of rank r_a + r_b against two merges, summed in another order
+    MESSAGE("combined merge vs two weighted merges: max |diff| " << maxdiff << " (largest change to the base " << maxdelta << ")");
+    CHECK(maxdelta > 100 * tol_combine_merge); // the adapters did change the base, so the comparison means something
+    CHECK(maxdiff < tol_combine_merge);
+    gpt2_free(&ref);
+
+    // bad combinations: non-zero exit naming the flag, with a hint
+    CHECK(run_trainer("-e " + ckpt + " -x 0 -S 1 -M " + merged, &out) != 0);       // weights without adapters
+    CHECK(has(out, "-S"));
+    CHECK(run_trainer("-e " + ckpt + " -x 0 -A " + paths[0] + " -S 1,2 -M " + merged, &out) != 0); // 2 weights, 1 adapter
+    CHECK(has(out, "2 weights for 1 adapters"));
+    CHECK(run_trainer("-e " + ckpt + " -x 0 -A " + paths[0] + " -S 0.5x -M " + merged, &out) != 0);
+    CHECK(has(out, "-S"));
+    CHECK(has(out, "HINT"));
+    CHECK(run_trainer("-e " + ckpt + " " + common + " -x 2 -A " + paths[0] + " -A " + paths[1], &out) != 0); // no training on a combination
+    CHECK(has(out, "-A"));
+    CHECK(has(out, "HINT"));
+    CHECK(run_trainer("-e " + ckpt + " -x 0 -A " + paths[0] + " -A " + paths[1] + " -Q int8 -M " + merged, &out) != 0);
+    CHECK(has(out, "-Q"));
+    REQUIRE(run_trainer("-e " + ckpt + " " + common + " -x 1 -V dora -o " + dir.file("d"), &out) == 0);
+    CHECK(run_trainer("-e " + ckpt + " -x 0 -A " + paths[0] + " -A " + dir.file("d/adapter.bin") + " -M " + merged, &out) != 0);
+    CHECK(has(out, "DoRA"));
+    CHECK(has(out, "adapter 2 of 2"));
+}

@@ -3124,6 +3124,40 @@ static std::string lora_file_load(const char* path, GPT2<float>* model, uint64_t
     return lora_file_read(path, model, base_sum, state, has_state, base_quant);
 }
 
+// Several adapters (-A given more than once, or with -S weights) folded into one by lora_combine: each is
+// loaded onto the base in turn, moved aside, and the weighted sum attached as the model's adapter, which
+// -p, -M and -o then use like any other. Only plain (and rsLoRA) adapters on the fp32 base combine: the
+// delta of DoRA (a row norm) and of PiSSA (a changed base) is not weight * scale * lora_B lora_A.
+static std::string lora_files_combine(const std::vector<const char*>& paths, const std::vector<float>& weights,
+                                      GPT2<float>* model, uint64_t base_sum) {
+    std::vector<LoRA<float>> parts(paths.size());
+    std::string err;
+    for (size_t k = 0; k < paths.size() && err.empty(); k++) {
+        TrainState unused;
+        bool has_state = false;
+        err = lora_file_load(paths[k], model, base_sum, &unused, &has_state, LORA_QUANT_FP32);
+        if (err.empty() && (model->lora.config.use_dora || model->lora.config.init_pissa)) {
+            err = strprintf("adapter '%s' is %s: its change to the base is not weight * scale * lora_B lora_A, so it cannot be combined\n"
+                            "---> HINT: use it alone (one -A, no -S), e.g. -A %s -M merged.bin -x 0",
+                            paths[k], model->lora.config.use_dora ? "DoRA" : "PiSSA", paths[k]);
+        }
+        if (err.empty()) { parts[k] = model->lora; memset(&model->lora, 0, sizeof(model->lora)); } // moved aside
+        else if (paths.size() > 1) err = strprintf("adapter %zu of %zu: ", k + 1, paths.size()) + err;
+    }
+    if (err.empty()) {
+        std::vector<const LoRA<float>*> ptrs;
+        for (const LoRA<float>& part : parts) ptrs.push_back(&part);
+        LoRA<float> mix;
+        lora_combine(&mix, ptrs.data(), weights.data(), (int)parts.size());
+        if (model->lora.params_memory != NULL) lora_free(&model->lora);
+        gpt2_lora_attach(model, mix.config, 0);
+        memcpy(model->lora.params_memory, mix.params_memory, mix.num_parameters * sizeof(float));
+        lora_free(&mix);
+    }
+    for (LoRA<float>& part : parts) { if (part.params_memory != NULL) lora_free(&part); }
+    return err;
+}
+
 // everything -o gets for an adapter: <dir>/adapter.bin (with the state for exact resume) and the PEFT export
 static std::string lora_file_save_all(const char* dir, const GPT2<float>* model, uint64_t base_sum, const TrainState& state, const char* base_name) {
     std::string err = lora_file_write((std::string(dir) + "/adapter.bin").c_str(), model, base_sum, &state);
@@ -3374,6 +3408,8 @@ static void error_usage() {
         "  -n <int>    random seed for LoRA init, shuffling and sampling (default 1337)\n"
         "  -k <int>    also save the adapter (-f 1: model.bin) to -o every k steps, 0 = only at the end (default 0)\n"
         "  -A <path>   load an adapter: adapter.bin (resumes training with its optimizer state) or a PEFT dir\n"
+        "              (-A more than once: the adapters are added into one, for -p and -M)\n"
+        "  -S <list>   weights of the -A adapters, comma list, one each: sum_k w_k scale_k lora_B_k lora_A_k (default 1)\n"
         "  -M <file>   write base + adapter merged as an llm.c checkpoint at the end (-x 0: merge only)\n"
         "  -p <text>   generate -g tokens from this prompt and exit (inference only, no training data)\n"
         "  -T <float>  sampling temperature, > 0 (default 1)\n"
@@ -3447,7 +3483,8 @@ int main(int argc, char** argv) {
     float grad_clip = 1.0f;         // -G, clip the global gradient norm to G; 0 = off
     int seed = 1337;                // -n
     int save_every = 0;             // -k
-    const char* adapter_path = NULL; // -A
+    std::vector<const char*> adapter_paths; // -A, may be given several times
+    const char* adapter_weights = NULL;     // -S, one weight per -A adapter
     const char* merged_path = NULL; // -M
     const char* prompt = NULL;      // -p
     float temperature = 1.0f;       // -T
@@ -3500,7 +3537,8 @@ int main(int argc, char** argv) {
             case 'G': grad_clip = parse_float(argv[i], v); break;
             case 'n': seed = parse_int(argv[i], v); break;
             case 'k': save_every = parse_int(argv[i], v); break;
-            case 'A': adapter_path = v; break;
+            case 'A': adapter_paths.push_back(v); break;
+            case 'S': adapter_weights = v; break;
             case 'M': merged_path = v; break;
             case 'p': prompt = v; break;
             case 'T': temperature = parse_float(argv[i], v); break;
@@ -3521,6 +3559,36 @@ int main(int argc, char** argv) {
         }
     }
     // validation / overrides
+    const char* adapter_path = adapter_paths.empty() ? NULL : adapter_paths[0];
+    // several -A, or -S: the adapters are combined into one, weighted (lora_files_combine)
+    bool combine = adapter_paths.size() > 1 || adapter_weights != NULL;
+    std::vector<float> combine_weights(adapter_paths.size(), 1.0f);
+    if (adapter_weights != NULL) {
+        if (adapter_paths.empty()) bad_flag("-S", "weights apply to the adapters given with -A\n---> HINT: add -A <adapter> once per weight");
+        std::vector<float> w;
+        const char* c = adapter_weights;
+        for (;;) { // a comma list of finite numbers
+            char* end = NULL;
+            float x = strtof(c, &end);
+            if (end == c || (*end != ',' && *end != '\0') || !std::isfinite(x)) {
+                bad_flag("-S", strprintf("expects a comma list of numbers, one per -A adapter, got '%s'\n---> HINT: e.g. -A a -A b -S 0.7,0.3", adapter_weights));
+            }
+            w.push_back(x);
+            if (*end == '\0') break;
+            c = end + 1;
+        }
+        if (w.size() != adapter_paths.size()) {
+            bad_flag("-S", strprintf("%zu weights for %zu adapters (-A)\n---> HINT: give one weight per -A, in the same order", w.size(), adapter_paths.size()));
+        }
+        combine_weights = w;
+    }
+    if (combine && prompt == NULL && !(merged_path != NULL && steps == 0)) {
+        bad_flag("-A", "several adapters, or -S weights, combine into one adapter for -p and -M only (it has no optimizer state to train on)\n"
+                       "---> HINT: add -p <prompt>, or -M merged.bin -x 0 (and -o <dir> to save the combined adapter); to train, give one -A");
+    }
+    if (combine && quant_given && strcmp(quant, "fp32") != 0) {
+        bad_flag("-Q", "combining adapters (several -A, or -S) needs the fp32 base\n---> HINT: drop -Q");
+    }
     if (B <= 0) bad_flag("-b", strprintf("batch size must be >= 1, got %d", B));
     if (T <= 0) bad_flag("-t", strprintf("sequence length must be >= 1, got %d", T));
     if (rank <= 0) bad_flag("-r", strprintf("LoRA rank must be >= 1, got %d\n---> HINT: try -r 8; to train every weight use -f 1", rank));
@@ -3584,7 +3652,7 @@ int main(int argc, char** argv) {
     GPT2<float> model;
     // -Q int8 / nf4 (or -A with an adapter.bin trained on one, and no -Q): the block matrices stay on disk
     // until the attach quantizes them layer by layer, so they are never in memory in fp32
-    int read_quant = quant_given || adapter_path == NULL ? base_quant : adapter_file_base_quant(adapter_path);
+    int read_quant = quant_given || adapter_path == NULL || combine ? base_quant : adapter_file_base_quant(adapter_path);
     err = gpt2_read_checkpoint(&model, base_path, lora_on && read_quant != LORA_QUANT_FP32);
     if (!err.empty()) die("flag -e: " + err);
     GPT2Config cfg = model.config;
@@ -3616,7 +3684,15 @@ int main(int argc, char** argv) {
             else base_sum = base_checksum(model.params_memory, model.num_parameters);
             if (!err.empty()) die("flag -e: " + err);
         }
-        if (adapter_path != NULL) {
+        if (combine) {
+            err = lora_files_combine(adapter_paths, combine_weights, &model, base_sum);
+            if (!err.empty()) die("flag -A: " + err);
+            lcfg = model.lora.config;
+            adapter_desc = "";
+            for (size_t k = 0; k < adapter_paths.size(); k++) {
+                adapter_desc += strprintf("%s%g x %s", k ? " + " : "combined: ", combine_weights[k], adapter_paths[k]);
+            }
+        } else if (adapter_path != NULL) {
             // -Q given: store the base that way; else as the adapter.bin says it trained (fp32 for PEFT)
             err = lora_file_load(adapter_path, &model, base_sum, &resume, &have_state, quant_given ? lcfg.base_quant : -1);
             if (!err.empty()) die("flag -A: " + err);
