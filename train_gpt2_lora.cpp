@@ -323,8 +323,16 @@ static inline void matmul_micro_kernel(int kc, const float* A, size_t rsa, size_
 // Cmat row-major with row stride ldc, must not alias A or Bmat.
 static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t rsa, size_t csa,
                         const float* Bmat, size_t rsb, size_t csb, float* Cmat, size_t ldc) {
-    const int MR = MATMUL_MR, NR = MATMUL_NR, KC = MATMUL_KC, MC = MATMUL_MC, NC = MATMUL_NC;
-    int tiles_m = (M + MC - 1) / MC, tiles_n = (N + NC - 1) / NC;
+    const int MR = MATMUL_MR, NR = MATMUL_NR, KC = MATMUL_KC, NC = MATMUL_NC;
+    int tiles_n = (N + NC - 1) / NC, MC = MATMUL_MC;
+    // a thin output (the LoRA bottleneck h or dh: N = r) is a single tile; cut its rows into one tile
+    // per thread instead, in whole register blocks, so every thread has a share
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    if (tiles_n * ((M + MC - 1) / MC) < threads) MC = std::max(MR, (M / threads + MR - 1) / MR * MR);
+    int tiles_m = (M + MC - 1) / MC;
     // parallel over output tiles: each task writes only its own MC x NC block of Cmat and packs into
     // its own thread's buffer, so there are no races and no atomics
     #pragma omp parallel for schedule(dynamic, 1)
