@@ -3998,3 +3998,63 @@ TEST_CASE("the trainer binary: several -A with -S weights merge to sum_k w_k sca
     CHECK(has(out, "DoRA"));
     CHECK(has(out, "adapter 2 of 2"));
 }
+
+TEST_CASE("generation with the key/value cache: each new position's logits equal a forward over the whole context, and so do the tokens") {
+    const int T = 12;           // the allocated context; sampling goes past it, where the window slides
+    const float tol_kv = 1e-5f; // relative to the largest |logit|: the same kernels on the same rows, so only a
+                                // summation order could differ; a wrong position or cache row is O(1)
+    // plain LoRA, DoRA, Houlsby adapters, and prefix tuning (no cache: its attention has its own kernel)
+    for (int kind = 0; kind < 4; kind++) {
+        CAPTURE(kind);
+        GPT2<float> model;
+        build_trainable_tiny(&model, 1301);
+        Rng rng;
+        rng_seed(&rng, 1302);
+        if (kind <= 1) {
+            LoRAConfig cfg = lora_config(4, 8.0f, LORA_ALL_TARGETS);
+            cfg.use_dora = kind == 1;
+            gpt2_lora_attach(&model, cfg, 1303);
+            for (size_t i = 0; i < model.lora.num_parameters; i++) model.lora.params_memory[i] += 0.05f * (2.0f * rng_f32(&rng) - 1.0f);
+        } else if (kind == 2) {
+            gpt2_adapters_attach(&model, 4, 1304);
+            for (size_t i = 0; i < model.adapters.buf.n; i++) model.adapters.buf.params[i] += 0.05f * (2.0f * rng_f32(&rng) - 1.0f);
+        } else {
+            gpt2_prefix_attach(&model, 3, 1305);
+        }
+        gpt2_allocate(&model, 1, T);
+        int Vp = model.config.padded_vocab_size;
+        std::vector<int> seq;
+        random_tokens(&rng, &seq, T, model.config.vocab_size);
+        if (kind != 3) {
+            // position t through the cache, one token at a time, against one forward over positions 0..t
+            gpt2_kv_start(&model);
+            double maxdiff = 0, maxabs = 0;
+            for (int t = 0; t < T; t++) {
+                gpt2_forward(&model, &seq[t], (const int*)NULL, 1, 1);
+                std::vector<float> cached(model.acts.logits, model.acts.logits + Vp);
+                model.kv_on = false;
+                gpt2_forward(&model, seq.data(), (const int*)NULL, 1, t + 1);
+                model.kv_on = true;
+                const float* full = model.acts.logits + (size_t)t * Vp;
+                for (int v = 0; v < Vp; v++) {
+                    maxdiff = std::max(maxdiff, (double)fabsf(cached[v] - full[v]));
+                    maxabs = std::max(maxabs, (double)fabsf(full[v]));
+                }
+            }
+            model.kv_on = false;
+            CHECK(model.kv_len == T);
+            MESSAGE("kind " << kind << ": cached vs full logits max |diff| " << maxdiff << " (max |logit| " << maxabs << ")");
+            CHECK(maxdiff <= tol_kv * maxabs);
+        }
+        // sampling: the same tokens with and without the cache, for twice the allocated context
+        Rng r1, r2;
+        rng_seed(&r1, 7);
+        rng_seed(&r2, 7);
+        std::vector<int> prompt(seq.begin(), seq.begin() + 3);
+        std::vector<int> with_cache = gpt2_generate(&model, prompt, 2 * T, &r1, 1.0f, 0, true);
+        std::vector<int> without = gpt2_generate(&model, prompt, 2 * T, &r2, 1.0f, 0, false);
+        CHECK(with_cache.size() == (size_t)(2 * T));
+        CHECK(with_cache == without);
+        gpt2_free(&model);
+    }
+}

@@ -462,7 +462,6 @@ void lora_backward(float* dinp, float* dlora_A, float* dlora_B, float* dh, const
     if (dinp != NULL) matmul_gemm(BT, C, r, 1.0f, dh, r, 1, lora_A, C, 1, dinp, C);
 }
 
-// qkv (B,T,3C) with q|k|v along channels -> out (B,T,C); att (B,NH,T,T) post-softmax weights cached
 // exp(x) for x <= 0, which is all the softmaxes and GELU need (x - max, and -2|u| for tanh). Double
 // (the finite-difference tests) keeps std::exp. Float gets a version the compiler can vectorize, since
 // libm's expf is an opaque call per element (4% of a LoRA step at 124M):
@@ -527,17 +526,21 @@ static inline real dot_lanes(const real* a, const real* b, int n) {
     return s;
 }
 
+// qkv (B,T,3C) with q|k|v along channels -> out (B,T,C); att (B,NH,T,T) post-softmax weights cached
+// Queries are positions t0..T-1 of each sequence, keys and values all T positions: t0 = 0 in training;
+// generation with a key/value cache passes the cached rows as qkv and t0 = the first new position, so
+// out is (B,T-t0,C) and att (B,NH,T-t0,T). Each query row is computed the same way either way.
 template <typename real>
-void attention_forward(real* out, real* att, const real* qkv, int B, int T, int C, int NH) {
-    int hs = C / NH;
+void attention_forward(real* out, real* att, const real* qkv, int B, int T, int C, int NH, int t0 = 0) {
+    int hs = C / NH, Tq = T - t0;
     real scale = 1 / std::sqrt((real)hs);
     // parallel over (b, t, h): each thread owns one row att[b,h,t,:] and out[b,t,h*hs:(h+1)*hs]
     #pragma omp parallel for collapse(3)
     for (int b = 0; b < B; b++) {
-        for (int t = 0; t < T; t++) {
+        for (int t = t0; t < T; t++) {
             for (int h = 0; h < NH; h++) {
                 const real* q = qkv + ((size_t)b * T + t) * 3 * C + h * hs;
-                real* att_bth = att + (((size_t)b * NH + h) * T + t) * T;
+                real* att_bth = att + (((size_t)b * NH + h) * Tq + (t - t0)) * T;
                 // pre-softmax scores, causal: only t2 <= t
                 real maxval = -1e30f;
                 for (int t2 = 0; t2 <= t; t2++) {
@@ -555,7 +558,7 @@ void attention_forward(real* out, real* att, const real* qkv, int B, int T, int 
                 real inv = 1 / sum;
                 for (int t2 = 0; t2 < T; t2++) { att_bth[t2] = t2 <= t ? att_bth[t2] * inv : 0; }
                 // out = att @ v
-                real* out_bth = out + ((size_t)b * T + t) * C + h * hs;
+                real* out_bth = out + ((size_t)b * Tq + (t - t0)) * C + h * hs;
                 for (int i = 0; i < hs; i++) { out_bth[i] = 0; }
                 for (int t2 = 0; t2 <= t; t2++) {
                     const real* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * hs;
@@ -1257,6 +1260,12 @@ struct GPT2 {
     int* targets;  // (B, T)
     bool have_targets;
     real mean_loss;
+    // generation with a key/value cache (gpt2_generate): every layer's qkv rows of the positions seen so
+    // far, (L, kv_cap, 3C) with kv_cap = alloc_T, so a new token costs one row of each matmul instead of
+    // a forward over the whole context. kv_on: gpt2_forward appends to it (B = 1, no targets).
+    real* kv;
+    int kv_cap, kv_len;
+    bool kv_on;
 };
 
 
@@ -1525,10 +1534,16 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
     model->have_targets = targets != NULL;
     if (targets != NULL) memcpy(model->targets, targets, (size_t)BT * sizeof(int));
 
+    // with the key/value cache on, these T tokens are positions pos0.. of one sequence
+    int pos0 = model->kv_on ? model->kv_len : 0;
+    if (model->kv_on && (B != 1 || targets != NULL || pos0 + T > model->kv_cap)) {
+        die(strprintf("gpt2_forward with the key/value cache: B=%d, targets %s, positions %d..%d of %d", B, targets ? "given" : "none", pos0, pos0 + T - 1, model->kv_cap));
+    }
+
     ParameterTensors<real> params = model->params;
     ActivationTensors<real> acts = model->acts;
     LoRA<real>* lora = &model->lora;
-    encoder_forward(acts.encoded, inputs, params.wte, params.wpe, B, T, C);
+    encoder_forward(acts.encoded, inputs, params.wte, params.wpe + (size_t)pos0 * C, B, T, C);
     for (int l = 0; l < L; l++) {
         LayerParams<real> lp = layer_params(params, l, C);                 // this block's weights
         LayerActivations<real> la = layer_activations(acts, l, B, T, C, NH); // and activations
@@ -1537,8 +1552,15 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
         layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, la.residual, lp.ln1w, lp.ln1b, B, T, C);
         matmul_forward(la.qkv, la.ln1, gpt2_base_weight(model, LORA_QKV, l), lp.qkvb, B, T, C, 3 * C);
         gpt2_lora_forward(lora, LORA_QKV, l, la.qkv, la.ln1, BT);
-        if (model->prefix.P > 0) gpt2_prefix_attention_forward(&model->prefix, l, la.atty, la.qkv, B, T);
-        else attention_forward(la.atty, la.att, la.qkv, B, T, C, NH);
+        if (model->prefix.P > 0) {
+            gpt2_prefix_attention_forward(&model->prefix, l, la.atty, la.qkv, B, T);
+        } else if (model->kv_on) { // append the new rows to the cache, then attend from them over all of it
+            real* kv_l = model->kv + (size_t)l * model->kv_cap * 3 * C;
+            memcpy(kv_l + (size_t)pos0 * 3 * C, la.qkv, (size_t)T * 3 * C * sizeof(real));
+            attention_forward(la.atty, acts.att, kv_l, 1, pos0 + T, C, NH, pos0); // (att not kept: no backward)
+        } else {
+            attention_forward(la.atty, la.att, la.qkv, B, T, C, NH);
+        }
         matmul_forward(proj, la.atty, gpt2_base_weight(model, LORA_ATTPROJ, l), lp.attprojb, B, T, C, C);
         gpt2_lora_forward(lora, LORA_ATTPROJ, l, proj, la.atty, BT);
         gpt2_adapter_forward(&model->adapters, 0, l, proj, BT);
@@ -1564,6 +1586,7 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
         // -f 1 -w: the penalty is reported beside the loss (mean_loss stays the cross-entropy)
         if (model->params0) model->reg_loss = (real)l2sp_forward(model->params_memory, model->params0, model->num_parameters, model->l2sp_lambda);
     }
+    if (model->kv_on) model->kv_len += T;
 }
 
 template <typename real>
@@ -1775,6 +1798,7 @@ void gpt2_free(GPT2<real>* model) {
     prefix_free(&model->prefix);
     free(model->params0);
     free(model->block_file);
+    free(model->kv);
     memset(model, 0, sizeof(*model));
 }
 
@@ -2156,17 +2180,41 @@ static int sample_top_k(const float* logits, int V, float temperature, int top_k
 
 // generates n tokens after the prompt, one sequence (B = 1), recomputing the prefix each step;
 // the context slides when it would exceed the allocated T. temperature > 0; top_k <= 0 samples from all V
+// turns the key/value cache on, empty, for one sequence of up to alloc_T positions: from here on each
+// gpt2_forward appends its tokens (until kv_on is set false). Allocated once per allocation of the model.
+template <typename real>
+void gpt2_kv_start(GPT2<real>* model) {
+    if (model->kv == NULL || model->kv_cap != model->alloc_T) {
+        free(model->kv);
+        model->kv_cap = model->alloc_T;
+        model->kv = calloc_real<real>((size_t)model->config.num_layers * model->kv_cap * 3 * model->config.channels, "the key/value cache");
+    }
+    model->kv_on = true;
+    model->kv_len = 0;
+}
+
+// n tokens after the prompt. With the key/value cache (use_cache, and not for prefix tuning, whose
+// attention has its own kernel), the prompt is one forward and every further token a forward of one
+// position; once the context outgrows the allocated T, each token is a forward over the last T tokens.
+// Both paths compute the same rows the same way (test_lora.cpp checks logits and tokens).
 static std::vector<int> gpt2_generate(GPT2<float>* model, const std::vector<int>& prompt, int n, Rng* rng,
-                                      float temperature = 1.0f, int top_k = 0) {
+                                      float temperature = 1.0f, int top_k = 0, bool use_cache = true) {
     std::vector<int> tokens = prompt;
-    int maxT = model->alloc_T;
+    int maxT = model->alloc_T, Vp = model->config.padded_vocab_size;
+    if (use_cache && model->prefix.P == 0 && (int)prompt.size() < maxT) gpt2_kv_start(model);
     for (int i = 0; i < n; i++) {
-        int len = (int)std::min<size_t>(tokens.size(), (size_t)maxT);
-        const int* ctx = tokens.data() + tokens.size() - len;
-        gpt2_forward(model, ctx, (const int*)NULL, 1, len);
-        const float* logits = model->acts.logits + (size_t)(len - 1) * model->config.padded_vocab_size;
+        int len = (int)std::min<size_t>(tokens.size(), (size_t)maxT), rows = len;
+        if (model->kv_on && (int)tokens.size() > model->kv_cap) model->kv_on = false; // full: slide the window
+        if (model->kv_on) {
+            rows = (int)tokens.size() - model->kv_len; // the tokens not yet in the cache
+            gpt2_forward(model, tokens.data() + model->kv_len, (const int*)NULL, 1, rows);
+        } else {
+            gpt2_forward(model, tokens.data() + tokens.size() - len, (const int*)NULL, 1, len);
+        }
+        const float* logits = model->acts.logits + (size_t)(rows - 1) * Vp;
         tokens.push_back(sample_top_k(logits, model->config.vocab_size, temperature, top_k, rng_f32(rng)));
     }
+    model->kv_on = false;
     return std::vector<int>(tokens.begin() + prompt.size(), tokens.end());
 }
 
