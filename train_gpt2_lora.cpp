@@ -238,6 +238,21 @@ void matmul_backward(real* dinp, real* dweight, real* dbias, const real* dout, c
     matmul_backward_naive(dinp, dweight, dbias, dout, inp, weight, B, T, C, OC);
 }
 
+// a . b over n elements in 8 interleaved partial sums (lane j sums elements j, j+8, ...), added up at
+// the end. Each lane is a plain sequential sum, so the compiler may keep the 8 lanes in one vector
+// register without reassociating anything (no -ffast-math); a single running sum could not vectorize.
+template <typename real>
+static inline real dot_lanes(const real* a, const real* b, int n) {
+    real lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int j = 0; j < 8; j++) { lane[j] += a[i + j] * b[i + j]; }
+    }
+    real s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    for (; i < n; i++) { s += a[i] * b[i]; }
+    return s;
+}
+
 // ---- fast float path (issue 9) ----
 // One blocked GEMM serves forward, dinp, dweight and the LoRA branches:
 //   Cmat (M,N) += alpha * A (M,K) @ Bmat (K,N), each operand given by strides, so that
@@ -399,8 +414,18 @@ void matmul_forward(float* out, const float* inp, const float* weight, const flo
         float* out_bt = out + (size_t)bt * OC;
         for (int o = 0; o < OC; o++) { out_bt[o] = bias != NULL ? bias[o] : 0.0f; }
     }
-    // out (BT,OC) += inp (BT,C) @ weight^T, i.e. Bmat(c,o) = weight[o*C + c]
-    matmul_gemm(BT, OC, C, 1.0f, inp, C, 1, weight, 1, C, out, OC);
+    if (BT < MATMUL_MR) {
+        // fewer rows than a register block (generation with the key/value cache: one): the GEMM would
+        // pack every weight to use it once, so each output is a dot product along its weight row instead,
+        // and the weights stream from memory once (parallel over output channels)
+        #pragma omp parallel for
+        for (int o = 0; o < OC; o++) {
+            for (int bt = 0; bt < BT; bt++) { out[(size_t)bt * OC + o] += dot_lanes(inp + (size_t)bt * C, weight + (size_t)o * C, C); }
+        }
+    } else {
+        // out (BT,OC) += inp (BT,C) @ weight^T, i.e. Bmat(c,o) = weight[o*C + c]
+        matmul_gemm(BT, OC, C, 1.0f, inp, C, 1, weight, 1, C, out, OC);
+    }
     matmul_stats.flops += 2.0 * BT * C * OC;
     matmul_stats.seconds += matmul_clock() - t0;
 }
@@ -511,20 +536,6 @@ static inline real sum_exp_lanes(const real* x, int n, real shift) {
     return s;
 }
 
-// a . b over n elements in 8 interleaved partial sums (lane j sums elements j, j+8, ...), added up at
-// the end. Each lane is a plain sequential sum, so the compiler may keep the 8 lanes in one vector
-// register without reassociating anything (no -ffast-math); a single running sum could not vectorize.
-template <typename real>
-static inline real dot_lanes(const real* a, const real* b, int n) {
-    real lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int i = 0;
-    for (; i + 8 <= n; i += 8) {
-        for (int j = 0; j < 8; j++) { lane[j] += a[i + j] * b[i + j]; }
-    }
-    real s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-    for (; i < n; i++) { s += a[i] * b[i]; }
-    return s;
-}
 
 // qkv (B,T,3C) with q|k|v along channels -> out (B,T,C); att (B,NH,T,T) post-softmax weights cached
 // Queries are positions t0..T-1 of each sequence, keys and values all T positions: t0 = 0 in training;
@@ -2196,7 +2207,8 @@ void gpt2_kv_start(GPT2<real>* model) {
 // n tokens after the prompt. With the key/value cache (use_cache, and not for prefix tuning, whose
 // attention has its own kernel), the prompt is one forward and every further token a forward of one
 // position; once the context outgrows the allocated T, each token is a forward over the last T tokens.
-// Both paths compute the same rows the same way (test_lora.cpp checks logits and tokens).
+// The two agree to fp32 rounding: a one-row matmul sums in another order (see matmul_forward);
+// test_lora.cpp checks the logits and the sampled tokens.
 static std::vector<int> gpt2_generate(GPT2<float>* model, const std::vector<int>& prompt, int n, Rng* rng,
                                       float temperature = 1.0f, int top_k = 0, bool use_cache = true) {
     std::vector<int> tokens = prompt;
