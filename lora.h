@@ -265,7 +265,7 @@ struct LoRA {
     real* dora_P[LORA_NUM_TARGETS];            // (L, out, r) cached W0 @ lora_A^T
     real* dora_z[LORA_NUM_TARGETS];            // (L, BT, out) cached inp @ (W0 + scale lora_B lora_A)^T
     real* dora_dz;                             // (BT, 4C) backward scratch
-    uint8_t* quant_q[LORA_NUM_TARGETS];        // (L, out, in) int8 codes, or two NF4 codes per byte
+    uint8_t* quant_q[LORA_NUM_TARGETS];        // (L, out, in) int8 codes, two NF4 or four int2 codes per byte
     float* quant_absmax[LORA_NUM_TARGETS];     // one absmax per block of LORA_QUANT_BLOCK weights
     real* quant_w;                             // (out, in) one layer of one matrix dequantized, for the matmul at hand;
                                                // sized for the largest, (4C, C), and shared by all four targets
@@ -482,7 +482,7 @@ static inline std::string lora_peft_magnitude_key(int layer, int target) {
 
 // ----------------------------------------------------------------------------
 // ---- LoRA variants ----
-// rsLoRA (the scale, see lora_scale_of above), LoRA+, DoRA, a quantized frozen base (int8 / NF4), PiSSA
+// rsLoRA (the scale, see lora_scale_of above), LoRA+, DoRA, a quantized frozen base (int8 / NF4 / int2), PiSSA
 // initialisation and multi-adapter batches. Each is off by default; plain LoRA is untouched by them.
 
 // LoRA+ (Hayou et al. 2024): lora_B learns with lr_B = lr_ratio_B * lr while lora_A keeps lr, because
@@ -675,12 +675,15 @@ void dora_backward(real* dinp, real* dlora_A, real* dlora_B, real* dm, real* dh,
 //   int8: q = round(127 x / absmax) in [-127, 127], x ~ q absmax / 127; error <= absmax / 254 per weight
 //   nf4:  q = the index of the NF4 level nearest to x / absmax, two per byte, x ~ level[q] absmax;
 //         error <= absmax * (largest gap between neighbouring levels) / 2 = 0.1385 absmax per weight
+//   int2: q = the index of the nearest of the 4 uniform levels -1, -1/3, 1/3, 1 (no zero), four per
+//         byte, x ~ level[q] absmax; error <= absmax / 3 per weight. The 2-bit row of the memory tables
+//         in the LoRA literature (QLoRA itself stops at 4 bits)
 // (QLoRA also quantizes the absmax values themselves, "double quantization"; here they stay fp32.)
 // LoRA trains on top in fp32. A matrix is dequantized whole into one (out, in) scratch per target just
 // before its matmul (forward and the dinp backward; the frozen base has no weight gradient), so the
 // fp32 matmul and its fast path run unchanged on the dequantized weights.
-enum LoRAQuant { LORA_QUANT_FP32, LORA_QUANT_INT8, LORA_QUANT_NF4, LORA_NUM_QUANTS };
-static const char* const lora_quant_names[LORA_NUM_QUANTS] = {"fp32", "int8", "nf4"};
+enum LoRAQuant { LORA_QUANT_FP32, LORA_QUANT_INT8, LORA_QUANT_NF4, LORA_QUANT_INT2, LORA_NUM_QUANTS };
+static const char* const lora_quant_names[LORA_NUM_QUANTS] = {"fp32", "int8", "nf4", "int2"};
 #define LORA_QUANT_BLOCK 64
 
 // the 16 NormalFloat4 levels: quantiles of N(0,1) normalised to [-1, 1], with an exact 0
@@ -691,16 +694,34 @@ static const float nf4_levels[16] = {
     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
 
+// the 4 int2 levels, in units of the block's absmax
+static const float int2_levels[4] = {-1.0f, -1.0f / 3.0f, 1.0f / 3.0f, 1.0f};
+
+// codes per byte: 1 (int8), 2 (nf4), 4 (int2)
+static inline int lora_quant_per_byte(int quant) { return quant == LORA_QUANT_NF4 ? 2 : quant == LORA_QUANT_INT2 ? 4 : 1; }
 // bytes of codes for n weights (absmax adds 4 bytes per block)
-static inline size_t lora_quant_code_bytes(int quant, size_t n) { return quant == LORA_QUANT_NF4 ? (n + 1) / 2 : n; }
+static inline size_t lora_quant_code_bytes(int quant, size_t n) {
+    size_t k = (size_t)lora_quant_per_byte(quant);
+    return (n + k - 1) / k;
+}
 static inline size_t lora_quant_blocks(size_t n) { return (n + LORA_QUANT_BLOCK - 1) / LORA_QUANT_BLOCK; }
+
+// the index of the level nearest to x (the first of two equally near)
+static inline int nearest_level(float x, const float* levels, int nlevels) {
+    int best = 0;
+    for (int k = 1; k < nlevels; k++) {
+        if (std::fabs(x - levels[k]) < std::fabs(x - levels[best])) best = k;
+    }
+    return best;
+}
 
 // W (n) -> q (lora_quant_code_bytes), absmax (lora_quant_blocks(n))
 template <typename real>
 void quantize_forward(uint8_t* q, float* absmax, const real* W, size_t n, int quant) {
     size_t nblocks = lora_quant_blocks(n);
-    if (quant == LORA_QUANT_NF4) memset(q, 0, (n + 1) / 2);
-    // parallel over blocks: each thread owns a block's codes (64 weights = 32 whole NF4 bytes) and absmax
+    if (quant != LORA_QUANT_INT8) memset(q, 0, lora_quant_code_bytes(quant, n));
+    // parallel over blocks: each thread owns a block's codes (64 weights = 32 whole NF4 bytes, 16 int2
+    // bytes) and absmax
     #pragma omp parallel for
     for (size_t b = 0; b < nblocks; b++) {
         size_t start = b * LORA_QUANT_BLOCK, end = std::min(n, start + LORA_QUANT_BLOCK);
@@ -712,12 +733,12 @@ void quantize_forward(uint8_t* q, float* absmax, const real* W, size_t n, int qu
             float x = (float)W[i] * inv; // in [-1, 1]
             if (quant == LORA_QUANT_INT8) {
                 q[i] = (uint8_t)(int8_t)lrintf(127.0f * x);
+            } else if (quant == LORA_QUANT_NF4) {
+                int k = nearest_level(x, nf4_levels, 16);
+                q[i / 2] |= (uint8_t)(k << (4 * (i % 2))); // even index: low nibble, odd: high nibble
             } else {
-                int best = 0;
-                for (int k = 1; k < 16; k++) {
-                    if (std::fabs(x - nf4_levels[k]) < std::fabs(x - nf4_levels[best])) best = k;
-                }
-                q[i / 2] |= (uint8_t)(best << (4 * (i % 2))); // even index: low nibble, odd: high nibble
+                int k = nearest_level(x, int2_levels, 4);
+                q[i / 4] |= (uint8_t)(k << (2 * (i % 4))); // weight i in bits 2(i%4), 2(i%4)+1
             }
         }
     }
@@ -731,7 +752,8 @@ void dequantize_forward(real* W, const uint8_t* q, const float* absmax, size_t n
     for (size_t i = 0; i < n; i++) {
         float amax = absmax[i / LORA_QUANT_BLOCK];
         if (quant == LORA_QUANT_INT8) W[i] = (real)((float)(int8_t)q[i] * (amax / 127.0f));
-        else W[i] = (real)(nf4_levels[(q[i / 2] >> (4 * (i % 2))) & 15] * amax);
+        else if (quant == LORA_QUANT_NF4) W[i] = (real)(nf4_levels[(q[i / 2] >> (4 * (i % 2))) & 15] * amax);
+        else W[i] = (real)(int2_levels[(q[i / 4] >> (2 * (i % 4))) & 3] * amax);
     }
 }
 
@@ -1134,7 +1156,7 @@ static inline bool lora_parse_quant(const char* name, int* quant, std::string* e
     for (int k = 0; k < LORA_NUM_QUANTS; k++) {
         if (strcmp(name, lora_quant_names[k]) == 0) { *quant = k; return true; }
     }
-    *err = std::string("unknown base quantization '") + name + "'; HINT: choose fp32, int8 or nf4";
+    *err = std::string("unknown base quantization '") + name + "'; HINT: choose fp32, int8, nf4 or int2";
     return false;
 }
 

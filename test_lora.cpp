@@ -931,7 +931,7 @@ TEST_CASE("DoRA in the model: starts at the base (m = row norms), and every adap
     gpt2_free(&model);
 }
 
-TEST_CASE("quantized base: int8 and NF4 quantize -> dequantize stay within their per-block error bounds") {
+TEST_CASE("quantized base: int8, NF4 and int2 quantize -> dequantize stay within their per-block error bounds") {
     const size_t n = 1000; // not a multiple of 64: the last block is partial
     Rng rng;
     rng_seed(&rng, 101);
@@ -942,22 +942,23 @@ TEST_CASE("quantized base: int8 and NF4 quantize -> dequantize stay within their
     // the largest gap between neighbouring NF4 levels (between 0.7229... and 1)
     float max_gap = 0;
     for (int k = 0; k < 15; k++) { max_gap = std::max(max_gap, nf4_levels[k + 1] - nf4_levels[k]); }
-    for (int quant : {(int)LORA_QUANT_INT8, (int)LORA_QUANT_NF4}) {
+    for (int quant : {(int)LORA_QUANT_INT8, (int)LORA_QUANT_NF4, (int)LORA_QUANT_INT2}) {
         CAPTURE(quant);
         std::vector<uint8_t> q(lora_quant_code_bytes(quant, n));
         std::vector<float> absmax(lora_quant_blocks(n)), D(n);
         quantize_forward(q.data(), absmax.data(), W.data(), n, quant);
         dequantize_forward(D.data(), q.data(), absmax.data(), n, quant);
-        CHECK(q.size() == (quant == LORA_QUANT_INT8 ? n : n / 2));
+        CHECK(q.size() == (quant == LORA_QUANT_INT8 ? n : quant == LORA_QUANT_NF4 ? n / 2 : n / 4)); // n = 1000
         size_t worst_block = 0;
         double worst = 0; // the largest error as a fraction of its block's bound
         for (size_t b = 0; b < absmax.size(); b++) {
             float amax = 0;
             for (size_t i = b * 64; i < std::min(n, b * 64 + 64); i++) { amax = std::max(amax, std::fabs(W[i])); }
             CHECK(absmax[b] == amax);
-            // int8: half a step of absmax / 127; NF4: half the widest level gap. Plus fp32 rounding of the
-            // scaling (a few ulp of absmax).
-            double bound = amax * (quant == LORA_QUANT_INT8 ? 0.5 / 127 : 0.5 * max_gap) + 4 * amax * 1.2e-7;
+            // int8: half a step of absmax / 127; NF4: half the widest level gap; int2: half the gap of 2/3
+            // between its uniform levels. Plus fp32 rounding of the scaling (a few ulp of absmax).
+            double half_gap = quant == LORA_QUANT_INT8 ? 0.5 / 127 : quant == LORA_QUANT_NF4 ? 0.5 * max_gap : 1.0 / 3.0;
+            double bound = amax * half_gap + 4 * amax * 1.2e-7;
             for (size_t i = b * 64; i < std::min(n, b * 64 + 64); i++) {
                 double err = std::fabs((double)W[i] - D[i]);
                 CHECK(err <= bound);
@@ -966,14 +967,15 @@ TEST_CASE("quantized base: int8 and NF4 quantize -> dequantize stay within their
         }
         MESSAGE(std::string(lora_quant_names[quant]) << ": worst error " << worst << " of the bound (block " << worst_block << ")");
         for (size_t i = 128; i < 192; i++) { CHECK(D[i] == 0.0f); }
-        // NF4 picks the nearest level: no other level is closer to W / absmax
-        if (quant == LORA_QUANT_NF4) {
-            int not_nearest = 0;
+        // NF4 and int2 pick the nearest level: no other level is closer to W / absmax
+        if (quant != LORA_QUANT_INT8) {
+            const float* levels = quant == LORA_QUANT_NF4 ? nf4_levels : int2_levels;
+            int nlevels = quant == LORA_QUANT_NF4 ? 16 : 4, not_nearest = 0;
             for (size_t i = 0; i < n; i++) {
                 float amax = absmax[i / 64];
                 if (amax == 0) continue;
                 float x = W[i] / amax, got = D[i] / amax;
-                for (int k = 0; k < 16; k++) { if (std::fabs(x - nf4_levels[k]) < std::fabs(x - got) - 1e-6f) not_nearest++; }
+                for (int k = 0; k < nlevels; k++) { if (std::fabs(x - levels[k]) < std::fabs(x - got) - 1e-6f) not_nearest++; }
             }
             CHECK(not_nearest == 0);
         }
@@ -982,7 +984,7 @@ TEST_CASE("quantized base: int8 and NF4 quantize -> dequantize stay within their
 
 TEST_CASE("quantized base: the model's forward and adapter gradients equal an fp32 model holding the dequantized weights") {
     const int B = 2, T = 6, r = 4;
-    for (int quant : {(int)LORA_QUANT_INT8, (int)LORA_QUANT_NF4}) {
+    for (int quant : {(int)LORA_QUANT_INT8, (int)LORA_QUANT_NF4, (int)LORA_QUANT_INT2}) {
         CAPTURE(quant);
         GPT2<float> qmodel, ref;
         gpt2_build_random(&qmodel, tiny_config(), 111);
@@ -1006,7 +1008,7 @@ TEST_CASE("quantized base: the model's forward and adapter gradients equal an fp
                 dequantize_forward(base[t] + (size_t)l * n, q.data(), absmax.data(), n, quant);
             }
         }
-        CHECK(lora_base_weight_bytes(&qmodel.lora, quant) < lora_base_weight_bytes(&qmodel.lora, LORA_QUANT_FP32) / (quant == LORA_QUANT_INT8 ? 3 : 6));
+        CHECK(lora_base_weight_bytes(&qmodel.lora, quant) < lora_base_weight_bytes(&qmodel.lora, LORA_QUANT_FP32) / (quant == LORA_QUANT_INT8 ? 3 : quant == LORA_QUANT_NF4 ? 6 : 10));
         Rng rng;
         rng_seed(&rng, 114);
         std::vector<int> inputs, targets;
@@ -3641,7 +3643,7 @@ TEST_CASE("quantized base: the fp32 block matrices are gone, and the model equal
     TempDir dir;
     std::string ckpt = dir.file("base.bin");
     write_tiny_checkpoint(ckpt); // build_trainable_tiny(81)
-    for (int quant : {(int)LORA_QUANT_INT8, (int)LORA_QUANT_NF4}) {
+    for (int quant : {(int)LORA_QUANT_INT8, (int)LORA_QUANT_NF4, (int)LORA_QUANT_INT2}) {
         CAPTURE(quant);
         GPT2<float> q, ref;
         REQUIRE(gpt2_read_checkpoint(&q, ckpt.c_str(), true) == ""); // as the trainer reads it for -Q
@@ -3654,11 +3656,11 @@ TEST_CASE("quantized base: the fp32 block matrices are gone, and the model equal
         size_t C = c.channels, L = c.num_layers;
 
         // the bytes, counted here from the shapes: each layer's matrix is quantized alone, in blocks of 64
-        // weights with one fp32 absmax each; int8 one byte a weight, NF4 half; plus the matmuls' scratch,
+        // weights with one fp32 absmax each; int8 one byte a weight, NF4 half, int2 a quarter; plus the matmuls' scratch,
         // one dequantized fp32 layer of the largest matrix, (4C, C), shared by all four
         size_t kept = non_block_floats(c), codes = 0, absmax = 0, scratch = 4 * C * C * sizeof(float);
         for (size_t n : {3 * C * C, C * C, 4 * C * C, 4 * C * C}) {
-            codes += L * (quant == LORA_QUANT_INT8 ? n : (n + 1) / 2);
+            codes += L * (quant == LORA_QUANT_INT8 ? n : quant == LORA_QUANT_NF4 ? (n + 1) / 2 : (n + 3) / 4);
             absmax += L * ((n + 63) / 64) * sizeof(float);
         }
         CHECK(q.num_params_stored == kept);
@@ -3719,7 +3721,9 @@ TEST_CASE("quantized base: the fp32 block matrices are gone, and the model equal
         const double tol_quant_losses = 1e-6;
         MESSAGE(std::string(lora_quant_names[quant]) << ": loss " << losses_q[0] << " -> " << losses_q[steps - 1] << ", max |quantized - fp32 dequantized| " << maxdiff);
         CHECK(maxdiff <= tol_quant_losses);
-        CHECK(losses_q[steps - 1] < losses_q[0]);
+        // falling: int8 and NF4. int2 damages this tiny base so much that 8 steps at this lr raise the loss
+        // (6.08 -> 6.15, and the fp32 model on the same weights does the same: the equality above)
+        if (quant != LORA_QUANT_INT2) CHECK(losses_q[steps - 1] < losses_q[0]);
 
         // logits after training, and a merged checkpoint (-M) read back as a plain GPT-2: the dequantized base + adapters
         Rng rng;

@@ -2256,7 +2256,7 @@ static void print_tokens(const Tokenizer* tok, const std::vector<int>& ids) {
 //   [16] steps completed  [17..18] sampler RNG state  [19..20] train loader RNG state  [21] loader B
 //   [22] loader T  [23] loader shuffle  [24..25] loader position  [26..27] loader batch count nb
 //   [28] variant bits, whatever has_state: 1 = rsLoRA (scale = alpha / sqrt(r) instead of alpha / r)
-//   [29] the base storage the adapter trained on: 0 fp32, 1 int8, 2 nf4 (-Q; -A uses it unless -Q is given)
+//   [29] the base storage the adapter trained on: 0 fp32, 1 int8, 2 nf4, 3 int2 (-Q; -A uses it unless -Q is given)
 // then n fp32 adapter parameters in lora.h's flat layout (lora_tensor_list order), and when has_state = 1
 // the AdamW m (n fp32), v (n fp32) and the loader's batch order (nb u64).
 // The base checksum is FNV-1a 64 over the fp32 base parameters taken as 32-bit words (one xor and one
@@ -3156,7 +3156,7 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
         }
     }
     if (model->block_file != NULL && cfg.base_quant == LORA_QUANT_FP32) {
-        return strprintf("PEFT adapter '%s': the base was read for a quantized attach (block matrices left on disk) but -Q is fp32\n---> HINT: pass -Q int8 or -Q nf4 with -A", dir);
+        return strprintf("PEFT adapter '%s': the base was read for a quantized attach (block matrices left on disk) but -Q is fp32\n---> HINT: pass -Q int8, -Q nf4 or -Q int2 with -A", dir);
     }
     if (model->lora.params_memory != NULL) lora_free(&model->lora);
     gpt2_lora_attach(model, cfg, 0); // the init is overwritten here
@@ -3486,7 +3486,7 @@ static void error_usage() {
         "  -E <dir>    GPT-2 BPE dir (encoder.json, vocab.bpe) for -p (default ../shared/data/gpt2_tokenizer)\n"
         "  -N <name>   base_model_name_or_path for the PEFT adapter_config.json (default gpt2)\n"
         "  -V <list>   LoRA variant: lora, or a comma list of rslora,dora,pissa (default lora)\n"
-        "  -Q <kind>   frozen base matrices as fp32, int8 or nf4 (QLoRA-style; default fp32, -A: the adapter's)\n"
+        "  -Q <kind>   frozen base matrices as fp32, int8, nf4 or int2 (QLoRA-style; default fp32, -A: the adapter's)\n"
         "  -P <float>  LoRA+: lora_B learning rate = P * lr, > 0 (default 1)\n"
         "  -F <int>    instead of LoRA, freezing: train only the top F blocks and lnf, 0 = off (default 0)\n"
         "  -H <int>    instead of LoRA, Houlsby adapters of bottleneck m = H, 0 = off (default 0)\n"
@@ -3561,7 +3561,7 @@ int main(int argc, char** argv) {
     const char* bpe_dir = NULL;     // -E, NULL: search ../shared/data/gpt2_tokenizer, data/gpt2_tokenizer
     const char* base_name = "gpt2"; // -N
     const char* variants = "lora";  // -V, lora or a comma list of rslora,dora,pissa
-    const char* quant = "fp32";     // -Q, the frozen base's adapted matrices: fp32, int8 or nf4 (with -A: the adapter's)
+    const char* quant = "fp32";     // -Q, the frozen base's adapted matrices: fp32, int8, nf4 or int2 (with -A: the adapter's)
     bool quant_given = false;
     float lr_ratio_B = 1.0f;        // -P, LoRA+: lora_B learns with lr * P
     int freeze_k = 0;               // -F, train only the top k blocks (and lnf)

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # 200 steps of 4 x 64 tokens (51k tokens, a sixth of an epoch): on make run's Brown base, long enough for
-# the methods to move apart (LoRA r=8: -0.77 nats, full fine-tuning: -1.73); 9m47s for all 19 runs
+# the methods to move apart (LoRA r=8: -0.77 nats, full fine-tuning: -1.73); 9m47s for the first 19 runs
 B="${B:-4}"
 T="${T:-64}"
 STEPS="${STEPS:-200}"
@@ -70,6 +70,7 @@ RUNS=(
     "v_pissa|-r 8 -a 16 -l 1e-3 -V pissa"
     "v_qlora_int8|-r 8 -a 16 -l 1e-3 -Q int8"
     "v_qlora_nf4|-r 8 -a 16 -l 1e-3 -Q nf4"
+    "v_qlora_int2|-r 8 -a 16 -l 1e-3 -Q int2"
 )
 : > "$RUN_DIR/runs.txt"
 for run in "${RUNS[@]}"; do
