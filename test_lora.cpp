@@ -4007,7 +4007,7 @@ TEST_CASE("generation with the key/value cache: each new position's logits equal
     const int T = 12;           // the allocated context; sampling goes past it, where the window slides
     const float tol_kv = 1e-5f; // relative to the largest |logit|: the same kernels on the same rows, so only a
                                 // summation order could differ; a wrong position or cache row is O(1)
-    // plain LoRA, DoRA, Houlsby adapters, and prefix tuning (no cache: its attention has its own kernel)
+    // plain LoRA, DoRA, Houlsby adapters, prefix tuning (its own attention kernel, with the same query offset)
     for (int kind = 0; kind < 4; kind++) {
         CAPTURE(kind);
         GPT2<float> model;
@@ -4024,12 +4024,13 @@ TEST_CASE("generation with the key/value cache: each new position's logits equal
             for (size_t i = 0; i < model.adapters.buf.n; i++) model.adapters.buf.params[i] += 0.05f * (2.0f * rng_f32(&rng) - 1.0f);
         } else {
             gpt2_prefix_attach(&model, 3, 1305);
+            for (size_t i = 0; i < model.prefix.buf.n; i++) model.prefix.buf.params[i] += 0.5f * (2.0f * rng_f32(&rng) - 1.0f);
         }
         gpt2_allocate(&model, 1, T);
         int Vp = model.config.padded_vocab_size;
         std::vector<int> seq;
         random_tokens(&rng, &seq, T, model.config.vocab_size);
-        if (kind != 3) {
+        {
             // position t through the cache, one token at a time, against one forward over positions 0..t
             gpt2_kv_start(&model);
             double maxdiff = 0, maxabs = 0;

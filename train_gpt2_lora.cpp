@@ -882,16 +882,16 @@ real* gpt2_adapter_backward(Adapters<real>* ad, int pos, int l, real* dout, int 
 // t2, visible to query t when t2 <= t (the causal mask among real tokens is unchanged).
 template <typename real>
 void attention_prefix_forward(real* out, real* att, const real* qkv, const real* prefix_k, const real* prefix_v,
-                              int B, int T, int C, int NH, int P) {
-    int hs = C / NH, TP = P + T;
+                              int B, int T, int C, int NH, int P, int t0 = 0) {
+    int hs = C / NH, TP = P + T, Tq = T - t0; // queries t0..T-1, as in attention_forward
     real scale = 1 / std::sqrt((real)hs);
     // parallel over (b, t, h): each thread owns one row att[b,h,t,:] and out[b,t,h*hs:(h+1)*hs]
     #pragma omp parallel for collapse(3)
     for (int b = 0; b < B; b++) {
-        for (int t = 0; t < T; t++) {
+        for (int t = t0; t < T; t++) {
             for (int h = 0; h < NH; h++) {
                 const real* q = qkv + ((size_t)b * T + t) * 3 * C + h * hs;
-                real* att_bth = att + (((size_t)b * NH + h) * T + t) * TP;
+                real* att_bth = att + (((size_t)b * NH + h) * Tq + (t - t0)) * TP;
                 int n = P + t + 1; // visible columns
                 real maxval = -1e30f;
                 for (int j = 0; j < n; j++) {
@@ -908,7 +908,7 @@ void attention_prefix_forward(real* out, real* att, const real* qkv, const real*
                 }
                 real inv = 1 / sum;
                 for (int j = 0; j < TP; j++) { att_bth[j] = j < n ? att_bth[j] * inv : 0; }
-                real* out_bth = out + ((size_t)b * T + t) * C + h * hs;
+                real* out_bth = out + ((size_t)b * Tq + (t - t0)) * C + h * hs;
                 for (int i = 0; i < hs; i++) { out_bth[i] = 0; }
                 for (int j = 0; j < n; j++) {
                     const real* v = j < P ? prefix_v + (size_t)j * C + h * hs : qkv + ((size_t)b * T + j - P) * 3 * C + 2 * C + h * hs;
@@ -1019,10 +1019,11 @@ void prefix_free(Prefix<real>* pf) {
 }
 
 template <typename real>
-void gpt2_prefix_attention_forward(Prefix<real>* pf, int l, real* out, const real* qkv, int B, int T) {
+void gpt2_prefix_attention_forward(Prefix<real>* pf, int l, real* out, const real* qkv, int B, int T, int t0 = 0) {
     int C = pf->C, P = pf->P;
-    attention_prefix_forward(out, pf->att + (size_t)l * B * pf->NH * T * (P + T), qkv, pf->keys + (size_t)l * P * C,
-                             pf->values + (size_t)l * P * C, B, T, C, pf->NH, P);
+    // layer l's weights at (L, B, NH, T - t0, P + T): within the (L, B, NH, T, P + T) allocated for training
+    attention_prefix_forward(out, pf->att + (size_t)l * B * pf->NH * (T - t0) * (P + T), qkv, pf->keys + (size_t)l * P * C,
+                             pf->values + (size_t)l * P * C, B, T, C, pf->NH, P, t0);
 }
 
 template <typename real>
@@ -1563,15 +1564,17 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
         layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, la.residual, lp.ln1w, lp.ln1b, B, T, C);
         matmul_forward(la.qkv, la.ln1, gpt2_base_weight(model, LORA_QKV, l), lp.qkvb, B, T, C, 3 * C);
         gpt2_lora_forward(lora, LORA_QKV, l, la.qkv, la.ln1, BT);
-        if (model->prefix.P > 0) {
-            gpt2_prefix_attention_forward(&model->prefix, l, la.atty, la.qkv, B, T);
-        } else if (model->kv_on) { // append the new rows to the cache, then attend from them over all of it
+        // with the cache: append the new rows, then attend from them over all cached positions
+        const real* qkv_all = la.qkv;
+        real* att = la.att;
+        if (model->kv_on) {
             real* kv_l = model->kv + (size_t)l * model->kv_cap * 3 * C;
             memcpy(kv_l + (size_t)pos0 * 3 * C, la.qkv, (size_t)T * 3 * C * sizeof(real));
-            attention_forward(la.atty, acts.att, kv_l, 1, pos0 + T, C, NH, pos0); // (att not kept: no backward)
-        } else {
-            attention_forward(la.atty, la.att, la.qkv, B, T, C, NH);
+            qkv_all = kv_l;
+            att = acts.att; // scratch: (NH, T, pos0 + T) fits in one layer's (NH, alloc_T, alloc_T); no backward
         }
+        if (model->prefix.P > 0) gpt2_prefix_attention_forward(&model->prefix, l, la.atty, qkv_all, B, pos0 + T, pos0);
+        else attention_forward(la.atty, att, qkv_all, B, pos0 + T, C, NH, pos0);
         matmul_forward(proj, la.atty, gpt2_base_weight(model, LORA_ATTPROJ, l), lp.attprojb, B, T, C, C);
         gpt2_lora_forward(lora, LORA_ATTPROJ, l, proj, la.atty, BT);
         gpt2_adapter_forward(&model->adapters, 0, l, proj, BT);
@@ -2204,16 +2207,16 @@ void gpt2_kv_start(GPT2<real>* model) {
     model->kv_len = 0;
 }
 
-// n tokens after the prompt. With the key/value cache (use_cache, and not for prefix tuning, whose
-// attention has its own kernel), the prompt is one forward and every further token a forward of one
-// position; once the context outgrows the allocated T, each token is a forward over the last T tokens.
+// n tokens after the prompt. With the key/value cache (use_cache), the prompt is one forward and every
+// further token a forward of one position; once the context outgrows the allocated T, each token is a
+// forward over the last T tokens.
 // The two agree to fp32 rounding: a one-row matmul sums in another order (see matmul_forward);
 // test_lora.cpp checks the logits and the sampled tokens.
 static std::vector<int> gpt2_generate(GPT2<float>* model, const std::vector<int>& prompt, int n, Rng* rng,
                                       float temperature = 1.0f, int top_k = 0, bool use_cache = true) {
     std::vector<int> tokens = prompt;
     int maxT = model->alloc_T, Vp = model->config.padded_vocab_size;
-    if (use_cache && model->prefix.P == 0 && (int)prompt.size() < maxT) gpt2_kv_start(model);
+    if (use_cache && (int)prompt.size() < maxT) gpt2_kv_start(model);
     for (int i = 0; i < n; i++) {
         int len = (int)std::min<size_t>(tokens.size(), (size_t)maxT), rows = len;
         if (model->kv_on && (int)tokens.size() > model->kv_cap) model->kv_on = false; // full: slide the window
