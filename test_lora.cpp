@@ -4063,3 +4063,52 @@ TEST_CASE("generation with the key/value cache: each new position's logits equal
         gpt2_free(&model);
     }
 }
+
+TEST_CASE("multi-adapter generation (-Y 1): each sequence of the batch generates what its adapter alone generates; bad -Y exits naming the flag") {
+    const int T = 8, n = 2 * T; // past the allocated T, where the window slides
+    GPT2<float> multi;
+    build_trainable_tiny(&multi, 171);
+    int L = multi.config.num_layers, C = multi.config.channels;
+    LoRA<float> adapters[3];
+    make_three_adapters(adapters, L, C);
+    for (int k = 0; k < 3; k++) randomize_lora_B(&adapters[k], L, C, 180 + k, 3.0); // strong enough to change the greedy tokens
+    const LoRA<float>* ptrs[3] = {&adapters[0], &adapters[1], &adapters[2]};
+    const int index[3] = {0, 1, 2};
+    lora_multi_set(&multi.lora, ptrs, index, T, L, C);
+    gpt2_allocate(&multi, 3, T);
+    const std::vector<int> prompt = {5, 17, 42};
+    Rng rng;
+    rng_seed(&rng, 172);
+    // greedy (top-k 1), so the sampler's random numbers, consumed in another order, play no part
+    std::vector<std::vector<int>> batch = gpt2_generate_multi(&multi, prompt, 3, n, &rng, 1.0f, 1);
+    REQUIRE(batch.size() == 3);
+    int differing = 0; // the adapters must matter, or the comparison shows nothing
+    for (int k = 0; k < 3; k++) {
+        CAPTURE(k);
+        GPT2<float> single;
+        build_trainable_tiny(&single, 171);
+        gpt2_lora_attach(&single, adapters[k].config, 0);
+        memcpy(single.lora.params_memory, adapters[k].params_memory, adapters[k].num_parameters * sizeof(float));
+        gpt2_allocate(&single, 1, T);
+        std::vector<int> alone = gpt2_generate(&single, prompt, n, &rng, 1.0f, 1);
+        CHECK(batch[k] == alone);
+        if (k > 0 && batch[k] != batch[0]) differing++;
+        gpt2_free(&single);
+    }
+    CHECK(differing > 0);
+    multi.lora.multi = NULL; // the holder owns nothing
+    gpt2_free(&multi);
+    for (int k = 0; k < 3; k++) lora_free(&adapters[k]);
+
+    // the flag: -Y 1 needs -p and -A, and no -S / -M / -o; only 0 or 1
+    TempDir dir;
+    std::string ckpt = dir.file("tiny.bin"), out;
+    write_tiny_checkpoint(ckpt);
+    CHECK(run_trainer("-e " + ckpt + " -x 0 -Y 2 -p hi -A a", &out) != 0);
+    CHECK(has(out, "-Y"));
+    CHECK(run_trainer("-e " + ckpt + " -x 0 -Y 1 -A a -A b -M " + dir.file("m.bin"), &out) != 0); // no -p
+    CHECK(has(out, "-Y"));
+    CHECK(has(out, "HINT"));
+    CHECK(run_trainer("-e " + ckpt + " -x 0 -Y 1 -p hi -A a -A b -S 0.5,0.5", &out) != 0);
+    CHECK(has(out, "-Y"));
+}

@@ -3195,32 +3195,40 @@ static std::string lora_file_load(const char* path, GPT2<float>* model, uint64_t
     return lora_file_read(path, model, base_sum, state, has_state, base_quant);
 }
 
-// Several adapters (-A given more than once, or with -S weights) folded into one by lora_combine: each is
-// loaded onto the base in turn, moved aside, and the weighted sum attached as the model's adapter, which
-// -p, -M and -o then use like any other. Only plain (and rsLoRA) adapters on the fp32 base combine: the
-// delta of DoRA (a row norm) and of PiSSA (a changed base) is not weight * scale * lora_B lora_A.
-static std::string lora_files_combine(const std::vector<const char*>& paths, const std::vector<float>& weights,
-                                      GPT2<float>* model, uint64_t base_sum) {
-    std::vector<LoRA<float>> parts(paths.size());
-    std::string err;
-    for (size_t k = 0; k < paths.size() && err.empty(); k++) {
+// Several adapters (-A given more than once) on one base: each is loaded onto the base in turn and moved
+// aside into parts[k]. Only plain (and rsLoRA) adapters on the fp32 base qualify: the change of DoRA (a
+// row norm) and of PiSSA (a changed base) is not scale * lora_B lora_A on the shared base. The caller
+// frees the parts (lora_free), also after an error.
+static std::string lora_files_load_all(const std::vector<const char*>& paths, GPT2<float>* model, uint64_t base_sum,
+                                       std::vector<LoRA<float>>* parts) {
+    parts->assign(paths.size(), LoRA<float>());
+    for (size_t k = 0; k < paths.size(); k++) {
         TrainState unused;
         bool has_state = false;
-        err = lora_file_load(paths[k], model, base_sum, &unused, &has_state, LORA_QUANT_FP32);
+        std::string err = lora_file_load(paths[k], model, base_sum, &unused, &has_state, LORA_QUANT_FP32);
         if (err.empty() && (model->lora.config.use_dora || model->lora.config.init_pissa)) {
-            err = strprintf("adapter '%s' is %s: its change to the base is not weight * scale * lora_B lora_A, so it cannot be combined\n"
-                            "---> HINT: use it alone (one -A, no -S), e.g. -A %s -M merged.bin -x 0",
+            err = strprintf("adapter '%s' is %s: its change to the base is not scale * lora_B lora_A, so it cannot share the base with others\n"
+                            "---> HINT: use it alone (one -A, no -S or -Y), e.g. -A %s -M merged.bin -x 0",
                             paths[k], model->lora.config.use_dora ? "DoRA" : "PiSSA", paths[k]);
         }
-        if (err.empty()) { parts[k] = model->lora; memset(&model->lora, 0, sizeof(model->lora)); } // moved aside
-        else if (paths.size() > 1) err = strprintf("adapter %zu of %zu: ", k + 1, paths.size()) + err;
+        if (!err.empty()) return paths.size() > 1 ? strprintf("adapter %zu of %zu: ", k + 1, paths.size()) + err : err;
+        (*parts)[k] = model->lora; // moved aside
+        memset(&model->lora, 0, sizeof(model->lora));
     }
+    return "";
+}
+
+// -A given more than once, or with -S weights: the adapters folded into one by lora_combine, attached as
+// the model's adapter, which -p, -M and -o then use like any other
+static std::string lora_files_combine(const std::vector<const char*>& paths, const std::vector<float>& weights,
+                                      GPT2<float>* model, uint64_t base_sum) {
+    std::vector<LoRA<float>> parts;
+    std::string err = lora_files_load_all(paths, model, base_sum, &parts);
     if (err.empty()) {
         std::vector<const LoRA<float>*> ptrs;
         for (const LoRA<float>& part : parts) ptrs.push_back(&part);
         LoRA<float> mix;
         lora_combine(&mix, ptrs.data(), weights.data(), (int)parts.size());
-        if (model->lora.params_memory != NULL) lora_free(&model->lora);
         gpt2_lora_attach(model, mix.config, 0);
         memcpy(model->lora.params_memory, mix.params_memory, mix.num_parameters * sizeof(float));
         lora_free(&mix);
@@ -3240,20 +3248,50 @@ static std::string lora_file_save_all(const char* dir, const GPT2<float>* model,
 
 // encodes prompt with the GPT-2 BPE (an empty prompt starts from <|endoftext|>) and appends n sampled
 // tokens; *text gets the decoded continuation
+// the prompt as token ids (an empty prompt starts from <|endoftext|>), checked against the base's vocabulary
+static std::string encode_prompt(const BPE* bpe, const std::string& prompt, int V, std::vector<int>* ids) {
+    bpe_encode(bpe, prompt.data(), prompt.size(), *ids);
+    if (ids->empty()) ids->push_back(bpe->eot_token);
+    for (int id : *ids) {
+        if (id >= V) {
+            return strprintf("flag -p: the prompt encodes to token id %d, but the base model has only V=%d ids\n"
+                             "---> HINT: prompts need a base with GPT-2's vocabulary (V=50257), e.g. gpt2_124M.bin", id, V);
+        }
+    }
+    return "";
+}
+
 static std::string generate_from_prompt(GPT2<float>* model, const BPE* bpe, const std::string& prompt, int n,
                                         float temperature, int top_k, Rng* rng, std::string* text) {
     std::vector<int> ids;
-    bpe_encode(bpe, prompt.data(), prompt.size(), ids);
-    if (ids.empty()) ids.push_back(bpe->eot_token);
-    for (int id : ids) {
-        if (id >= model->config.vocab_size) {
-            return strprintf("flag -p: the prompt encodes to token id %d, but the base model has only V=%d ids\n"
-                             "---> HINT: prompts need a base with GPT-2's vocabulary (V=50257), e.g. gpt2_124M.bin", id, model->config.vocab_size);
-        }
-    }
+    std::string err = encode_prompt(bpe, prompt, model->config.vocab_size, &ids);
+    if (!err.empty()) return err;
     std::vector<int> out = gpt2_generate(model, ids, n, rng, temperature, top_k);
     *text = bpe_decode(bpe, out.data(), out.size());
     return "";
+}
+
+// A multi-adapter batch (lora_multi_set on model->lora): sequence b continues the prompt with its own
+// adapter, all B sequences in one forward per token (no cache; past the allocated T the window slides).
+// Returns the n new tokens of each sequence.
+static std::vector<std::vector<int>> gpt2_generate_multi(GPT2<float>* model, const std::vector<int>& prompt, int B, int n,
+                                                         Rng* rng, float temperature = 1.0f, int top_k = 0) {
+    std::vector<std::vector<int>> seqs(B, prompt);
+    int Vp = model->config.padded_vocab_size;
+    std::vector<int> inputs;
+    for (int i = 0; i < n; i++) {
+        int len = (int)std::min<size_t>(seqs[0].size(), (size_t)model->alloc_T);
+        inputs.clear();
+        for (const std::vector<int>& seq : seqs) inputs.insert(inputs.end(), seq.end() - len, seq.end());
+        model->lora.multi_T = len; // rows per sequence, for lora_multi_forward
+        gpt2_forward(model, inputs.data(), (const int*)NULL, B, len);
+        for (int b = 0; b < B; b++) {
+            const float* logits = model->acts.logits + ((size_t)b * len + len - 1) * Vp;
+            seqs[b].push_back(sample_top_k(logits, model->config.vocab_size, temperature, top_k, rng_f32(rng)));
+        }
+    }
+    for (std::vector<int>& seq : seqs) seq.erase(seq.begin(), seq.begin() + prompt.size());
+    return seqs;
 }
 
 // ----------------------------------------------------------------------------
@@ -3486,6 +3524,7 @@ static void error_usage() {
         "  -T <float>  sampling temperature, > 0 (default 1)\n"
         "  -K <int>    sample from the K most likely tokens only, 0 = all (default 0)\n"
         "  -W <0|1>    -p with the adapter merged into the weights, or as a separate branch (default 1)\n"
+        "  -Y <0|1>    -p with several -A: 1 = one batch, each sequence with its own adapter, unmerged (default 0)\n"
         "  -E <dir>    GPT-2 BPE dir (encoder.json, vocab.bpe) for -p (default ../shared/data/gpt2_tokenizer)\n"
         "  -N <name>   base_model_name_or_path for the PEFT adapter_config.json (default gpt2)\n"
         "  -V <list>   LoRA variant: lora, or a comma list of rslora,dora,pissa (default lora)\n"
@@ -3561,6 +3600,7 @@ int main(int argc, char** argv) {
     float temperature = 1.0f;       // -T
     int top_k = 0;                  // -K
     int merged_inference = 1;       // -W
+    int multi_batch = 0;            // -Y, several -A with -p: one batch, each sequence its own adapter
     const char* bpe_dir = NULL;     // -E, NULL: search ../shared/data/gpt2_tokenizer, data/gpt2_tokenizer
     const char* base_name = "gpt2"; // -N
     const char* variants = "lora";  // -V, lora or a comma list of rslora,dora,pissa
@@ -3615,6 +3655,7 @@ int main(int argc, char** argv) {
             case 'T': temperature = parse_float(argv[i], v); break;
             case 'K': top_k = parse_int(argv[i], v); break;
             case 'W': merged_inference = parse_int(argv[i], v); break;
+            case 'Y': multi_batch = parse_int(argv[i], v); break;
             case 'E': bpe_dir = v; break;
             case 'N': base_name = v; break;
             case 'V': variants = v; break;
@@ -3631,8 +3672,14 @@ int main(int argc, char** argv) {
     }
     // validation / overrides
     const char* adapter_path = adapter_paths.empty() ? NULL : adapter_paths[0];
-    // several -A, or -S: the adapters are combined into one, weighted (lora_files_combine)
-    bool combine = adapter_paths.size() > 1 || adapter_weights != NULL;
+    // several -A, or -S: the adapters are combined into one, weighted (lora_files_combine); with -Y 1
+    // they stay apart instead, one sequence each in one batch
+    if (multi_batch != 0 && multi_batch != 1) bad_flag("-Y", strprintf("must be 0 or 1, got %d", multi_batch));
+    if (multi_batch && (prompt == NULL || adapter_paths.empty() || adapter_weights != NULL || merged_path != NULL || output_dir != NULL)) {
+        bad_flag("-Y", "a multi-adapter batch generates from -p with the adapters given by -A, each unmerged in its own sequence\n"
+                       "---> HINT: -Y 1 -p <prompt> -A a -A b ...; without -S, -M and -o (those add the adapters into one: drop -Y)");
+    }
+    bool combine = !multi_batch && (adapter_paths.size() > 1 || adapter_weights != NULL);
     std::vector<float> combine_weights(adapter_paths.size(), 1.0f);
     if (adapter_weights != NULL) {
         if (adapter_paths.empty()) bad_flag("-S", "weights apply to the adapters given with -A\n---> HINT: add -A <adapter> once per weight");
@@ -3657,8 +3704,8 @@ int main(int argc, char** argv) {
         bad_flag("-A", "several adapters, or -S weights, combine into one adapter for -p and -M only (it has no optimizer state to train on)\n"
                        "---> HINT: add -p <prompt>, or -M merged.bin -x 0 (and -o <dir> to save the combined adapter); to train, give one -A");
     }
-    if (combine && quant_given && strcmp(quant, "fp32") != 0) {
-        bad_flag("-Q", "combining adapters (several -A, or -S) needs the fp32 base\n---> HINT: drop -Q");
+    if ((combine || multi_batch) && quant_given && strcmp(quant, "fp32") != 0) {
+        bad_flag("-Q", "several adapters on one base (several -A, -S or -Y) need the fp32 base\n---> HINT: drop -Q");
     }
     if (B <= 0) bad_flag("-b", strprintf("batch size must be >= 1, got %d", B));
     if (T <= 0) bad_flag("-t", strprintf("sequence length must be >= 1, got %d", T));
@@ -3723,7 +3770,7 @@ int main(int argc, char** argv) {
     GPT2<float> model;
     // -Q int8 / nf4 (or -A with an adapter.bin trained on one, and no -Q): the block matrices stay on disk
     // until the attach quantizes them layer by layer, so they are never in memory in fp32
-    int read_quant = quant_given || adapter_path == NULL || combine ? base_quant : adapter_file_base_quant(adapter_path);
+    int read_quant = quant_given || adapter_path == NULL || combine || multi_batch ? base_quant : adapter_file_base_quant(adapter_path);
     err = gpt2_read_checkpoint(&model, base_path, lora_on && read_quant != LORA_QUANT_FP32);
     if (!err.empty()) die("flag -e: " + err);
     GPT2Config cfg = model.config;
@@ -3740,6 +3787,9 @@ int main(int argc, char** argv) {
     TrainState resume;      // the saved run's step, loader and sampler state, when -A has them
     bool have_state = false;
     std::string adapter_desc = strprintf("new (seed %d)", seed);
+    std::vector<LoRA<float>> batch_adapters; // -Y 1: the adapters, one per sequence of the batch
+    std::vector<const LoRA<float>*> batch_ptrs;
+    std::vector<int> batch_index;
     if (full && l2sp_lambda > 0) {
         gpt2_enable_l2sp(&model, l2sp_lambda);
     } else if (full) {
@@ -3755,7 +3805,18 @@ int main(int argc, char** argv) {
             else base_sum = base_checksum(model.params_memory, model.num_parameters);
             if (!err.empty()) die("flag -e: " + err);
         }
-        if (combine) {
+        if (multi_batch) {
+            err = lora_files_load_all(adapter_paths, &model, base_sum, &batch_adapters);
+            if (!err.empty()) die("flag -A: " + err);
+            lcfg = batch_adapters[0].config;
+            adapter_desc = "one batch, each sequence its own adapter, unmerged:";
+            for (size_t k = 0; k < adapter_paths.size(); k++) {
+                adapter_desc += strprintf(" [%zu] %s", k, adapter_paths[k]);
+                batch_ptrs.push_back(&batch_adapters[k]);
+                batch_index.push_back((int)k);
+            }
+            lora_multi_set(&model.lora, batch_ptrs.data(), batch_index.data(), T, cfg.num_layers, cfg.channels);
+        } else if (combine) {
             err = lora_files_combine(adapter_paths, combine_weights, &model, base_sum);
             if (!err.empty()) die("flag -A: " + err);
             lcfg = model.lora.config;
@@ -3794,6 +3855,29 @@ int main(int argc, char** argv) {
             int rc = bpe_dir == NULL ? bpe_load_default(&bpe)
                                      : bpe_load(&bpe, (std::string(bpe_dir) + "/encoder.json").c_str(), (std::string(bpe_dir) + "/vocab.bpe").c_str());
             if (rc != 0) die(std::string(bpe_dir ? "flag -E: " : "flag -p: ") + bpe.error);
+            if (multi_batch) { // one sequence per adapter, in one batch
+                int nb = (int)batch_adapters.size();
+                gpt2_allocate(&model, nb, T);
+                std::vector<int> ids;
+                err = encode_prompt(&bpe, prompt, cfg.vocab_size, &ids);
+                if (!err.empty()) die(err);
+                Rng rng;
+                rng_seed(&rng, (uint64_t)seed + 1);
+                double t0 = now_seconds();
+                std::vector<std::vector<int>> outs = gpt2_generate_multi(&model, ids, nb, gen_tokens, &rng, temperature, top_k);
+                double secs = now_seconds() - t0;
+                printf("[Generate]\nmode: multi-adapter batch of %d\ntemperature: %g\ntop_k: %d\ncontext: %d\n", nb, temperature, top_k, T);
+                for (int k = 0; k < nb; k++) {
+                    std::string text = bpe_decode(&bpe, outs[k].data(), outs[k].size());
+                    printf("--- [%d] %s\n%s%s\n", k, adapter_paths[k], prompt, text.c_str());
+                }
+                printf("---\ngenerated %d x %d tokens in %.2f s (%.1f tok/s)\n", nb, gen_tokens, secs, nb * gen_tokens / secs);
+                model.lora.multi = NULL; // the holder owns nothing; the adapters are freed below
+                for (LoRA<float>& a : batch_adapters) lora_free(&a);
+                gpt2_free(&model);
+                dp_finalize();
+                return 0;
+            }
             // a quantized base has no fp32 matrices to merge into: it generates unmerged (quantized base + adapters)
             bool merge_now = merged_inference && model.lora.quant_q[0] == NULL;
             if (merge_now) {
