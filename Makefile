@@ -35,6 +35,8 @@ endif
 # a build directory per OpenMP setting, so NO_OMP=1 never reuses an OpenMP object
 BUILD := build/$(if $(filter 1,$(NO_OMP)),noomp,omp)
 TRAIN := $(BUILD)$(if $(MPI),/mpi)/train_gpt2_lora
+# the product: the trainer, lora.h and the headers of lib/ (never anything under dev/)
+PRODUCT_SOURCES := train_gpt2_lora.cpp lora.h $(wildcard lib/*.h)
 TEST_SOURCES := test_lora.cpp $(wildcard dev/test_tokenizer.cpp)
 
 .PHONY: all test clean FORCE
@@ -47,11 +49,11 @@ train_gpt2_lora: $(TRAIN) FORCE
 
 FORCE:
 
-$(TRAIN): train_gpt2_lora.cpp lora.h $(wildcard dev/tokenizer.h)
+$(TRAIN): $(PRODUCT_SOURCES)
 	@mkdir -p $(@D)
 	$(if $(MPI),mpicxx -DUSE_MPI,$(CXX)) $(CXXFLAGS) $< $(LDFLAGS) $(LDLIBS) -o $@
 
-$(BUILD)/test_lora: $(TEST_SOURCES) train_gpt2_lora.cpp lora.h $(wildcard dev/*.h dev/fuzz/*.h)
+$(BUILD)/test_lora: $(TEST_SOURCES) $(PRODUCT_SOURCES) $(wildcard dev/fuzz/*.h)
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $(TEST_SOURCES) $(LDFLAGS) $(LDLIBS) -o $@
 

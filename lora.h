@@ -20,37 +20,13 @@ Dimension letters: BT = B*T rows, C = input channels, OC = output channels, r = 
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-
-// ----------------------------------------------------------------------------
-// random numbers: xorshift64*, seeded, the same stream on every platform
-
-struct Rng { uint64_t state; };
-
-static inline void rng_seed(Rng* rng, uint64_t seed) {
-    // splitmix64 once, so that small seeds (0, 1, 2) still give well-mixed states
-    uint64_t z = seed + 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    rng->state = (z ^ (z >> 31)) | 1ull;
-}
-static inline uint32_t rng_u32(Rng* rng) {
-    rng->state ^= rng->state >> 12;
-    rng->state ^= rng->state << 25;
-    rng->state ^= rng->state >> 27;
-    return (uint32_t)((rng->state * 0x2545F4914F6CDD1Dull) >> 32);
-}
-// uniform in [0, 1), 24 bits of mantissa
-static inline float rng_f32(Rng* rng) { return (rng_u32(rng) >> 8) / 16777216.0f; }
-static inline float rng_uniform(Rng* rng, float lo, float hi) { return lo + (hi - lo) * rng_f32(rng); }
-static inline float rng_normal(Rng* rng) {
-    // Box-Muller; 1 - u keeps the log argument in (0, 1]
-    float u1 = 1.0f - rng_f32(rng), u2 = rng_f32(rng);
-    return sqrtf(-2.0f * logf(u1)) * cosf(6.283185307179586f * u2);
-}
+#include "lib/rng.h"  // lora_A's seeded init
+#include "lib/fast.h" // lora_forward_fast / lora_backward_fast, the float twins of the naive kernels below
 
 // ----------------------------------------------------------------------------
 // which matmuls of a GPT-2 block carry an adapter
@@ -159,7 +135,7 @@ static inline void lora_down_row(real* h_bt, const real* inp_bt, const real* lor
 
 // inp (BT,C), lora_A (r,C), lora_B (OC,r) -> h (BT,r) cached; out (BT,OC) += scale * h @ lora_B^T
 template <typename real>
-void lora_forward(real* out, real* h, const real* inp, const real* lora_A, const real* lora_B,
+void lora_forward_naive(real* out, real* h, const real* inp, const real* lora_A, const real* lora_B,
                   real scale, int BT, int C, int OC, int r) {
     // parallel over rows of the batch: each thread owns rows h[bt,:] and out[bt,:]
     #pragma omp parallel for
@@ -181,7 +157,7 @@ void lora_forward(real* out, real* h, const real* inp, const real* lora_A, const
 // dout (BT,OC), h (BT,r), inp (BT,C), lora_A (r,C), lora_B (OC,r)
 //   -> dlora_B (OC,r) +=, dlora_A (r,C) +=, dinp (BT,C) += (dinp may be NULL); dh (BT,r) is scratch
 template <typename real>
-void lora_backward(real* dinp, real* dlora_A, real* dlora_B, real* dh,
+void lora_backward_naive(real* dinp, real* dlora_A, real* dlora_B, real* dh,
                    const real* dout, const real* h, const real* inp, const real* lora_A, const real* lora_B,
                    real scale, int BT, int C, int OC, int r) {
     // forward was: out[bt,o] += scale * sum_i h[bt,i] * lora_B[o,i], with h[bt,i] = sum_c inp[bt,c] * lora_A[i,c]
@@ -233,6 +209,22 @@ void lora_backward(real* dinp, real* dlora_A, real* dlora_B, real* dh,
             for (int c = 0; c < C; c++) { dinp_bt[c] += d * lora_A_row[c]; }
         }
     }
+}
+
+// The LoRA branch the model runs: for float (the program) the fast twins in lib/fast.h, two thin GEMMs
+// with the same contracts; for double (the finite-difference tests) the loops above.
+template <typename real>
+void lora_forward(real* out, real* h, const real* inp, const real* lora_A, const real* lora_B,
+                  real scale, int BT, int C, int OC, int r) {
+    if constexpr (std::is_same<real, float>::value) lora_forward_fast(out, h, inp, lora_A, lora_B, scale, BT, C, OC, r);
+    else lora_forward_naive(out, h, inp, lora_A, lora_B, scale, BT, C, OC, r);
+}
+template <typename real>
+void lora_backward(real* dinp, real* dlora_A, real* dlora_B, real* dh,
+                   const real* dout, const real* h, const real* inp, const real* lora_A, const real* lora_B,
+                   real scale, int BT, int C, int OC, int r) {
+    if constexpr (std::is_same<real, float>::value) lora_backward_fast(dinp, dlora_A, dlora_B, dh, dout, h, inp, lora_A, lora_B, scale, BT, C, OC, r);
+    else lora_backward_naive(dinp, dlora_A, dlora_B, dh, dout, h, inp, lora_A, lora_B, scale, BT, C, OC, r);
 }
 
 // ----------------------------------------------------------------------------
@@ -613,7 +605,7 @@ void dora_backward(real* dinp, real* dlora_A, real* dlora_B, real* dm, real* dh,
     for (int bt = 0; bt < BT; bt++) {
         for (int o = 0; o < OC; o++) { dz[(size_t)bt * OC + o] = m[o] / n[o] * dout[(size_t)bt * OC + o]; }
     }
-    lora_backward(dinp, dlora_A, dlora_B, dh, dz, h, inp, lora_A, lora_B, scale, BT, C, OC, r);
+    lora_backward_naive(dinp, dlora_A, dlora_B, dh, dz, h, inp, lora_A, lora_B, scale, BT, C, OC, r);
     // 2) the base part of the z path: dinp += ((g - 1) * dout) @ W0; parallel over rows, each thread owns dinp[bt,:]
     if (dinp != NULL) {
         #pragma omp parallel for
@@ -1060,7 +1052,7 @@ void lora_multi_forward(LoRA<real>* holder, int t, int l, real* out, const real*
         if (a->lora_A[t] == NULL) continue; // this adapter leaves target t alone
         int r = a->config.r;
         std::vector<real> h((size_t)T * r); // the bottleneck is not kept: no backward
-        lora_forward(out + (size_t)b * T * OC, h.data(), inp + (size_t)b * T * C, a->lora_A[t] + (size_t)l * r * C,
+        lora_forward_naive(out + (size_t)b * T * OC, h.data(), inp + (size_t)b * T * C, a->lora_A[t] + (size_t)l * r * C,
                      a->lora_B[t] + (size_t)l * OC * r, (real)a->config.scale, T, C, OC, r);
     }
 }

@@ -2735,7 +2735,7 @@ TEST_CASE("fast LoRA kernels (thin GEMMs) vs the naive lora.h templates, over ra
         std::vector<float> out_f = uniform_floats(&rng, (size_t)BT * OC), out_n = out_f;
         std::vector<float> h_f((size_t)BT * r), h_n((size_t)BT * r);
         lora_forward(out_f.data(), h_f.data(), inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
-        lora_forward<float>(out_n.data(), h_n.data(), inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
+        lora_forward_naive<float>(out_n.data(), h_n.data(), inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
         CHECK(fast_vs_naive(h_f, h_n) <= tol_fast_matmul);
         CHECK(fast_vs_naive(out_f, out_n) <= tol_fast_matmul);
         for (bool with_dinp : {true, false}) {
@@ -2745,7 +2745,7 @@ TEST_CASE("fast LoRA kernels (thin GEMMs) vs the naive lora.h templates, over ra
             std::vector<float> dinp_n = dinp_f, dA_n = dA_f, dB_n = dB_f;
             lora_backward(with_dinp ? dinp_f.data() : NULL, dA_f.data(), dB_f.data(), dh_f.data(), dout.data(), h_n.data(),
                           inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
-            lora_backward<float>(with_dinp ? dinp_n.data() : NULL, dA_n.data(), dB_n.data(), dh_n.data(), dout.data(), h_n.data(),
+            lora_backward_naive<float>(with_dinp ? dinp_n.data() : NULL, dA_n.data(), dB_n.data(), dh_n.data(), dout.data(), h_n.data(),
                                  inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
             CHECK(fast_vs_naive(dinp_f, dinp_n) <= tol_fast_matmul);
             CHECK(fast_vs_naive(dA_f, dA_n) <= tol_fast_matmul);

@@ -12,11 +12,11 @@ ASAN_CXXFLAGS = $(filter-out -O%,$(CXXFLAGS)) $(ASAN_FLAGS)
 ASAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1:max_allocation_size_mb=4096:allocator_may_return_null=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
 .PHONY: asan
-$(ASAN_BUILD)/train_gpt2_lora: train_gpt2_lora.cpp lora.h $(wildcard dev/*.h)
+$(ASAN_BUILD)/train_gpt2_lora: $(PRODUCT_SOURCES)
 	@mkdir -p $(ASAN_BUILD)
 	$(CXX) $(ASAN_CXXFLAGS) $< $(LDFLAGS) -fsanitize=address,undefined $(LDLIBS) -o $@
 
-$(ASAN_BUILD)/test_lora: $(TEST_SOURCES) train_gpt2_lora.cpp lora.h $(wildcard dev/*.h dev/fuzz/*.h)
+$(ASAN_BUILD)/test_lora: $(TEST_SOURCES) $(PRODUCT_SOURCES) $(wildcard dev/fuzz/*.h)
 	@mkdir -p $(ASAN_BUILD)
 	$(CXX) $(ASAN_CXXFLAGS) $(TEST_SOURCES) $(LDFLAGS) -fsanitize=address,undefined $(LDLIBS) -o $@
 

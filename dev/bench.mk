@@ -4,11 +4,11 @@
 # Included by the top-level Makefile, which defines CXX, CXXFLAGS, LDFLAGS, LDLIBS and BUILD.
 # OpenBLAS is linked into bench_matmul only (a dev comparison), never into the trainer or the tests.
 
-$(BUILD)/bench_step: dev/bench_step.cpp train_gpt2_lora.cpp lora.h
+$(BUILD)/bench_step: dev/bench_step.cpp $(PRODUCT_SOURCES)
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $< $(LDFLAGS) $(LDLIBS) -o $@
 
-$(BUILD)/bench_matmul: dev/bench_matmul.cpp train_gpt2_lora.cpp lora.h
+$(BUILD)/bench_matmul: dev/bench_matmul.cpp $(PRODUCT_SOURCES)
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $< $(LDFLAGS) $(LDLIBS) -lopenblas -o $@
 

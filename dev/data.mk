@@ -3,7 +3,7 @@
 # node/npm are used only by `data` (to fetch packages when ../shared lacks them) and the dev targets.
 PREPARE_DATA := build/prepare_data
 
-$(PREPARE_DATA): dev/data/prepare_data.cpp dev/tokenizer.h dev/unicode_classes.h
+$(PREPARE_DATA): dev/data/prepare_data.cpp lib/tokenizer.h lib/unicode_classes.h
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) $< $(LDFLAGS) -o $@
 
@@ -20,8 +20,8 @@ check-data: $(PREPARE_DATA)
 tokenizer-fixture:
 	node dev/data/make_tokenizer_fixture.js
 
-# regenerate dev/unicode_classes.h from node's Unicode tables
+# regenerate lib/unicode_classes.h from node's Unicode tables
 unicode-classes:
-	node dev/data/gen_unicode_tables.js > dev/unicode_classes.h.tmp && mv dev/unicode_classes.h.tmp dev/unicode_classes.h
+	node dev/data/gen_unicode_tables.js > lib/unicode_classes.h.tmp && mv lib/unicode_classes.h.tmp lib/unicode_classes.h
 
 .PHONY: data check-data tokenizer-fixture unicode-classes

@@ -7,7 +7,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_DIR := build/fuzz
 FUZZ_TARGETS := checkpoint tokens tokenizer encoder_json vocab_bpe adapter safetensors json peft_config
 FUZZ_CXXFLAGS := -std=c++17 -O1 -g -fno-omit-frame-pointer -Wno-unknown-pragmas -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
-FUZZ_DEPS := train_gpt2_lora.cpp lora.h dev/tokenizer.h dev/fuzz/fuzz_files.h
+FUZZ_DEPS := $(PRODUCT_SOURCES) dev/fuzz/fuzz_files.h
 
 .PHONY: fuzz fuzz-build
 $(FUZZ_DIR)/fuzz_%: dev/fuzz/fuzz_%.cpp $(FUZZ_DEPS)

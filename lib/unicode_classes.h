@@ -2,7 +2,7 @@
 // Sorted, non-overlapping code point ranges above ASCII with class 1 = \p{L} (letter),
 // 2 = \p{N} (number), 3 = \s (JavaScript white space). Code points in no range are "other".
 // Exact for the Unicode version named below, which is what the reference encoder (npm gpt-3-encoder
-// under node) uses; ASCII is classified in code (dev/tokenizer.h, bpe_class_).
+// under node) uses; ASCII is classified in code (lib/tokenizer.h, bpe_class_).
 #pragma once
 #include <stdint.h>
 

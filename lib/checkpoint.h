@@ -1,0 +1,151 @@
+// lib/checkpoint.h: llm.c model checkpoints: gpt2_read_checkpoint (fp32, version 3, checked against
+// the file size before anything is allocated), checkpoint_write / gpt2_write_checkpoint, and the
+// quantized base's block matrices read one layer at a time from the file (gpt2_attach_layers_from_file).
+// Not a standalone header: the trainer includes it after the model (GPT2, gpt2_init_empty).
+#pragma once
+
+#include "files.h" // open_for_reading, file_size_of, write_atomically, CHECKPOINT_MAGIC
+
+// reads an llm.c fp32 checkpoint (version 3) into a fresh model.
+// leave_block_matrices (a quantized base, -Q): qkvw, attprojw, fcw, fcprojw are skipped, the model holds
+// the other 12 tensors only (those four pointers NULL) and remembers the file, from which
+// gpt2_lora_attach reads them one layer at a time to quantize. So the fp32 block matrices are never all
+// in memory, and the peak RSS of a quantized run is its quantized size, not the fp32 model's.
+template <typename real>
+std::string gpt2_read_checkpoint(GPT2<real>* model, const char* path, bool leave_block_matrices = false) {
+    const char* hint = "pass an llm.c fp32 checkpoint with -e: data/gpt2_124M.bin is llm.c's starter pack (dev/download_starter_pack.sh, online); offline, `make run` pretrains data/brown_base.bin";
+    FILE* f = NULL;
+    std::string err = open_for_reading(path, "checkpoint", hint, &f);
+    if (!err.empty()) return err;
+    long size = 0;
+    err = file_size_of(f, path, &size);
+    int header[256];
+    if (err.empty() && (size < (long)sizeof(header) || fread(header, sizeof(header), 1, f) != 1)) {
+        err = strprintf("checkpoint '%s' is truncated: %ld bytes, shorter than the 1024-byte header\n---> HINT: %s", path, size, hint);
+    }
+    if (err.empty() && header[0] != CHECKPOINT_MAGIC) {
+        err = strprintf("checkpoint '%s' has magic %d, expected %d; it is %s\n---> HINT: %s", path, header[0], CHECKPOINT_MAGIC, describe_magic(header[0]), hint);
+    }
+    if (err.empty() && header[1] != 3) {
+        err = strprintf("checkpoint '%s' has version %d, expected 3 (fp32)%s\n---> HINT: export an fp32 checkpoint (llm.c's train_gpt2.py writes gpt2_124M.bin as version 3)",
+                        path, header[1], header[1] == 5 ? "; version 5 is bf16, which this fp32 trainer does not read" : "");
+    }
+    GPT2Config cfg;
+    if (err.empty()) {
+        cfg.max_seq_len = header[2];
+        cfg.vocab_size = header[3];
+        cfg.num_layers = header[4];
+        cfg.num_heads = header[5];
+        cfg.channels = header[6];
+        cfg.padded_vocab_size = header[7];
+        bool ok = cfg.max_seq_len > 0 && cfg.max_seq_len <= 1 << 20 && cfg.vocab_size > 0 && cfg.vocab_size <= 1 << 24 &&
+                  cfg.padded_vocab_size >= cfg.vocab_size && cfg.padded_vocab_size <= 1 << 24 && cfg.num_layers > 0 &&
+                  cfg.num_layers <= 1024 && cfg.num_heads > 0 && cfg.channels > 0 && cfg.channels <= 1 << 16 &&
+                  cfg.channels % cfg.num_heads == 0 && cfg.vocab_size <= 65536;
+        if (!ok) {
+            err = strprintf("checkpoint '%s' has impossible shapes: maxT=%d V=%d Vp=%d L=%d NH=%d C=%d (need positive sizes, Vp >= V, V <= 65536 for uint16 tokens, C divisible by NH)\n---> HINT: the file is corrupt or not an llm.c checkpoint; %s",
+                            path, cfg.max_seq_len, cfg.vocab_size, cfg.padded_vocab_size, cfg.num_layers, cfg.num_heads, cfg.channels, hint);
+        }
+    }
+    if (err.empty()) {
+        size_t sizes[NUM_PARAMETER_TENSORS], n = 0;
+        fill_in_parameter_sizes(sizes, cfg);
+        for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) { n += sizes[i]; }
+        size_t expected = sizeof(header) + n * sizeof(float);
+        if ((size_t)size != expected) {
+            err = strprintf("checkpoint '%s' is %ld bytes but its header (L=%d C=%d Vp=%d maxT=%d) needs %zu: %s\n---> HINT: %s",
+                            path, size, cfg.num_layers, cfg.channels, cfg.padded_vocab_size, cfg.max_seq_len, expected,
+                            (size_t)size < expected ? "the file is truncated (re-download or re-export it)" : "there are trailing bytes", hint);
+        }
+    }
+    if (err.empty()) {
+        gpt2_init_empty(model, cfg, leave_block_matrices);
+        // stream the fp32 blob tensor by tensor, converting to real when the model is not float
+        real** ptrs[NUM_PARAMETER_TENSORS];
+        parameter_pointers(&model->params, ptrs);
+        std::vector<float> buf(1 << 16);
+        size_t done = 0; // parameters read (or skipped)
+        for (int i = 0; i < NUM_PARAMETER_TENSORS && err.empty(); i++) {
+            real* dst = *ptrs[i];
+            size_t size = model->param_sizes[i];
+            if (dst == NULL) { // a block matrix left on disk
+                if (fseek(f, (long)(size * sizeof(float)), SEEK_CUR) != 0) {
+                    err = strprintf("checkpoint '%s': seek error after %zu parameters\n---> HINT: %s", path, done, hint);
+                }
+                done += size;
+                continue;
+            }
+            for (size_t at_i = 0; at_i < size;) {
+                size_t n = std::min(buf.size(), size - at_i);
+                if (fread(buf.data(), sizeof(float), n, f) != n) {
+                    err = strprintf("checkpoint '%s': read error after %zu parameters\n---> HINT: %s", path, done + at_i, hint);
+                    break;
+                }
+                for (size_t k = 0; k < n; k++) { dst[at_i + k] = (real)buf[k]; }
+                at_i += n;
+            }
+            done += size;
+        }
+        if (!err.empty()) {
+            gpt2_free(model); // the caller gets no half-read model, and nothing leaks
+        } else if (leave_block_matrices) {
+            model->block_file = strdup(path);
+        }
+    }
+    fclose(f);
+    return err;
+}
+
+template <typename real>
+void gpt2_build_from_checkpoint(GPT2<real>* model, const char* path) {
+    std::string err = gpt2_read_checkpoint(model, path);
+    if (!err.empty()) die(err);
+}
+
+// writes an llm.c fp32 checkpoint (version 3) of the base weights, atomically
+// an llm.c v3 checkpoint of the n = all parameters in checkpoint order
+static std::string checkpoint_write(const char* path, const GPT2Config& cfg, const float* params, size_t n) {
+    int header[256] = {0};
+    header[0] = CHECKPOINT_MAGIC;
+    header[1] = 3;
+    header[2] = cfg.max_seq_len;
+    header[3] = cfg.vocab_size;
+    header[4] = cfg.num_layers;
+    header[5] = cfg.num_heads;
+    header[6] = cfg.channels;
+    header[7] = cfg.padded_vocab_size;
+    return write_atomically(path, {{header, sizeof(header)}, {params, n * sizeof(float)}});
+}
+static std::string gpt2_write_checkpoint(const GPT2<float>* model, const char* path) {
+    if (model->num_params_stored != model->num_parameters) {
+        return strprintf("cannot write '%s': the base is quantized (-Q) and holds no fp32 block matrices\n"
+                         "---> HINT: write_merged_checkpoint (-M) writes the dequantized base + adapters", path);
+    }
+    return checkpoint_write(path, model->config, model->params_memory, model->num_parameters);
+}
+
+// -Q with the block matrices left on disk: each layer of each is read from the checkpoint into one
+// (4C, C) scratch and handed to lora_attach_layer (PiSSA, then quantize), so at most one fp32 layer of
+// them is ever in memory. The file was validated when the model was read from it.
+template <typename real>
+void gpt2_attach_layers_from_file(GPT2<real>* model) {
+    const char* path = model->block_file;
+    FILE* f = fopen(path, "rb");
+    if (f == NULL) die(strprintf("checkpoint '%s' can no longer be opened to quantize its block matrices\n---> HINT: keep the -e file in place while the trainer starts", path));
+    int L = model->config.num_layers, C = model->config.channels;
+    std::vector<float> buf((size_t)4 * C * C);
+    std::vector<real> W_l(buf.size());
+    size_t offset = 256 * sizeof(int); // past the header
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        size_t n = model->param_sizes[i] / L; // one layer
+        for (int l = 0; l < L && param_tensor_is_block_matrix(i); l++) {
+            if (fseek(f, (long)(offset + (size_t)l * n * sizeof(float)), SEEK_SET) != 0 || fread(buf.data(), sizeof(float), n, f) != n) {
+                die(strprintf("checkpoint '%s': read error in %s, layer %d\n---> HINT: the file changed since it was loaded; load it again", path, param_tensor_names[i], l));
+            }
+            for (size_t k = 0; k < n; k++) { W_l[k] = (real)buf[k]; }
+            lora_attach_layer(&model->lora, block_matrix_target(i), l, W_l.data());
+        }
+        offset += model->param_sizes[i] * sizeof(float);
+    }
+    fclose(f);
+}

@@ -1,0 +1,122 @@
+// lib/dataloader.h: llm.c token files (tokens_read: every id checked against V) and the data loader
+// (batches of B*T+1 consecutive tokens, optionally shuffled per epoch, sliced per data-parallel rank).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+#include "files.h" // open_for_reading, file_size_of, TOKENS_MAGIC
+#include "rng.h"   // the seeded shuffle
+
+// An llm.c token file, validated: every id must be < V of the model it will feed.
+struct TokenFile {
+    std::vector<uint16_t> tokens;
+};
+
+static std::string tokens_read(TokenFile* tf, const char* path, int V, const char* flag) {
+    std::string hint = strprintf("pass an llm.c token file with %s (make data writes data/tiny_shakespeare_train.bin and _val.bin)", flag);
+    FILE* f = NULL;
+    std::string err = open_for_reading(path, "token file", hint.c_str(), &f);
+    if (!err.empty()) return err;
+    long size = 0;
+    err = file_size_of(f, path, &size);
+    int header[256];
+    if (err.empty() && (size < (long)sizeof(header) || fread(header, sizeof(header), 1, f) != 1)) {
+        err = strprintf("token file '%s' is truncated: %ld bytes, shorter than the 1024-byte header\n---> HINT: %s", path, size, hint.c_str());
+    }
+    if (err.empty() && header[0] != TOKENS_MAGIC) {
+        err = strprintf("token file '%s' has magic %d, expected %d; it is %s\n---> HINT: %s", path, header[0], TOKENS_MAGIC, describe_magic(header[0]), hint.c_str());
+    }
+    if (err.empty() && header[1] != 1) {
+        err = strprintf("token file '%s' has version %d, expected 1\n---> HINT: %s", path, header[1], hint.c_str());
+    }
+    if (err.empty() && (header[2] < 0 || (size_t)size != sizeof(header) + 2 * (size_t)header[2])) {
+        err = strprintf("token file '%s' claims %d tokens (%zu bytes with the header) but is %ld bytes: truncated or corrupt\n---> HINT: regenerate it (make data)",
+                        path, header[2], sizeof(header) + 2 * (size_t)(header[2] < 0 ? 0 : header[2]), size);
+    }
+    if (err.empty()) {
+        tf->tokens.resize((size_t)header[2]);
+        if (!tf->tokens.empty() && fread(tf->tokens.data(), 2, tf->tokens.size(), f) != tf->tokens.size()) {
+            err = strprintf("token file '%s': read error\n---> HINT: %s", path, hint.c_str());
+        }
+    }
+    fclose(f);
+    if (err.empty()) {
+        for (size_t i = 0; i < tf->tokens.size(); i++) {
+            if (tf->tokens[i] >= V) {
+                err = strprintf("token file '%s': token %zu has id %d, but the model's vocabulary has V=%d ids\n---> HINT: the tokens were made with another tokenizer; re-tokenize the text for this model",
+                                path, i, tf->tokens[i], V);
+                break;
+            }
+        }
+    }
+    return err;
+}
+
+
+// ----------------------------------------------------------------------------
+// data loader: batches of B*T+1 consecutive tokens (inputs, and targets shifted by one),
+// advancing by B*T; optionally visiting the batches of each epoch in a seeded random order.
+// Data parallel (world > 1 ranks): a global batch is B*world*T+1 tokens, visited in the same seeded
+// order on every rank, and rank k reads its k-th slice of B*T+1, so the ranks together see exactly
+// what one process with batch B*world sees.
+
+struct DataLoader {
+    TokenFile file;
+    int B, T;
+    size_t num_batches;
+    size_t position;            // index into order
+    std::vector<size_t> order;  // batch visiting order for this epoch
+    bool shuffle;
+    Rng rng;
+    std::vector<int> inputs, targets; // (B, T)
+    int rank, world;            // this rank's slice of each global batch, and the number of ranks
+};
+
+static std::string dataloader_init(DataLoader* loader, const char* path, int B, int T, int V, bool shuffle,
+                                   uint64_t seed, const char* flag, int rank = 0, int world = 1) {
+    std::string err = tokens_read(&loader->file, path, V, flag);
+    if (!err.empty()) return err;
+    size_t need = (size_t)B * world * T + 1;
+    if (loader->file.tokens.size() < need) {
+        return strprintf("token file '%s' has %zu tokens, fewer than one batch needs (B*T%s+1 = %zu)\n---> HINT: lower -b or -t, or use a larger token file",
+                         path, loader->file.tokens.size(), world > 1 ? "*ranks" : "", need);
+    }
+    loader->B = B;
+    loader->T = T;
+    loader->rank = rank;
+    loader->world = world;
+    loader->num_batches = (loader->file.tokens.size() - 1) / ((size_t)B * world * T);
+    loader->shuffle = shuffle;
+    rng_seed(&loader->rng, seed);
+    loader->order.resize(loader->num_batches);
+    loader->inputs.resize((size_t)B * T);
+    loader->targets.resize((size_t)B * T);
+    for (size_t i = 0; i < loader->num_batches; i++) { loader->order[i] = i; }
+    loader->position = 0;
+    return "";
+}
+
+static void dataloader_reset(DataLoader* loader) {
+    loader->position = 0;
+    for (size_t i = 0; i < loader->num_batches; i++) { loader->order[i] = i; }
+}
+
+static void dataloader_next_batch(DataLoader* loader) {
+    if (loader->position == loader->num_batches) loader->position = 0; // next epoch
+    if (loader->position == 0 && loader->shuffle) {
+        // Fisher-Yates over batch indices
+        for (size_t i = loader->num_batches - 1; i > 0; i--) {
+            size_t j = rng_u32(&loader->rng) % (i + 1);
+            std::swap(loader->order[i], loader->order[j]);
+        }
+    }
+    size_t BT = (size_t)loader->B * loader->T;
+    // global batch number order[position] starts at order[position] * world * BT; this rank's slice at rank * BT
+    const uint16_t* chunk = loader->file.tokens.data() + (loader->order[loader->position] * loader->world + loader->rank) * BT;
+    for (size_t i = 0; i < BT; i++) {
+        loader->inputs[i] = chunk[i];
+        loader->targets[i] = chunk[i + 1];
+    }
+    loader->position++;
+}

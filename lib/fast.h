@@ -1,0 +1,302 @@
+// lib/fast.h: the float fast paths behind the naive kernels. The trainer's matmul_forward /
+// matmul_backward and lora.h's lora_forward / lora_backward call these for float (the program) and
+// their naive twins for double (the finite-difference tests); test_lora.cpp compares each pair.
+//   dot_lanes, exp_fast            vectorizable dot product and exp (used by the naive kernels too)
+//   matmul_gemm                    one BLIS-style blocked GEMM for every matmul of a step
+//   matmul_forward_fast / _backward_fast, lora_forward_fast / _backward_fast
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "utils.h" // die
+
+// a . b over n elements in 8 interleaved partial sums (lane j sums elements j, j+8, ...), added up at
+// the end. Each lane is a plain sequential sum, so the compiler may keep the 8 lanes in one vector
+// register without reassociating anything (no -ffast-math); a single running sum could not vectorize.
+template <typename real>
+static inline real dot_lanes(const real* a, const real* b, int n) {
+    real lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int j = 0; j < 8; j++) { lane[j] += a[i + j] * b[i + j]; }
+    }
+    real s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    for (; i < n; i++) { s += a[i] * b[i]; }
+    return s;
+}
+
+// ---- the blocked GEMM ----
+// One blocked GEMM serves forward, dinp, dweight and the LoRA branches:
+//   Cmat (M,N) += alpha * A (M,K) @ Bmat (K,N), each operand given by strides, so that
+//   forward  out  (BT,OC) += inp  (BT,C)    @ weight^T (C,OC)
+//   dinp     dinp (BT,C)  += dout (BT,OC)   @ weight   (OC,C)
+//   dweight  dw   (OC,C)  += dout^T (OC,BT) @ inp      (BT,C)
+// Design (BLIS-like): the output is cut into MC x NC tiles, one OpenMP task each; a tile walks K in
+// KC slices; the slice of Bmat is packed into NR-column panels (zero-padded past N), A is read in
+// place (or packed into MR-row panels when its k steps are strided); a micro-kernel keeps an MR x NR
+// block of the output in registers. It vectorizes across the NR output columns, so every output is
+// still one sequential sum over k: no reassociation, no -ffast-math. The compiler does the vectorizing.
+static const int MATMUL_MR = 6;   // register tile rows: MR*NR/8 = 12 of the 16 AVX2 registers hold it
+static const int MATMUL_NR = 16;  // register tile columns: two 8-float vectors
+static const int MATMUL_KC = 256; // K slice: one packed panel is KC*NR*4 = 16 KB, stays in L1
+static const int MATMUL_MC = 264; // tile rows: covers BT = 256, so each weight slice is packed once
+static const int MATMUL_NC = 192; // tile columns: the packed Bmat slice is KC*NC*4 = 192 KB, in L2
+static_assert(MATMUL_MC % MATMUL_MR == 0 && MATMUL_NC % MATMUL_NR == 0, "tiles hold whole register blocks");
+
+// Timing hook for dev/bench_step: seconds in, and FLOPs done by, the float matmuls since the last
+// reset. The model calls them from one thread, so plain accumulation is safe.
+struct MatmulStats { double seconds, flops; };
+static MatmulStats matmul_stats = {0.0, 0.0};
+static double matmul_clock() {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+// a*b + c with one rounding where the CPU has FMA (twice the throughput); plain a*b + c elsewhere
+static inline float madd(float a, float b, float c) {
+#ifdef __FMA__
+    return __builtin_fmaf(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
+// per-thread pack buffer (Bmat slice KC x NC, then A slice MC x KC), allocated on the thread's first
+// matmul and reused for the life of the process: no allocation per step
+static float* matmul_pack_buffer() {
+    static thread_local float* buf = NULL;
+    if (buf == NULL) {
+        size_t n = (size_t)MATMUL_KC * MATMUL_NC + (size_t)MATMUL_MC * MATMUL_KC;
+        buf = (float*)aligned_alloc(64, n * sizeof(float));
+        if (buf == NULL) die("out of memory for the matmul pack buffer\n---> HINT: free some memory");
+    }
+    return buf;
+}
+
+// Cmat (m,n) += alpha * A (m,kc) @ Bp (kc,NR): one register block, m <= MR, n <= NR.
+// A(i,k) = A[i*rsa + k*csa]; Bp is a packed panel (row k at Bp + k*NR, zero past n). Rows past m
+// re-read row m-1 and their sums are dropped, so one kernel serves every edge. With MR, NR constant
+// the compiler keeps acc in registers: per k, 2 vector loads and 6 broadcasts feed 12 vector FMAs.
+static inline void matmul_micro_kernel(int kc, const float* A, size_t rsa, size_t csa, const float* __restrict Bp,
+                                       float* Cmat, size_t ldc, int m, int n, float alpha) {
+    const int MR = MATMUL_MR, NR = MATMUL_NR;
+    const float* a_row[MR];
+    for (int i = 0; i < MR; i++) { a_row[i] = A + (size_t)(i < m ? i : m - 1) * rsa; }
+    float acc[MR][NR] = {};
+    for (int k = 0; k < kc; k++) {
+        const float* b = Bp + (size_t)k * NR;
+        for (int i = 0; i < MR; i++) {
+            float a_ik = a_row[i][(size_t)k * csa];
+            // "unroll 1": if GCC unrolls j before vectorizing, it settles for 128-bit SLP with acc
+            // spilled to the stack (4x slower); kept as a loop, j becomes NR/8 ymm FMAs
+            #pragma GCC unroll 1
+            for (int j = 0; j < NR; j++) { acc[i][j] = madd(a_ik, b[j], acc[i][j]); }
+        }
+    }
+    if (m == MR && n == NR) {
+        for (int i = 0; i < MR; i++) {
+            #pragma GCC unroll 1
+            for (int j = 0; j < NR; j++) { Cmat[i * ldc + j] += alpha * acc[i][j]; }
+        }
+    } else {
+        for (int i = 0; i < m; i++) {
+            for (int j = 0; j < n; j++) { Cmat[i * ldc + j] += alpha * acc[i][j]; }
+        }
+    }
+}
+
+// Cmat (M,N) += alpha * A (M,K) @ Bmat (K,N); A(i,k) = A[i*rsa + k*csa], Bmat(k,j) = Bmat[k*rsb + j*csb];
+// Cmat row-major with row stride ldc, must not alias A or Bmat.
+static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t rsa, size_t csa,
+                        const float* Bmat, size_t rsb, size_t csb, float* Cmat, size_t ldc) {
+    const int MR = MATMUL_MR, NR = MATMUL_NR, KC = MATMUL_KC, NC = MATMUL_NC;
+    int tiles_n = (N + NC - 1) / NC, MC = MATMUL_MC;
+    // a thin output (the LoRA bottleneck h or dh: N = r) is a single tile; cut its rows into one tile
+    // per thread instead, in whole register blocks, so every thread has a share
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    if (tiles_n * ((M + MC - 1) / MC) < threads) MC = std::max(MR, (M / threads + MR - 1) / MR * MR);
+    int tiles_m = (M + MC - 1) / MC;
+    // parallel over output tiles: each task writes only its own MC x NC block of Cmat and packs into
+    // its own thread's buffer, so there are no races and no atomics
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int t = 0; t < tiles_m * tiles_n; t++) {
+        int i0 = (t % tiles_m) * MC, j0 = (t / tiles_m) * NC;
+        int mc = std::min(MC, M - i0), nc = std::min(NC, N - j0);
+        int npanels = (nc + NR - 1) / NR;
+        float* Bp = matmul_pack_buffer();
+        float* Ap = Bp + (size_t)KC * NC;
+        for (int k0 = 0; k0 < K; k0 += KC) {
+            int kc = std::min(KC, K - k0);
+            // pack the Bmat slice: panel p holds columns j0 + p*NR.., laid out [k][j], zero past N
+            for (int p = 0; p < npanels; p++) {
+                float* dst = Bp + (size_t)p * NR * kc;
+                int ncols = std::min(NR, nc - p * NR);
+                const float* src = Bmat + (size_t)k0 * rsb + (size_t)(j0 + p * NR) * csb;
+                if (csb == 1) { // the panel's rows are contiguous (dinp, dweight)
+                    for (int k = 0; k < kc; k++) {
+                        for (int j = 0; j < NR; j++) { dst[(size_t)k * NR + j] = j < ncols ? src[(size_t)k * rsb + j] : 0.0f; }
+                    }
+                } else {        // its columns are (forward: rows of weight), so read along k
+                    for (int j = 0; j < NR; j++) {
+                        for (int k = 0; k < kc; k++) { dst[(size_t)k * NR + j] = j < ncols ? src[(size_t)j * csb + (size_t)k * rsb] : 0.0f; }
+                    }
+                }
+            }
+            // A is read in place when its rows run along k (forward, dinp). When its k steps are
+            // strided (dweight: A = dout^T, a step of OC floats, a new page each), the slice is packed
+            // into MR-row panels laid out [k][i], which the kernel reads with rsa = 1, csa = MR.
+            const float* A_blk = A + (size_t)i0 * rsa + (size_t)k0 * csa;
+            size_t rs = rsa, cs = csa, strip = (size_t)MR * rsa;
+            if (csa != 1) {
+                for (int p = 0; p * MR < mc; p++) {
+                    for (int k = 0; k < kc; k++) {
+                        for (int i = 0; i < MR; i++) { // rows past mc repeat row mc-1; dropped later
+                            int row = std::min(p * MR + i, mc - 1);
+                            Ap[(size_t)p * MR * kc + (size_t)k * MR + i] = A_blk[(size_t)row * rsa + (size_t)k * csa];
+                        }
+                    }
+                }
+                A_blk = Ap; rs = 1; cs = MR; strip = (size_t)MR * kc;
+            }
+            // register blocks: an MR-row strip of A (L1) against every packed panel of Bmat (L2)
+            for (int i = 0; i < mc; i += MR) {
+                const float* a_strip = A_blk + (size_t)(i / MR) * strip;
+                for (int p = 0; p < npanels; p++) {
+                    float* c_blk = Cmat + (size_t)(i0 + i) * ldc + (j0 + p * NR);
+                    matmul_micro_kernel(kc, a_strip, rs, cs, Bp + (size_t)p * NR * kc, c_blk, ldc,
+                                        std::min(MR, mc - i), std::min(NR, nc - p * NR), alpha);
+                }
+            }
+        }
+    }
+}
+
+// inp (B,T,C), weight (OC,C), bias (OC) or NULL -> out (B,T,OC); the fast twin of matmul_forward_naive
+void matmul_forward_fast(float* out, const float* inp, const float* weight, const float* bias, int B, int T, int C, int OC) {
+    double t0 = matmul_clock();
+    int BT = B * T;
+    // out starts as the bias (or 0) and the GEMM accumulates into it
+    // parallel over rows: each thread writes its own rows of out
+    #pragma omp parallel for
+    for (int bt = 0; bt < BT; bt++) {
+        float* out_bt = out + (size_t)bt * OC;
+        for (int o = 0; o < OC; o++) { out_bt[o] = bias != NULL ? bias[o] : 0.0f; }
+    }
+    if (BT < MATMUL_MR) {
+        // fewer rows than a register block (generation with the key/value cache: one): the GEMM would
+        // pack every weight to use it once, so each output is a dot product along its weight row instead,
+        // and the weights stream from memory once (parallel over output channels)
+        #pragma omp parallel for
+        for (int o = 0; o < OC; o++) {
+            for (int bt = 0; bt < BT; bt++) { out[(size_t)bt * OC + o] += dot_lanes(inp + (size_t)bt * C, weight + (size_t)o * C, C); }
+        }
+    } else {
+        // out (BT,OC) += inp (BT,C) @ weight^T, i.e. Bmat(c,o) = weight[o*C + c]
+        matmul_gemm(BT, OC, C, 1.0f, inp, C, 1, weight, 1, C, out, OC);
+    }
+    matmul_stats.flops += 2.0 * BT * C * OC;
+    matmul_stats.seconds += matmul_clock() - t0;
+}
+
+// dout (B,T,OC) -> dinp (B,T,C) +=, dweight (OC,C) +=, dbias (OC) +=; any of the three may be NULL, and a
+// frozen weight (dweight = dbias = NULL) costs no weight-gradient work at all. Fast twin of matmul_backward_naive.
+void matmul_backward_fast(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                          const float* weight, int B, int T, int C, int OC) {
+    double t0 = matmul_clock();
+    int BT = B * T;
+    // forward was: out = inp @ weight^T + bias; so now:
+    if (dinp != NULL) {    // dinp (BT,C) += dout (BT,OC) @ weight (OC,C)
+        matmul_gemm(BT, C, OC, 1.0f, dout, OC, 1, weight, C, 1, dinp, C);
+        matmul_stats.flops += 2.0 * BT * C * OC;
+    }
+    if (dweight != NULL) { // dweight (OC,C) += dout^T (OC,BT) @ inp (BT,C)
+        matmul_gemm(OC, C, BT, 1.0f, dout, 1, OC, inp, C, 1, dweight, C);
+        matmul_stats.flops += 2.0 * BT * C * OC;
+    }
+    if (dbias != NULL) {   // dbias[o] += sum_bt dout[bt,o]
+        // parallel over blocks of 64 output channels: each thread owns its slice of dbias
+        #pragma omp parallel for
+        for (int o0 = 0; o0 < OC; o0 += 64) {
+            int o1 = std::min(o0 + 64, OC);
+            for (int bt = 0; bt < BT; bt++) {
+                const float* dout_bt = dout + (size_t)bt * OC;
+                for (int o = o0; o < o1; o++) { dbias[o] += dout_bt[o]; }
+            }
+        }
+    }
+    matmul_stats.seconds += matmul_clock() - t0;
+}
+
+// The LoRA branch as two thin GEMMs, never forming lora_B @ lora_A: the fast twins of lora.h's
+// lora_forward_naive / lora_backward_naive (lora.h's lora_forward / lora_backward pick one by type).
+// inp (BT,C), lora_A (r,C), lora_B (OC,r) -> h (BT,r) cached; out (BT,OC) += scale * h @ lora_B^T
+void lora_forward_fast(float* out, float* h, const float* inp, const float* lora_A, const float* lora_B,
+                       float scale, int BT, int C, int OC, int r) {
+    // h = inp @ lora_A^T: Bmat(c,i) = lora_A[i*C + c]
+    memset(h, 0, (size_t)BT * r * sizeof(float));
+    matmul_gemm(BT, r, C, 1.0f, inp, C, 1, lora_A, 1, C, h, r);
+    // out += scale * h @ lora_B^T: Bmat(i,o) = lora_B[o*r + i]
+    matmul_gemm(BT, OC, r, scale, h, r, 1, lora_B, 1, r, out, OC);
+}
+
+// dout (BT,OC), h (BT,r), inp (BT,C), lora_A (r,C), lora_B (OC,r)
+//   -> dlora_B (OC,r) +=, dlora_A (r,C) +=, dinp (BT,C) += (dinp may be NULL); dh (BT,r) is scratch
+void lora_backward_fast(float* dinp, float* dlora_A, float* dlora_B, float* dh, const float* dout, const float* h,
+                        const float* inp, const float* lora_A, const float* lora_B, float scale, int BT, int C, int OC, int r) {
+    // forward was: out += scale * h @ lora_B^T with h = inp @ lora_A^T; so now:
+    // dlora_B (OC,r) += scale * dout^T @ h, with A(o,bt) = dout[bt*OC + o]
+    matmul_gemm(OC, r, BT, scale, dout, 1, OC, h, r, 1, dlora_B, r);
+    // dh (BT,r) = scale * dout @ lora_B
+    memset(dh, 0, (size_t)BT * r * sizeof(float));
+    matmul_gemm(BT, r, OC, scale, dout, OC, 1, lora_B, r, 1, dh, r);
+    // dlora_A (r,C) += dh^T @ inp, with A(i,bt) = dh[bt*r + i]
+    matmul_gemm(r, C, BT, 1.0f, dh, 1, r, inp, C, 1, dlora_A, C);
+    // dinp (BT,C) += dh @ lora_A
+    if (dinp != NULL) matmul_gemm(BT, C, r, 1.0f, dh, r, 1, lora_A, C, 1, dinp, C);
+}
+
+// exp(x) for x <= 0, which is all the softmaxes and GELU need (x - max, and -2|u| for tanh). Double
+// (the finite-difference tests) keeps std::exp. Float gets a version the compiler can vectorize, since
+// libm's expf is an opaque call per element (4% of a LoRA step at 124M):
+//   x = n ln2 + f, |f| <= ln2/2: adding 1.5 * 2^23 rounds x / ln2 to the integer n in the low mantissa
+//   bits (no float -> int conversion, which would keep GCC from vectorizing); ln2 is split in two parts
+//   so n * ln2 loses nothing; e^f from a degree-7 polynomial (Cephes' expf coefficients); 2^n written
+//   straight into a float's exponent bits; below n = -126 (x < -87.3) the result is 0, by a bit mask.
+// Relative error within 1 ulp over [-87.3, 0] (checked against double in test_lora.cpp); exp(0) is 1.
+static inline double exp_fast(double x) { return std::exp(x); }
+static inline float exp_fast(float x) {
+    const float round_magic = 12582912.0f;                // 1.5 * 2^23
+    float t = x * 1.44269504088896341f + round_magic;     // x / ln2 + magic: the low bits hold round(x / ln2)
+    float n = t - round_magic;
+    float f = x - n * 0.693359375f;                       // ln2 = 0.693359375 - 2.12194440e-4: the first part
+    f = f - n * -2.12194440e-4f;                          // has few bits, so n times it is exact
+    float p = 1.9875691500e-4f;
+    p = p * f + 1.3981999507e-3f;
+    p = p * f + 8.3334519073e-3f;
+    p = p * f + 4.1665795894e-2f;
+    p = p * f + 1.6666665459e-1f;
+    p = p * f + 5.0000001201e-1f;
+    p = p * f * f + f + 1.0f;                             // e^f
+    int32_t t_bits;
+    memcpy(&t_bits, &t, sizeof(t_bits));
+    int32_t ni = t_bits - 0x4B400000;                     // n as an integer (0x4B400000 is the magic's bits)
+    uint32_t two_n_bits = (uint32_t)(ni + 127) << 23;     // 2^n
+    float two_n, r;
+    memcpy(&two_n, &two_n_bits, sizeof(two_n));
+    r = p * two_n;
+    uint32_t r_bits;
+    memcpy(&r_bits, &r, sizeof(r_bits));
+    r_bits &= ni >= -126 ? 0xFFFFFFFFu : 0u;              // underflow: 0
+    memcpy(&r, &r_bits, sizeof(r));
+    return r;
+}

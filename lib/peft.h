@@ -1,0 +1,274 @@
+// lib/peft.h: Hugging Face PEFT's LoRA adapter directory (adapter_model.safetensors +
+// adapter_config.json): peft_export and peft_import, and the loaders main uses for any -A (adapter.bin
+// or a PEFT directory, one or several).
+// Not a standalone header: the trainer includes it after the model.
+#pragma once
+
+#include "adapter_files.h" // lora_file_read
+#include "safetensors.h"   // the tensors
+#include "json.h"          // the config
+
+// PEFT: adapter_model.safetensors + adapter_config.json, as Hugging Face PEFT saves a LoRA for GPT-2.
+// Orientation, checked in PEFT's source (peft/tuners/lora/layer.py): for a transformers Conv1D base layer
+// (GPT-2's c_attn, c_proj, c_fc, whose weight is stored (in, out)) PEFT takes in_features, out_features =
+// weight.shape and still builds lora_A = nn.Linear(in, r) and lora_B = nn.Linear(r, out), so the saved
+// lora_A.weight is (r, in) and lora_B.weight (out, r). fan_in_fan_out = True only makes get_delta_weight
+// transpose lora_B @ lora_A into Conv1D's (in, out) layout when merging. llm.c stores weights (out, in),
+// so our lora_A (r, in) and lora_B (out, r) are PEFT's tensors as they are: no transpose either way.
+// Target matching (peft/tuners/tuners_utils.py): a module matches when its full name equals a listed
+// name or ends with "." + name; "c_proj" would match both projections, so we write qualified names.
+
+#define PEFT_WEIGHTS_FILE "adapter_model.safetensors"
+#define PEFT_CONFIG_FILE "adapter_config.json"
+
+static std::string peft_config_json(LoRAConfig cfg, const char* base_name) {
+    std::string targets;
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        if (cfg.targets & (1u << t)) targets += (targets.empty() ? "" : ", ") + json_quote(lora_peft_names[t]);
+    }
+    // lora_alpha is an int in PEFT's LoraConfig; write a fraction only when alpha has one
+    std::string alpha = cfg.alpha == std::floor(cfg.alpha) && std::fabs(cfg.alpha) < 1e9f ? strprintf("%d", (int)cfg.alpha) : strprintf("%.9g", cfg.alpha);
+    return "{\n"
+           "  \"peft_type\": \"LORA\",\n"
+           "  \"task_type\": \"CAUSAL_LM\",\n"
+           "  \"base_model_name_or_path\": " + json_quote(base_name) + ",\n"
+           "  \"r\": " + std::to_string(cfg.r) + ",\n"
+           "  \"lora_alpha\": " + alpha + ",\n"
+           "  \"target_modules\": [" + targets + "],\n"
+           "  \"fan_in_fan_out\": true,\n"
+           "  \"bias\": \"none\",\n"
+           "  \"lora_dropout\": 0.0,\n"
+           "  \"use_rslora\": " + std::string(cfg.use_rslora ? "true" : "false") + ",\n"
+           "  \"use_dora\": " + std::string(cfg.use_dora ? "true" : "false") + ",\n"
+           "  \"init_lora_weights\": " + std::string(cfg.init_pissa ? "\"pissa\"" : "true") + ",\n"
+           "  \"inference_mode\": true\n"
+           "}\n";
+}
+
+// writes <dir>/adapter_model.safetensors and <dir>/adapter_config.json; base_name is a hub id like "gpt2"
+static std::string peft_export(const char* dir, const GPT2<float>* model, const char* base_name) {
+    const LoRA<float>* lora = &model->lora;
+    std::vector<SafeTensorOut> tensors;
+    for (const LoRATensor& t : lora_tensor_list(lora->config, lora->L, lora->C)) {
+        tensors.push_back({lora_peft_key(t.layer, t.target, t.is_B), {(size_t)t.rows, (size_t)t.cols}, lora->params_memory + t.offset});
+    }
+    // DoRA: one magnitude vector (out) per module
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        if (lora->dora_m[t] == NULL) continue;
+        int out = lora_target_out(t, lora->C);
+        for (int l = 0; l < lora->L; l++) {
+            tensors.push_back({lora_peft_magnitude_key(l, t),
+                               {(size_t)out}, lora->dora_m[t] + (size_t)l * out});
+        }
+    }
+    std::string err = safetensors_write((std::string(dir) + "/" PEFT_WEIGHTS_FILE).c_str(), tensors);
+    if (!err.empty()) return err;
+    std::string config = peft_config_json(lora->config, base_name);
+    return write_atomically((std::string(dir) + "/" PEFT_CONFIG_FILE).c_str(), {{config.data(), config.size()}});
+}
+
+// Reads a PEFT LoRA adapter directory (made by PEFT or by peft_export) and attaches it to the base in
+// model. The config decides r, alpha and the targets; every adapted target needs both tensors for every
+// layer, with the exact shapes; any other key is an error (PEFT itself would ignore a misspelled key).
+// base_quant: how to store the base's block matrices (LoRAQuant; PEFT files do not say: fp32 by default)
+static std::string peft_import(const char* dir, GPT2<float>* model, int base_quant = LORA_QUANT_FP32) {
+    const char* hint = "pass a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, as save_pretrained writes them) with -A";
+    std::string config_path = std::string(dir) + "/" PEFT_CONFIG_FILE, weights_path = std::string(dir) + "/" PEFT_WEIGHTS_FILE;
+    const char* cpath = config_path.c_str();
+    std::string text;
+    std::string err = read_text_file(cpath, "PEFT config", hint, &text);
+    if (!err.empty()) return err;
+    Json doc;
+    std::string jerr = json_parse(text.data(), text.size(), &doc);
+    if (!jerr.empty()) return strprintf("PEFT config '%s' is not valid JSON: %s\n---> HINT: %s", cpath, jerr.c_str(), hint);
+    if (doc.kind != Json::OBJECT) return strprintf("PEFT config '%s' is not a JSON object\n---> HINT: %s", cpath, hint);
+    auto bad = [&](const std::string& what, const char* fix) { return strprintf("PEFT config '%s': %s\n---> HINT: %s", cpath, what.c_str(), fix); };
+    const Json* v = doc.get("peft_type");
+    if (v == NULL || v->kind != Json::STRING || v->str != "LORA") return bad("peft_type must be \"LORA\"", hint);
+    uint64_t r = 0;
+    if (!json_to_u64(doc.get("r"), &r) || r < 1 || r > 65536) return bad("r must be an integer >= 1", hint);
+    float alpha = 8.0f; // PEFT's default lora_alpha
+    v = doc.get("lora_alpha");
+    if (v != NULL && (v->kind != Json::NUMBER || !(v->number > 0) || !std::isfinite(v->number))) return bad("lora_alpha must be a number > 0", hint);
+    if (v != NULL) alpha = (float)v->number;
+    v = doc.get("use_rslora");
+    if (v != NULL && v->kind != Json::BOOL) return bad("use_rslora must be true or false", hint);
+    bool use_rslora = v != NULL && v->boolean; // PEFT's scale is then alpha / sqrt(r), as ours
+    v = doc.get("use_dora");
+    if (v != NULL && v->kind != Json::BOOL && v->kind != Json::NUL) return bad("use_dora must be true or false", hint);
+    bool use_dora = v != NULL && v->kind == Json::BOOL && v->boolean; // then one lora_magnitude_vector per module
+    v = doc.get("init_lora_weights");
+    if (v != NULL && v->kind == Json::STRING && v->str.compare(0, 5, "pissa") == 0) {
+        // PiSSA changes the base too (W0 -> W0 - scale lora_B0 lora_A0 at init), and that residual base is
+        // not in the adapter files: on the original base this adapter would give a different model
+        return bad("init_lora_weights is \"" + v->str + "\": a PiSSA adapter needs the residual base it was trained on, which PEFT does not save with it",
+                   "in PEFT, save it converted to a plain LoRA (save_pretrained(..., path_initial_model_for_weight_conversion=...)); ours: load adapter.bin, which redoes the PiSSA split of the base");
+    }
+    v = doc.get("bias");
+    if (v != NULL && !(v->kind == Json::STRING && v->str == "none")) return bad("bias must be \"none\" (bias training is not supported)", "train with bias=\"none\"");
+    v = doc.get("layers_to_transform");
+    if (v != NULL && v->kind != Json::NUL && !(v->kind == Json::ARRAY && v->items.empty())) return bad("layers_to_transform is set; only adapters on every layer are supported", hint);
+    for (const char* key : {"rank_pattern", "alpha_pattern"}) {
+        v = doc.get(key);
+        if (v != NULL && v->kind != Json::NUL && !(v->kind == Json::OBJECT && v->members.empty())) return bad(std::string(key) + " is set; one r and alpha for every layer are supported", hint);
+    }
+    // target_modules: a list of names matched like PEFT does; missing means PEFT's default for GPT-2, c_attn
+    unsigned targets = 0;
+    v = doc.get("target_modules");
+    if (v == NULL || v->kind == Json::NUL) {
+        targets = 1u << LORA_QKV;
+    } else if (v->kind != Json::ARRAY) {
+        return bad("target_modules must be a list of module names (a regex string is not supported)", "list the modules, e.g. [\"c_attn\", \"c_proj\", \"c_fc\"]");
+    } else {
+        for (const Json& name : v->items) {
+            if (name.kind != Json::STRING) return bad("target_modules must hold strings", hint);
+            unsigned matched = 0;
+            for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+                std::string module = std::string("transformer.h.0.") + lora_peft_names[t];
+                bool hit = module == name.str || (module.size() > name.str.size() &&
+                           module.compare(module.size() - name.str.size() - 1, std::string::npos, "." + name.str) == 0);
+                if (hit) matched |= 1u << t;
+            }
+            if (matched == 0) return bad("target module \"" + name.str + "\" is none of GPT-2's adaptable matmuls", "use c_attn, c_proj (or attn.c_proj / mlp.c_proj), c_fc");
+            targets |= matched;
+        }
+    }
+    if (targets == 0) return bad("target_modules is empty", hint);
+    LoRAConfig cfg = lora_config_rslora(lora_config((int)r, alpha, targets), use_rslora);
+    cfg.use_dora = use_dora;
+    cfg.base_quant = base_quant;
+
+    SafeTensors st;
+    err = safetensors_read(weights_path.c_str(), &st);
+    if (!err.empty()) return err;
+    int L = model->config.num_layers, C = model->config.channels;
+    std::vector<LoRATensor> list = lora_tensor_list(cfg, L, C);
+    for (const LoRATensor& t : list) {
+        std::string key = lora_peft_key(t.layer, t.target, t.is_B);
+        const SafeTensor* s = st.find(key);
+        if (s == NULL) {
+            return strprintf("PEFT adapter '%s' has no tensor '%s', which its config (r=%d, targets %s) needs\n---> HINT: the adapter was made for another model or config; %s",
+                             weights_path.c_str(), key.c_str(), cfg.r, lora_targets_string(cfg.targets).c_str(), hint);
+        }
+        if (s->shape.size() != 2 || s->shape[0] != (size_t)t.rows || s->shape[1] != (size_t)t.cols) {
+            std::string shape;
+            for (size_t d : s->shape) shape += (shape.empty() ? "" : ",") + std::to_string(d);
+            return strprintf("PEFT adapter '%s': tensor '%s' has shape [%s], expected [%d,%d] (r=%d on a base with C=%d)\n---> HINT: the adapter was made for another base (-e) or its config's r is wrong",
+                             weights_path.c_str(), key.c_str(), shape.c_str(), t.rows, t.cols, cfg.r, C);
+        }
+    }
+    // DoRA: one magnitude vector (out) per adapted module
+    struct Magnitude { std::string key; int target, layer; };
+    std::vector<Magnitude> magnitudes;
+    for (int t = 0; use_dora && t < LORA_NUM_TARGETS; t++) {
+        if (!(cfg.targets & (1u << t))) continue;
+        int out = lora_target_out(t, C);
+        for (int l = 0; l < L; l++) {
+            std::string key = lora_peft_magnitude_key(l, t);
+            const SafeTensor* s = st.find(key);
+            if (s == NULL) {
+                return strprintf("PEFT adapter '%s' has no tensor '%s', which its config (use_dora) needs\n---> HINT: %s", weights_path.c_str(), key.c_str(), hint);
+            }
+            if (s->shape.size() != 1 || s->shape[0] != (size_t)out) {
+                return strprintf("PEFT adapter '%s': DoRA magnitude '%s' must have shape [%d] (the module's outputs)\n---> HINT: the adapter was made for another base (-e)",
+                                 weights_path.c_str(), key.c_str(), out);
+            }
+            magnitudes.push_back({key, t, l});
+        }
+    }
+    if (st.tensors.size() != list.size() + magnitudes.size()) {
+        for (const SafeTensor& s : st.tensors) {
+            bool expected = false;
+            for (const LoRATensor& t : list) expected = expected || s.name == lora_peft_key(t.layer, t.target, t.is_B);
+            for (const Magnitude& m : magnitudes) expected = expected || s.name == m.key;
+            if (!expected) {
+                return strprintf("PEFT adapter '%s' has tensor '%s', which is not a lora_A/lora_B of a target in its config (%s) on an L=%d base\n---> HINT: check target_modules in '%s'; %s",
+                                 weights_path.c_str(), s.name.c_str(), lora_targets_string(cfg.targets).c_str(), L, cpath, hint);
+            }
+        }
+    }
+    if (model->block_file != NULL && cfg.base_quant == LORA_QUANT_FP32) {
+        return strprintf("PEFT adapter '%s': the base was read for a quantized attach (block matrices left on disk) but -Q is fp32\n---> HINT: pass -Q int8, -Q nf4 or -Q int2 with -A", dir);
+    }
+    if (model->lora.params_memory != NULL) lora_free(&model->lora);
+    gpt2_lora_attach(model, cfg, 0); // the init is overwritten here
+    for (const LoRATensor& t : list) {
+        const SafeTensor* s = st.find(lora_peft_key(t.layer, t.target, t.is_B));
+        memcpy(model->lora.params_memory + t.offset, st.values(s), (size_t)t.rows * t.cols * sizeof(float));
+    }
+    for (const Magnitude& m : magnitudes) { // the trained magnitudes replace the ||W0||_row that attach started from
+        int out = lora_target_out(m.target, C);
+        memcpy(model->lora.dora_m[m.target] + (size_t)m.layer * out, st.values(st.find(m.key)), (size_t)out * sizeof(float));
+    }
+    return "";
+}
+
+// the base storage an adapter.bin says it trained on (header[29]), read before the base is loaded;
+// fp32 for anything else (a PEFT directory, an unreadable or invalid file: lora_file_read reports those)
+static int adapter_file_base_quant(const char* path) {
+    int header[256];
+    FILE* f = fopen(path, "rb");
+    if (f == NULL) return LORA_QUANT_FP32;
+    bool ok = fread(header, sizeof(header), 1, f) == 1 && header[0] == ADAPTER_MAGIC;
+    fclose(f);
+    return ok && header[29] > 0 && header[29] < LORA_NUM_QUANTS ? header[29] : LORA_QUANT_FP32;
+}
+
+// -A: a directory is a PEFT adapter, a file is our adapter.bin. base_quant: -Q when given, else -1 (the
+// adapter.bin's own base storage; fp32 for PEFT)
+static std::string lora_file_load(const char* path, GPT2<float>* model, uint64_t base_sum, TrainState* state, bool* has_state,
+                                  int base_quant = -1) {
+    struct stat st;
+    *has_state = false;
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) return peft_import(path, model, base_quant >= 0 ? base_quant : LORA_QUANT_FP32);
+    return lora_file_read(path, model, base_sum, state, has_state, base_quant);
+}
+
+// Several adapters (-A given more than once) on one base: each is loaded onto the base in turn and moved
+// aside into parts[k]. Only plain (and rsLoRA) adapters on the fp32 base qualify: the change of DoRA (a
+// row norm) and of PiSSA (a changed base) is not scale * lora_B lora_A on the shared base. The caller
+// frees the parts (lora_free), also after an error.
+static std::string lora_files_load_all(const std::vector<const char*>& paths, GPT2<float>* model, uint64_t base_sum,
+                                       std::vector<LoRA<float>>* parts) {
+    parts->assign(paths.size(), LoRA<float>());
+    for (size_t k = 0; k < paths.size(); k++) {
+        TrainState unused;
+        bool has_state = false;
+        std::string err = lora_file_load(paths[k], model, base_sum, &unused, &has_state, LORA_QUANT_FP32);
+        if (err.empty() && (model->lora.config.use_dora || model->lora.config.init_pissa)) {
+            err = strprintf("adapter '%s' is %s: its change to the base is not scale * lora_B lora_A, so it cannot share the base with others\n"
+                            "---> HINT: use it alone (one -A, no -S or -Y), e.g. -A %s -M merged.bin -x 0",
+                            paths[k], model->lora.config.use_dora ? "DoRA" : "PiSSA", paths[k]);
+        }
+        if (!err.empty()) return paths.size() > 1 ? strprintf("adapter %zu of %zu: ", k + 1, paths.size()) + err : err;
+        (*parts)[k] = model->lora; // moved aside
+        memset(&model->lora, 0, sizeof(model->lora));
+    }
+    return "";
+}
+
+// -A given more than once, or with -S weights: the adapters folded into one by lora_combine, attached as
+// the model's adapter, which -p, -M and -o then use like any other
+static std::string lora_files_combine(const std::vector<const char*>& paths, const std::vector<float>& weights,
+                                      GPT2<float>* model, uint64_t base_sum) {
+    std::vector<LoRA<float>> parts;
+    std::string err = lora_files_load_all(paths, model, base_sum, &parts);
+    if (err.empty()) {
+        std::vector<const LoRA<float>*> ptrs;
+        for (const LoRA<float>& part : parts) ptrs.push_back(&part);
+        LoRA<float> mix;
+        lora_combine(&mix, ptrs.data(), weights.data(), (int)parts.size());
+        gpt2_lora_attach(model, mix.config, 0);
+        memcpy(model->lora.params_memory, mix.params_memory, mix.num_parameters * sizeof(float));
+        lora_free(&mix);
+    }
+    for (LoRA<float>& part : parts) { if (part.params_memory != NULL) lora_free(&part); }
+    return err;
+}
+
+// everything -o gets for an adapter: <dir>/adapter.bin (with the state for exact resume) and the PEFT export
+static std::string lora_file_save_all(const char* dir, const GPT2<float>* model, uint64_t base_sum, const TrainState& state, const char* base_name) {
+    std::string err = lora_file_write((std::string(dir) + "/adapter.bin").c_str(), model, base_sum, &state);
+    if (err.empty()) err = peft_export(dir, model, base_name);
+    return err;
+}
