@@ -1390,6 +1390,9 @@ static void install_stop_handlers() {
     sigaction(SIGTERM, &sa, NULL);
 }
 
+// ----------------------------------------------------------------------------
+// the program (skip on first reading): its flags and their checks, then the steps main takes in turn
+
 #ifndef TESTING
 static void error_usage() {
     fprintf(stderr,
@@ -1468,10 +1471,9 @@ static void bad_flag(const char* flag, const std::string& what) {
     exit(EXIT_FAILURE);
 }
 
-int main(int argc, char** argv) {
-    DataParallel dp; // one process unless started by mpirun with an MPI build
-    dp_init(&dp, &argc, &argv);
-    // defaults, llm.c-like: B=4, T=64 on tinyshakespeare with GPT-2 124M
+// Every flag, with its default (llm.c-like: B=4, T=64 on tinyshakespeare with GPT-2 124M). parse_flags
+// fills it from argv; check_flags checks every value and derives the settings below the defaults.
+struct Flags {
     const char* base_path = "data/gpt2_124M.bin";       // -e
     const char* train_path = "data/tiny_shakespeare_train.bin"; // -i
     const char* val_path = "data/tiny_shakespeare_val.bin";     // -j
@@ -1516,6 +1518,19 @@ int main(int argc, char** argv) {
     int prefix_P = 0;               // -X, prefix positions per layer
     float l2sp_lambda = 0.0f;       // -w, L2-SP strength (with -f 1)
     bool tokenizer_given = false;
+    // derived by check_flags
+    const char* adapter_path = NULL;      // the first -A
+    bool combine = false;                 // several -A, or -S: the adapters are added into one
+    std::vector<float> combine_weights;   // -S, one per -A (1 each without -S)
+    bool lora_on = false;                 // LoRA: none of -f 1, -F, -H, -X
+    unsigned target_mask = 0;             // -q as LoRATarget bits
+    int base_quant = LORA_QUANT_FP32;     // -Q as LoRAQuant
+    bool no_training = false;             // -p, or -M with -x 0: no training data needed
+};
+
+static Flags parse_flags(int argc, char** argv) {
+    Flags flags;
+    Flags* f = &flags;
     for (int i = 1; i < argc; i += 2) {
         if (argv[i][0] != '-' || strlen(argv[i]) != 2) {
             fprintf(stderr, "Error: unknown argument '%s'\n---> HINT: flags are a dash and one letter, each followed by a value\n", argv[i]);
@@ -1528,319 +1543,375 @@ int main(int argc, char** argv) {
         }
         const char* v = argv[i + 1];
         switch (argv[i][1]) {
-            case 'e': base_path = v; break;
-            case 'i': train_path = v; break;
-            case 'j': val_path = v; break;
-            case 'c': tokenizer_path = v; tokenizer_given = true; break;
-            case 'o': output_dir = v; break;
-            case 'b': B = parse_int(argv[i], v); break;
-            case 't': T = parse_int(argv[i], v); break;
-            case 'r': rank = parse_int(argv[i], v); break;
-            case 'a': alpha = parse_float(argv[i], v); break;
-            case 'q': targets = v; break;
-            case 'f': full = parse_int(argv[i], v); break;
-            case 'l': lr = parse_float(argv[i], v); lr_given = true; break;
-            case 'd': weight_decay = parse_float(argv[i], v); break;
-            case 'x': steps = parse_int(argv[i], v); break;
-            case 'v': val_every = parse_int(argv[i], v); break;
-            case 'm': val_batches = parse_int(argv[i], v); break;
-            case 's': sample_every = parse_int(argv[i], v); break;
-            case 'g': gen_tokens = parse_int(argv[i], v); break;
-            case 'u': shuffle = parse_int(argv[i], v); break;
-            case 'y': warmup = parse_int(argv[i], v); break;
-            case 'z': lr_final_frac = parse_float(argv[i], v); break;
-            case 'G': grad_clip = parse_float(argv[i], v); break;
-            case 'n': seed = parse_int(argv[i], v); break;
-            case 'k': save_every = parse_int(argv[i], v); break;
-            case 'A': adapter_paths.push_back(v); break;
-            case 'S': adapter_weights = v; break;
-            case 'M': merged_path = v; break;
-            case 'p': prompt = v; break;
-            case 'T': temperature = parse_float(argv[i], v); break;
-            case 'K': top_k = parse_int(argv[i], v); break;
-            case 'W': merged_inference = parse_int(argv[i], v); break;
-            case 'Y': multi_batch = parse_int(argv[i], v); break;
-            case 'E': bpe_dir = v; break;
-            case 'N': base_name = v; break;
-            case 'V': variants = v; break;
-            case 'Q': quant = v; quant_given = true; break;
-            case 'P': lr_ratio_B = parse_float(argv[i], v); break;
-            case 'F': freeze_k = parse_int(argv[i], v); break;
-            case 'H': adapter_m = parse_int(argv[i], v); break;
-            case 'X': prefix_P = parse_int(argv[i], v); break;
-            case 'w': l2sp_lambda = parse_float(argv[i], v); break;
+            case 'e': f->base_path = v; break;
+            case 'i': f->train_path = v; break;
+            case 'j': f->val_path = v; break;
+            case 'c': f->tokenizer_path = v; f->tokenizer_given = true; break;
+            case 'o': f->output_dir = v; break;
+            case 'b': f->B = parse_int(argv[i], v); break;
+            case 't': f->T = parse_int(argv[i], v); break;
+            case 'r': f->rank = parse_int(argv[i], v); break;
+            case 'a': f->alpha = parse_float(argv[i], v); break;
+            case 'q': f->targets = v; break;
+            case 'f': f->full = parse_int(argv[i], v); break;
+            case 'l': f->lr = parse_float(argv[i], v); f->lr_given = true; break;
+            case 'd': f->weight_decay = parse_float(argv[i], v); break;
+            case 'x': f->steps = parse_int(argv[i], v); break;
+            case 'v': f->val_every = parse_int(argv[i], v); break;
+            case 'm': f->val_batches = parse_int(argv[i], v); break;
+            case 's': f->sample_every = parse_int(argv[i], v); break;
+            case 'g': f->gen_tokens = parse_int(argv[i], v); break;
+            case 'u': f->shuffle = parse_int(argv[i], v); break;
+            case 'y': f->warmup = parse_int(argv[i], v); break;
+            case 'z': f->lr_final_frac = parse_float(argv[i], v); break;
+            case 'G': f->grad_clip = parse_float(argv[i], v); break;
+            case 'n': f->seed = parse_int(argv[i], v); break;
+            case 'k': f->save_every = parse_int(argv[i], v); break;
+            case 'A': f->adapter_paths.push_back(v); break;
+            case 'S': f->adapter_weights = v; break;
+            case 'M': f->merged_path = v; break;
+            case 'p': f->prompt = v; break;
+            case 'T': f->temperature = parse_float(argv[i], v); break;
+            case 'K': f->top_k = parse_int(argv[i], v); break;
+            case 'W': f->merged_inference = parse_int(argv[i], v); break;
+            case 'Y': f->multi_batch = parse_int(argv[i], v); break;
+            case 'E': f->bpe_dir = v; break;
+            case 'N': f->base_name = v; break;
+            case 'V': f->variants = v; break;
+            case 'Q': f->quant = v; f->quant_given = true; break;
+            case 'P': f->lr_ratio_B = parse_float(argv[i], v); break;
+            case 'F': f->freeze_k = parse_int(argv[i], v); break;
+            case 'H': f->adapter_m = parse_int(argv[i], v); break;
+            case 'X': f->prefix_P = parse_int(argv[i], v); break;
+            case 'w': f->l2sp_lambda = parse_float(argv[i], v); break;
             default:
                 fprintf(stderr, "Error: unknown flag '%s'\n", argv[i]);
                 error_usage();
         }
     }
-    // validation / overrides
-    const char* adapter_path = adapter_paths.empty() ? NULL : adapter_paths[0];
+    return flags;
+}
+
+// every check that needs no file: a bad value exits here naming its flag, before any work starts
+static void check_flags(Flags* f, const DataParallel& dp) {
+    f->adapter_path = f->adapter_paths.empty() ? NULL : f->adapter_paths[0];
     // several -A, or -S: the adapters are combined into one, weighted (lora_files_combine); with -Y 1
     // they stay apart instead, one sequence each in one batch
-    if (multi_batch != 0 && multi_batch != 1) bad_flag("-Y", strprintf("must be 0 or 1, got %d", multi_batch));
-    if (multi_batch && (prompt == NULL || adapter_paths.empty() || adapter_weights != NULL || merged_path != NULL || output_dir != NULL)) {
+    if (f->multi_batch != 0 && f->multi_batch != 1) bad_flag("-Y", strprintf("must be 0 or 1, got %d", f->multi_batch));
+    if (f->multi_batch && (f->prompt == NULL || f->adapter_paths.empty() || f->adapter_weights != NULL || f->merged_path != NULL || f->output_dir != NULL)) {
         bad_flag("-Y", "a multi-adapter batch generates from -p with the adapters given by -A, each unmerged in its own sequence\n"
                        "---> HINT: -Y 1 -p <prompt> -A a -A b ...; without -S, -M and -o (those add the adapters into one: drop -Y)");
     }
-    bool combine = !multi_batch && (adapter_paths.size() > 1 || adapter_weights != NULL);
-    std::vector<float> combine_weights(adapter_paths.size(), 1.0f);
-    if (adapter_weights != NULL) {
-        if (adapter_paths.empty()) bad_flag("-S", "weights apply to the adapters given with -A\n---> HINT: add -A <adapter> once per weight");
+    f->combine = !f->multi_batch && (f->adapter_paths.size() > 1 || f->adapter_weights != NULL);
+    f->combine_weights.assign(f->adapter_paths.size(), 1.0f);
+    if (f->adapter_weights != NULL) {
+        if (f->adapter_paths.empty()) bad_flag("-S", "weights apply to the adapters given with -A\n---> HINT: add -A <adapter> once per weight");
         std::vector<float> w;
-        const char* c = adapter_weights;
+        const char* c = f->adapter_weights;
         for (;;) { // a comma list of finite numbers
             char* end = NULL;
             float x = strtof(c, &end);
             if (end == c || (*end != ',' && *end != '\0') || !std::isfinite(x)) {
-                bad_flag("-S", strprintf("expects a comma list of numbers, one per -A adapter, got '%s'\n---> HINT: e.g. -A a -A b -S 0.7,0.3", adapter_weights));
+                bad_flag("-S", strprintf("expects a comma list of numbers, one per -A adapter, got '%s'\n---> HINT: e.g. -A a -A b -S 0.7,0.3", f->adapter_weights));
             }
             w.push_back(x);
             if (*end == '\0') break;
             c = end + 1;
         }
-        if (w.size() != adapter_paths.size()) {
-            bad_flag("-S", strprintf("%zu weights for %zu adapters (-A)\n---> HINT: give one weight per -A, in the same order", w.size(), adapter_paths.size()));
+        if (w.size() != f->adapter_paths.size()) {
+            bad_flag("-S", strprintf("%zu weights for %zu adapters (-A)\n---> HINT: give one weight per -A, in the same order", w.size(), f->adapter_paths.size()));
         }
-        combine_weights = w;
+        f->combine_weights = w;
     }
-    if (combine && prompt == NULL && !(merged_path != NULL && steps == 0)) {
+    if (f->combine && f->prompt == NULL && !(f->merged_path != NULL && f->steps == 0)) {
         bad_flag("-A", "several adapters, or -S weights, combine into one adapter for -p and -M only (it has no optimizer state to train on)\n"
                        "---> HINT: add -p <prompt>, or -M merged.bin -x 0 (and -o <dir> to save the combined adapter); to train, give one -A");
     }
-    if ((combine || multi_batch) && quant_given && strcmp(quant, "fp32") != 0) {
+    if ((f->combine || f->multi_batch) && f->quant_given && strcmp(f->quant, "fp32") != 0) {
         bad_flag("-Q", "several adapters on one base (several -A, -S or -Y) need the fp32 base\n---> HINT: drop -Q");
     }
-    if (B <= 0) bad_flag("-b", strprintf("batch size must be >= 1, got %d", B));
-    if (T <= 0) bad_flag("-t", strprintf("sequence length must be >= 1, got %d", T));
-    if (rank <= 0) bad_flag("-r", strprintf("LoRA rank must be >= 1, got %d\n---> HINT: try -r 8; to train every weight use -f 1", rank));
-    if (!(alpha > 0)) bad_flag("-a", strprintf("LoRA alpha must be > 0, got %g", alpha));
-    if (full != 0 && full != 1) bad_flag("-f", strprintf("must be 0 or 1, got %d", full));
-    if (shuffle != 0 && shuffle != 1) bad_flag("-u", strprintf("must be 0 or 1, got %d", shuffle));
-    if (lr < 0) bad_flag("-l", strprintf("learning rate must be >= 0, got %g", lr));
-    if (warmup < 0) bad_flag("-y", strprintf("warmup steps must be >= 0, got %d", warmup));
-    if (!(lr_final_frac >= 0 && lr_final_frac <= 1)) bad_flag("-z", strprintf("the final learning-rate fraction must be in [0, 1], got %g\n---> HINT: -z 0.1 decays to a tenth of -l; -z 1 keeps it constant", lr_final_frac));
-    if (!(grad_clip >= 0)) bad_flag("-G", strprintf("the gradient-norm clip must be >= 0 (0 = off), got %g", grad_clip));
-    if (full && !lr_given) lr = 1e-4f;
+    if (f->B <= 0) bad_flag("-b", strprintf("batch size must be >= 1, got %d", f->B));
+    if (f->T <= 0) bad_flag("-t", strprintf("sequence length must be >= 1, got %d", f->T));
+    if (f->rank <= 0) bad_flag("-r", strprintf("LoRA rank must be >= 1, got %d\n---> HINT: try -r 8; to train every weight use -f 1", f->rank));
+    if (!(f->alpha > 0)) bad_flag("-a", strprintf("LoRA alpha must be > 0, got %g", f->alpha));
+    if (f->full != 0 && f->full != 1) bad_flag("-f", strprintf("must be 0 or 1, got %d", f->full));
+    if (f->shuffle != 0 && f->shuffle != 1) bad_flag("-u", strprintf("must be 0 or 1, got %d", f->shuffle));
+    if (f->lr < 0) bad_flag("-l", strprintf("learning rate must be >= 0, got %g", f->lr));
+    if (f->warmup < 0) bad_flag("-y", strprintf("warmup steps must be >= 0, got %d", f->warmup));
+    if (!(f->lr_final_frac >= 0 && f->lr_final_frac <= 1)) bad_flag("-z", strprintf("the final learning-rate fraction must be in [0, 1], got %g\n---> HINT: -z 0.1 decays to a tenth of -l; -z 1 keeps it constant", f->lr_final_frac));
+    if (!(f->grad_clip >= 0)) bad_flag("-G", strprintf("the gradient-norm clip must be >= 0 (0 = off), got %g", f->grad_clip));
+    if (f->full && !f->lr_given) f->lr = 1e-4f;
     // the other adaptation methods: at most one of -f 1, -F, -H, -X; LoRA when none
-    if (freeze_k < 0) bad_flag("-F", strprintf("must be >= 0, got %d", freeze_k));
-    if (adapter_m < 0) bad_flag("-H", strprintf("must be >= 0, got %d", adapter_m));
-    if (prefix_P < 0) bad_flag("-X", strprintf("must be >= 0, got %d", prefix_P));
-    if ((full != 0) + (freeze_k > 0) + (adapter_m > 0) + (prefix_P > 0) > 1) {
-        bad_flag(freeze_k > 0 ? "-F" : adapter_m > 0 ? "-H" : "-X", "choose one method: -f 1, -F, -H or -X (none of them: LoRA)");
+    if (f->freeze_k < 0) bad_flag("-F", strprintf("must be >= 0, got %d", f->freeze_k));
+    if (f->adapter_m < 0) bad_flag("-H", strprintf("must be >= 0, got %d", f->adapter_m));
+    if (f->prefix_P < 0) bad_flag("-X", strprintf("must be >= 0, got %d", f->prefix_P));
+    if ((f->full != 0) + (f->freeze_k > 0) + (f->adapter_m > 0) + (f->prefix_P > 0) > 1) {
+        bad_flag(f->freeze_k > 0 ? "-F" : f->adapter_m > 0 ? "-H" : "-X", "choose one method: -f 1, -F, -H or -X (none of them: LoRA)");
     }
-    if (l2sp_lambda < 0 || (l2sp_lambda > 0 && !full)) {
-        bad_flag("-w", strprintf("L2-SP needs -f 1 and w >= 0, got w = %g\n---> HINT: e.g. -f 1 -w 0.01", l2sp_lambda));
+    if (f->l2sp_lambda < 0 || (f->l2sp_lambda > 0 && !f->full)) {
+        bad_flag("-w", strprintf("L2-SP needs -f 1 and w >= 0, got w = %g\n---> HINT: e.g. -f 1 -w 0.01", f->l2sp_lambda));
     }
-    bool lora_on = !full && freeze_k == 0 && adapter_m == 0 && prefix_P == 0;
-    if (freeze_k > 0 && !lr_given) lr = 1e-4f; // trains base weights, like -f 1
-    if (!lora_on && !full && (adapter_path != NULL || merged_path != NULL || prompt != NULL)) {
-        bad_flag(adapter_path ? "-A" : merged_path ? "-M" : "-p", "LoRA adapter files, merging and -p apply to LoRA only\n---> HINT: drop -F / -H / -X");
+    f->lora_on = !f->full && f->freeze_k == 0 && f->adapter_m == 0 && f->prefix_P == 0;
+    if (f->freeze_k > 0 && !f->lr_given) f->lr = 1e-4f; // trains base weights, like -f 1
+    if (!f->lora_on && !f->full && (f->adapter_path != NULL || f->merged_path != NULL || f->prompt != NULL)) {
+        bad_flag(f->adapter_path ? "-A" : f->merged_path ? "-M" : "-p", "LoRA adapter files, merging and -p apply to LoRA only\n---> HINT: drop -F / -H / -X");
     }
-    if (weight_decay < 0) bad_flag("-d", strprintf("weight decay must be >= 0, got %g", weight_decay));
-    if (steps < 0) bad_flag("-x", strprintf("steps must be >= 0, got %d", steps));
-    if (val_every < 0) bad_flag("-v", strprintf("must be >= 0, got %d", val_every));
-    if (val_batches <= 0) bad_flag("-m", strprintf("validation batches must be >= 1, got %d", val_batches));
-    if (sample_every < 0) bad_flag("-s", strprintf("must be >= 0, got %d", sample_every));
-    if (gen_tokens <= 0) bad_flag("-g", strprintf("generated tokens must be >= 1, got %d", gen_tokens));
-    if (save_every < 0) bad_flag("-k", strprintf("must be >= 0, got %d", save_every));
-    if (save_every > 0 && output_dir == NULL) bad_flag("-k", "saving every k steps needs an output directory\n---> HINT: add -o <dir>");
-    if (!(temperature > 0)) bad_flag("-T", strprintf("temperature must be > 0, got %g", temperature));
-    if (top_k < 0) bad_flag("-K", strprintf("top-k must be >= 0, got %d", top_k));
-    if (merged_inference != 0 && merged_inference != 1) bad_flag("-W", strprintf("must be 0 or 1, got %d", merged_inference));
-    if (base_name[0] == '\0' || base_name[0] == '/') {
-        bad_flag("-N", strprintf("'%s' is not a model name\n---> HINT: use a Hugging Face hub id such as gpt2 (PEFT configs never carry absolute paths)", base_name));
+    if (f->weight_decay < 0) bad_flag("-d", strprintf("weight decay must be >= 0, got %g", f->weight_decay));
+    if (f->steps < 0) bad_flag("-x", strprintf("steps must be >= 0, got %d", f->steps));
+    if (f->val_every < 0) bad_flag("-v", strprintf("must be >= 0, got %d", f->val_every));
+    if (f->val_batches <= 0) bad_flag("-m", strprintf("validation batches must be >= 1, got %d", f->val_batches));
+    if (f->sample_every < 0) bad_flag("-s", strprintf("must be >= 0, got %d", f->sample_every));
+    if (f->gen_tokens <= 0) bad_flag("-g", strprintf("generated tokens must be >= 1, got %d", f->gen_tokens));
+    if (f->save_every < 0) bad_flag("-k", strprintf("must be >= 0, got %d", f->save_every));
+    if (f->save_every > 0 && f->output_dir == NULL) bad_flag("-k", "saving every k steps needs an output directory\n---> HINT: add -o <dir>");
+    if (!(f->temperature > 0)) bad_flag("-T", strprintf("temperature must be > 0, got %g", f->temperature));
+    if (f->top_k < 0) bad_flag("-K", strprintf("top-k must be >= 0, got %d", f->top_k));
+    if (f->merged_inference != 0 && f->merged_inference != 1) bad_flag("-W", strprintf("must be 0 or 1, got %d", f->merged_inference));
+    if (f->base_name[0] == '\0' || f->base_name[0] == '/') {
+        bad_flag("-N", strprintf("'%s' is not a model name\n---> HINT: use a Hugging Face hub id such as gpt2 (PEFT configs never carry absolute paths)", f->base_name));
     }
-    if (full && (adapter_path != NULL || merged_path != NULL)) {
-        bad_flag(adapter_path ? "-A" : "-M", "LoRA adapters do not apply to full fine-tuning\n---> HINT: drop -f 1 (with -f 1, -o writes the whole model as model.bin)");
+    if (f->full && (f->adapter_path != NULL || f->merged_path != NULL)) {
+        bad_flag(f->adapter_path ? "-A" : "-M", "LoRA adapters do not apply to full fine-tuning\n---> HINT: drop -f 1 (with -f 1, -o writes the whole model as model.bin)");
     }
-    unsigned target_mask = 0;
+    f->target_mask = 0;
     std::string err;
-    if (lora_on && !lora_parse_targets(targets, &target_mask, &err)) bad_flag("-q", err);
-    if (dp.rank != 0) { output_dir = NULL; merged_path = NULL; sample_every = 0; } // only rank 0 samples and writes (and checks -o)
-    if (output_dir != NULL) {
+    if (f->lora_on && !lora_parse_targets(f->targets, &f->target_mask, &err)) bad_flag("-q", err);
+    if (dp.rank != 0) { f->output_dir = NULL; f->merged_path = NULL; f->sample_every = 0; } // only rank 0 samples and writes (and checks -o)
+    if (f->output_dir != NULL) {
         struct stat st;
-        if (stat(output_dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
-            bad_flag("-o", strprintf("output directory '%s' does not exist\n---> HINT: create it first (mkdir -p %s)", output_dir, output_dir));
+        if (stat(f->output_dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+            bad_flag("-o", strprintf("output directory '%s' does not exist\n---> HINT: create it first (mkdir -p %s)", f->output_dir, f->output_dir));
         }
     }
 
-    int base_quant = LORA_QUANT_FP32;
-    if (!lora_parse_quant(quant, &base_quant, &err)) bad_flag("-Q", err);
-    if (full && base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base is frozen, full fine-tuning trains it\n---> HINT: drop -f 1, or use -Q fp32");
-    if (!lora_on && base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base applies to LoRA only\n---> HINT: drop -F / -H / -X, or use -Q fp32");
+    f->base_quant = LORA_QUANT_FP32;
+    if (!lora_parse_quant(f->quant, &f->base_quant, &err)) bad_flag("-Q", err);
+    if (f->full && f->base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base is frozen, full fine-tuning trains it\n---> HINT: drop -f 1, or use -Q fp32");
+    if (!f->lora_on && f->base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base applies to LoRA only\n---> HINT: drop -F / -H / -X, or use -Q fp32");
+    f->no_training = f->prompt != NULL || (f->merged_path != NULL && f->steps == 0); // -p, or -M alone: no data needed
+}
 
-    double rss_before_model = rss_now_mib(); // doc/memory.md compares peak RSS minus this with [Memory]
+// what main builds from the flags: the model with its adapters (or its other method), and what an
+// adapter file (-A) said about itself
+struct Built {
     GPT2<float> model;
-    // -Q int8 / nf4 (or -A with an adapter.bin trained on one, and no -Q): the block matrices stay on disk
-    // until the attach quantizes them layer by layer, so they are never in memory in fp32
-    int read_quant = quant_given || adapter_path == NULL || combine || multi_batch ? base_quant : adapter_file_base_quant(adapter_path);
-    err = gpt2_read_checkpoint(&model, base_path, lora_on && read_quant != LORA_QUANT_FP32);
-    if (!err.empty()) die("flag -e: " + err);
-    GPT2Config cfg = model.config;
-    bool no_training = prompt != NULL || (merged_path != NULL && steps == 0); // -p, or -M alone: no data needed
-    if (no_training) T = std::min(T, cfg.max_seq_len); // -t is only the context window of -p
-    if (T > cfg.max_seq_len) bad_flag("-t", strprintf("sequence length %d exceeds the model's maxT=%d\n---> HINT: use -t %d or less", T, cfg.max_seq_len, cfg.max_seq_len));
-
-    LoRAConfig lcfg = lora_config(rank, alpha, target_mask);
-    if (!lora_parse_variants(variants, &lcfg, &err)) bad_flag("-V", err);
-    lcfg.base_quant = base_quant;
-    if (!(lr_ratio_B > 0)) bad_flag("-P", strprintf("the LoRA+ ratio must be > 0, got %g\n---> HINT: 1 is plain LoRA; the LoRA+ paper uses 16", lr_ratio_B));
-    lcfg.lr_ratio_B = lr_ratio_B;
-    uint64_t base_sum = 0;  // checksum of the frozen base, stamped into adapter files (-o) and checked (-A)
-    TrainState resume;      // the saved run's step, loader and sampler state, when -A has them
+    LoRAConfig lcfg;
+    uint64_t base_sum = 0;   // checksum of the frozen base, stamped into adapter files (-o) and checked (-A)
+    TrainState resume;       // the saved run's step, loader and sampler state, when -A has them
     bool have_state = false;
-    std::string adapter_desc = strprintf("new (seed %d)", seed);
+    std::string adapter_desc;
     std::vector<LoRA<float>> batch_adapters; // -Y 1: the adapters, one per sequence of the batch
     std::vector<const LoRA<float>*> batch_ptrs;
     std::vector<int> batch_index;
-    if (full && l2sp_lambda > 0) {
-        gpt2_enable_l2sp(&model, l2sp_lambda);
-    } else if (full) {
+    double rss_before_model; // doc/memory.md compares peak RSS minus this with [Memory]
+};
+
+// the base checkpoint (-e), and the checks that need its shape
+static void read_base(Built* b, Flags* f) {
+    GPT2<float>& model = b->model;
+    std::string err;
+    b->rss_before_model = rss_now_mib();
+    // -Q int8 / nf4 (or -A with an adapter.bin trained on one, and no -Q): the block matrices stay on disk
+    // until the attach quantizes them layer by layer, so they are never in memory in fp32
+    int read_quant = f->quant_given || f->adapter_path == NULL || f->combine || f->multi_batch ? f->base_quant : adapter_file_base_quant(f->adapter_path);
+    err = gpt2_read_checkpoint(&model, f->base_path, f->lora_on && read_quant != LORA_QUANT_FP32);
+    if (!err.empty()) die("flag -e: " + err);
+    GPT2Config cfg = model.config;
+    if (f->no_training) f->T = std::min(f->T, cfg.max_seq_len); // -t is only the context window of -p
+    if (f->T > cfg.max_seq_len) bad_flag("-t", strprintf("sequence length %d exceeds the model's maxT=%d\n---> HINT: use -t %d or less", f->T, cfg.max_seq_len, cfg.max_seq_len));
+
+    LoRAConfig lcfg = lora_config(f->rank, f->alpha, f->target_mask);
+    if (!lora_parse_variants(f->variants, &lcfg, &err)) bad_flag("-V", err);
+    lcfg.base_quant = f->base_quant;
+    if (!(f->lr_ratio_B > 0)) bad_flag("-P", strprintf("the LoRA+ ratio must be > 0, got %g\n---> HINT: 1 is plain LoRA; the LoRA+ paper uses 16", f->lr_ratio_B));
+    lcfg.lr_ratio_B = f->lr_ratio_B;
+    b->lcfg = lcfg;
+}
+
+// the training method on the base: full fine-tuning, another method, or LoRA (new, from -A, several -A)
+static void attach_method(Built* b, Flags* f) {
+    GPT2<float>& model = b->model;
+    GPT2Config cfg = model.config;
+    LoRAConfig& lcfg = b->lcfg;
+    uint64_t& base_sum = b->base_sum;
+    TrainState& resume = b->resume;
+    bool& have_state = b->have_state;
+    std::string& adapter_desc = b->adapter_desc;
+    std::vector<LoRA<float>>& batch_adapters = b->batch_adapters;
+    std::vector<const LoRA<float>*>& batch_ptrs = b->batch_ptrs;
+    std::vector<int>& batch_index = b->batch_index;
+    std::string err;
+    adapter_desc = strprintf("new (seed %d)", f->seed);
+    if (f->full && f->l2sp_lambda > 0) {
+        gpt2_enable_l2sp(&model, f->l2sp_lambda);
+    } else if (f->full) {
         gpt2_enable_full_training(&model);
-    } else if (!lora_on) {
-        err = gpt2_enable_other_method(&model, freeze_k, adapter_m, prefix_P, (uint64_t)seed);
+    } else if (!f->lora_on) {
+        err = gpt2_enable_other_method(&model, f->freeze_k, f->adapter_m, f->prefix_P, (uint64_t)f->seed);
         if (!err.empty()) die(err);
     } else {
         // the checksum of the fp32 base file, whatever -Q: adapters trained on a quantized base check
         // against the same file (-A without -Q reads the base whole: the attach below quantizes it after this)
-        if (adapter_path != NULL || output_dir != NULL) {
-            if (model.block_file != NULL) err = checkpoint_checksum(base_path, &base_sum); // (-Q: not all in memory)
+        if (f->adapter_path != NULL || f->output_dir != NULL) {
+            if (model.block_file != NULL) err = checkpoint_checksum(f->base_path, &base_sum); // (-Q: not all in memory)
             else base_sum = base_checksum(model.params_memory, model.num_parameters);
             if (!err.empty()) die("flag -e: " + err);
         }
-        if (multi_batch) {
-            err = lora_files_load_all(adapter_paths, &model, base_sum, &batch_adapters);
+        if (f->multi_batch) {
+            err = lora_files_load_all(f->adapter_paths, &model, base_sum, &batch_adapters);
             if (!err.empty()) die("flag -A: " + err);
             lcfg = batch_adapters[0].config;
             adapter_desc = "one batch, each sequence its own adapter, unmerged:";
-            for (size_t k = 0; k < adapter_paths.size(); k++) {
-                adapter_desc += strprintf(" [%zu] %s", k, adapter_paths[k]);
+            for (size_t k = 0; k < f->adapter_paths.size(); k++) {
+                adapter_desc += strprintf(" [%zu] %s", k, f->adapter_paths[k]);
                 batch_ptrs.push_back(&batch_adapters[k]);
                 batch_index.push_back((int)k);
             }
-            lora_multi_set(&model.lora, batch_ptrs.data(), batch_index.data(), T, cfg.num_layers, cfg.channels);
-        } else if (combine) {
-            err = lora_files_combine(adapter_paths, combine_weights, &model, base_sum);
+            lora_multi_set(&model.lora, batch_ptrs.data(), batch_index.data(), f->T, cfg.num_layers, cfg.channels);
+        } else if (f->combine) {
+            err = lora_files_combine(f->adapter_paths, f->combine_weights, &model, base_sum);
             if (!err.empty()) die("flag -A: " + err);
             lcfg = model.lora.config;
             adapter_desc = "";
-            for (size_t k = 0; k < adapter_paths.size(); k++) {
-                adapter_desc += strprintf("%s%g x %s", k ? " + " : "combined: ", combine_weights[k], adapter_paths[k]);
+            for (size_t k = 0; k < f->adapter_paths.size(); k++) {
+                adapter_desc += strprintf("%s%g x %s", k ? " + " : "combined: ", f->combine_weights[k], f->adapter_paths[k]);
             }
-        } else if (adapter_path != NULL) {
+        } else if (f->adapter_path != NULL) {
             // -Q given: store the base that way; else as the adapter.bin says it trained (fp32 for PEFT)
-            err = lora_file_load(adapter_path, &model, base_sum, &resume, &have_state, quant_given ? lcfg.base_quant : -1);
+            err = lora_file_load(f->adapter_path, &model, base_sum, &resume, &have_state, f->quant_given ? lcfg.base_quant : -1);
             if (!err.empty()) die("flag -A: " + err);
             lcfg = model.lora.config; // the adapter's r, alpha and targets, whatever -r -a -q say
-            adapter_desc = strprintf("%s (%s)", adapter_path, have_state ? strprintf("step %d, with optimizer state", resume.step).c_str() : "weights only");
+            adapter_desc = strprintf("%s (%s)", f->adapter_path, have_state ? strprintf("step %d, with optimizer state", resume.step).c_str() : "weights only");
         } else {
-            gpt2_lora_attach(&model, lcfg, (uint64_t)seed);
+            gpt2_lora_attach(&model, lcfg, (uint64_t)f->seed);
         }
     }
+}
 
-    // no training data needed: -p generates from a prompt; -M with -x 0 only merges (and -o converts)
-    if (no_training) {
-        printf("[LoRA]\nadapter: %s\nrank: %d\nalpha: %g\ntargets: %s\n", adapter_desc.c_str(), lcfg.r, lcfg.alpha, lora_targets_string(lcfg.targets).c_str());
-        if (output_dir != NULL) {
-            err = lora_file_write((std::string(output_dir) + "/adapter.bin").c_str(), &model, base_sum, NULL);
-            if (err.empty()) err = peft_export(output_dir, &model, base_name);
-            if (!err.empty()) die("flag -o: " + err);
-            printf("saved adapter: %s/adapter.bin (weights only), %s/" PEFT_WEIGHTS_FILE ", %s/" PEFT_CONFIG_FILE "\n", output_dir, output_dir, output_dir);
-        }
-        if (merged_path != NULL) {
-            err = write_merged_checkpoint(&model, merged_path);
-            if (!err.empty()) die("flag -M: " + err);
-            printf("wrote merged checkpoint %s\n", merged_path);
-        }
-        if (prompt != NULL) {
-            BPE bpe;
-            bpe.print_errors = false;
-            int rc = bpe_dir == NULL ? bpe_load_default(&bpe)
-                                     : bpe_load(&bpe, (std::string(bpe_dir) + "/encoder.json").c_str(), (std::string(bpe_dir) + "/vocab.bpe").c_str());
-            if (rc != 0) die(std::string(bpe_dir ? "flag -E: " : "flag -p: ") + bpe.error);
-            if (multi_batch) { // one sequence per adapter, in one batch
-                int nb = (int)batch_adapters.size();
-                gpt2_allocate(&model, nb, T);
-                std::vector<int> ids;
-                err = encode_prompt(&bpe, prompt, cfg.vocab_size, &ids);
-                if (!err.empty()) die(err);
-                Rng rng;
-                rng_seed(&rng, (uint64_t)seed + 1);
-                double t0 = now_seconds();
-                std::vector<std::vector<int>> outs = gpt2_generate_multi(&model, ids, nb, gen_tokens, &rng, temperature, top_k);
-                double secs = now_seconds() - t0;
-                printf("[Generate]\nmode: multi-adapter batch of %d\ntemperature: %g\ntop_k: %d\ncontext: %d\n", nb, temperature, top_k, T);
-                for (int k = 0; k < nb; k++) {
-                    std::string text = bpe_decode(&bpe, outs[k].data(), outs[k].size());
-                    printf("--- [%d] %s\n%s%s\n", k, adapter_paths[k], prompt, text.c_str());
-                }
-                printf("---\ngenerated %d x %d tokens in %.2f s (%.1f tok/s)\n", nb, gen_tokens, secs, nb * gen_tokens / secs);
-                model.lora.multi = NULL; // the holder owns nothing; the adapters are freed below
-                for (LoRA<float>& a : batch_adapters) lora_free(&a);
-                gpt2_free(&model);
-                dp_finalize();
-                return 0;
-            }
-            // a quantized base has no fp32 matrices to merge into: it generates unmerged (quantized base + adapters)
-            bool merge_now = merged_inference && model.lora.quant_q[0] == NULL;
-            if (merge_now) {
-                gpt2_lora_merge(&model, +1); // one plain matmul per adapted layer from here on
-                lora_free(&model.lora);
-            }
-            gpt2_allocate(&model, 1, T);
-            Rng rng;
-            rng_seed(&rng, (uint64_t)seed + 1);
-            std::string text;
-            double t0 = now_seconds();
-            err = generate_from_prompt(&model, &bpe, prompt, gen_tokens, temperature, top_k, &rng, &text);
-            if (!err.empty()) die(err);
-            double secs = now_seconds() - t0;
-            printf("[Generate]\nmode: %s\ntemperature: %g\ntop_k: %d\ncontext: %d\n---\n%s%s\n---\n",
-                   merge_now ? "merged" : merged_inference ? "unmerged (quantized base)" : "unmerged",
-                   temperature, top_k, T, prompt, text.c_str());
-            printf("generated %d tokens in %.2f s (%.1f tok/s)\n", gen_tokens, secs, gen_tokens / secs);
-        }
-        gpt2_free(&model);
-        dp_finalize();
-        return 0;
+// -o and -M without training: the adapter as loaded (or combined) is saved, and the merge written
+static void save_without_training(Built* b, Flags* f) {
+    GPT2<float>& model = b->model;
+    const LoRAConfig& lcfg = b->lcfg;
+    const std::string& adapter_desc = b->adapter_desc;
+    uint64_t base_sum = b->base_sum;
+    std::string err;
+    printf("[LoRA]\nadapter: %s\nrank: %d\nalpha: %g\ntargets: %s\n", adapter_desc.c_str(), lcfg.r, lcfg.alpha, lora_targets_string(lcfg.targets).c_str());
+    if (f->output_dir != NULL) {
+        err = lora_file_write((std::string(f->output_dir) + "/adapter.bin").c_str(), &model, base_sum, NULL);
+        if (err.empty()) err = peft_export(f->output_dir, &model, f->base_name);
+        if (!err.empty()) die("flag -o: " + err);
+        printf("saved adapter: %s/adapter.bin (weights only), %s/" PEFT_WEIGHTS_FILE ", %s/" PEFT_CONFIG_FILE "\n", f->output_dir, f->output_dir, f->output_dir);
     }
-    gpt2_allocate(&model, B, T);
+    if (f->merged_path != NULL) {
+        err = write_merged_checkpoint(&model, f->merged_path);
+        if (!err.empty()) die("flag -M: " + err);
+        printf("wrote merged checkpoint %s\n", f->merged_path);
+    }
+}
 
+// -p: generation from a prompt, with the adapter merged (-W 1) or unmerged, or several adapters in one
+// batch (-Y 1)
+static void generate(Built* b, Flags* f) {
+    GPT2<float>& model = b->model;
+    GPT2Config cfg = model.config;
+    std::string err;
+    BPE bpe;
+    bpe.print_errors = false;
+    int rc = f->bpe_dir == NULL ? bpe_load_default(&bpe)
+                             : bpe_load(&bpe, (std::string(f->bpe_dir) + "/encoder.json").c_str(), (std::string(f->bpe_dir) + "/vocab.bpe").c_str());
+    if (rc != 0) die(std::string(f->bpe_dir ? "flag -E: " : "flag -p: ") + bpe.error);
+    if (f->multi_batch) { // one sequence per adapter, in one batch
+        int nb = (int)b->batch_adapters.size();
+        gpt2_allocate(&model, nb, f->T);
+        std::vector<int> ids;
+        err = encode_prompt(&bpe, f->prompt, cfg.vocab_size, &ids);
+        if (!err.empty()) die(err);
+        Rng rng;
+        rng_seed(&rng, (uint64_t)f->seed + 1);
+        double t0 = now_seconds();
+        std::vector<std::vector<int>> outs = gpt2_generate_multi(&model, ids, nb, f->gen_tokens, &rng, f->temperature, f->top_k);
+        double secs = now_seconds() - t0;
+        printf("[Generate]\nmode: multi-adapter batch of %d\ntemperature: %g\ntop_k: %d\ncontext: %d\n", nb, f->temperature, f->top_k, f->T);
+        for (int k = 0; k < nb; k++) {
+            std::string text = bpe_decode(&bpe, outs[k].data(), outs[k].size());
+            printf("--- [%d] %s\n%s%s\n", k, f->adapter_paths[k], f->prompt, text.c_str());
+        }
+        printf("---\ngenerated %d x %d tokens in %.2f s (%.1f tok/s)\n", nb, f->gen_tokens, secs, nb * f->gen_tokens / secs);
+        return;
+    }
+    // a quantized base has no fp32 matrices to merge into: it generates unmerged (quantized base + adapters)
+    bool merge_now = f->merged_inference && model.lora.quant_q[0] == NULL;
+    if (merge_now) {
+        gpt2_lora_merge(&model, +1); // one plain matmul per adapted layer from here on
+        lora_free(&model.lora);
+    }
+    gpt2_allocate(&model, 1, f->T);
+    Rng rng;
+    rng_seed(&rng, (uint64_t)f->seed + 1);
+    std::string text;
+    double t0 = now_seconds();
+    err = generate_from_prompt(&model, &bpe, f->prompt, f->gen_tokens, f->temperature, f->top_k, &rng, &text);
+    if (!err.empty()) die(err);
+    double secs = now_seconds() - t0;
+    printf("[Generate]\nmode: %s\ntemperature: %g\ntop_k: %d\ncontext: %d\n---\n%s%s\n---\n",
+           merge_now ? "merged" : f->merged_inference ? "unmerged (quantized base)" : "unmerged",
+           f->temperature, f->top_k, f->T, f->prompt, text.c_str());
+    printf("generated %d tokens in %.2f s (%.1f tok/s)\n", f->gen_tokens, secs, f->gen_tokens / secs);
+}
+
+// the training data: both token files, the loader's state from -A, and the tokenizer for samples
+struct TrainingData {
     DataLoader train_loader, val_loader;
-    err = dataloader_init(&train_loader, train_path, B, T, cfg.vocab_size, shuffle != 0, (uint64_t)seed, "-i", dp.rank, dp.world);
-    if (!err.empty()) die("flag -i: " + err);
-    err = dataloader_init(&val_loader, val_path, B, T, cfg.vocab_size, false, 0, "-j", dp.rank, dp.world);
-    if (!err.empty()) die("flag -j: " + err);
-    if (val_batches > (int)val_loader.num_batches) val_batches = (int)val_loader.num_batches;
     int start_step = 0; // > 0 when -A resumes a run
-    if (have_state) {
-        if (resume.step > steps) bad_flag("-x", strprintf("the adapter from -A has already trained %d steps, more than -x %d\n---> HINT: -x is the total step count; pass -x %d or more", resume.step, steps, resume.step));
-        err = train_state_restore(resume, &train_loader, adapter_path);
-        if (!err.empty()) die("flag -A: " + err);
-        start_step = resume.step;
-    }
-
-
     Tokenizer tokenizer;
     bool have_tokenizer = false;
-    if (access(tokenizer_path, F_OK) == 0 || tokenizer_given) {
-        err = tokenizer_read(&tokenizer, tokenizer_path);
-        if (!err.empty()) die("flag -c: " + err);
-        have_tokenizer = true;
-    }
+};
 
+static void open_training_data(TrainingData* d, Built* b, Flags* f, const DataParallel& dp) {
+    GPT2<float>& model = b->model;
+    GPT2Config cfg = model.config;
+    DataLoader& train_loader = d->train_loader;
+    DataLoader& val_loader = d->val_loader;
+    const TrainState& resume = b->resume;
+    std::string err;
+    err = dataloader_init(&train_loader, f->train_path, f->B, f->T, cfg.vocab_size, f->shuffle != 0, (uint64_t)f->seed, "-i", dp.rank, dp.world);
+    if (!err.empty()) die("flag -i: " + err);
+    err = dataloader_init(&val_loader, f->val_path, f->B, f->T, cfg.vocab_size, false, 0, "-j", dp.rank, dp.world);
+    if (!err.empty()) die("flag -j: " + err);
+    if (f->val_batches > (int)val_loader.num_batches) f->val_batches = (int)val_loader.num_batches;
+    if (b->have_state) {
+        if (resume.step > f->steps) bad_flag("-x", strprintf("the adapter from -A has already trained %d steps, more than -x %d\n---> HINT: -x is the total step count; pass -x %d or more", resume.step, f->steps, resume.step));
+        err = train_state_restore(resume, &train_loader, f->adapter_path);
+        if (!err.empty()) die("flag -A: " + err);
+        d->start_step = resume.step;
+    }
+    if (access(f->tokenizer_path, F_OK) == 0 || f->tokenizer_given) {
+        err = tokenizer_read(&d->tokenizer, f->tokenizer_path);
+        if (!err.empty()) die("flag -c: " + err);
+        d->have_tokenizer = true;
+    }
+}
+
+// the log's header: [GPT-2], the method ([LoRA] or another), [Memory] and [Run]
+static void print_run_header(const Built* b, const Flags* f, const TrainingData* d, const DataParallel& dp) {
+    const GPT2<float>& model = b->model;
+    GPT2Config cfg = model.config;
+    const LoRAConfig& lcfg = b->lcfg;
+    const std::string& adapter_desc = b->adapter_desc;
+    const DataLoader& train_loader = d->train_loader;
+    const DataLoader& val_loader = d->val_loader;
+    bool have_tokenizer = d->have_tokenizer;
     int threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
     printf("[GPT-2]\n");
-    printf("checkpoint: %s\n", base_path);
+    printf("checkpoint: %s\n", f->base_path);
     printf("max_seq_len: %d\nvocab_size: %d\npadded_vocab_size: %d\nnum_layers: %d\nnum_heads: %d\nchannels: %d\n",
            cfg.max_seq_len, cfg.vocab_size, cfg.padded_vocab_size, cfg.num_layers, cfg.num_heads, cfg.channels);
     printf("num_parameters: %zu\n", model.num_parameters);
     size_t trainable = gpt2_trainable_parameters(&model);
-    if (lora_on) {
+    if (f->lora_on) {
         printf("[LoRA]\n");
         printf("adapter: %s\n", adapter_desc.c_str());
         printf("rank: %d\nalpha: %g\nscale: %g\ntargets: %s\n", lcfg.r, lcfg.alpha, lcfg.scale, lora_targets_string(lcfg.targets).c_str());
@@ -1861,47 +1932,94 @@ int main(int argc, char** argv) {
     printf("gradients: %.1f MiB\noptimizer state: %.1f MiB\nactivations: %.1f MiB\n", mib(mem.grads), mib(mem.optimizer), mib(act_bytes));
     printf("total: %.1f MiB (full fine-tuning of this model needs %.1f MiB)\n",
            mib(mem.params + mem.grads + mem.optimizer + act_bytes),
-           mib(4 * fp32_base_bytes + (model.num_activations + model.num_dacts + 2 * (size_t)B * T) * sizeof(float)));
+           mib(4 * fp32_base_bytes + (model.num_activations + model.num_dacts + 2 * (size_t)f->B * f->T) * sizeof(float)));
     printf("bytes: params %zu grads %zu optimizer %zu activations %zu\n", mem.params, mem.grads, mem.optimizer, mem.activations);
     printf("[Run]\nB: %d\nT: %d\nsteps: %d\nlearning_rate: %g\nwarmup_steps: %d\nfinal_lr_fraction: %g\ngrad_clip: %g\nweight_decay: %g\nthreads: %d\n",
-           B, T, steps, lr, warmup, lr_final_frac, grad_clip, weight_decay, threads);
-    if (dp.world > 1) printf("ranks: %d (global batch %d = B x ranks)\n", dp.world, B * dp.world);
-    printf("train: %s (%zu tokens, %zu batches)\nval: %s (%zu tokens, %d batches used)\n", train_path,
-           train_loader.file.tokens.size(), train_loader.num_batches, val_path, val_loader.file.tokens.size(), val_batches);
-    printf("tokenizer: %s\n", have_tokenizer ? tokenizer_path : "(none: samples print token ids)");
+           f->B, f->T, f->steps, f->lr, f->warmup, f->lr_final_frac, f->grad_clip, f->weight_decay, threads);
+    if (dp.world > 1) printf("ranks: %d (global batch %d = B x ranks)\n", dp.world, f->B * dp.world);
+    printf("train: %s (%zu tokens, %zu batches)\nval: %s (%zu tokens, %d batches used)\n", f->train_path,
+           train_loader.file.tokens.size(), train_loader.num_batches, f->val_path, val_loader.file.tokens.size(), f->val_batches);
+    printf("tokenizer: %s\n", have_tokenizer ? f->tokenizer_path : "(none: samples print token ids)");
     fflush(stdout);
+}
+
+// what is written when training ends (or is interrupted): the merge (-M), the model (-f 1, -F) or the
+// method's parameters (-H, -X); the adapter itself is saved inside the loop
+static void save_after_training(Built* b, const Flags* f) {
+    GPT2<float>& model = b->model;
+    std::string err;
+    if (f->merged_path != NULL) {
+        err = write_merged_checkpoint(&model, f->merged_path);
+        if (!err.empty()) die("flag -M: " + err);
+        printf("wrote merged checkpoint %s\n", f->merged_path);
+    }
+    if (f->full && f->output_dir != NULL) {
+        std::string path = std::string(f->output_dir) + "/model.bin";
+        err = gpt2_write_checkpoint(&model, path.c_str());
+        if (!err.empty()) die(err);
+        printf("wrote %s\n", path.c_str());
+    }
+    if (!f->lora_on && !f->full && f->output_dir != NULL) {
+        // -F: the whole model (its top blocks changed); -H / -X: only the trained adapter or prefix
+        std::string path = std::string(f->output_dir) + (f->freeze_k > 0 ? "/model.bin" : "/method.bin");
+        err = f->freeze_k > 0 ? gpt2_write_checkpoint(&model, path.c_str()) : gpt2_write_method_file(&model, path.c_str());
+        if (!err.empty()) die("flag -o: " + err);
+        printf("wrote %s\n", path.c_str());
+    }
+}
+
+// the training loop: validation, samples and saves at their steps, then forward, backward, the mean
+// over ranks, the non-finite guard, clipping and the AdamW update; returns the exit status
+static int train(Built* b, Flags* f, DataParallel* dp_) {
+    DataParallel& dp = *dp_;
+    GPT2<float>& model = b->model;
+    GPT2Config cfg = model.config;
+    std::string err;
+    gpt2_allocate(&model, f->B, f->T);
+    TrainingData data;
+    open_training_data(&data, b, f, dp);
+    print_run_header(b, f, &data, dp);
+    DataLoader& train_loader = data.train_loader;
+    DataLoader& val_loader = data.val_loader;
+    int start_step = data.start_step;
+    const Tokenizer& tokenizer = data.tokenizer;
+    bool have_tokenizer = data.have_tokenizer;
+    bool have_state = b->have_state;
+    const TrainState& resume = b->resume;
+    uint64_t base_sum = b->base_sum;
+
 
     Rng sample_rng;
-    rng_seed(&sample_rng, (uint64_t)seed + 1);
+    rng_seed(&sample_rng, (uint64_t)f->seed + 1);
     if (have_state) sample_rng = resume.sample_rng;
     int eot = have_tokenizer ? tokenizer.eot_token : 50256;
     if (eot >= cfg.vocab_size) eot = 0;
     double total_ms = 0, first_loss = 0, last_loss = 0, last_val = -1;
     install_stop_handlers();
-    for (int step = start_step; step <= steps; step++) {
-        bool last_step = step == steps;
+    for (int step = start_step; step <= f->steps; step++) {
+        bool last_step = step == f->steps;
         // the adapter with everything an exact resume needs, saved where the next step would begin
-        if (lora_on && output_dir != NULL && (last_step || (save_every > 0 && step > start_step && step % save_every == 0))) {
+        if (f->lora_on && f->output_dir != NULL && (last_step || (f->save_every > 0 && step > start_step && step % f->save_every == 0))) {
             TrainState state = train_state_capture(step, &train_loader, &sample_rng);
-            err = lora_file_save_all(output_dir, &model, base_sum, state, base_name);
+            err = lora_file_save_all(f->output_dir, &model, base_sum, state, f->base_name);
             if (!err.empty()) die("flag -o: " + err);
-            printf("saved adapter (step %d): %s/adapter.bin, %s/" PEFT_WEIGHTS_FILE ", %s/" PEFT_CONFIG_FILE "\n", step, output_dir, output_dir, output_dir);
+            printf("saved adapter (step %d): %s/adapter.bin, %s/" PEFT_WEIGHTS_FILE ", %s/" PEFT_CONFIG_FILE "\n", step, f->output_dir, f->output_dir, f->output_dir);
         }
         // full training: the weights every k steps as <dir>/model.bin (atomically; the end writes it below),
         // so a long pretraining run keeps a usable checkpoint (weights only: AdamW state is not saved)
-        if (full && output_dir != NULL && save_every > 0 && step > start_step && step % save_every == 0 && !last_step) {
-            std::string path = std::string(output_dir) + "/model.bin";
+        if (f->full && f->output_dir != NULL && f->save_every > 0 && step > start_step && step % f->save_every == 0 && !last_step) {
+            std::string path = std::string(f->output_dir) + "/model.bin";
             err = gpt2_write_checkpoint(&model, path.c_str());
             if (!err.empty()) die("flag -o: " + err);
             printf("saved checkpoint (step %d): %s\n", step, path.c_str());
         }
-        if (val_every > 0 && (step % val_every == 0 || last_step) && stop_signal == 0) {
-            last_val = dp_mean(&dp, gpt2_validate(&model, &val_loader, val_batches));
+        if (f->val_every > 0 && (step % f->val_every == 0 || last_step) && stop_signal == 0) {
+            last_val = dp_mean(&dp, gpt2_validate(&model, &val_loader, f->val_batches));
             printf("val loss %f\n", last_val);
             fflush(stdout);
         }
-        if (sample_every > 0 && (step % sample_every == 0 || last_step) && stop_signal == 0) {
-            std::vector<int> out = gpt2_generate(&model, std::vector<int>{eot}, gen_tokens, &sample_rng, temperature, top_k);
+        if (f->sample_every > 0 && (step % f->sample_every == 0 || last_step) && stop_signal == 0) {
+            std::vector<int> out = gpt2_generate(&model, std::vector<int>{eot}, f->gen_tokens, &sample_rng, f->temperature, f->top_k);
             printf("generating:\n---\n");
             print_tokens(have_tokenizer ? &tokenizer : NULL, out);
             printf("---\n");
@@ -1909,61 +2027,74 @@ int main(int argc, char** argv) {
         if (last_step) break;
         double t0 = now_seconds();
         dataloader_next_batch(&train_loader);
-        gpt2_forward(&model, train_loader.inputs.data(), train_loader.targets.data(), B, T);
+        gpt2_forward(&model, train_loader.inputs.data(), train_loader.targets.data(), f->B, f->T);
         gpt2_zero_grad(&model);
         gpt2_backward(&model);
         dp_average_gradients(&dp, &model); // data parallel: mean gradient and loss over ranks
         model.mean_loss = dp_mean(&dp, model.mean_loss);
         err = gpt2_check_step_finite(&model, step + 1);
         if (!err.empty()) die(err);
-        double grad_norm = gpt2_clip_grad_norm(&model, grad_clip);
-        float step_lr = lr_schedule(lr, step, steps, warmup, lr_final_frac);
-        gpt2_update(&model, step_lr, 0.9f, 0.999f, 1e-8f, weight_decay, step + 1);
+        double grad_norm = gpt2_clip_grad_norm(&model, f->grad_clip);
+        float step_lr = lr_schedule(f->lr, step, f->steps, f->warmup, f->lr_final_frac);
+        gpt2_update(&model, step_lr, 0.9f, 0.999f, 1e-8f, f->weight_decay, step + 1);
         double ms = (now_seconds() - t0) * 1000.0;
         if (step > start_step) total_ms += ms; // the first step pays page faults; leave it out of the average
         if (step == start_step) first_loss = model.mean_loss;
         last_loss = model.mean_loss;
         double avg = step > start_step ? total_ms / (step - start_step) : ms;
-        printf("step %d/%d: train loss %f norm %.4f lr %.2e (took %.1f ms, %.0f tok/s", step + 1, steps, model.mean_loss, grad_norm, step_lr, ms, (double)B * T * dp.world / (ms / 1000.0));
+        printf("step %d/%d: train loss %f norm %.4f lr %.2e (took %.1f ms, %.0f tok/s", step + 1, f->steps, model.mean_loss, grad_norm, step_lr, ms, (double)f->B * f->T * dp.world / (ms / 1000.0));
         if (dp.world > 1) printf(" over %d ranks, allreduce %.2f ms for %zu bytes", dp.world, dp.allreduce_ms, dp.allreduce_bytes);
-        printf(", ETA %.1f s)\n", avg * (steps - step - 1) / 1000.0);
+        printf(", ETA %.1f s)\n", avg * (f->steps - step - 1) / 1000.0);
         if (model.params0) printf("l2sp penalty %f\n", model.reg_loss);
         fflush(stdout);
-        if (stop_signal != 0 && step + 1 < steps) {
+        if (stop_signal != 0 && step + 1 < f->steps) {
             // interrupted: this step is done; make it the last one, so the saves below happen as at a normal end
             printf("interrupted by %s after step %d: saving and stopping%s\n", stop_signal == SIGINT ? "SIGINT (Ctrl-C)" : "SIGTERM",
-                   step + 1, output_dir == NULL ? " (no -o: nothing to save)" : full ? "" : " (resume with -A <dir>/adapter.bin)");
+                   step + 1, f->output_dir == NULL ? " (no -o: nothing to save)" : f->full ? "" : " (resume with -A <dir>/adapter.bin)");
             fflush(stdout);
-            steps = step + 1;
+            f->steps = step + 1;
         }
     }
-    if (merged_path != NULL) {
-        err = write_merged_checkpoint(&model, merged_path);
-        if (!err.empty()) die("flag -M: " + err);
-        printf("wrote merged checkpoint %s\n", merged_path);
-    }
-    if (full && output_dir != NULL) {
-        std::string path = std::string(output_dir) + "/model.bin";
-        err = gpt2_write_checkpoint(&model, path.c_str());
-        if (!err.empty()) die(err);
-        printf("wrote %s\n", path.c_str());
-    }
-    if (!lora_on && !full && output_dir != NULL) {
-        // -F: the whole model (its top blocks changed); -H / -X: only the trained adapter or prefix
-        std::string path = std::string(output_dir) + (freeze_k > 0 ? "/model.bin" : "/method.bin");
-        err = freeze_k > 0 ? gpt2_write_checkpoint(&model, path.c_str()) : gpt2_write_method_file(&model, path.c_str());
-        if (!err.empty()) die("flag -o: " + err);
-        printf("wrote %s\n", path.c_str());
-    }
+    save_after_training(b, f);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     printf("[Summary]\nfirst train loss: %f\nlast train loss: %f\n", first_loss, last_loss);
     if (last_val >= 0) printf("final val loss: %f\n", last_val);
-    if (steps - start_step > 1) printf("average step: %.1f ms (%.0f tok/s)\n", total_ms / (steps - start_step - 1), (double)B * T * dp.world * (steps - start_step - 1) / (total_ms / 1000.0));
+    if (f->steps - start_step > 1) printf("average step: %.1f ms (%.0f tok/s)\n", total_ms / (f->steps - start_step - 1), (double)f->B * f->T * dp.world * (f->steps - start_step - 1) / (total_ms / 1000.0));
     printf("peak RSS: %.1f MiB\n", ru.ru_maxrss / 1024.0);
-    printf("RSS before the model: %.1f MiB\n", rss_before_model);
-    gpt2_free(&model);
-    dp_finalize();
+    printf("RSS before the model: %.1f MiB\n", b->rss_before_model);
     return stop_signal != 0 ? 128 + stop_signal : 0;
+}
+
+// frees what build made (a multi-adapter holder owns nothing: its adapters are freed here)
+static void free_built(Built* b) {
+    if (!b->batch_adapters.empty()) {
+        b->model.lora.multi = NULL;
+        for (LoRA<float>& a : b->batch_adapters) lora_free(&a);
+    }
+    gpt2_free(&b->model);
+}
+
+// ----------------------------------------------------------------------------
+// main: flags -> check -> build -> (generate / merge / export) or train -> free
+
+int main(int argc, char** argv) {
+    DataParallel dp; // one process unless started by mpirun with an MPI build
+    dp_init(&dp, &argc, &argv);
+    Flags flags = parse_flags(argc, argv); // every flag and its default: struct Flags
+    check_flags(&flags, dp);               // a bad value exits here, naming its flag
+    Built built;
+    read_base(&built, &flags);             // the frozen base from -e (quantized with -Q)
+    attach_method(&built, &flags);         // LoRA (new, or -A), full fine-tuning or another method
+    int status = 0;
+    if (flags.no_training) {
+        save_without_training(&built, &flags); // -o, -M with -x 0: the adapter as loaded, the merge
+        if (flags.prompt != NULL) generate(&built, &flags); // -p
+    } else {
+        status = train(&built, &flags, &dp);
+    }
+    free_built(&built);
+    dp_finalize();
+    return status;
 }
 #endif
