@@ -6,16 +6,41 @@ check fail the process. Run with `make test` (from the repository root).
 The trainer is compiled into this binary (TESTING hides its main), so the tests call the very kernels
 and model functions the program runs; the templates let the gradient checks run them in double.
 */
+
+/*
+Contents: one doctest test suite per subject, in this order. `./build/omp/test_lora -ts=gradients` runs one
+suite (`-ts=files,binary` several, `-ts=NAME -ltc` lists its test cases); `make test` runs them all.
+  gradients   every backward against finite differences in double: the kernels and the whole model
+  invariants  LoRA invariants: lora_B = 0 is the base, the base is untouched, counts, init, targets
+  fast-twins  the fast kernels (blocked matmul, thin LoRA GEMMs, exp_fast) against their naive twins
+  training    training mechanics: learning-rate schedule, clipping, non-finite guard, resume, determinism
+  variants    LoRA variants: rsLoRA, LoRA+, DoRA, PiSSA, quantized base (int8/NF4/int2), multi-adapter
+  methods     the other adaptation methods: Houlsby adapters, prefix tuning, freezing, L2-SP
+  files       file readers and writers (llm.c, adapter.bin, safetensors, JSON, PEFT), atomic writes, fuzzing
+  generation  sampling, generation with the adapter merged and unmerged, the key/value cache
+  parity      parity with the PyTorch twin's committed fixtures and with llm.c's debug state
+  binary      runs the trainer binary ($TRAIN_BIN): flags, files, resume, merge, SIGINT, data parallel
+  layout      the source tree: the product (trainer, lora.h, lib/) includes nothing under dev/
+  tokenizer   the GPT-2 BPE tokenizer: its suite lives in dev/test_tokenizer.cpp, linked into this binary
+Each suite starts with the helpers only its tests use; the helpers several suites share come first.
+*/
+
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 #define TESTING
 #include "train_gpt2_lora.cpp"
 
+#include <fcntl.h>
 #include <functional>
+#include <signal.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
+#include "dev/fuzz/fuzz_files.h"
 
 // ----------------------------------------------------------------------------
-// helpers
+// helpers shared by several suites
+
+// -- finite differences and random data
 
 static std::vector<double> random_vector(Rng* rng, size_t n, double magnitude) {
     std::vector<double> v(n);
@@ -56,6 +81,13 @@ static double dot(const std::vector<double>& a, const double* b) {
     return s;
 }
 
+static void random_tokens(Rng* rng, std::vector<int>* v, size_t n, int V) {
+    v->resize(n);
+    for (size_t i = 0; i < n; i++) { (*v)[i] = (int)(rng_u32(rng) % V); }
+}
+
+// -- tiny models
+
 // a tiny GPT-2 built in memory; V=61 is padded to Vp=64 so the padding path is exercised
 static GPT2Config tiny_config() {
     GPT2Config cfg;
@@ -76,13 +108,150 @@ static void build_trainable_tiny(GPT2<real>* model, uint64_t seed) {
     for (size_t i = 0; i < model->param_sizes[0]; i++) model->params.wte[i] *= 10;
 }
 
-static void random_tokens(Rng* rng, std::vector<int>* v, size_t n, int V) {
-    v->resize(n);
-    for (size_t i = 0; i < n; i++) { (*v)[i] = (int)(rng_u32(rng) % V); }
+// tiny model in double with LoRA on all targets, lora_B nonzero so that dlora_A is nonzero too
+static void build_tiny_lora_model(GPT2<double>* model, unsigned targets, int r, uint64_t seed) {
+    gpt2_build_random(model, tiny_config(), seed);
+    // perturb layernorm weights and biases away from 1 / 0 so their roles are exercised
+    Rng rng;
+    rng_seed(&rng, seed + 100);
+    for (size_t i = 0; i < model->num_parameters; i++) { model->params_memory[i] += 0.05 * (2.0 * rng_f32(&rng) - 1.0); }
+    gpt2_lora_attach(model, lora_config(r, 2.0f * r, targets), seed + 1);
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        if (!model->lora.lora_B[t]) continue;
+        size_t n = (size_t)model->config.num_layers * lora_target_out(t, model->config.channels) * r;
+        for (size_t i = 0; i < n; i++) { model->lora.lora_B[t][i] = 0.1 * (2.0 * rng_f32(&rng) - 1.0); }
+    }
 }
 
+static uint64_t tiny_base_sum(const GPT2<float>* model) { return base_checksum(model->params_memory, model->num_parameters); }
+
+// trains steps [from, to) of a LoRA run exactly as main does, appending each step's loss
+static void train_steps(GPT2<float>* model, DataLoader* loader, int from, int to, std::vector<float>* losses) {
+    for (int step = from; step < to; step++) {
+        dataloader_next_batch(loader);
+        gpt2_forward(model, loader->inputs.data(), loader->targets.data(), loader->B, loader->T);
+        gpt2_zero_grad(model);
+        gpt2_backward(model);
+        gpt2_update(model, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.01f, step + 1);
+        losses->push_back(model->mean_loss);
+    }
+}
+
+// -- random adapters
+
+// random adapters on a tiny model: lora_B nonzero so the branch contributes
+template <typename real>
+static void randomize_lora_B(LoRA<real>* lora, int L, int C, uint64_t seed, double magnitude) {
+    Rng rng;
+    rng_seed(&rng, seed);
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        if (!lora->lora_B[t]) continue;
+        size_t n = (size_t)L * lora_target_out(t, C) * lora->config.r;
+        for (size_t i = 0; i < n; i++) { lora->lora_B[t][i] = (real)(magnitude * (2.0 * rng_f32(&rng) - 1.0)); }
+    }
+}
+
+// the base's adapted matrices as lora_merge_all wants them
+template <typename real>
+static void base_matrices(GPT2<real>* model, real* base[LORA_NUM_TARGETS]) {
+    base[LORA_QKV] = model->params.qkvw;
+    base[LORA_ATTPROJ] = model->params.attprojw;
+    base[LORA_FC] = model->params.fcw;
+    base[LORA_FCPROJ] = model->params.fcprojw;
+}
+
+// three different adapters (ranks, scales, targets) with nonzero lora_B, for a tiny model
+template <typename real>
+static void make_three_adapters(LoRA<real> adapters[3], int L, int C) {
+    LoRAConfig cfgs[3] = {lora_config(2, 4.0f, LORA_ALL_TARGETS), lora_config_rslora(lora_config(4, 2.0f, (1u << LORA_QKV) | (1u << LORA_FC)), true),
+                          lora_config(3, 6.0f, (1u << LORA_ATTPROJ) | (1u << LORA_FCPROJ))};
+    for (int k = 0; k < 3; k++) {
+        lora_init(&adapters[k], cfgs[k], L, C, 140 + k);
+        randomize_lora_B(&adapters[k], L, C, 150 + k, 0.2);
+    }
+}
+
+// -- files
+
+struct TempDir {
+    std::string path;
+    TempDir() {
+        char tmpl[] = "/tmp/test_lora_XXXXXX";
+        path = mkdtemp(tmpl);
+    }
+    ~TempDir() { std::string cmd = "rm -rf '" + path + "'"; if (system(cmd.c_str())) {} }
+    std::string file(const char* name) const { return path + "/" + name; }
+};
+
+static void write_bytes(const std::string& path, const void* data, size_t n) {
+    FILE* f = fopen(path.c_str(), "wb");
+    REQUIRE(f != NULL);
+    if (n) REQUIRE(fwrite(data, 1, n, f) == n);
+    fclose(f);
+}
+
+static void write_tiny_checkpoint(const std::string& path) {
+    GPT2<float> model;
+    build_trainable_tiny(&model, 81);
+    REQUIRE(gpt2_write_checkpoint(&model, path.c_str()) == "");
+    gpt2_free(&model);
+}
+
+static void write_tokens(const std::string& path, const std::vector<uint16_t>& tokens) {
+    int header[256] = {0};
+    header[0] = TOKENS_MAGIC;
+    header[1] = 1;
+    header[2] = (int)tokens.size();
+    std::vector<char> bytes(sizeof(header) + 2 * tokens.size());
+    memcpy(bytes.data(), header, sizeof(header));
+    memcpy(bytes.data() + sizeof(header), tokens.data(), 2 * tokens.size());
+    write_bytes(path, bytes.data(), bytes.size());
+}
+
+static void write_cyclic_tokens(const std::string& path, size_t n) {
+    std::vector<uint16_t> ids(n);
+    Rng rng;
+    rng_seed(&rng, 808);
+    for (size_t i = 0; i < n; i++) ids[i] = (uint16_t)(i % 5 == 0 ? rng_u32(&rng) % 61 : (i * 7) % 61);
+    write_tokens(path, ids);
+}
+
+static std::vector<char> read_all(const std::string& path) {
+    std::vector<char> v;
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) return v;
+    int c;
+    while ((c = fgetc(f)) != EOF) v.push_back((char)c);
+    fclose(f);
+    return v;
+}
+
+static std::string file_string(const std::string& path) {
+    std::vector<char> v = read_all(path);
+    return std::string(v.begin(), v.end());
+}
+
+// names of the files in dir ending in .tmp: a crash or failed write must leave none
+static std::vector<std::string> tmp_files(const std::string& dir) {
+    std::vector<std::string> found;
+    std::string cmd = "ls -a '" + dir + "'";
+    FILE* p = popen(cmd.c_str(), "r");
+    char line[4096];
+    while (p != NULL && fgets(line, sizeof(line), p)) {
+        std::string name(line);
+        while (!name.empty() && name.back() == '\n') name.pop_back();
+        if (name.size() >= 4 && name.compare(name.size() - 4, 4, ".tmp") == 0) found.push_back(name);
+    }
+    if (p) pclose(p);
+    return found;
+}
+
+static bool has(const std::string& s, const char* part) { return s.find(part) != std::string::npos; }
+
 // ----------------------------------------------------------------------------
-// LoRA kernels
+// gradients: every backward against finite differences in double, kernels then the whole model
+
+TEST_SUITE_BEGIN("gradients");
 
 TEST_CASE("lora_backward matches finite differences (dlora_A, dlora_B, dinp) over ranks, scales, magnitudes") {
     const int BT = 5, C = 7, OC = 6;
@@ -114,34 +283,6 @@ TEST_CASE("lora_backward matches finite differences (dlora_A, dlora_B, dinp) ove
         }
     }
 }
-
-TEST_CASE("lora_forward adds scale * inp @ (lora_B lora_A)^T, the merged low-rank update") {
-    const int BT = 4, C = 9, OC = 5, r = 3;
-    const double scale = 1.5;
-    Rng rng;
-    rng_seed(&rng, 7);
-    std::vector<double> inp = random_vector(&rng, (size_t)BT * C, 1.0), lora_A = random_vector(&rng, (size_t)r * C, 1.0);
-    std::vector<double> lora_B = random_vector(&rng, (size_t)OC * r, 1.0), out((size_t)BT * OC, 0.0), h((size_t)BT * r);
-    lora_forward(out.data(), h.data(), inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
-    // delta W = lora_B @ lora_A (OC, C), formed explicitly only here, as the reference
-    double maxdiff = 0;
-    for (int bt = 0; bt < BT; bt++) {
-        for (int o = 0; o < OC; o++) {
-            double ref = 0;
-            for (int c = 0; c < C; c++) {
-                double dw = 0;
-                for (int i = 0; i < r; i++) { dw += lora_B[o * r + i] * lora_A[i * C + c]; }
-                ref += scale * dw * inp[bt * C + c];
-            }
-            maxdiff = std::max(maxdiff, std::fabs(ref - out[bt * OC + o]));
-        }
-    }
-    const double tol_merge = 1e-12; // double, sums of 27 products of O(1) numbers: reassociation only
-    CHECK(maxdiff < tol_merge);
-}
-
-// ----------------------------------------------------------------------------
-// GPT-2 kernels, each backward against finite differences in double
 
 TEST_CASE("encoder_backward matches finite differences") {
     const int B = 2, T = 3, C = 4, Vp = 5, maxT = 3;
@@ -258,24 +399,6 @@ TEST_CASE("fused softmax + cross-entropy backward matches finite differences; pa
     for (int bt = 0; bt < B * T; bt++) { CHECK(dlogits[(size_t)bt * Vp + V] == 0.0); }
 }
 
-// ----------------------------------------------------------------------------
-// the whole model, end to end, in double
-
-// tiny model in double with LoRA on all targets, lora_B nonzero so that dlora_A is nonzero too
-static void build_tiny_lora_model(GPT2<double>* model, unsigned targets, int r, uint64_t seed) {
-    gpt2_build_random(model, tiny_config(), seed);
-    // perturb layernorm weights and biases away from 1 / 0 so their roles are exercised
-    Rng rng;
-    rng_seed(&rng, seed + 100);
-    for (size_t i = 0; i < model->num_parameters; i++) { model->params_memory[i] += 0.05 * (2.0 * rng_f32(&rng) - 1.0); }
-    gpt2_lora_attach(model, lora_config(r, 2.0f * r, targets), seed + 1);
-    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
-        if (!model->lora.lora_B[t]) continue;
-        size_t n = (size_t)model->config.num_layers * lora_target_out(t, model->config.channels) * r;
-        for (size_t i = 0; i < n; i++) { model->lora.lora_B[t][i] = 0.1 * (2.0 * rng_f32(&rng) - 1.0); }
-    }
-}
-
 TEST_CASE("end to end: the gradient of the loss w.r.t. every adapter parameter matches finite differences") {
     const int B = 2, T = 5;
     GPT2<double> model;
@@ -352,8 +475,37 @@ TEST_CASE("end to end, full fine-tuning: every base tensor's gradient matches fi
     gpt2_free(&model);
 }
 
+TEST_SUITE_END();
+
 // ----------------------------------------------------------------------------
-// LoRA invariants, in float as the program runs
+// invariants: LoRA invariants, in float as the program runs
+
+TEST_SUITE_BEGIN("invariants");
+
+TEST_CASE("lora_forward adds scale * inp @ (lora_B lora_A)^T, the merged low-rank update") {
+    const int BT = 4, C = 9, OC = 5, r = 3;
+    const double scale = 1.5;
+    Rng rng;
+    rng_seed(&rng, 7);
+    std::vector<double> inp = random_vector(&rng, (size_t)BT * C, 1.0), lora_A = random_vector(&rng, (size_t)r * C, 1.0);
+    std::vector<double> lora_B = random_vector(&rng, (size_t)OC * r, 1.0), out((size_t)BT * OC, 0.0), h((size_t)BT * r);
+    lora_forward(out.data(), h.data(), inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
+    // delta W = lora_B @ lora_A (OC, C), formed explicitly only here, as the reference
+    double maxdiff = 0;
+    for (int bt = 0; bt < BT; bt++) {
+        for (int o = 0; o < OC; o++) {
+            double ref = 0;
+            for (int c = 0; c < C; c++) {
+                double dw = 0;
+                for (int i = 0; i < r; i++) { dw += lora_B[o * r + i] * lora_A[i * C + c]; }
+                ref += scale * dw * inp[bt * C + c];
+            }
+            maxdiff = std::max(maxdiff, std::fabs(ref - out[bt * OC + o]));
+        }
+    }
+    const double tol_merge = 1e-12; // double, sums of 27 products of O(1) numbers: reassociation only
+    CHECK(maxdiff < tol_merge);
+}
 
 TEST_CASE("lora_B = 0 gives logits bit-identical to the base model") {
     const int B = 2, T = 8;
@@ -452,8 +604,37 @@ TEST_CASE("targets parse by name; an unknown name is an error") {
     CHECK(err.find("HINT") != std::string::npos);
 }
 
+TEST_SUITE_END();
+
 // ----------------------------------------------------------------------------
-// fast kernels against their naive twins
+// fast-twins: fast kernels against their naive twins
+
+// The blocked float matmul (and the LoRA branches built on it) against their naive twins, on shapes
+// that leave a remainder for every tile size (MR=6, NR=16, KC=256, MC=264, NC=192) and on the
+// GPT-2 124M shapes at a small BT. Gradients start nonzero, so accumulation (+=) is checked too.
+
+// max |fast - naive| / max |naive|: the error relative to the size of the result
+static double fast_vs_naive(const std::vector<float>& fast, const std::vector<float>& naive) {
+    double maxdiff = 0, scale = 0;
+    for (size_t i = 0; i < fast.size(); i++) {
+        maxdiff = std::max(maxdiff, std::fabs((double)fast[i] - (double)naive[i]));
+        scale = std::max(scale, std::fabs((double)naive[i]));
+    }
+    return scale > 0 ? maxdiff / scale : maxdiff;
+}
+
+// Both kernels sum the same fp32 products in a different order (KC slices, FMA rounding): their
+// difference grows like sqrt(K) * 2^-24 relative to the largest output, ~1.4e-5 at K = 50304 in the
+// worst case; 3e-5 keeps a 2x margin there while an indexing bug gives O(1).
+const double tol_fast_matmul = 3e-5;
+
+static std::vector<float> uniform_floats(Rng* rng, size_t n) {
+    std::vector<float> v(n);
+    for (float& x : v) x = rng_uniform(rng, -1, 1);
+    return v;
+}
+
+TEST_SUITE_BEGIN("fast-twins");
 
 TEST_CASE("the float matmul fast path equals its naive twin") {
     Rng rng;
@@ -485,266 +666,323 @@ TEST_CASE("the float matmul fast path equals its naive twin") {
     }
 }
 
-// ----------------------------------------------------------------------------
-// bad input: clear errors with a HINT, from the readers and from the binary
-
-struct TempDir {
-    std::string path;
-    TempDir() {
-        char tmpl[] = "/tmp/test_lora_XXXXXX";
-        path = mkdtemp(tmpl);
-    }
-    ~TempDir() { std::string cmd = "rm -rf '" + path + "'"; if (system(cmd.c_str())) {} }
-    std::string file(const char* name) const { return path + "/" + name; }
-};
-
-static void write_bytes(const std::string& path, const void* data, size_t n) {
-    FILE* f = fopen(path.c_str(), "wb");
-    REQUIRE(f != NULL);
-    if (n) REQUIRE(fwrite(data, 1, n, f) == n);
-    fclose(f);
-}
-
-static void write_tiny_checkpoint(const std::string& path) {
-    GPT2<float> model;
-    build_trainable_tiny(&model, 81);
-    REQUIRE(gpt2_write_checkpoint(&model, path.c_str()) == "");
-    gpt2_free(&model);
-}
-
-static void write_tokens(const std::string& path, const std::vector<uint16_t>& tokens) {
-    int header[256] = {0};
-    header[0] = TOKENS_MAGIC;
-    header[1] = 1;
-    header[2] = (int)tokens.size();
-    std::vector<char> bytes(sizeof(header) + 2 * tokens.size());
-    memcpy(bytes.data(), header, sizeof(header));
-    memcpy(bytes.data() + sizeof(header), tokens.data(), 2 * tokens.size());
-    write_bytes(path, bytes.data(), bytes.size());
-}
-
-// a learnable token stream: a fixed cycle through the tiny vocabulary (V=61), written as an llm.c token file
-static void write_cycle_tokens(const std::string& path, size_t n) {
-    std::vector<uint16_t> ids(n);
-    for (size_t i = 0; i < n; i++) ids[i] = (uint16_t)((i * 7) % 61);
-    write_tokens(path, ids);
-}
-
-// the trainer flags every binary test starts from: the tiny checkpoint, one token file for train and val
-static std::string trainer_args(const std::string& ckpt, const std::string& tokens) {
-    return "-e " + ckpt + " -i " + tokens + " -j " + tokens + " -b 2 -t 8 -v 0 -s 0";
-}
-
-static std::vector<char> read_all(const std::string& path) {
-    std::vector<char> v;
-    FILE* f = fopen(path.c_str(), "rb");
-    if (!f) return v;
-    int c;
-    while ((c = fgetc(f)) != EOF) v.push_back((char)c);
-    fclose(f);
-    return v;
-}
-
-static bool has(const std::string& s, const char* part) { return s.find(part) != std::string::npos; }
-
-TEST_CASE("checkpoint reader: missing, wrong magic, wrong version, truncated and padded files give a clear error") {
-    TempDir dir;
-    std::string good = dir.file("good.bin");
-    write_tiny_checkpoint(good);
-    GPT2<float> model;
-    std::string err = gpt2_read_checkpoint(&model, good.c_str());
-    CHECK(err == "");
-    gpt2_free(&model);
-
-    err = gpt2_read_checkpoint(&model, dir.file("missing.bin").c_str());
-    CHECK(has(err, "missing.bin"));
-    CHECK(has(err, "HINT"));
-
-    std::vector<char> bytes = read_all(good);
-    std::vector<char> bad = bytes;
-    ((int*)bad.data())[0] = TOKENS_MAGIC;
-    write_bytes(dir.file("magic.bin"), bad.data(), bad.size());
-    err = gpt2_read_checkpoint(&model, dir.file("magic.bin").c_str());
-    CHECK(has(err, "magic"));
-    CHECK(has(err, "token file"));
-    CHECK(has(err, "HINT"));
-
-    bad = bytes;
-    ((int*)bad.data())[1] = 5;
-    write_bytes(dir.file("version.bin"), bad.data(), bad.size());
-    err = gpt2_read_checkpoint(&model, dir.file("version.bin").c_str());
-    CHECK(has(err, "version 5"));
-    CHECK(has(err, "HINT"));
-
-    write_bytes(dir.file("trunc.bin"), bytes.data(), bytes.size() - 4);
-    err = gpt2_read_checkpoint(&model, dir.file("trunc.bin").c_str());
-    CHECK(has(err, "truncated"));
-    CHECK(has(err, "trunc.bin"));
-
-    write_bytes(dir.file("short.bin"), bytes.data(), 100);
-    err = gpt2_read_checkpoint(&model, dir.file("short.bin").c_str());
-    CHECK(has(err, "truncated"));
-
-    bad = bytes;
-    bad.push_back(0);
-    write_bytes(dir.file("long.bin"), bad.data(), bad.size());
-    err = gpt2_read_checkpoint(&model, dir.file("long.bin").c_str());
-    CHECK(has(err, "trailing"));
-
-    bad = bytes;
-    ((int*)bad.data())[6] = -32; // C
-    write_bytes(dir.file("shape.bin"), bad.data(), bad.size());
-    err = gpt2_read_checkpoint(&model, dir.file("shape.bin").c_str());
-    CHECK(has(err, "impossible shapes"));
-}
-
-TEST_CASE("token reader: wrong magic, truncated file, and token ids >= V give a clear error") {
-    TempDir dir;
-    const int V = 61;
-    TokenFile tf;
-    write_tokens(dir.file("ok.bin"), {1, 2, 3, 60});
-    CHECK(tokens_read(&tf, dir.file("ok.bin").c_str(), V, "-i") == "");
-    CHECK(tf.tokens.size() == 4);
-
-    write_tokens(dir.file("big.bin"), {1, 2, 61, 3});
-    std::string err = tokens_read(&tf, dir.file("big.bin").c_str(), V, "-i");
-    CHECK(has(err, "id 61"));
-    CHECK(has(err, "V=61"));
-    CHECK(has(err, "HINT"));
-
-    std::vector<char> bytes = read_all(dir.file("ok.bin"));
-    write_bytes(dir.file("trunc.bin"), bytes.data(), bytes.size() - 1);
-    err = tokens_read(&tf, dir.file("trunc.bin").c_str(), V, "-i");
-    CHECK(has(err, "truncated"));
-
-    ((int*)bytes.data())[0] = CHECKPOINT_MAGIC;
-    write_bytes(dir.file("magic.bin"), bytes.data(), bytes.size());
-    err = tokens_read(&tf, dir.file("magic.bin").c_str(), V, "-i");
-    CHECK(has(err, "model checkpoint"));
-
-    DataLoader loader;
-    err = dataloader_init(&loader, dir.file("ok.bin").c_str(), 2, 4, V, false, 0, "-i");
-    CHECK(has(err, "fewer than one batch"));
-}
-
-TEST_CASE("tokenizer reader: decodes pieces and rejects truncated files") {
-    TempDir dir;
-    int header[256] = {0};
-    header[0] = TOKENIZER_MAGIC;
-    header[1] = 2;
-    header[2] = 2;
-    header[3] = 1;
-    std::vector<char> bytes((char*)header, (char*)header + sizeof(header));
-    const char body[] = {2, 'h', 'i', 1, '!'};
-    bytes.insert(bytes.end(), body, body + sizeof(body));
-    write_bytes(dir.file("tok.bin"), bytes.data(), bytes.size());
-    Tokenizer tok;
-    CHECK(tokenizer_read(&tok, dir.file("tok.bin").c_str()) == "");
-    CHECK(tok.pieces.size() == 2);
-    CHECK(tok.pieces[0] == "hi");
-    CHECK(tok.eot_token == 1);
-    write_bytes(dir.file("trunc.bin"), bytes.data(), bytes.size() - 1);
-    std::string err = tokenizer_read(&tok, dir.file("trunc.bin").c_str());
-    CHECK(has(err, "truncated"));
-}
-
-// runs the trainer binary (path from $TRAIN_BIN, set by make test) and returns its exit code and output
-static int run_trainer(const std::string& args, std::string* output) {
-    const char* bin = getenv("TRAIN_BIN");
-    std::string cmd = std::string(bin ? bin : "./train_gpt2_lora") + " " + args + " 2>&1";
-    FILE* p = popen(cmd.c_str(), "r");
-    REQUIRE(p != NULL);
-    char buf[4096];
-    size_t n;
-    output->clear();
-    while ((n = fread(buf, 1, sizeof(buf), p)) > 0) output->append(buf, n);
-    int status = pclose(p);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-TEST_CASE("the trainer binary: bad inputs exit non-zero with a message naming the flag or file; good input trains") {
-    TempDir dir;
-    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
-    write_tiny_checkpoint(ckpt);
-    // a learnable stream: a fixed cycle through the vocabulary
-    write_cycle_tokens(tokens, 400);
-    std::string common = trainer_args(ckpt, tokens);
-    std::string out;
-
-    CHECK(run_trainer("-e " + dir.file("missing.bin") + " -i " + tokens + " -j " + tokens, &out) != 0);
-    CHECK(has(out, "missing.bin"));
-    CHECK(has(out, "-e"));
-    CHECK(has(out, "HINT"));
-
-    CHECK(run_trainer(common + " -r 0", &out) != 0);
-    CHECK(has(out, "-r"));
-    CHECK(run_trainer(common + " -t 999", &out) != 0);
-    CHECK(has(out, "maxT"));
-    CHECK(run_trainer(common + " -b 0", &out) != 0);
-    CHECK(has(out, "-b"));
-    CHECK(run_trainer(common + " -l -1", &out) != 0);
-    CHECK(has(out, "-l"));
-    CHECK(run_trainer(common + " -q qkv,foo", &out) != 0);
-    CHECK(has(out, "foo"));
-    CHECK(run_trainer(common + " -y -1", &out) != 0);
-    CHECK(has(out, "-y"));
-    CHECK(run_trainer(common + " -z 1.5", &out) != 0);
-    CHECK(has(out, "-z"));
-    CHECK(run_trainer(common + " -G -1", &out) != 0);
-    CHECK(has(out, "-G"));
-    CHECK(run_trainer(common + " -Z 1", &out) != 0);
-    CHECK(has(out, "unknown flag"));
-    CHECK(run_trainer(common + " -b abc", &out) != 0);
-    CHECK(has(out, "-b"));
-
-    std::vector<uint16_t> bad_ids(400);
-    for (size_t i = 0; i < bad_ids.size(); i++) bad_ids[i] = (uint16_t)((i * 7) % 61);
-    bad_ids[17] = 61; // one id past the vocabulary
-    write_tokens(dir.file("bad_tokens.bin"), bad_ids);
-    CHECK(run_trainer("-e " + ckpt + " -i " + dir.file("bad_tokens.bin") + " -j " + tokens + " -b 2 -t 8", &out) != 0);
-    CHECK(has(out, "-i"));
-    CHECK(has(out, "id 61"));
-
-    // and a good run trains: the loss falls
-    CHECK(run_trainer(common + " -x 30 -l 0.01 -c " + dir.file("no_tokenizer.bin"), &out) != 0); // named but missing tokenizer
-    CHECK(has(out, "-c"));
-    int rc = run_trainer(common + " -x 40 -l 0.01", &out);
-    CHECK(rc == 0);
-    CHECK(has(out, "step 40/40"));
-    float first = -1, last = -1;
-    size_t p1 = out.find("first train loss: "), p2 = out.find("last train loss: ");
-    REQUIRE(p1 != std::string::npos);
-    REQUIRE(p2 != std::string::npos);
-    first = strtof(out.c_str() + p1 + 18, NULL);
-    last = strtof(out.c_str() + p2 + 17, NULL);
-    MESSAGE("trainer binary, 40 LoRA steps on a cyclic stream: loss " << first << " -> " << last);
-    CHECK(last < 0.5f * first);
-}
-
-// ----------------------------------------------------------------------------
-// ---- LoRA variants ----
-// rsLoRA, LoRA+, DoRA, quantized base (int8 / NF4), PiSSA, multi-adapter batches (issue 13)
-
-// random adapters on a tiny model: lora_B nonzero so the branch contributes
-template <typename real>
-static void randomize_lora_B(LoRA<real>* lora, int L, int C, uint64_t seed, double magnitude) {
+TEST_CASE("fast matmul vs naive: forward, dinp, dweight, dbias on odd and GPT-2 124M shapes; NULL grads skip") {
     Rng rng;
-    rng_seed(&rng, seed);
-    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
-        if (!lora->lora_B[t]) continue;
-        size_t n = (size_t)L * lora_target_out(t, C) * lora->config.r;
-        for (size_t i = 0; i < n; i++) { lora->lora_B[t][i] = (real)(magnitude * (2.0 * rng_f32(&rng) - 1.0)); }
+    rng_seed(&rng, 909);
+    // {B, T, C, OC}: odd sizes around every tile edge, K > KC, BT > MC, OC > NC; then 124M at BT = 4..8
+    const int shapes[][4] = {{1, 1, 1, 1}, {1, 5, 7, 3}, {2, 7, 13, 37}, {3, 11, 29, 131}, {1, 37, 257, 17},
+                             {1, 300, 33, 200}, {2, 133, 19, 45}, {1, 7, 600, 390},
+                             {2, 4, 768, 2304}, {2, 4, 768, 3072}, {2, 4, 3072, 768}, {1, 4, 768, 50304}};
+    for (auto& s : shapes) {
+        int B = s[0], T = s[1], C = s[2], OC = s[3];
+        CAPTURE(B); CAPTURE(T); CAPTURE(C); CAPTURE(OC);
+        size_t BT = (size_t)B * T;
+        std::vector<float> inp = uniform_floats(&rng, BT * C), weight = uniform_floats(&rng, (size_t)OC * C);
+        std::vector<float> bias = uniform_floats(&rng, OC), dout = uniform_floats(&rng, BT * OC);
+        std::vector<float> out_fast(BT * OC), out_naive(BT * OC);
+        matmul_forward(out_fast.data(), inp.data(), weight.data(), bias.data(), B, T, C, OC);
+        matmul_forward_naive(out_naive.data(), inp.data(), weight.data(), bias.data(), B, T, C, OC);
+        CHECK(fast_vs_naive(out_fast, out_naive) <= tol_fast_matmul);
+        matmul_forward(out_fast.data(), inp.data(), weight.data(), (const float*)NULL, B, T, C, OC);
+        matmul_forward_naive(out_naive.data(), inp.data(), weight.data(), (const float*)NULL, B, T, C, OC);
+        CHECK(fast_vs_naive(out_fast, out_naive) <= tol_fast_matmul);
+
+        // all three gradients, accumulated onto nonzero values
+        std::vector<float> dinp_f = uniform_floats(&rng, BT * C), dw_f = uniform_floats(&rng, (size_t)OC * C);
+        std::vector<float> db_f = uniform_floats(&rng, OC);
+        std::vector<float> dinp_n = dinp_f, dw_n = dw_f, db_n = db_f;
+        matmul_backward(dinp_f.data(), dw_f.data(), db_f.data(), dout.data(), inp.data(), weight.data(), B, T, C, OC);
+        matmul_backward_naive(dinp_n.data(), dw_n.data(), db_n.data(), dout.data(), inp.data(), weight.data(), B, T, C, OC);
+        CHECK(fast_vs_naive(dinp_f, dinp_n) <= tol_fast_matmul);
+        CHECK(fast_vs_naive(dw_f, dw_n) <= tol_fast_matmul);
+        CHECK(fast_vs_naive(db_f, db_n) <= tol_fast_matmul);
+
+        // frozen weight: only dinp, which must equal what the full call added
+        std::vector<float> dinp_only(BT * C, 0.0f), dinp_ref(BT * C, 0.0f), dw_ref((size_t)OC * C, 0.0f);
+        matmul_backward(dinp_only.data(), (float*)NULL, (float*)NULL, dout.data(), inp.data(), weight.data(), B, T, C, OC);
+        matmul_backward_naive(dinp_ref.data(), (float*)NULL, (float*)NULL, dout.data(), inp.data(), weight.data(), B, T, C, OC);
+        CHECK(fast_vs_naive(dinp_only, dinp_ref) <= tol_fast_matmul);
+        // no dinp (layer 0 with frozen embeddings): dweight alone
+        std::vector<float> dw_only((size_t)OC * C, 0.0f);
+        matmul_backward((float*)NULL, dw_only.data(), (float*)NULL, dout.data(), inp.data(), weight.data(), B, T, C, OC);
+        matmul_backward_naive((float*)NULL, dw_ref.data(), (float*)NULL, dout.data(), inp.data(), weight.data(), B, T, C, OC);
+        CHECK(fast_vs_naive(dw_only, dw_ref) <= tol_fast_matmul);
     }
 }
 
-// the base's adapted matrices as lora_merge_all wants them
-template <typename real>
-static void base_matrices(GPT2<real>* model, real* base[LORA_NUM_TARGETS]) {
-    base[LORA_QKV] = model->params.qkvw;
-    base[LORA_ATTPROJ] = model->params.attprojw;
-    base[LORA_FC] = model->params.fcw;
-    base[LORA_FCPROJ] = model->params.fcprojw;
+TEST_CASE("fast LoRA kernels (thin GEMMs) vs the naive lora.h templates, over ranks and odd shapes") {
+    Rng rng;
+    rng_seed(&rng, 910);
+    // {BT, C, OC, r}: r below, at and above the register tile width; BT beyond one tile
+    const int shapes[][4] = {{1, 1, 1, 1}, {7, 13, 37, 3}, {33, 64, 192, 8}, {300, 29, 131, 17}, {64, 768, 2304, 8}};
+    for (auto& s : shapes) {
+        int BT = s[0], C = s[1], OC = s[2], r = s[3];
+        CAPTURE(BT); CAPTURE(C); CAPTURE(OC); CAPTURE(r);
+        float scale = 2.0f;
+        std::vector<float> inp = uniform_floats(&rng, (size_t)BT * C), lora_A = uniform_floats(&rng, (size_t)r * C);
+        std::vector<float> lora_B = uniform_floats(&rng, (size_t)OC * r), dout = uniform_floats(&rng, (size_t)BT * OC);
+        std::vector<float> out_f = uniform_floats(&rng, (size_t)BT * OC), out_n = out_f;
+        std::vector<float> h_f((size_t)BT * r), h_n((size_t)BT * r);
+        lora_forward(out_f.data(), h_f.data(), inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
+        lora_forward_naive<float>(out_n.data(), h_n.data(), inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
+        CHECK(fast_vs_naive(h_f, h_n) <= tol_fast_matmul);
+        CHECK(fast_vs_naive(out_f, out_n) <= tol_fast_matmul);
+        for (bool with_dinp : {true, false}) {
+            CAPTURE(with_dinp);
+            std::vector<float> dinp_f = uniform_floats(&rng, (size_t)BT * C), dA_f = uniform_floats(&rng, (size_t)r * C);
+            std::vector<float> dB_f = uniform_floats(&rng, (size_t)OC * r), dh_f((size_t)BT * r), dh_n((size_t)BT * r);
+            std::vector<float> dinp_n = dinp_f, dA_n = dA_f, dB_n = dB_f;
+            lora_backward(with_dinp ? dinp_f.data() : NULL, dA_f.data(), dB_f.data(), dh_f.data(), dout.data(), h_n.data(),
+                          inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
+            lora_backward_naive<float>(with_dinp ? dinp_n.data() : NULL, dA_n.data(), dB_n.data(), dh_n.data(), dout.data(), h_n.data(),
+                                 inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
+            CHECK(fast_vs_naive(dinp_f, dinp_n) <= tol_fast_matmul);
+            CHECK(fast_vs_naive(dA_f, dA_n) <= tol_fast_matmul);
+            CHECK(fast_vs_naive(dB_f, dB_n) <= tol_fast_matmul);
+        }
+    }
 }
+
+TEST_CASE("exp_fast (float): within 1 ulp of exp over [-87.3, 0], exactly 1 at 0, 0 below; GELU's float tanh from it") {
+    const double tol_exp_rel = 0x1p-23;        // 1 ulp of a float: range reduction + degree-7 polynomial + roundings
+    const double tol_tanh_abs = 3e-7;          // GELU needs absolute accuracy; (1 - e)/(1 + e) loses relative accuracy near 0
+    double worst = 0, worst_tanh = 0;
+    for (int i = 0; i <= 873000; i++) {        // x = 0 .. -87.3 in steps of 1e-4
+        float x = -1e-4f * (float)i;
+        double exact = std::exp((double)x);
+        worst = std::max(worst, std::fabs((double)exp_fast(x) - exact) / exact);
+        float u = x / 8.0f;                    // tanh matters on about [-10, 10]; odd, so both signs
+        worst_tanh = std::max(worst_tanh, std::fabs((double)gelu_tanh(u) - std::tanh((double)u)));
+        worst_tanh = std::max(worst_tanh, std::fabs((double)gelu_tanh(-u) - std::tanh((double)-u)));
+    }
+    MESSAGE("exp_fast: max relative error " << worst << "; float tanh: max absolute error " << worst_tanh);
+    CHECK(worst < tol_exp_rel);
+    CHECK(worst_tanh < tol_tanh_abs);
+    CHECK(exp_fast(0.0f) == 1.0f);             // the softmax's max element counts exactly 1
+    CHECK(exp_fast(-88.0f) == 0.0f);           // below 2^-126: 0 (a softmax term that small adds nothing)
+    CHECK(exp_fast(-1e30f) == 0.0f);
+    CHECK(std::isnan(exp_fast(std::nanf(""))));
+    CHECK(gelu_tanh(0.0f) == 0.0f);
+    CHECK(gelu_tanh(100.0f) == 1.0f);
+    CHECK(gelu_tanh(-100.0f) == -1.0f);
+    CHECK(gelu_tanh(1e30f) == 1.0f);
+    CHECK(exp_fast(-1.0) == std::exp(-1.0));   // double (the finite-difference tests) is std::exp itself
+}
+
+TEST_SUITE_END();
+
+// ----------------------------------------------------------------------------
+// training: learning-rate schedule, clipping, non-finite guard, exact resume, determinism
+
+// n LoRA steps on the tiny model over a token stream, batches shuffled or not; returns the losses
+static std::vector<float> train_tiny_run(const std::string& tokens, bool shuffle, int n, std::vector<float>* adapter) {
+    const int B = 2, T = 8;
+    GPT2<float> model;
+    build_trainable_tiny(&model, 101);
+    gpt2_lora_attach(&model, lora_config(4, 8.0f, LORA_ALL_TARGETS), 102);
+    gpt2_allocate(&model, B, T);
+    DataLoader loader;
+    REQUIRE(dataloader_init(&loader, tokens.c_str(), B, T, model.config.vocab_size, shuffle, 103, "-i") == "");
+    std::vector<float> losses;
+    for (int step = 0; step < n; step++) {
+        dataloader_next_batch(&loader);
+        gpt2_forward(&model, loader.inputs.data(), loader.targets.data(), B, T);
+        losses.push_back(model.mean_loss);
+        gpt2_zero_grad(&model);
+        gpt2_backward(&model);
+        gpt2_update(&model, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.01f, step + 1);
+    }
+    adapter->assign(model.lora.params_memory, model.lora.params_memory + model.lora.num_parameters);
+    gpt2_free(&model);
+    return losses;
+}
+
+TEST_SUITE_BEGIN("training");
+
+TEST_CASE("learning-rate schedule: linear warmup, then a cosine to lr * final_frac at the last step") {
+    const double tol = 1e-6; // relative: the schedule is computed in double and returned as float
+    const float lr = 1e-3f;
+    const int steps = 100, warmup = 10;
+    // warmup: lr * (step + 1) / warmup, reaching lr at the last warmup step
+    CHECK(lr_schedule(lr, 0, steps, warmup, 0.1f) == doctest::Approx(1e-4).epsilon(tol));
+    CHECK(lr_schedule(lr, 4, steps, warmup, 0.1f) == doctest::Approx(5e-4).epsilon(tol));
+    // the first decayed step is lr, the last is lr * final_frac, the midpoint halfway between
+    CHECK(lr_schedule(lr, warmup, steps, warmup, 0.1f) == doctest::Approx(1e-3).epsilon(tol));
+    CHECK(lr_schedule(lr, steps - 1, steps, warmup, 0.1f) == doctest::Approx(1e-4).epsilon(tol));
+    int mid = warmup + (steps - 1 - warmup) / 2; // (99 - 10) / 2 = 44.5 -> 44: just before the midpoint
+    double expected_mid = 1e-3 * (0.1 + 0.5 * (1.0 + cos(M_PI * (mid - warmup) / (double)(steps - 1 - warmup))) * 0.9);
+    CHECK(lr_schedule(lr, mid, steps, warmup, 0.1f) == doctest::Approx(expected_mid).epsilon(tol));
+    // never increases after the warmup
+    for (int s = warmup + 1; s < steps; s++) {
+        CHECK(lr_schedule(lr, s, steps, warmup, 0.1f) <= lr_schedule(lr, s - 1, steps, warmup, 0.1f));
+    }
+    // the defaults (-y 0 -z 1) keep it constant, bit for bit
+    for (int s = 0; s < steps; s++) { CHECK(lr_schedule(lr, s, steps, 0, 1.0f) == lr); }
+}
+
+TEST_CASE("gradient clipping: the returned norm is the global L2 norm; above max_norm every gradient is scaled down to it") {
+    const double tol = 1e-12; // relative, in double
+    GPT2<double> model;
+    build_tiny_lora_model(&model, LORA_ALL_TARGETS, 2, 21);
+    Rng rng;
+    rng_seed(&rng, 22);
+    std::vector<int> inputs, targets;
+    random_tokens(&rng, &inputs, 2 * 5, model.config.vocab_size);
+    random_tokens(&rng, &targets, 2 * 5, model.config.vocab_size);
+    gpt2_forward(&model, inputs.data(), targets.data(), 2, 5);
+    gpt2_zero_grad(&model);
+    gpt2_backward(&model);
+    const double* g = model.lora.grads_memory;
+    size_t n = model.lora.num_parameters;
+    std::vector<double> before(g, g + n);
+    double sumsq = 0;
+    for (double x : before) sumsq += x * x;
+    double norm = sqrt(sumsq);
+    REQUIRE(norm > 0);
+    // max_norm 0 measures only; a max_norm above the norm changes nothing
+    CHECK(gpt2_clip_grad_norm(&model, 0.0f) == doctest::Approx(norm).epsilon(tol));
+    CHECK(gpt2_clip_grad_norm(&model, (float)(2 * norm)) == doctest::Approx(norm).epsilon(tol));
+    for (size_t i = 0; i < n; i++) { CHECK(g[i] == before[i]); }
+    // below it: scaled by max_norm / norm, so the new norm is max_norm and the direction is kept
+    float max_norm = (float)(norm / 4);
+    CHECK(gpt2_clip_grad_norm(&model, max_norm) == doctest::Approx(norm).epsilon(tol));
+    CHECK(gpt2_clip_grad_norm(&model, 0.0f) == doctest::Approx(max_norm).epsilon(tol));
+    for (size_t i = 0; i < n; i++) { CHECK(g[i] == doctest::Approx(before[i] * max_norm / norm).epsilon(tol)); }
+    gpt2_free(&model);
+}
+
+TEST_CASE("non-finite guard: a NaN gradient or an inf loss is caught before the update, naming the step") {
+    const int B = 2, T = 8;
+    GPT2<float> model;
+    build_trainable_tiny(&model, 91);
+    gpt2_lora_attach(&model, lora_config(4, 8.0f, LORA_ALL_TARGETS), 92);
+    Rng rng;
+    rng_seed(&rng, 93);
+    std::vector<int> inputs, targets;
+    random_tokens(&rng, &inputs, B * T, model.config.vocab_size);
+    random_tokens(&rng, &targets, B * T, model.config.vocab_size);
+    gpt2_forward(&model, inputs.data(), targets.data(), B, T);
+    gpt2_zero_grad(&model);
+    gpt2_backward(&model);
+    CHECK(gpt2_check_step_finite(&model, 7) == "");
+    model.lora.grads_memory[model.lora.num_parameters / 2] = NAN;
+    std::string err = gpt2_check_step_finite(&model, 7);
+    CHECK(has(err, "gradient"));
+    CHECK(has(err, "step 7"));
+    CHECK(has(err, "HINT"));
+    model.lora.grads_memory[model.lora.num_parameters / 2] = 0;
+    model.mean_loss = INFINITY;
+    err = gpt2_check_step_finite(&model, 8);
+    CHECK(has(err, "train loss is inf at step 8"));
+    gpt2_free(&model);
+}
+
+TEST_CASE("resume: training from a saved adapter continues bit for bit like the uninterrupted run") {
+    const int B = 2, T = 8, steps = 10, split = 4;
+    TempDir dir;
+    std::string ckpt = dir.file("base.bin"), tokens = dir.file("tokens.bin"), adapter = dir.file("adapter.bin");
+    write_tiny_checkpoint(ckpt);
+    write_cyclic_tokens(tokens, 150); // 9 batches of B*T: the 10 steps cross an epoch (a reshuffle)
+    LoRAConfig cfg = lora_config(4, 8.0f, LORA_ALL_TARGETS);
+
+    // uninterrupted
+    GPT2<float> a;
+    REQUIRE(gpt2_read_checkpoint(&a, ckpt.c_str()) == "");
+    gpt2_lora_attach(&a, cfg, 77);
+    gpt2_allocate(&a, B, T);
+    DataLoader la;
+    REQUIRE(dataloader_init(&la, tokens.c_str(), B, T, 61, true, 78, "-i") == "");
+    std::vector<float> losses_a;
+    train_steps(&a, &la, 0, steps, &losses_a);
+
+    // interrupted at `split`: save, throw everything away, load into fresh objects, go on
+    std::vector<float> losses_b;
+    {
+        GPT2<float> b;
+        REQUIRE(gpt2_read_checkpoint(&b, ckpt.c_str()) == "");
+        gpt2_lora_attach(&b, cfg, 77);
+        gpt2_allocate(&b, B, T);
+        DataLoader lb;
+        REQUIRE(dataloader_init(&lb, tokens.c_str(), B, T, 61, true, 78, "-i") == "");
+        train_steps(&b, &lb, 0, split, &losses_b);
+        Rng sample_rng;
+        rng_seed(&sample_rng, 79);
+        TrainState state = train_state_capture(split, &lb, &sample_rng);
+        REQUIRE(lora_file_write(adapter.c_str(), &b, tiny_base_sum(&b), &state) == "");
+        gpt2_free(&b);
+    }
+    GPT2<float> c;
+    REQUIRE(gpt2_read_checkpoint(&c, ckpt.c_str()) == "");
+    gpt2_allocate(&c, B, T);
+    TrainState state;
+    bool has_state = false;
+    REQUIRE(lora_file_read(adapter.c_str(), &c, tiny_base_sum(&c), &state, &has_state) == "");
+    REQUIRE(has_state);
+    DataLoader lc;
+    REQUIRE(dataloader_init(&lc, tokens.c_str(), B, T, 61, true, 12345 /* any seed: the state replaces it */, "-i") == "");
+    REQUIRE(train_state_restore(state, &lc, adapter.c_str()) == "");
+    train_steps(&c, &lc, state.step, steps, &losses_b);
+
+    REQUIRE(losses_b.size() == losses_a.size());
+    MESSAGE("resume at step " << split << ": losses " << losses_a[split] << " .. " << losses_a[steps - 1] << " (uninterrupted) vs "
+            << losses_b[split] << " .. " << losses_b[steps - 1] << " (resumed)");
+    CHECK(memcmp(losses_a.data(), losses_b.data(), losses_a.size() * sizeof(float)) == 0); // bit for bit
+    size_t n = a.lora.num_parameters;
+    CHECK(memcmp(a.lora.params_memory, c.lora.params_memory, n * sizeof(float)) == 0);
+    CHECK(memcmp(a.lora.m_memory, c.lora.m_memory, n * sizeof(float)) == 0);
+    CHECK(memcmp(a.lora.v_memory, c.lora.v_memory, n * sizeof(float)) == 0);
+    CHECK(losses_a[steps - 1] < losses_a[0]); // and it did learn something
+
+    // a loader of another shape cannot take the state
+    DataLoader other;
+    REQUIRE(dataloader_init(&other, tokens.c_str(), B, 4, 61, true, 78, "-i") == "");
+    std::string err = train_state_restore(state, &other, adapter.c_str());
+    CHECK(has(err, "T=8"));
+    CHECK(has(err, "HINT"));
+    gpt2_free(&a);
+    gpt2_free(&c);
+}
+
+TEST_CASE("determinism: two runs with the same seed and thread count give bit-identical losses and adapters (shuffle off and on)") {
+    TempDir dir;
+    std::vector<uint16_t> ids(700);
+    Rng rng;
+    rng_seed(&rng, 104);
+    for (uint16_t& id : ids) id = (uint16_t)(rng_u32(&rng) % 61);
+    write_tokens(dir.file("tokens.bin"), ids);
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    for (bool shuffle : {false, true}) {
+        CAPTURE(shuffle);
+        CAPTURE(threads);
+        std::vector<float> adapter1, adapter2;
+        // 60 steps: more than the 43 batches of an epoch, so a reshuffle happens too
+        std::vector<float> losses1 = train_tiny_run(dir.file("tokens.bin"), shuffle, 60, &adapter1);
+        std::vector<float> losses2 = train_tiny_run(dir.file("tokens.bin"), shuffle, 60, &adapter2);
+        REQUIRE(losses1.size() == losses2.size());
+        CHECK(memcmp(losses1.data(), losses2.data(), losses1.size() * sizeof(float)) == 0);
+        REQUIRE(adapter1.size() == adapter2.size());
+        CHECK(memcmp(adapter1.data(), adapter2.data(), adapter1.size() * sizeof(float)) == 0);
+        MESSAGE("shuffle " << shuffle << ", " << threads << " threads: 60 losses identical, last " << losses1.back());
+    }
+}
+
+TEST_SUITE_END();
+
+// ----------------------------------------------------------------------------
+// variants: LoRA variants (rsLoRA, LoRA+, DoRA, PiSSA, quantized base, multi-adapter batches)
+
+// the floats of the 12 tensors besides qkvw, attprojw, fcw, fcprojw, written out from the shapes
+static size_t non_block_floats(GPT2Config c) {
+    size_t C = c.channels, L = c.num_layers;
+    return (size_t)c.padded_vocab_size * C + (size_t)c.max_seq_len * C // wte, wpe
+           + L * (2 * C + 3 * C + C + 2 * C + 4 * C + C)               // ln1w ln1b, qkvb, attprojb, ln2w ln2b, fcb, fcprojb
+           + 2 * C;                                                   // lnfw, lnfb
+}
+
+TEST_SUITE_BEGIN("variants");
 
 TEST_CASE("rsLoRA: scale = alpha / sqrt(r), and the forward adds exactly alpha / sqrt(r) * lora_B lora_A") {
     LoRAConfig plain = lora_config(16, 32.0f, LORA_ALL_TARGETS);
@@ -786,6 +1024,7 @@ TEST_CASE("rsLoRA: scale = alpha / sqrt(r), and the forward adds exactly alpha /
     gpt2_free(&adapted);
     gpt2_free(&merged);
 }
+
 TEST_CASE("LoRA+: one AdamW step moves lora_B with lr * ratio and lora_A with lr, element by element") {
     const int B = 2, T = 5, r = 3;
     const float lr = 1e-2f, ratio = 16.0f, wd = 0.1f, eps = 1e-8f;
@@ -834,6 +1073,8 @@ TEST_CASE("LoRA+: one AdamW step moves lora_B with lr * ratio and lora_A with lr
                     p0[model.lora.lora_B[LORA_QKV] - model.lora.params_memory]) > 1.0 * lr);
     gpt2_free(&model);
 }
+
+// -- DoRA
 
 TEST_CASE("DoRA: the row norm without forming lora_B lora_A equals the norm of the formed matrix") {
     const int C = 7, OC = 5, r = 3;
@@ -930,6 +1171,135 @@ TEST_CASE("DoRA in the model: starts at the base (m = row norms), and every adap
     gpt2_free(&base);
     gpt2_free(&model);
 }
+
+TEST_CASE("DoRA merge: the merged plain model equals the DoRA forward, and unmerge restores W0") {
+    const int B = 2, T = 5, r = 2;
+    GPT2<double> model, merged;
+    gpt2_build_random(&model, tiny_config(), 181);
+    gpt2_build_random(&merged, tiny_config(), 181);
+    LoRAConfig cfg = lora_config(r, 4.0f, LORA_ALL_TARGETS);
+    std::string err;
+    REQUIRE(lora_parse_variants("dora", &cfg, &err));
+    gpt2_lora_attach(&model, cfg, 182);
+    int L = model.config.num_layers, C = model.config.channels;
+    randomize_lora_B(&model.lora, L, C, 183, 0.1);
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) { model.lora.dora_m[t][1] *= 1.3; }
+    std::vector<double> W0(merged.params_memory, merged.params_memory + merged.num_parameters);
+    double* base[LORA_NUM_TARGETS];
+    base_matrices(&merged, base);
+    lora_merge_all(&model.lora, base, +1);
+    std::vector<int> inputs(B * T);
+    for (int i = 0; i < B * T; i++) inputs[i] = (7 * i) % model.config.vocab_size;
+    gpt2_forward(&model, inputs.data(), (const int*)NULL, B, T);
+    gpt2_forward(&merged, inputs.data(), (const int*)NULL, B, T);
+    double maxdiff = 0;
+    for (size_t i = 0; i < (size_t)B * T * model.config.padded_vocab_size; i++) {
+        maxdiff = std::max(maxdiff, std::fabs(model.acts.logits[i] - merged.acts.logits[i]));
+    }
+    const double tol_dora_merge = 1e-12; // double: the same W, formed vs factored
+    CHECK(maxdiff < tol_dora_merge);
+    lora_merge_all(&model.lora, base, -1);
+    double wdiff = 0;
+    for (size_t i = 0; i < merged.num_parameters; i++) { wdiff = std::max(wdiff, std::fabs(merged.params_memory[i] - W0[i])); }
+    CHECK(wdiff < tol_dora_merge);
+    gpt2_free(&model);
+    gpt2_free(&merged);
+}
+
+// -- PiSSA
+
+TEST_CASE("PiSSA's SVD (randomized subspace iteration) agrees with a Jacobi eigen-decomposition of W^T W") {
+    const int OC = 12, C = 9, r = 3;
+    Rng rng;
+    rng_seed(&rng, 121);
+    std::vector<double> W = random_vector(&rng, (size_t)OC * C, 1.0);
+    std::vector<double> U((size_t)OC * r), S(r), Vt((size_t)r * C);
+    svd_top_forward(U.data(), S.data(), Vt.data(), W.data(), OC, C, r, 8, 122);
+    // direct: W^T W = V diag(S^2) V^T, eigen-decomposed by the same Jacobi rotations but on the full (C, C) matrix
+    std::vector<double> G((size_t)C * C), E((size_t)C * C);
+    for (int i = 0; i < C; i++) {
+        for (int j = 0; j < C; j++) {
+            double sum = 0;
+            for (int o = 0; o < OC; o++) { sum += W[(size_t)o * C + i] * W[(size_t)o * C + j]; }
+            G[(size_t)i * C + j] = sum;
+        }
+    }
+    jacobi_eigen(G.data(), E.data(), C);
+    std::vector<int> order(C);
+    for (int i = 0; i < C; i++) order[i] = i;
+    std::sort(order.begin(), order.end(), [&](int a, int b) { return G[(size_t)a * C + a] > G[(size_t)b * C + b]; });
+    // double throughout; squaring into W^T W costs a factor cond ~ 10 of the 1e-16 relative precision
+    const double tol_svd = 1e-10;
+    for (int i = 0; i < r; i++) {
+        double sigma = std::sqrt(G[(size_t)order[i] * C + order[i]]);
+        CHECK(std::fabs(S[i] - sigma) < tol_svd * S[0]);
+        // the same right singular vector up to sign: |v_i . v_i'| = 1
+        double d = 0;
+        for (int c = 0; c < C; c++) { d += Vt[(size_t)i * C + c] * E[(size_t)c * C + order[i]]; }
+        CHECK(std::fabs(std::fabs(d) - 1) < tol_svd);
+        // and u_i = W v_i / sigma_i
+        double maxdiff = 0;
+        for (int o = 0; o < OC; o++) {
+            double wv = 0;
+            for (int c = 0; c < C; c++) { wv += W[(size_t)o * C + c] * Vt[(size_t)i * C + c]; }
+            maxdiff = std::max(maxdiff, std::fabs(wv / S[i] - U[(size_t)o * r + i]));
+        }
+        CHECK(maxdiff < tol_svd);
+    }
+}
+
+TEST_CASE("PiSSA: scale * lora_B lora_A is the top-r SVD part, and the model's forward is unchanged at init") {
+    const int B = 2, T = 6, r = 4;
+    GPT2<float> base, model;
+    gpt2_build_random(&base, tiny_config(), 131);
+    gpt2_build_random(&model, tiny_config(), 131);
+    LoRAConfig cfg = lora_config(r, 8.0f, LORA_ALL_TARGETS);
+    std::string err;
+    REQUIRE(lora_parse_variants("pissa", &cfg, &err));
+    gpt2_lora_attach(&model, cfg, 132);
+    int C = model.config.channels;
+    // the residual's largest singular value is the (r+1)-th of W0: the top r moved into the adapter
+    float* W0[LORA_NUM_TARGETS];
+    float* Wres[LORA_NUM_TARGETS];
+    base_matrices(&base, W0);
+    base_matrices(&model, Wres);
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        int in = lora_target_in(t, C), out = lora_target_out(t, C);
+        std::vector<double> U((size_t)out * (r + 1)), S(r + 1), Vt((size_t)(r + 1) * in), Ur((size_t)out), Sr(1), Vr(in);
+        svd_top_forward(U.data(), S.data(), Vt.data(), W0[t], out, in, r + 1, 30, 133);
+        svd_top_forward(Ur.data(), Sr.data(), Vr.data(), Wres[t], out, in, 1, 30, 134);
+        CAPTURE(t);
+        // Eckart-Young: no rank-r subtraction leaves less than sigma_{r+1}(W0); the exact top-r SVD leaves
+        // exactly that. A random matrix's spectrum decays slowly, so LORA_PISSA_ITERS subspace iterations
+        // land within a few percent; a wrong split (wrong scale, wrong side) would leave O(sigma_1).
+        const double tol_sigma_lo = 1e-4; // fp32 rounding of the residual, relative to sigma_1
+        const double tol_sigma_hi = 0.05; // how far from optimal the iterated subspace may be
+        MESSAGE("target " << t << ": sigma_1(residual) " << Sr[0] << ", sigma_{r+1}(W0) " << S[r] << ", sigma_1(W0) " << S[0]);
+        CHECK(Sr[0] > S[r] - tol_sigma_lo * S[0]);
+        CHECK(Sr[0] < S[r] * (1 + tol_sigma_hi));
+        CHECK(S[r] < (1 - 2 * tol_sigma_hi) * S[0]); // the spectrum decays enough for the check above to mean something
+    }
+    Rng rng;
+    rng_seed(&rng, 135);
+    std::vector<int> inputs;
+    random_tokens(&rng, &inputs, B * T, model.config.vocab_size);
+    gpt2_forward(&base, inputs.data(), (const int*)NULL, B, T);
+    gpt2_forward(&model, inputs.data(), (const int*)NULL, B, T);
+    double maxdiff = 0, maxlogit = 0;
+    for (size_t i = 0; i < (size_t)B * T * model.config.padded_vocab_size; i++) {
+        maxdiff = std::max(maxdiff, (double)std::fabs(base.acts.logits[i] - model.acts.logits[i]));
+        maxlogit = std::max(maxlogit, (double)std::fabs(base.acts.logits[i]));
+    }
+    // fp32: W0 = residual + scale lora_B lora_A holds to a few ulp of |W0| per weight, and the residual
+    // and low-rank branch round separately; through 2 layers that stays far below 1e-4 of the logits
+    const double tol_pissa_init = 1e-4;
+    MESSAGE("PiSSA init: logits maxdiff " << maxdiff << " (max |logit| " << maxlogit << ")");
+    CHECK(maxdiff < tol_pissa_init * std::max(1.0, maxlogit));
+    gpt2_free(&base);
+    gpt2_free(&model);
+}
+
+// -- quantized base (int8, NF4, int2): error bounds, the model on it, memory, adapters trained on it
 
 TEST_CASE("quantized base: int8, NF4 and int2 quantize -> dequantize stay within their per-block error bounds") {
     const size_t n = 1000; // not a multiple of 64: the last block is partial
@@ -1040,107 +1410,261 @@ TEST_CASE("quantized base: the model's forward and adapter gradients equal an fp
     }
 }
 
-TEST_CASE("PiSSA's SVD (randomized subspace iteration) agrees with a Jacobi eigen-decomposition of W^T W") {
-    const int OC = 12, C = 9, r = 3;
-    Rng rng;
-    rng_seed(&rng, 121);
-    std::vector<double> W = random_vector(&rng, (size_t)OC * C, 1.0);
-    std::vector<double> U((size_t)OC * r), S(r), Vt((size_t)r * C);
-    svd_top_forward(U.data(), S.data(), Vt.data(), W.data(), OC, C, r, 8, 122);
-    // direct: W^T W = V diag(S^2) V^T, eigen-decomposed by the same Jacobi rotations but on the full (C, C) matrix
-    std::vector<double> G((size_t)C * C), E((size_t)C * C);
-    for (int i = 0; i < C; i++) {
-        for (int j = 0; j < C; j++) {
-            double sum = 0;
-            for (int o = 0; o < OC; o++) { sum += W[(size_t)o * C + i] * W[(size_t)o * C + j]; }
-            G[(size_t)i * C + j] = sum;
+TEST_CASE("quantized base: the fp32 block matrices are gone, and the model equals an fp32 model on the dequantized weights") {
+    const int B = 2, T = 8, steps = 8;
+    TempDir dir;
+    std::string ckpt = dir.file("base.bin");
+    write_tiny_checkpoint(ckpt); // build_trainable_tiny(81)
+    for (int quant : {(int)LORA_QUANT_INT8, (int)LORA_QUANT_NF4, (int)LORA_QUANT_INT2}) {
+        CAPTURE(quant);
+        GPT2<float> q, ref;
+        REQUIRE(gpt2_read_checkpoint(&q, ckpt.c_str(), true) == ""); // as the trainer reads it for -Q
+        build_trainable_tiny(&ref, 81);
+        LoRAConfig cfg = lora_config(4, 8.0f, LORA_ALL_TARGETS);
+        cfg.base_quant = quant;
+        gpt2_lora_attach(&q, cfg, 122);
+        gpt2_lora_attach(&ref, lora_config(4, 8.0f, LORA_ALL_TARGETS), 122);
+        GPT2Config c = q.config;
+        size_t C = c.channels, L = c.num_layers;
+
+        // the bytes, counted here from the shapes: each layer's matrix is quantized alone, in blocks of 64
+        // weights with one fp32 absmax each; int8 one byte a weight, NF4 half, int2 a quarter; plus the matmuls' scratch,
+        // one dequantized fp32 layer of the largest matrix, (4C, C), shared by all four
+        size_t kept = non_block_floats(c), codes = 0, absmax = 0, scratch = 4 * C * C * sizeof(float);
+        for (size_t n : {3 * C * C, C * C, 4 * C * C, 4 * C * C}) {
+            codes += L * (quant == LORA_QUANT_INT8 ? n : quant == LORA_QUANT_NF4 ? (n + 1) / 2 : (n + 3) / 4);
+            absmax += L * ((n + 63) / 64) * sizeof(float);
         }
-    }
-    jacobi_eigen(G.data(), E.data(), C);
-    std::vector<int> order(C);
-    for (int i = 0; i < C; i++) order[i] = i;
-    std::sort(order.begin(), order.end(), [&](int a, int b) { return G[(size_t)a * C + a] > G[(size_t)b * C + b]; });
-    // double throughout; squaring into W^T W costs a factor cond ~ 10 of the 1e-16 relative precision
-    const double tol_svd = 1e-10;
-    for (int i = 0; i < r; i++) {
-        double sigma = std::sqrt(G[(size_t)order[i] * C + order[i]]);
-        CHECK(std::fabs(S[i] - sigma) < tol_svd * S[0]);
-        // the same right singular vector up to sign: |v_i . v_i'| = 1
-        double d = 0;
-        for (int c = 0; c < C; c++) { d += Vt[(size_t)i * C + c] * E[(size_t)c * C + order[i]]; }
-        CHECK(std::fabs(std::fabs(d) - 1) < tol_svd);
-        // and u_i = W v_i / sigma_i
+        CHECK(q.num_params_stored == kept);
+        CHECK(q.num_parameters == ref.num_parameters); // the logical model is unchanged
+        CHECK(q.params.qkvw == nullptr);
+        CHECK(q.params.attprojw == nullptr);
+        CHECK(q.params.fcw == nullptr);
+        CHECK(q.params.fcprojw == nullptr);
+        MemoryBytes mq = gpt2_memory_bytes(&q), mr = gpt2_memory_bytes(&ref);
+        CHECK(mr.base == ref.num_parameters * sizeof(float));
+        CHECK(mq.base == kept * sizeof(float) + codes + absmax + scratch);
+        CHECK(mq.params < mr.params);
+        MESSAGE(std::string(lora_quant_names[quant]) << ": parameter bytes " << mq.params << " vs fp32 " << mr.params);
+
+        // the 12 kept tensors moved down intact: bit-identical to the fp32 model's
+        const float* qt[] = {q.params.wte, q.params.wpe, q.params.ln1w, q.params.ln1b, q.params.qkvb, q.params.attprojb,
+                             q.params.ln2w, q.params.ln2b, q.params.fcb, q.params.fcprojb, q.params.lnfw, q.params.lnfb};
+        const float* rt[] = {ref.params.wte, ref.params.wpe, ref.params.ln1w, ref.params.ln1b, ref.params.qkvb, ref.params.attprojb,
+                             ref.params.ln2w, ref.params.ln2b, ref.params.fcb, ref.params.fcprojb, ref.params.lnfw, ref.params.lnfb};
+        const int idx[] = {0, 1, 2, 3, 5, 7, 8, 9, 11, 13, 14, 15};
+        for (int k = 0; k < 12; k++) {
+            CAPTURE(param_tensor_names[idx[k]]);
+            CHECK(memcmp(qt[k], rt[k], q.param_sizes[idx[k]] * sizeof(float)) == 0);
+        }
+
+        // the reference: the fp32 model's matrices replaced by dequantize(quantize(W)), layer by layer here
+        float* base[LORA_NUM_TARGETS];
+        base_matrices(&ref, base);
+        for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+            size_t n = (size_t)lora_target_out(t, (int)C) * lora_target_in(t, (int)C);
+            std::vector<uint8_t> codes_l(lora_quant_code_bytes(quant, n));
+            std::vector<float> absmax_l(lora_quant_blocks(n));
+            for (size_t l = 0; l < L; l++) {
+                quantize_forward(codes_l.data(), absmax_l.data(), base[t] + l * n, n, quant);
+                dequantize_forward(base[t] + l * n, codes_l.data(), absmax_l.data(), n, quant);
+            }
+        }
+        // the whole base as -M writes it: exactly those values (the same dequantization, no arithmetic after it)
+        std::vector<float> full(q.num_parameters);
+        gpt2_expand_params(&q, full.data());
+        CHECK(memcmp(full.data(), ref.params_memory, full.size() * sizeof(float)) == 0);
+
+        // training: the same batches on both, losses equal and falling
+        std::string tokens = dir.file("tokens.bin");
+        write_cyclic_tokens(tokens, 150);
+        gpt2_allocate(&q, B, T);
+        gpt2_allocate(&ref, B, T);
+        DataLoader lq, lr;
+        REQUIRE(dataloader_init(&lq, tokens.c_str(), B, T, 61, false, 0, "-i") == "");
+        REQUIRE(dataloader_init(&lr, tokens.c_str(), B, T, 61, false, 0, "-i") == "");
+        std::vector<float> losses_q, losses_r;
+        train_steps(&q, &lq, 0, steps, &losses_q);
+        train_steps(&ref, &lr, 0, steps, &losses_r);
         double maxdiff = 0;
-        for (int o = 0; o < OC; o++) {
-            double wv = 0;
-            for (int c = 0; c < C; c++) { wv += W[(size_t)o * C + c] * Vt[(size_t)i * C + c]; }
-            maxdiff = std::max(maxdiff, std::fabs(wv / S[i] - U[(size_t)o * r + i]));
+        for (int k = 0; k < steps; k++) maxdiff = std::max(maxdiff, (double)std::fabs(losses_q[k] - losses_r[k]));
+        // the same fp32 weights reach the same kernels in the same order: equal to the last bit in practice;
+        // allow fp32 rounding of a loss of ~4 (a wrong dequantized layer would be off by > 1e-3)
+        const double tol_quant_losses = 1e-6;
+        MESSAGE(std::string(lora_quant_names[quant]) << ": loss " << losses_q[0] << " -> " << losses_q[steps - 1] << ", max |quantized - fp32 dequantized| " << maxdiff);
+        CHECK(maxdiff <= tol_quant_losses);
+        // falling: int8 and NF4. int2 damages this tiny base so much that 8 steps at this lr raise the loss
+        // (6.08 -> 6.15, and the fp32 model on the same weights does the same: the equality above)
+        if (quant != LORA_QUANT_INT2) CHECK(losses_q[steps - 1] < losses_q[0]);
+
+        // logits after training, and a merged checkpoint (-M) read back as a plain GPT-2: the dequantized base + adapters
+        Rng rng;
+        rng_seed(&rng, 123);
+        std::vector<int> inputs;
+        random_tokens(&rng, &inputs, B * T, c.vocab_size);
+        gpt2_forward(&q, inputs.data(), (const int*)NULL, B, T);
+        gpt2_forward(&ref, inputs.data(), (const int*)NULL, B, T);
+        size_t nl = (size_t)B * T * c.padded_vocab_size;
+        double ldiff = 0, maxlogit = 0;
+        for (size_t i = 0; i < nl; i++) {
+            ldiff = std::max(ldiff, (double)std::fabs(q.acts.logits[i] - ref.acts.logits[i]));
+            maxlogit = std::max(maxlogit, (double)std::fabs(q.acts.logits[i]));
         }
-        CHECK(maxdiff < tol_svd);
+        const double tol_quant_logits = 1e-6 * std::max(1.0, maxlogit); // same weights, same kernels (see above)
+        CHECK(ldiff <= tol_quant_logits);
+        std::string merged_path = dir.file("merged.bin");
+        REQUIRE(write_merged_checkpoint(&q, merged_path.c_str()) == "");
+        GPT2<float> merged;
+        REQUIRE(gpt2_read_checkpoint(&merged, merged_path.c_str()) == "");
+        gpt2_forward(&merged, inputs.data(), (const int*)NULL, B, T);
+        double mdiff = 0;
+        for (size_t i = 0; i < nl; i++) mdiff = std::max(mdiff, (double)std::fabs(merged.acts.logits[i] - q.acts.logits[i]));
+        // as in the fp32 merge test: the merged and unmerged paths sum the same products in another order
+        const double tol_merged_logits = 1e-5 * std::max(1.0, maxlogit);
+        MESSAGE(std::string(lora_quant_names[quant]) << ": merged (dequantized base) vs unmerged logits maxdiff " << mdiff);
+        CHECK(mdiff <= tol_merged_logits);
+        // nothing else can write or merge the fp32 matrices it no longer has
+        CHECK(has(gpt2_write_checkpoint(&q, dir.file("plain.bin").c_str()), "HINT"));
+        gpt2_free(&merged);
+        gpt2_free(&q);
+        gpt2_free(&ref);
     }
 }
 
-TEST_CASE("PiSSA: scale * lora_B lora_A is the top-r SVD part, and the model's forward is unchanged at init") {
-    const int B = 2, T = 6, r = 4;
-    GPT2<float> base, model;
-    gpt2_build_random(&base, tiny_config(), 131);
-    gpt2_build_random(&model, tiny_config(), 131);
-    LoRAConfig cfg = lora_config(r, 8.0f, LORA_ALL_TARGETS);
-    std::string err;
-    REQUIRE(lora_parse_variants("pissa", &cfg, &err));
-    gpt2_lora_attach(&model, cfg, 132);
-    int C = model.config.channels;
-    // the residual's largest singular value is the (r+1)-th of W0: the top r moved into the adapter
-    float* W0[LORA_NUM_TARGETS];
-    float* Wres[LORA_NUM_TARGETS];
-    base_matrices(&base, W0);
-    base_matrices(&model, Wres);
-    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
-        int in = lora_target_in(t, C), out = lora_target_out(t, C);
-        std::vector<double> U((size_t)out * (r + 1)), S(r + 1), Vt((size_t)(r + 1) * in), Ur((size_t)out), Sr(1), Vr(in);
-        svd_top_forward(U.data(), S.data(), Vt.data(), W0[t], out, in, r + 1, 30, 133);
-        svd_top_forward(Ur.data(), Sr.data(), Vr.data(), Wres[t], out, in, 1, 30, 134);
-        CAPTURE(t);
-        // Eckart-Young: no rank-r subtraction leaves less than sigma_{r+1}(W0); the exact top-r SVD leaves
-        // exactly that. A random matrix's spectrum decays slowly, so LORA_PISSA_ITERS subspace iterations
-        // land within a few percent; a wrong split (wrong scale, wrong side) would leave O(sigma_1).
-        const double tol_sigma_lo = 1e-4; // fp32 rounding of the residual, relative to sigma_1
-        const double tol_sigma_hi = 0.05; // how far from optimal the iterated subspace may be
-        MESSAGE("target " << t << ": sigma_1(residual) " << Sr[0] << ", sigma_{r+1}(W0) " << S[r] << ", sigma_1(W0) " << S[0]);
-        CHECK(Sr[0] > S[r] - tol_sigma_lo * S[0]);
-        CHECK(Sr[0] < S[r] * (1 + tol_sigma_hi));
-        CHECK(S[r] < (1 - 2 * tol_sigma_hi) * S[0]); // the spectrum decays enough for the check above to mean something
-    }
+TEST_CASE("quantized base: an adapter trained on -Q checks against the fp32 base file and reloads quantized, or fp32 on request") {
+    const int B = 2, T = 8;
+    TempDir dir;
+    std::string ckpt = dir.file("base.bin"), tokens = dir.file("tokens.bin"), adapter = dir.file("adapter.bin");
+    write_tiny_checkpoint(ckpt);
+    write_cyclic_tokens(tokens, 150);
+    GPT2<float> a;
+    REQUIRE(gpt2_read_checkpoint(&a, ckpt.c_str()) == "");
+    uint64_t sum = tiny_base_sum(&a); // as main takes it: of the file as read, before quantizing
+    LoRAConfig cfg = lora_config(4, 8.0f, LORA_ALL_TARGETS);
+    cfg.base_quant = LORA_QUANT_NF4;
+    gpt2_lora_attach(&a, cfg, 131);
+    gpt2_allocate(&a, B, T);
+    DataLoader la;
+    REQUIRE(dataloader_init(&la, tokens.c_str(), B, T, 61, false, 0, "-i") == "");
+    std::vector<float> losses;
+    train_steps(&a, &la, 0, 3, &losses);
+    Rng sample_rng;
+    rng_seed(&sample_rng, 132);
+    TrainState state = train_state_capture(3, &la, &sample_rng);
+    REQUIRE(lora_file_write(adapter.c_str(), &a, sum, &state) == "");
     Rng rng;
-    rng_seed(&rng, 135);
+    rng_seed(&rng, 133);
     std::vector<int> inputs;
-    random_tokens(&rng, &inputs, B * T, model.config.vocab_size);
-    gpt2_forward(&base, inputs.data(), (const int*)NULL, B, T);
-    gpt2_forward(&model, inputs.data(), (const int*)NULL, B, T);
-    double maxdiff = 0, maxlogit = 0;
-    for (size_t i = 0; i < (size_t)B * T * model.config.padded_vocab_size; i++) {
-        maxdiff = std::max(maxdiff, (double)std::fabs(base.acts.logits[i] - model.acts.logits[i]));
-        maxlogit = std::max(maxlogit, (double)std::fabs(base.acts.logits[i]));
-    }
-    // fp32: W0 = residual + scale lora_B lora_A holds to a few ulp of |W0| per weight, and the residual
-    // and low-rank branch round separately; through 2 layers that stays far below 1e-4 of the logits
-    const double tol_pissa_init = 1e-4;
-    MESSAGE("PiSSA init: logits maxdiff " << maxdiff << " (max |logit| " << maxlogit << ")");
-    CHECK(maxdiff < tol_pissa_init * std::max(1.0, maxlogit));
-    gpt2_free(&base);
-    gpt2_free(&model);
+    random_tokens(&rng, &inputs, B * T, a.config.vocab_size);
+    gpt2_forward(&a, inputs.data(), (const int*)NULL, B, T);
+    size_t nl = (size_t)B * T * a.config.padded_vocab_size;
+
+    // a fresh load of the same file: the checksum matches, and the adapter comes back on an NF4 base
+    GPT2<float> c;
+    REQUIRE(gpt2_read_checkpoint(&c, ckpt.c_str()) == "");
+    CHECK(tiny_base_sum(&c) == sum);
+    TrainState s;
+    bool has_state = false;
+    REQUIRE(lora_file_read(adapter.c_str(), &c, tiny_base_sum(&c), &s, &has_state) == "");
+    CHECK(has_state);
+    CHECK(c.lora.config.base_quant == LORA_QUANT_NF4);
+    CHECK(memcmp(c.lora.m_memory, a.lora.m_memory, a.lora.num_parameters * sizeof(float)) == 0);
+    gpt2_forward(&c, inputs.data(), (const int*)NULL, B, T);
+    CHECK(memcmp(c.acts.logits, a.acts.logits, nl * sizeof(float)) == 0); // the same codes, the same adapter: bit for bit
+
+    // asked for fp32 (-A with -Q fp32): the same adapter on the original fp32 base, which differs a little
+    GPT2<float> d;
+    REQUIRE(gpt2_read_checkpoint(&d, ckpt.c_str()) == "");
+    REQUIRE(lora_file_read(adapter.c_str(), &d, tiny_base_sum(&d), &s, &has_state, LORA_QUANT_FP32) == "");
+    CHECK(d.lora.config.base_quant == LORA_QUANT_FP32);
+    CHECK(d.params.qkvw != nullptr);
+    gpt2_forward(&d, inputs.data(), (const int*)NULL, B, T);
+    double maxdiff = 0;
+    for (size_t i = 0; i < nl; i++) maxdiff = std::max(maxdiff, (double)std::fabs(d.acts.logits[i] - a.acts.logits[i]));
+    MESSAGE("NF4-trained adapter on the fp32 base vs the NF4 base: logits maxdiff " << maxdiff);
+    CHECK(maxdiff > 0); // NF4 rounding is visible in the logits
+    // the base read with its block matrices left on disk (what main does for -Q): the same checksum,
+    // streamed from the file, and the same model after the attach quantizes them layer by layer from it
+    GPT2<float> g;
+    REQUIRE(gpt2_read_checkpoint(&g, ckpt.c_str(), true) == "");
+    CHECK(g.num_params_stored == non_block_floats(g.config));
+    CHECK(g.params.qkvw == nullptr);
+    uint64_t file_sum = 0;
+    REQUIRE(checkpoint_checksum(ckpt.c_str(), &file_sum) == "");
+    CHECK(file_sum == sum);
+    REQUIRE(lora_file_read(adapter.c_str(), &g, file_sum, &s, &has_state) == ""); // NF4, as the file says
+    CHECK(g.params.qkvw == nullptr);
+    gpt2_forward(&g, inputs.data(), (const int*)NULL, B, T);
+    CHECK(memcmp(g.acts.logits, a.acts.logits, nl * sizeof(float)) == 0);
+    // another adapter on the same model reads the block matrices from the file again; an fp32 one cannot
+    REQUIRE(lora_file_read(adapter.c_str(), &g, file_sum, &s, &has_state) == "");
+    gpt2_forward(&g, inputs.data(), (const int*)NULL, B, T);
+    CHECK(memcmp(g.acts.logits, a.acts.logits, nl * sizeof(float)) == 0);
+    std::string fp32_err = lora_file_read(adapter.c_str(), &g, file_sum, &s, &has_state, LORA_QUANT_FP32);
+    CHECK(has(fp32_err, "-Q"));
+    CHECK(has(fp32_err, "HINT"));
+    gpt2_free(&g);
+    // a corrupt base-storage field is refused
+    std::vector<char> bytes = read_all(adapter);
+    int bad = 7;
+    memcpy(bytes.data() + 29 * 4, &bad, 4);
+    write_bytes(dir.file("bad.bin"), bytes.data(), bytes.size());
+    GPT2<float> e;
+    REQUIRE(gpt2_read_checkpoint(&e, ckpt.c_str()) == "");
+    std::string err = lora_file_read(dir.file("bad.bin").c_str(), &e, tiny_base_sum(&e), &s, &has_state);
+    CHECK(has(err, "base storage=7"));
+    CHECK(has(err, "HINT"));
+    CHECK(e.params.qkvw != nullptr); // nothing attached, nothing dropped
+    gpt2_free(&a);
+    gpt2_free(&c);
+    gpt2_free(&d);
+    gpt2_free(&e);
 }
 
-// three different adapters (ranks, scales, targets) with nonzero lora_B, for a tiny model
-template <typename real>
-static void make_three_adapters(LoRA<real> adapters[3], int L, int C) {
-    LoRAConfig cfgs[3] = {lora_config(2, 4.0f, LORA_ALL_TARGETS), lora_config_rslora(lora_config(4, 2.0f, (1u << LORA_QKV) | (1u << LORA_FC)), true),
-                          lora_config(3, 6.0f, (1u << LORA_ATTPROJ) | (1u << LORA_FCPROJ))};
-    for (int k = 0; k < 3; k++) {
-        lora_init(&adapters[k], cfgs[k], L, C, 140 + k);
-        randomize_lora_B(&adapters[k], L, C, 150 + k, 0.2);
+TEST_CASE("quantized base read layer by layer from the file equals quantizing it in memory (with PiSSA and DoRA too)") {
+    const int B = 2, T = 8;
+    TempDir dir;
+    std::string ckpt = dir.file("base.bin");
+    write_tiny_checkpoint(ckpt);
+    for (int variant = 0; variant < 2; variant++) {
+        CAPTURE(variant);
+        LoRAConfig cfg = lora_config(4, 8.0f, variant == 0 ? LORA_ALL_TARGETS : (1u << LORA_QKV) | (1u << LORA_FC));
+        cfg.base_quant = variant == 0 ? LORA_QUANT_INT8 : LORA_QUANT_NF4;
+        cfg.use_dora = cfg.init_pissa = variant == 1; // PiSSA changes W before it is quantized: per layer, in the scratch
+        GPT2<float> whole, ondisk;
+        REQUIRE(gpt2_read_checkpoint(&whole, ckpt.c_str()) == "");
+        REQUIRE(gpt2_read_checkpoint(&ondisk, ckpt.c_str(), true) == "");
+        gpt2_lora_attach(&whole, cfg, 141);
+        gpt2_lora_attach(&ondisk, cfg, 141);
+        CHECK(ondisk.num_params_stored == non_block_floats(ondisk.config));
+        CHECK(whole.num_params_stored == whole.num_parameters); // (built in memory: the fp32 copies stay, unread)
+        std::vector<float> full_whole(whole.num_parameters), full_ondisk(ondisk.num_parameters);
+        gpt2_expand_params(&whole, full_whole.data());
+        gpt2_expand_params(&ondisk, full_ondisk.data());
+        CHECK(memcmp(full_whole.data(), full_ondisk.data(), full_whole.size() * sizeof(float)) == 0); // the same codes
+        CHECK(memcmp(whole.lora.params_memory, ondisk.lora.params_memory, whole.lora.num_parameters * sizeof(float)) == 0);
+        Rng rng;
+        rng_seed(&rng, 142);
+        std::vector<int> inputs, targets;
+        random_tokens(&rng, &inputs, B * T, whole.config.vocab_size);
+        random_tokens(&rng, &targets, B * T, whole.config.vocab_size);
+        randomize_lora_B(&whole.lora, whole.config.num_layers, whole.config.channels, 143, 0.1);
+        randomize_lora_B(&ondisk.lora, ondisk.config.num_layers, ondisk.config.channels, 143, 0.1);
+        gpt2_forward(&whole, inputs.data(), targets.data(), B, T);
+        gpt2_forward(&ondisk, inputs.data(), targets.data(), B, T);
+        size_t nl = (size_t)B * T * whole.config.padded_vocab_size;
+        CHECK(memcmp(whole.acts.logits, ondisk.acts.logits, nl * sizeof(float)) == 0); // the same codes: bit for bit
+        gpt2_zero_grad(&whole);
+        gpt2_backward(&whole);
+        gpt2_zero_grad(&ondisk);
+        gpt2_backward(&ondisk);
+        CHECK(memcmp(whole.lora.grads_memory, ondisk.lora.grads_memory, whole.lora.num_parameters * sizeof(float)) == 0);
+        gpt2_free(&whole);
+        gpt2_free(&ondisk);
     }
 }
+
+// -- several adapters: one per sequence of a batch, or a weighted combination
 
 TEST_CASE("multi-adapter batch: each sequence with its own adapter equals running that adapter alone") {
     const int B = 4, T = 6;
@@ -1227,6 +1751,8 @@ TEST_CASE("weighted combination of adapters: one adapter whose delta is sum_k w_
     lora_free(&mix);
     for (int k = 0; k < 3; k++) lora_free(&adapters[k]);
 }
+
+// -- the variants in adapter.bin and the PEFT files
 
 TEST_CASE("variants in adapter files: adapter.bin round-trips rsLoRA+DoRA+PiSSA; PEFT gets use_dora, init_lora_weights and the magnitudes") {
     const int B = 1, T = 6;
@@ -1334,73 +1860,239 @@ TEST_CASE("PEFT import of DoRA: use_dora with the magnitudes gives the same mode
     gpt2_free(&loaded);
 }
 
-TEST_CASE("DoRA merge: the merged plain model equals the DoRA forward, and unmerge restores W0") {
-    const int B = 2, T = 5, r = 2;
-    GPT2<double> model, merged;
-    gpt2_build_random(&model, tiny_config(), 181);
-    gpt2_build_random(&merged, tiny_config(), 181);
-    LoRAConfig cfg = lora_config(r, 4.0f, LORA_ALL_TARGETS);
-    std::string err;
-    REQUIRE(lora_parse_variants("dora", &cfg, &err));
-    gpt2_lora_attach(&model, cfg, 182);
-    int L = model.config.num_layers, C = model.config.channels;
-    randomize_lora_B(&model.lora, L, C, 183, 0.1);
-    for (int t = 0; t < LORA_NUM_TARGETS; t++) { model.lora.dora_m[t][1] *= 1.3; }
-    std::vector<double> W0(merged.params_memory, merged.params_memory + merged.num_parameters);
-    double* base[LORA_NUM_TARGETS];
-    base_matrices(&merged, base);
-    lora_merge_all(&model.lora, base, +1);
-    std::vector<int> inputs(B * T);
-    for (int i = 0; i < B * T; i++) inputs[i] = (7 * i) % model.config.vocab_size;
-    gpt2_forward(&model, inputs.data(), (const int*)NULL, B, T);
-    gpt2_forward(&merged, inputs.data(), (const int*)NULL, B, T);
-    double maxdiff = 0;
-    for (size_t i = 0; i < (size_t)B * T * model.config.padded_vocab_size; i++) {
-        maxdiff = std::max(maxdiff, std::fabs(model.acts.logits[i] - merged.acts.logits[i]));
-    }
-    const double tol_dora_merge = 1e-12; // double: the same W, formed vs factored
-    CHECK(maxdiff < tol_dora_merge);
-    lora_merge_all(&model.lora, base, -1);
-    double wdiff = 0;
-    for (size_t i = 0; i < merged.num_parameters; i++) { wdiff = std::max(wdiff, std::fabs(merged.params_memory[i] - W0[i])); }
-    CHECK(wdiff < tol_dora_merge);
-    gpt2_free(&model);
-    gpt2_free(&merged);
-}
-
-TEST_CASE("the trainer binary: -V, -Q and -P refuse bad values naming the flag; the variants combined train") {
-    TempDir dir;
-    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
-    write_tiny_checkpoint(ckpt);
-    write_cycle_tokens(tokens, 400);
-    std::string common = trainer_args(ckpt, tokens);
-    std::string out;
-    CHECK(run_trainer(common + " -V lorax", &out) != 0);
-    CHECK(has(out, "-V"));
-    CHECK(has(out, "HINT"));
-    CHECK(run_trainer(common + " -Q int4", &out) != 0);
-    CHECK(has(out, "-Q"));
-    CHECK(run_trainer(common + " -P 0", &out) != 0);
-    CHECK(has(out, "-P"));
-    CHECK(run_trainer(common + " -f 1 -Q nf4", &out) != 0);
-    CHECK(has(out, "-Q"));
-    CHECK(run_trainer(common + " -x 10 -v 10 -l 0.01 -V rslora,dora,pissa -Q nf4 -P 4", &out) == 0);
-    CHECK(has(out, "variant: rslora, dora, pissa init, base nf4, lora+ (lr_B = 4"));
-    CHECK(has(out, "base_matrices_bytes: "));
-    size_t p1 = out.find("\nval loss "), p2 = out.find("final val loss: ");
-    REQUIRE(p1 != std::string::npos);
-    REQUIRE(p2 != std::string::npos);
-    float first = strtof(out.c_str() + p1 + 10, NULL), last = strtof(out.c_str() + p2 + 16, NULL);
-    MESSAGE("trainer binary, -V rslora,dora,pissa -Q nf4 -P 4: val loss " << first << " -> " << last);
-    CHECK(last < first);
-}
-
-// ---- end of LoRA variants ----
+TEST_SUITE_END();
 
 // ----------------------------------------------------------------------------
-// ---- adapter files, PEFT, merge ----
-// adapter.bin round trip and exact resume, merge and unmerge, the safetensors writer and reader, the
-// JSON reader, PEFT export and import, sampling and prompts, and the trainer's -o -k -A -M -p end to end
+// methods: the other adaptation methods (adapters, prefix tuning, freezing, L2-SP): gradients and init
+
+// perturbs every base parameter by up to +-0.05 so layernorm weights and biases are not exactly 1 / 0
+static void build_tiny_perturbed(GPT2<double>* model, uint64_t seed) {
+    gpt2_build_random(model, tiny_config(), seed);
+    Rng rng;
+    rng_seed(&rng, seed + 100);
+    for (size_t i = 0; i < model->num_parameters; i++) { model->params_memory[i] += 0.05 * (2.0 * rng_f32(&rng) - 1.0); }
+}
+
+// forward + backward once on random tokens; returns the loss closure for finite differences
+static std::function<double()> tiny_loss_and_backward(GPT2<double>* model, std::vector<int>* inputs, std::vector<int>* targets,
+                                                      uint64_t seed, bool with_penalty = false) {
+    const int B = 2, T = 5;
+    Rng rng;
+    rng_seed(&rng, seed);
+    random_tokens(&rng, inputs, B * T, model->config.vocab_size);
+    random_tokens(&rng, targets, B * T, model->config.vocab_size);
+    auto loss = [=]() {
+        gpt2_forward(model, inputs->data(), targets->data(), B, T);
+        return (double)model->mean_loss + (with_penalty ? (double)model->reg_loss : 0.0);
+    };
+    loss();
+    gpt2_zero_grad(model);
+    gpt2_backward(model);
+    return loss;
+}
+
+// central differences on up to 40 evenly spread elements of x[0..n)
+static double fd_sampled(double* x, size_t n, const double* grad, const std::function<double()>& loss, const std::string& label) {
+    size_t stride = std::max<size_t>(1, n / 40);
+    double maxdiff = 0, maxgrad = 0;
+    for (size_t i = 0; i < n; i += stride) {
+        double old = x[i], eps = 1e-5 * std::max(1.0, std::fabs(old));
+        x[i] = old + eps;
+        double lp = loss();
+        x[i] = old - eps;
+        double lm = loss();
+        x[i] = old;
+        double numeric = (lp - lm) / (2 * eps);
+        maxdiff = std::max(maxdiff, std::fabs(numeric - grad[i]));
+        maxgrad = std::max(maxgrad, std::max(std::fabs(grad[i]), std::fabs(numeric)));
+    }
+    double rel = maxgrad > 0 ? maxdiff / maxgrad : 0;
+    MESSAGE(label << ": maxdiff " << maxdiff << " relative " << rel);
+    return rel;
+}
+
+TEST_SUITE_BEGIN("methods");
+
+TEST_CASE("adapter_backward matches finite differences (dinp, down and up weights and biases)") {
+    const int BT = 5, C = 6, m = 3;
+    Rng rng;
+    rng_seed(&rng, 1001);
+    for (double mag : {1e-1, 1.0, 3.0}) {
+        CAPTURE(mag);
+        std::vector<double> inp = random_vector(&rng, (size_t)BT * C, mag), w = random_vector(&rng, (size_t)BT * C, 1.0);
+        std::vector<double> down_w = random_vector(&rng, (size_t)m * C, 0.5), down_b = random_vector(&rng, m, 0.5);
+        std::vector<double> up_w = random_vector(&rng, (size_t)C * m, 0.5), up_b = random_vector(&rng, C, 0.5);
+        std::vector<double> out((size_t)BT * C), h((size_t)BT * m), hg((size_t)BT * m), dh(h.size()), dhg(h.size());
+        auto loss = [&]() {
+            adapter_forward(out.data(), h.data(), hg.data(), inp.data(), down_w.data(), down_b.data(), up_w.data(), up_b.data(), BT, C, m);
+            return dot(w, out.data());
+        };
+        loss();
+        std::vector<double> dinp(inp.size(), 0.0), ddown_w(down_w.size(), 0.0), ddown_b(m, 0.0), dup_w(up_w.size(), 0.0), dup_b(C, 0.0);
+        adapter_backward(dinp.data(), ddown_w.data(), ddown_b.data(), dup_w.data(), dup_b.data(), dh.data(), dhg.data(), w.data(),
+                         h.data(), hg.data(), inp.data(), down_w.data(), up_w.data(), BT, C, m);
+        CHECK(fd_relative_error(inp.data(), inp.size(), dinp.data(), loss, "adapter dinp") < tol_fd);
+        CHECK(fd_relative_error(down_w.data(), down_w.size(), ddown_w.data(), loss, "adapter ddown_w") < tol_fd);
+        CHECK(fd_relative_error(down_b.data(), m, ddown_b.data(), loss, "adapter ddown_b") < tol_fd);
+        CHECK(fd_relative_error(up_w.data(), up_w.size(), dup_w.data(), loss, "adapter dup_w") < tol_fd);
+        CHECK(fd_relative_error(up_b.data(), C, dup_b.data(), loss, "adapter dup_b") < tol_fd);
+    }
+}
+
+TEST_CASE("attention_prefix_backward matches finite differences; with P = 0 it is plain causal attention") {
+    const int B = 2, T = 4, C = 6, NH = 2, P = 3;
+    Rng rng;
+    rng_seed(&rng, 1002);
+    for (double mag : {1e-1, 1.0, 3.0}) {
+        CAPTURE(mag);
+        std::vector<double> qkv = random_vector(&rng, (size_t)B * T * 3 * C, mag), w = random_vector(&rng, (size_t)B * T * C, 1.0);
+        std::vector<double> pk = random_vector(&rng, (size_t)P * C, mag), pv = random_vector(&rng, (size_t)P * C, mag);
+        std::vector<double> out((size_t)B * T * C), att((size_t)B * NH * T * (P + T)), datt(att.size());
+        auto loss = [&]() {
+            attention_prefix_forward(out.data(), att.data(), qkv.data(), pk.data(), pv.data(), B, T, C, NH, P);
+            return dot(w, out.data());
+        };
+        loss();
+        std::vector<double> dqkv(qkv.size(), 0.0), dpk(pk.size(), 0.0), dpv(pv.size(), 0.0);
+        attention_prefix_backward(dqkv.data(), dpk.data(), dpv.data(), datt.data(), w.data(), qkv.data(), pk.data(), pv.data(),
+                                  att.data(), B, T, C, NH, P);
+        CHECK(fd_relative_error(qkv.data(), qkv.size(), dqkv.data(), loss, "prefix attention dqkv") < tol_fd);
+        CHECK(fd_relative_error(pk.data(), pk.size(), dpk.data(), loss, "prefix attention dprefix_k") < tol_fd);
+        CHECK(fd_relative_error(pv.data(), pv.size(), dpv.data(), loss, "prefix attention dprefix_v") < tol_fd);
+        // P = 0: the same arithmetic as attention_forward, so the same bits
+        std::vector<double> out0(out.size()), att0((size_t)B * NH * T * T), out1(out.size()), att1(att0.size());
+        attention_prefix_forward(out0.data(), att0.data(), qkv.data(), pk.data(), pv.data(), B, T, C, NH, 0);
+        attention_forward(out1.data(), att1.data(), qkv.data(), B, T, C, NH);
+        CHECK(out0 == out1);
+    }
+}
+
+TEST_CASE("end to end, adapters: every adapter parameter's gradient matches finite differences") {
+    GPT2<double> model;
+    build_tiny_perturbed(&model, 1101);
+    const int m = 3;
+    gpt2_adapters_attach(&model, m, 1102);
+    // up = 0 at init would leave down with a zero gradient; make them nonzero so both are checked
+    Rng rng;
+    rng_seed(&rng, 1103);
+    for (size_t i = 0; i < model.adapters.buf.n; i++) model.adapters.buf.params[i] += 0.1 * (2.0 * rng_f32(&rng) - 1.0);
+    std::vector<int> inputs, targets;
+    auto loss = tiny_loss_and_backward(&model, &inputs, &targets, 1104);
+    std::vector<double> grads(model.adapters.buf.grads, model.adapters.buf.grads + model.adapters.buf.n);
+    CHECK(fd_relative_error(model.adapters.buf.params, model.adapters.buf.n, grads.data(), loss, "model adapters (all)") < tol_fd);
+    gpt2_free(&model);
+}
+
+TEST_CASE("adapters and LoRA-free base: up = 0 at init gives logits bit-identical to the base") {
+    const int B = 2, T = 8;
+    GPT2<float> base, adapted;
+    gpt2_build_random(&base, tiny_config(), 1111);
+    gpt2_build_random(&adapted, tiny_config(), 1111);
+    gpt2_adapters_attach(&adapted, 4, 1112);
+    Rng rng;
+    rng_seed(&rng, 1113);
+    std::vector<int> inputs;
+    random_tokens(&rng, &inputs, B * T, base.config.vocab_size);
+    gpt2_forward(&base, inputs.data(), (const int*)NULL, B, T);
+    gpt2_forward(&adapted, inputs.data(), (const int*)NULL, B, T);
+    size_t n = (size_t)B * T * base.config.padded_vocab_size;
+    CHECK(memcmp(base.acts.logits, adapted.acts.logits, n * sizeof(float)) == 0);
+    CHECK(gpt2_trainable_parameters(&adapted) == adapters_count_parameters(2, 32, 4));
+    gpt2_free(&base);
+    gpt2_free(&adapted);
+}
+
+TEST_CASE("end to end, prefix tuning: every prefix key and value gradient matches finite differences") {
+    GPT2<double> model;
+    build_tiny_perturbed(&model, 1201);
+    gpt2_prefix_attach(&model, 3, 1202);
+    // larger than the 0.02 init so the prefix carries real attention weight
+    for (size_t i = 0; i < model.prefix.buf.n; i++) model.prefix.buf.params[i] *= 20;
+    std::vector<int> inputs, targets;
+    auto loss = tiny_loss_and_backward(&model, &inputs, &targets, 1203);
+    std::vector<double> grads(model.prefix.buf.grads, model.prefix.buf.grads + model.prefix.buf.n);
+    CHECK(fd_relative_error(model.prefix.buf.params, model.prefix.buf.n, grads.data(), loss, "model prefix keys+values") < tol_fd);
+    CHECK(model.prefix.buf.n == 2 * (size_t)2 * 3 * 32); // 2 (keys, values) * L * P * C
+    gpt2_free(&model);
+}
+
+TEST_CASE("end to end, freezing: the top block and lnf gradients match finite differences; nothing below is touched") {
+    GPT2<double> model;
+    build_tiny_perturbed(&model, 1301);
+    gpt2_enable_top_training(&model, 1); // L = 2: block 1 and lnf train; block 0 and the embeddings are frozen
+    int L = model.config.num_layers;
+    CHECK(model.grads.wte == (double*)NULL);
+    CHECK(model.grads.wpe == (double*)NULL);
+    std::vector<int> inputs, targets;
+    auto loss = tiny_loss_and_backward(&model, &inputs, &targets, 1302);
+    // each trained tensor's tail, against central differences on the parameter it belongs to
+    size_t p = 0, g = 0, trained = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        size_t n = model.param_sizes[i] - model.top_offsets[i];
+        if (n > 0) {
+            std::string label = std::string("freeze d") + param_tensor_names[i];
+            std::vector<double> grad(model.top_grads + g, model.top_grads + g + n);
+            CAPTURE(label);
+            CHECK(fd_sampled(model.params_memory + p + model.top_offsets[i], n, grad.data(), loss, label) < tol_fd);
+        }
+        if (i >= 2 && i <= 13) CHECK(n == model.param_sizes[i] / L); // one block of L
+        p += model.param_sizes[i];
+        g += n;
+        trained += n;
+    }
+    CHECK(trained == gpt2_trainable_parameters(&model));
+    // a step changes block 1 and lnf only: block 0 and the embeddings stay bit-identical
+    std::vector<double> before(model.params_memory, model.params_memory + model.num_parameters);
+    loss();
+    gpt2_zero_grad(&model);
+    gpt2_backward(&model);
+    gpt2_update(&model, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.0f, 1);
+    size_t changed_frozen = 0, changed_trained = 0;
+    p = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        for (size_t j = 0; j < model.param_sizes[i]; j++) {
+            bool differs = model.params_memory[p + j] != before[p + j];
+            if (j < model.top_offsets[i]) changed_frozen += differs;
+            else changed_trained += differs;
+        }
+        p += model.param_sizes[i];
+    }
+    CHECK(changed_frozen == 0);
+    CHECK(changed_trained > trained / 2);
+    gpt2_free(&model);
+}
+
+TEST_CASE("end to end, L2-SP: gradients of loss + lambda/2 ||W - W0||^2 match finite differences") {
+    GPT2<double> model;
+    build_tiny_perturbed(&model, 1401);
+    const float lambda = 0.5f;
+    gpt2_enable_l2sp(&model, lambda);
+    // move W away from W0 so the penalty and its gradient are not zero
+    Rng rng;
+    rng_seed(&rng, 1402);
+    for (size_t i = 0; i < model.num_parameters; i++) model.params_memory[i] += 0.05 * (2.0 * rng_f32(&rng) - 1.0);
+    std::vector<int> inputs, targets;
+    auto loss = tiny_loss_and_backward(&model, &inputs, &targets, 1403, true);
+    CHECK(model.reg_loss > 0);
+    size_t off = 0;
+    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
+        std::vector<double> grad(model.grads_memory + off, model.grads_memory + off + model.param_sizes[k]);
+        std::string label = std::string("l2sp d") + param_tensor_names[k];
+        CAPTURE(label);
+        CHECK(fd_sampled(model.params_memory + off, model.param_sizes[k], grad.data(), loss, label) < tol_fd);
+        off += model.param_sizes[k];
+    }
+    // at W = W0 the penalty is exactly zero
+    memcpy(model.params_memory, model.params0, model.num_parameters * sizeof(double));
+    loss();
+    CHECK(model.reg_loss == 0.0);
+    gpt2_free(&model);
+}
+
+TEST_SUITE_END();
+
+// ----------------------------------------------------------------------------
+// files: readers and writers, clear errors with a HINT on bad input, atomic writes, fuzzed readers
 
 // a tiny float model with an adapter whose every parameter (lora_B included) is random, so that the
 // adapter really changes the logits
@@ -1412,15 +2104,258 @@ static void build_adapted_tiny(GPT2<float>* model, unsigned targets, int r, uint
     for (size_t i = 0; i < model->lora.num_parameters; i++) model->lora.params_memory[i] = rng_uniform(&rng, -0.2f, 0.2f);
 }
 
-static uint64_t tiny_base_sum(const GPT2<float>* model) { return base_checksum(model->params_memory, model->num_parameters); }
-
-static void write_cyclic_tokens(const std::string& path, size_t n) {
-    std::vector<uint16_t> ids(n);
-    Rng rng;
-    rng_seed(&rng, 808);
-    for (size_t i = 0; i < n; i++) ids[i] = (uint16_t)(i % 5 == 0 ? rng_u32(&rng) % 61 : (i * 7) % 61);
-    write_tokens(path, ids);
+// writes a safetensors file by hand: u64 length, header as given, data bytes
+static void write_safetensors_raw(const std::string& path, const std::string& header, size_t data_bytes, uint64_t N = UINT64_MAX) {
+    std::vector<char> bytes(8 + header.size() + data_bytes, 0);
+    if (N == UINT64_MAX) N = header.size();
+    memcpy(bytes.data(), &N, 8);
+    memcpy(bytes.data() + 8, header.data(), header.size());
+    write_bytes(path, bytes.data(), bytes.size());
 }
+
+// RLIMIT_FSIZE makes writes past `bytes` fail with EFBIG, as a full disk fails them with ENOSPC
+struct FileSizeCap {
+    struct rlimit old;
+    void (*old_handler)(int);
+    explicit FileSizeCap(rlim_t bytes) {
+        old_handler = signal(SIGXFSZ, SIG_IGN); // the default action would kill the writer
+        getrlimit(RLIMIT_FSIZE, &old);
+        struct rlimit cap = old;
+        cap.rlim_cur = bytes;
+        REQUIRE(setrlimit(RLIMIT_FSIZE, &cap) == 0);
+    }
+    ~FileSizeCap() {
+        setrlimit(RLIMIT_FSIZE, &old);
+        signal(SIGXFSZ, old_handler);
+    }
+};
+
+// -- reliability: fuzzed readers
+
+// Every file reader gets mutants of a file it accepts: truncations at every header offset and a sample
+// of body offsets, every header byte flipped, each header int set to huge, negative and zero values,
+// and (for the JSON parts) each number replaced by a huge or negative one. Each mutant must give either
+// success or a clean error that names the file and carries a HINT: no crash, no hang, and, while the
+// mutants run, no allocation of more than 4 GB (a reader that sizes a buffer from an unchecked header
+// fails here; under `make asan` the same cap comes from max_allocation_size_mb, and ASan proves the
+// reads stay in bounds). The libFuzzer targets in dev/fuzz/ drive the same readers with random bytes.
+
+// caps the data segment at 4 GB while alive (not under ASan, whose shadow memory counts too)
+struct AllocationCap {
+    struct rlimit old;
+    bool set = false;
+    AllocationCap() {
+#if !defined(__SANITIZE_ADDRESS__)
+        getrlimit(RLIMIT_DATA, &old);
+        struct rlimit cap = old;
+        cap.rlim_cur = (rlim_t)4 << 30;
+        if (old.rlim_max == RLIM_INFINITY || old.rlim_max > cap.rlim_cur) set = setrlimit(RLIMIT_DATA, &cap) == 0;
+#endif
+    }
+    ~AllocationCap() { if (set) setrlimit(RLIMIT_DATA, &old); }
+};
+
+// a reader under test: reads path, returns "" or its error message
+using ReaderFn = std::function<std::string(const std::string& path)>;
+
+struct MutationCounts { size_t mutants = 0, accepted = 0, rejected = 0; };
+
+// runs the reader on bytes and checks that the outcome is clean; must_fail for mutants never valid
+static void mutant(const char* reader, const std::string& what, const std::string& bytes, const ReaderFn& read,
+                   bool must_fail, const std::string& name, MutationCounts* counts) {
+    MemFile file(bytes.data(), bytes.size());
+    std::string err = read(file.path);
+    std::string named = name.empty() ? file.path : name;
+    counts->mutants++;
+    (err.empty() ? counts->accepted : counts->rejected)++;
+    if (must_fail) CHECK_MESSAGE(!err.empty(), std::string(reader) << ": " << what << " was accepted");
+    if (!err.empty()) {
+        CHECK_MESSAGE(has(err, named.c_str()), std::string(reader) << ": " << what << ": error does not name the file: " << err);
+        CHECK_MESSAGE(has(err, "HINT"), std::string(reader) << ": " << what << ": error has no HINT: " << err);
+    }
+}
+
+struct MutationPlan {
+    size_t header_bytes = 0;    // the fixed header: every offset is a truncation point, every byte is flipped
+    int int_fields = 0;         // how many leading int32 header slots get the extreme values
+    bool text = false;          // trailing whitespace may be cut without harm (JSON, vocab.bpe)
+    size_t numbers_end = 0;     // digit runs in [0, numbers_end) become huge or negative (JSON parts)
+    std::string name;           // what the errors must name; "" = the mutated file's own path
+};
+
+static MutationCounts mutate_reader(const char* reader, const std::string& good, MutationPlan plan, const ReaderFn& read) {
+    size_t header_bytes = plan.header_bytes;
+    const std::string& name = plan.name;
+    AllocationCap cap;
+    MutationCounts counts;
+    {
+        MemFile file(good.data(), good.size());
+        std::string err = read(file.path);
+        REQUIRE_MESSAGE(err.empty(), std::string(reader) << ": the unmutated file is rejected: " << err);
+    }
+    size_t must_fail_below = good.size();
+    if (plan.text) { while (must_fail_below > 0 && isspace((unsigned char)good[must_fail_below - 1])) must_fail_below--; }
+    header_bytes = std::min(header_bytes, good.size());
+    // truncations: every header offset, then 64 body offsets and the last byte
+    std::vector<size_t> cuts;
+    for (size_t n = 0; n <= header_bytes; n++) cuts.push_back(n);
+    size_t body = good.size() - header_bytes;
+    for (size_t k = 1; k <= 64 && body > 0; k++) cuts.push_back(header_bytes + body * k / 65);
+    cuts.push_back(good.size() - 1);
+    for (size_t n : cuts) {
+        if (n >= good.size()) continue;
+        mutant(reader, "truncated to " + std::to_string(n) + " bytes", good.substr(0, n), read, n < must_fail_below, name, &counts);
+    }
+    // flipped bytes: all bits of every header byte, the top bit too; 64 body bytes
+    std::vector<size_t> flips;
+    for (size_t i = 0; i < header_bytes; i++) flips.push_back(i);
+    for (size_t k = 0; k < 64 && body > 0; k++) flips.push_back(header_bytes + body * k / 64);
+    for (size_t i : flips) {
+        for (unsigned char mask : {0xFFu, 0x80u, 0x01u}) {
+            std::string bad = good;
+            bad[i] = (char)(bad[i] ^ mask);
+            mutant(reader, "byte " + std::to_string(i) + " ^ " + std::to_string(mask), bad, read, false, name, &counts);
+        }
+    }
+    // header ints: huge, negative, zero, and one past the file size
+    const int32_t extremes[] = {0, -1, 1, -2147483647 - 1, 2147483647, 1 << 30, -(1 << 30), 65536, (int32_t)good.size() + 1};
+    for (int field = 0; field < plan.int_fields && (size_t)(field + 1) * 4 <= good.size(); field++) {
+        for (int32_t v : extremes) {
+            std::string bad = good;
+            memcpy(&bad[(size_t)field * 4], &v, 4);
+            mutant(reader, "header int " + std::to_string(field) + " = " + std::to_string(v), bad, read, false, name, &counts);
+        }
+    }
+    // numbers in text: each run of digits (within the header part) becomes huge or negative
+    if (plan.numbers_end > 0) {
+        const char* numbers[] = {"99999999999999999999", "18446744073709551615", "-1", "-99999999", "4294967296", "0"};
+        size_t limit = std::min(plan.numbers_end, good.size());
+        size_t runs = 0;
+        for (size_t i = 0; i < limit && runs < 400; i++) {
+            if (!isdigit((unsigned char)good[i]) || (i > 0 && isdigit((unsigned char)good[i - 1]))) continue;
+            size_t j = i;
+            while (j < limit && isdigit((unsigned char)good[j])) j++;
+            runs++;
+            for (const char* num : numbers) {
+                std::string bad = good.substr(0, i) + num + good.substr(j);
+                mutant(reader, "number at byte " + std::to_string(i) + " = " + num, bad, read, false, name, &counts);
+            }
+        }
+    }
+    MESSAGE(std::string(reader) << ": " << counts.mutants << " mutants, " << counts.rejected << " rejected cleanly, " << counts.accepted << " accepted");
+    CHECK(counts.rejected > 0);
+    return counts;
+}
+
+// the tiny base of the fuzzed-reader tests: V=8 (Vp=8), maxT=4, L=1, NH=1, C=4 -- a 2224-byte checkpoint
+static void build_fuzz_base(GPT2<float>* model) { gpt2_build_random(model, GPT2Config{4, 8, 8, 1, 1, 4}, 1); }
+
+TEST_SUITE_BEGIN("files");
+
+// -- llm.c files: checkpoint, tokens, tokenizer
+
+TEST_CASE("checkpoint reader: missing, wrong magic, wrong version, truncated and padded files give a clear error") {
+    TempDir dir;
+    std::string good = dir.file("good.bin");
+    write_tiny_checkpoint(good);
+    GPT2<float> model;
+    std::string err = gpt2_read_checkpoint(&model, good.c_str());
+    CHECK(err == "");
+    gpt2_free(&model);
+
+    err = gpt2_read_checkpoint(&model, dir.file("missing.bin").c_str());
+    CHECK(has(err, "missing.bin"));
+    CHECK(has(err, "HINT"));
+
+    std::vector<char> bytes = read_all(good);
+    std::vector<char> bad = bytes;
+    ((int*)bad.data())[0] = TOKENS_MAGIC;
+    write_bytes(dir.file("magic.bin"), bad.data(), bad.size());
+    err = gpt2_read_checkpoint(&model, dir.file("magic.bin").c_str());
+    CHECK(has(err, "magic"));
+    CHECK(has(err, "token file"));
+    CHECK(has(err, "HINT"));
+
+    bad = bytes;
+    ((int*)bad.data())[1] = 5;
+    write_bytes(dir.file("version.bin"), bad.data(), bad.size());
+    err = gpt2_read_checkpoint(&model, dir.file("version.bin").c_str());
+    CHECK(has(err, "version 5"));
+    CHECK(has(err, "HINT"));
+
+    write_bytes(dir.file("trunc.bin"), bytes.data(), bytes.size() - 4);
+    err = gpt2_read_checkpoint(&model, dir.file("trunc.bin").c_str());
+    CHECK(has(err, "truncated"));
+    CHECK(has(err, "trunc.bin"));
+
+    write_bytes(dir.file("short.bin"), bytes.data(), 100);
+    err = gpt2_read_checkpoint(&model, dir.file("short.bin").c_str());
+    CHECK(has(err, "truncated"));
+
+    bad = bytes;
+    bad.push_back(0);
+    write_bytes(dir.file("long.bin"), bad.data(), bad.size());
+    err = gpt2_read_checkpoint(&model, dir.file("long.bin").c_str());
+    CHECK(has(err, "trailing"));
+
+    bad = bytes;
+    ((int*)bad.data())[6] = -32; // C
+    write_bytes(dir.file("shape.bin"), bad.data(), bad.size());
+    err = gpt2_read_checkpoint(&model, dir.file("shape.bin").c_str());
+    CHECK(has(err, "impossible shapes"));
+}
+
+TEST_CASE("token reader: wrong magic, truncated file, and token ids >= V give a clear error") {
+    TempDir dir;
+    const int V = 61;
+    TokenFile tf;
+    write_tokens(dir.file("ok.bin"), {1, 2, 3, 60});
+    CHECK(tokens_read(&tf, dir.file("ok.bin").c_str(), V, "-i") == "");
+    CHECK(tf.tokens.size() == 4);
+
+    write_tokens(dir.file("big.bin"), {1, 2, 61, 3});
+    std::string err = tokens_read(&tf, dir.file("big.bin").c_str(), V, "-i");
+    CHECK(has(err, "id 61"));
+    CHECK(has(err, "V=61"));
+    CHECK(has(err, "HINT"));
+
+    std::vector<char> bytes = read_all(dir.file("ok.bin"));
+    write_bytes(dir.file("trunc.bin"), bytes.data(), bytes.size() - 1);
+    err = tokens_read(&tf, dir.file("trunc.bin").c_str(), V, "-i");
+    CHECK(has(err, "truncated"));
+
+    ((int*)bytes.data())[0] = CHECKPOINT_MAGIC;
+    write_bytes(dir.file("magic.bin"), bytes.data(), bytes.size());
+    err = tokens_read(&tf, dir.file("magic.bin").c_str(), V, "-i");
+    CHECK(has(err, "model checkpoint"));
+
+    DataLoader loader;
+    err = dataloader_init(&loader, dir.file("ok.bin").c_str(), 2, 4, V, false, 0, "-i");
+    CHECK(has(err, "fewer than one batch"));
+}
+
+TEST_CASE("tokenizer reader: decodes pieces and rejects truncated files") {
+    TempDir dir;
+    int header[256] = {0};
+    header[0] = TOKENIZER_MAGIC;
+    header[1] = 2;
+    header[2] = 2;
+    header[3] = 1;
+    std::vector<char> bytes((char*)header, (char*)header + sizeof(header));
+    const char body[] = {2, 'h', 'i', 1, '!'};
+    bytes.insert(bytes.end(), body, body + sizeof(body));
+    write_bytes(dir.file("tok.bin"), bytes.data(), bytes.size());
+    Tokenizer tok;
+    CHECK(tokenizer_read(&tok, dir.file("tok.bin").c_str()) == "");
+    CHECK(tok.pieces.size() == 2);
+    CHECK(tok.pieces[0] == "hi");
+    CHECK(tok.eot_token == 1);
+    write_bytes(dir.file("trunc.bin"), bytes.data(), bytes.size() - 1);
+    std::string err = tokenizer_read(&tok, dir.file("trunc.bin").c_str());
+    CHECK(has(err, "truncated"));
+}
+
+// -- adapter.bin, the merged checkpoint, safetensors, JSON, PEFT
 
 TEST_CASE("adapter file: save -> load round trip is bit-identical (weights, AdamW moments, step, loader and sampler state)") {
     TempDir dir;
@@ -1473,134 +2408,6 @@ TEST_CASE("adapter file: save -> load round trip is bit-identical (weights, Adam
     CHECK(memcmp(loaded.lora.params_memory, model.lora.params_memory, n * sizeof(float)) == 0);
     gpt2_free(&model);
     gpt2_free(&loaded);
-}
-
-// trains steps [from, to) of a LoRA run exactly as main does, appending each step's loss
-static void train_steps(GPT2<float>* model, DataLoader* loader, int from, int to, std::vector<float>* losses) {
-    for (int step = from; step < to; step++) {
-        dataloader_next_batch(loader);
-        gpt2_forward(model, loader->inputs.data(), loader->targets.data(), loader->B, loader->T);
-        gpt2_zero_grad(model);
-        gpt2_backward(model);
-        gpt2_update(model, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.01f, step + 1);
-        losses->push_back(model->mean_loss);
-    }
-}
-
-TEST_CASE("resume: training from a saved adapter continues bit for bit like the uninterrupted run") {
-    const int B = 2, T = 8, steps = 10, split = 4;
-    TempDir dir;
-    std::string ckpt = dir.file("base.bin"), tokens = dir.file("tokens.bin"), adapter = dir.file("adapter.bin");
-    write_tiny_checkpoint(ckpt);
-    write_cyclic_tokens(tokens, 150); // 9 batches of B*T: the 10 steps cross an epoch (a reshuffle)
-    LoRAConfig cfg = lora_config(4, 8.0f, LORA_ALL_TARGETS);
-
-    // uninterrupted
-    GPT2<float> a;
-    REQUIRE(gpt2_read_checkpoint(&a, ckpt.c_str()) == "");
-    gpt2_lora_attach(&a, cfg, 77);
-    gpt2_allocate(&a, B, T);
-    DataLoader la;
-    REQUIRE(dataloader_init(&la, tokens.c_str(), B, T, 61, true, 78, "-i") == "");
-    std::vector<float> losses_a;
-    train_steps(&a, &la, 0, steps, &losses_a);
-
-    // interrupted at `split`: save, throw everything away, load into fresh objects, go on
-    std::vector<float> losses_b;
-    {
-        GPT2<float> b;
-        REQUIRE(gpt2_read_checkpoint(&b, ckpt.c_str()) == "");
-        gpt2_lora_attach(&b, cfg, 77);
-        gpt2_allocate(&b, B, T);
-        DataLoader lb;
-        REQUIRE(dataloader_init(&lb, tokens.c_str(), B, T, 61, true, 78, "-i") == "");
-        train_steps(&b, &lb, 0, split, &losses_b);
-        Rng sample_rng;
-        rng_seed(&sample_rng, 79);
-        TrainState state = train_state_capture(split, &lb, &sample_rng);
-        REQUIRE(lora_file_write(adapter.c_str(), &b, tiny_base_sum(&b), &state) == "");
-        gpt2_free(&b);
-    }
-    GPT2<float> c;
-    REQUIRE(gpt2_read_checkpoint(&c, ckpt.c_str()) == "");
-    gpt2_allocate(&c, B, T);
-    TrainState state;
-    bool has_state = false;
-    REQUIRE(lora_file_read(adapter.c_str(), &c, tiny_base_sum(&c), &state, &has_state) == "");
-    REQUIRE(has_state);
-    DataLoader lc;
-    REQUIRE(dataloader_init(&lc, tokens.c_str(), B, T, 61, true, 12345 /* any seed: the state replaces it */, "-i") == "");
-    REQUIRE(train_state_restore(state, &lc, adapter.c_str()) == "");
-    train_steps(&c, &lc, state.step, steps, &losses_b);
-
-    REQUIRE(losses_b.size() == losses_a.size());
-    MESSAGE("resume at step " << split << ": losses " << losses_a[split] << " .. " << losses_a[steps - 1] << " (uninterrupted) vs "
-            << losses_b[split] << " .. " << losses_b[steps - 1] << " (resumed)");
-    CHECK(memcmp(losses_a.data(), losses_b.data(), losses_a.size() * sizeof(float)) == 0); // bit for bit
-    size_t n = a.lora.num_parameters;
-    CHECK(memcmp(a.lora.params_memory, c.lora.params_memory, n * sizeof(float)) == 0);
-    CHECK(memcmp(a.lora.m_memory, c.lora.m_memory, n * sizeof(float)) == 0);
-    CHECK(memcmp(a.lora.v_memory, c.lora.v_memory, n * sizeof(float)) == 0);
-    CHECK(losses_a[steps - 1] < losses_a[0]); // and it did learn something
-
-    // a loader of another shape cannot take the state
-    DataLoader other;
-    REQUIRE(dataloader_init(&other, tokens.c_str(), B, 4, 61, true, 78, "-i") == "");
-    std::string err = train_state_restore(state, &other, adapter.c_str());
-    CHECK(has(err, "T=8"));
-    CHECK(has(err, "HINT"));
-    gpt2_free(&a);
-    gpt2_free(&c);
-}
-
-TEST_CASE("merge: the merged checkpoint's logits equal the unmerged adapter's; unmerge restores the base") {
-    const int B = 2, T = 8;
-    TempDir dir;
-    GPT2<float> model;
-    build_adapted_tiny(&model, LORA_ALL_TARGETS, 4, 911);
-    std::vector<float> base(model.params_memory, model.params_memory + model.num_parameters);
-    Rng rng;
-    rng_seed(&rng, 912);
-    std::vector<int> inputs;
-    random_tokens(&rng, &inputs, B * T, model.config.vocab_size);
-    gpt2_forward(&model, inputs.data(), (const int*)NULL, B, T);
-    size_t nl = (size_t)B * T * model.config.padded_vocab_size;
-    std::vector<float> unmerged(model.acts.logits, model.acts.logits + nl);
-
-    std::string path = dir.file("merged.bin");
-    REQUIRE(write_merged_checkpoint(&model, path.c_str()) == "");
-    GPT2<float> merged; // a plain GPT-2, read back the way -e reads any checkpoint
-    REQUIRE(gpt2_read_checkpoint(&merged, path.c_str()) == "");
-    CHECK(merged.lora.num_parameters == 0);
-    gpt2_forward(&merged, inputs.data(), (const int*)NULL, B, T);
-    double maxdiff = 0, maxlogit = 0, maxdelta = 0;
-    for (size_t i = 0; i < nl; i++) {
-        maxdiff = std::max(maxdiff, (double)std::fabs(merged.acts.logits[i] - unmerged[i]));
-        maxlogit = std::max(maxlogit, (double)std::fabs(unmerged[i]));
-    }
-    for (size_t i = 0; i < base.size(); i++) maxdelta = std::max(maxdelta, (double)std::fabs(merged.params_memory[i] - base[i]));
-    // The two paths sum the same products in a different order (C=32 / 4C=128 terms of the matmul plus
-    // r=4 of the branch, over 2 layers and the LM head), each fp32 sum off by ~1e-7 relative: ~1e-6 of
-    // the logit scale. A wrong merge (transpose, missing scale) is off by O(maxdelta * |x|) ~ 1e-1.
-    const double tol_merged_logits = 1e-5 * std::max(1.0, maxlogit);
-    MESSAGE("merged vs unmerged logits: maxdiff " << maxdiff << " (max |logit| " << maxlogit << ", max |delta W| " << maxdelta << ")");
-    CHECK(maxdelta > 1e-2); // the adapter did change the weights
-    CHECK(maxdiff <= tol_merged_logits);
-
-    // unmerge (write_merged_checkpoint merges, writes, unmerges): each weight is back within one rounding
-    // of |W0| + |delta|, i.e. 2^-23 relative: the same delta, computed the same way, was added and subtracted
-    size_t worst = 0;
-    double worst_excess = -1, maxerr = 0;
-    for (size_t i = 0; i < base.size(); i++) {
-        double err = std::fabs((double)model.params_memory[i] - base[i]);
-        double bound = std::ldexp(std::fabs((double)base[i]) + std::fabs((double)merged.params_memory[i] - base[i]), -23);
-        maxerr = std::max(maxerr, err);
-        if (err - bound > worst_excess) { worst_excess = err - bound; worst = i; }
-    }
-    MESSAGE("unmerge: max |W - W0| = " << maxerr << "; worst element " << worst << " exceeds its bound by " << worst_excess);
-    CHECK(worst_excess <= 0);
-    gpt2_free(&model);
-    gpt2_free(&merged);
 }
 
 TEST_CASE("adapter reader: wrong magic or version, truncation, trailing bytes, shape mismatch and a wrong base give clear errors") {
@@ -1683,37 +2490,54 @@ TEST_CASE("adapter reader: wrong magic or version, truncation, trailing bytes, s
     gpt2_free(&other);
 }
 
-TEST_CASE("a failed write leaves the existing files intact: adapter.bin, the PEFT files and the merged checkpoint") {
+TEST_CASE("merge: the merged checkpoint's logits equal the unmerged adapter's; unmerge restores the base") {
+    const int B = 2, T = 8;
     TempDir dir;
     GPT2<float> model;
-    build_adapted_tiny(&model, LORA_ALL_TARGETS, 2, 931);
-    uint64_t sum = tiny_base_sum(&model);
-    std::string path = dir.file("adapter.bin");
-    REQUIRE(lora_file_write(path.c_str(), &model, sum, NULL) == "");
-    REQUIRE(peft_export(dir.path.c_str(), &model, "gpt2") == "");
-    REQUIRE(write_merged_checkpoint(&model, dir.file("merged.bin").c_str()) == "");
-    std::vector<char> before = read_all(path), st_before = read_all(dir.file("adapter_model.safetensors"));
-    std::vector<char> merged_before = read_all(dir.file("merged.bin"));
-    for (size_t i = 0; i < model.lora.num_parameters; i++) model.lora.params_memory[i] += 1.0f; // new content
-    // a directory squatting on each temporary name makes the write fail even for root
-    for (const char* name : {"adapter.bin.tmp", "adapter_model.safetensors.tmp", "merged.bin.tmp"}) {
-        REQUIRE(mkdir(dir.file(name).c_str(), 0755) == 0);
-    }
-    std::string err = lora_file_write(path.c_str(), &model, sum, NULL);
-    CHECK(has(err, "adapter.bin"));
-    CHECK(has(err, "HINT"));
-    err = peft_export(dir.path.c_str(), &model, "gpt2");
-    CHECK(has(err, "adapter_model.safetensors"));
+    build_adapted_tiny(&model, LORA_ALL_TARGETS, 4, 911);
     std::vector<float> base(model.params_memory, model.params_memory + model.num_parameters);
-    err = write_merged_checkpoint(&model, dir.file("merged.bin").c_str());
-    CHECK(has(err, "merged.bin"));
-    CHECK(read_all(path) == before);
-    CHECK(read_all(dir.file("adapter_model.safetensors")) == st_before);
-    CHECK(read_all(dir.file("merged.bin")) == merged_before);
-    // and nowhere to write at all
-    err = lora_file_save_all(dir.file("no/such/dir").c_str(), &model, sum, TrainState(), "gpt2");
-    CHECK(has(err, "no/such/dir"));
+    Rng rng;
+    rng_seed(&rng, 912);
+    std::vector<int> inputs;
+    random_tokens(&rng, &inputs, B * T, model.config.vocab_size);
+    gpt2_forward(&model, inputs.data(), (const int*)NULL, B, T);
+    size_t nl = (size_t)B * T * model.config.padded_vocab_size;
+    std::vector<float> unmerged(model.acts.logits, model.acts.logits + nl);
+
+    std::string path = dir.file("merged.bin");
+    REQUIRE(write_merged_checkpoint(&model, path.c_str()) == "");
+    GPT2<float> merged; // a plain GPT-2, read back the way -e reads any checkpoint
+    REQUIRE(gpt2_read_checkpoint(&merged, path.c_str()) == "");
+    CHECK(merged.lora.num_parameters == 0);
+    gpt2_forward(&merged, inputs.data(), (const int*)NULL, B, T);
+    double maxdiff = 0, maxlogit = 0, maxdelta = 0;
+    for (size_t i = 0; i < nl; i++) {
+        maxdiff = std::max(maxdiff, (double)std::fabs(merged.acts.logits[i] - unmerged[i]));
+        maxlogit = std::max(maxlogit, (double)std::fabs(unmerged[i]));
+    }
+    for (size_t i = 0; i < base.size(); i++) maxdelta = std::max(maxdelta, (double)std::fabs(merged.params_memory[i] - base[i]));
+    // The two paths sum the same products in a different order (C=32 / 4C=128 terms of the matmul plus
+    // r=4 of the branch, over 2 layers and the LM head), each fp32 sum off by ~1e-7 relative: ~1e-6 of
+    // the logit scale. A wrong merge (transpose, missing scale) is off by O(maxdelta * |x|) ~ 1e-1.
+    const double tol_merged_logits = 1e-5 * std::max(1.0, maxlogit);
+    MESSAGE("merged vs unmerged logits: maxdiff " << maxdiff << " (max |logit| " << maxlogit << ", max |delta W| " << maxdelta << ")");
+    CHECK(maxdelta > 1e-2); // the adapter did change the weights
+    CHECK(maxdiff <= tol_merged_logits);
+
+    // unmerge (write_merged_checkpoint merges, writes, unmerges): each weight is back within one rounding
+    // of |W0| + |delta|, i.e. 2^-23 relative: the same delta, computed the same way, was added and subtracted
+    size_t worst = 0;
+    double worst_excess = -1, maxerr = 0;
+    for (size_t i = 0; i < base.size(); i++) {
+        double err = std::fabs((double)model.params_memory[i] - base[i]);
+        double bound = std::ldexp(std::fabs((double)base[i]) + std::fabs((double)merged.params_memory[i] - base[i]), -23);
+        maxerr = std::max(maxerr, err);
+        if (err - bound > worst_excess) { worst_excess = err - bound; worst = i; }
+    }
+    MESSAGE("unmerge: max |W - W0| = " << maxerr << "; worst element " << worst << " exceeds its bound by " << worst_excess);
+    CHECK(worst_excess <= 0);
     gpt2_free(&model);
+    gpt2_free(&merged);
 }
 
 TEST_CASE("safetensors: our writer's output parses with our reader, with PEFT's exact key names, shapes and values") {
@@ -1786,15 +2610,6 @@ TEST_CASE("safetensors: our writer's output parses with our reader, with PEFT's 
     CHECK(has(text, "\"target_modules\": [\"mlp.c_proj\"]"));
     gpt2_free(&model);
     gpt2_free(&fcproj);
-}
-
-// writes a safetensors file by hand: u64 length, header as given, data bytes
-static void write_safetensors_raw(const std::string& path, const std::string& header, size_t data_bytes, uint64_t N = UINT64_MAX) {
-    std::vector<char> bytes(8 + header.size() + data_bytes, 0);
-    if (N == UINT64_MAX) N = header.size();
-    memcpy(bytes.data(), &N, 8);
-    memcpy(bytes.data() + 8, header.data(), header.size());
-    write_bytes(path, bytes.data(), bytes.size());
 }
 
 TEST_CASE("safetensors reader: malformed files (length, JSON, dtype, shape, offsets, gaps, overlaps, trailing bytes) give clear errors") {
@@ -1913,6 +2728,217 @@ TEST_CASE("PEFT export -> import round trip gives the same adapter; the importer
     gpt2_free(&loaded);
 }
 
+// -- disk full and unwritable outputs: a clear error and nothing left behind
+
+TEST_CASE("a failed write leaves the existing files intact: adapter.bin, the PEFT files and the merged checkpoint") {
+    TempDir dir;
+    GPT2<float> model;
+    build_adapted_tiny(&model, LORA_ALL_TARGETS, 2, 931);
+    uint64_t sum = tiny_base_sum(&model);
+    std::string path = dir.file("adapter.bin");
+    REQUIRE(lora_file_write(path.c_str(), &model, sum, NULL) == "");
+    REQUIRE(peft_export(dir.path.c_str(), &model, "gpt2") == "");
+    REQUIRE(write_merged_checkpoint(&model, dir.file("merged.bin").c_str()) == "");
+    std::vector<char> before = read_all(path), st_before = read_all(dir.file("adapter_model.safetensors"));
+    std::vector<char> merged_before = read_all(dir.file("merged.bin"));
+    for (size_t i = 0; i < model.lora.num_parameters; i++) model.lora.params_memory[i] += 1.0f; // new content
+    // a directory squatting on each temporary name makes the write fail even for root
+    for (const char* name : {"adapter.bin.tmp", "adapter_model.safetensors.tmp", "merged.bin.tmp"}) {
+        REQUIRE(mkdir(dir.file(name).c_str(), 0755) == 0);
+    }
+    std::string err = lora_file_write(path.c_str(), &model, sum, NULL);
+    CHECK(has(err, "adapter.bin"));
+    CHECK(has(err, "HINT"));
+    err = peft_export(dir.path.c_str(), &model, "gpt2");
+    CHECK(has(err, "adapter_model.safetensors"));
+    std::vector<float> base(model.params_memory, model.params_memory + model.num_parameters);
+    err = write_merged_checkpoint(&model, dir.file("merged.bin").c_str());
+    CHECK(has(err, "merged.bin"));
+    CHECK(read_all(path) == before);
+    CHECK(read_all(dir.file("adapter_model.safetensors")) == st_before);
+    CHECK(read_all(dir.file("merged.bin")) == merged_before);
+    // and nowhere to write at all
+    err = lora_file_save_all(dir.file("no/such/dir").c_str(), &model, sum, TrainState(), "gpt2");
+    CHECK(has(err, "no/such/dir"));
+    gpt2_free(&model);
+}
+
+TEST_CASE("disk full and unwritable output: write_atomically gives a clear error and leaves no partial file") {
+    TempDir dir;
+    std::vector<char> big(1 << 20, 'x');
+    std::string path = dir.file("out.bin");
+    {
+        FileSizeCap cap(4096);
+        std::string err = write_atomically(path.c_str(), {{big.data(), big.size()}});
+        CHECK(has(err, "failed writing"));
+        CHECK(has(err, path.c_str()));
+        CHECK(has(err, "HINT"));
+    }
+    CHECK(access(path.c_str(), F_OK) != 0);
+    CHECK(tmp_files(dir.path).empty());
+    // an old file under the name survives a failed overwrite unchanged
+    write_bytes(path, "old", 3);
+    {
+        FileSizeCap cap(4096);
+        CHECK(write_atomically(path.c_str(), {{big.data(), big.size()}}) != "");
+    }
+    CHECK(file_string(path) == "old");
+    CHECK(tmp_files(dir.path).empty());
+    // unwritable places (tests run as root, so permissions would not stop them): a path under a regular
+    // file, a directory that does not exist, and sysfs, which refuses new files
+    for (std::string bad : {dir.file("out.bin/adapter.bin"), dir.file("missing/adapter.bin"), std::string("/sys/adapter.bin"),
+                            std::string("/proc/adapter.bin")}) {
+        CAPTURE(bad);
+        std::string err = write_atomically(bad.c_str(), {{big.data(), 16}});
+        CHECK(has(err, "cannot write"));
+        CHECK(has(err, bad.c_str()));
+        CHECK(has(err, "HINT"));
+        CHECK(access((bad + ".tmp").c_str(), F_OK) != 0);
+    }
+}
+
+// -- fuzzed readers: mutants of every file format give a clean error or a clean success
+
+TEST_CASE("fuzzed readers: llm.c checkpoint, token file and tokenizer file give clean errors on mutants") {
+    TempDir dir;
+    GPT2<float> base;
+    build_fuzz_base(&base);
+    REQUIRE(gpt2_write_checkpoint(&base, dir.file("model.bin").c_str()) == "");
+    gpt2_free(&base);
+    MutationPlan plan;
+    plan.header_bytes = 1024;
+    plan.int_fields = 8;
+    mutate_reader("checkpoint", file_string(dir.file("model.bin")), plan, [](const std::string& path) {
+        GPT2<float> model;
+        memset(&model, 0, sizeof(model));
+        std::string err = gpt2_read_checkpoint(&model, path.c_str());
+        if (err.empty()) gpt2_free(&model);
+        return err;
+    });
+
+    int header[256] = {0};
+    header[0] = TOKENS_MAGIC; header[1] = 1; header[2] = 16;
+    std::string tokens((const char*)header, sizeof(header));
+    for (uint16_t id = 0; id < 16; id++) tokens.append((const char*)&id, 2);
+    plan.int_fields = 3;
+    mutate_reader("token file", tokens, plan, [](const std::string& path) {
+        TokenFile tf;
+        return tokens_read(&tf, path.c_str(), 61, "-i");
+    });
+
+    memset(header, 0, sizeof(header));
+    header[0] = TOKENIZER_MAGIC; header[1] = 2; header[2] = 4; header[3] = 3;
+    std::string tok((const char*)header, sizeof(header));
+    tok += std::string("\x02hi\x01!\x03you\x05<eot>", 15);
+    plan.int_fields = 4;
+    mutate_reader("tokenizer file", tok, plan, [](const std::string& path) {
+        Tokenizer t;
+        std::string err = tokenizer_read(&t, path.c_str());
+        // an accepted file's end-of-text id indexes its pieces (the trainer feeds it to the model); version 1 implies 50256
+        if (err.empty()) CHECK((t.eot_token == 50256 || (t.eot_token >= 0 && t.eot_token < (int)t.pieces.size())));
+        return err;
+    });
+}
+
+TEST_CASE("fuzzed readers: the GPT-2 BPE files (encoder.json, vocab.bpe) give clean errors on mutants") {
+    std::string js, vb;
+    fuzz_synthetic_bpe(&js, &vb);
+    MutationPlan plan;
+    plan.text = true;
+    plan.header_bytes = 64;
+    plan.numbers_end = js.size();
+    MemFile vocab(vb.data(), vb.size());
+    mutate_reader("encoder.json", js, plan, [&](const std::string& path) {
+        BPE bpe;
+        bpe.print_errors = false;
+        bpe_load(&bpe, path.c_str(), vocab.path.c_str());
+        return bpe.error;
+    });
+    MemFile encoder(js.data(), js.size());
+    plan.numbers_end = 0;
+    plan.header_bytes = vb.size();
+    mutate_reader("vocab.bpe", vb, plan, [&](const std::string& path) {
+        BPE bpe;
+        bpe.print_errors = false;
+        bpe_load(&bpe, encoder.path.c_str(), path.c_str());
+        if (bpe.error.empty()) { // an accepted pair still round-trips text
+            const std::string text = "hello, hell of a hello\n";
+            std::vector<int> ids;
+            bpe_encode(&bpe, text.data(), text.size(), ids);
+            CHECK(bpe_decode(&bpe, ids.data(), ids.size()) == text);
+        }
+        return bpe.error;
+    });
+}
+
+TEST_CASE("fuzzed readers: adapter.bin, safetensors and the PEFT config give clean errors on mutants") {
+    TempDir dir;
+    GPT2<float> base;
+    build_fuzz_base(&base);
+    uint64_t base_sum = base_checksum(base.params_memory, base.num_parameters);
+    gpt2_lora_attach(&base, lora_config(2, 4.0f, LORA_ALL_TARGETS), 2);
+    TrainState state;
+    state.step = 3;
+    state.loader_B = 1;
+    state.loader_T = 4;
+    state.loader_position = 1;
+    state.loader_order = {2, 0, 1};
+    REQUIRE(lora_file_write(dir.file("adapter.bin").c_str(), &base, base_sum, &state) == "");
+    REQUIRE(peft_export(dir.path.c_str(), &base, "gpt2") == "");
+    lora_free(&base.lora);
+
+    MutationPlan plan;
+    plan.header_bytes = 1024;
+    plan.int_fields = 28; // magic .. the u64 batch count of the training state
+    mutate_reader("adapter file", file_string(dir.file("adapter.bin")), plan, [&](const std::string& path) {
+        TrainState s;
+        bool has_state = false;
+        std::string err = lora_file_read(path.c_str(), &base, base_sum, &s, &has_state);
+        if (err.empty()) {
+            CHECK(base.lora.num_parameters == lora_count_parameters(base.lora.config, 1, 4));
+            if (has_state) CHECK(s.loader_position <= s.loader_order.size());
+        }
+        if (base.lora.params_memory != NULL) lora_free(&base.lora);
+        return err;
+    });
+
+    std::string st = file_string(dir.file(PEFT_WEIGHTS_FILE));
+    uint64_t N = 0;
+    memcpy(&N, st.data(), 8);
+    plan = MutationPlan();
+    plan.header_bytes = 8 + (size_t)N;
+    plan.int_fields = 2; // the u64 header length
+    plan.numbers_end = 8 + (size_t)N;
+    mutate_reader("safetensors", st, plan, [](const std::string& path) {
+        SafeTensors s;
+        std::string err = safetensors_read(path.c_str(), &s);
+        for (const SafeTensor& t : s.tensors) CHECK((t.begin <= t.end && t.end <= s.data.size() * sizeof(float)));
+        return err;
+    });
+
+    std::string config = file_string(dir.file(PEFT_CONFIG_FILE));
+    plan = MutationPlan();
+    plan.text = true;
+    plan.header_bytes = config.size();
+    plan.numbers_end = config.size();
+    plan.name = dir.file("");
+    mutate_reader("PEFT adapter_config.json", config, plan, [&](const std::string& path) {
+        std::string bytes = file_string(path);
+        write_bytes(dir.file(PEFT_CONFIG_FILE), bytes.data(), bytes.size());
+        std::string err = peft_import(dir.path.c_str(), &base);
+        if (base.lora.params_memory != NULL) lora_free(&base.lora);
+        return err;
+    });
+    gpt2_free(&base);
+}
+
+TEST_SUITE_END();
+
+// ----------------------------------------------------------------------------
+// generation: sampling, the adapter merged or not, the key/value cache
+
+TEST_SUITE_BEGIN("generation");
+
 TEST_CASE("sampling: top_k = 1 is the argmax; top-k never leaves the k largest and reaches each of them") {
     const int V = 10;
     float logits[V] = {0.1f, 2.0f, -1.0f, 1.9f, 0.5f, 1.8f, -3.0f, 0.0f, 1.0f, 0.2f};
@@ -1978,284 +3004,72 @@ TEST_CASE("inference: a prompt generates the same tokens with the adapter merged
     gpt2_free(&tiny);
 }
 
-// the "train loss" values of steps first..last in a trainer log, as printed
-static std::vector<std::string> step_losses(const std::string& log, int first, int last, int steps) {
-    std::vector<std::string> v;
-    for (int k = first; k <= last; k++) {
-        std::string key = strprintf("step %d/%d: train loss ", k, steps);
-        size_t at = log.find(key);
-        v.push_back(at == std::string::npos ? "missing" : log.substr(at + key.size(), 8));
-    }
-    return v;
-}
-
-TEST_CASE("the trainer binary: -o/-k save, -A resumes with the same losses, bad adapters fail cleanly, -M merges") {
-    TempDir dir;
-    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
-    write_tiny_checkpoint(ckpt);
-    write_cyclic_tokens(tokens, 400);
-    std::string common = "-i " + tokens + " -j " + tokens + " -b 2 -t 8 -v 3 -s 0 -u 1 -l 0.01";
-    std::string out, out_a, out_c;
-    for (const char* sub : {"a", "b", "k"}) REQUIRE(mkdir(dir.file(sub).c_str(), 0755) == 0);
-
-    REQUIRE(run_trainer("-e " + ckpt + " " + common + " -x 6 -o " + dir.file("a"), &out_a) == 0);
-    REQUIRE(run_trainer("-e " + ckpt + " " + common + " -x 3 -o " + dir.file("b"), &out) == 0);
-    CHECK(has(out, "saved adapter (step 3)"));
-    int rc = run_trainer("-e " + ckpt + " " + common + " -x 6 -A " + dir.file("b/adapter.bin"), &out_c);
-    CHECK(rc == 0);
-    CHECK(has(out_c, "step 3, with optimizer state"));
-    std::vector<std::string> la = step_losses(out_a, 4, 6, 6), lc = step_losses(out_c, 4, 6, 6);
-    MESSAGE("steps 4..6, uninterrupted: " << la[0] << " " << la[1] << " " << la[2] << "; resumed: " << lc[0] << " " << lc[1] << " " << lc[2]);
-    CHECK(la[0] != "missing");
-    CHECK(la == lc);
-    CHECK(!has(out_c, "step 3/6")); // the resumed run starts at step 4
-
-    CHECK(run_trainer("-e " + ckpt + " " + common + " -x 4 -k 2 -o " + dir.file("k"), &out) == 0);
-    CHECK(has(out, "saved adapter (step 2)"));
-    CHECK(has(out, "saved adapter (step 4)"));
-    CHECK(run_trainer("-e " + ckpt + " " + common + " -x 2 -A " + dir.file("b/adapter.bin"), &out) != 0); // already at step 3
-    CHECK(has(out, "-x"));
-
-    // corrupt and foreign adapters: non-zero exit, a message naming -A and the file, and the file untouched
-    std::vector<char> good = read_all(dir.file("b/adapter.bin"));
-    write_bytes(dir.file("trunc.bin"), good.data(), good.size() - 4);
-    CHECK(run_trainer("-e " + ckpt + " " + common + " -x 4 -A " + dir.file("trunc.bin"), &out) != 0);
-    CHECK(has(out, "-A"));
-    CHECK(has(out, "trunc.bin"));
-    CHECK(has(out, "truncated"));
-    std::string other = dir.file("other.bin");
-    {
-        GPT2<float> m;
-        build_trainable_tiny(&m, 82);
-        REQUIRE(gpt2_write_checkpoint(&m, other.c_str()) == "");
-        gpt2_free(&m);
-    }
-    CHECK(run_trainer("-e " + other + " " + common + " -x 4 -A " + dir.file("b/adapter.bin"), &out) != 0);
-    CHECK(has(out, "belongs to another base"));
-    CHECK(read_all(dir.file("b/adapter.bin")) == good);
-    // an unwritable output keeps the old adapter
-    REQUIRE(mkdir(dir.file("b/adapter.bin.tmp").c_str(), 0755) == 0);
-    CHECK(run_trainer("-e " + ckpt + " " + common + " -x 1 -o " + dir.file("b"), &out) != 0);
-    CHECK(has(out, "-o"));
-    CHECK(read_all(dir.file("b/adapter.bin")) == good);
-
-    // -M with -x 0 merges without training data; the merged checkpoint trains as a plain base
-    std::string merged = dir.file("merged.bin");
-    CHECK(run_trainer("-e " + ckpt + " -x 0 -A " + dir.file("a/adapter.bin") + " -M " + merged, &out) == 0);
-    CHECK(has(out, "wrote merged checkpoint"));
-    CHECK(run_trainer("-e " + merged + " " + common + " -x 1", &out) == 0);
-    CHECK(run_trainer("-e " + ckpt + " -x 0 -A " + dir.file("a") + " -M " + merged, &out) == 0); // from the PEFT export
-    // a malformed PEFT export: non-zero exit naming -A and the safetensors file
-    REQUIRE(mkdir(dir.file("peft_bad").c_str(), 0755) == 0);
-    std::vector<char> st = read_all(dir.file("a/adapter_model.safetensors")), config = read_all(dir.file("a/adapter_config.json"));
-    write_bytes(dir.file("peft_bad/adapter_model.safetensors"), st.data(), st.size() - 4);
-    write_bytes(dir.file("peft_bad/adapter_config.json"), config.data(), config.size());
-    CHECK(run_trainer("-e " + ckpt + " -x 0 -A " + dir.file("peft_bad") + " -M " + merged, &out) != 0);
-    CHECK(has(out, "-A"));
-    CHECK(has(out, "peft_bad/adapter_model.safetensors"));
-    CHECK(has(out, "HINT"));
-    // bad flags
-    CHECK(run_trainer("-e " + ckpt + " " + common + " -x 1 -k 2", &out) != 0);
-    CHECK(has(out, "-k"));
-    CHECK(run_trainer("-e " + ckpt + " " + common + " -x 1 -o " + dir.file("a") + " -N /abs/path", &out) != 0);
-    CHECK(has(out, "-N"));
-    CHECK(run_trainer("-e " + ckpt + " " + common + " -x 1 -f 1 -A " + dir.file("a/adapter.bin"), &out) != 0);
-    CHECK(has(out, "-A"));
-    CHECK(run_trainer("-e " + ckpt + " -p hello -E " + dir.file("no_bpe"), &out) != 0); // default -t 64 > maxT: clamped for -p
-    CHECK(has(out, "-E"));
-    CHECK(has(out, "no_bpe"));
-    CHECK(run_trainer("-e " + ckpt + " -p hello -T 0", &out) != 0);
-    CHECK(has(out, "-T"));
-}
-
-// ----------------------------------------------------------------------------
-// data parallel (MPI): 2 ranks with batch B each train exactly like one process with batch 2B.
-// Runs only when make built the trainer with MPI (it then sets MPIRUN); skipped with a message otherwise.
-
-// every number that follows `prefix` in the log, in order
-static std::vector<double> numbers_after(const std::string& log, const char* prefix) {
-    std::vector<double> v;
-    for (size_t p = log.find(prefix); p != std::string::npos; p = log.find(prefix, p + 1)) {
-        v.push_back(strtod(log.c_str() + p + strlen(prefix), NULL));
-    }
-    return v;
-}
-
-static double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
-    double m = 0;
-    for (size_t i = 0; i < a.size() && i < b.size(); i++) m = std::max(m, fabs(a[i] - b[i]));
-    return m;
-}
-
-static std::vector<float> checkpoint_params(const std::string& path) {
-    GPT2<float> model;
-    REQUIRE(gpt2_read_checkpoint(&model, path.c_str()) == "");
-    std::vector<float> p(model.params_memory, model.params_memory + model.num_parameters);
-    gpt2_free(&model);
-    return p;
-}
-
-// the adapter weights in dir/adapter.bin, read for the base checkpoint it was trained on
-static std::vector<float> adapter_params(const std::string& base, const std::string& dir) {
-    GPT2<float> model;
-    REQUIRE(gpt2_read_checkpoint(&model, base.c_str()) == "");
-    TrainState state;
-    bool has_state = false;
-    std::string path = dir + "/adapter.bin";
-    REQUIRE(lora_file_read(path.c_str(), &model, base_checksum(model.params_memory, model.num_parameters), &state, &has_state) == "");
-    std::vector<float> p(model.lora.params_memory, model.lora.params_memory + model.lora.num_parameters);
-    gpt2_free(&model);
-    return p;
-}
-
-// |a - b| / |a - a0| in the 2-norm: how far two runs ended apart, relative to how far they moved from a0
-static double relative_distance(const std::vector<float>& a, const std::vector<float>& b, const std::vector<float>& a0) {
-    double d2 = 0, u2 = 0;
-    for (size_t i = 0; i < a.size(); i++) {
-        d2 += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-        u2 += ((double)a[i] - a0[i]) * ((double)a[i] - a0[i]);
-    }
-    return sqrt(d2 / u2);
-}
-
-static bool dir_has_tmp_file(const std::string& dir) {
-    std::string cmd = "ls '" + dir + "' | grep -q '\\.tmp$'";
-    return system(cmd.c_str()) == 0;
-}
-
-TEST_CASE("data parallel: mpirun -np 2 with batch B per rank equals one process with batch 2B") {
-    const char* mpirun = getenv("MPIRUN");
-    if (mpirun == NULL || mpirun[0] == '\0') {
-        MESSAGE("skipped: the trainer was built without MPI (no mpicxx, or NO_MPI=1)");
-        return;
-    }
-    TempDir dir;
-    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
-    write_tiny_checkpoint(ckpt);
-    // a learnable but not trivial stream: a cycle with a random token every few positions
-    Rng rng;
-    rng_seed(&rng, 14);
-    std::vector<uint16_t> ids(3000);
-    for (size_t i = 0; i < ids.size(); i++) ids[i] = (uint16_t)(i % 5 == 4 ? rng_u32(&rng) % 61 : (i * 7) % 61);
-    write_tokens(tokens, ids);
-    // shuffled batches (-u 1), so the test also covers that every rank visits the same global order
-    std::string common = "-e " + ckpt + " -i " + tokens + " -j " + tokens + " -t 8 -x 12 -v 4 -m 3 -s 0 -u 1 -l 0.01 -r 8 -a 16 -n 1337";
-    // --oversubscribe: 2 ranks even on a 1-core runner; one OpenMP thread per rank
-    std::string launch = std::string(mpirun) + " --allow-run-as-root --oversubscribe -np 2 -x OMP_NUM_THREADS=1 " +
-                         (getenv("TRAIN_BIN") ? getenv("TRAIN_BIN") : "./train_gpt2_lora");
-    // The losses and weights of the two runs differ only by fp32 summation order (2B*T terms in one sum versus
-    // two sums of B*T averaged; thread splits of the matmuls), about 1e-7 relative per step, amplified a little by
-    // 12 AdamW steps at lr 1e-2. Losses are ~4; 1e-4 leaves two orders of margin yet catches a wrong shard,
-    // which changes the loss in the second decimal.
-    const double tol_loss = 1e-4;
-    // Adapters: the runs end ~3e-7 apart relative to how far the adapters moved (measured); 1e-4 leaves room
-    // for other thread counts yet catches a wrong shard (measured: relative 0.8).
-    const double tol_adapter = 1e-4;
-    // Full fine-tuning (-f 1) has weights whose true gradient is exactly zero: the key biases (softmax is
-    // shift invariant). Their fp32 gradient is rounding noise, which AdamW normalizes into steps of ~lr, so
-    // those 64 weights may differ by up to lr per step between the runs (measured: 7e-4 max, 2e-4 relative
-    // over all weights). So -f compares the 2-norm of the difference relative to the update, at 2e-3.
-    const double tol_full = 2e-3;
-
-    for (int full = 0; full <= 1; full++) {
-        CAPTURE(full);
-        std::string single_dir = dir.file(full ? "single_f" : "single"), dp_dir = dir.file(full ? "dp_f" : "dp");
-        REQUIRE(mkdir(single_dir.c_str(), 0755) == 0);
-        REQUIRE(mkdir(dp_dir.c_str(), 0755) == 0);
-        std::string args = common + " -f " + std::to_string(full);
-        std::string one, two;
-        REQUIRE(run_trainer(args + " -b 4 -o " + single_dir, &one) == 0);
-        // run_trainer prefixes TRAIN_BIN; here the launch line replaces it
-        std::string cmd = launch + " " + args + " -b 2 -o " + dp_dir + " 2>&1";
-        FILE* p = popen(cmd.c_str(), "r");
-        REQUIRE(p != NULL);
-        char buf[4096];
-        size_t n;
-        while ((n = fread(buf, 1, sizeof(buf), p)) > 0) two.append(buf, n);
-        int status = pclose(p);
-        INFO("mpirun output:\n" << two);
-        REQUIRE((WIFEXITED(status) && WEXITSTATUS(status) == 0));
-        CHECK(has(two, "ranks: 2 (global batch 4"));
-        CHECK(has(two, "allreduce"));
-        CHECK(numbers_after(two, "[Run]").size() == 1); // only rank 0 logs
-
-        std::vector<double> loss1 = numbers_after(one, ": train loss "), loss2 = numbers_after(two, ": train loss ");
-        std::vector<double> val1 = numbers_after(one, "val loss "), val2 = numbers_after(two, "val loss ");
-        REQUIRE(loss1.size() == 12);
-        REQUIRE(loss2.size() == 12);
-        REQUIRE(val1.size() == 4); // steps 0, 4, 8 and the end
-        REQUIRE(val2.size() == 4);
-        MESSAGE("data parallel (-f " << full << "): train loss " << loss1.front() << " -> " << loss1.back()
-                << ", max |diff| 1 process vs 2 ranks: train " << max_abs_diff(loss1, loss2) << ", val " << max_abs_diff(val1, val2));
-        CHECK(loss1.back() < loss1.front()); // it trains, so the comparison is not between two idle runs
-        CHECK(max_abs_diff(loss1, loss2) <= tol_loss);
-        CHECK(max_abs_diff(val1, val2) <= tol_loss);
-        // the trained weights themselves, written by rank 0 only, atomically
-        std::vector<float> w1, w2, w0;
-        if (full) {
-            w1 = checkpoint_params(single_dir + "/model.bin");
-            w2 = checkpoint_params(dp_dir + "/model.bin");
-            w0 = checkpoint_params(ckpt);
+TEST_CASE("generation with the key/value cache: each new position's logits equal a forward over the whole context, and so do the tokens") {
+    const int T = 12;           // the allocated context; sampling goes past it, where the window slides
+    const float tol_kv = 1e-5f; // relative to the largest |logit|: the same kernels on the same rows, so only a
+                                // summation order could differ; a wrong position or cache row is O(1)
+    // plain LoRA, DoRA, Houlsby adapters, prefix tuning (its own attention kernel, with the same query offset)
+    for (int kind = 0; kind < 4; kind++) {
+        CAPTURE(kind);
+        GPT2<float> model;
+        build_trainable_tiny(&model, 1301);
+        Rng rng;
+        rng_seed(&rng, 1302);
+        if (kind <= 1) {
+            LoRAConfig cfg = lora_config(4, 8.0f, LORA_ALL_TARGETS);
+            cfg.use_dora = kind == 1;
+            gpt2_lora_attach(&model, cfg, 1303);
+            for (size_t i = 0; i < model.lora.num_parameters; i++) model.lora.params_memory[i] += 0.05f * (2.0f * rng_f32(&rng) - 1.0f);
+        } else if (kind == 2) {
+            gpt2_adapters_attach(&model, 4, 1304);
+            for (size_t i = 0; i < model.adapters.buf.n; i++) model.adapters.buf.params[i] += 0.05f * (2.0f * rng_f32(&rng) - 1.0f);
         } else {
-            w1 = adapter_params(ckpt, single_dir);
-            w2 = adapter_params(ckpt, dp_dir);
-            GPT2<float> init; // the same seeded init both runs started from (-n default)
-            REQUIRE(gpt2_read_checkpoint(&init, ckpt.c_str()) == "");
-            gpt2_lora_attach(&init, lora_config(8, 16.0f, LORA_ALL_TARGETS), 1337);
-            w0.assign(init.lora.params_memory, init.lora.params_memory + init.lora.num_parameters);
-            gpt2_free(&init);
+            gpt2_prefix_attach(&model, 3, 1305);
+            for (size_t i = 0; i < model.prefix.buf.n; i++) model.prefix.buf.params[i] += 0.5f * (2.0f * rng_f32(&rng) - 1.0f);
         }
-        REQUIRE(w1.size() == w0.size());
-        REQUIRE(w2.size() == w0.size());
-        double rel = relative_distance(w1, w2, w0);
-        MESSAGE("data parallel -f " << full << ": |w(1 process) - w(2 ranks)| / |w - w_init| = " << rel << " over " << w1.size() << " weights");
-        CHECK(rel <= (full ? tol_full : tol_adapter));
-        CHECK_FALSE(dir_has_tmp_file(dp_dir));
+        gpt2_allocate(&model, 1, T);
+        int Vp = model.config.padded_vocab_size;
+        std::vector<int> seq;
+        random_tokens(&rng, &seq, T, model.config.vocab_size);
+        {
+            // position t through the cache, one token at a time, against one forward over positions 0..t
+            gpt2_kv_start(&model);
+            double maxdiff = 0, maxabs = 0;
+            for (int t = 0; t < T; t++) {
+                gpt2_forward(&model, &seq[t], (const int*)NULL, 1, 1);
+                std::vector<float> cached(model.acts.logits, model.acts.logits + Vp);
+                model.kv_on = false;
+                gpt2_forward(&model, seq.data(), (const int*)NULL, 1, t + 1);
+                model.kv_on = true;
+                const float* full = model.acts.logits + (size_t)t * Vp;
+                for (int v = 0; v < Vp; v++) {
+                    maxdiff = std::max(maxdiff, (double)fabsf(cached[v] - full[v]));
+                    maxabs = std::max(maxabs, (double)fabsf(full[v]));
+                }
+            }
+            model.kv_on = false;
+            CHECK(model.kv_len == T);
+            MESSAGE("kind " << kind << ": cached vs full logits max |diff| " << maxdiff << " (max |logit| " << maxabs << ")");
+            CHECK(maxdiff <= tol_kv * maxabs);
+        }
+        // sampling: the same tokens with and without the cache, for twice the allocated context
+        Rng r1, r2;
+        rng_seed(&r1, 7);
+        rng_seed(&r2, 7);
+        std::vector<int> prompt(seq.begin(), seq.begin() + 3);
+        std::vector<int> with_cache = gpt2_generate(&model, prompt, 2 * T, &r1, 1.0f, 0, true);
+        std::vector<int> without = gpt2_generate(&model, prompt, 2 * T, &r2, 1.0f, 0, false);
+        CHECK(with_cache.size() == (size_t)(2 * T));
+        CHECK(with_cache == without);
+        gpt2_free(&model);
     }
 }
 
-TEST_CASE("data parallel: when one rank is killed the job ends with an error instead of hanging, and the saved adapter is whole") {
-    const char* mpirun = getenv("MPIRUN");
-    if (mpirun == NULL || mpirun[0] == '\0' || system("command -v pgrep >/dev/null") != 0) {
-        MESSAGE("skipped: needs an MPI build of the trainer and pgrep");
-        return;
-    }
-    TempDir dir;
-    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin"), out = dir.file("out"), log = dir.file("log.txt");
-    write_tiny_checkpoint(ckpt);
-    write_cycle_tokens(tokens, 3000);
-    REQUIRE(mkdir(out.c_str(), 0755) == 0);
-    // a run far too long to finish, saving every step; once step 3 is logged, kill -9 the last rank (a direct
-    // child of mpirun), then wait up to 60 s for mpirun to end. Still running then: the other rank hangs, so
-    // the script kills the job itself and exits 124, which the test rejects (as 3: killed nothing).
-    std::string run = std::string(mpirun) + " --allow-run-as-root --oversubscribe -np 2 -x OMP_NUM_THREADS=1 " +
-                      (getenv("TRAIN_BIN") ? getenv("TRAIN_BIN") : "./train_gpt2_lora") + " -e " + ckpt + " -i " + tokens +
-                      " -j " + tokens + " -b 2 -t 8 -x 1000000 -v 0 -s 0 -k 1 -o " + out;
-    std::string script = run + " > " + log + " 2>&1 &\nM=$!\nn=0\n" +
-        "while ! grep -q 'step 3/' " + log + "; do n=$((n+1)); if [ $n -gt 600 ] || ! kill -0 $M 2>/dev/null; then pkill -9 -P $M; kill -9 $M; exit 3; fi; sleep 0.1; done\n" +
-        "kill -9 $(pgrep -P $M | tail -n 1)\nn=0\n" +
-        "while kill -0 $M 2>/dev/null; do n=$((n+1)); if [ $n -gt 600 ]; then pkill -9 -P $M; kill -9 $M; exit 124; fi; sleep 0.1; done\n" +
-        "wait $M\n";
-    std::string script_path = dir.file("kill_one_rank.sh");
-    write_bytes(script_path, script.data(), script.size());
-    int status = system(("sh " + script_path).c_str());
-    std::string output;
-    for (char c : read_all(log)) output.push_back(c);
-    INFO("mpirun output:\n" << output);
-    REQUIRE(WIFEXITED(status));
-    int rc = WEXITSTATUS(status);
-    MESSAGE("killed rank: mpirun exit code " << rc);
-    CHECK(rc != 0);
-    CHECK(rc != 124); // the surviving rank hung
-    CHECK(rc != 3);   // the run ended or stalled before step 3: nothing was killed
-    CHECK(has(output, "signal 9"));
-    CHECK_FALSE(dir_has_tmp_file(out));
-    // the last adapter rank 0 saved is complete: it reads back
-    adapter_params(ckpt, out);
-}
+TEST_SUITE_END();
 
 // ----------------------------------------------------------------------------
-// ---- parity with the PyTorch twin ----
+// parity with the PyTorch twin, and with llm.c's debug state
+
 // dev/train_gpt2_lora.py is the same GPT-2 + LoRA written with PyTorch autograd: a derivation of every
 // gradient independent of the hand-written backward. It computes in float64 from the fp32 values it
 // stores, so the differences measured below are the C++ fp32 error alone. Its output is committed under
@@ -2488,62 +3302,6 @@ static const char* const twin_tiny_states[] = {"dev/fixtures/tiny_debug_state_ra
                                                "dev/fixtures/tiny_debug_state_init.bin",
                                                "dev/fixtures/tiny_debug_state_subset.bin"};
 
-TEST_CASE("twin parity, lora_B random: logits, loss, every adapter gradient and 10 AdamW step losses match PyTorch") {
-    twin_parity<float>(twin_tiny_model, twin_tiny_states[0], tol_tiny_fp32);
-}
-
-TEST_CASE("twin parity, true init (lora_B = 0): logits, loss, adapter gradients (dlora_A = 0) and step losses match PyTorch") {
-    twin_parity<float>(twin_tiny_model, twin_tiny_states[1], tol_tiny_fp32);
-}
-
-TEST_CASE("twin parity, targets attproj+fc at r=2: the flat layout skips disabled targets") {
-    twin_parity<float>(twin_tiny_model, twin_tiny_states[2], tol_tiny_fp32);
-}
-
-TEST_CASE("twin parity in double: agreement down to the fixture's own fp32 rounding") {
-    for (const char* state : twin_tiny_states) { twin_parity<double>(twin_tiny_model, state, tol_tiny_fp64); }
-}
-
-TEST_CASE("twin fixture: the batch is the first B*T+1 tokens of tiny_tokens.bin, as the data loader reads them") {
-    TwinState s;
-    std::string err = twin_state_read(&s, twin_tiny_states[0]);
-    REQUIRE_MESSAGE(err.empty(), err);
-    DataLoader loader;
-    err = dataloader_init(&loader, "dev/fixtures/tiny_tokens.bin", s.B, s.T, s.V, false, 0, "-i");
-    REQUIRE_MESSAGE(err.empty(), err);
-    dataloader_next_batch(&loader);
-    CHECK(loader.inputs == s.inputs);
-    CHECK(loader.targets == s.labels);
-}
-
-TEST_CASE("twin debug-state reader: wrong magic, wrong version, bad sizes and truncation give a clear error") {
-    TempDir dir;
-    std::vector<char> good = read_all(twin_tiny_states[0]);
-    REQUIRE(good.size() > 1024);
-    TwinState s;
-    struct { const char* name; int slot; int value; const char* expect; } cases[] = {
-        {"magic.bin", 0, CHECKPOINT_MAGIC, "model checkpoint"},
-        {"version.bin", 1, 2, "version 2"},
-        {"rank.bin", 10, 0, "impossible sizes"},
-        {"nlora.bin", 13, 7, "n_lora=7"},
-        {"batch.bin", 2, 3, "needs"},  // B=3: the file is too short for that header
-    };
-    for (const auto& c : cases) {
-        std::vector<char> bad = good;
-        ((int*)bad.data())[c.slot] = c.value;
-        write_bytes(dir.file(c.name), bad.data(), bad.size());
-        std::string err = twin_state_read(&s, dir.file(c.name).c_str());
-        CHECK_MESSAGE(has(err, c.expect), (std::string(c.name) + ": " + err));
-        CHECK(has(err, c.name));
-        CHECK(has(err, "HINT"));
-    }
-    write_bytes(dir.file("trunc.bin"), good.data(), good.size() - 4);
-    CHECK(has(twin_state_read(&s, dir.file("trunc.bin").c_str()), "truncated"));
-    write_bytes(dir.file("short.bin"), good.data(), 100);
-    CHECK(has(twin_state_read(&s, dir.file("short.bin").c_str()), "truncated"));
-    CHECK(has(twin_state_read(&s, dir.file("missing.bin").c_str()), "HINT"));
-}
-
 // GPT-2 124M-shaped random weights (L=12 C=768 NH=12 V=50257 Vp=50304), B=4 T=64, r=8 alpha=16 on all
 // four targets, lora_B ~ N(0, 0.02), 5 AdamW steps at lr 1e-3. Not committed (~560 MB):
 // `make twin-fixture124m` writes it. Sums now run over up to 4C = 3072 terms and the LM head over 768,
@@ -2554,16 +3312,6 @@ static const TwinTolerances tol_124m_fp32 = {
     1e-4,  // grads relative to each tensor's max |ref|: measured max 6.7e-6 (dlora_A attproj)
     2e-5,  // 5 AdamW step losses: measured max 9.5e-7
 };
-
-TEST_CASE("twin parity at GPT-2 124M shape (random weights), when data/ has the fixture") {
-    const char* model_path = "data/gpt2_124M_random.bin";
-    const char* state_path = "data/gpt2_124M_random_debug_state.bin";
-    if (access(model_path, R_OK) != 0 || access(state_path, R_OK) != 0) {
-        MESSAGE((std::string("SKIPPED: ") + model_path + " / " + state_path + " not found (make twin-fixture124m writes them)"));
-        return;
-    }
-    twin_parity<float>(model_path, state_path, tol_124m_fp32);
-}
 
 // llm.c's starter pack: gpt2_124M.bin (real GPT-2 weights) and gpt2_124M_debug_state.bin, written by
 // llm.c's train_gpt2.py from PyTorch: header [0]=20240327 [1]=2 [2]=B [3]=T, then int32 x[B*T],
@@ -2622,6 +3370,74 @@ static std::string llmc_debug_state_read(LlmcDebugState* s, const char* path, in
 const double tol_llmc_logits = 1e-2;
 const double tol_llmc_loss = 1e-3; // loss ~5: fp32 error of a mean of B*T log-sum-exps is ~1e-5
 
+TEST_SUITE_BEGIN("parity");
+
+TEST_CASE("twin parity, lora_B random: logits, loss, every adapter gradient and 10 AdamW step losses match PyTorch") {
+    twin_parity<float>(twin_tiny_model, twin_tiny_states[0], tol_tiny_fp32);
+}
+
+TEST_CASE("twin parity, true init (lora_B = 0): logits, loss, adapter gradients (dlora_A = 0) and step losses match PyTorch") {
+    twin_parity<float>(twin_tiny_model, twin_tiny_states[1], tol_tiny_fp32);
+}
+
+TEST_CASE("twin parity, targets attproj+fc at r=2: the flat layout skips disabled targets") {
+    twin_parity<float>(twin_tiny_model, twin_tiny_states[2], tol_tiny_fp32);
+}
+
+TEST_CASE("twin parity in double: agreement down to the fixture's own fp32 rounding") {
+    for (const char* state : twin_tiny_states) { twin_parity<double>(twin_tiny_model, state, tol_tiny_fp64); }
+}
+
+TEST_CASE("twin fixture: the batch is the first B*T+1 tokens of tiny_tokens.bin, as the data loader reads them") {
+    TwinState s;
+    std::string err = twin_state_read(&s, twin_tiny_states[0]);
+    REQUIRE_MESSAGE(err.empty(), err);
+    DataLoader loader;
+    err = dataloader_init(&loader, "dev/fixtures/tiny_tokens.bin", s.B, s.T, s.V, false, 0, "-i");
+    REQUIRE_MESSAGE(err.empty(), err);
+    dataloader_next_batch(&loader);
+    CHECK(loader.inputs == s.inputs);
+    CHECK(loader.targets == s.labels);
+}
+
+TEST_CASE("twin debug-state reader: wrong magic, wrong version, bad sizes and truncation give a clear error") {
+    TempDir dir;
+    std::vector<char> good = read_all(twin_tiny_states[0]);
+    REQUIRE(good.size() > 1024);
+    TwinState s;
+    struct { const char* name; int slot; int value; const char* expect; } cases[] = {
+        {"magic.bin", 0, CHECKPOINT_MAGIC, "model checkpoint"},
+        {"version.bin", 1, 2, "version 2"},
+        {"rank.bin", 10, 0, "impossible sizes"},
+        {"nlora.bin", 13, 7, "n_lora=7"},
+        {"batch.bin", 2, 3, "needs"},  // B=3: the file is too short for that header
+    };
+    for (const auto& c : cases) {
+        std::vector<char> bad = good;
+        ((int*)bad.data())[c.slot] = c.value;
+        write_bytes(dir.file(c.name), bad.data(), bad.size());
+        std::string err = twin_state_read(&s, dir.file(c.name).c_str());
+        CHECK_MESSAGE(has(err, c.expect), (std::string(c.name) + ": " + err));
+        CHECK(has(err, c.name));
+        CHECK(has(err, "HINT"));
+    }
+    write_bytes(dir.file("trunc.bin"), good.data(), good.size() - 4);
+    CHECK(has(twin_state_read(&s, dir.file("trunc.bin").c_str()), "truncated"));
+    write_bytes(dir.file("short.bin"), good.data(), 100);
+    CHECK(has(twin_state_read(&s, dir.file("short.bin").c_str()), "truncated"));
+    CHECK(has(twin_state_read(&s, dir.file("missing.bin").c_str()), "HINT"));
+}
+
+TEST_CASE("twin parity at GPT-2 124M shape (random weights), when data/ has the fixture") {
+    const char* model_path = "data/gpt2_124M_random.bin";
+    const char* state_path = "data/gpt2_124M_random_debug_state.bin";
+    if (access(model_path, R_OK) != 0 || access(state_path, R_OK) != 0) {
+        MESSAGE((std::string("SKIPPED: ") + model_path + " / " + state_path + " not found (make twin-fixture124m writes them)"));
+        return;
+    }
+    twin_parity<float>(model_path, state_path, tol_124m_fp32);
+}
+
 TEST_CASE("base model (LoRA off) matches llm.c's starter-pack debug state, when present") {
     const char* dirs[] = {"", "data/", "dev/data/"};
     std::string model_path, state_path;
@@ -2650,475 +3466,46 @@ TEST_CASE("base model (LoRA off) matches llm.c's starter-pack debug state, when 
     gpt2_free(&model);
 }
 
+TEST_SUITE_END();
+
 // ----------------------------------------------------------------------------
-// ---- fast kernels vs naive ----
-// The blocked float matmul (and the LoRA branches built on it) against their naive twins, on shapes
-// that leave a remainder for every tile size (MR=6, NR=16, KC=256, MC=264, NC=192) and on the
-// GPT-2 124M shapes at a small BT. Gradients start nonzero, so accumulation (+=) is checked too.
+// binary: tests that run the trainer binary ($TRAIN_BIN, set by make test)
 
-// max |fast - naive| / max |naive|: the error relative to the size of the result
-static double fast_vs_naive(const std::vector<float>& fast, const std::vector<float>& naive) {
-    double maxdiff = 0, scale = 0;
-    for (size_t i = 0; i < fast.size(); i++) {
-        maxdiff = std::max(maxdiff, std::fabs((double)fast[i] - (double)naive[i]));
-        scale = std::max(scale, std::fabs((double)naive[i]));
-    }
-    return scale > 0 ? maxdiff / scale : maxdiff;
+// a learnable token stream: a fixed cycle through the tiny vocabulary (V=61), written as an llm.c token file
+static void write_cycle_tokens(const std::string& path, size_t n) {
+    std::vector<uint16_t> ids(n);
+    for (size_t i = 0; i < n; i++) ids[i] = (uint16_t)((i * 7) % 61);
+    write_tokens(path, ids);
 }
 
-// Both kernels sum the same fp32 products in a different order (KC slices, FMA rounding): their
-// difference grows like sqrt(K) * 2^-24 relative to the largest output, ~1.4e-5 at K = 50304 in the
-// worst case; 3e-5 keeps a 2x margin there while an indexing bug gives O(1).
-const double tol_fast_matmul = 3e-5;
+// the trainer flags every binary test starts from: the tiny checkpoint, one token file for train and val
+static std::string trainer_args(const std::string& ckpt, const std::string& tokens) {
+    return "-e " + ckpt + " -i " + tokens + " -j " + tokens + " -b 2 -t 8 -v 0 -s 0";
+}
 
-static std::vector<float> uniform_floats(Rng* rng, size_t n) {
-    std::vector<float> v(n);
-    for (float& x : v) x = rng_uniform(rng, -1, 1);
+// runs the trainer binary (path from $TRAIN_BIN, set by make test) and returns its exit code and output
+static int run_trainer(const std::string& args, std::string* output) {
+    const char* bin = getenv("TRAIN_BIN");
+    std::string cmd = std::string(bin ? bin : "./train_gpt2_lora") + " " + args + " 2>&1";
+    FILE* p = popen(cmd.c_str(), "r");
+    REQUIRE(p != NULL);
+    char buf[4096];
+    size_t n;
+    output->clear();
+    while ((n = fread(buf, 1, sizeof(buf), p)) > 0) output->append(buf, n);
+    int status = pclose(p);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// the "train loss" values of steps first..last in a trainer log, as printed
+static std::vector<std::string> step_losses(const std::string& log, int first, int last, int steps) {
+    std::vector<std::string> v;
+    for (int k = first; k <= last; k++) {
+        std::string key = strprintf("step %d/%d: train loss ", k, steps);
+        size_t at = log.find(key);
+        v.push_back(at == std::string::npos ? "missing" : log.substr(at + key.size(), 8));
+    }
     return v;
-}
-
-TEST_CASE("fast matmul vs naive: forward, dinp, dweight, dbias on odd and GPT-2 124M shapes; NULL grads skip") {
-    Rng rng;
-    rng_seed(&rng, 909);
-    // {B, T, C, OC}: odd sizes around every tile edge, K > KC, BT > MC, OC > NC; then 124M at BT = 4..8
-    const int shapes[][4] = {{1, 1, 1, 1}, {1, 5, 7, 3}, {2, 7, 13, 37}, {3, 11, 29, 131}, {1, 37, 257, 17},
-                             {1, 300, 33, 200}, {2, 133, 19, 45}, {1, 7, 600, 390},
-                             {2, 4, 768, 2304}, {2, 4, 768, 3072}, {2, 4, 3072, 768}, {1, 4, 768, 50304}};
-    for (auto& s : shapes) {
-        int B = s[0], T = s[1], C = s[2], OC = s[3];
-        CAPTURE(B); CAPTURE(T); CAPTURE(C); CAPTURE(OC);
-        size_t BT = (size_t)B * T;
-        std::vector<float> inp = uniform_floats(&rng, BT * C), weight = uniform_floats(&rng, (size_t)OC * C);
-        std::vector<float> bias = uniform_floats(&rng, OC), dout = uniform_floats(&rng, BT * OC);
-        std::vector<float> out_fast(BT * OC), out_naive(BT * OC);
-        matmul_forward(out_fast.data(), inp.data(), weight.data(), bias.data(), B, T, C, OC);
-        matmul_forward_naive(out_naive.data(), inp.data(), weight.data(), bias.data(), B, T, C, OC);
-        CHECK(fast_vs_naive(out_fast, out_naive) <= tol_fast_matmul);
-        matmul_forward(out_fast.data(), inp.data(), weight.data(), (const float*)NULL, B, T, C, OC);
-        matmul_forward_naive(out_naive.data(), inp.data(), weight.data(), (const float*)NULL, B, T, C, OC);
-        CHECK(fast_vs_naive(out_fast, out_naive) <= tol_fast_matmul);
-
-        // all three gradients, accumulated onto nonzero values
-        std::vector<float> dinp_f = uniform_floats(&rng, BT * C), dw_f = uniform_floats(&rng, (size_t)OC * C);
-        std::vector<float> db_f = uniform_floats(&rng, OC);
-        std::vector<float> dinp_n = dinp_f, dw_n = dw_f, db_n = db_f;
-        matmul_backward(dinp_f.data(), dw_f.data(), db_f.data(), dout.data(), inp.data(), weight.data(), B, T, C, OC);
-        matmul_backward_naive(dinp_n.data(), dw_n.data(), db_n.data(), dout.data(), inp.data(), weight.data(), B, T, C, OC);
-        CHECK(fast_vs_naive(dinp_f, dinp_n) <= tol_fast_matmul);
-        CHECK(fast_vs_naive(dw_f, dw_n) <= tol_fast_matmul);
-        CHECK(fast_vs_naive(db_f, db_n) <= tol_fast_matmul);
-
-        // frozen weight: only dinp, which must equal what the full call added
-        std::vector<float> dinp_only(BT * C, 0.0f), dinp_ref(BT * C, 0.0f), dw_ref((size_t)OC * C, 0.0f);
-        matmul_backward(dinp_only.data(), (float*)NULL, (float*)NULL, dout.data(), inp.data(), weight.data(), B, T, C, OC);
-        matmul_backward_naive(dinp_ref.data(), (float*)NULL, (float*)NULL, dout.data(), inp.data(), weight.data(), B, T, C, OC);
-        CHECK(fast_vs_naive(dinp_only, dinp_ref) <= tol_fast_matmul);
-        // no dinp (layer 0 with frozen embeddings): dweight alone
-        std::vector<float> dw_only((size_t)OC * C, 0.0f);
-        matmul_backward((float*)NULL, dw_only.data(), (float*)NULL, dout.data(), inp.data(), weight.data(), B, T, C, OC);
-        matmul_backward_naive((float*)NULL, dw_ref.data(), (float*)NULL, dout.data(), inp.data(), weight.data(), B, T, C, OC);
-        CHECK(fast_vs_naive(dw_only, dw_ref) <= tol_fast_matmul);
-    }
-}
-
-TEST_CASE("fast LoRA kernels (thin GEMMs) vs the naive lora.h templates, over ranks and odd shapes") {
-    Rng rng;
-    rng_seed(&rng, 910);
-    // {BT, C, OC, r}: r below, at and above the register tile width; BT beyond one tile
-    const int shapes[][4] = {{1, 1, 1, 1}, {7, 13, 37, 3}, {33, 64, 192, 8}, {300, 29, 131, 17}, {64, 768, 2304, 8}};
-    for (auto& s : shapes) {
-        int BT = s[0], C = s[1], OC = s[2], r = s[3];
-        CAPTURE(BT); CAPTURE(C); CAPTURE(OC); CAPTURE(r);
-        float scale = 2.0f;
-        std::vector<float> inp = uniform_floats(&rng, (size_t)BT * C), lora_A = uniform_floats(&rng, (size_t)r * C);
-        std::vector<float> lora_B = uniform_floats(&rng, (size_t)OC * r), dout = uniform_floats(&rng, (size_t)BT * OC);
-        std::vector<float> out_f = uniform_floats(&rng, (size_t)BT * OC), out_n = out_f;
-        std::vector<float> h_f((size_t)BT * r), h_n((size_t)BT * r);
-        lora_forward(out_f.data(), h_f.data(), inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
-        lora_forward_naive<float>(out_n.data(), h_n.data(), inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
-        CHECK(fast_vs_naive(h_f, h_n) <= tol_fast_matmul);
-        CHECK(fast_vs_naive(out_f, out_n) <= tol_fast_matmul);
-        for (bool with_dinp : {true, false}) {
-            CAPTURE(with_dinp);
-            std::vector<float> dinp_f = uniform_floats(&rng, (size_t)BT * C), dA_f = uniform_floats(&rng, (size_t)r * C);
-            std::vector<float> dB_f = uniform_floats(&rng, (size_t)OC * r), dh_f((size_t)BT * r), dh_n((size_t)BT * r);
-            std::vector<float> dinp_n = dinp_f, dA_n = dA_f, dB_n = dB_f;
-            lora_backward(with_dinp ? dinp_f.data() : NULL, dA_f.data(), dB_f.data(), dh_f.data(), dout.data(), h_n.data(),
-                          inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
-            lora_backward_naive<float>(with_dinp ? dinp_n.data() : NULL, dA_n.data(), dB_n.data(), dh_n.data(), dout.data(), h_n.data(),
-                                 inp.data(), lora_A.data(), lora_B.data(), scale, BT, C, OC, r);
-            CHECK(fast_vs_naive(dinp_f, dinp_n) <= tol_fast_matmul);
-            CHECK(fast_vs_naive(dA_f, dA_n) <= tol_fast_matmul);
-            CHECK(fast_vs_naive(dB_f, dB_n) <= tol_fast_matmul);
-        }
-    }
-}
-
-// ---- reliability: fuzzed readers ----
-// Every file reader gets mutants of a file it accepts: truncations at every header offset and a sample
-// of body offsets, every header byte flipped, each header int set to huge, negative and zero values,
-// and (for the JSON parts) each number replaced by a huge or negative one. Each mutant must give either
-// success or a clean error that names the file and carries a HINT: no crash, no hang, and, while the
-// mutants run, no allocation of more than 4 GB (a reader that sizes a buffer from an unchecked header
-// fails here; under `make asan` the same cap comes from max_allocation_size_mb, and ASan proves the
-// reads stay in bounds). The libFuzzer targets in dev/fuzz/ drive the same readers with random bytes.
-#include "dev/fuzz/fuzz_files.h"
-#include <sys/resource.h>
-#include <fcntl.h>
-#include <signal.h>
-
-// caps the data segment at 4 GB while alive (not under ASan, whose shadow memory counts too)
-struct AllocationCap {
-    struct rlimit old;
-    bool set = false;
-    AllocationCap() {
-#if !defined(__SANITIZE_ADDRESS__)
-        getrlimit(RLIMIT_DATA, &old);
-        struct rlimit cap = old;
-        cap.rlim_cur = (rlim_t)4 << 30;
-        if (old.rlim_max == RLIM_INFINITY || old.rlim_max > cap.rlim_cur) set = setrlimit(RLIMIT_DATA, &cap) == 0;
-#endif
-    }
-    ~AllocationCap() { if (set) setrlimit(RLIMIT_DATA, &old); }
-};
-
-// a reader under test: reads path, returns "" or its error message
-using ReaderFn = std::function<std::string(const std::string& path)>;
-
-struct MutationCounts { size_t mutants = 0, accepted = 0, rejected = 0; };
-
-// runs the reader on bytes and checks that the outcome is clean; must_fail for mutants never valid
-static void mutant(const char* reader, const std::string& what, const std::string& bytes, const ReaderFn& read,
-                   bool must_fail, const std::string& name, MutationCounts* counts) {
-    MemFile file(bytes.data(), bytes.size());
-    std::string err = read(file.path);
-    std::string named = name.empty() ? file.path : name;
-    counts->mutants++;
-    (err.empty() ? counts->accepted : counts->rejected)++;
-    if (must_fail) CHECK_MESSAGE(!err.empty(), std::string(reader) << ": " << what << " was accepted");
-    if (!err.empty()) {
-        CHECK_MESSAGE(has(err, named.c_str()), std::string(reader) << ": " << what << ": error does not name the file: " << err);
-        CHECK_MESSAGE(has(err, "HINT"), std::string(reader) << ": " << what << ": error has no HINT: " << err);
-    }
-}
-
-struct MutationPlan {
-    size_t header_bytes = 0;    // the fixed header: every offset is a truncation point, every byte is flipped
-    int int_fields = 0;         // how many leading int32 header slots get the extreme values
-    bool text = false;          // trailing whitespace may be cut without harm (JSON, vocab.bpe)
-    size_t numbers_end = 0;     // digit runs in [0, numbers_end) become huge or negative (JSON parts)
-    std::string name;           // what the errors must name; "" = the mutated file's own path
-};
-
-static MutationCounts mutate_reader(const char* reader, const std::string& good, MutationPlan plan, const ReaderFn& read) {
-    size_t header_bytes = plan.header_bytes;
-    const std::string& name = plan.name;
-    AllocationCap cap;
-    MutationCounts counts;
-    {
-        MemFile file(good.data(), good.size());
-        std::string err = read(file.path);
-        REQUIRE_MESSAGE(err.empty(), std::string(reader) << ": the unmutated file is rejected: " << err);
-    }
-    size_t must_fail_below = good.size();
-    if (plan.text) { while (must_fail_below > 0 && isspace((unsigned char)good[must_fail_below - 1])) must_fail_below--; }
-    header_bytes = std::min(header_bytes, good.size());
-    // truncations: every header offset, then 64 body offsets and the last byte
-    std::vector<size_t> cuts;
-    for (size_t n = 0; n <= header_bytes; n++) cuts.push_back(n);
-    size_t body = good.size() - header_bytes;
-    for (size_t k = 1; k <= 64 && body > 0; k++) cuts.push_back(header_bytes + body * k / 65);
-    cuts.push_back(good.size() - 1);
-    for (size_t n : cuts) {
-        if (n >= good.size()) continue;
-        mutant(reader, "truncated to " + std::to_string(n) + " bytes", good.substr(0, n), read, n < must_fail_below, name, &counts);
-    }
-    // flipped bytes: all bits of every header byte, the top bit too; 64 body bytes
-    std::vector<size_t> flips;
-    for (size_t i = 0; i < header_bytes; i++) flips.push_back(i);
-    for (size_t k = 0; k < 64 && body > 0; k++) flips.push_back(header_bytes + body * k / 64);
-    for (size_t i : flips) {
-        for (unsigned char mask : {0xFFu, 0x80u, 0x01u}) {
-            std::string bad = good;
-            bad[i] = (char)(bad[i] ^ mask);
-            mutant(reader, "byte " + std::to_string(i) + " ^ " + std::to_string(mask), bad, read, false, name, &counts);
-        }
-    }
-    // header ints: huge, negative, zero, and one past the file size
-    const int32_t extremes[] = {0, -1, 1, -2147483647 - 1, 2147483647, 1 << 30, -(1 << 30), 65536, (int32_t)good.size() + 1};
-    for (int field = 0; field < plan.int_fields && (size_t)(field + 1) * 4 <= good.size(); field++) {
-        for (int32_t v : extremes) {
-            std::string bad = good;
-            memcpy(&bad[(size_t)field * 4], &v, 4);
-            mutant(reader, "header int " + std::to_string(field) + " = " + std::to_string(v), bad, read, false, name, &counts);
-        }
-    }
-    // numbers in text: each run of digits (within the header part) becomes huge or negative
-    if (plan.numbers_end > 0) {
-        const char* numbers[] = {"99999999999999999999", "18446744073709551615", "-1", "-99999999", "4294967296", "0"};
-        size_t limit = std::min(plan.numbers_end, good.size());
-        size_t runs = 0;
-        for (size_t i = 0; i < limit && runs < 400; i++) {
-            if (!isdigit((unsigned char)good[i]) || (i > 0 && isdigit((unsigned char)good[i - 1]))) continue;
-            size_t j = i;
-            while (j < limit && isdigit((unsigned char)good[j])) j++;
-            runs++;
-            for (const char* num : numbers) {
-                std::string bad = good.substr(0, i) + num + good.substr(j);
-                mutant(reader, "number at byte " + std::to_string(i) + " = " + num, bad, read, false, name, &counts);
-            }
-        }
-    }
-    MESSAGE(std::string(reader) << ": " << counts.mutants << " mutants, " << counts.rejected << " rejected cleanly, " << counts.accepted << " accepted");
-    CHECK(counts.rejected > 0);
-    return counts;
-}
-
-static std::string file_string(const std::string& path) {
-    std::vector<char> v = read_all(path);
-    return std::string(v.begin(), v.end());
-}
-
-// the tiny base of these tests: V=8 (Vp=8), maxT=4, L=1, NH=1, C=4 -- a 2224-byte checkpoint
-static void build_fuzz_base(GPT2<float>* model) { gpt2_build_random(model, GPT2Config{4, 8, 8, 1, 1, 4}, 1); }
-
-TEST_CASE("fuzzed readers: llm.c checkpoint, token file and tokenizer file give clean errors on mutants") {
-    TempDir dir;
-    GPT2<float> base;
-    build_fuzz_base(&base);
-    REQUIRE(gpt2_write_checkpoint(&base, dir.file("model.bin").c_str()) == "");
-    gpt2_free(&base);
-    MutationPlan plan;
-    plan.header_bytes = 1024;
-    plan.int_fields = 8;
-    mutate_reader("checkpoint", file_string(dir.file("model.bin")), plan, [](const std::string& path) {
-        GPT2<float> model;
-        memset(&model, 0, sizeof(model));
-        std::string err = gpt2_read_checkpoint(&model, path.c_str());
-        if (err.empty()) gpt2_free(&model);
-        return err;
-    });
-
-    int header[256] = {0};
-    header[0] = TOKENS_MAGIC; header[1] = 1; header[2] = 16;
-    std::string tokens((const char*)header, sizeof(header));
-    for (uint16_t id = 0; id < 16; id++) tokens.append((const char*)&id, 2);
-    plan.int_fields = 3;
-    mutate_reader("token file", tokens, plan, [](const std::string& path) {
-        TokenFile tf;
-        return tokens_read(&tf, path.c_str(), 61, "-i");
-    });
-
-    memset(header, 0, sizeof(header));
-    header[0] = TOKENIZER_MAGIC; header[1] = 2; header[2] = 4; header[3] = 3;
-    std::string tok((const char*)header, sizeof(header));
-    tok += std::string("\x02hi\x01!\x03you\x05<eot>", 15);
-    plan.int_fields = 4;
-    mutate_reader("tokenizer file", tok, plan, [](const std::string& path) {
-        Tokenizer t;
-        std::string err = tokenizer_read(&t, path.c_str());
-        // an accepted file's end-of-text id indexes its pieces (the trainer feeds it to the model); version 1 implies 50256
-        if (err.empty()) CHECK((t.eot_token == 50256 || (t.eot_token >= 0 && t.eot_token < (int)t.pieces.size())));
-        return err;
-    });
-}
-
-TEST_CASE("fuzzed readers: the GPT-2 BPE files (encoder.json, vocab.bpe) give clean errors on mutants") {
-    std::string js, vb;
-    fuzz_synthetic_bpe(&js, &vb);
-    MutationPlan plan;
-    plan.text = true;
-    plan.header_bytes = 64;
-    plan.numbers_end = js.size();
-    MemFile vocab(vb.data(), vb.size());
-    mutate_reader("encoder.json", js, plan, [&](const std::string& path) {
-        BPE bpe;
-        bpe.print_errors = false;
-        bpe_load(&bpe, path.c_str(), vocab.path.c_str());
-        return bpe.error;
-    });
-    MemFile encoder(js.data(), js.size());
-    plan.numbers_end = 0;
-    plan.header_bytes = vb.size();
-    mutate_reader("vocab.bpe", vb, plan, [&](const std::string& path) {
-        BPE bpe;
-        bpe.print_errors = false;
-        bpe_load(&bpe, encoder.path.c_str(), path.c_str());
-        if (bpe.error.empty()) { // an accepted pair still round-trips text
-            const std::string text = "hello, hell of a hello\n";
-            std::vector<int> ids;
-            bpe_encode(&bpe, text.data(), text.size(), ids);
-            CHECK(bpe_decode(&bpe, ids.data(), ids.size()) == text);
-        }
-        return bpe.error;
-    });
-}
-
-TEST_CASE("fuzzed readers: adapter.bin, safetensors and the PEFT config give clean errors on mutants") {
-    TempDir dir;
-    GPT2<float> base;
-    build_fuzz_base(&base);
-    uint64_t base_sum = base_checksum(base.params_memory, base.num_parameters);
-    gpt2_lora_attach(&base, lora_config(2, 4.0f, LORA_ALL_TARGETS), 2);
-    TrainState state;
-    state.step = 3;
-    state.loader_B = 1;
-    state.loader_T = 4;
-    state.loader_position = 1;
-    state.loader_order = {2, 0, 1};
-    REQUIRE(lora_file_write(dir.file("adapter.bin").c_str(), &base, base_sum, &state) == "");
-    REQUIRE(peft_export(dir.path.c_str(), &base, "gpt2") == "");
-    lora_free(&base.lora);
-
-    MutationPlan plan;
-    plan.header_bytes = 1024;
-    plan.int_fields = 28; // magic .. the u64 batch count of the training state
-    mutate_reader("adapter file", file_string(dir.file("adapter.bin")), plan, [&](const std::string& path) {
-        TrainState s;
-        bool has_state = false;
-        std::string err = lora_file_read(path.c_str(), &base, base_sum, &s, &has_state);
-        if (err.empty()) {
-            CHECK(base.lora.num_parameters == lora_count_parameters(base.lora.config, 1, 4));
-            if (has_state) CHECK(s.loader_position <= s.loader_order.size());
-        }
-        if (base.lora.params_memory != NULL) lora_free(&base.lora);
-        return err;
-    });
-
-    std::string st = file_string(dir.file(PEFT_WEIGHTS_FILE));
-    uint64_t N = 0;
-    memcpy(&N, st.data(), 8);
-    plan = MutationPlan();
-    plan.header_bytes = 8 + (size_t)N;
-    plan.int_fields = 2; // the u64 header length
-    plan.numbers_end = 8 + (size_t)N;
-    mutate_reader("safetensors", st, plan, [](const std::string& path) {
-        SafeTensors s;
-        std::string err = safetensors_read(path.c_str(), &s);
-        for (const SafeTensor& t : s.tensors) CHECK((t.begin <= t.end && t.end <= s.data.size() * sizeof(float)));
-        return err;
-    });
-
-    std::string config = file_string(dir.file(PEFT_CONFIG_FILE));
-    plan = MutationPlan();
-    plan.text = true;
-    plan.header_bytes = config.size();
-    plan.numbers_end = config.size();
-    plan.name = dir.file("");
-    mutate_reader("PEFT adapter_config.json", config, plan, [&](const std::string& path) {
-        std::string bytes = file_string(path);
-        write_bytes(dir.file(PEFT_CONFIG_FILE), bytes.data(), bytes.size());
-        std::string err = peft_import(dir.path.c_str(), &base);
-        if (base.lora.params_memory != NULL) lora_free(&base.lora);
-        return err;
-    });
-    gpt2_free(&base);
-}
-
-// -- the non-finite guard: a NaN/inf loss or gradient stops training before the update
-
-TEST_CASE("exp_fast (float): within 1 ulp of exp over [-87.3, 0], exactly 1 at 0, 0 below; GELU's float tanh from it") {
-    const double tol_exp_rel = 0x1p-23;        // 1 ulp of a float: range reduction + degree-7 polynomial + roundings
-    const double tol_tanh_abs = 3e-7;          // GELU needs absolute accuracy; (1 - e)/(1 + e) loses relative accuracy near 0
-    double worst = 0, worst_tanh = 0;
-    for (int i = 0; i <= 873000; i++) {        // x = 0 .. -87.3 in steps of 1e-4
-        float x = -1e-4f * (float)i;
-        double exact = std::exp((double)x);
-        worst = std::max(worst, std::fabs((double)exp_fast(x) - exact) / exact);
-        float u = x / 8.0f;                    // tanh matters on about [-10, 10]; odd, so both signs
-        worst_tanh = std::max(worst_tanh, std::fabs((double)gelu_tanh(u) - std::tanh((double)u)));
-        worst_tanh = std::max(worst_tanh, std::fabs((double)gelu_tanh(-u) - std::tanh((double)-u)));
-    }
-    MESSAGE("exp_fast: max relative error " << worst << "; float tanh: max absolute error " << worst_tanh);
-    CHECK(worst < tol_exp_rel);
-    CHECK(worst_tanh < tol_tanh_abs);
-    CHECK(exp_fast(0.0f) == 1.0f);             // the softmax's max element counts exactly 1
-    CHECK(exp_fast(-88.0f) == 0.0f);           // below 2^-126: 0 (a softmax term that small adds nothing)
-    CHECK(exp_fast(-1e30f) == 0.0f);
-    CHECK(std::isnan(exp_fast(std::nanf(""))));
-    CHECK(gelu_tanh(0.0f) == 0.0f);
-    CHECK(gelu_tanh(100.0f) == 1.0f);
-    CHECK(gelu_tanh(-100.0f) == -1.0f);
-    CHECK(gelu_tanh(1e30f) == 1.0f);
-    CHECK(exp_fast(-1.0) == std::exp(-1.0));   // double (the finite-difference tests) is std::exp itself
-}
-
-TEST_CASE("learning-rate schedule: linear warmup, then a cosine to lr * final_frac at the last step") {
-    const double tol = 1e-6; // relative: the schedule is computed in double and returned as float
-    const float lr = 1e-3f;
-    const int steps = 100, warmup = 10;
-    // warmup: lr * (step + 1) / warmup, reaching lr at the last warmup step
-    CHECK(lr_schedule(lr, 0, steps, warmup, 0.1f) == doctest::Approx(1e-4).epsilon(tol));
-    CHECK(lr_schedule(lr, 4, steps, warmup, 0.1f) == doctest::Approx(5e-4).epsilon(tol));
-    // the first decayed step is lr, the last is lr * final_frac, the midpoint halfway between
-    CHECK(lr_schedule(lr, warmup, steps, warmup, 0.1f) == doctest::Approx(1e-3).epsilon(tol));
-    CHECK(lr_schedule(lr, steps - 1, steps, warmup, 0.1f) == doctest::Approx(1e-4).epsilon(tol));
-    int mid = warmup + (steps - 1 - warmup) / 2; // (99 - 10) / 2 = 44.5 -> 44: just before the midpoint
-    double expected_mid = 1e-3 * (0.1 + 0.5 * (1.0 + cos(M_PI * (mid - warmup) / (double)(steps - 1 - warmup))) * 0.9);
-    CHECK(lr_schedule(lr, mid, steps, warmup, 0.1f) == doctest::Approx(expected_mid).epsilon(tol));
-    // never increases after the warmup
-    for (int s = warmup + 1; s < steps; s++) {
-        CHECK(lr_schedule(lr, s, steps, warmup, 0.1f) <= lr_schedule(lr, s - 1, steps, warmup, 0.1f));
-    }
-    // the defaults (-y 0 -z 1) keep it constant, bit for bit
-    for (int s = 0; s < steps; s++) { CHECK(lr_schedule(lr, s, steps, 0, 1.0f) == lr); }
-}
-
-TEST_CASE("gradient clipping: the returned norm is the global L2 norm; above max_norm every gradient is scaled down to it") {
-    const double tol = 1e-12; // relative, in double
-    GPT2<double> model;
-    build_tiny_lora_model(&model, LORA_ALL_TARGETS, 2, 21);
-    Rng rng;
-    rng_seed(&rng, 22);
-    std::vector<int> inputs, targets;
-    random_tokens(&rng, &inputs, 2 * 5, model.config.vocab_size);
-    random_tokens(&rng, &targets, 2 * 5, model.config.vocab_size);
-    gpt2_forward(&model, inputs.data(), targets.data(), 2, 5);
-    gpt2_zero_grad(&model);
-    gpt2_backward(&model);
-    const double* g = model.lora.grads_memory;
-    size_t n = model.lora.num_parameters;
-    std::vector<double> before(g, g + n);
-    double sumsq = 0;
-    for (double x : before) sumsq += x * x;
-    double norm = sqrt(sumsq);
-    REQUIRE(norm > 0);
-    // max_norm 0 measures only; a max_norm above the norm changes nothing
-    CHECK(gpt2_clip_grad_norm(&model, 0.0f) == doctest::Approx(norm).epsilon(tol));
-    CHECK(gpt2_clip_grad_norm(&model, (float)(2 * norm)) == doctest::Approx(norm).epsilon(tol));
-    for (size_t i = 0; i < n; i++) { CHECK(g[i] == before[i]); }
-    // below it: scaled by max_norm / norm, so the new norm is max_norm and the direction is kept
-    float max_norm = (float)(norm / 4);
-    CHECK(gpt2_clip_grad_norm(&model, max_norm) == doctest::Approx(norm).epsilon(tol));
-    CHECK(gpt2_clip_grad_norm(&model, 0.0f) == doctest::Approx(max_norm).epsilon(tol));
-    for (size_t i = 0; i < n; i++) { CHECK(g[i] == doctest::Approx(before[i] * max_norm / norm).epsilon(tol)); }
-    gpt2_free(&model);
-}
-
-TEST_CASE("non-finite guard: a NaN gradient or an inf loss is caught before the update, naming the step") {
-    const int B = 2, T = 8;
-    GPT2<float> model;
-    build_trainable_tiny(&model, 91);
-    gpt2_lora_attach(&model, lora_config(4, 8.0f, LORA_ALL_TARGETS), 92);
-    Rng rng;
-    rng_seed(&rng, 93);
-    std::vector<int> inputs, targets;
-    random_tokens(&rng, &inputs, B * T, model.config.vocab_size);
-    random_tokens(&rng, &targets, B * T, model.config.vocab_size);
-    gpt2_forward(&model, inputs.data(), targets.data(), B, T);
-    gpt2_zero_grad(&model);
-    gpt2_backward(&model);
-    CHECK(gpt2_check_step_finite(&model, 7) == "");
-    model.lora.grads_memory[model.lora.num_parameters / 2] = NAN;
-    std::string err = gpt2_check_step_finite(&model, 7);
-    CHECK(has(err, "gradient"));
-    CHECK(has(err, "step 7"));
-    CHECK(has(err, "HINT"));
-    model.lora.grads_memory[model.lora.num_parameters / 2] = 0;
-    model.mean_loss = INFINITY;
-    err = gpt2_check_step_finite(&model, 8);
-    CHECK(has(err, "train loss is inf at step 8"));
-    gpt2_free(&model);
 }
 
 // the tiny trainer setup of the binary tests: a checkpoint, a cyclic token stream, the common flags
@@ -3145,457 +3532,147 @@ struct TrainerFiles {
     }
 };
 
-// names of the files in dir ending in .tmp: a crash or failed write must leave none
-static std::vector<std::string> tmp_files(const std::string& dir) {
-    std::vector<std::string> found;
-    std::string cmd = "ls -a '" + dir + "'";
-    FILE* p = popen(cmd.c_str(), "r");
-    char line[4096];
-    while (p != NULL && fgets(line, sizeof(line), p)) {
-        std::string name(line);
-        while (!name.empty() && name.back() == '\n') name.pop_back();
-        if (name.size() >= 4 && name.compare(name.size() - 4, 4, ".tmp") == 0) found.push_back(name);
+// -- what a run left behind: numbers in its log, the checkpoint and adapter it wrote, .tmp files
+
+// every number that follows `prefix` in the log, in order
+static std::vector<double> numbers_after(const std::string& log, const char* prefix) {
+    std::vector<double> v;
+    for (size_t p = log.find(prefix); p != std::string::npos; p = log.find(prefix, p + 1)) {
+        v.push_back(strtod(log.c_str() + p + strlen(prefix), NULL));
     }
-    if (p) pclose(p);
-    return found;
+    return v;
 }
 
-TEST_CASE("non-finite guard in the trainer: inf weights or a blown-up lr stop it, naming the step; the saved adapter stays the last good one") {
-    // final layernorm gain 1e38: its outputs and the logits overflow to inf at the first forward, so the
-    // loss is NaN at step 1 (scaling wte instead would not do: the layernorms renormalise it away)
-    TrainerFiles inf_base(1e38f);
+static double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
+    double m = 0;
+    for (size_t i = 0; i < a.size() && i < b.size(); i++) m = std::max(m, fabs(a[i] - b[i]));
+    return m;
+}
+
+static std::vector<float> checkpoint_params(const std::string& path) {
+    GPT2<float> model;
+    REQUIRE(gpt2_read_checkpoint(&model, path.c_str()) == "");
+    std::vector<float> p(model.params_memory, model.params_memory + model.num_parameters);
+    gpt2_free(&model);
+    return p;
+}
+
+// the adapter weights in dir/adapter.bin, read for the base checkpoint it was trained on
+static std::vector<float> adapter_params(const std::string& base, const std::string& dir) {
+    GPT2<float> model;
+    REQUIRE(gpt2_read_checkpoint(&model, base.c_str()) == "");
+    TrainState state;
+    bool has_state = false;
+    std::string path = dir + "/adapter.bin";
+    REQUIRE(lora_file_read(path.c_str(), &model, base_checksum(model.params_memory, model.num_parameters), &state, &has_state) == "");
+    std::vector<float> p(model.lora.params_memory, model.lora.params_memory + model.lora.num_parameters);
+    gpt2_free(&model);
+    return p;
+}
+
+// |a - b| / |a - a0| in the 2-norm: how far two runs ended apart, relative to how far they moved from a0
+static double relative_distance(const std::vector<float>& a, const std::vector<float>& b, const std::vector<float>& a0) {
+    double d2 = 0, u2 = 0;
+    for (size_t i = 0; i < a.size(); i++) {
+        d2 += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        u2 += ((double)a[i] - a0[i]) * ((double)a[i] - a0[i]);
+    }
+    return sqrt(d2 / u2);
+}
+
+static bool dir_has_tmp_file(const std::string& dir) {
+    std::string cmd = "ls '" + dir + "' | grep -q '\\.tmp$'";
+    return system(cmd.c_str()) == 0;
+}
+
+TEST_SUITE_BEGIN("binary");
+
+// -- flags and files: bad values exit non-zero naming the flag, good ones train
+
+TEST_CASE("the trainer binary: bad inputs exit non-zero with a message naming the flag or file; good input trains") {
+    TempDir dir;
+    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
+    write_tiny_checkpoint(ckpt);
+    // a learnable stream: a fixed cycle through the vocabulary
+    write_cycle_tokens(tokens, 400);
+    std::string common = trainer_args(ckpt, tokens);
     std::string out;
-    CHECK(run_trainer(inf_base.common + " -x 5", &out) != 0);
-    CHECK(has(out, "at step 1"));
-    CHECK(has(out, "stopping before the update"));
+
+    CHECK(run_trainer("-e " + dir.file("missing.bin") + " -i " + tokens + " -j " + tokens, &out) != 0);
+    CHECK(has(out, "missing.bin"));
+    CHECK(has(out, "-e"));
     CHECK(has(out, "HINT"));
-    CHECK_FALSE(has(out, "step 1/5")); // the bad step never completed
 
-    // lr 1e38: step 1 is finite but throws every adapter weight to ~1e38, so step 2's forward overflows.
-    // With -k 1 the adapter after step 1 is saved; the guard must stop step 2 before anything else is saved.
-    TrainerFiles files;
-    std::string outdir = files.dir.file("out");
-    REQUIRE(mkdir(outdir.c_str(), 0755) == 0);
-    int rc = run_trainer(files.common + " -x 6 -k 1 -l 1e38 -o " + outdir, &out);
-    CHECK(rc != 0);
-    size_t at = out.find("at step ");
-    REQUIRE(at != std::string::npos);
-    int bad_step = atoi(out.c_str() + at + 8);
-    MESSAGE("lr 1e38: stopped at step " << bad_step);
-    CHECK(bad_step >= 2);
-    CHECK(has(out, ("saved adapter (step " + std::to_string(bad_step - 1) + ")").c_str()));
-    GPT2<float> model;
-    REQUIRE(gpt2_read_checkpoint(&model, files.ckpt.c_str()) == "");
-    TrainState state;
-    bool has_state = false;
-    REQUIRE(lora_file_read((outdir + "/adapter.bin").c_str(), &model, files.base_sum(), &state, &has_state) == "");
-    CHECK(has_state);
-    CHECK(state.step == bad_step - 1); // the last good step, not the bad one
-    size_t nonfinite = 0;
-    for (size_t i = 0; i < model.lora.num_parameters; i++) nonfinite += !std::isfinite(model.lora.params_memory[i]);
-    CHECK(nonfinite == 0);
-    CHECK(tmp_files(outdir).empty());
-    gpt2_free(&model);
+    CHECK(run_trainer(common + " -r 0", &out) != 0);
+    CHECK(has(out, "-r"));
+    CHECK(run_trainer(common + " -t 999", &out) != 0);
+    CHECK(has(out, "maxT"));
+    CHECK(run_trainer(common + " -b 0", &out) != 0);
+    CHECK(has(out, "-b"));
+    CHECK(run_trainer(common + " -l -1", &out) != 0);
+    CHECK(has(out, "-l"));
+    CHECK(run_trainer(common + " -q qkv,foo", &out) != 0);
+    CHECK(has(out, "foo"));
+    CHECK(run_trainer(common + " -y -1", &out) != 0);
+    CHECK(has(out, "-y"));
+    CHECK(run_trainer(common + " -z 1.5", &out) != 0);
+    CHECK(has(out, "-z"));
+    CHECK(run_trainer(common + " -G -1", &out) != 0);
+    CHECK(has(out, "-G"));
+    CHECK(run_trainer(common + " -Z 1", &out) != 0);
+    CHECK(has(out, "unknown flag"));
+    CHECK(run_trainer(common + " -b abc", &out) != 0);
+    CHECK(has(out, "-b"));
+
+    std::vector<uint16_t> bad_ids(400);
+    for (size_t i = 0; i < bad_ids.size(); i++) bad_ids[i] = (uint16_t)((i * 7) % 61);
+    bad_ids[17] = 61; // one id past the vocabulary
+    write_tokens(dir.file("bad_tokens.bin"), bad_ids);
+    CHECK(run_trainer("-e " + ckpt + " -i " + dir.file("bad_tokens.bin") + " -j " + tokens + " -b 2 -t 8", &out) != 0);
+    CHECK(has(out, "-i"));
+    CHECK(has(out, "id 61"));
+
+    // and a good run trains: the loss falls
+    CHECK(run_trainer(common + " -x 30 -l 0.01 -c " + dir.file("no_tokenizer.bin"), &out) != 0); // named but missing tokenizer
+    CHECK(has(out, "-c"));
+    int rc = run_trainer(common + " -x 40 -l 0.01", &out);
+    CHECK(rc == 0);
+    CHECK(has(out, "step 40/40"));
+    float first = -1, last = -1;
+    size_t p1 = out.find("first train loss: "), p2 = out.find("last train loss: ");
+    REQUIRE(p1 != std::string::npos);
+    REQUIRE(p2 != std::string::npos);
+    first = strtof(out.c_str() + p1 + 18, NULL);
+    last = strtof(out.c_str() + p2 + 17, NULL);
+    MESSAGE("trainer binary, 40 LoRA steps on a cyclic stream: loss " << first << " -> " << last);
+    CHECK(last < 0.5f * first);
 }
 
-// -- Ctrl-C: the trainer finishes the step, saves atomically and exits with 128 + SIGINT
-
-TEST_CASE("SIGINT during training: the step finishes, the adapter is saved complete (no .tmp), exit status 130") {
-    TrainerFiles files;
-    std::string outdir = files.dir.file("out"), log = files.dir.file("log.txt");
-    REQUIRE(mkdir(outdir.c_str(), 0755) == 0);
-    const char* bin = getenv("TRAIN_BIN");
-    std::string args = std::string(bin ? bin : "./train_gpt2_lora") + " " + files.common + " -x 1000000 -o " + outdir;
-    std::string shell_cmd = "exec " + args; // built before fork: the child only calls async-signal-safe functions
-    pid_t pid = fork();
-    REQUIRE(pid >= 0);
-    if (pid == 0) {
-        // the child: output to the log file, then become the trainer
-        int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        if (fd < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0) _exit(127);
-        execl("/bin/sh", "sh", "-c", shell_cmd.c_str(), (char*)NULL);
-        _exit(127);
-    }
-    // wait (up to 5 minutes, for slow sanitizer builds) until training is under way, then interrupt
-    bool started = false;
-    for (int i = 0; i < 3000 && !started; i++) {
-        started = has(file_string(log), "step 3/");
-        if (!started) usleep(100 * 1000);
-    }
-    CHECK(started);
-    kill(pid, SIGINT);
-    int status = 0;
-    REQUIRE(waitpid(pid, &status, 0) == pid);
-    std::string out = file_string(log);
-    MESSAGE("trainer after SIGINT: exited " << (WIFEXITED(status) ? WEXITSTATUS(status) : -1));
-    CHECK(WIFEXITED(status));
-    CHECK(WEXITSTATUS(status) == 128 + SIGINT);
-    size_t at = out.find("interrupted by SIGINT (Ctrl-C) after step ");
-    REQUIRE(at != std::string::npos);
-    int step = atoi(out.c_str() + at + strlen("interrupted by SIGINT (Ctrl-C) after step "));
-    CHECK(step >= 3);
-    CHECK(has(out, ("saved adapter (step " + std::to_string(step) + ")").c_str()));
-    CHECK(has(out, "[Summary]"));
-    CHECK(tmp_files(outdir).empty());
-    // the saved files are complete: adapter.bin loads with its training state, the PEFT pair imports
-    GPT2<float> model;
-    REQUIRE(gpt2_read_checkpoint(&model, files.ckpt.c_str()) == "");
-    TrainState state;
-    bool has_state = false;
-    CHECK(lora_file_read((outdir + "/adapter.bin").c_str(), &model, files.base_sum(), &state, &has_state) == "");
-    CHECK(has_state);
-    CHECK(state.step == step);
-    CHECK(peft_import(outdir.c_str(), &model) == "");
-    gpt2_free(&model);
-    // and the run resumes from it
-    std::string resumed;
-    CHECK(run_trainer(files.common + " -x " + std::to_string(step + 2) + " -A " + outdir + "/adapter.bin", &resumed) == 0);
-    CHECK(has(resumed, ("step " + std::to_string(step + 2) + "/" + std::to_string(step + 2)).c_str()));
-}
-
-// -- determinism: the same seed and thread count give bit-identical losses and adapters
-
-// n LoRA steps on the tiny model over a token stream, batches shuffled or not; returns the losses
-static std::vector<float> train_tiny_run(const std::string& tokens, bool shuffle, int n, std::vector<float>* adapter) {
-    const int B = 2, T = 8;
-    GPT2<float> model;
-    build_trainable_tiny(&model, 101);
-    gpt2_lora_attach(&model, lora_config(4, 8.0f, LORA_ALL_TARGETS), 102);
-    gpt2_allocate(&model, B, T);
-    DataLoader loader;
-    REQUIRE(dataloader_init(&loader, tokens.c_str(), B, T, model.config.vocab_size, shuffle, 103, "-i") == "");
-    std::vector<float> losses;
-    for (int step = 0; step < n; step++) {
-        dataloader_next_batch(&loader);
-        gpt2_forward(&model, loader.inputs.data(), loader.targets.data(), B, T);
-        losses.push_back(model.mean_loss);
-        gpt2_zero_grad(&model);
-        gpt2_backward(&model);
-        gpt2_update(&model, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.01f, step + 1);
-    }
-    adapter->assign(model.lora.params_memory, model.lora.params_memory + model.lora.num_parameters);
-    gpt2_free(&model);
-    return losses;
-}
-
-TEST_CASE("determinism: two runs with the same seed and thread count give bit-identical losses and adapters (shuffle off and on)") {
+TEST_CASE("the trainer binary: -V, -Q and -P refuse bad values naming the flag; the variants combined train") {
     TempDir dir;
-    std::vector<uint16_t> ids(700);
-    Rng rng;
-    rng_seed(&rng, 104);
-    for (uint16_t& id : ids) id = (uint16_t)(rng_u32(&rng) % 61);
-    write_tokens(dir.file("tokens.bin"), ids);
-    int threads = 1;
-#ifdef _OPENMP
-    threads = omp_get_max_threads();
-#endif
-    for (bool shuffle : {false, true}) {
-        CAPTURE(shuffle);
-        CAPTURE(threads);
-        std::vector<float> adapter1, adapter2;
-        // 60 steps: more than the 43 batches of an epoch, so a reshuffle happens too
-        std::vector<float> losses1 = train_tiny_run(dir.file("tokens.bin"), shuffle, 60, &adapter1);
-        std::vector<float> losses2 = train_tiny_run(dir.file("tokens.bin"), shuffle, 60, &adapter2);
-        REQUIRE(losses1.size() == losses2.size());
-        CHECK(memcmp(losses1.data(), losses2.data(), losses1.size() * sizeof(float)) == 0);
-        REQUIRE(adapter1.size() == adapter2.size());
-        CHECK(memcmp(adapter1.data(), adapter2.data(), adapter1.size() * sizeof(float)) == 0);
-        MESSAGE("shuffle " << shuffle << ", " << threads << " threads: 60 losses identical, last " << losses1.back());
-    }
-}
-
-// -- disk full and unwritable outputs: a clear error and nothing left behind
-
-// RLIMIT_FSIZE makes writes past `bytes` fail with EFBIG, as a full disk fails them with ENOSPC
-struct FileSizeCap {
-    struct rlimit old;
-    void (*old_handler)(int);
-    explicit FileSizeCap(rlim_t bytes) {
-        old_handler = signal(SIGXFSZ, SIG_IGN); // the default action would kill the writer
-        getrlimit(RLIMIT_FSIZE, &old);
-        struct rlimit cap = old;
-        cap.rlim_cur = bytes;
-        REQUIRE(setrlimit(RLIMIT_FSIZE, &cap) == 0);
-    }
-    ~FileSizeCap() {
-        setrlimit(RLIMIT_FSIZE, &old);
-        signal(SIGXFSZ, old_handler);
-    }
-};
-
-TEST_CASE("disk full and unwritable output: write_atomically gives a clear error and leaves no partial file") {
-    TempDir dir;
-    std::vector<char> big(1 << 20, 'x');
-    std::string path = dir.file("out.bin");
-    {
-        FileSizeCap cap(4096);
-        std::string err = write_atomically(path.c_str(), {{big.data(), big.size()}});
-        CHECK(has(err, "failed writing"));
-        CHECK(has(err, path.c_str()));
-        CHECK(has(err, "HINT"));
-    }
-    CHECK(access(path.c_str(), F_OK) != 0);
-    CHECK(tmp_files(dir.path).empty());
-    // an old file under the name survives a failed overwrite unchanged
-    write_bytes(path, "old", 3);
-    {
-        FileSizeCap cap(4096);
-        CHECK(write_atomically(path.c_str(), {{big.data(), big.size()}}) != "");
-    }
-    CHECK(file_string(path) == "old");
-    CHECK(tmp_files(dir.path).empty());
-    // unwritable places (tests run as root, so permissions would not stop them): a path under a regular
-    // file, a directory that does not exist, and sysfs, which refuses new files
-    for (std::string bad : {dir.file("out.bin/adapter.bin"), dir.file("missing/adapter.bin"), std::string("/sys/adapter.bin"),
-                            std::string("/proc/adapter.bin")}) {
-        CAPTURE(bad);
-        std::string err = write_atomically(bad.c_str(), {{big.data(), 16}});
-        CHECK(has(err, "cannot write"));
-        CHECK(has(err, bad.c_str()));
-        CHECK(has(err, "HINT"));
-        CHECK(access((bad + ".tmp").c_str(), F_OK) != 0);
-    }
-}
-
-TEST_CASE("unwritable output in the trainer: saving the adapter fails with a clear error naming -o; nothing is left") {
-    // (disk full is the write_atomically test above: an RLIMIT_FSIZE cap on the trainer would also hit
-    // what an MPI build's runtime writes at startup, before any adapter)
-    TrainerFiles files;
+    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
+    write_tiny_checkpoint(ckpt);
+    write_cycle_tokens(tokens, 400);
+    std::string common = trainer_args(ckpt, tokens);
     std::string out;
-    // an output directory on sysfs, which refuses new files even to root
-    int rc = run_trainer(files.common + " -x 1 -o /sys", &out);
-    CHECK(rc != 0);
-    CHECK(has(out, "-o"));
-    CHECK(has(out, "/sys/adapter.bin"));
-    CHECK(access("/sys/adapter.bin.tmp", F_OK) != 0);
-}
-
-// ----------------------------------------------------------------------------
-
-// ----------------------------------------------------------------------------
-// ---- other adaptation methods ----
-// adapters, prefix tuning, freezing and L2-SP: each backward against central differences in double
-
-TEST_CASE("adapter_backward matches finite differences (dinp, down and up weights and biases)") {
-    const int BT = 5, C = 6, m = 3;
-    Rng rng;
-    rng_seed(&rng, 1001);
-    for (double mag : {1e-1, 1.0, 3.0}) {
-        CAPTURE(mag);
-        std::vector<double> inp = random_vector(&rng, (size_t)BT * C, mag), w = random_vector(&rng, (size_t)BT * C, 1.0);
-        std::vector<double> down_w = random_vector(&rng, (size_t)m * C, 0.5), down_b = random_vector(&rng, m, 0.5);
-        std::vector<double> up_w = random_vector(&rng, (size_t)C * m, 0.5), up_b = random_vector(&rng, C, 0.5);
-        std::vector<double> out((size_t)BT * C), h((size_t)BT * m), hg((size_t)BT * m), dh(h.size()), dhg(h.size());
-        auto loss = [&]() {
-            adapter_forward(out.data(), h.data(), hg.data(), inp.data(), down_w.data(), down_b.data(), up_w.data(), up_b.data(), BT, C, m);
-            return dot(w, out.data());
-        };
-        loss();
-        std::vector<double> dinp(inp.size(), 0.0), ddown_w(down_w.size(), 0.0), ddown_b(m, 0.0), dup_w(up_w.size(), 0.0), dup_b(C, 0.0);
-        adapter_backward(dinp.data(), ddown_w.data(), ddown_b.data(), dup_w.data(), dup_b.data(), dh.data(), dhg.data(), w.data(),
-                         h.data(), hg.data(), inp.data(), down_w.data(), up_w.data(), BT, C, m);
-        CHECK(fd_relative_error(inp.data(), inp.size(), dinp.data(), loss, "adapter dinp") < tol_fd);
-        CHECK(fd_relative_error(down_w.data(), down_w.size(), ddown_w.data(), loss, "adapter ddown_w") < tol_fd);
-        CHECK(fd_relative_error(down_b.data(), m, ddown_b.data(), loss, "adapter ddown_b") < tol_fd);
-        CHECK(fd_relative_error(up_w.data(), up_w.size(), dup_w.data(), loss, "adapter dup_w") < tol_fd);
-        CHECK(fd_relative_error(up_b.data(), C, dup_b.data(), loss, "adapter dup_b") < tol_fd);
-    }
-}
-
-TEST_CASE("attention_prefix_backward matches finite differences; with P = 0 it is plain causal attention") {
-    const int B = 2, T = 4, C = 6, NH = 2, P = 3;
-    Rng rng;
-    rng_seed(&rng, 1002);
-    for (double mag : {1e-1, 1.0, 3.0}) {
-        CAPTURE(mag);
-        std::vector<double> qkv = random_vector(&rng, (size_t)B * T * 3 * C, mag), w = random_vector(&rng, (size_t)B * T * C, 1.0);
-        std::vector<double> pk = random_vector(&rng, (size_t)P * C, mag), pv = random_vector(&rng, (size_t)P * C, mag);
-        std::vector<double> out((size_t)B * T * C), att((size_t)B * NH * T * (P + T)), datt(att.size());
-        auto loss = [&]() {
-            attention_prefix_forward(out.data(), att.data(), qkv.data(), pk.data(), pv.data(), B, T, C, NH, P);
-            return dot(w, out.data());
-        };
-        loss();
-        std::vector<double> dqkv(qkv.size(), 0.0), dpk(pk.size(), 0.0), dpv(pv.size(), 0.0);
-        attention_prefix_backward(dqkv.data(), dpk.data(), dpv.data(), datt.data(), w.data(), qkv.data(), pk.data(), pv.data(),
-                                  att.data(), B, T, C, NH, P);
-        CHECK(fd_relative_error(qkv.data(), qkv.size(), dqkv.data(), loss, "prefix attention dqkv") < tol_fd);
-        CHECK(fd_relative_error(pk.data(), pk.size(), dpk.data(), loss, "prefix attention dprefix_k") < tol_fd);
-        CHECK(fd_relative_error(pv.data(), pv.size(), dpv.data(), loss, "prefix attention dprefix_v") < tol_fd);
-        // P = 0: the same arithmetic as attention_forward, so the same bits
-        std::vector<double> out0(out.size()), att0((size_t)B * NH * T * T), out1(out.size()), att1(att0.size());
-        attention_prefix_forward(out0.data(), att0.data(), qkv.data(), pk.data(), pv.data(), B, T, C, NH, 0);
-        attention_forward(out1.data(), att1.data(), qkv.data(), B, T, C, NH);
-        CHECK(out0 == out1);
-    }
-}
-
-// perturbs every base parameter by up to +-0.05 so layernorm weights and biases are not exactly 1 / 0
-static void build_tiny_perturbed(GPT2<double>* model, uint64_t seed) {
-    gpt2_build_random(model, tiny_config(), seed);
-    Rng rng;
-    rng_seed(&rng, seed + 100);
-    for (size_t i = 0; i < model->num_parameters; i++) { model->params_memory[i] += 0.05 * (2.0 * rng_f32(&rng) - 1.0); }
-}
-
-// forward + backward once on random tokens; returns the loss closure for finite differences
-static std::function<double()> tiny_loss_and_backward(GPT2<double>* model, std::vector<int>* inputs, std::vector<int>* targets,
-                                                      uint64_t seed, bool with_penalty = false) {
-    const int B = 2, T = 5;
-    Rng rng;
-    rng_seed(&rng, seed);
-    random_tokens(&rng, inputs, B * T, model->config.vocab_size);
-    random_tokens(&rng, targets, B * T, model->config.vocab_size);
-    auto loss = [=]() {
-        gpt2_forward(model, inputs->data(), targets->data(), B, T);
-        return (double)model->mean_loss + (with_penalty ? (double)model->reg_loss : 0.0);
-    };
-    loss();
-    gpt2_zero_grad(model);
-    gpt2_backward(model);
-    return loss;
-}
-
-TEST_CASE("end to end, adapters: every adapter parameter's gradient matches finite differences") {
-    GPT2<double> model;
-    build_tiny_perturbed(&model, 1101);
-    const int m = 3;
-    gpt2_adapters_attach(&model, m, 1102);
-    // up = 0 at init would leave down with a zero gradient; make them nonzero so both are checked
-    Rng rng;
-    rng_seed(&rng, 1103);
-    for (size_t i = 0; i < model.adapters.buf.n; i++) model.adapters.buf.params[i] += 0.1 * (2.0 * rng_f32(&rng) - 1.0);
-    std::vector<int> inputs, targets;
-    auto loss = tiny_loss_and_backward(&model, &inputs, &targets, 1104);
-    std::vector<double> grads(model.adapters.buf.grads, model.adapters.buf.grads + model.adapters.buf.n);
-    CHECK(fd_relative_error(model.adapters.buf.params, model.adapters.buf.n, grads.data(), loss, "model adapters (all)") < tol_fd);
-    gpt2_free(&model);
-}
-
-TEST_CASE("adapters and LoRA-free base: up = 0 at init gives logits bit-identical to the base") {
-    const int B = 2, T = 8;
-    GPT2<float> base, adapted;
-    gpt2_build_random(&base, tiny_config(), 1111);
-    gpt2_build_random(&adapted, tiny_config(), 1111);
-    gpt2_adapters_attach(&adapted, 4, 1112);
-    Rng rng;
-    rng_seed(&rng, 1113);
-    std::vector<int> inputs;
-    random_tokens(&rng, &inputs, B * T, base.config.vocab_size);
-    gpt2_forward(&base, inputs.data(), (const int*)NULL, B, T);
-    gpt2_forward(&adapted, inputs.data(), (const int*)NULL, B, T);
-    size_t n = (size_t)B * T * base.config.padded_vocab_size;
-    CHECK(memcmp(base.acts.logits, adapted.acts.logits, n * sizeof(float)) == 0);
-    CHECK(gpt2_trainable_parameters(&adapted) == adapters_count_parameters(2, 32, 4));
-    gpt2_free(&base);
-    gpt2_free(&adapted);
-}
-
-TEST_CASE("end to end, prefix tuning: every prefix key and value gradient matches finite differences") {
-    GPT2<double> model;
-    build_tiny_perturbed(&model, 1201);
-    gpt2_prefix_attach(&model, 3, 1202);
-    // larger than the 0.02 init so the prefix carries real attention weight
-    for (size_t i = 0; i < model.prefix.buf.n; i++) model.prefix.buf.params[i] *= 20;
-    std::vector<int> inputs, targets;
-    auto loss = tiny_loss_and_backward(&model, &inputs, &targets, 1203);
-    std::vector<double> grads(model.prefix.buf.grads, model.prefix.buf.grads + model.prefix.buf.n);
-    CHECK(fd_relative_error(model.prefix.buf.params, model.prefix.buf.n, grads.data(), loss, "model prefix keys+values") < tol_fd);
-    CHECK(model.prefix.buf.n == 2 * (size_t)2 * 3 * 32); // 2 (keys, values) * L * P * C
-    gpt2_free(&model);
-}
-
-// central differences on up to 40 evenly spread elements of x[0..n)
-static double fd_sampled(double* x, size_t n, const double* grad, const std::function<double()>& loss, const std::string& label) {
-    size_t stride = std::max<size_t>(1, n / 40);
-    double maxdiff = 0, maxgrad = 0;
-    for (size_t i = 0; i < n; i += stride) {
-        double old = x[i], eps = 1e-5 * std::max(1.0, std::fabs(old));
-        x[i] = old + eps;
-        double lp = loss();
-        x[i] = old - eps;
-        double lm = loss();
-        x[i] = old;
-        double numeric = (lp - lm) / (2 * eps);
-        maxdiff = std::max(maxdiff, std::fabs(numeric - grad[i]));
-        maxgrad = std::max(maxgrad, std::max(std::fabs(grad[i]), std::fabs(numeric)));
-    }
-    double rel = maxgrad > 0 ? maxdiff / maxgrad : 0;
-    MESSAGE(label << ": maxdiff " << maxdiff << " relative " << rel);
-    return rel;
-}
-
-TEST_CASE("end to end, freezing: the top block and lnf gradients match finite differences; nothing below is touched") {
-    GPT2<double> model;
-    build_tiny_perturbed(&model, 1301);
-    gpt2_enable_top_training(&model, 1); // L = 2: block 1 and lnf train; block 0 and the embeddings are frozen
-    int L = model.config.num_layers;
-    CHECK(model.grads.wte == (double*)NULL);
-    CHECK(model.grads.wpe == (double*)NULL);
-    std::vector<int> inputs, targets;
-    auto loss = tiny_loss_and_backward(&model, &inputs, &targets, 1302);
-    // each trained tensor's tail, against central differences on the parameter it belongs to
-    size_t p = 0, g = 0, trained = 0;
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
-        size_t n = model.param_sizes[i] - model.top_offsets[i];
-        if (n > 0) {
-            std::string label = std::string("freeze d") + param_tensor_names[i];
-            std::vector<double> grad(model.top_grads + g, model.top_grads + g + n);
-            CAPTURE(label);
-            CHECK(fd_sampled(model.params_memory + p + model.top_offsets[i], n, grad.data(), loss, label) < tol_fd);
-        }
-        if (i >= 2 && i <= 13) CHECK(n == model.param_sizes[i] / L); // one block of L
-        p += model.param_sizes[i];
-        g += n;
-        trained += n;
-    }
-    CHECK(trained == gpt2_trainable_parameters(&model));
-    // a step changes block 1 and lnf only: block 0 and the embeddings stay bit-identical
-    std::vector<double> before(model.params_memory, model.params_memory + model.num_parameters);
-    loss();
-    gpt2_zero_grad(&model);
-    gpt2_backward(&model);
-    gpt2_update(&model, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.0f, 1);
-    size_t changed_frozen = 0, changed_trained = 0;
-    p = 0;
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
-        for (size_t j = 0; j < model.param_sizes[i]; j++) {
-            bool differs = model.params_memory[p + j] != before[p + j];
-            if (j < model.top_offsets[i]) changed_frozen += differs;
-            else changed_trained += differs;
-        }
-        p += model.param_sizes[i];
-    }
-    CHECK(changed_frozen == 0);
-    CHECK(changed_trained > trained / 2);
-    gpt2_free(&model);
-}
-
-TEST_CASE("end to end, L2-SP: gradients of loss + lambda/2 ||W - W0||^2 match finite differences") {
-    GPT2<double> model;
-    build_tiny_perturbed(&model, 1401);
-    const float lambda = 0.5f;
-    gpt2_enable_l2sp(&model, lambda);
-    // move W away from W0 so the penalty and its gradient are not zero
-    Rng rng;
-    rng_seed(&rng, 1402);
-    for (size_t i = 0; i < model.num_parameters; i++) model.params_memory[i] += 0.05 * (2.0 * rng_f32(&rng) - 1.0);
-    std::vector<int> inputs, targets;
-    auto loss = tiny_loss_and_backward(&model, &inputs, &targets, 1403, true);
-    CHECK(model.reg_loss > 0);
-    size_t off = 0;
-    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
-        std::vector<double> grad(model.grads_memory + off, model.grads_memory + off + model.param_sizes[k]);
-        std::string label = std::string("l2sp d") + param_tensor_names[k];
-        CAPTURE(label);
-        CHECK(fd_sampled(model.params_memory + off, model.param_sizes[k], grad.data(), loss, label) < tol_fd);
-        off += model.param_sizes[k];
-    }
-    // at W = W0 the penalty is exactly zero
-    memcpy(model.params_memory, model.params0, model.num_parameters * sizeof(double));
-    loss();
-    CHECK(model.reg_loss == 0.0);
-    gpt2_free(&model);
+    CHECK(run_trainer(common + " -V lorax", &out) != 0);
+    CHECK(has(out, "-V"));
+    CHECK(has(out, "HINT"));
+    CHECK(run_trainer(common + " -Q int4", &out) != 0);
+    CHECK(has(out, "-Q"));
+    CHECK(run_trainer(common + " -P 0", &out) != 0);
+    CHECK(has(out, "-P"));
+    CHECK(run_trainer(common + " -f 1 -Q nf4", &out) != 0);
+    CHECK(has(out, "-Q"));
+    CHECK(run_trainer(common + " -x 10 -v 10 -l 0.01 -V rslora,dora,pissa -Q nf4 -P 4", &out) == 0);
+    CHECK(has(out, "variant: rslora, dora, pissa init, base nf4, lora+ (lr_B = 4"));
+    CHECK(has(out, "base_matrices_bytes: "));
+    size_t p1 = out.find("\nval loss "), p2 = out.find("final val loss: ");
+    REQUIRE(p1 != std::string::npos);
+    REQUIRE(p2 != std::string::npos);
+    float first = strtof(out.c_str() + p1 + 10, NULL), last = strtof(out.c_str() + p2 + 16, NULL);
+    MESSAGE("trainer binary, -V rslora,dora,pissa -Q nf4 -P 4: val loss " << first << " -> " << last);
+    CHECK(last < first);
 }
 
 TEST_CASE("the trainer binary: -F, -H, -X and -w train, and their bad values exit non-zero naming the flag") {
@@ -3627,226 +3704,85 @@ TEST_CASE("the trainer binary: -F, -H, -X and -w train, and their bad values exi
     }
 }
 
-// ----------------------------------------------------------------------------
-// ---- a quantized base holds no fp32 block matrices (issue 13, -Q memory) ----
+// -- saving, resuming, merging, combining adapters and generating through the binary
 
-// the floats of the 12 tensors besides qkvw, attprojw, fcw, fcprojw, written out from the shapes
-static size_t non_block_floats(GPT2Config c) {
-    size_t C = c.channels, L = c.num_layers;
-    return (size_t)c.padded_vocab_size * C + (size_t)c.max_seq_len * C // wte, wpe
-           + L * (2 * C + 3 * C + C + 2 * C + 4 * C + C)               // ln1w ln1b, qkvb, attprojb, ln2w ln2b, fcb, fcprojb
-           + 2 * C;                                                   // lnfw, lnfb
-}
-
-TEST_CASE("quantized base: the fp32 block matrices are gone, and the model equals an fp32 model on the dequantized weights") {
-    const int B = 2, T = 8, steps = 8;
+TEST_CASE("the trainer binary: -o/-k save, -A resumes with the same losses, bad adapters fail cleanly, -M merges") {
     TempDir dir;
-    std::string ckpt = dir.file("base.bin");
-    write_tiny_checkpoint(ckpt); // build_trainable_tiny(81)
-    for (int quant : {(int)LORA_QUANT_INT8, (int)LORA_QUANT_NF4, (int)LORA_QUANT_INT2}) {
-        CAPTURE(quant);
-        GPT2<float> q, ref;
-        REQUIRE(gpt2_read_checkpoint(&q, ckpt.c_str(), true) == ""); // as the trainer reads it for -Q
-        build_trainable_tiny(&ref, 81);
-        LoRAConfig cfg = lora_config(4, 8.0f, LORA_ALL_TARGETS);
-        cfg.base_quant = quant;
-        gpt2_lora_attach(&q, cfg, 122);
-        gpt2_lora_attach(&ref, lora_config(4, 8.0f, LORA_ALL_TARGETS), 122);
-        GPT2Config c = q.config;
-        size_t C = c.channels, L = c.num_layers;
-
-        // the bytes, counted here from the shapes: each layer's matrix is quantized alone, in blocks of 64
-        // weights with one fp32 absmax each; int8 one byte a weight, NF4 half, int2 a quarter; plus the matmuls' scratch,
-        // one dequantized fp32 layer of the largest matrix, (4C, C), shared by all four
-        size_t kept = non_block_floats(c), codes = 0, absmax = 0, scratch = 4 * C * C * sizeof(float);
-        for (size_t n : {3 * C * C, C * C, 4 * C * C, 4 * C * C}) {
-            codes += L * (quant == LORA_QUANT_INT8 ? n : quant == LORA_QUANT_NF4 ? (n + 1) / 2 : (n + 3) / 4);
-            absmax += L * ((n + 63) / 64) * sizeof(float);
-        }
-        CHECK(q.num_params_stored == kept);
-        CHECK(q.num_parameters == ref.num_parameters); // the logical model is unchanged
-        CHECK(q.params.qkvw == nullptr);
-        CHECK(q.params.attprojw == nullptr);
-        CHECK(q.params.fcw == nullptr);
-        CHECK(q.params.fcprojw == nullptr);
-        MemoryBytes mq = gpt2_memory_bytes(&q), mr = gpt2_memory_bytes(&ref);
-        CHECK(mr.base == ref.num_parameters * sizeof(float));
-        CHECK(mq.base == kept * sizeof(float) + codes + absmax + scratch);
-        CHECK(mq.params < mr.params);
-        MESSAGE(std::string(lora_quant_names[quant]) << ": parameter bytes " << mq.params << " vs fp32 " << mr.params);
-
-        // the 12 kept tensors moved down intact: bit-identical to the fp32 model's
-        const float* qt[] = {q.params.wte, q.params.wpe, q.params.ln1w, q.params.ln1b, q.params.qkvb, q.params.attprojb,
-                             q.params.ln2w, q.params.ln2b, q.params.fcb, q.params.fcprojb, q.params.lnfw, q.params.lnfb};
-        const float* rt[] = {ref.params.wte, ref.params.wpe, ref.params.ln1w, ref.params.ln1b, ref.params.qkvb, ref.params.attprojb,
-                             ref.params.ln2w, ref.params.ln2b, ref.params.fcb, ref.params.fcprojb, ref.params.lnfw, ref.params.lnfb};
-        const int idx[] = {0, 1, 2, 3, 5, 7, 8, 9, 11, 13, 14, 15};
-        for (int k = 0; k < 12; k++) {
-            CAPTURE(param_tensor_names[idx[k]]);
-            CHECK(memcmp(qt[k], rt[k], q.param_sizes[idx[k]] * sizeof(float)) == 0);
-        }
-
-        // the reference: the fp32 model's matrices replaced by dequantize(quantize(W)), layer by layer here
-        float* base[LORA_NUM_TARGETS];
-        base_matrices(&ref, base);
-        for (int t = 0; t < LORA_NUM_TARGETS; t++) {
-            size_t n = (size_t)lora_target_out(t, (int)C) * lora_target_in(t, (int)C);
-            std::vector<uint8_t> codes_l(lora_quant_code_bytes(quant, n));
-            std::vector<float> absmax_l(lora_quant_blocks(n));
-            for (size_t l = 0; l < L; l++) {
-                quantize_forward(codes_l.data(), absmax_l.data(), base[t] + l * n, n, quant);
-                dequantize_forward(base[t] + l * n, codes_l.data(), absmax_l.data(), n, quant);
-            }
-        }
-        // the whole base as -M writes it: exactly those values (the same dequantization, no arithmetic after it)
-        std::vector<float> full(q.num_parameters);
-        gpt2_expand_params(&q, full.data());
-        CHECK(memcmp(full.data(), ref.params_memory, full.size() * sizeof(float)) == 0);
-
-        // training: the same batches on both, losses equal and falling
-        std::string tokens = dir.file("tokens.bin");
-        write_cyclic_tokens(tokens, 150);
-        gpt2_allocate(&q, B, T);
-        gpt2_allocate(&ref, B, T);
-        DataLoader lq, lr;
-        REQUIRE(dataloader_init(&lq, tokens.c_str(), B, T, 61, false, 0, "-i") == "");
-        REQUIRE(dataloader_init(&lr, tokens.c_str(), B, T, 61, false, 0, "-i") == "");
-        std::vector<float> losses_q, losses_r;
-        train_steps(&q, &lq, 0, steps, &losses_q);
-        train_steps(&ref, &lr, 0, steps, &losses_r);
-        double maxdiff = 0;
-        for (int k = 0; k < steps; k++) maxdiff = std::max(maxdiff, (double)std::fabs(losses_q[k] - losses_r[k]));
-        // the same fp32 weights reach the same kernels in the same order: equal to the last bit in practice;
-        // allow fp32 rounding of a loss of ~4 (a wrong dequantized layer would be off by > 1e-3)
-        const double tol_quant_losses = 1e-6;
-        MESSAGE(std::string(lora_quant_names[quant]) << ": loss " << losses_q[0] << " -> " << losses_q[steps - 1] << ", max |quantized - fp32 dequantized| " << maxdiff);
-        CHECK(maxdiff <= tol_quant_losses);
-        // falling: int8 and NF4. int2 damages this tiny base so much that 8 steps at this lr raise the loss
-        // (6.08 -> 6.15, and the fp32 model on the same weights does the same: the equality above)
-        if (quant != LORA_QUANT_INT2) CHECK(losses_q[steps - 1] < losses_q[0]);
-
-        // logits after training, and a merged checkpoint (-M) read back as a plain GPT-2: the dequantized base + adapters
-        Rng rng;
-        rng_seed(&rng, 123);
-        std::vector<int> inputs;
-        random_tokens(&rng, &inputs, B * T, c.vocab_size);
-        gpt2_forward(&q, inputs.data(), (const int*)NULL, B, T);
-        gpt2_forward(&ref, inputs.data(), (const int*)NULL, B, T);
-        size_t nl = (size_t)B * T * c.padded_vocab_size;
-        double ldiff = 0, maxlogit = 0;
-        for (size_t i = 0; i < nl; i++) {
-            ldiff = std::max(ldiff, (double)std::fabs(q.acts.logits[i] - ref.acts.logits[i]));
-            maxlogit = std::max(maxlogit, (double)std::fabs(q.acts.logits[i]));
-        }
-        const double tol_quant_logits = 1e-6 * std::max(1.0, maxlogit); // same weights, same kernels (see above)
-        CHECK(ldiff <= tol_quant_logits);
-        std::string merged_path = dir.file("merged.bin");
-        REQUIRE(write_merged_checkpoint(&q, merged_path.c_str()) == "");
-        GPT2<float> merged;
-        REQUIRE(gpt2_read_checkpoint(&merged, merged_path.c_str()) == "");
-        gpt2_forward(&merged, inputs.data(), (const int*)NULL, B, T);
-        double mdiff = 0;
-        for (size_t i = 0; i < nl; i++) mdiff = std::max(mdiff, (double)std::fabs(merged.acts.logits[i] - q.acts.logits[i]));
-        // as in the fp32 merge test: the merged and unmerged paths sum the same products in another order
-        const double tol_merged_logits = 1e-5 * std::max(1.0, maxlogit);
-        MESSAGE(std::string(lora_quant_names[quant]) << ": merged (dequantized base) vs unmerged logits maxdiff " << mdiff);
-        CHECK(mdiff <= tol_merged_logits);
-        // nothing else can write or merge the fp32 matrices it no longer has
-        CHECK(has(gpt2_write_checkpoint(&q, dir.file("plain.bin").c_str()), "HINT"));
-        gpt2_free(&merged);
-        gpt2_free(&q);
-        gpt2_free(&ref);
-    }
-}
-
-TEST_CASE("quantized base: an adapter trained on -Q checks against the fp32 base file and reloads quantized, or fp32 on request") {
-    const int B = 2, T = 8;
-    TempDir dir;
-    std::string ckpt = dir.file("base.bin"), tokens = dir.file("tokens.bin"), adapter = dir.file("adapter.bin");
+    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
     write_tiny_checkpoint(ckpt);
-    write_cyclic_tokens(tokens, 150);
-    GPT2<float> a;
-    REQUIRE(gpt2_read_checkpoint(&a, ckpt.c_str()) == "");
-    uint64_t sum = tiny_base_sum(&a); // as main takes it: of the file as read, before quantizing
-    LoRAConfig cfg = lora_config(4, 8.0f, LORA_ALL_TARGETS);
-    cfg.base_quant = LORA_QUANT_NF4;
-    gpt2_lora_attach(&a, cfg, 131);
-    gpt2_allocate(&a, B, T);
-    DataLoader la;
-    REQUIRE(dataloader_init(&la, tokens.c_str(), B, T, 61, false, 0, "-i") == "");
-    std::vector<float> losses;
-    train_steps(&a, &la, 0, 3, &losses);
-    Rng sample_rng;
-    rng_seed(&sample_rng, 132);
-    TrainState state = train_state_capture(3, &la, &sample_rng);
-    REQUIRE(lora_file_write(adapter.c_str(), &a, sum, &state) == "");
-    Rng rng;
-    rng_seed(&rng, 133);
-    std::vector<int> inputs;
-    random_tokens(&rng, &inputs, B * T, a.config.vocab_size);
-    gpt2_forward(&a, inputs.data(), (const int*)NULL, B, T);
-    size_t nl = (size_t)B * T * a.config.padded_vocab_size;
+    write_cyclic_tokens(tokens, 400);
+    std::string common = "-i " + tokens + " -j " + tokens + " -b 2 -t 8 -v 3 -s 0 -u 1 -l 0.01";
+    std::string out, out_a, out_c;
+    for (const char* sub : {"a", "b", "k"}) REQUIRE(mkdir(dir.file(sub).c_str(), 0755) == 0);
 
-    // a fresh load of the same file: the checksum matches, and the adapter comes back on an NF4 base
-    GPT2<float> c;
-    REQUIRE(gpt2_read_checkpoint(&c, ckpt.c_str()) == "");
-    CHECK(tiny_base_sum(&c) == sum);
-    TrainState s;
-    bool has_state = false;
-    REQUIRE(lora_file_read(adapter.c_str(), &c, tiny_base_sum(&c), &s, &has_state) == "");
-    CHECK(has_state);
-    CHECK(c.lora.config.base_quant == LORA_QUANT_NF4);
-    CHECK(memcmp(c.lora.m_memory, a.lora.m_memory, a.lora.num_parameters * sizeof(float)) == 0);
-    gpt2_forward(&c, inputs.data(), (const int*)NULL, B, T);
-    CHECK(memcmp(c.acts.logits, a.acts.logits, nl * sizeof(float)) == 0); // the same codes, the same adapter: bit for bit
+    REQUIRE(run_trainer("-e " + ckpt + " " + common + " -x 6 -o " + dir.file("a"), &out_a) == 0);
+    REQUIRE(run_trainer("-e " + ckpt + " " + common + " -x 3 -o " + dir.file("b"), &out) == 0);
+    CHECK(has(out, "saved adapter (step 3)"));
+    int rc = run_trainer("-e " + ckpt + " " + common + " -x 6 -A " + dir.file("b/adapter.bin"), &out_c);
+    CHECK(rc == 0);
+    CHECK(has(out_c, "step 3, with optimizer state"));
+    std::vector<std::string> la = step_losses(out_a, 4, 6, 6), lc = step_losses(out_c, 4, 6, 6);
+    MESSAGE("steps 4..6, uninterrupted: " << la[0] << " " << la[1] << " " << la[2] << "; resumed: " << lc[0] << " " << lc[1] << " " << lc[2]);
+    CHECK(la[0] != "missing");
+    CHECK(la == lc);
+    CHECK(!has(out_c, "step 3/6")); // the resumed run starts at step 4
 
-    // asked for fp32 (-A with -Q fp32): the same adapter on the original fp32 base, which differs a little
-    GPT2<float> d;
-    REQUIRE(gpt2_read_checkpoint(&d, ckpt.c_str()) == "");
-    REQUIRE(lora_file_read(adapter.c_str(), &d, tiny_base_sum(&d), &s, &has_state, LORA_QUANT_FP32) == "");
-    CHECK(d.lora.config.base_quant == LORA_QUANT_FP32);
-    CHECK(d.params.qkvw != nullptr);
-    gpt2_forward(&d, inputs.data(), (const int*)NULL, B, T);
-    double maxdiff = 0;
-    for (size_t i = 0; i < nl; i++) maxdiff = std::max(maxdiff, (double)std::fabs(d.acts.logits[i] - a.acts.logits[i]));
-    MESSAGE("NF4-trained adapter on the fp32 base vs the NF4 base: logits maxdiff " << maxdiff);
-    CHECK(maxdiff > 0); // NF4 rounding is visible in the logits
-    // the base read with its block matrices left on disk (what main does for -Q): the same checksum,
-    // streamed from the file, and the same model after the attach quantizes them layer by layer from it
-    GPT2<float> g;
-    REQUIRE(gpt2_read_checkpoint(&g, ckpt.c_str(), true) == "");
-    CHECK(g.num_params_stored == non_block_floats(g.config));
-    CHECK(g.params.qkvw == nullptr);
-    uint64_t file_sum = 0;
-    REQUIRE(checkpoint_checksum(ckpt.c_str(), &file_sum) == "");
-    CHECK(file_sum == sum);
-    REQUIRE(lora_file_read(adapter.c_str(), &g, file_sum, &s, &has_state) == ""); // NF4, as the file says
-    CHECK(g.params.qkvw == nullptr);
-    gpt2_forward(&g, inputs.data(), (const int*)NULL, B, T);
-    CHECK(memcmp(g.acts.logits, a.acts.logits, nl * sizeof(float)) == 0);
-    // another adapter on the same model reads the block matrices from the file again; an fp32 one cannot
-    REQUIRE(lora_file_read(adapter.c_str(), &g, file_sum, &s, &has_state) == "");
-    gpt2_forward(&g, inputs.data(), (const int*)NULL, B, T);
-    CHECK(memcmp(g.acts.logits, a.acts.logits, nl * sizeof(float)) == 0);
-    std::string fp32_err = lora_file_read(adapter.c_str(), &g, file_sum, &s, &has_state, LORA_QUANT_FP32);
-    CHECK(has(fp32_err, "-Q"));
-    CHECK(has(fp32_err, "HINT"));
-    gpt2_free(&g);
-    // a corrupt base-storage field is refused
-    std::vector<char> bytes = read_all(adapter);
-    int bad = 7;
-    memcpy(bytes.data() + 29 * 4, &bad, 4);
-    write_bytes(dir.file("bad.bin"), bytes.data(), bytes.size());
-    GPT2<float> e;
-    REQUIRE(gpt2_read_checkpoint(&e, ckpt.c_str()) == "");
-    std::string err = lora_file_read(dir.file("bad.bin").c_str(), &e, tiny_base_sum(&e), &s, &has_state);
-    CHECK(has(err, "base storage=7"));
-    CHECK(has(err, "HINT"));
-    CHECK(e.params.qkvw != nullptr); // nothing attached, nothing dropped
-    gpt2_free(&a);
-    gpt2_free(&c);
-    gpt2_free(&d);
-    gpt2_free(&e);
+    CHECK(run_trainer("-e " + ckpt + " " + common + " -x 4 -k 2 -o " + dir.file("k"), &out) == 0);
+    CHECK(has(out, "saved adapter (step 2)"));
+    CHECK(has(out, "saved adapter (step 4)"));
+    CHECK(run_trainer("-e " + ckpt + " " + common + " -x 2 -A " + dir.file("b/adapter.bin"), &out) != 0); // already at step 3
+    CHECK(has(out, "-x"));
+
+    // corrupt and foreign adapters: non-zero exit, a message naming -A and the file, and the file untouched
+    std::vector<char> good = read_all(dir.file("b/adapter.bin"));
+    write_bytes(dir.file("trunc.bin"), good.data(), good.size() - 4);
+    CHECK(run_trainer("-e " + ckpt + " " + common + " -x 4 -A " + dir.file("trunc.bin"), &out) != 0);
+    CHECK(has(out, "-A"));
+    CHECK(has(out, "trunc.bin"));
+    CHECK(has(out, "truncated"));
+    std::string other = dir.file("other.bin");
+    {
+        GPT2<float> m;
+        build_trainable_tiny(&m, 82);
+        REQUIRE(gpt2_write_checkpoint(&m, other.c_str()) == "");
+        gpt2_free(&m);
+    }
+    CHECK(run_trainer("-e " + other + " " + common + " -x 4 -A " + dir.file("b/adapter.bin"), &out) != 0);
+    CHECK(has(out, "belongs to another base"));
+    CHECK(read_all(dir.file("b/adapter.bin")) == good);
+    // an unwritable output keeps the old adapter
+    REQUIRE(mkdir(dir.file("b/adapter.bin.tmp").c_str(), 0755) == 0);
+    CHECK(run_trainer("-e " + ckpt + " " + common + " -x 1 -o " + dir.file("b"), &out) != 0);
+    CHECK(has(out, "-o"));
+    CHECK(read_all(dir.file("b/adapter.bin")) == good);
+
+    // -M with -x 0 merges without training data; the merged checkpoint trains as a plain base
+    std::string merged = dir.file("merged.bin");
+    CHECK(run_trainer("-e " + ckpt + " -x 0 -A " + dir.file("a/adapter.bin") + " -M " + merged, &out) == 0);
+    CHECK(has(out, "wrote merged checkpoint"));
+    CHECK(run_trainer("-e " + merged + " " + common + " -x 1", &out) == 0);
+    CHECK(run_trainer("-e " + ckpt + " -x 0 -A " + dir.file("a") + " -M " + merged, &out) == 0); // from the PEFT export
+    // a malformed PEFT export: non-zero exit naming -A and the safetensors file
+    REQUIRE(mkdir(dir.file("peft_bad").c_str(), 0755) == 0);
+    std::vector<char> st = read_all(dir.file("a/adapter_model.safetensors")), config = read_all(dir.file("a/adapter_config.json"));
+    write_bytes(dir.file("peft_bad/adapter_model.safetensors"), st.data(), st.size() - 4);
+    write_bytes(dir.file("peft_bad/adapter_config.json"), config.data(), config.size());
+    CHECK(run_trainer("-e " + ckpt + " -x 0 -A " + dir.file("peft_bad") + " -M " + merged, &out) != 0);
+    CHECK(has(out, "-A"));
+    CHECK(has(out, "peft_bad/adapter_model.safetensors"));
+    CHECK(has(out, "HINT"));
+    // bad flags
+    CHECK(run_trainer("-e " + ckpt + " " + common + " -x 1 -k 2", &out) != 0);
+    CHECK(has(out, "-k"));
+    CHECK(run_trainer("-e " + ckpt + " " + common + " -x 1 -o " + dir.file("a") + " -N /abs/path", &out) != 0);
+    CHECK(has(out, "-N"));
+    CHECK(run_trainer("-e " + ckpt + " " + common + " -x 1 -f 1 -A " + dir.file("a/adapter.bin"), &out) != 0);
+    CHECK(has(out, "-A"));
+    CHECK(run_trainer("-e " + ckpt + " -p hello -E " + dir.file("no_bpe"), &out) != 0); // default -t 64 > maxT: clamped for -p
+    CHECK(has(out, "-E"));
+    CHECK(has(out, "no_bpe"));
+    CHECK(run_trainer("-e " + ckpt + " -p hello -T 0", &out) != 0);
+    CHECK(has(out, "-T"));
 }
 
 TEST_CASE("the trainer binary with -Q: smaller [Memory] parameters, -A resumes quantized with the same losses, -M writes the dequantized merge") {
@@ -3884,49 +3820,6 @@ TEST_CASE("the trainer binary with -Q: smaller [Memory] parameters, -A resumes q
     CHECK(run_trainer(common + " -x 1 -H 4 -Q nf4", &out) != 0);
     CHECK(has(out, "-Q"));
     CHECK(has(out, "HINT"));
-}
-
-TEST_CASE("quantized base read layer by layer from the file equals quantizing it in memory (with PiSSA and DoRA too)") {
-    const int B = 2, T = 8;
-    TempDir dir;
-    std::string ckpt = dir.file("base.bin");
-    write_tiny_checkpoint(ckpt);
-    for (int variant = 0; variant < 2; variant++) {
-        CAPTURE(variant);
-        LoRAConfig cfg = lora_config(4, 8.0f, variant == 0 ? LORA_ALL_TARGETS : (1u << LORA_QKV) | (1u << LORA_FC));
-        cfg.base_quant = variant == 0 ? LORA_QUANT_INT8 : LORA_QUANT_NF4;
-        cfg.use_dora = cfg.init_pissa = variant == 1; // PiSSA changes W before it is quantized: per layer, in the scratch
-        GPT2<float> whole, ondisk;
-        REQUIRE(gpt2_read_checkpoint(&whole, ckpt.c_str()) == "");
-        REQUIRE(gpt2_read_checkpoint(&ondisk, ckpt.c_str(), true) == "");
-        gpt2_lora_attach(&whole, cfg, 141);
-        gpt2_lora_attach(&ondisk, cfg, 141);
-        CHECK(ondisk.num_params_stored == non_block_floats(ondisk.config));
-        CHECK(whole.num_params_stored == whole.num_parameters); // (built in memory: the fp32 copies stay, unread)
-        std::vector<float> full_whole(whole.num_parameters), full_ondisk(ondisk.num_parameters);
-        gpt2_expand_params(&whole, full_whole.data());
-        gpt2_expand_params(&ondisk, full_ondisk.data());
-        CHECK(memcmp(full_whole.data(), full_ondisk.data(), full_whole.size() * sizeof(float)) == 0); // the same codes
-        CHECK(memcmp(whole.lora.params_memory, ondisk.lora.params_memory, whole.lora.num_parameters * sizeof(float)) == 0);
-        Rng rng;
-        rng_seed(&rng, 142);
-        std::vector<int> inputs, targets;
-        random_tokens(&rng, &inputs, B * T, whole.config.vocab_size);
-        random_tokens(&rng, &targets, B * T, whole.config.vocab_size);
-        randomize_lora_B(&whole.lora, whole.config.num_layers, whole.config.channels, 143, 0.1);
-        randomize_lora_B(&ondisk.lora, ondisk.config.num_layers, ondisk.config.channels, 143, 0.1);
-        gpt2_forward(&whole, inputs.data(), targets.data(), B, T);
-        gpt2_forward(&ondisk, inputs.data(), targets.data(), B, T);
-        size_t nl = (size_t)B * T * whole.config.padded_vocab_size;
-        CHECK(memcmp(whole.acts.logits, ondisk.acts.logits, nl * sizeof(float)) == 0); // the same codes: bit for bit
-        gpt2_zero_grad(&whole);
-        gpt2_backward(&whole);
-        gpt2_zero_grad(&ondisk);
-        gpt2_backward(&ondisk);
-        CHECK(memcmp(whole.lora.grads_memory, ondisk.lora.grads_memory, whole.lora.num_parameters * sizeof(float)) == 0);
-        gpt2_free(&whole);
-        gpt2_free(&ondisk);
-    }
 }
 
 TEST_CASE("the trainer binary: several -A with -S weights merge to sum_k w_k scale_k lora_B_k lora_A_k; bad combinations exit naming the flag") {
@@ -4003,67 +3896,6 @@ TEST_CASE("the trainer binary: several -A with -S weights merge to sum_k w_k sca
     CHECK(has(out, "adapter 2 of 2"));
 }
 
-TEST_CASE("generation with the key/value cache: each new position's logits equal a forward over the whole context, and so do the tokens") {
-    const int T = 12;           // the allocated context; sampling goes past it, where the window slides
-    const float tol_kv = 1e-5f; // relative to the largest |logit|: the same kernels on the same rows, so only a
-                                // summation order could differ; a wrong position or cache row is O(1)
-    // plain LoRA, DoRA, Houlsby adapters, prefix tuning (its own attention kernel, with the same query offset)
-    for (int kind = 0; kind < 4; kind++) {
-        CAPTURE(kind);
-        GPT2<float> model;
-        build_trainable_tiny(&model, 1301);
-        Rng rng;
-        rng_seed(&rng, 1302);
-        if (kind <= 1) {
-            LoRAConfig cfg = lora_config(4, 8.0f, LORA_ALL_TARGETS);
-            cfg.use_dora = kind == 1;
-            gpt2_lora_attach(&model, cfg, 1303);
-            for (size_t i = 0; i < model.lora.num_parameters; i++) model.lora.params_memory[i] += 0.05f * (2.0f * rng_f32(&rng) - 1.0f);
-        } else if (kind == 2) {
-            gpt2_adapters_attach(&model, 4, 1304);
-            for (size_t i = 0; i < model.adapters.buf.n; i++) model.adapters.buf.params[i] += 0.05f * (2.0f * rng_f32(&rng) - 1.0f);
-        } else {
-            gpt2_prefix_attach(&model, 3, 1305);
-            for (size_t i = 0; i < model.prefix.buf.n; i++) model.prefix.buf.params[i] += 0.5f * (2.0f * rng_f32(&rng) - 1.0f);
-        }
-        gpt2_allocate(&model, 1, T);
-        int Vp = model.config.padded_vocab_size;
-        std::vector<int> seq;
-        random_tokens(&rng, &seq, T, model.config.vocab_size);
-        {
-            // position t through the cache, one token at a time, against one forward over positions 0..t
-            gpt2_kv_start(&model);
-            double maxdiff = 0, maxabs = 0;
-            for (int t = 0; t < T; t++) {
-                gpt2_forward(&model, &seq[t], (const int*)NULL, 1, 1);
-                std::vector<float> cached(model.acts.logits, model.acts.logits + Vp);
-                model.kv_on = false;
-                gpt2_forward(&model, seq.data(), (const int*)NULL, 1, t + 1);
-                model.kv_on = true;
-                const float* full = model.acts.logits + (size_t)t * Vp;
-                for (int v = 0; v < Vp; v++) {
-                    maxdiff = std::max(maxdiff, (double)fabsf(cached[v] - full[v]));
-                    maxabs = std::max(maxabs, (double)fabsf(full[v]));
-                }
-            }
-            model.kv_on = false;
-            CHECK(model.kv_len == T);
-            MESSAGE("kind " << kind << ": cached vs full logits max |diff| " << maxdiff << " (max |logit| " << maxabs << ")");
-            CHECK(maxdiff <= tol_kv * maxabs);
-        }
-        // sampling: the same tokens with and without the cache, for twice the allocated context
-        Rng r1, r2;
-        rng_seed(&r1, 7);
-        rng_seed(&r2, 7);
-        std::vector<int> prompt(seq.begin(), seq.begin() + 3);
-        std::vector<int> with_cache = gpt2_generate(&model, prompt, 2 * T, &r1, 1.0f, 0, true);
-        std::vector<int> without = gpt2_generate(&model, prompt, 2 * T, &r2, 1.0f, 0, false);
-        CHECK(with_cache.size() == (size_t)(2 * T));
-        CHECK(with_cache == without);
-        gpt2_free(&model);
-    }
-}
-
 TEST_CASE("multi-adapter generation (-Y 1): each sequence of the batch generates what its adapter alone generates; bad -Y exits naming the flag") {
     const int T = 8, n = 2 * T; // past the allocated T, where the window slides
     GPT2<float> multi;
@@ -4112,3 +3944,309 @@ TEST_CASE("multi-adapter generation (-Y 1): each sequence of the batch generates
     CHECK(run_trainer("-e " + ckpt + " -x 0 -Y 1 -p hi -A a -A b -S 0.5,0.5", &out) != 0);
     CHECK(has(out, "-Y"));
 }
+
+// -- reliability: the non-finite guard, an unwritable output, Ctrl-C (finish the step, save, exit 130)
+
+TEST_CASE("non-finite guard in the trainer: inf weights or a blown-up lr stop it, naming the step; the saved adapter stays the last good one") {
+    // final layernorm gain 1e38: its outputs and the logits overflow to inf at the first forward, so the
+    // loss is NaN at step 1 (scaling wte instead would not do: the layernorms renormalise it away)
+    TrainerFiles inf_base(1e38f);
+    std::string out;
+    CHECK(run_trainer(inf_base.common + " -x 5", &out) != 0);
+    CHECK(has(out, "at step 1"));
+    CHECK(has(out, "stopping before the update"));
+    CHECK(has(out, "HINT"));
+    CHECK_FALSE(has(out, "step 1/5")); // the bad step never completed
+
+    // lr 1e38: step 1 is finite but throws every adapter weight to ~1e38, so step 2's forward overflows.
+    // With -k 1 the adapter after step 1 is saved; the guard must stop step 2 before anything else is saved.
+    TrainerFiles files;
+    std::string outdir = files.dir.file("out");
+    REQUIRE(mkdir(outdir.c_str(), 0755) == 0);
+    int rc = run_trainer(files.common + " -x 6 -k 1 -l 1e38 -o " + outdir, &out);
+    CHECK(rc != 0);
+    size_t at = out.find("at step ");
+    REQUIRE(at != std::string::npos);
+    int bad_step = atoi(out.c_str() + at + 8);
+    MESSAGE("lr 1e38: stopped at step " << bad_step);
+    CHECK(bad_step >= 2);
+    CHECK(has(out, ("saved adapter (step " + std::to_string(bad_step - 1) + ")").c_str()));
+    GPT2<float> model;
+    REQUIRE(gpt2_read_checkpoint(&model, files.ckpt.c_str()) == "");
+    TrainState state;
+    bool has_state = false;
+    REQUIRE(lora_file_read((outdir + "/adapter.bin").c_str(), &model, files.base_sum(), &state, &has_state) == "");
+    CHECK(has_state);
+    CHECK(state.step == bad_step - 1); // the last good step, not the bad one
+    size_t nonfinite = 0;
+    for (size_t i = 0; i < model.lora.num_parameters; i++) nonfinite += !std::isfinite(model.lora.params_memory[i]);
+    CHECK(nonfinite == 0);
+    CHECK(tmp_files(outdir).empty());
+    gpt2_free(&model);
+}
+
+TEST_CASE("unwritable output in the trainer: saving the adapter fails with a clear error naming -o; nothing is left") {
+    // (disk full is the write_atomically test above: an RLIMIT_FSIZE cap on the trainer would also hit
+    // what an MPI build's runtime writes at startup, before any adapter)
+    TrainerFiles files;
+    std::string out;
+    // an output directory on sysfs, which refuses new files even to root
+    int rc = run_trainer(files.common + " -x 1 -o /sys", &out);
+    CHECK(rc != 0);
+    CHECK(has(out, "-o"));
+    CHECK(has(out, "/sys/adapter.bin"));
+    CHECK(access("/sys/adapter.bin.tmp", F_OK) != 0);
+}
+
+TEST_CASE("SIGINT during training: the step finishes, the adapter is saved complete (no .tmp), exit status 130") {
+    TrainerFiles files;
+    std::string outdir = files.dir.file("out"), log = files.dir.file("log.txt");
+    REQUIRE(mkdir(outdir.c_str(), 0755) == 0);
+    const char* bin = getenv("TRAIN_BIN");
+    std::string args = std::string(bin ? bin : "./train_gpt2_lora") + " " + files.common + " -x 1000000 -o " + outdir;
+    std::string shell_cmd = "exec " + args; // built before fork: the child only calls async-signal-safe functions
+    pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        // the child: output to the log file, then become the trainer
+        int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0) _exit(127);
+        execl("/bin/sh", "sh", "-c", shell_cmd.c_str(), (char*)NULL);
+        _exit(127);
+    }
+    // wait (up to 5 minutes, for slow sanitizer builds) until training is under way, then interrupt
+    bool started = false;
+    for (int i = 0; i < 3000 && !started; i++) {
+        started = has(file_string(log), "step 3/");
+        if (!started) usleep(100 * 1000);
+    }
+    CHECK(started);
+    kill(pid, SIGINT);
+    int status = 0;
+    REQUIRE(waitpid(pid, &status, 0) == pid);
+    std::string out = file_string(log);
+    MESSAGE("trainer after SIGINT: exited " << (WIFEXITED(status) ? WEXITSTATUS(status) : -1));
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 128 + SIGINT);
+    size_t at = out.find("interrupted by SIGINT (Ctrl-C) after step ");
+    REQUIRE(at != std::string::npos);
+    int step = atoi(out.c_str() + at + strlen("interrupted by SIGINT (Ctrl-C) after step "));
+    CHECK(step >= 3);
+    CHECK(has(out, ("saved adapter (step " + std::to_string(step) + ")").c_str()));
+    CHECK(has(out, "[Summary]"));
+    CHECK(tmp_files(outdir).empty());
+    // the saved files are complete: adapter.bin loads with its training state, the PEFT pair imports
+    GPT2<float> model;
+    REQUIRE(gpt2_read_checkpoint(&model, files.ckpt.c_str()) == "");
+    TrainState state;
+    bool has_state = false;
+    CHECK(lora_file_read((outdir + "/adapter.bin").c_str(), &model, files.base_sum(), &state, &has_state) == "");
+    CHECK(has_state);
+    CHECK(state.step == step);
+    CHECK(peft_import(outdir.c_str(), &model) == "");
+    gpt2_free(&model);
+    // and the run resumes from it
+    std::string resumed;
+    CHECK(run_trainer(files.common + " -x " + std::to_string(step + 2) + " -A " + outdir + "/adapter.bin", &resumed) == 0);
+    CHECK(has(resumed, ("step " + std::to_string(step + 2) + "/" + std::to_string(step + 2)).c_str()));
+}
+
+// -- data parallel (MPI): 2 ranks with batch B each train exactly like one process with batch 2B.
+// Runs only when make built the trainer with MPI (it then sets MPIRUN); skipped with a message otherwise.
+
+TEST_CASE("data parallel: mpirun -np 2 with batch B per rank equals one process with batch 2B") {
+    const char* mpirun = getenv("MPIRUN");
+    if (mpirun == NULL || mpirun[0] == '\0') {
+        MESSAGE("skipped: the trainer was built without MPI (no mpicxx, or NO_MPI=1)");
+        return;
+    }
+    TempDir dir;
+    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
+    write_tiny_checkpoint(ckpt);
+    // a learnable but not trivial stream: a cycle with a random token every few positions
+    Rng rng;
+    rng_seed(&rng, 14);
+    std::vector<uint16_t> ids(3000);
+    for (size_t i = 0; i < ids.size(); i++) ids[i] = (uint16_t)(i % 5 == 4 ? rng_u32(&rng) % 61 : (i * 7) % 61);
+    write_tokens(tokens, ids);
+    // shuffled batches (-u 1), so the test also covers that every rank visits the same global order
+    std::string common = "-e " + ckpt + " -i " + tokens + " -j " + tokens + " -t 8 -x 12 -v 4 -m 3 -s 0 -u 1 -l 0.01 -r 8 -a 16 -n 1337";
+    // --oversubscribe: 2 ranks even on a 1-core runner; one OpenMP thread per rank
+    std::string launch = std::string(mpirun) + " --allow-run-as-root --oversubscribe -np 2 -x OMP_NUM_THREADS=1 " +
+                         (getenv("TRAIN_BIN") ? getenv("TRAIN_BIN") : "./train_gpt2_lora");
+    // The losses and weights of the two runs differ only by fp32 summation order (2B*T terms in one sum versus
+    // two sums of B*T averaged; thread splits of the matmuls), about 1e-7 relative per step, amplified a little by
+    // 12 AdamW steps at lr 1e-2. Losses are ~4; 1e-4 leaves two orders of margin yet catches a wrong shard,
+    // which changes the loss in the second decimal.
+    const double tol_loss = 1e-4;
+    // Adapters: the runs end ~3e-7 apart relative to how far the adapters moved (measured); 1e-4 leaves room
+    // for other thread counts yet catches a wrong shard (measured: relative 0.8).
+    const double tol_adapter = 1e-4;
+    // Full fine-tuning (-f 1) has weights whose true gradient is exactly zero: the key biases (softmax is
+    // shift invariant). Their fp32 gradient is rounding noise, which AdamW normalizes into steps of ~lr, so
+    // those 64 weights may differ by up to lr per step between the runs (measured: 7e-4 max, 2e-4 relative
+    // over all weights). So -f compares the 2-norm of the difference relative to the update, at 2e-3.
+    const double tol_full = 2e-3;
+
+    for (int full = 0; full <= 1; full++) {
+        CAPTURE(full);
+        std::string single_dir = dir.file(full ? "single_f" : "single"), dp_dir = dir.file(full ? "dp_f" : "dp");
+        REQUIRE(mkdir(single_dir.c_str(), 0755) == 0);
+        REQUIRE(mkdir(dp_dir.c_str(), 0755) == 0);
+        std::string args = common + " -f " + std::to_string(full);
+        std::string one, two;
+        REQUIRE(run_trainer(args + " -b 4 -o " + single_dir, &one) == 0);
+        // run_trainer prefixes TRAIN_BIN; here the launch line replaces it
+        std::string cmd = launch + " " + args + " -b 2 -o " + dp_dir + " 2>&1";
+        FILE* p = popen(cmd.c_str(), "r");
+        REQUIRE(p != NULL);
+        char buf[4096];
+        size_t n;
+        while ((n = fread(buf, 1, sizeof(buf), p)) > 0) two.append(buf, n);
+        int status = pclose(p);
+        INFO("mpirun output:\n" << two);
+        REQUIRE((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+        CHECK(has(two, "ranks: 2 (global batch 4"));
+        CHECK(has(two, "allreduce"));
+        CHECK(numbers_after(two, "[Run]").size() == 1); // only rank 0 logs
+
+        std::vector<double> loss1 = numbers_after(one, ": train loss "), loss2 = numbers_after(two, ": train loss ");
+        std::vector<double> val1 = numbers_after(one, "val loss "), val2 = numbers_after(two, "val loss ");
+        REQUIRE(loss1.size() == 12);
+        REQUIRE(loss2.size() == 12);
+        REQUIRE(val1.size() == 4); // steps 0, 4, 8 and the end
+        REQUIRE(val2.size() == 4);
+        MESSAGE("data parallel (-f " << full << "): train loss " << loss1.front() << " -> " << loss1.back()
+                << ", max |diff| 1 process vs 2 ranks: train " << max_abs_diff(loss1, loss2) << ", val " << max_abs_diff(val1, val2));
+        CHECK(loss1.back() < loss1.front()); // it trains, so the comparison is not between two idle runs
+        CHECK(max_abs_diff(loss1, loss2) <= tol_loss);
+        CHECK(max_abs_diff(val1, val2) <= tol_loss);
+        // the trained weights themselves, written by rank 0 only, atomically
+        std::vector<float> w1, w2, w0;
+        if (full) {
+            w1 = checkpoint_params(single_dir + "/model.bin");
+            w2 = checkpoint_params(dp_dir + "/model.bin");
+            w0 = checkpoint_params(ckpt);
+        } else {
+            w1 = adapter_params(ckpt, single_dir);
+            w2 = adapter_params(ckpt, dp_dir);
+            GPT2<float> init; // the same seeded init both runs started from (-n default)
+            REQUIRE(gpt2_read_checkpoint(&init, ckpt.c_str()) == "");
+            gpt2_lora_attach(&init, lora_config(8, 16.0f, LORA_ALL_TARGETS), 1337);
+            w0.assign(init.lora.params_memory, init.lora.params_memory + init.lora.num_parameters);
+            gpt2_free(&init);
+        }
+        REQUIRE(w1.size() == w0.size());
+        REQUIRE(w2.size() == w0.size());
+        double rel = relative_distance(w1, w2, w0);
+        MESSAGE("data parallel -f " << full << ": |w(1 process) - w(2 ranks)| / |w - w_init| = " << rel << " over " << w1.size() << " weights");
+        CHECK(rel <= (full ? tol_full : tol_adapter));
+        CHECK_FALSE(dir_has_tmp_file(dp_dir));
+    }
+}
+
+TEST_CASE("data parallel: when one rank is killed the job ends with an error instead of hanging, and the saved adapter is whole") {
+    const char* mpirun = getenv("MPIRUN");
+    if (mpirun == NULL || mpirun[0] == '\0' || system("command -v pgrep >/dev/null") != 0) {
+        MESSAGE("skipped: needs an MPI build of the trainer and pgrep");
+        return;
+    }
+    TempDir dir;
+    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin"), out = dir.file("out"), log = dir.file("log.txt");
+    write_tiny_checkpoint(ckpt);
+    write_cycle_tokens(tokens, 3000);
+    REQUIRE(mkdir(out.c_str(), 0755) == 0);
+    // a run far too long to finish, saving every step; once step 3 is logged, kill -9 the last rank (a direct
+    // child of mpirun), then wait up to 60 s for mpirun to end. Still running then: the other rank hangs, so
+    // the script kills the job itself and exits 124, which the test rejects (as 3: killed nothing).
+    std::string run = std::string(mpirun) + " --allow-run-as-root --oversubscribe -np 2 -x OMP_NUM_THREADS=1 " +
+                      (getenv("TRAIN_BIN") ? getenv("TRAIN_BIN") : "./train_gpt2_lora") + " -e " + ckpt + " -i " + tokens +
+                      " -j " + tokens + " -b 2 -t 8 -x 1000000 -v 0 -s 0 -k 1 -o " + out;
+    std::string script = run + " > " + log + " 2>&1 &\nM=$!\nn=0\n" +
+        "while ! grep -q 'step 3/' " + log + "; do n=$((n+1)); if [ $n -gt 600 ] || ! kill -0 $M 2>/dev/null; then pkill -9 -P $M; kill -9 $M; exit 3; fi; sleep 0.1; done\n" +
+        "kill -9 $(pgrep -P $M | tail -n 1)\nn=0\n" +
+        "while kill -0 $M 2>/dev/null; do n=$((n+1)); if [ $n -gt 600 ]; then pkill -9 -P $M; kill -9 $M; exit 124; fi; sleep 0.1; done\n" +
+        "wait $M\n";
+    std::string script_path = dir.file("kill_one_rank.sh");
+    write_bytes(script_path, script.data(), script.size());
+    int status = system(("sh " + script_path).c_str());
+    std::string output;
+    for (char c : read_all(log)) output.push_back(c);
+    INFO("mpirun output:\n" << output);
+    REQUIRE(WIFEXITED(status));
+    int rc = WEXITSTATUS(status);
+    MESSAGE("killed rank: mpirun exit code " << rc);
+    CHECK(rc != 0);
+    CHECK(rc != 124); // the surviving rank hung
+    CHECK(rc != 3);   // the run ended or stalled before step 3: nothing was killed
+    CHECK(has(output, "signal 9"));
+    CHECK_FALSE(dir_has_tmp_file(out));
+    // the last adapter rank 0 saved is complete: it reads back
+    adapter_params(ckpt, out);
+}
+
+TEST_SUITE_END();
+
+// ----------------------------------------------------------------------------
+// layout: the product is the trainer, lora.h and lib/; dev/ is scratch, tools and fixtures
+
+TEST_SUITE_BEGIN("layout");
+
+// the quoted includes of a source file, as written
+static std::vector<std::string> quoted_includes(const std::string& path) {
+    std::vector<std::string> out;
+    std::string text;
+    std::string err = read_text_file(path.c_str(), "source file", "run the tests from the repository root", &text);
+    REQUIRE_MESSAGE(err.empty(), err);
+    size_t pos = 0;
+    while ((pos = text.find("#include \"", pos)) != std::string::npos) {
+        size_t begin = pos + 10, end = text.find('"', begin);
+        REQUIRE(end != std::string::npos);
+        out.push_back(text.substr(begin, end - begin));
+        pos = end;
+    }
+    return out;
+}
+
+// dir/name with "." and ".." resolved, relative to the repository root
+static std::string join_normalized(const std::string& dir, const std::string& name) {
+    std::vector<std::string> parts;
+    std::string path = dir.empty() ? name : dir + "/" + name, part;
+    for (size_t i = 0; i <= path.size(); i++) {
+        if (i == path.size() || path[i] == '/') {
+            if (part == "..") { if (!parts.empty()) parts.pop_back(); else parts.push_back(part); }
+            else if (!part.empty() && part != ".") parts.push_back(part);
+            part.clear();
+        } else {
+            part += path[i];
+        }
+    }
+    std::string out;
+    for (const std::string& p : parts) out += (out.empty() ? "" : "/") + p;
+    return out;
+}
+
+TEST_CASE("the product's sources (the trainer, lora.h and every header they include) include nothing under dev/") {
+    std::vector<std::string> todo = {"train_gpt2_lora.cpp", "lora.h"}, seen;
+    while (!todo.empty()) {
+        std::string file = todo.back();
+        todo.pop_back();
+        if (std::find(seen.begin(), seen.end(), file) != seen.end()) continue;
+        seen.push_back(file);
+        size_t slash = file.rfind('/');
+        std::string dir = slash == std::string::npos ? "" : file.substr(0, slash);
+        for (const std::string& inc : quoted_includes(file)) {
+            std::string path = join_normalized(dir, inc);
+            CHECK_MESSAGE(path.rfind("dev/", 0) != 0, file << " includes " << inc << ", which is under dev/");
+            CHECK_MESSAGE(access(path.c_str(), R_OK) == 0, file << " includes " << inc << ", which is not at " << path);
+            todo.push_back(path);
+        }
+    }
+    // the walk reached the utility headers (so a broken scan cannot pass by finding nothing)
+    CHECK(std::find(seen.begin(), seen.end(), "lib/utils.h") != seen.end());
+    CHECK(std::find(seen.begin(), seen.end(), "lib/tokenizer.h") != seen.end());
+    CHECK(seen.size() >= 10);
+    MESSAGE("product sources scanned: " << seen.size());
+}
+
+TEST_SUITE_END();

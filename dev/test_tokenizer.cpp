@@ -67,6 +67,9 @@ struct TokTempDir {
     ~TokTempDir() { for (auto& f : files) remove(f.c_str()); rmdir(path.c_str()); }
 };
 
+// the suite `tokenizer` (./build/omp/test_lora -ts=tokenizer)
+TEST_SUITE_BEGIN("tokenizer");
+
 // ----------------------------------------------------------------------------
 // vocabulary facts
 
@@ -310,3 +313,5 @@ TEST_CASE("tokenizer: llm.c token file (magic 20240520) round trips and rejects 
     tok_write(path, wrong);
     CHECK(read_token_file(path.c_str(), back) != 0);
 }
+
+TEST_SUITE_END();
