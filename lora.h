@@ -1,5 +1,6 @@
 /*
-LoRA (Low-Rank Adaptation) for GPT-2: the adapter structs and the two kernels.
+LoRA (Low-Rank Adaptation, Hu et al. 2021) for GPT-2: the adapter, its two kernels and everything it
+does to a frozen weight; the model (train_gpt2_lora.cpp) wires it into the blocks.
 
 A frozen weight W0 (OC, C) gets a trainable low-rank branch beside it:
     out = inp @ W0^T + bias  +  scale * (inp @ lora_A^T) @ lora_B^T,   scale = alpha / r
@@ -7,7 +8,14 @@ with lora_A (r, C) and lora_B (OC, r). Only lora_A and lora_B are trained. The p
 lora_B @ lora_A is never formed while training: the branch is two thin matmuls through the
 (BT, r) bottleneck h = inp @ lora_A^T, which is cached for the backward pass.
 
-This header has no dependencies on the model; train_gpt2_lora.cpp wires it into the blocks.
+Reading order: plain LoRA first, complete: targets, config, the kernels (lora_forward_naive /
+lora_backward_naive, and lora_forward / lora_backward, which pick the fast twin of lib/fast.h for float),
+the adapters of a whole model with a per-layer view (lora_layer), init, merge / unmerge, the tensor list
+the files use. Then the variants, one banner each (skip on first reading): LoRA+, DoRA, PiSSA, several
+adapters on one base, and the hooks that route one adapted matmul to them. rsLoRA is one line of the
+config (lora_scale_of). The frozen base, quantized or not, is the model's: LoRA never stores it.
+
+This header has no dependencies on the model.
 Dimension letters: BT = B*T rows, C = input channels, OC = output channels, r = LoRA rank, L = layers.
 */
 #ifndef LORA_H
@@ -25,16 +33,17 @@ Dimension letters: BT = B*T rows, C = input channels, OC = output channels, r = 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#include "lib/rng.h"  // lora_A's seeded init
-#include "lib/fast.h" // lora_forward_fast / lora_backward_fast, the float twins of the naive kernels below
+#include "lib/rng.h"   // lora_A's seeded init
+#include "lib/fast.h"  // lora_forward_fast / lora_backward_fast, the float twins of the naive kernels below
+#include "lib/quant.h" // LoRAQuant: the base storage an adapter was trained on (LoRAConfig.base_quant)
+#include "lib/svd.h"   // svd_top_forward, for PiSSA's init
 
 // ----------------------------------------------------------------------------
 // which matmuls of a GPT-2 block carry an adapter
 
 enum LoRATarget { LORA_QKV, LORA_ATTPROJ, LORA_FC, LORA_FCPROJ, LORA_NUM_TARGETS };
-// our flag names, and the module names Hugging Face PEFT uses for the same matmuls in GPT-2
+// our flag names (PEFT's module names for the same matmuls are in lib/peft.h)
 static const char* const lora_target_names[LORA_NUM_TARGETS] = {"qkv", "attproj", "fc", "fcproj"};
-static const char* const lora_peft_names[LORA_NUM_TARGETS] = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"};
 static const unsigned LORA_ALL_TARGETS = (1u << LORA_NUM_TARGETS) - 1;
 
 // input and output channels of each target in a block of width C
@@ -88,7 +97,7 @@ struct LoRAConfig {
     float lr_ratio_B; // LoRA+: lora_B trains with lr * lr_ratio_B (1 = plain)
     bool use_dora;    // DoRA: a trainable magnitude per output row, W = m * V / ||V||_row
     bool init_pissa;  // PiSSA: lora_A, lora_B from the top-r SVD of W0; the frozen base becomes the residual
-    int base_quant;   // the frozen base's adapted matrices stored as LORA_QUANT_FP32 / INT8 / NF4
+    int base_quant;   // the frozen base's block matrices as the adapter trained on them: a LoRAQuant (fp32, int8, nf4, int2)
 };
 
 // the one place the scale is derived. rsLoRA (Kalajdzievski 2023): with alpha / r the update
@@ -248,24 +257,59 @@ struct LoRA {
     real* h[LORA_NUM_TARGETS];                 // (L, BT, r) cached bottlenecks
     real* dh;                                  // (BT, r) backward scratch, reused by every adapter
     size_t act_BT;
-    // the variants (see "LoRA variants" below); all NULL unless chosen
-    real* base_w[LORA_NUM_TARGETS];            // (L, out, in) the base's frozen weight of each target
-    real* base_b[LORA_NUM_TARGETS];            // (L, out) its bias
-    real* dora_m[LORA_NUM_TARGETS];            // (L, out) DoRA magnitudes, in params_memory after all lora_A/lora_B
+    // DoRA (see its banner below); all NULL unless chosen
+    real* dora_m[LORA_NUM_TARGETS];            // (L, out) magnitudes, in params_memory after all lora_A/lora_B
     real* ddora_m[LORA_NUM_TARGETS];           // (L, out)
     real* dora_n[LORA_NUM_TARGETS];            // (L, out) cached row norms ||W0 + scale lora_B lora_A||
     real* dora_P[LORA_NUM_TARGETS];            // (L, out, r) cached W0 @ lora_A^T
     real* dora_z[LORA_NUM_TARGETS];            // (L, BT, out) cached inp @ (W0 + scale lora_B lora_A)^T
     real* dora_dz;                             // (BT, 4C) backward scratch
-    uint8_t* quant_q[LORA_NUM_TARGETS];        // (L, out, in) int8 codes, two NF4 or four int2 codes per byte
-    float* quant_absmax[LORA_NUM_TARGETS];     // one absmax per block of LORA_QUANT_BLOCK weights
-    real* quant_w;                             // (out, in) one layer of one matrix dequantized, for the matmul at hand;
-                                               // sized for the largest, (4C, C), and shared by all four targets
-    int quant_t, quant_l;                      // which target and layer quant_w holds, -1 none
-    const LoRA<real>* const* multi;            // multi-adapter inference: the adapters, NULL otherwise
+    // several adapters in one batch (see its banner below); NULL unless set
+    const LoRA<real>* const* multi;            // the adapters
     const int* multi_index;                    // (B) which adapter each sequence uses
     int multi_T;                               // rows per sequence
 };
+
+// p + offset, or NULL when p is NULL (a target without an adapter)
+template <typename real> static inline real* lora_offset(real* p, size_t offset) { return p ? p + offset : NULL; }
+
+// One adapted matrix at one layer: the slices of target t's (L, ...) buffers that layer l uses, so that
+// no caller writes offset arithmetic. C and OC are that matrix's input and output channels; h and
+// dora_z are the layer's slices for a batch of BT rows (0: not needed). NULL where not allocated.
+template <typename real>
+struct LoRALayer {
+    int C, OC, r;
+    real* lora_A;   // (r, C)
+    real* lora_B;   // (OC, r)
+    real* dlora_A;  // (r, C)
+    real* dlora_B;  // (OC, r)
+    real* h;        // (BT, r)
+    real* dora_m;   // (OC) DoRA only
+    real* ddora_m;  // (OC)
+    real* dora_n;   // (OC)
+    real* dora_P;   // (OC, r)
+    real* dora_z;   // (BT, OC)
+};
+
+template <typename real>
+LoRALayer<real> lora_layer(const LoRA<real>* lora, int t, int l, size_t BT = 0) {
+    LoRALayer<real> v;
+    v.C = lora_target_in(t, lora->C);
+    v.OC = lora_target_out(t, lora->C);
+    v.r = lora->config.r;
+    size_t C = v.C, OC = v.OC, r = v.r;
+    v.lora_A = lora_offset(lora->lora_A[t], l * r * C);
+    v.lora_B = lora_offset(lora->lora_B[t], l * OC * r);
+    v.dlora_A = lora_offset(lora->dlora_A[t], l * r * C);
+    v.dlora_B = lora_offset(lora->dlora_B[t], l * OC * r);
+    v.h = lora_offset(lora->h[t], l * BT * r);
+    v.dora_m = lora_offset(lora->dora_m[t], l * OC);
+    v.ddora_m = lora_offset(lora->ddora_m[t], l * OC);
+    v.dora_n = lora_offset(lora->dora_n[t], l * OC);
+    v.dora_P = lora_offset(lora->dora_P[t], l * OC * r);
+    v.dora_z = lora_offset(lora->dora_z[t], l * BT * OC);
+    return v;
+}
 
 // the number of adapter parameters: sum over enabled targets of L * r * (in + out)
 static inline size_t lora_count_parameters(LoRAConfig cfg, int L, int C) {
@@ -321,12 +365,14 @@ void lora_init(LoRA<real>* lora, LoRAConfig cfg, int L, int C, uint64_t seed) {
         for (size_t i = 0; i < nA; i++) { lora->lora_A[t][i] = (real)rng_uniform(&rng, -bound, bound); }
     }
     // DoRA: the magnitudes come after every lora_A / lora_B, so those keep the plain layout;
-    // lora_attach_base sets them to the row norms of W0
+    // dora_init_layer sets them to the row norms of W0 when the adapter is attached to a base
     for (int t = 0; t < LORA_NUM_TARGETS && cfg.use_dora; t++) {
         if (!(cfg.targets & (1u << t))) continue;
         lora->dora_m[t] = lora->params_memory + off;
         lora->ddora_m[t] = lora->grads_memory + off;
         off += (size_t)L * lora_target_out(t, C);
+        lora->dora_n[t] = lora_calloc<real>((size_t)L * lora_target_out(t, C));
+        lora->dora_P[t] = lora_calloc<real>((size_t)L * lora_target_out(t, C) * cfg.r);
     }
 }
 
@@ -375,12 +421,9 @@ void lora_free(LoRA<real>* lora) {
         free(lora->dora_n[t]);
         free(lora->dora_P[t]);
         free(lora->dora_z[t]);
-        free(lora->quant_q[t]);
-        free(lora->quant_absmax[t]);
     }
     free(lora->dh);
     free(lora->dora_dz);
-    free(lora->quant_w);
     memset(lora, 0, sizeof(*lora));
 }
 
@@ -416,16 +459,15 @@ void lora_merge_all(const LoRA<real>* lora, real* const base[LORA_NUM_TARGETS], 
     for (int t = 0; t < LORA_NUM_TARGETS; t++) {
         if (lora->lora_A[t] == NULL) continue;
         if (lora->dora_m[t] != NULL) { dora_merge(lora, t, base[t], sign); continue; }
-        int in = lora_target_in(t, lora->C), out = lora_target_out(t, lora->C);
         for (int l = 0; l < lora->L; l++) {
-            lora_merge(base[t] + (size_t)l * out * in, lora->lora_A[t] + (size_t)l * r * in,
-                       lora->lora_B[t] + (size_t)l * out * r, (real)lora->config.scale, in, out, r, sign);
+            LoRALayer<real> a = lora_layer(lora, t, l);
+            lora_merge(base[t] + (size_t)l * a.OC * a.C, a.lora_A, a.lora_B, (real)lora->config.scale, a.C, a.OC, r, sign);
         }
     }
 }
 
 // ----------------------------------------------------------------------------
-// the adapter's tensors, one per (layer, target, A or B), as adapter files and PEFT name them
+// the adapter's tensors, one per (layer, target, A or B), in the order adapter files and PEFT write them
 
 struct LoRATensor {
     int layer, target;
@@ -459,25 +501,14 @@ static inline std::vector<LoRATensor> lora_tensor_list(LoRAConfig cfg, int L, in
     return list;
 }
 
-// Hugging Face PEFT's key for one tensor of a GPT-2 adapter, e.g.
-// "base_model.model.transformer.h.3.mlp.c_fc.lora_B.weight". PEFT's lora_A / lora_B are nn.Linear
-// modules, so their weights are (r, in) and (out, r) whatever the base layer is: exactly our layout.
-static inline std::string lora_peft_key(int layer, int target, bool is_B) {
-    return "base_model.model.transformer.h." + std::to_string(layer) + "." + lora_peft_names[target] +
-           (is_B ? ".lora_B.weight" : ".lora_A.weight");
-}
-
-// DoRA's magnitude (out) of one module, as PEFT saves it: "<module>.lora_magnitude_vector" (no ".weight")
-static inline std::string lora_peft_magnitude_key(int layer, int target) {
-    return "base_model.model.transformer.h." + std::to_string(layer) + "." + lora_peft_names[target] + ".lora_magnitude_vector";
-}
-
 // ----------------------------------------------------------------------------
-// ---- LoRA variants ----
-// rsLoRA (the scale, see lora_scale_of above), LoRA+, DoRA, a quantized frozen base (int8 / NF4 / int2), PiSSA
-// initialisation and multi-adapter batches. Each is off by default; plain LoRA is untouched by them.
+// ---- LoRA variants (skip on first reading) ----
+// rsLoRA (the scale, see lora_scale_of above), LoRA+, DoRA, PiSSA initialisation and several adapters on
+// one base; a quantized frozen base (int8 / NF4 / int2) is the model's (lib/quant.h). Each is off by
+// default; plain LoRA is untouched by them.
 
-// LoRA+ (Hayou et al. 2024): lora_B learns with lr_B = lr_ratio_B * lr while lora_A keeps lr, because
+// ---- LoRA+ (Hayou et al. 2024)
+// lora_B learns with lr_B = lr_ratio_B * lr while lora_A keeps lr, because
 // for wide layers the two factors want learning rates of different orders. The flat buffer is
 // target-major (lora_A then lora_B of each target), so the ranges below cover it front to back:
 // AdamW runs once per range with lr * lr_mult. (PEFT's create_loraplus_optimizer also gives 1-D
@@ -661,91 +692,36 @@ void dora_backward(real* dinp, real* dlora_A, real* dlora_B, real* dm, real* dh,
     }
 }
 
-// ---- a quantized frozen base, QLoRA-style (Dettmers et al. 2023)
-// The base's adapted matrices are stored in blocks of LORA_QUANT_BLOCK consecutive weights (row-major
-// (out, in), flattened), each block with its own fp32 absmax:
-//   int8: q = round(127 x / absmax) in [-127, 127], x ~ q absmax / 127; error <= absmax / 254 per weight
-//   nf4:  q = the index of the NF4 level nearest to x / absmax, two per byte, x ~ level[q] absmax;
-//         error <= absmax * (largest gap between neighbouring levels) / 2 = 0.1385 absmax per weight
-//   int2: q = the index of the nearest of the 4 uniform levels -1, -1/3, 1/3, 1 (no zero), four per
-//         byte, x ~ level[q] absmax; error <= absmax / 3 per weight. The 2-bit row of the memory tables
-//         in the LoRA literature (QLoRA itself stops at 4 bits)
-// (QLoRA also quantizes the absmax values themselves, "double quantization"; here they stay fp32.)
-// LoRA trains on top in fp32. A matrix is dequantized whole into one (out, in) scratch per target just
-// before its matmul (forward and the dinp backward; the frozen base has no weight gradient), so the
-// fp32 matmul and its fast path run unchanged on the dequantized weights.
-enum LoRAQuant { LORA_QUANT_FP32, LORA_QUANT_INT8, LORA_QUANT_NF4, LORA_QUANT_INT2, LORA_NUM_QUANTS };
-static const char* const lora_quant_names[LORA_NUM_QUANTS] = {"fp32", "int8", "nf4", "int2"};
-#define LORA_QUANT_BLOCK 64
-
-// the 16 NormalFloat4 levels: quantiles of N(0,1) normalised to [-1, 1], with an exact 0
-// (the published table of the QLoRA paper, as bitsandbytes ships it)
-static const float nf4_levels[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
-
-// the 4 int2 levels, in units of the block's absmax
-static const float int2_levels[4] = {-1.0f, -1.0f / 3.0f, 1.0f / 3.0f, 1.0f};
-
-// codes per byte: 1 (int8), 2 (nf4), 4 (int2)
-static inline int lora_quant_per_byte(int quant) { return quant == LORA_QUANT_NF4 ? 2 : quant == LORA_QUANT_INT2 ? 4 : 1; }
-// bytes of codes for n weights (absmax adds 4 bytes per block)
-static inline size_t lora_quant_code_bytes(int quant, size_t n) {
-    size_t k = (size_t)lora_quant_per_byte(quant);
-    return (n + k - 1) / k;
-}
-static inline size_t lora_quant_blocks(size_t n) { return (n + LORA_QUANT_BLOCK - 1) / LORA_QUANT_BLOCK; }
-
-// the index of the level nearest to x (the first of two equally near)
-static inline int nearest_level(float x, const float* levels, int nlevels) {
-    int best = 0;
-    for (int k = 1; k < nlevels; k++) {
-        if (std::fabs(x - levels[k]) < std::fabs(x - levels[best])) best = k;
-    }
-    return best;
-}
-
-// W (n) -> q (lora_quant_code_bytes), absmax (lora_quant_blocks(n))
+// DoRA's magnitudes of target t at layer l start at the row norms of the frozen W0_l (OC, C) (dequantized
+// with -Q), so m / n = 1 and the model starts exactly at the base; called once the base is final (after PiSSA)
 template <typename real>
-void quantize_forward(uint8_t* q, float* absmax, const real* W, size_t n, int quant) {
-    size_t nblocks = lora_quant_blocks(n);
-    if (quant != LORA_QUANT_INT8) memset(q, 0, lora_quant_code_bytes(quant, n));
-    // parallel over blocks: each thread owns a block's codes (64 weights = 32 whole NF4 bytes, 16 int2
-    // bytes) and absmax
-    #pragma omp parallel for
-    for (size_t b = 0; b < nblocks; b++) {
-        size_t start = b * LORA_QUANT_BLOCK, end = std::min(n, start + LORA_QUANT_BLOCK);
-        float amax = 0;
-        for (size_t i = start; i < end; i++) { amax = std::max(amax, std::fabs((float)W[i])); }
-        absmax[b] = amax;
-        float inv = amax > 0 ? 1.0f / amax : 0.0f; // an all-zero block stores zeros
-        for (size_t i = start; i < end; i++) {
-            float x = (float)W[i] * inv; // in [-1, 1]
-            if (quant == LORA_QUANT_INT8) {
-                q[i] = (uint8_t)(int8_t)lrintf(127.0f * x);
-            } else if (quant == LORA_QUANT_NF4) {
-                int k = nearest_level(x, nf4_levels, 16);
-                q[i / 2] |= (uint8_t)(k << (4 * (i % 2))); // even index: low nibble, odd: high nibble
-            } else {
-                int k = nearest_level(x, int2_levels, 4);
-                q[i / 4] |= (uint8_t)(k << (2 * (i % 4))); // weight i in bits 2(i%4), 2(i%4)+1
-            }
+void dora_init_layer(LoRA<real>* lora, int t, int l, const real* W0_l) {
+    LoRALayer<real> a = lora_layer(lora, t, l);
+    if (a.dora_m == NULL) return;
+    dora_norm_forward(a.dora_m, a.dora_P, W0_l, a.lora_A, a.lora_B, (real)lora->config.scale, a.C, a.OC, a.r);
+}
+
+// W (L, out, in) of target t -> merged: W_l <- m/n * (W_l + scale lora_B lora_A) row by row, n the row norms
+// of the bracket (kept in dora_n for the unmerge); unmerged (sign -1): W_l <- W_l * n/m - scale lora_B lora_A.
+// Merged, the model is one plain matmul per layer again, equal to the DoRA forward up to rounding.
+template <typename real>
+void dora_merge(const LoRA<real>* lora, int t, real* W, int sign) {
+    real scale = (real)lora->config.scale;
+    for (int l = 0; l < lora->L; l++) {
+        LoRALayer<real> a = lora_layer(lora, t, l);
+        int in = a.C, out = a.OC, r = a.r;
+        real* W_l = W + (size_t)l * out * in;
+        const real* m = a.dora_m;
+        real* n = a.dora_n;
+        if (sign > 0) {
+            dora_norm_forward(n, a.dora_P, W_l, a.lora_A, a.lora_B, scale, in, out, r);
+            lora_merge(W_l, a.lora_A, a.lora_B, scale, in, out, r, +1);
         }
-    }
-}
-
-// q, absmax -> W (n) dequantized
-template <typename real>
-void dequantize_forward(real* W, const uint8_t* q, const float* absmax, size_t n, int quant) {
-    // parallel over weights: each thread writes its own W[i]
-    #pragma omp parallel for
-    for (size_t i = 0; i < n; i++) {
-        float amax = absmax[i / LORA_QUANT_BLOCK];
-        if (quant == LORA_QUANT_INT8) W[i] = (real)((float)(int8_t)q[i] * (amax / 127.0f));
-        else if (quant == LORA_QUANT_NF4) W[i] = (real)(nf4_levels[(q[i / 2] >> (4 * (i % 2))) & 15] * amax);
-        else W[i] = (real)(int2_levels[(q[i / 4] >> (2 * (i % 4))) & 3] * amax);
+        for (int o = 0; o < out; o++) {
+            real f = sign > 0 ? m[o] / n[o] : n[o] / m[o];
+            for (int c = 0; c < in; c++) { W_l[(size_t)o * in + c] *= f; }
+        }
+        if (sign < 0) lora_merge(W_l, a.lora_A, a.lora_B, scale, in, out, r, -1);
     }
 }
 
@@ -753,138 +729,7 @@ void dequantize_forward(real* W, const uint8_t* q, const float* absmax, size_t n
 // The adapter starts on the top-r singular directions of W0 = U S V^T instead of at zero:
 //   lora_B = U_r sqrt(S_r / scale), lora_A = sqrt(S_r / scale) V_r^T, so scale * lora_B lora_A = U_r S_r V_r^T,
 // and the frozen base becomes the residual W0 - scale * lora_B lora_A: the model is unchanged at init
-// (up to fp32 rounding), but training moves the principal part. The SVD is a randomized subspace
-// iteration (Halko, Martinsson, Tropp 2011) in double: Y = W Omega, a few rounds of Q = qr(W qr(W^T Q)),
-// then the small (k, C) matrix Q^T W is decomposed through the eigenvectors of its (k, k) Gram matrix.
-
-// Y (m, k) row-major -> its k columns orthonormalised in place (modified Gram-Schmidt, run twice:
-// one pass leaves O(eps * cond) of non-orthogonality, the second removes it)
-static inline void qr_orthonormalize(double* Y, int m, int k) {
-    for (int pass = 0; pass < 2; pass++) {
-        for (int j = 0; j < k; j++) {
-            for (int i = 0; i < j; i++) {
-                double d = 0;
-                for (int a = 0; a < m; a++) { d += Y[(size_t)a * k + i] * Y[(size_t)a * k + j]; }
-                for (int a = 0; a < m; a++) { Y[(size_t)a * k + j] -= d * Y[(size_t)a * k + i]; }
-            }
-            double norm = 0;
-            for (int a = 0; a < m; a++) { norm += Y[(size_t)a * k + j] * Y[(size_t)a * k + j]; }
-            norm = std::sqrt(norm);
-            for (int a = 0; a < m; a++) { Y[(size_t)a * k + j] = norm > 0 ? Y[(size_t)a * k + j] / norm : 0.0; }
-        }
-    }
-}
-
-// S (k, k) symmetric -> its eigenvalues on the diagonal of S, eigenvectors in the columns of E (k, k):
-// cyclic Jacobi rotations, each zeroing one off-diagonal pair, until the off-diagonal mass is negligible
-static inline void jacobi_eigen(double* S, double* E, int k) {
-    for (int i = 0; i < k; i++) {
-        for (int j = 0; j < k; j++) { E[(size_t)i * k + j] = i == j ? 1.0 : 0.0; }
-    }
-    for (int sweep = 0; sweep < 100; sweep++) {
-        double off = 0, diag = 0;
-        for (int i = 0; i < k; i++) {
-            diag += S[(size_t)i * k + i] * S[(size_t)i * k + i];
-            for (int j = i + 1; j < k; j++) { off += S[(size_t)i * k + j] * S[(size_t)i * k + j]; }
-        }
-        if (off <= 1e-30 * diag || off == 0) break;
-        for (int p = 0; p < k; p++) {
-            for (int q = p + 1; q < k; q++) {
-                double spq = S[(size_t)p * k + q];
-                if (spq == 0) continue;
-                // the rotation angle that makes S'[p,q] = 0: tan(2 theta) = 2 S[p,q] / (S[q,q] - S[p,p])
-                double theta = (S[(size_t)q * k + q] - S[(size_t)p * k + p]) / (2 * spq);
-                double t = (theta >= 0 ? 1.0 : -1.0) / (std::fabs(theta) + std::sqrt(theta * theta + 1));
-                double c = 1 / std::sqrt(t * t + 1), sn = t * c;
-                for (int a = 0; a < k; a++) { // S <- S J (columns p, q)
-                    double sap = S[(size_t)a * k + p], saq = S[(size_t)a * k + q];
-                    S[(size_t)a * k + p] = c * sap - sn * saq;
-                    S[(size_t)a * k + q] = sn * sap + c * saq;
-                }
-                for (int a = 0; a < k; a++) { // S <- J^T S (rows p, q)
-                    double spa = S[(size_t)p * k + a], sqa = S[(size_t)q * k + a];
-                    S[(size_t)p * k + a] = c * spa - sn * sqa;
-                    S[(size_t)q * k + a] = sn * spa + c * sqa;
-                }
-                for (int a = 0; a < k; a++) { // E <- E J
-                    double eap = E[(size_t)a * k + p], eaq = E[(size_t)a * k + q];
-                    E[(size_t)a * k + p] = c * eap - sn * eaq;
-                    E[(size_t)a * k + q] = sn * eap + c * eaq;
-                }
-            }
-        }
-    }
-}
-
-// W (OC, C) -> the top r singular triplets, descending: U (OC, r) columns, S (r), Vt (r, C) rows.
-// k = r + 8 columns are iterated (oversampling) so that the r-th direction converges too; when k
-// reaches min(OC, C) the subspace is the whole range and the result is exact.
-template <typename real>
-void svd_top_forward(double* U, double* S, double* Vt, const real* W, int OC, int C, int r, int iters, uint64_t seed) {
-    int k = std::min(r + 8, std::min(OC, C));
-    std::vector<double> Y((size_t)OC * k), Z((size_t)C * k);
-    Rng rng;
-    rng_seed(&rng, seed);
-    for (size_t i = 0; i < Z.size(); i++) { Z[i] = rng_normal(&rng); } // Omega (C, k)
-    auto W_times = [&](const std::vector<double>& X, std::vector<double>& out) { // out (OC, k) = W @ X, X (C, k)
-        #pragma omp parallel for
-        for (int o = 0; o < OC; o++) {
-            for (int j = 0; j < k; j++) {
-                double sum = 0;
-                for (int c = 0; c < C; c++) { sum += (double)W[(size_t)o * C + c] * X[(size_t)c * k + j]; }
-                out[(size_t)o * k + j] = sum;
-            }
-        }
-    };
-    auto Wt_times = [&](const std::vector<double>& X, std::vector<double>& out) { // out (C, k) = W^T @ X, X (OC, k)
-        #pragma omp parallel for
-        for (int c = 0; c < C; c++) {
-            for (int j = 0; j < k; j++) {
-                double sum = 0;
-                for (int o = 0; o < OC; o++) { sum += (double)W[(size_t)o * C + c] * X[(size_t)o * k + j]; }
-                out[(size_t)c * k + j] = sum;
-            }
-        }
-    };
-    W_times(Z, Y);
-    qr_orthonormalize(Y.data(), OC, k);
-    for (int it = 0; it < iters; it++) {
-        Wt_times(Y, Z);
-        qr_orthonormalize(Z.data(), C, k);
-        W_times(Z, Y);
-        qr_orthonormalize(Y.data(), OC, k);
-    }
-    // Bt = W^T Q (C, k), i.e. (Q^T W)^T; its Gram matrix G = Bt^T Bt = Q^T W W^T Q (k, k) = E diag(S^2) E^T
-    Wt_times(Y, Z);
-    std::vector<double> G((size_t)k * k), E((size_t)k * k);
-    for (int i = 0; i < k; i++) {
-        for (int j = 0; j < k; j++) {
-            double sum = 0;
-            for (int c = 0; c < C; c++) { sum += Z[(size_t)c * k + i] * Z[(size_t)c * k + j]; }
-            G[(size_t)i * k + j] = sum;
-        }
-    }
-    jacobi_eigen(G.data(), E.data(), k);
-    std::vector<int> order(k);
-    for (int i = 0; i < k; i++) order[i] = i;
-    std::sort(order.begin(), order.end(), [&](int a, int b) { return G[(size_t)a * k + a] > G[(size_t)b * k + b]; });
-    for (int i = 0; i < r; i++) {
-        int e = order[i];
-        double sigma = std::sqrt(std::max(G[(size_t)e * k + e], 0.0));
-        S[i] = sigma;
-        // u_i = Q E_i; v_i = W^T u_i / sigma_i = Bt E_i / sigma_i
-        for (int o = 0; o < OC; o++) {
-            double sum = 0;
-            for (int j = 0; j < k; j++) { sum += Y[(size_t)o * k + j] * E[(size_t)j * k + e]; }
-            U[(size_t)o * r + i] = sum;
-        }
-        for (int c = 0; c < C; c++) {
-            double sum = 0;
-            for (int j = 0; j < k; j++) { sum += Z[(size_t)c * k + j] * E[(size_t)j * k + e]; }
-            Vt[(size_t)i * C + c] = sigma > 0 ? sum / sigma : 0.0;
-        }
-    }
-}
+// (up to fp32 rounding), but training moves the principal part. The top-r SVD is lib/svd.h's.
 
 // subspace iterations for PiSSA: each costs 2 OC*C*(r+8) passes; PEFT's fast option ("pissa_niter_4")
 // uses 4. Any rank-r split keeps the forward exact; more iterations only sharpen "top r".
@@ -906,128 +751,14 @@ void pissa_init(real* W, real* lora_A, real* lora_B, real scale, int C, int OC, 
 
 // W (L, out, in) of target t -> merged: W_l <- m/n * (W_l + scale lora_B lora_A) row by row, n the row norms
 // of the bracket (kept in dora_n for the unmerge); unmerged (sign -1): W_l <- W_l * n/m - scale lora_B lora_A.
-// Merged, the model is one plain matmul per layer again, equal to the DoRA forward up to rounding.
-template <typename real>
-void dora_merge(const LoRA<real>* lora, int t, real* W, int sign) {
-    int r = lora->config.r, in = lora_target_in(t, lora->C), out = lora_target_out(t, lora->C);
-    real scale = (real)lora->config.scale;
-    for (int l = 0; l < lora->L; l++) {
-        real* W_l = W + (size_t)l * out * in;
-        const real* lora_A_l = lora->lora_A[t] + (size_t)l * r * in;
-        const real* lora_B_l = lora->lora_B[t] + (size_t)l * out * r;
-        const real* m = lora->dora_m[t] + (size_t)l * out;
-        real* n = lora->dora_n[t] + (size_t)l * out;
-        if (sign > 0) {
-            dora_norm_forward(n, lora->dora_P[t] + (size_t)l * out * r, W_l, lora_A_l, lora_B_l, scale, in, out, r);
-            lora_merge(W_l, lora_A_l, lora_B_l, scale, in, out, r, +1);
-        }
-        for (int o = 0; o < out; o++) {
-            real f = sign > 0 ? m[o] / n[o] : n[o] / m[o];
-            for (int c = 0; c < in; c++) { W_l[(size_t)o * in + c] *= f; }
-        }
-        if (sign < 0) lora_merge(W_l, lora_A_l, lora_B_l, scale, in, out, r, -1);
-    }
-}
 
-// ---- the model's hooks: the variants' work for one adapted matmul, called by gpt2_lora_forward/backward
-
-// the frozen base weight of target t at layer l: the fp32 matrix itself, or (quantized base) its
-// dequantized copy. With a quantized base fp32_weight is never read (and is NULL when the model never
-// held the fp32 matrices: the trainer reads them from the checkpoint one layer at a time to quantize).
-// The dequantized copy lives in the one scratch all four targets share, so it stays valid only until
-// another matrix is asked for: fetch it right before its matmul. The matmul and the adapter branch
-// after it (DoRA reads W too) then dequantize once.
-template <typename real>
-real* lora_base_weight(LoRA<real>* lora, int t, int l, real* fp32_weight) {
-    if (lora->quant_q[t] == NULL) return fp32_weight;
-    if (lora->quant_t != t || lora->quant_l != l) {
-        size_t n = (size_t)lora_target_out(t, lora->C) * lora_target_in(t, lora->C);
-        // each layer's matrix is quantized on its own: its codes and blocks start at layer offsets
-        dequantize_forward(lora->quant_w, lora->quant_q[t] + (size_t)l * lora_quant_code_bytes(lora->config.base_quant, n),
-                           lora->quant_absmax[t] + (size_t)l * lora_quant_blocks(n),
-                           n, lora->config.base_quant);
-        lora->quant_t = t;
-        lora->quant_l = l;
-    }
-    return lora->quant_w;
-}
-
-// the bytes of the base's adapted matrices as stored: fp32, or codes + absmax per block
-template <typename real>
-size_t lora_base_weight_bytes(const LoRA<real>* lora, int quant) {
-    size_t bytes = 0;
-    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
-        size_t n = (size_t)lora_target_out(t, lora->C) * lora_target_in(t, lora->C);
-        if (quant == LORA_QUANT_FP32) bytes += (size_t)lora->L * n * sizeof(float);
-        else bytes += (size_t)lora->L * (lora_quant_code_bytes(quant, n) + lora_quant_blocks(n) * sizeof(float));
-    }
-    return bytes;
-}
-
-// the dequantization scratch a quantized base holds besides its codes: one (4C, C) layer
-template <typename real>
-size_t lora_quant_scratch_bytes(const LoRA<real>* lora) {
-    return lora->quant_w ? (size_t)4 * lora->C * lora->C * sizeof(real) : 0;
-}
-
-// p + offset, or NULL when p is NULL (a quantized base's fp32 matrix that is not in memory)
-template <typename real> static inline real* lora_offset(real* p, size_t offset) { return p ? p + offset : NULL; }
-
-// Wires the base model's adapted matrices into the adapters, one (target, layer) at a time, then once
-// for all. lora_attach_layer: PiSSA replaces W_l by its residual (so the fp32 base changes), and a
-// quantized base stores W_l as codes (all four block matrices, adapted or not). lora_attach_finish: the
-// base pointers (W[t] is NULL when a quantized base's fp32 matrix is not in memory), and DoRA magnitudes at
-// the row norms of the (dequantized) base, so m / n = 1 and the model starts exactly at the base.
-// lora.h never frees the model's memory: the trainer never holds a quantized base's fp32 matrices at all
-// (it reads the checkpoint without them and hands lora_attach_layer one layer at a time from the file).
+// PiSSA's part of attaching to a base: target t's frozen weight at layer l, W_l (out, in), gives lora_A
+// and lora_B their init and keeps the residual. Nothing for plain LoRA (its init is lora_init's).
 template <typename real>
 void lora_attach_layer(LoRA<real>* lora, int t, int l, real* W_l) {
-    int L = lora->L, r = lora->config.r, quant = lora->config.base_quant;
-    int in = lora_target_in(t, lora->C), out = lora_target_out(t, lora->C);
-    size_t n = (size_t)out * in;
-    if (lora->config.init_pissa && lora->lora_A[t] != NULL) {
-        pissa_init(W_l, lora->lora_A[t] + (size_t)l * r * in, lora->lora_B[t] + (size_t)l * out * r,
-                   (real)lora->config.scale, in, out, r, 1000u * t + l);
-    }
-    if (quant == LORA_QUANT_FP32) return;
-    if (lora->quant_q[t] == NULL) {
-        lora->quant_q[t] = lora_calloc<uint8_t>((size_t)L * lora_quant_code_bytes(quant, n));
-        lora->quant_absmax[t] = lora_calloc<float>((size_t)L * lora_quant_blocks(n));
-    }
-    if (lora->quant_w == NULL) lora->quant_w = lora_calloc<real>((size_t)4 * lora->C * lora->C);
-    lora->quant_t = lora->quant_l = -1;
-    quantize_forward(lora->quant_q[t] + (size_t)l * lora_quant_code_bytes(quant, n),
-                     lora->quant_absmax[t] + (size_t)l * lora_quant_blocks(n), W_l, n, quant);
-}
-
-template <typename real>
-void lora_attach_finish(LoRA<real>* lora, real* const W[LORA_NUM_TARGETS], real* const bias[LORA_NUM_TARGETS]) {
-    int L = lora->L, r = lora->config.r;
-    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
-        lora->base_w[t] = W[t];
-        lora->base_b[t] = bias[t];
-    }
-    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
-        if (lora->dora_m[t] == NULL) continue;
-        int in = lora_target_in(t, lora->C), out = lora_target_out(t, lora->C);
-        lora->dora_n[t] = lora_calloc<real>((size_t)L * out);
-        lora->dora_P[t] = lora_calloc<real>((size_t)L * out * r);
-        for (int l = 0; l < L; l++) {
-            dora_norm_forward(lora->dora_m[t] + (size_t)l * out, lora->dora_P[t] + (size_t)l * out * r,
-                              lora_base_weight(lora, t, l, lora_offset(W[t], (size_t)l * out * in)), lora->lora_A[t] + (size_t)l * r * in,
-                              lora->lora_B[t] + (size_t)l * out * r, (real)lora->config.scale, in, out, r);
-        }
-    }
-}
-
-// both steps for a base held in memory: W[t] (L, out, in) and bias[t] (L, out) per target
-template <typename real>
-void lora_attach_base(LoRA<real>* lora, real* const W[LORA_NUM_TARGETS], real* const bias[LORA_NUM_TARGETS]) {
-    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
-        size_t n = (size_t)lora_target_out(t, lora->C) * lora_target_in(t, lora->C);
-        for (int l = 0; l < lora->L; l++) { lora_attach_layer(lora, t, l, W[t] + (size_t)l * n); }
-    }
-    lora_attach_finish(lora, W, bias);
+    LoRALayer<real> a = lora_layer(lora, t, l);
+    if (!lora->config.init_pissa || a.lora_A == NULL) return;
+    pissa_init(W_l, a.lora_A, a.lora_B, (real)lora->config.scale, a.C, a.OC, a.r, 1000u * t + l);
 }
 
 // ---- several adapters on one base, for inference
@@ -1050,10 +781,10 @@ void lora_multi_forward(LoRA<real>* holder, int t, int l, real* out, const real*
     for (int b = 0; b < BT / T; b++) {
         const LoRA<real>* a = holder->multi[holder->multi_index[b]];
         if (a->lora_A[t] == NULL) continue; // this adapter leaves target t alone
-        int r = a->config.r;
-        std::vector<real> h((size_t)T * r); // the bottleneck is not kept: no backward
-        lora_forward_naive(out + (size_t)b * T * OC, h.data(), inp + (size_t)b * T * C, a->lora_A[t] + (size_t)l * r * C,
-                     a->lora_B[t] + (size_t)l * OC * r, (real)a->config.scale, T, C, OC, r);
+        LoRALayer<real> v = lora_layer(a, t, l);
+        std::vector<real> h((size_t)T * v.r); // the bottleneck is not kept: no backward
+        lora_forward_naive(out + (size_t)b * T * OC, h.data(), inp + (size_t)b * T * C, v.lora_A, v.lora_B,
+                           (real)a->config.scale, T, C, OC, v.r);
     }
 }
 
@@ -1091,32 +822,32 @@ void lora_combine(LoRA<real>* out, const LoRA<real>* const* adapters, const floa
     }
 }
 
+
+// ---- the hooks: one adapted matmul's variant work, called by the model's gpt2_lora_forward / _backward.
+// W0 (OC, C) and bias (OC) are the frozen matrix at that layer and its bias, as the model's matmul used
+// them (dequantized with -Q): DoRA needs them, LoRA does not keep them.
+
 // DoRA or a multi-adapter batch instead of the plain branch; false when target t at layer l is plain LoRA
 template <typename real>
-bool lora_variant_forward(LoRA<real>* lora, int t, int l, real* out, const real* inp, int BT) {
+bool lora_variant_forward(LoRA<real>* lora, int t, int l, real* out, const real* inp, const real* W0, const real* bias, int BT) {
     if (lora->multi != NULL) { lora_multi_forward(lora, t, l, out, inp, BT); return true; }
     if (lora->dora_m[t] == NULL) return false;
-    int r = lora->config.r, C = lora_target_in(t, lora->C), OC = lora_target_out(t, lora->C);
-    dora_forward(out, lora->h[t] + (size_t)l * BT * r, lora->dora_z[t] + (size_t)l * BT * OC, lora->dora_n[t] + (size_t)l * OC,
-                 lora->dora_P[t] + (size_t)l * OC * r, inp, lora->base_b[t] + (size_t)l * OC,
-                 lora_base_weight(lora, t, l, lora_offset(lora->base_w[t], (size_t)l * OC * C)), lora->lora_A[t] + (size_t)l * r * C,
-                 lora->lora_B[t] + (size_t)l * OC * r, lora->dora_m[t] + (size_t)l * OC, (real)lora->config.scale, BT, C, OC, r);
+    LoRALayer<real> a = lora_layer(lora, t, l, BT);
+    dora_forward(out, a.h, a.dora_z, a.dora_n, a.dora_P, inp, bias, W0, a.lora_A, a.lora_B, a.dora_m,
+                 (real)lora->config.scale, BT, a.C, a.OC, a.r);
     return true;
 }
 
 template <typename real>
-bool lora_variant_backward(LoRA<real>* lora, int t, int l, real* dinp, const real* dout, const real* inp, int BT) {
+bool lora_variant_backward(LoRA<real>* lora, int t, int l, real* dinp, const real* dout, const real* inp, const real* W0, int BT) {
     if (lora->dora_m[t] == NULL) return false;
-    int r = lora->config.r, C = lora_target_in(t, lora->C), OC = lora_target_out(t, lora->C);
-    dora_backward(dinp, lora->dlora_A[t] + (size_t)l * r * C, lora->dlora_B[t] + (size_t)l * OC * r,
-                  lora->ddora_m[t] + (size_t)l * OC, lora->dh, lora->dora_dz, dout, lora->h[t] + (size_t)l * BT * r,
-                  lora->dora_z[t] + (size_t)l * BT * OC, lora->dora_n[t] + (size_t)l * OC, lora->dora_P[t] + (size_t)l * OC * r,
-                  inp, lora_base_weight(lora, t, l, lora_offset(lora->base_w[t], (size_t)l * OC * C)), lora->lora_A[t] + (size_t)l * r * C,
-                  lora->lora_B[t] + (size_t)l * OC * r, lora->dora_m[t] + (size_t)l * OC, (real)lora->config.scale, BT, C, OC, r);
+    LoRALayer<real> a = lora_layer(lora, t, l, BT);
+    dora_backward(dinp, a.dlora_A, a.dlora_B, a.ddora_m, lora->dh, lora->dora_dz, dout, a.h, a.dora_z, a.dora_n, a.dora_P,
+                  inp, W0, a.lora_A, a.lora_B, a.dora_m, (real)lora->config.scale, BT, a.C, a.OC, a.r);
     return true;
 }
 
-// -V: parses "lora" or a comma list of variants ("rslora"), sets them in cfg and re-derives the scale;
+// -V: parses "lora" or a comma list of variants (rslora, dora, pissa), sets them in cfg and re-derives the scale;
 // false + err on a bad name
 static inline bool lora_parse_variants(const char* list, LoRAConfig* cfg, std::string* err) {
     static const char* const names[] = {"lora", "rslora", "dora", "pissa"};
@@ -1143,15 +874,6 @@ static inline bool lora_parse_variants(const char* list, LoRAConfig* cfg, std::s
     return true;
 }
 
-// -Q: "fp32", "int8" or "nf4" -> *quant; false + err on a bad name
-static inline bool lora_parse_quant(const char* name, int* quant, std::string* err) {
-    for (int k = 0; k < LORA_NUM_QUANTS; k++) {
-        if (strcmp(name, lora_quant_names[k]) == 0) { *quant = k; return true; }
-    }
-    *err = std::string("unknown base quantization '") + name + "'; HINT: choose fp32, int8, nf4 or int2";
-    return false;
-}
-
 // the resolved variants, for the [LoRA] log block
 static inline std::string lora_variants_string(const LoRAConfig& cfg) {
     std::string s = cfg.use_rslora ? "rslora" : "lora";
@@ -1161,6 +883,4 @@ static inline std::string lora_variants_string(const LoRAConfig& cfg) {
     if (cfg.lr_ratio_B != 1.0f) s += ", lora+ (lr_B = " + std::to_string(cfg.lr_ratio_B) + " * lr)";
     return s;
 }
-
-// ---- end of LoRA variants ----
 #endif // LORA_H

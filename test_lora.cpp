@@ -1378,7 +1378,7 @@ TEST_CASE("quantized base: the model's forward and adapter gradients equal an fp
                 dequantize_forward(base[t] + (size_t)l * n, q.data(), absmax.data(), n, quant);
             }
         }
-        CHECK(lora_base_weight_bytes(&qmodel.lora, quant) < lora_base_weight_bytes(&qmodel.lora, LORA_QUANT_FP32) / (quant == LORA_QUANT_INT8 ? 3 : quant == LORA_QUANT_NF4 ? 6 : 10));
+        CHECK(gpt2_block_matrix_bytes(&qmodel, quant) < gpt2_block_matrix_bytes(&qmodel, LORA_QUANT_FP32) / (quant == LORA_QUANT_INT8 ? 3 : quant == LORA_QUANT_NF4 ? 6 : 10));
         Rng rng;
         rng_seed(&rng, 114);
         std::vector<int> inputs, targets;

@@ -596,6 +596,13 @@ struct GPT2 {
                               // when the checkpoint was read for a quantized base (-Q): those four pointers are then NULL
     char* block_file;         // the checkpoint whose block matrices were left on disk for gpt2_lora_attach to
                               // quantize (gpt2_read_checkpoint with leave_block_matrices); NULL otherwise
+    // -Q: the four block matrices as codes (lib/quant.h), indexed by LoRATarget; NULL for an fp32 base
+    int quant;                                // their LoRAQuant
+    uint8_t* quant_q[LORA_NUM_TARGETS];       // (L, out, in) int8 codes, two NF4 or four int2 codes per byte
+    float* quant_absmax[LORA_NUM_TARGETS];    // one absmax per block of LORA_QUANT_BLOCK weights
+    real* quant_w;                            // (out, in) one layer of one matrix dequantized, for the matmul at
+                                              // hand; sized for the largest, (4C, C), and shared by all four
+    int quant_t, quant_l;                     // which matrix and layer quant_w holds, -1 none
     // full fine-tuning (-f) only: gradients and AdamW state of every base parameter; NULL otherwise
     bool train_base;
     ParameterTensors<real> grads;
@@ -707,6 +714,87 @@ void gpt2_build_random(GPT2<real>* model, GPT2Config cfg, uint64_t seed) {
     }
 }
 
+// ---- the frozen block matrices: fp32, or with -Q codes dequantized layer by layer
+
+// the weight of block matrix t (a LoRATarget) at layer l, as the matmul uses it: the fp32 tensor's layer,
+// or with a quantized base (-Q: the fp32 pointer is NULL) the dequantized layer in the shared scratch,
+// valid until another matrix is fetched, so callers fetch it right at its matmul
+template <typename real>
+real* gpt2_base_weight(GPT2<real>* model, int t, int l) {
+    ParameterTensors<real>& p = model->params;
+    int C = model->config.channels;
+    size_t n = (size_t)lora_target_out(t, C) * lora_target_in(t, C);
+    if (model->quant_q[t] != NULL) {
+        if (model->quant_t != t || model->quant_l != l) {
+            // each layer's matrix is quantized on its own: its codes and blocks start at layer offsets
+            dequantize_forward(model->quant_w, model->quant_q[t] + (size_t)l * lora_quant_code_bytes(model->quant, n),
+                               model->quant_absmax[t] + (size_t)l * lora_quant_blocks(n), n, model->quant);
+            model->quant_t = t;
+            model->quant_l = l;
+        }
+        return model->quant_w;
+    }
+    real* W = t == LORA_QKV ? p.qkvw : t == LORA_ATTPROJ ? p.attprojw : t == LORA_FC ? p.fcw : p.fcprojw;
+    return at(W, (size_t)l * n);
+}
+
+// the bias of block matrix t at layer l
+template <typename real>
+real* gpt2_base_bias(GPT2<real>* model, int t, int l) {
+    ParameterTensors<real>& p = model->params;
+    real* b = t == LORA_QKV ? p.qkvb : t == LORA_ATTPROJ ? p.attprojb : t == LORA_FC ? p.fcb : p.fcprojb;
+    return at(b, (size_t)l * lora_target_out(t, model->config.channels));
+}
+
+// -Q: block matrix t at layer l, W_l (out, in), stored as codes of model->quant; W_l is not read again
+template <typename real>
+void gpt2_quantize_layer(GPT2<real>* model, int t, int l, const real* W_l) {
+    int L = model->config.num_layers, C = model->config.channels, quant = model->quant;
+    size_t n = (size_t)lora_target_out(t, C) * lora_target_in(t, C);
+    if (model->quant_q[t] == NULL) {
+        model->quant_q[t] = calloc_real<uint8_t>((size_t)L * lora_quant_code_bytes(quant, n), "the quantized base");
+        model->quant_absmax[t] = calloc_real<float>((size_t)L * lora_quant_blocks(n), "the quantized base");
+    }
+    if (model->quant_w == NULL) model->quant_w = calloc_real<real>((size_t)4 * C * C, "the dequantization scratch");
+    model->quant_t = model->quant_l = -1;
+    quantize_forward(model->quant_q[t] + (size_t)l * lora_quant_code_bytes(quant, n),
+                     model->quant_absmax[t] + (size_t)l * lora_quant_blocks(n), W_l, n, quant);
+}
+
+template <typename real>
+void gpt2_free_quantized(GPT2<real>* model) {
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        free(model->quant_q[t]);
+        free(model->quant_absmax[t]);
+        model->quant_q[t] = NULL;
+        model->quant_absmax[t] = NULL;
+    }
+    free(model->quant_w);
+    model->quant_w = NULL;
+    model->quant = LORA_QUANT_FP32;
+}
+
+// the bytes of the four block matrices as stored: fp32, or codes + an absmax per block
+template <typename real>
+size_t gpt2_block_matrix_bytes(const GPT2<real>* model, int quant) {
+    size_t bytes = 0, L = model->config.num_layers;
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        size_t n = (size_t)lora_target_out(t, model->config.channels) * lora_target_in(t, model->config.channels);
+        if (quant == LORA_QUANT_FP32) bytes += L * n * sizeof(float);
+        else bytes += L * (lora_quant_code_bytes(quant, n) + lora_quant_blocks(n) * sizeof(float));
+    }
+    return bytes;
+}
+
+// ---- LoRA's wiring: attach, one adapted matmul forward and backward, merge
+
+// one block matrix at one layer as an adapter is attached: PiSSA's init (W_l becomes the residual), then
+// with -Q its codes
+template <typename real>
+void gpt2_attach_layer(GPT2<real>* model, int t, int l, real* W_l) {
+    lora_attach_layer(&model->lora, t, l, W_l);
+    if (model->quant != LORA_QUANT_FP32) gpt2_quantize_layer(model, t, l, W_l);
+}
 
 // (the layer-by-layer read of a quantized base's matrices from the checkpoint is lib/checkpoint.h's)
 template <typename real> void gpt2_attach_layers_from_file(GPT2<real>* model);
@@ -722,14 +810,23 @@ void gpt2_lora_attach(GPT2<real>* model, LoRAConfig cfg, uint64_t seed) {
         die("gpt2_lora_attach: the base was read for a quantized attach (block matrices left on disk), but this adapter wants an fp32 base\n"
             "---> HINT: give the same -Q the adapter was trained with, or -Q fp32 to read the base whole");
     }
-    lora_init(&model->lora, cfg, model->config.num_layers, model->config.channels, seed);
-    ParameterTensors<real> p = model->params; // the variants (DoRA, PiSSA, a quantized base) need the base weights
-    real* const W[LORA_NUM_TARGETS] = {p.qkvw, p.attprojw, p.fcw, p.fcprojw}, * const bias[LORA_NUM_TARGETS] = {p.qkvb, p.attprojb, p.fcb, p.fcprojb};
+    int L = model->config.num_layers, C = model->config.channels;
+    lora_init(&model->lora, cfg, L, C, seed);
+    gpt2_free_quantized(model); // every attach quantizes anew
+    model->quant = cfg.base_quant;
     if (model->block_file != NULL) {
         gpt2_attach_layers_from_file(model); // the fp32 block matrices were never in memory
-        lora_attach_finish(&model->lora, W, bias);
     } else {
-        lora_attach_base(&model->lora, W, bias);
+        ParameterTensors<real> p = model->params;
+        real* const W[LORA_NUM_TARGETS] = {p.qkvw, p.attprojw, p.fcw, p.fcprojw};
+        for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+            size_t n = (size_t)lora_target_out(t, C) * lora_target_in(t, C);
+            for (int l = 0; l < L; l++) { gpt2_attach_layer(model, t, l, W[t] + (size_t)l * n); }
+        }
+    }
+    // DoRA: the magnitudes at the row norms of the base as it now is (dequantized with -Q)
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        for (int l = 0; l < L && model->lora.dora_m[t] != NULL; l++) { dora_init_layer(&model->lora, t, l, gpt2_base_weight(model, t, l)); }
     }
     if (model->alloc_B > 0) lora_allocate_activations(&model->lora, (size_t)model->alloc_B * model->alloc_T);
 }
@@ -781,42 +878,39 @@ void gpt2_allocate(GPT2<real>* model, int B, int T) {
     if (model->prefix.P > 0) prefix_allocate_activations(&model->prefix, B, T);
 }
 
-// the weight of adapted matmul t (a LoRA target) at layer l: the fp32 tensor's layer, or with a quantized
-// base (-Q: the fp32 pointer is NULL) the dequantized layer in lora's shared scratch, valid until the next
-// matrix is fetched, so callers fetch it right at its matmul
+// One adapted matmul's LoRA branch: block matrix t at layer l, after the base matmul wrote out (BT, OC)
+// from inp (BT, C); nothing when that target carries no adapter. DoRA also reads the frozen weight and
+// bias, as the matmul used them.
 template <typename real>
-real* gpt2_base_weight(GPT2<real>* model, int t, int l) {
-    ParameterTensors<real>& p = model->params;
-    size_t C = model->config.channels;
-    real* W = t == LORA_QKV ? p.qkvw : t == LORA_ATTPROJ ? p.attprojw : t == LORA_FC ? p.fcw : p.fcprojw;
-    return lora_base_weight(&model->lora, t, l, at(W, (size_t)l * lora_target_out(t, (int)C) * lora_target_in(t, (int)C)));
+void gpt2_lora_forward(GPT2<real>* model, int t, int l, real* out, const real* inp, int BT) {
+    LoRA<real>* lora = &model->lora;
+    if (lora->multi != NULL || lora->dora_m[t] != NULL) { // several adapters in one batch, or DoRA
+        lora_variant_forward(lora, t, l, out, inp, gpt2_base_weight(model, t, l), gpt2_base_bias(model, t, l), BT);
+        return;
+    }
+    if (lora->lora_A[t] == NULL) return;
+    LoRALayer<real> a = lora_layer(lora, t, l, BT);
+    lora_forward(out, a.h, inp, a.lora_A, a.lora_B, (real)lora->config.scale, BT, a.C, a.OC, a.r);
 }
 
-// one adapted matmul's LoRA branch at layer l; nothing when that target carries no adapter
+// its backward: dout (BT, OC) -> the adapter's gradients +=, dinp (BT, C) += (NULL: not needed)
 template <typename real>
-void gpt2_lora_forward(LoRA<real>* lora, int target, int l, real* out, const real* inp, int BT) {
-    if (lora_variant_forward(lora, target, l, out, inp, BT)) return; // DoRA, or several adapters in one batch
-    if (lora->lora_A[target] == NULL) return;
-    int r = lora->config.r, C = lora_target_in(target, lora->C), OC = lora_target_out(target, lora->C);
-    lora_forward(out, lora->h[target] + (size_t)l * BT * r, inp, lora->lora_A[target] + (size_t)l * r * C,
-                 lora->lora_B[target] + (size_t)l * OC * r, (real)lora->config.scale, BT, C, OC, r);
-}
-
-template <typename real>
-void gpt2_lora_backward(LoRA<real>* lora, int target, int l, real* dinp, const real* dout, const real* inp, int BT) {
-    if (lora->lora_A[target] == NULL) return;
-    if (lora_variant_backward(lora, target, l, dinp, dout, inp, BT)) return; // DoRA
-    int r = lora->config.r, C = lora_target_in(target, lora->C), OC = lora_target_out(target, lora->C);
-    lora_backward(dinp, lora->dlora_A[target] + (size_t)l * r * C, lora->dlora_B[target] + (size_t)l * OC * r,
-                  lora->dh, dout, lora->h[target] + (size_t)l * BT * r, inp, lora->lora_A[target] + (size_t)l * r * C,
-                  lora->lora_B[target] + (size_t)l * OC * r, (real)lora->config.scale, BT, C, OC, r);
+void gpt2_lora_backward(GPT2<real>* model, int t, int l, real* dinp, const real* dout, const real* inp, int BT) {
+    LoRA<real>* lora = &model->lora;
+    if (lora->lora_A[t] == NULL) return;
+    if (lora->dora_m[t] != NULL) { // DoRA
+        lora_variant_backward(lora, t, l, dinp, dout, inp, gpt2_base_weight(model, t, l), BT);
+        return;
+    }
+    LoRALayer<real> a = lora_layer(lora, t, l, BT);
+    lora_backward(dinp, a.dlora_A, a.dlora_B, lora->dh, dout, a.h, inp, a.lora_A, a.lora_B, (real)lora->config.scale, BT, a.C, a.OC, a.r);
 }
 
 // folds the adapters into qkvw, attprojw, fcw, fcprojw (sign +1) or takes them out again (sign -1)
 // (a quantized base has no fp32 matrices to fold into: write_merged_checkpoint merges into a dequantized copy)
 template <typename real>
 void gpt2_lora_merge(GPT2<real>* model, int sign) {
-    if (model->lora.quant_q[0] != NULL) die("gpt2_lora_merge: the base is quantized (-Q): there are no fp32 block matrices to merge into");
+    if (model->quant_q[0] != NULL) die("gpt2_lora_merge: the base is quantized (-Q): there are no fp32 block matrices to merge into");
     real* base[LORA_NUM_TARGETS] = {model->params.qkvw, model->params.attprojw, model->params.fcw, model->params.fcprojw};
     lora_merge_all(&model->lora, base, sign);
 }
@@ -824,7 +918,7 @@ void gpt2_lora_merge(GPT2<real>* model, int sign) {
 // inputs, targets (B, T) token ids; targets may be NULL (inference: no loss)
 template <typename real>
 void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int B, int T) {
-    if (model->params.qkvw == NULL && model->lora.quant_q[0] == NULL) {
+    if (model->params.qkvw == NULL && model->quant_q[0] == NULL) {
         die("gpt2_forward: the base's block matrices are still on disk (read for -Q); attach the adapters first (gpt2_lora_attach)");
     }
     if (model->acts_memory == NULL) gpt2_allocate(model, B, T);
@@ -848,7 +942,6 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
 
     ParameterTensors<real> params = model->params;
     ActivationTensors<real> acts = model->acts;
-    LoRA<real>* lora = &model->lora;
     encoder_forward(acts.encoded, inputs, params.wte, params.wpe + (size_t)pos0 * C, B, T, C);
     for (int l = 0; l < L; l++) {
         LayerParams<real> lp = layer_params(params, l, C);                 // this block's weights
@@ -857,7 +950,7 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
 
         layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, la.residual, lp.ln1w, lp.ln1b, B, T, C);
         matmul_forward(la.qkv, la.ln1, gpt2_base_weight(model, LORA_QKV, l), lp.qkvb, B, T, C, 3 * C);
-        gpt2_lora_forward(lora, LORA_QKV, l, la.qkv, la.ln1, BT);
+        gpt2_lora_forward(model, LORA_QKV, l, la.qkv, la.ln1, BT);
         // with the cache: append the new rows, then attend from them over all cached positions
         const real* qkv_all = la.qkv;
         real* att = la.att;
@@ -870,15 +963,15 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
         if (model->prefix.P > 0) gpt2_prefix_attention_forward(&model->prefix, l, la.atty, qkv_all, B, pos0 + T, pos0);
         else attention_forward(la.atty, att, qkv_all, B, pos0 + T, C, NH, pos0);
         matmul_forward(proj, la.atty, gpt2_base_weight(model, LORA_ATTPROJ, l), lp.attprojb, B, T, C, C);
-        gpt2_lora_forward(lora, LORA_ATTPROJ, l, proj, la.atty, BT);
+        gpt2_lora_forward(model, LORA_ATTPROJ, l, proj, la.atty, BT);
         gpt2_adapter_forward(&model->adapters, 0, l, proj, BT);
         residual_forward(la.residual2, la.residual, proj, (size_t)BT * C);
         layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.residual2, lp.ln2w, lp.ln2b, B, T, C);
         matmul_forward(la.fch, la.ln2, gpt2_base_weight(model, LORA_FC, l), lp.fcb, B, T, C, 4 * C);
-        gpt2_lora_forward(lora, LORA_FC, l, la.fch, la.ln2, BT);
+        gpt2_lora_forward(model, LORA_FC, l, la.fch, la.ln2, BT);
         gelu_forward(la.fch_gelu, la.fch, (size_t)BT * 4 * C);
         matmul_forward(proj, la.fch_gelu, gpt2_base_weight(model, LORA_FCPROJ, l), lp.fcprojb, B, T, 4 * C, C);
-        gpt2_lora_forward(lora, LORA_FCPROJ, l, proj, la.fch_gelu, BT);
+        gpt2_lora_forward(model, LORA_FCPROJ, l, proj, la.fch_gelu, BT);
         gpt2_adapter_forward(&model->adapters, 1, l, proj, BT);
         residual_forward(la.residual3, la.residual2, proj, (size_t)BT * C);
     }
@@ -919,7 +1012,6 @@ void gpt2_backward(GPT2<real>* model) {
     int l0 = model->first_trained_layer;         // the lowest block with a gradient (0 unless -F)
     ActivationTensors<real> acts = model->acts;
     BackwardTensors<real> d = model->dacts;
-    LoRA<real>* lora = &model->lora;
 
     // the loss is the mean over B*T positions
     real dloss = (real)1 / BT;
@@ -949,22 +1041,22 @@ void gpt2_backward(GPT2<real>* model) {
         // residual3 = residual2 + proj: both receive dresidual unchanged (it's the same buffer)
         real* dproj = gpt2_adapter_backward(&model->adapters, 1, l, d.dresidual, BT);
         matmul_backward(d.dfch_gelu, lg.fcprojw, lg.fcprojb, dproj, la.fch_gelu, gpt2_base_weight(model, LORA_FCPROJ, l), B, T, 4 * C, C);
-        gpt2_lora_backward(lora, LORA_FCPROJ, l, d.dfch_gelu, dproj, la.fch_gelu, BT);
+        gpt2_lora_backward(model, LORA_FCPROJ, l, d.dfch_gelu, dproj, la.fch_gelu, BT);
         gelu_backward(d.dfch, la.fch, d.dfch_gelu, (size_t)BT * 4 * C);
         matmul_backward(d.dln, lg.fcw, lg.fcb, d.dfch, la.ln2, gpt2_base_weight(model, LORA_FC, l), B, T, C, 4 * C);
-        gpt2_lora_backward(lora, LORA_FC, l, d.dln, d.dfch, la.ln2, BT);
+        gpt2_lora_backward(model, LORA_FC, l, d.dln, d.dfch, la.ln2, BT);
         layernorm_backward(d.dresidual, lg.ln2w, lg.ln2b, d.dln, la.residual2, lp.ln2w, la.ln2_mean, la.ln2_rstd, B, T, C);
         // residual2 = residual + proj: again dresidual flows to both unchanged
         dproj = gpt2_adapter_backward(&model->adapters, 0, l, d.dresidual, BT);
         matmul_backward(d.datty, lg.attprojw, lg.attprojb, dproj, la.atty, gpt2_base_weight(model, LORA_ATTPROJ, l), B, T, C, C);
-        gpt2_lora_backward(lora, LORA_ATTPROJ, l, d.datty, dproj, la.atty, BT);
+        gpt2_lora_backward(model, LORA_ATTPROJ, l, d.datty, dproj, la.atty, BT);
         if (model->prefix.P > 0) gpt2_prefix_attention_backward(&model->prefix, l, d.dqkv, d.datty, la.qkv, B, T);
         else attention_backward(d.dqkv, d.datt, d.datty, la.qkv, la.att, B, T, C, NH);
         memset(d.dln, 0, (size_t)BT * C * sizeof(real));
         // (-F: the lowest trained block's ln1 weights still need the gradient at ln1's output)
         real* dln1 = need_dinp || lg.ln1w != NULL ? d.dln : NULL;
         matmul_backward(dln1, lg.qkvw, lg.qkvb, d.dqkv, la.ln1, gpt2_base_weight(model, LORA_QKV, l), B, T, C, 3 * C);
-        gpt2_lora_backward(lora, LORA_QKV, l, dln1, d.dqkv, la.ln1, BT);
+        gpt2_lora_backward(model, LORA_QKV, l, dln1, d.dqkv, la.ln1, BT);
         if (dln1 != NULL) {
             layernorm_backward(d.dresidual, lg.ln1w, lg.ln1b, d.dln, la.residual, lp.ln1w, la.ln1_mean, la.ln1_rstd, B, T, C);
         }
@@ -1106,6 +1198,7 @@ void gpt2_free(GPT2<real>* model) {
     prefix_free(&model->prefix);
     free(model->params0);
     free(model->block_file);
+    gpt2_free_quantized(model);
     free(model->kv);
     memset(model, 0, sizeof(*model));
 }
@@ -1332,8 +1425,8 @@ static MemoryBytes gpt2_memory_bytes(const GPT2<float>* model) {
     size_t trainable = gpt2_trainable_parameters(model);
     size_t extras = model->lora.num_parameters + model->adapters.buf.n + model->prefix.buf.n;
     mb.base = model->num_params_stored * sizeof(float);
-    if (model->lora.quant_q[0] != NULL) { // -Q: the block matrices are codes (see gpt2_lora_attach)
-        mb.base += lora_base_weight_bytes(&model->lora, model->lora.config.base_quant) + lora_quant_scratch_bytes(&model->lora);
+    if (model->quant_q[0] != NULL) { // -Q: the block matrices are codes (see gpt2_lora_attach), and one dequantized layer
+        mb.base += gpt2_block_matrix_bytes(model, model->quant) + (size_t)4 * model->config.channels * model->config.channels * sizeof(float);
     }
     mb.params = mb.base + (extras + (model->params0 ? model->num_parameters : 0)) * sizeof(float);
     mb.grads = trainable * sizeof(float);
@@ -1840,7 +1933,7 @@ static void generate(Built* b, Flags* f) {
         return;
     }
     // a quantized base has no fp32 matrices to merge into: it generates unmerged (quantized base + adapters)
-    bool merge_now = f->merged_inference && model.lora.quant_q[0] == NULL;
+    bool merge_now = f->merged_inference && model.quant_q[0] == NULL;
     if (merge_now) {
         gpt2_lora_merge(&model, +1); // one plain matmul per adapted layer from here on
         lora_free(&model.lora);
@@ -1916,8 +2009,8 @@ static void print_run_header(const Built* b, const Flags* f, const TrainingData*
         printf("adapter: %s\n", adapter_desc.c_str());
         printf("rank: %d\nalpha: %g\nscale: %g\ntargets: %s\n", lcfg.r, lcfg.alpha, lcfg.scale, lora_targets_string(lcfg.targets).c_str());
         printf("variant: %s\n", lora_variants_string(lcfg).c_str());
-        printf("base_matrices_bytes: %zu (fp32 would be %zu)\n", lora_base_weight_bytes(&model.lora, lcfg.base_quant),
-               lora_base_weight_bytes(&model.lora, LORA_QUANT_FP32));
+        printf("base_matrices_bytes: %zu (fp32 would be %zu)\n", gpt2_block_matrix_bytes(&model, lcfg.base_quant),
+               gpt2_block_matrix_bytes(&model, LORA_QUANT_FP32));
         printf("trainable_params: %zu\nfrozen_params: %zu\ntrainable %%: %.4f\n", trainable, model.num_parameters,
                100.0 * trainable / (double)(model.num_parameters + trainable));
     } else {

@@ -291,7 +291,7 @@ void gpt2_expand_params(GPT2<real>* model, real* full) {
             int t = block_matrix_target(i);
             size_t per_layer = n / cfg.num_layers;
             for (int l = 0; l < cfg.num_layers; l++) {
-                memcpy(full + off + (size_t)l * per_layer, lora_base_weight(&model->lora, t, l, at((real*)stored[i], (size_t)l * per_layer)), per_layer * sizeof(real));
+                memcpy(full + off + (size_t)l * per_layer, gpt2_base_weight(model, t, l), per_layer * sizeof(real));
             }
         }
         off += n;
@@ -305,7 +305,7 @@ void gpt2_expand_params(GPT2<real>* model, real* full) {
 // write and freed after it: the file is the model that was trained (dequantized base + adapters), not the
 // original fp32 base + adapters, which this process no longer holds.
 static std::string write_merged_checkpoint(GPT2<float>* model, const char* path) {
-    if (model->lora.quant_q[0] != NULL) {
+    if (model->quant_q[0] != NULL) {
         std::vector<float> full(model->num_parameters);
         gpt2_expand_params(model, full.data());
         ParameterTensors<float> p;

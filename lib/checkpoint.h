@@ -143,7 +143,7 @@ void gpt2_attach_layers_from_file(GPT2<real>* model) {
                 die(strprintf("checkpoint '%s': read error in %s, layer %d\n---> HINT: the file changed since it was loaded; load it again", path, param_tensor_names[i], l));
             }
             for (size_t k = 0; k < n; k++) { W_l[k] = (real)buf[k]; }
-            lora_attach_layer(&model->lora, block_matrix_target(i), l, W_l.data());
+            gpt2_attach_layer(model, block_matrix_target(i), l, W_l.data());
         }
         offset += model->param_sizes[i] * sizeof(float);
     }

@@ -21,6 +21,22 @@
 #define PEFT_WEIGHTS_FILE "adapter_model.safetensors"
 #define PEFT_CONFIG_FILE "adapter_config.json"
 
+// the module names Hugging Face PEFT uses for our four LoRA targets (LoRATarget order) in GPT-2
+static const char* const lora_peft_names[LORA_NUM_TARGETS] = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"};
+
+// Hugging Face PEFT's key for one tensor of a GPT-2 adapter, e.g.
+// "base_model.model.transformer.h.3.mlp.c_fc.lora_B.weight". PEFT's lora_A / lora_B are nn.Linear
+// modules, so their weights are (r, in) and (out, r) whatever the base layer is: exactly our layout.
+static inline std::string lora_peft_key(int layer, int target, bool is_B) {
+    return "base_model.model.transformer.h." + std::to_string(layer) + "." + lora_peft_names[target] +
+           (is_B ? ".lora_B.weight" : ".lora_A.weight");
+}
+
+// DoRA's magnitude (out) of one module, as PEFT saves it: "<module>.lora_magnitude_vector" (no ".weight")
+static inline std::string lora_peft_magnitude_key(int layer, int target) {
+    return "base_model.model.transformer.h." + std::to_string(layer) + "." + lora_peft_names[target] + ".lora_magnitude_vector";
+}
+
 static std::string peft_config_json(LoRAConfig cfg, const char* base_name) {
     std::string targets;
     for (int t = 0; t < LORA_NUM_TARGETS; t++) {
@@ -55,10 +71,9 @@ static std::string peft_export(const char* dir, const GPT2<float>* model, const 
     // DoRA: one magnitude vector (out) per module
     for (int t = 0; t < LORA_NUM_TARGETS; t++) {
         if (lora->dora_m[t] == NULL) continue;
-        int out = lora_target_out(t, lora->C);
         for (int l = 0; l < lora->L; l++) {
-            tensors.push_back({lora_peft_magnitude_key(l, t),
-                               {(size_t)out}, lora->dora_m[t] + (size_t)l * out});
+            LoRALayer<float> a = lora_layer(lora, t, l);
+            tensors.push_back({lora_peft_magnitude_key(l, t), {(size_t)a.OC}, a.dora_m});
         }
     }
     std::string err = safetensors_write((std::string(dir) + "/" PEFT_WEIGHTS_FILE).c_str(), tensors);
@@ -197,8 +212,8 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
         memcpy(model->lora.params_memory + t.offset, st.values(s), (size_t)t.rows * t.cols * sizeof(float));
     }
     for (const Magnitude& m : magnitudes) { // the trained magnitudes replace the ||W0||_row that attach started from
-        int out = lora_target_out(m.target, C);
-        memcpy(model->lora.dora_m[m.target] + (size_t)m.layer * out, st.values(st.find(m.key)), (size_t)out * sizeof(float));
+        LoRALayer<float> a = lora_layer(&model->lora, m.target, m.layer);
+        memcpy(a.dora_m, st.values(st.find(m.key)), (size_t)a.OC * sizeof(float));
     }
     return "";
 }
