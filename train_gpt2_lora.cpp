@@ -11,16 +11,18 @@ path (lib/fast.h) with its naive twin beside it, and test_lora.cpp checks every 
 differences. The kernels and the model are templates over the scalar type only so that the tests can
 run the very same code in double precision; the program itself runs in float.
 
-Reading order (doc/reading.md says the same for every file):
-  1. the kernels: forward/backward pairs, each with its shape contract
-  2. the model: parameters, activations, build and allocate
-  3. LoRA's wiring: attach, one adapted matmul forward and backward, merge (the adapter itself is lora.h)
-  4. gpt2_forward, gpt2_backward (its exact reverse), gpt2_update, and the training step's helpers
-  5. sampling and generation
-  6. main: flags -> check -> build -> generate / merge / export, or train -> free
-Sections marked "skip on first reading" (the methods LoRA is compared with, the program's flags and
-logs) and the headers under lib/ (files, PEFT, data loader, tokenizer, data parallel, the fast GEMM) are
-everything else; each include line below says what it brings.
+Reading order (doc/reading.md lists every file):
+  1. the kernels: forward/backward pairs, each with its shape contract; the matmul picks its fast twin
+  2. the model: config, parameters, activations, build and allocate
+  3. LoRA's wiring: attach an adapter (lora.h) to the frozen base, one adapted matmul forward and
+     backward, merge
+  4. gpt2_forward, gpt2_backward (its exact reverse) and gpt2_update; then the training step's helpers
+     (learning-rate schedule, gradient clipping, the non-finite guard, validation)
+  5. sampling and generation, with a key/value cache
+  6. main, at the very end: flags -> check -> build -> either generate / merge / export, or train -> free
+Everything else is marked "skip on first reading": the methods LoRA is compared with (lib/methods.h),
+a quantized base's storage, and, after the core, the files of models and adapters, data parallelism
+and the program's flags and logs. Utilities live in lib/, and each include line says what it brings.
 */
 #include <algorithm>
 #include <cerrno>
@@ -714,7 +716,54 @@ void gpt2_build_random(GPT2<real>* model, GPT2Config cfg, uint64_t seed) {
     }
 }
 
-// ---- the frozen block matrices: fp32, or with -Q codes dequantized layer by layer
+// every base parameter trainable: gradient buffers and AdamW state for all of them
+template <typename real>
+void gpt2_enable_full_training(GPT2<real>* model) {
+    model->train_base = true;
+    model->grads_memory = calloc_real<real>(model->num_parameters, "parameter gradients");
+    model->m_memory = calloc_real<real>(model->num_parameters, "AdamW m");
+    model->v_memory = calloc_real<real>(model->num_parameters, "AdamW v");
+    point_parameters(&model->grads, model->param_sizes, model->grads_memory);
+}
+
+// allocates activations (and their gradients) once, for batches up to (B, T)
+template <typename real>
+void gpt2_allocate(GPT2<real>* model, int B, int T) {
+    GPT2Config cfg = model->config;
+    fill_in_activation_sizes(model->act_sizes, cfg, B, T);
+    model->num_activations = 0;
+    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { model->num_activations += model->act_sizes[i]; }
+    model->acts_memory = calloc_real<real>(model->num_activations, "activations");
+    real** ptrs[NUM_ACTIVATION_TENSORS] = {
+        &model->acts.encoded, &model->acts.ln1, &model->acts.ln1_mean, &model->acts.ln1_rstd, &model->acts.qkv,
+        &model->acts.atty, &model->acts.att, &model->acts.residual2, &model->acts.ln2, &model->acts.ln2_mean,
+        &model->acts.ln2_rstd, &model->acts.fch, &model->acts.fch_gelu, &model->acts.residual3, &model->acts.lnf,
+        &model->acts.lnf_mean, &model->acts.lnf_rstd, &model->acts.logits, &model->acts.proj};
+    real* mem = model->acts_memory;
+    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { *(ptrs[i]) = mem; mem += model->act_sizes[i]; }
+
+    size_t BT = (size_t)B * T, C = cfg.channels, NH = cfg.num_heads;
+    size_t dsizes[NUM_BACKWARD_TENSORS] = {BT * C, BT * C, BT * C, BT * 3 * C, (size_t)B * NH * T * T, BT * 4 * C, BT * 4 * C};
+    model->num_dacts = 0;
+    for (int i = 0; i < NUM_BACKWARD_TENSORS; i++) { model->num_dacts += dsizes[i]; }
+    model->dacts_memory = calloc_real<real>(model->num_dacts, "activation gradients");
+    real** dptrs[NUM_BACKWARD_TENSORS] = {&model->dacts.dresidual, &model->dacts.dln, &model->dacts.datty,
+        &model->dacts.dqkv, &model->dacts.datt, &model->dacts.dfch, &model->dacts.dfch_gelu};
+    mem = model->dacts_memory;
+    for (int i = 0; i < NUM_BACKWARD_TENSORS; i++) { *(dptrs[i]) = mem; mem += dsizes[i]; }
+
+    model->losses = calloc_real<real>(BT, "losses");
+    model->lse = calloc_real<real>(BT, "log-sum-exp");
+    model->inputs = (int*)malloc_check(BT * sizeof(int), "inputs");
+    model->targets = (int*)malloc_check(BT * sizeof(int), "targets");
+    model->alloc_B = B;
+    model->alloc_T = T;
+    if (model->lora.num_parameters > 0) lora_allocate_activations(&model->lora, BT);
+    if (model->adapters.m > 0) adapters_allocate_activations(&model->adapters, BT);
+    if (model->prefix.P > 0) prefix_allocate_activations(&model->prefix, B, T);
+}
+
+// ---- the frozen block matrices: fp32, or with -Q codes dequantized layer by layer (skip on first reading)
 
 // the weight of block matrix t (a LoRATarget) at layer l, as the matmul uses it: the fp32 tensor's layer,
 // or with a quantized base (-Q: the fp32 pointer is NULL) the dequantized layer in the shared scratch,
@@ -831,53 +880,6 @@ void gpt2_lora_attach(GPT2<real>* model, LoRAConfig cfg, uint64_t seed) {
     if (model->alloc_B > 0) lora_allocate_activations(&model->lora, (size_t)model->alloc_B * model->alloc_T);
 }
 
-// every base parameter trainable: gradient buffers and AdamW state for all of them
-template <typename real>
-void gpt2_enable_full_training(GPT2<real>* model) {
-    model->train_base = true;
-    model->grads_memory = calloc_real<real>(model->num_parameters, "parameter gradients");
-    model->m_memory = calloc_real<real>(model->num_parameters, "AdamW m");
-    model->v_memory = calloc_real<real>(model->num_parameters, "AdamW v");
-    point_parameters(&model->grads, model->param_sizes, model->grads_memory);
-}
-
-// allocates activations (and their gradients) once, for batches up to (B, T)
-template <typename real>
-void gpt2_allocate(GPT2<real>* model, int B, int T) {
-    GPT2Config cfg = model->config;
-    fill_in_activation_sizes(model->act_sizes, cfg, B, T);
-    model->num_activations = 0;
-    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { model->num_activations += model->act_sizes[i]; }
-    model->acts_memory = calloc_real<real>(model->num_activations, "activations");
-    real** ptrs[NUM_ACTIVATION_TENSORS] = {
-        &model->acts.encoded, &model->acts.ln1, &model->acts.ln1_mean, &model->acts.ln1_rstd, &model->acts.qkv,
-        &model->acts.atty, &model->acts.att, &model->acts.residual2, &model->acts.ln2, &model->acts.ln2_mean,
-        &model->acts.ln2_rstd, &model->acts.fch, &model->acts.fch_gelu, &model->acts.residual3, &model->acts.lnf,
-        &model->acts.lnf_mean, &model->acts.lnf_rstd, &model->acts.logits, &model->acts.proj};
-    real* mem = model->acts_memory;
-    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { *(ptrs[i]) = mem; mem += model->act_sizes[i]; }
-
-    size_t BT = (size_t)B * T, C = cfg.channels, NH = cfg.num_heads;
-    size_t dsizes[NUM_BACKWARD_TENSORS] = {BT * C, BT * C, BT * C, BT * 3 * C, (size_t)B * NH * T * T, BT * 4 * C, BT * 4 * C};
-    model->num_dacts = 0;
-    for (int i = 0; i < NUM_BACKWARD_TENSORS; i++) { model->num_dacts += dsizes[i]; }
-    model->dacts_memory = calloc_real<real>(model->num_dacts, "activation gradients");
-    real** dptrs[NUM_BACKWARD_TENSORS] = {&model->dacts.dresidual, &model->dacts.dln, &model->dacts.datty,
-        &model->dacts.dqkv, &model->dacts.datt, &model->dacts.dfch, &model->dacts.dfch_gelu};
-    mem = model->dacts_memory;
-    for (int i = 0; i < NUM_BACKWARD_TENSORS; i++) { *(dptrs[i]) = mem; mem += dsizes[i]; }
-
-    model->losses = calloc_real<real>(BT, "losses");
-    model->lse = calloc_real<real>(BT, "log-sum-exp");
-    model->inputs = (int*)malloc_check(BT * sizeof(int), "inputs");
-    model->targets = (int*)malloc_check(BT * sizeof(int), "targets");
-    model->alloc_B = B;
-    model->alloc_T = T;
-    if (model->lora.num_parameters > 0) lora_allocate_activations(&model->lora, BT);
-    if (model->adapters.m > 0) adapters_allocate_activations(&model->adapters, BT);
-    if (model->prefix.P > 0) prefix_allocate_activations(&model->prefix, B, T);
-}
-
 // One adapted matmul's LoRA branch: block matrix t at layer l, after the base matmul wrote out (BT, OC)
 // from inp (BT, C); nothing when that target carries no adapter. DoRA also reads the frozen weight and
 // bias, as the matmul used them.
@@ -914,6 +916,9 @@ void gpt2_lora_merge(GPT2<real>* model, int sign) {
     real* base[LORA_NUM_TARGETS] = {model->params.qkvw, model->params.attprojw, model->params.fcw, model->params.fcprojw};
     lora_merge_all(&model->lora, base, sign);
 }
+
+// ----------------------------------------------------------------------------
+// the forward pass, the backward pass (its exact reverse) and the update
 
 // inputs, targets (B, T) token ids; targets may be NULL (inference: no loss)
 template <typename real>
@@ -1098,6 +1103,35 @@ void gpt2_update(GPT2<real>* model, float lr, float beta1, float beta2, float ep
     }
 }
 
+// frees everything the model holds: its base, adapters, methods, activations and caches
+template <typename real>
+void gpt2_free(GPT2<real>* model) {
+    free(model->params_memory);
+    free(model->grads_memory);
+    free(model->m_memory);
+    free(model->v_memory);
+    free(model->acts_memory);
+    free(model->dacts_memory);
+    free(model->losses);
+    free(model->lse);
+    free(model->inputs);
+    free(model->targets);
+    if (model->lora.params_memory) lora_free(&model->lora);
+    free(model->top_grads);
+    free(model->top_m);
+    free(model->top_v);
+    adapters_free(&model->adapters);
+    prefix_free(&model->prefix);
+    free(model->params0);
+    free(model->block_file);
+    gpt2_free_quantized(model);
+    free(model->kv);
+    memset(model, 0, sizeof(*model));
+}
+
+// ----------------------------------------------------------------------------
+// the training step's helpers: the learning-rate schedule, clipping, the non-finite guard, validation
+
 // every gradient buffer the update applies, as (pointer, count); unused ones have count 0
 template <typename real>
 std::vector<std::pair<real*, size_t>> gpt2_trainable_grads(const GPT2<real>* model) {
@@ -1178,31 +1212,7 @@ size_t gpt2_trainable_parameters(const GPT2<real>* model) {
            model->adapters.buf.n + model->prefix.buf.n;
 }
 
-template <typename real>
-void gpt2_free(GPT2<real>* model) {
-    free(model->params_memory);
-    free(model->grads_memory);
-    free(model->m_memory);
-    free(model->v_memory);
-    free(model->acts_memory);
-    free(model->dacts_memory);
-    free(model->losses);
-    free(model->lse);
-    free(model->inputs);
-    free(model->targets);
-    if (model->lora.params_memory) lora_free(&model->lora);
-    free(model->top_grads);
-    free(model->top_m);
-    free(model->top_v);
-    adapters_free(&model->adapters);
-    prefix_free(&model->prefix);
-    free(model->params0);
-    free(model->block_file);
-    gpt2_free_quantized(model);
-    free(model->kv);
-    memset(model, 0, sizeof(*model));
-}
-
+// the mean loss over the first `batches` batches of val
 static float gpt2_validate(GPT2<float>* model, DataLoader* val, int batches) {
     dataloader_reset(val);
     double sum = 0;
@@ -1215,7 +1225,7 @@ static float gpt2_validate(GPT2<float>* model, DataLoader* val, int batches) {
 }
 
 // ----------------------------------------------------------------------------
-// sampling
+// sampling and generation
 
 // samples from softmax(logits[0..V) / temperature); coin in [0, 1)
 static int sample_softmax(const float* logits, int V, float temperature, float coin) {
@@ -1286,7 +1296,7 @@ static std::vector<int> gpt2_generate(GPT2<float>* model, const std::vector<int>
 }
 
 
-// ---- inference from a text prompt
+// ---- inference from a text prompt (skip on first reading)
 
 // encodes prompt with the GPT-2 BPE (an empty prompt starts from <|endoftext|>) and appends n sampled
 // tokens; *text gets the decoded continuation
@@ -1345,6 +1355,9 @@ static std::vector<std::vector<int>> gpt2_generate_multi(GPT2<float>* model, con
 #include "lib/peft.h"          // PEFT's adapter directory: export, import; loading any -A
 #include "lib/dataparallel.h"  // MPI data parallelism: one allreduce of the gradients per step
 
+// ----------------------------------------------------------------------------
+// the other adaptation methods on the model: setup, the log's method block, and the method's file
+
 // -F: only the top k blocks and the final layernorm train. The blocks below and the embeddings
 // (wte is also the LM head) get no gradient buffers, no AdamW state and no gradient work: the backward
 // stops at block first_trained_layer. Each per-layer tensor is (L, ...), so its trained part is a tail.
@@ -1397,9 +1410,6 @@ void gpt2_enable_l2sp(GPT2<real>* model, float lambda) {
     model->params0 = calloc_real<real>(model->num_parameters, "pretrained weights W0");
     memcpy(model->params0, model->params_memory, model->num_parameters * sizeof(real));
 }
-
-// ----------------------------------------------------------------------------
-// ---- other adaptation methods: setup, report and files for main ----
 
 // -F k, -H m, -X P (at most one, checked by main): sets the method up on a freshly loaded base
 static std::string gpt2_enable_other_method(GPT2<float>* model, int freeze_k, int adapter_m, int prefix_P, uint64_t seed) {
@@ -1467,7 +1477,7 @@ static std::string gpt2_write_method_file(const GPT2<float>* model, const char* 
     return write_atomically(path, {{header, sizeof(header)}, {buf->params, buf->n * sizeof(float)}});
 }
 
-
+// ----------------------------------------------------------------------------
 // Ctrl-C (SIGINT) or SIGTERM during training: the handler only records the signal; the loop finishes the
 // step it is in, saves as at the end of a run (atomically) and exits with 128 + signal. SA_RESETHAND: a
 // second Ctrl-C kills at once, which is still safe, since every file is written to .tmp and renamed.
@@ -1804,7 +1814,7 @@ static void read_base(Built* b, Flags* f) {
     GPT2<float>& model = b->model;
     std::string err;
     b->rss_before_model = rss_now_mib();
-    // -Q int8 / nf4 (or -A with an adapter.bin trained on one, and no -Q): the block matrices stay on disk
+    // -Q int8 / nf4 / int2 (or -A with an adapter.bin trained on one, and no -Q): the block matrices stay on disk
     // until the attach quantizes them layer by layer, so they are never in memory in fp32
     int read_quant = f->quant_given || f->adapter_path == NULL || f->combine || f->multi_batch ? f->base_quant : adapter_file_base_quant(f->adapter_path);
     err = gpt2_read_checkpoint(&model, f->base_path, f->lora_on && read_quant != LORA_QUANT_FP32);

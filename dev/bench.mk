@@ -1,4 +1,4 @@
-# `make bench` (issue 9): step benchmarks of LoRA vs full fine-tuning on a GPT-2 124M-shaped random
+# `make bench`: step benchmarks of LoRA vs full fine-tuning on a GPT-2 124M-shaped random
 # checkpoint and on a small one (L=4, C=256, NH=4), the PyTorch twin's step time when /usr/bin/python3
 # has torch, and our matmul kernels vs OpenBLAS sgemm. dev/bench.sh does the work and prints ratios.
 # Included by the top-level Makefile, which defines CXX, CXXFLAGS, LDFLAGS, LDLIBS and BUILD.

@@ -63,7 +63,7 @@ RUNS=(
     "lora_r8|-r 8 -a 16 -l 1e-3"
     "lora_r16|-r 16 -a 32 -l 1e-3"
     "lora_r64|-r 64 -a 128 -l 1e-3 -n 4242"
-    # LoRA variants (issue 13), all at r=8 alpha=16 like lora_r8; names avoid the lora_r<N> pattern of the rank study
+    # LoRA variants, all at r=8 alpha=16 like lora_r8; names avoid the lora_r<N> pattern of the rank study
     "v_rslora|-r 8 -a 16 -l 1e-3 -V rslora"
     "v_loraplus16|-r 8 -a 16 -l 1e-3 -P 16"
     "v_dora|-r 8 -a 16 -l 1e-3 -V dora"

@@ -1,4 +1,4 @@
-// lib/dataloader.h: llm.c token files (tokens_read: every id checked against V) and the data loader
+// lib/dataloader.h: llm.c token files (tokens_read: every id checked against V; write_token_file) and the data loader
 // (batches of B*T+1 consecutive tokens, optionally shuffled per epoch, sliced per data-parallel rank).
 #pragma once
 
@@ -53,6 +53,22 @@ static std::string tokens_read(TokenFile* tf, const char* path, int V, const cha
     return err;
 }
 
+
+// writes an llm.c token file, for make data: [0]=20240520, [1]=1, [2]=count; then count uint16 tokens.
+// 0 on success, non-zero after a message on stderr.
+static inline int write_token_file(const char* path, const std::vector<int>& tokens) {
+    if (tokens.size() > (size_t)INT32_MAX) { fprintf(stderr, "ERROR: %s: %zu tokens do not fit the int32 count\n---> HINT: split the data into several files\n", path, tokens.size()); return 1; }
+    int32_t header[256] = {0};
+    header[0] = TOKENS_MAGIC; header[1] = 1; header[2] = (int32_t)tokens.size();
+    std::vector<uint16_t> u16(tokens.size());
+    for (size_t k = 0; k < tokens.size(); k++) {
+        if (tokens[k] < 0 || tokens[k] > 65535) { fprintf(stderr, "ERROR: %s: token %d does not fit uint16\n---> HINT: llm.c token files hold ids 0..65535 (GPT-2's are < 50257)\n", path, tokens[k]); return 1; }
+        u16[k] = (uint16_t)tokens[k];
+    }
+    std::string err = write_atomically(path, {{header, sizeof(header)}, {u16.data(), u16.size() * sizeof(uint16_t)}});
+    if (!err.empty()) { fprintf(stderr, "ERROR: %s\n", err.c_str()); return 1; }
+    return 0;
+}
 
 // ----------------------------------------------------------------------------
 // data loader: batches of B*T+1 consecutive tokens (inputs, and targets shifted by one),

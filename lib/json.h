@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 #include "utils.h" // strprintf
@@ -143,6 +144,7 @@ static bool json_parse_value(JsonParser* p, Json* out) {
     bool ok = true;
     if (c == '{') {
         out->kind = Json::OBJECT;
+        std::unordered_set<std::string> seen; // the keys so far: a duplicate is found in O(1), not by a scan
         p->i++;
         json_skip_space(p);
         if (p->i < p->n && p->s[p->i] == '}') { p->i++; }
@@ -152,7 +154,7 @@ static bool json_parse_value(JsonParser* p, Json* out) {
                 if (p->i >= p->n || p->s[p->i] != '"') { ok = json_fail(p, "expected a string key"); break; }
                 std::string key;
                 if (!(ok = json_parse_string(p, &key))) break;
-                if (out->get(key.c_str()) != NULL) { ok = json_fail(p, ("duplicate key \"" + key + "\"").c_str()); break; }
+                if (!seen.insert(key).second) { ok = json_fail(p, ("duplicate key \"" + key + "\"").c_str()); break; }
                 json_skip_space(p);
                 if (p->i >= p->n || p->s[p->i] != ':') { ok = json_fail(p, "expected ':' after a key"); break; }
                 p->i++;

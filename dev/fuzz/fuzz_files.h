@@ -36,8 +36,8 @@ static inline std::string fuzz_gpt2_char(int b) {
     std::string s;
     int n = 0;
     for (int k = 0; k < 256; k++) {
-        if (bpe_byte_is_visible_(k)) { if (k == b) bpe_append_utf8_(s, (uint32_t)k); }
-        else { if (k == b) bpe_append_utf8_(s, 256u + n); n++; }
+        if (bpe_byte_is_visible_(k)) { if (k == b) json_put_utf8(&s, (uint32_t)k); }
+        else { if (k == b) json_put_utf8(&s, 256u + n); n++; }
     }
     return s;
 }
