@@ -56,8 +56,8 @@ static void time_contender(bool ours, int reps) {
             auto run = [&] {
                 if (ours) {
                     if (k == 0) matmul_forward(out.data(), inp.data(), w.data(), bias.data(), B, T, C, OC);
-                    if (k == 1) matmul_backward(dinp.data(), NULL, NULL, dout.data(), inp.data(), w.data(), B, T, C, OC);
-                    if (k == 2) matmul_backward(NULL, dw.data(), NULL, dout.data(), inp.data(), w.data(), B, T, C, OC);
+                    if (k == 1) matmul_backward(dinp.data(), (float*)NULL, (float*)NULL, dout.data(), inp.data(), w.data(), B, T, C, OC);
+                    if (k == 2) matmul_backward((float*)NULL, dw.data(), (float*)NULL, dout.data(), inp.data(), w.data(), B, T, C, OC);
                 } else {
                     if (k == 0) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, BT, OC, C, 1.0f, inp.data(), C,
                                             w.data(), C, 0.0f, out.data(), OC);
