@@ -613,7 +613,7 @@ struct GPT2 {
     real* v_memory;
     // LoRA adapters; lora.num_parameters == 0 when none are attached
     LoRA<real> lora;
-    // the other adaptation methods (see "other adaptation methods"); all zero / NULL unless chosen
+    // the other adaptation methods (lib/methods.h); all zero / NULL unless chosen
     int first_trained_layer;   // -F: blocks below it get no gradient work at all; 0 otherwise
     size_t num_top_trainable;  // -F: elements of top_grads (the trained tails of the tensors)
     size_t top_offsets[NUM_PARAMETER_TENSORS]; // -F: where each tensor's trained tail starts

@@ -19,7 +19,7 @@
 #define TOKENS_MAGIC 20240520
 #define TOKENIZER_MAGIC 20240328
 #define DEBUG_STATE_MAGIC 20240327
-#define ADAPTER_MAGIC 20240801 // our LoRA adapter files (see "adapter files" below)
+#define ADAPTER_MAGIC 20240801 // our LoRA adapter files (lib/adapter_files.h)
 
 static std::string file_size_of(FILE* f, const char* path, long* size) {
     if (fseek(f, 0, SEEK_END) != 0 || (*size = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {

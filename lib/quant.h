@@ -19,7 +19,7 @@
 //         byte, x ~ level[q] absmax; error <= absmax / 3 per weight. The 2-bit row of the memory tables
 //         in the LoRA literature (QLoRA itself stops at 4 bits)
 // (QLoRA also quantizes the absmax values themselves, "double quantization"; here they stay fp32.)
-// LoRA trains on top in fp32. A matrix is dequantized whole into one (out, in) scratch per target just
+// LoRA trains on top in fp32. A matrix is dequantized whole, one layer at a time, into one (out, in) scratch just
 // before its matmul (forward and the dinp backward; the frozen base has no weight gradient), so the
 // fp32 matmul and its fast path run unchanged on the dequantized weights.
 enum LoRAQuant { LORA_QUANT_FP32, LORA_QUANT_INT8, LORA_QUANT_NF4, LORA_QUANT_INT2, LORA_NUM_QUANTS };
