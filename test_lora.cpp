@@ -32,6 +32,7 @@ Each suite starts with the helpers only its tests use; the helpers several suite
 
 #include <fcntl.h>
 #include <functional>
+#include <map>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
@@ -2932,6 +2933,183 @@ TEST_CASE("fuzzed readers: adapter.bin, safetensors and the PEFT config give cle
     gpt2_free(&base);
 }
 
+// -- GGUF (lib/gguf.h): a reader of our own for the tests, kept apart from the writer it checks
+
+struct GGUFRead {
+    std::map<std::string, std::string> strings;              // string metadata
+    std::map<std::string, double> numbers;                   // u32 / i32 / f32 metadata
+    std::map<std::string, std::vector<std::string>> arrays;  // string arrays
+    std::map<std::string, std::pair<std::vector<uint64_t>, const float*>> tensors; // name -> ne, data
+    std::string bytes;
+};
+
+static void gguf_read_for_test(const std::string& path, GGUFRead* g) {
+    g->bytes = file_string(path);
+    const std::string& b = g->bytes;
+    size_t p = 0;
+    auto u32 = [&]() { uint32_t v; REQUIRE(p + 4 <= b.size()); memcpy(&v, b.data() + p, 4); p += 4; return v; };
+    auto u64 = [&]() { uint64_t v; REQUIRE(p + 8 <= b.size()); memcpy(&v, b.data() + p, 8); p += 8; return v; };
+    auto str = [&]() { uint64_t n = u64(); REQUIRE(p + n <= b.size()); std::string s = b.substr(p, n); p += n; return s; };
+    REQUIRE(b.substr(0, 4) == "GGUF");
+    p = 4;
+    REQUIRE(u32() == 3);
+    uint64_t n_tensors = u64(), n_kv = u64();
+    for (uint64_t k = 0; k < n_kv; k++) {
+        std::string key = str();
+        uint32_t type = u32();
+        if (type == 4) g->numbers[key] = u32();
+        else if (type == 5) g->numbers[key] = (int32_t)u32();
+        else if (type == 6) { uint32_t v = u32(); float f; memcpy(&f, &v, 4); g->numbers[key] = f; }
+        else if (type == 8) g->strings[key] = str();
+        else {
+            REQUIRE(type == 9);
+            uint32_t sub = u32();
+            uint64_t n = u64();
+            for (uint64_t i = 0; i < n; i++) {
+                if (sub == 8) g->arrays[key].push_back(str());
+                else { REQUIRE(sub == 5); u32(); }
+            }
+        }
+    }
+    std::vector<std::pair<std::string, std::pair<std::vector<uint64_t>, uint64_t>>> infos;
+    for (uint64_t k = 0; k < n_tensors; k++) {
+        std::string name = str();
+        std::vector<uint64_t> ne(u32());
+        for (uint64_t& d : ne) d = u64();
+        REQUIRE(u32() == 0); // F32
+        infos.push_back({name, {ne, u64()}});
+    }
+    size_t data = (p + 31) / 32 * 32;
+    for (const auto& t : infos) {
+        uint64_t n = 1;
+        for (uint64_t d : t.second.first) n *= d;
+        CHECK(t.second.second % 32 == 0);                       // every tensor aligned
+        REQUIRE(data + t.second.second + n * 4 <= b.size());
+        g->tensors[t.first] = {t.second.first, (const float*)(b.data() + data + t.second.second)};
+    }
+}
+
+// a BPE with one single-byte token per id, for exporting the tiny models (V = 61) whose ids are not GPT-2's
+static void tiny_bpe(BPE* bpe, int V) {
+    bpe->vocab_size = V;
+    bpe->eot_token = V - 1;
+    bpe->token_bytes.clear();
+    for (int id = 0; id < V; id++) bpe->token_bytes.push_back(std::string(1, (char)('!' + id)));
+    bpe->merges.clear();
+}
+
+TEST_CASE("GGUF writer: a small file is byte for byte the hand-built GGUF (header, metadata, tensor infos, alignment, data)") {
+    TempDir dir;
+    const float data[3] = {1.0f, -2.0f, 0.5f};
+    GGUFWriter w;
+    gguf_kv_u32(&w, "a.n", 7);
+    gguf_kv_string(&w, "a.s", "xy");
+    w.tensors.push_back({"t", {3, 1}, data});
+    REQUIRE(gguf_write(&w, dir.file("small.gguf").c_str()) == "");
+    // expected, spelled out: magic, version 3, 1 tensor, 2 metadata entries; key (u64 length + bytes), type
+    // u32 4 + value; key, type 8 + (u64 length + bytes); tensor info: name, n_dims 2, ne 3 and 1, type 0 (F32),
+    // offset 0; zero padding to a multiple of 32; the 12 data bytes and padding to the next multiple of 32
+    std::string e;
+    auto put = [&](const void* p, size_t n) { e.append((const char*)p, n); };
+    auto u32 = [&](uint32_t v) { put(&v, 4); };
+    auto u64 = [&](uint64_t v) { put(&v, 8); };
+    put("GGUF", 4); u32(3); u64(1); u64(2);
+    u64(3); put("a.n", 3); u32(4); u32(7);
+    u64(3); put("a.s", 3); u32(8); u64(2); put("xy", 2);
+    u64(1); put("t", 1); u32(2); u64(3); u64(1); u32(0); u64(0);
+    e.append((32 - e.size() % 32) % 32, '\0');
+    put(data, sizeof(data));
+    e.append(32 - sizeof(data), '\0');
+    std::string got = file_string(dir.file("small.gguf"));
+    CHECK(got.size() == e.size());
+    CHECK(got == e);
+}
+
+TEST_CASE("GGUF export: llama.cpp's GPT-2 names, ne = [in, out] with the model's bytes, V rows only; the adapter's lora_a / lora_b, rsLoRA's alpha, DoRA refused") {
+    GPT2<float> model;
+    build_trainable_tiny(&model, 91); // V = 61 padded to Vp = 64
+    int L = model.config.num_layers, C = model.config.channels, V = model.config.vocab_size;
+    gpt2_lora_attach(&model, lora_config_rslora(lora_config(4, 8.0f, LORA_ALL_TARGETS), true), 5);
+    randomize_lora_B(&model.lora, L, C, 6, 0.1);
+    BPE bpe;
+    tiny_bpe(&bpe, V);
+    TempDir dir;
+    std::string written;
+    REQUIRE(gguf_export(dir.path.c_str(), &model, &bpe, &written) == "");
+    CHECK(has(written, "adapter.gguf"));
+    // the base: every block matrix with ne = [in, out] holding llm.c's (out, in) bytes as they are
+    GGUFRead g;
+    gguf_read_for_test(dir.file("base.gguf"), &g);
+    CHECK(g.strings["general.architecture"] == "gpt2");
+    CHECK(g.numbers["gpt2.block_count"] == L);
+    CHECK(g.numbers["gpt2.feed_forward_length"] == 4 * C);
+    CHECK(g.arrays["tokenizer.ggml.tokens"].size() == (size_t)V);
+    CHECK(g.tensors.size() == (size_t)(2 + 12 * L + 2));
+    CHECK(g.tensors["token_embd.weight"].first == std::vector<uint64_t>{(uint64_t)C, (uint64_t)V}); // not Vp
+    CHECK(memcmp(g.tensors["token_embd.weight"].second, model.params.wte, (size_t)V * C * 4) == 0);
+    // the adapter: lora_a ne = [in, r] holding our lora_A (r, in), lora_b ne = [r, out] holding our lora_B (out, r)
+    GGUFRead a;
+    gguf_read_for_test(dir.file("adapter.gguf"), &a);
+    CHECK(a.strings["general.type"] == "adapter");
+    CHECK(a.strings["adapter.type"] == "lora");
+    // rsLoRA: llama.cpp's alpha / r must be our alpha / sqrt(r), so alpha is written as 8 sqrt(4) = 16
+    CHECK(a.numbers["adapter.lora.alpha"] / 4.0 == doctest::Approx(model.lora.config.scale).epsilon(1e-6));
+    CHECK(a.tensors.size() == (size_t)(2 * LORA_NUM_TARGETS * L));
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        for (int l = 0; l < L; l++) {
+            std::string name = gguf_block_matrix_name(t, l);
+            int in = lora_target_in(t, C), out = lora_target_out(t, C);
+            CAPTURE(name);
+            REQUIRE(g.tensors.count(name) == 1);
+            CHECK(g.tensors[name].first == std::vector<uint64_t>{(uint64_t)in, (uint64_t)out});
+            CHECK(memcmp(g.tensors[name].second, gpt2_base_weight(&model, t, l), (size_t)in * out * 4) == 0);
+            LoRALayer<float> v = lora_layer(&model.lora, t, l);
+            REQUIRE(a.tensors.count(name + ".lora_a") == 1);
+            REQUIRE(a.tensors.count(name + ".lora_b") == 1);
+            CHECK(a.tensors[name + ".lora_a"].first == std::vector<uint64_t>{(uint64_t)in, 4});
+            CHECK(a.tensors[name + ".lora_b"].first == std::vector<uint64_t>{4, (uint64_t)out});
+            CHECK(memcmp(a.tensors[name + ".lora_a"].second, v.lora_A, (size_t)4 * in * 4) == 0);
+            CHECK(memcmp(a.tensors[name + ".lora_b"].second, v.lora_B, (size_t)out * 4 * 4) == 0);
+        }
+    }
+    // merged: W0 + scale lora_B lora_A, as lora_merge computes it
+    GGUFRead m;
+    gguf_read_for_test(dir.file("merged.gguf"), &m);
+    std::vector<float> W(model.param_sizes[4] / L);
+    memcpy(W.data(), model.params.qkvw, W.size() * 4);
+    LoRALayer<float> v0 = lora_layer(&model.lora, LORA_QKV, 0);
+    lora_merge(W.data(), v0.lora_A, v0.lora_B, model.lora.config.scale, C, 3 * C, 4, +1);
+    CHECK(memcmp(m.tensors[gguf_block_matrix_name(LORA_QKV, 0)].second, W.data(), W.size() * 4) == 0);
+    gpt2_free(&model);
+
+    // DoRA and PiSSA: no adapter.gguf (llama.cpp cannot apply them as they are), the merged model still written
+    for (const char* variant : {"dora", "pissa"}) {
+        CAPTURE(variant);
+        GPT2<float> vmodel;
+        build_trainable_tiny(&vmodel, 92);
+        LoRAConfig cfg = lora_config(4, 8.0f, LORA_ALL_TARGETS);
+        std::string err;
+        REQUIRE(lora_parse_variants(variant, &cfg, &err));
+        gpt2_lora_attach(&vmodel, cfg, 7);
+        TempDir vdir;
+        CHECK(has(gguf_write_adapter(vdir.file("adapter.gguf").c_str(), &vmodel.lora, "x"), strcmp(variant, "dora") == 0 ? "DoRA" : "PiSSA"));
+        CHECK(access(vdir.file("adapter.gguf").c_str(), F_OK) != 0);
+        REQUIRE(gguf_export(vdir.path.c_str(), &vmodel, &bpe, &written) == "");
+        CHECK(has(written, "no adapter.gguf"));
+        CHECK(access(vdir.file("merged.gguf").c_str(), F_OK) == 0);
+        CHECK(access(vdir.file("adapter.gguf").c_str(), F_OK) != 0);
+        gpt2_free(&vmodel);
+    }
+    // an unwritable output: a clear error naming the file, nothing left behind
+    GPT2<float> m2;
+    build_trainable_tiny(&m2, 93);
+    gpt2_lora_attach(&m2, lora_config(4, 8.0f, LORA_ALL_TARGETS), 8);
+    std::string err = gguf_export((dir.path + "/no/such/dir").c_str(), &m2, &bpe, &written);
+    CHECK(has(err, "no/such/dir/base.gguf"));
+    CHECK(has(err, "HINT"));
+    gpt2_free(&m2);
+}
+
 TEST_SUITE_END();
 
 // ----------------------------------------------------------------------------
@@ -4183,6 +4361,24 @@ TEST_CASE("data parallel: when one rank is killed the job ends with an error ins
     CHECK_FALSE(dir_has_tmp_file(out));
     // the last adapter rank 0 saved is complete: it reads back
     adapter_params(ckpt, out);
+}
+
+TEST_CASE("the trainer binary: -O refuses other methods, -Y, a missing directory and a base without GPT-2's vocabulary, naming the flag") {
+    TrainerFiles tf;
+    std::string out;
+    // -f 1 trains the base: there is no adapter to export
+    CHECK(run_trainer(tf.common + " -x 1 -f 1 -O " + tf.dir.path, &out) != 0);
+    CHECK(has(out, "flag -O"));
+    CHECK(has(out, "HINT"));
+    CHECK(run_trainer(tf.common + " -x 1 -O " + tf.dir.file("missing"), &out) != 0);
+    CHECK(has(out, "flag -O"));
+    CHECK(has(out, "does not exist"));
+    // the tiny base has V = 61: llama.cpp needs GPT-2's tokenizer, so this is refused before any step
+    CHECK(run_trainer(tf.common + " -x 3 -O " + tf.dir.path, &out) != 0);
+    CHECK((has(out, "flag -O") || has(out, "flag -E")));
+    CHECK(has(out, "HINT"));
+    CHECK_FALSE(has(out, "step 1/3"));
+    CHECK(access(tf.dir.file("base.gguf").c_str(), F_OK) != 0);
 }
 
 TEST_SUITE_END();

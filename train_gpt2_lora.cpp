@@ -1353,6 +1353,7 @@ static std::vector<std::vector<int>> gpt2_generate_multi(GPT2<float>* model, con
 #include "lib/checkpoint.h"    // llm.c checkpoints: read (fp32 v3), write; a quantized base read layer by layer
 #include "lib/adapter_files.h" // adapter.bin (exact resume), the base checksum, -M's merged checkpoint
 #include "lib/peft.h"          // PEFT's adapter directory: export, import; loading any -A
+#include "lib/gguf.h"          // GGUF for llama.cpp / Ollama: the model (base, merged) and the LoRA adapter
 #include "lib/dataparallel.h"  // MPI data parallelism: one allreduce of the gradients per step
 
 // ----------------------------------------------------------------------------
@@ -1530,6 +1531,7 @@ static void error_usage() {
         "              (-A more than once: the adapters are added into one, for -p and -M)\n"
         "  -S <list>   weights of the -A adapters, comma list, one each: sum_k w_k scale_k lora_B_k lora_A_k (default 1)\n"
         "  -M <file>   write base + adapter merged as an llm.c checkpoint at the end (-x 0: merge only)\n"
+        "  -O <dir>    write GGUF for llama.cpp at the end (-x 0: only that): base.gguf + adapter.gguf, merged.gguf\n"
         "  -p <text>   generate -g tokens from this prompt and exit (inference only, no training data)\n"
         "  -T <float>  sampling temperature, > 0 (default 1)\n"
         "  -K <int>    sample from the K most likely tokens only, 0 = all (default 0)\n"
@@ -1605,6 +1607,7 @@ struct Flags {
     std::vector<const char*> adapter_paths; // -A, may be given several times
     const char* adapter_weights = NULL;     // -S, one weight per -A adapter
     const char* merged_path = NULL; // -M
+    const char* gguf_dir = NULL;    // -O, GGUF files for llama.cpp
     const char* prompt = NULL;      // -p
     float temperature = 1.0f;       // -T
     int top_k = 0;                  // -K
@@ -1673,6 +1676,7 @@ static Flags parse_flags(int argc, char** argv) {
             case 'A': f->adapter_paths.push_back(v); break;
             case 'S': f->adapter_weights = v; break;
             case 'M': f->merged_path = v; break;
+            case 'O': f->gguf_dir = v; break;
             case 'p': f->prompt = v; break;
             case 'T': f->temperature = parse_float(argv[i], v); break;
             case 'K': f->top_k = parse_int(argv[i], v); break;
@@ -1726,7 +1730,7 @@ static void check_flags(Flags* f, const DataParallel& dp) {
         }
         f->combine_weights = w;
     }
-    if (f->combine && f->prompt == NULL && !(f->merged_path != NULL && f->steps == 0)) {
+    if (f->combine && f->prompt == NULL && !((f->merged_path != NULL || f->gguf_dir != NULL) && f->steps == 0)) {
         bad_flag("-A", "several adapters, or -S weights, combine into one adapter for -p and -M only (it has no optimizer state to train on)\n"
                        "---> HINT: add -p <prompt>, or -M merged.bin -x 0 (and -o <dir> to save the combined adapter); to train, give one -A");
     }
@@ -1773,17 +1777,27 @@ static void check_flags(Flags* f, const DataParallel& dp) {
     if (f->base_name[0] == '\0' || f->base_name[0] == '/') {
         bad_flag("-N", strprintf("'%s' is not a model name\n---> HINT: use a Hugging Face hub id such as gpt2 (PEFT configs never carry absolute paths)", f->base_name));
     }
+    if (f->gguf_dir != NULL && (!f->lora_on || f->multi_batch)) {
+        bad_flag("-O", "GGUF export writes a LoRA adapter and the base it applies to (and the two merged)\n"
+                       "---> HINT: drop -O, or train with LoRA (no -f 1 / -F / -H / -X) and one adapter (no -Y 1)");
+    }
     if (f->full && (f->adapter_path != NULL || f->merged_path != NULL)) {
         bad_flag(f->adapter_path ? "-A" : "-M", "LoRA adapters do not apply to full fine-tuning\n---> HINT: drop -f 1 (with -f 1, -o writes the whole model as model.bin)");
     }
     f->target_mask = 0;
     std::string err;
     if (f->lora_on && !lora_parse_targets(f->targets, &f->target_mask, &err)) bad_flag("-q", err);
-    if (dp.rank != 0) { f->output_dir = NULL; f->merged_path = NULL; f->sample_every = 0; } // only rank 0 samples and writes (and checks -o)
+    if (dp.rank != 0) { f->output_dir = NULL; f->merged_path = NULL; f->gguf_dir = NULL; f->sample_every = 0; } // only rank 0 samples and writes (and checks -o)
     if (f->output_dir != NULL) {
         struct stat st;
         if (stat(f->output_dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
             bad_flag("-o", strprintf("output directory '%s' does not exist\n---> HINT: create it first (mkdir -p %s)", f->output_dir, f->output_dir));
+        }
+    }
+    if (f->gguf_dir != NULL) {
+        struct stat st;
+        if (stat(f->gguf_dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+            bad_flag("-O", strprintf("output directory '%s' does not exist\n---> HINT: create it first (mkdir -p %s)", f->gguf_dir, f->gguf_dir));
         }
     }
 
@@ -1791,7 +1805,7 @@ static void check_flags(Flags* f, const DataParallel& dp) {
     if (!lora_parse_quant(f->quant, &f->base_quant, &err)) bad_flag("-Q", err);
     if (f->full && f->base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base is frozen, full fine-tuning trains it\n---> HINT: drop -f 1, or use -Q fp32");
     if (!f->lora_on && f->base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base applies to LoRA only\n---> HINT: drop -F / -H / -X, or use -Q fp32");
-    f->no_training = f->prompt != NULL || (f->merged_path != NULL && f->steps == 0); // -p, or -M alone: no data needed
+    f->no_training = f->prompt != NULL || ((f->merged_path != NULL || f->gguf_dir != NULL) && f->steps == 0); // -p, or -M / -O alone: no data needed
 }
 
 // what main builds from the flags: the model with its adapters (or its other method), and what an
@@ -1807,6 +1821,7 @@ struct Built {
     std::vector<const LoRA<float>*> batch_ptrs;
     std::vector<int> batch_index;
     double rss_before_model; // doc/memory.md compares peak RSS minus this with [Memory]
+    BPE gguf_bpe;            // -O: the GPT-2 vocabulary and merges for the GGUF models
 };
 
 // the base checkpoint (-e), and the checks that need its shape
@@ -1889,9 +1904,27 @@ static void attach_method(Built* b, Flags* f) {
             gpt2_lora_attach(&model, lcfg, (uint64_t)f->seed);
         }
     }
+    if (f->gguf_dir != NULL) { // -O: the tokenizer the GGUF models carry, checked before any work
+        BPE& bpe = b->gguf_bpe;
+        bpe.print_errors = false;
+        int rc = f->bpe_dir == NULL ? bpe_load_default(&bpe)
+                                    : bpe_load(&bpe, (std::string(f->bpe_dir) + "/encoder.json").c_str(), (std::string(f->bpe_dir) + "/vocab.bpe").c_str());
+        if (rc != 0) die(std::string(f->bpe_dir ? "flag -E: " : "flag -O: ") + bpe.error);
+        if (bpe.vocab_size != cfg.vocab_size) {
+            bad_flag("-O", strprintf("the base has V=%d tokens but the GPT-2 BPE files have %d; llama.cpp needs the model's own tokenizer\n"
+                                     "---> HINT: export a base with GPT-2's vocabulary (V=50257), e.g. gpt2_124M.bin or make run's brown_base.bin", cfg.vocab_size, bpe.vocab_size));
+        }
+    }
 }
 
 // -o and -M without training: the adapter as loaded (or combined) is saved, and the merge written
+// -O: the GGUF files for llama.cpp (lib/gguf.h)
+static void save_gguf(Built* b, const Flags* f) {
+    std::string written, err = gguf_export(f->gguf_dir, &b->model, &b->gguf_bpe, &written);
+    if (!err.empty()) die("flag -O: " + err);
+    printf("wrote GGUF: %s\n", written.c_str());
+}
+
 static void save_without_training(Built* b, Flags* f) {
     GPT2<float>& model = b->model;
     const LoRAConfig& lcfg = b->lcfg;
@@ -1910,6 +1943,7 @@ static void save_without_training(Built* b, Flags* f) {
         if (!err.empty()) die("flag -M: " + err);
         printf("wrote merged checkpoint %s\n", f->merged_path);
     }
+    if (f->gguf_dir != NULL) save_gguf(b, f);
 }
 
 // -p: generation from a prompt, with the adapter merged (-W 1) or unmerged, or several adapters in one
@@ -2056,6 +2090,7 @@ static void save_after_training(Built* b, const Flags* f) {
         if (!err.empty()) die("flag -M: " + err);
         printf("wrote merged checkpoint %s\n", f->merged_path);
     }
+    if (f->gguf_dir != NULL) save_gguf(b, f);
     if (f->full && f->output_dir != NULL) {
         std::string path = std::string(f->output_dir) + "/model.bin";
         err = gpt2_write_checkpoint(&model, path.c_str());

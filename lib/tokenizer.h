@@ -75,6 +75,30 @@ static inline bool bpe_byte_is_visible_(int b) {
     return (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
 }
 
+// byte (0..255) -> its code point in that mapping
+static inline uint32_t bpe_byte_to_unicode_(int b) {
+    uint32_t n = 0;
+    for (int k = 0; k < b; k++) n += !bpe_byte_is_visible_(k);
+    return bpe_byte_is_visible_(b) ? (uint32_t)b : 256 + n;
+}
+
+// token id -> its spelling in encoder.json (and in GGUF's tokenizer.ggml.tokens): raw bytes mapped as above
+static inline std::string bpe_token_string(const BPE* bpe, int id) {
+    std::string s;
+    for (unsigned char c : bpe->token_bytes[(size_t)id]) json_put_utf8(&s, bpe_byte_to_unicode_(c));
+    return s;
+}
+
+// the merges as vocab.bpe lists them, in rank order, without its version line: "left right"
+static inline std::vector<std::string> bpe_merge_strings(const BPE* bpe) {
+    std::vector<std::string> lines(bpe->merges.size());
+    for (const auto& kv : bpe->merges) {
+        int left = (int)(kv.first >> 32), right = (int)(kv.first & 0xffffffffu);
+        lines[(size_t)(kv.second >> 32)] = bpe_token_string(bpe, left) + " " + bpe_token_string(bpe, right);
+    }
+    return lines;
+}
+
 // code point -> byte (0..255), or -1 when cp is not one of the 256 mapped characters
 static inline int bpe_unicode_to_byte_(uint32_t cp) {
     static int table[324]; // the largest mapped code point is U+0143 = 323
