@@ -40,13 +40,13 @@ and the program's flags and logs. Utilities live in lib/, and each include line 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#include "lib/utils.h"      // die, strprintf, calloc_real: errors that end in a HINT, checked allocation
-#include "lib/fast.h"       // the float fast paths: blocked GEMM, exp_fast, dot_lanes
-#include "lora.h"           // LoRA: config, targets, lora_forward / lora_backward, init, merge, the variants
-#include "lib/files.h"      // checked reading, write_atomically, the llm.c magic numbers
-#include "lib/dataloader.h" // llm.c token files and the batches of B*T+1 tokens
-#include "lib/tokenizer.h"  // GPT-2 BPE for -p prompts; llm.c's tokenizer file for printing samples
-#include "lib/json.h"       // a strict JSON reader, for safetensors headers and PEFT configs
+#include "lib/utils.h"       // die, strprintf, calloc_real: errors that end in a HINT, checked allocation
+#include "lib/fast.h"        // the float fast paths: blocked GEMM, exp_fast, dot_lanes
+#include "lora.h"            // LoRA: config, targets, lora_forward / lora_backward, init, merge, the variants
+#include "lib/files.h"       // checked reading, write_atomically, the llm.c magic numbers
+#include "lib/dataloader.h"  // llm.c token files and the batches of B*T+1 tokens
+#include "lib/tokenizer.h"   // GPT-2 BPE for -p prompts; llm.c's tokenizer file for printing samples
+#include "lib/json.h"        // a strict JSON reader, for safetensors headers and PEFT configs
 #include "lib/safetensors.h" // safetensors files, for PEFT
 
 // ----------------------------------------------------------------------------
@@ -216,7 +216,6 @@ void matmul_backward(real* dinp, real* dweight, real* dbias, const real* dout, c
     if constexpr (std::is_same<real, float>::value) matmul_backward_fast(dinp, dweight, dbias, dout, inp, weight, B, T, C, OC);
     else matmul_backward_naive(dinp, dweight, dbias, dout, inp, weight, B, T, C, OC);
 }
-
 
 // sum_i exp(x[i] - shift) in 8 interleaved partial sums, so the exps vectorize (see dot_lanes)
 template <typename real>
