@@ -4363,19 +4363,19 @@ TEST_CASE("data parallel: when one rank is killed the job ends with an error ins
     adapter_params(ckpt, out);
 }
 
-TEST_CASE("the trainer binary: -O refuses other methods, -Y, a missing directory and a base without GPT-2's vocabulary, naming the flag") {
+TEST_CASE("the trainer binary: -L refuses other methods, -Y, a missing directory and a base without GPT-2's vocabulary, naming the flag") {
     TrainerFiles tf;
     std::string out;
     // -f 1 trains the base: there is no adapter to export
-    CHECK(run_trainer(tf.common + " -x 1 -f 1 -O " + tf.dir.path, &out) != 0);
-    CHECK(has(out, "flag -O"));
+    CHECK(run_trainer(tf.common + " -x 1 -f 1 -L " + tf.dir.path, &out) != 0);
+    CHECK(has(out, "flag -L"));
     CHECK(has(out, "HINT"));
-    CHECK(run_trainer(tf.common + " -x 1 -O " + tf.dir.file("missing"), &out) != 0);
-    CHECK(has(out, "flag -O"));
+    CHECK(run_trainer(tf.common + " -x 1 -L " + tf.dir.file("missing"), &out) != 0);
+    CHECK(has(out, "flag -L"));
     CHECK(has(out, "does not exist"));
     // the tiny base has V = 61: llama.cpp needs GPT-2's tokenizer, so this is refused before any step
-    CHECK(run_trainer(tf.common + " -x 3 -O " + tf.dir.path, &out) != 0);
-    CHECK((has(out, "flag -O") || has(out, "flag -E")));
+    CHECK(run_trainer(tf.common + " -x 3 -L " + tf.dir.path, &out) != 0);
+    CHECK((has(out, "flag -L") || has(out, "flag -E")));
     CHECK(has(out, "HINT"));
     CHECK_FALSE(has(out, "step 1/3"));
     CHECK(access(tf.dir.file("base.gguf").c_str(), F_OK) != 0);

@@ -1530,7 +1530,7 @@ static void error_usage() {
         "              (-A more than once: the adapters are added into one, for -p and -M)\n"
         "  -S <list>   weights of the -A adapters, comma list, one each: sum_k w_k scale_k lora_B_k lora_A_k (default 1)\n"
         "  -M <file>   write base + adapter merged as an llm.c checkpoint at the end (-x 0: merge only)\n"
-        "  -O <dir>    write GGUF for llama.cpp at the end (-x 0: only that): base.gguf + adapter.gguf, merged.gguf\n"
+        "  -L <dir>    write GGUF for llama.cpp at the end (-x 0: only that): base.gguf + adapter.gguf, merged.gguf\n"
         "  -p <text>   generate -g tokens from this prompt and exit (inference only, no training data)\n"
         "  -T <float>  sampling temperature, > 0 (default 1)\n"
         "  -K <int>    sample from the K most likely tokens only, 0 = all (default 0)\n"
@@ -1606,7 +1606,7 @@ struct Flags {
     std::vector<const char*> adapter_paths; // -A, may be given several times
     const char* adapter_weights = NULL;     // -S, one weight per -A adapter
     const char* merged_path = NULL; // -M
-    const char* gguf_dir = NULL;    // -O, GGUF files for llama.cpp
+    const char* gguf_dir = NULL;    // -L, GGUF files for llama.cpp
     const char* prompt = NULL;      // -p
     float temperature = 1.0f;       // -T
     int top_k = 0;                  // -K
@@ -1675,7 +1675,7 @@ static Flags parse_flags(int argc, char** argv) {
             case 'A': f->adapter_paths.push_back(v); break;
             case 'S': f->adapter_weights = v; break;
             case 'M': f->merged_path = v; break;
-            case 'O': f->gguf_dir = v; break;
+            case 'L': f->gguf_dir = v; break;
             case 'p': f->prompt = v; break;
             case 'T': f->temperature = parse_float(argv[i], v); break;
             case 'K': f->top_k = parse_int(argv[i], v); break;
@@ -1777,8 +1777,8 @@ static void check_flags(Flags* f, const DataParallel& dp) {
         bad_flag("-N", strprintf("'%s' is not a model name\n---> HINT: use a Hugging Face hub id such as gpt2 (PEFT configs never carry absolute paths)", f->base_name));
     }
     if (f->gguf_dir != NULL && (!f->lora_on || f->multi_batch)) {
-        bad_flag("-O", "GGUF export writes a LoRA adapter and the base it applies to (and the two merged)\n"
-                       "---> HINT: drop -O, or train with LoRA (no -f 1 / -F / -H / -X) and one adapter (no -Y 1)");
+        bad_flag("-L", "GGUF export writes a LoRA adapter and the base it applies to (and the two merged)\n"
+                       "---> HINT: drop -L, or train with LoRA (no -f 1 / -F / -H / -X) and one adapter (no -Y 1)");
     }
     if (f->full && (f->adapter_path != NULL || f->merged_path != NULL)) {
         bad_flag(f->adapter_path ? "-A" : "-M", "LoRA adapters do not apply to full fine-tuning\n---> HINT: drop -f 1 (with -f 1, -o writes the whole model as model.bin)");
@@ -1796,7 +1796,7 @@ static void check_flags(Flags* f, const DataParallel& dp) {
     if (f->gguf_dir != NULL) {
         struct stat st;
         if (stat(f->gguf_dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
-            bad_flag("-O", strprintf("output directory '%s' does not exist\n---> HINT: create it first (mkdir -p %s)", f->gguf_dir, f->gguf_dir));
+            bad_flag("-L", strprintf("output directory '%s' does not exist\n---> HINT: create it first (mkdir -p %s)", f->gguf_dir, f->gguf_dir));
         }
     }
 
@@ -1804,7 +1804,7 @@ static void check_flags(Flags* f, const DataParallel& dp) {
     if (!lora_parse_quant(f->quant, &f->base_quant, &err)) bad_flag("-Q", err);
     if (f->full && f->base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base is frozen, full fine-tuning trains it\n---> HINT: drop -f 1, or use -Q fp32");
     if (!f->lora_on && f->base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base applies to LoRA only\n---> HINT: drop -F / -H / -X, or use -Q fp32");
-    f->no_training = f->prompt != NULL || ((f->merged_path != NULL || f->gguf_dir != NULL) && f->steps == 0); // -p, or -M / -O alone: no data needed
+    f->no_training = f->prompt != NULL || ((f->merged_path != NULL || f->gguf_dir != NULL) && f->steps == 0); // -p, or -M / -L alone: no data needed
 }
 
 // what main builds from the flags: the model with its adapters (or its other method), and what an
@@ -1820,7 +1820,7 @@ struct Built {
     std::vector<const LoRA<float>*> batch_ptrs;
     std::vector<int> batch_index;
     double rss_before_model; // doc/memory.md compares peak RSS minus this with [Memory]
-    BPE gguf_bpe;            // -O: the GPT-2 vocabulary and merges for the GGUF models
+    BPE gguf_bpe;            // -L: the GPT-2 vocabulary and merges for the GGUF models
 };
 
 // the base checkpoint (-e), and the checks that need its shape
@@ -1903,24 +1903,24 @@ static void attach_method(Built* b, Flags* f) {
             gpt2_lora_attach(&model, lcfg, (uint64_t)f->seed);
         }
     }
-    if (f->gguf_dir != NULL) { // -O: the tokenizer the GGUF models carry, checked before any work
+    if (f->gguf_dir != NULL) { // -L: the tokenizer the GGUF models carry, checked before any work
         BPE& bpe = b->gguf_bpe;
         bpe.print_errors = false;
         int rc = f->bpe_dir == NULL ? bpe_load_default(&bpe)
                                     : bpe_load(&bpe, (std::string(f->bpe_dir) + "/encoder.json").c_str(), (std::string(f->bpe_dir) + "/vocab.bpe").c_str());
-        if (rc != 0) die(std::string(f->bpe_dir ? "flag -E: " : "flag -O: ") + bpe.error);
+        if (rc != 0) die(std::string(f->bpe_dir ? "flag -E: " : "flag -L: ") + bpe.error);
         if (bpe.vocab_size != cfg.vocab_size) {
-            bad_flag("-O", strprintf("the base has V=%d tokens but the GPT-2 BPE files have %d; llama.cpp needs the model's own tokenizer\n"
+            bad_flag("-L", strprintf("the base has V=%d tokens but the GPT-2 BPE files have %d; llama.cpp needs the model's own tokenizer\n"
                                      "---> HINT: export a base with GPT-2's vocabulary (V=50257), e.g. gpt2_124M.bin or make run's brown_base.bin", cfg.vocab_size, bpe.vocab_size));
         }
     }
 }
 
 // -o and -M without training: the adapter as loaded (or combined) is saved, and the merge written
-// -O: the GGUF files for llama.cpp (lib/gguf.h)
+// -L: the GGUF files for llama.cpp (lib/gguf.h)
 static void save_gguf(Built* b, const Flags* f) {
     std::string written, err = gguf_export(f->gguf_dir, &b->model, &b->gguf_bpe, &written);
-    if (!err.empty()) die("flag -O: " + err);
+    if (!err.empty()) die("flag -L: " + err);
     printf("wrote GGUF: %s\n", written.c_str());
 }
 

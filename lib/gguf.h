@@ -1,5 +1,5 @@
 // lib/gguf.h: GGUF (version 3) files for llama.cpp and the tools built on it (Ollama, LM Studio): a GPT-2
-// model (the base, or base + adapter merged) and a GGUF LoRA adapter, written by -O.
+// model (the base, or base + adapter merged) and a GGUF LoRA adapter, written by -L.
 // Not a standalone header: the trainer includes it after the model (GPT2, gpt2_base_weight).
 //
 // The format, little-endian: "GGUF", u32 version 3, u64 tensor count, u64 metadata count; the metadata
@@ -210,7 +210,7 @@ static std::string gguf_write_adapter(const char* path, const LoRA<float>* lora,
     return gguf_write(&w, path);
 }
 
-// -O: <dir>/merged.gguf (base + adapter merged, any variant), and when llama.cpp can apply the adapter as it
+// -L: <dir>/merged.gguf (base + adapter merged, any variant), and when llama.cpp can apply the adapter as it
 // is, <dir>/base.gguf (the base as the matmuls see it: dequantized with -Q) and <dir>/adapter.gguf.
 // *written lists what was written, for the log.
 static std::string gguf_export(const char* dir, GPT2<float>* model, const BPE* bpe, std::string* written) {

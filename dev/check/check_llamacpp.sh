@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# dev/check/check_llamacpp.sh: what `make check-llamacpp` does. Our GGUF export (-O) loaded by llama.cpp
+# dev/check/check_llamacpp.sh: what `make check-llamacpp` does. Our GGUF export (-L) loaded by llama.cpp
 # itself: the prebuilt CPU build in the npm package node-llama-cpp, installed into build/check/llamacpp on
 # first use (npm registry; offline after that). A short LoRA run on make run's base writes base.gguf,
 # adapter.gguf and merged.gguf; for a fixed prompt, llama.cpp's greedy continuation and the probability of
@@ -41,7 +41,7 @@ check_variant() {
     local out="$DIR/$name"
     rm -rf "$out" && mkdir -p "$out"
     "$TRAIN" -e "$BASE" -i data/tiny_shakespeare_train.bin -j data/tiny_shakespeare_val.bin -b 2 -t 32 -x 20 -l 5e-3 \
-             -v 0 -s 0 -o "$out" -O "$out" "$@" > "$out/train.log" 2>&1 || fail "training $name (see $out/train.log)" "check the log"
+             -v 0 -s 0 -o "$out" -L "$out" "$@" > "$out/train.log" 2>&1 || fail "training $name (see $out/train.log)" "check the log"
     grep '^wrote GGUF' "$out/train.log"
     local modes=("base - -" "unmerged $out/adapter.gguf $out/adapter.bin" "merged - $out/adapter.bin")
     [ -f "$out/adapter.gguf" ] || modes=("merged - $out/adapter.bin")
