@@ -2063,6 +2063,59 @@ TEST_CASE("end to end, freezing: the top block and lnf gradients match finite di
     gpt2_free(&model);
 }
 
+TEST_CASE("end to end, BitFit: every bias gradient matches finite differences; no weight has a gradient or moves") {
+    GPT2<double> model;
+    build_tiny_perturbed(&model, 1351);
+    gpt2_enable_bitfit(&model);
+    // the weights and embeddings have no gradient buffer at all; every bias tensor has one, whole
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        CAPTURE(param_tensor_names[i]);
+        CHECK(model.top_offsets[i] == (param_tensor_is_bias(i) ? 0 : model.param_sizes[i]));
+    }
+    CHECK(model.grads.wte == (double*)NULL);
+    CHECK(model.grads.qkvw == (double*)NULL);
+    CHECK(model.grads.ln1w == (double*)NULL);
+    CHECK(model.grads.ln1b != (double*)NULL);
+    std::vector<int> inputs, targets;
+    auto loss = tiny_loss_and_backward(&model, &inputs, &targets, 1352);
+    size_t p = 0, g = 0, trained = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        size_t n = model.param_sizes[i] - model.top_offsets[i];
+        if (n > 0) {
+            std::string label = std::string("bitfit d") + param_tensor_names[i];
+            std::vector<double> grad(model.top_grads + g, model.top_grads + g + n);
+            CAPTURE(label);
+            // block 0's ln1 bias too: its gradient needs the backward through block 0's ln1
+            CHECK(fd_sampled(model.params_memory + p, n, grad.data(), loss, label) < tol_fd);
+        }
+        p += model.param_sizes[i];
+        g += n;
+        trained += n;
+    }
+    int L = model.config.num_layers, C = model.config.channels;
+    CHECK(trained == (size_t)L * (C + 3 * C + C + C + 4 * C + C) + C); // ln1b qkvb attprojb ln2b fcb fcprojb, lnfb
+    CHECK(trained == gpt2_trainable_parameters(&model));
+    // a step moves biases only
+    std::vector<double> before(model.params_memory, model.params_memory + model.num_parameters);
+    loss();
+    gpt2_zero_grad(&model);
+    gpt2_backward(&model);
+    gpt2_update(&model, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.0f, 1);
+    size_t changed_weights = 0, changed_biases = 0;
+    p = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        for (size_t j = 0; j < model.param_sizes[i]; j++) {
+            bool differs = model.params_memory[p + j] != before[p + j];
+            if (param_tensor_is_bias(i)) changed_biases += differs;
+            else changed_weights += differs;
+        }
+        p += model.param_sizes[i];
+    }
+    CHECK(changed_weights == 0);
+    CHECK(changed_biases > trained / 2);
+    gpt2_free(&model);
+}
+
 TEST_CASE("end to end, L2-SP: gradients of loss + lambda/2 ||W - W0||^2 match finite differences") {
     GPT2<double> model;
     build_tiny_perturbed(&model, 1401);
@@ -3880,6 +3933,56 @@ TEST_CASE("the trainer binary: -F, -H, -X and -w train, and their bad values exi
         CHECK(last < first);
         CHECK(has(out, "bytes: params "));
     }
+}
+
+TEST_CASE("the trainer binary: -B 1 (BitFit) trains the biases and saves them small and merged; bad -B, -B with -Q or another method exit naming the flag") {
+    TempDir dir;
+    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
+    write_tiny_checkpoint(ckpt);
+    write_cycle_tokens(tokens, 400);
+    std::string common = trainer_args(ckpt, tokens);
+    std::string out;
+    CHECK(run_trainer(common + " -B 2", &out) != 0);
+    CHECK(has(out, "flag -B"));
+    CHECK(run_trainer(common + " -B 1 -Q int8", &out) != 0);
+    CHECK(has(out, "flag -Q"));
+    CHECK(run_trainer(common + " -B 1 -H 4", &out) != 0);
+    CHECK(has(out, "choose one method"));
+    CHECK(run_trainer(common + " -x 20 -v 20 -B 1 -l 0.01 -o " + dir.path, &out) == 0);
+    CHECK(has(out, "[BitFit]"));
+    size_t p1 = out.find("\nval loss "), p2 = out.find("final val loss: ");
+    REQUIRE(p1 != std::string::npos);
+    REQUIRE(p2 != std::string::npos);
+    float first = strtof(out.c_str() + p1 + 10, NULL), last = strtof(out.c_str() + p2 + 16, NULL);
+    MESSAGE("trainer binary -B 1: val loss " << first << " -> " << last);
+    CHECK(last < first);
+    // method.bin holds the biases only (7 tensors); model.bin is the base with them merged
+    std::string method = file_string(dir.file("method.bin"));
+    GPT2<float> base, merged;
+    REQUIRE(gpt2_read_checkpoint(&base, ckpt.c_str()) == "");
+    REQUIRE(gpt2_read_checkpoint(&merged, dir.file("model.bin").c_str()) == "");
+    int L = base.config.num_layers, C = base.config.channels;
+    size_t n_biases = (size_t)L * 11 * C + C;
+    REQUIRE(method.size() == 1024 + n_biases * 4);
+    int header[7];
+    memcpy(header, method.data(), sizeof(header));
+    CHECK(header[2] == 3);
+    CHECK(header[6] == (int)n_biases);
+    size_t p = 0, k = 0, weights_differ = 0, biases_match = 0, biases_moved = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        for (size_t j = 0; j < base.param_sizes[i]; j++, p++) {
+            if (!param_tensor_is_bias(i)) { weights_differ += merged.params_memory[p] != base.params_memory[p]; continue; }
+            float saved;
+            memcpy(&saved, method.data() + 1024 + 4 * k++, 4);
+            biases_match += saved == merged.params_memory[p];
+            biases_moved += saved != base.params_memory[p];
+        }
+    }
+    CHECK(weights_differ == 0);
+    CHECK(biases_match == n_biases);
+    CHECK(biases_moved > n_biases / 2);
+    gpt2_free(&base);
+    gpt2_free(&merged);
 }
 
 // -- saving, resuming, merging, combining adapters and generating through the binary

@@ -135,7 +135,7 @@ void layernorm_backward(real* dinp, real* dweight, real* dbias, const real* dout
             dinp_bt[c] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
         }
     }
-    if (dweight == NULL) return;
+    if (dweight == NULL && dbias == NULL) return; // frozen (BitFit trains dbias alone)
     // parallel over channels: each thread owns dweight[c] and dbias[c]
     #pragma omp parallel for
     for (int c = 0; c < C; c++) {
@@ -145,8 +145,8 @@ void layernorm_backward(real* dinp, real* dweight, real* dbias, const real* dout
             dw += d * (inp[(size_t)bt * C + c] - mean[bt]) * rstd[bt];
             db += d;
         }
-        dweight[c] += dw;
-        dbias[c] += db;
+        if (dweight != NULL) dweight[c] += dw;
+        if (dbias != NULL) dbias[c] += db;
     }
 }
 
@@ -617,6 +617,7 @@ struct GPT2 {
     size_t num_top_trainable;  // -F: elements of top_grads (the trained tails of the tensors)
     size_t top_offsets[NUM_PARAMETER_TENSORS]; // -F: where each tensor's trained tail starts
     real* top_grads;           // -F: gradients, then AdamW m and v, of just those tails
+    bool bitfit;               // -B: the tails are the bias tensors, whole (gpt2_enable_bitfit)
     real* top_m;
     real* top_v;
     Adapters<real> adapters;   // -H: adapters.m == 0 when none
@@ -1057,8 +1058,9 @@ void gpt2_backward(GPT2<real>* model) {
         if (model->prefix.P > 0) gpt2_prefix_attention_backward(&model->prefix, l, d.dqkv, d.datty, la.qkv, B, T);
         else attention_backward(d.dqkv, d.datt, d.datty, la.qkv, la.att, B, T, C, NH);
         memset(d.dln, 0, (size_t)BT * C * sizeof(real));
-        // (-F: the lowest trained block's ln1 weights still need the gradient at ln1's output)
-        real* dln1 = need_dinp || lg.ln1w != NULL ? d.dln : NULL;
+        // (-F: the lowest trained block's ln1 weights, BitFit: block 0's ln1 bias, still need the gradient
+        // at ln1's output)
+        real* dln1 = need_dinp || lg.ln1w != NULL || lg.ln1b != NULL ? d.dln : NULL;
         matmul_backward(dln1, lg.qkvw, lg.qkvb, d.dqkv, la.ln1, gpt2_base_weight(model, LORA_QKV, l), B, T, C, 3 * C);
         gpt2_lora_backward(model, LORA_QKV, l, dln1, d.dqkv, la.ln1, BT);
         if (dln1 != NULL) {
@@ -1358,26 +1360,22 @@ static std::vector<std::vector<int>> gpt2_generate_multi(GPT2<float>* model, con
 // ----------------------------------------------------------------------------
 // the other adaptation methods on the model: setup, the log's method block, and the method's file
 
-// -F: only the top k blocks and the final layernorm train. The blocks below and the embeddings
-// (wte is also the LM head) get no gradient buffers, no AdamW state and no gradient work: the backward
-// stops at block first_trained_layer. Each per-layer tensor is (L, ...), so its trained part is a tail.
+// The trained parts of the base for -F and BitFit: tensor i trains its elements [offsets[i], size), a tail
+// (-F: the last blocks of each (L, ...) tensor; BitFit: the bias tensors, whole). Gradients and AdamW state
+// exist for those parts only, back to back in top_grads, top_m, top_v; every other tensor's gradient is NULL.
 template <typename real>
-void gpt2_enable_top_training(GPT2<real>* model, int k) {
-    int L = model->config.num_layers;
-    model->first_trained_layer = L - k;
+void gpt2_enable_tensor_tails(GPT2<real>* model, const size_t offsets[NUM_PARAMETER_TENSORS], const char* what) {
     real** dptrs[NUM_PARAMETER_TENSORS] = {
         &model->grads.wte, &model->grads.wpe, &model->grads.ln1w, &model->grads.ln1b, &model->grads.qkvw,
         &model->grads.qkvb, &model->grads.attprojw, &model->grads.attprojb, &model->grads.ln2w, &model->grads.ln2b,
         &model->grads.fcw, &model->grads.fcb, &model->grads.fcprojw, &model->grads.fcprojb, &model->grads.lnfw, &model->grads.lnfb};
     size_t n = 0;
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
-        size_t size = model->param_sizes[i];
-        bool per_layer = i >= 2 && i <= 13;
-        model->top_offsets[i] = i < 2 ? size : per_layer ? size / L * (size_t)(L - k) : 0;
-        n += size - model->top_offsets[i];
+        model->top_offsets[i] = offsets[i];
+        n += model->param_sizes[i] - offsets[i];
     }
     model->num_top_trainable = n;
-    model->top_grads = calloc_real<real>(n, "top-block gradients");
+    model->top_grads = calloc_real<real>(n, what);
     model->top_m = calloc_real<real>(n, "AdamW m");
     model->top_v = calloc_real<real>(n, "AdamW v");
     size_t off = 0;
@@ -1386,6 +1384,36 @@ void gpt2_enable_top_training(GPT2<real>* model, int k) {
         *dptrs[i] = len > 0 ? model->top_grads + off : NULL; // a block's gradient is at (l - first_trained_layer)
         off += len;
     }
+}
+
+// -F: only the top k blocks and the final layernorm train. The blocks below and the embeddings
+// (wte is also the LM head) get no gradient buffers, no AdamW state and no gradient work: the backward
+// stops at block first_trained_layer. Each per-layer tensor is (L, ...), so its trained part is a tail.
+template <typename real>
+void gpt2_enable_top_training(GPT2<real>* model, int k) {
+    int L = model->config.num_layers;
+    model->first_trained_layer = L - k;
+    size_t offsets[NUM_PARAMETER_TENSORS];
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        size_t size = model->param_sizes[i];
+        bool per_layer = i >= 2 && i <= 13;
+        offsets[i] = i < 2 ? size : per_layer ? size / L * (size_t)(L - k) : 0;
+    }
+    gpt2_enable_tensor_tails(model, offsets, "top-block gradients");
+}
+
+// the bias tensors, in checkpoint order: ln1b, qkvb, attprojb, ln2b, fcb, fcprojb, lnfb
+static inline bool param_tensor_is_bias(int i) { return i == 3 || i == 5 || i == 7 || i == 9 || i == 11 || i == 13 || i == 15; }
+
+// -B: BitFit (Ben Zaken et al. 2022): only the bias terms train, those of every matmul and layernorm;
+// the weights (and the embeddings) are frozen. The backward still runs through every block (block 0's
+// biases need their gradient), but no weight gradient is ever computed.
+template <typename real>
+void gpt2_enable_bitfit(GPT2<real>* model) {
+    size_t offsets[NUM_PARAMETER_TENSORS];
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) offsets[i] = param_tensor_is_bias(i) ? 0 : model->param_sizes[i];
+    gpt2_enable_tensor_tails(model, offsets, "bias gradients");
+    model->bitfit = true;
 }
 
 // -H: Houlsby adapters of bottleneck m on a frozen base (see adapters_init for the init)
@@ -1411,11 +1439,12 @@ void gpt2_enable_l2sp(GPT2<real>* model, float lambda) {
     memcpy(model->params0, model->params_memory, model->num_parameters * sizeof(real));
 }
 
-// -F k, -H m, -X P (at most one, checked by main): sets the method up on a freshly loaded base
-static std::string gpt2_enable_other_method(GPT2<float>* model, int freeze_k, int adapter_m, int prefix_P, uint64_t seed) {
+// -F k, -H m, -X P, -B 1 (at most one, checked by main): sets the method up on a freshly loaded base
+static std::string gpt2_enable_other_method(GPT2<float>* model, int freeze_k, int adapter_m, int prefix_P, int bitfit, uint64_t seed) {
     int L = model->config.num_layers;
     if (freeze_k > L) return strprintf("flag -F: cannot train the top %d blocks of a %d-block model\n---> HINT: use -F 1..%d (-f 1 trains everything)", freeze_k, L, L);
     if (freeze_k > 0) gpt2_enable_top_training(model, freeze_k);
+    if (bitfit) gpt2_enable_bitfit(model);
     if (adapter_m > 0) gpt2_adapters_attach(model, adapter_m, seed);
     if (prefix_P > 0) gpt2_prefix_attach(model, prefix_P, seed);
     return "";
@@ -1453,7 +1482,8 @@ static void gpt2_print_method(const GPT2<float>* model) {
     size_t trainable = gpt2_trainable_parameters(model);
     if (model->params0) printf("[L2-SP]\nlambda: %g\n", model->l2sp_lambda);
     else if (model->train_base) printf("[Full fine-tuning]\n");
-    if (model->top_grads) printf("[Freeze]\ntrained blocks: %d..%d and lnf\n", model->first_trained_layer, model->config.num_layers - 1);
+    if (model->bitfit) printf("[BitFit]\ntrained: the biases of every matmul and layernorm\n");
+    else if (model->top_grads) printf("[Freeze]\ntrained blocks: %d..%d and lnf\n", model->first_trained_layer, model->config.num_layers - 1);
     if (model->adapters.m > 0) printf("[Adapters]\nbottleneck m: %d\n", model->adapters.m);
     if (model->prefix.P > 0) printf("[Prefix]\nprefix positions P: %d\n", model->prefix.P);
     printf("trainable_params: %zu\ntrainable %%: %.4f\n", trainable,
@@ -1461,10 +1491,27 @@ static void gpt2_print_method(const GPT2<float>* model) {
 }
 
 
-// -H / -X with -o: the trained adapter or prefix parameters as <dir>/method.bin, a 1024-byte header
-// (magic, version, method 1 = adapter / 2 = prefix, L, C, m or P, parameter count) then the floats
+// -H / -X / -B with -o: the trained adapter, prefix or bias parameters as <dir>/method.bin, a 1024-byte
+// header (magic, version, method 1 = adapter / 2 = prefix / 3 = BitFit, L, C, m or P (0 for BitFit),
+// parameter count) then the floats; BitFit's are the bias tensors in checkpoint order
 #define METHOD_FILE_MAGIC 20261110
 static std::string gpt2_write_method_file(const GPT2<float>* model, const char* path) {
+    if (model->bitfit) {
+        std::vector<float> biases;
+        size_t off = 0;
+        for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+            if (param_tensor_is_bias(i)) biases.insert(biases.end(), model->params_memory + off, model->params_memory + off + model->param_sizes[i]);
+            off += model->param_sizes[i];
+        }
+        int header[256] = {0};
+        header[0] = METHOD_FILE_MAGIC;
+        header[1] = 1;
+        header[2] = 3;
+        header[3] = model->config.num_layers;
+        header[4] = model->config.channels;
+        header[6] = (int)biases.size();
+        return write_atomically(path, {{header, sizeof(header)}, {biases.data(), biases.size() * sizeof(float)}});
+    }
     const TrainableBuffer<float>* buf = model->adapters.m > 0 ? &model->adapters.buf : &model->prefix.buf;
     int header[256] = {0};
     header[0] = METHOD_FILE_MAGIC;
@@ -1544,6 +1591,7 @@ static void error_usage() {
         "  -F <int>    instead of LoRA, freezing: train only the top F blocks and lnf, 0 = off (default 0)\n"
         "  -H <int>    instead of LoRA, Houlsby adapters of bottleneck m = H, 0 = off (default 0)\n"
         "  -X <int>    instead of LoRA, prefix tuning with X key/value positions per layer, 0 = off (default 0)\n"
+        "  -B <0|1>    instead of LoRA, BitFit: train only the biases of every matmul and layernorm (default 0)\n"
         "  -w <float>  with -f 1, L2-SP: add w/2 ||W - W0||^2 pulling toward the base, >= 0 (default 0)\n");
     exit(EXIT_FAILURE);
 }
@@ -1621,6 +1669,7 @@ struct Flags {
     int freeze_k = 0;               // -F, train only the top k blocks (and lnf)
     int adapter_m = 0;              // -H, Houlsby adapter bottleneck width
     int prefix_P = 0;               // -X, prefix positions per layer
+    int bitfit = 0;                 // -B, BitFit: only the biases train
     float l2sp_lambda = 0.0f;       // -w, L2-SP strength (with -f 1)
     bool tokenizer_given = false;
     // derived by check_flags
@@ -1689,6 +1738,7 @@ static Flags parse_flags(int argc, char** argv) {
             case 'F': f->freeze_k = parse_int(argv[i], v); break;
             case 'H': f->adapter_m = parse_int(argv[i], v); break;
             case 'X': f->prefix_P = parse_int(argv[i], v); break;
+            case 'B': f->bitfit = parse_int(argv[i], v); break;
             case 'w': f->l2sp_lambda = parse_float(argv[i], v); break;
             default:
                 fprintf(stderr, "Error: unknown flag '%s'\n", argv[i]);
@@ -1747,20 +1797,21 @@ static void check_flags(Flags* f, const DataParallel& dp) {
     if (!(f->lr_final_frac >= 0 && f->lr_final_frac <= 1)) bad_flag("-z", strprintf("the final learning-rate fraction must be in [0, 1], got %g\n---> HINT: -z 0.1 decays to a tenth of -l; -z 1 keeps it constant", f->lr_final_frac));
     if (!(f->grad_clip >= 0)) bad_flag("-G", strprintf("the gradient-norm clip must be >= 0 (0 = off), got %g", f->grad_clip));
     if (f->full && !f->lr_given) f->lr = 1e-4f;
-    // the other adaptation methods: at most one of -f 1, -F, -H, -X; LoRA when none
+    // the other adaptation methods: at most one of -f 1, -F, -H, -X, -B 1; LoRA when none
     if (f->freeze_k < 0) bad_flag("-F", strprintf("must be >= 0, got %d", f->freeze_k));
+    if (f->bitfit != 0 && f->bitfit != 1) bad_flag("-B", strprintf("must be 0 or 1, got %d\n---> HINT: -B 1 trains only the biases (BitFit)", f->bitfit));
     if (f->adapter_m < 0) bad_flag("-H", strprintf("must be >= 0, got %d", f->adapter_m));
     if (f->prefix_P < 0) bad_flag("-X", strprintf("must be >= 0, got %d", f->prefix_P));
-    if ((f->full != 0) + (f->freeze_k > 0) + (f->adapter_m > 0) + (f->prefix_P > 0) > 1) {
-        bad_flag(f->freeze_k > 0 ? "-F" : f->adapter_m > 0 ? "-H" : "-X", "choose one method: -f 1, -F, -H or -X (none of them: LoRA)");
+    if ((f->full != 0) + (f->freeze_k > 0) + (f->adapter_m > 0) + (f->prefix_P > 0) + (f->bitfit != 0) > 1) {
+        bad_flag(f->freeze_k > 0 ? "-F" : f->adapter_m > 0 ? "-H" : f->prefix_P > 0 ? "-X" : "-B", "choose one method: -f 1, -F, -H, -X or -B 1 (none of them: LoRA)");
     }
     if (f->l2sp_lambda < 0 || (f->l2sp_lambda > 0 && !f->full)) {
         bad_flag("-w", strprintf("L2-SP needs -f 1 and w >= 0, got w = %g\n---> HINT: e.g. -f 1 -w 0.01", f->l2sp_lambda));
     }
-    f->lora_on = !f->full && f->freeze_k == 0 && f->adapter_m == 0 && f->prefix_P == 0;
+    f->lora_on = !f->full && f->freeze_k == 0 && f->adapter_m == 0 && f->prefix_P == 0 && f->bitfit == 0;
     if (f->freeze_k > 0 && !f->lr_given) f->lr = 1e-4f; // trains base weights, like -f 1
     if (!f->lora_on && !f->full && (f->adapter_path != NULL || f->merged_path != NULL || f->prompt != NULL)) {
-        bad_flag(f->adapter_path ? "-A" : f->merged_path ? "-M" : "-p", "LoRA adapter files, merging and -p apply to LoRA only\n---> HINT: drop -F / -H / -X");
+        bad_flag(f->adapter_path ? "-A" : f->merged_path ? "-M" : "-p", "LoRA adapter files, merging and -p apply to LoRA only\n---> HINT: drop -F / -H / -X / -B");
     }
     if (f->weight_decay < 0) bad_flag("-d", strprintf("weight decay must be >= 0, got %g", f->weight_decay));
     if (f->steps < 0) bad_flag("-x", strprintf("steps must be >= 0, got %d", f->steps));
@@ -1778,7 +1829,7 @@ static void check_flags(Flags* f, const DataParallel& dp) {
     }
     if (f->gguf_dir != NULL && (!f->lora_on || f->multi_batch)) {
         bad_flag("-L", "GGUF export writes a LoRA adapter and the base it applies to (and the two merged)\n"
-                       "---> HINT: drop -L, or train with LoRA (no -f 1 / -F / -H / -X) and one adapter (no -Y 1)");
+                       "---> HINT: drop -L, or train with LoRA (no -f 1 / -F / -H / -X / -B) and one adapter (no -Y 1)");
     }
     if (f->full && (f->adapter_path != NULL || f->merged_path != NULL)) {
         bad_flag(f->adapter_path ? "-A" : "-M", "LoRA adapters do not apply to full fine-tuning\n---> HINT: drop -f 1 (with -f 1, -o writes the whole model as model.bin)");
@@ -1803,7 +1854,7 @@ static void check_flags(Flags* f, const DataParallel& dp) {
     f->base_quant = LORA_QUANT_FP32;
     if (!lora_parse_quant(f->quant, &f->base_quant, &err)) bad_flag("-Q", err);
     if (f->full && f->base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base is frozen, full fine-tuning trains it\n---> HINT: drop -f 1, or use -Q fp32");
-    if (!f->lora_on && f->base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base applies to LoRA only\n---> HINT: drop -F / -H / -X, or use -Q fp32");
+    if (!f->lora_on && f->base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base applies to LoRA only\n---> HINT: drop -F / -H / -X / -B, or use -Q fp32");
     f->no_training = f->prompt != NULL || ((f->merged_path != NULL || f->gguf_dir != NULL) && f->steps == 0); // -p, or -M / -L alone: no data needed
 }
 
@@ -1864,7 +1915,7 @@ static void attach_method(Built* b, Flags* f) {
     } else if (f->full) {
         gpt2_enable_full_training(&model);
     } else if (!f->lora_on) {
-        err = gpt2_enable_other_method(&model, f->freeze_k, f->adapter_m, f->prefix_P, (uint64_t)f->seed);
+        err = gpt2_enable_other_method(&model, f->freeze_k, f->adapter_m, f->prefix_P, f->bitfit, (uint64_t)f->seed);
         if (!err.empty()) die(err);
     } else {
         // the checksum of the fp32 base file, whatever -Q: adapters trained on a quantized base check
@@ -2100,6 +2151,12 @@ static void save_after_training(Built* b, const Flags* f) {
         // -F: the whole model (its top blocks changed); -H / -X: only the trained adapter or prefix
         std::string path = std::string(f->output_dir) + (f->freeze_k > 0 ? "/model.bin" : "/method.bin");
         err = f->freeze_k > 0 ? gpt2_write_checkpoint(&model, path.c_str()) : gpt2_write_method_file(&model, path.c_str());
+        if (!err.empty()) die("flag -o: " + err);
+        printf("wrote %s\n", path.c_str());
+    }
+    if (f->bitfit && f->output_dir != NULL) { // BitFit: besides the small method.bin, the biases merged into a checkpoint
+        std::string path = std::string(f->output_dir) + "/model.bin";
+        err = gpt2_write_checkpoint(&model, path.c_str());
         if (!err.empty()) die("flag -o: " + err);
         printf("wrote %s\n", path.c_str());
     }

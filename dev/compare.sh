@@ -55,6 +55,7 @@ RUNS=(
     "freeze_top1|-F 1"
     "adapter_m16|-H 16 -l 1e-3"
     "prefix_P8|-X 8 -l 1e-2"
+    "bitfit|-B 1 -l 1e-3"
     "lora_r8_qkv|-r 8 -a 16 -q qkv -l 1e-3"
     "lora_r8_qkv_attproj|-r 8 -a 16 -q qkv,attproj -l 1e-3"
     "lora_r1|-r 1 -a 2 -l 1e-3"
