@@ -87,6 +87,12 @@ for run in "${RUNS[@]}"; do
     echo "$name|$flags" >> "$RUN_DIR/runs.txt"
 done
 
+# How dW relates to W (the LoRA paper's section 7.3): the last block's matrices of the r = 4 and r = 64 adapters
+mkdir -p build/compare_tools
+g++ -O3 -std=c++17 -fopenmp dev/delta_w.cpp -lm -o build/compare_tools/delta_w || fail "building dev/delta_w.cpp" "see the compiler error above"
+{ for r in 4 64; do build/compare_tools/delta_w "$BASE" "$RUN_DIR/lora_r$r/adapter.bin" && echo; done; } > "$RUN_DIR/delta_w.md" \
+    || fail "dev/delta_w.cpp" "see its error above"
+
 /usr/bin/python3 dev/compare.py "$RUN_DIR" dev/results "$BASE" "B=$B T=$T steps=$STEPS" \
     || fail "dev/compare.py" "it needs numpy and matplotlib in the system python (apt-get install python3-matplotlib)"
 echo "make compare: wrote dev/results/compare.md and dev/results/compare_val_loss.png"
