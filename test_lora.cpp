@@ -4467,7 +4467,8 @@ TEST_CASE("a signal during a save (the save slowed down): the set is finished, n
     REQUIRE(waitpid(pid, &status, 0) == pid);
     std::string out = file_string(log);
     bool finished_save = has(out, "SIGINT (Ctrl-C) again during the save: the save set is complete; stopping now");
-    MESSAGE(std::string("second SIGINT ") + (finished_save ? "arrived during the save, which finished" : "arrived before the save began: killed at once"));
+    std::string how = finished_save ? "arrived during the save, which finished" : "arrived before the save began: killed at once";
+    MESSAGE("second SIGINT " << how);
     CHECK(finished_save); // the window between the message and the save is microseconds, the save 800 ms
     CHECK(WIFEXITED(status));
     CHECK(WEXITSTATUS(status) == 128 + SIGINT);
@@ -4547,6 +4548,25 @@ TEST_CASE("NaN in each file kind through the binary: -e, -A adapter.bin and -A P
     CHECK(has(out, PEFT_WEIGHTS_FILE));
     CHECK(has(out, "non-finite"));
     CHECK(access(files.dir.file("m.bin").c_str(), F_OK) != 0);
+}
+
+TEST_CASE("out-of-memory HINTs name the real cause: -X, -H and -b each blamed for their own allocation, before any step") {
+    TrainerFiles files;
+    std::string out;
+    // each allocation is larger than any machine's memory (2 TB and more), so malloc_check refuses it at once
+    struct Case { const char* flags; const char* blamed; const char* not_blamed; };
+    for (Case c : {Case{" -X 2000000000", "prefix length (-X)", "-H"}, Case{" -H 2000000000", "(-H)", "-X"},
+                   Case{" -b 100000000", "batch size (-b)", "-X"}}) {
+        CAPTURE(c.flags);
+        CHECK(run_trainer(files.common + " -x 5" + c.flags, &out) != 0);
+        CHECK(has(out, "out of memory"));
+        CHECK(has(out, c.blamed));
+        CHECK_FALSE(has(out, c.not_blamed));
+        CHECK_FALSE(has(out, "step 1/5"));
+    }
+    CHECK_FALSE(has(oom_hint("parameters"), "-b"));       // the model itself: the checkpoint (-e) and the method
+    CHECK(has(oom_hint("parameters"), "-e"));
+    CHECK(has(oom_hint("the key/value cache"), "-t"));
 }
 
 // -- data parallel (MPI): 2 ranks with batch B each train exactly like one process with batch 2B.

@@ -912,7 +912,7 @@ void gpt2_lora_backward(GPT2<real>* model, int t, int l, real* dinp, const real*
 // (a quantized base has no fp32 matrices to fold into: write_merged_checkpoint merges into a dequantized copy)
 template <typename real>
 void gpt2_lora_merge(GPT2<real>* model, int sign) {
-    if (model->quant_q[0] != NULL) die("gpt2_lora_merge: the base is quantized (-Q): there are no fp32 block matrices to merge into");
+    if (model->quant_q[0] != NULL) die("gpt2_lora_merge: the base is quantized (-Q): there are no fp32 block matrices to merge into\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line");
     real* base[LORA_NUM_TARGETS] = {model->params.qkvw, model->params.attprojw, model->params.fcw, model->params.fcprojw};
     lora_merge_all(&model->lora, base, sign);
 }
@@ -924,11 +924,11 @@ void gpt2_lora_merge(GPT2<real>* model, int sign) {
 template <typename real>
 void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int B, int T) {
     if (model->params.qkvw == NULL && model->quant_q[0] == NULL) {
-        die("gpt2_forward: the base's block matrices are still on disk (read for -Q); attach the adapters first (gpt2_lora_attach)");
+        die("gpt2_forward: the base's block matrices are still on disk (read for -Q); attach the adapters first (gpt2_lora_attach)\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line");
     }
     if (model->acts_memory == NULL) gpt2_allocate(model, B, T);
     if (B > model->alloc_B || T > model->alloc_T || (size_t)B * T * T > (size_t)model->alloc_B * model->alloc_T * model->alloc_T) {
-        die(strprintf("forward with B=%d T=%d exceeds the allocated B=%d T=%d", B, T, model->alloc_B, model->alloc_T));
+        die(strprintf("forward with B=%d T=%d exceeds the allocated B=%d T=%d\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line", B, T, model->alloc_B, model->alloc_T));
     }
     int V = model->config.vocab_size, Vp = model->config.padded_vocab_size;
     int L = model->config.num_layers, NH = model->config.num_heads, C = model->config.channels;
@@ -942,7 +942,7 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
     // with the key/value cache on, these T tokens are positions pos0.. of one sequence
     int pos0 = model->kv_on ? model->kv_len : 0;
     if (model->kv_on && (B != 1 || targets != NULL || pos0 + T > model->kv_cap)) {
-        die(strprintf("gpt2_forward with the key/value cache: B=%d, targets %s, positions %d..%d of %d", B, targets ? "given" : "none", pos0, pos0 + T - 1, model->kv_cap));
+        die(strprintf("gpt2_forward with the key/value cache: B=%d, targets %s, positions %d..%d of %d", B, targets ? "given" : "none", pos0, pos0 + T - 1, model->kv_cap) + "\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line");
     }
 
     ParameterTensors<real> params = model->params;
@@ -1008,7 +1008,7 @@ void gpt2_zero_grad(GPT2<real>* model) {
 // the activation gradient through. Requires a forward with targets just before; destroys the logits.
 template <typename real>
 void gpt2_backward(GPT2<real>* model) {
-    if (!model->have_targets) die("gpt2_backward needs a forward pass with targets first");
+    if (!model->have_targets) die("gpt2_backward needs a forward pass with targets first\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line");
     int B = model->batch_size, T = model->seq_len, BT = B * T;
     int V = model->config.vocab_size, Vp = model->config.padded_vocab_size;
     int L = model->config.num_layers, NH = model->config.num_heads, C = model->config.channels;
