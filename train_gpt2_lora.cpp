@@ -2024,20 +2024,24 @@ static void save_without_training(Built* b, Flags* f) {
     uint64_t base_sum = b->base_sum;
     std::string err;
     printf("[LoRA]\nadapter: %s\nrank: %d\nalpha: %g\ntargets: %s\n", adapter_desc.c_str(), lcfg.r, lcfg.alpha, lora_targets_string(lcfg.targets).c_str());
+    install_stop_handlers(); // a Ctrl-C during the saves below lets them finish, then stops
     if (f->output_dir != NULL) {
-        install_stop_handlers(); // a Ctrl-C during the save lets it finish
         err = save_adapter_set(f->output_dir, &model, base_sum, NULL, b->have_state ? b->resume.step : 0, f->base_name);
         if (!err.empty()) die("flag -o: " + err);
         printf("saved adapter: %s/adapter.bin (weights only), %s/" PEFT_WEIGHTS_FILE ", %s/" PEFT_CONFIG_FILE "\n", f->output_dir, f->output_dir, f->output_dir);
         printf("save set: %s/" SAVE_SET_FILE " (no training in this run: the adapter from -A as loaded%s)\n", f->output_dir,
                f->combine ? ", combined" : "");
-        if (stop_signal != 0) exit(128 + stop_signal);
     }
     if (f->merged_path != NULL) {
+        saving = 1;
         err = write_merged_checkpoint(&model, f->merged_path);
+        saving = 0;
         if (!err.empty()) die("flag -M: " + err);
         printf("wrote merged checkpoint %s\n", f->merged_path);
     }
+    if (stop_signal != 0) { fflush(stdout); exit(128 + stop_signal); } // interrupted: the files above are whole
+    signal(SIGINT, SIG_DFL); // -p next: a Ctrl-C stops it at once, as before
+    signal(SIGTERM, SIG_DFL);
 }
 
 // -p: generation from a prompt, with the adapter merged (-W 1) or unmerged, or several adapters in one
@@ -2269,9 +2273,12 @@ static int train(Built* b, Flags* f, DataParallel* dp_) {
         // so a long pretraining run keeps a usable checkpoint (weights only: AdamW state is not saved)
         if (f->full && f->output_dir != NULL && f->save_every > 0 && step > start_step && step % f->save_every == 0 && !last_step) {
             std::string path = std::string(f->output_dir) + "/model.bin";
+            saving = 1;
             err = gpt2_write_checkpoint(&model, path.c_str());
+            saving = 0;
             if (!err.empty()) die("flag -o: " + err);
             printf("saved checkpoint (step %d): %s\n", step, path.c_str());
+            stop_after_save();
         }
         if (f->val_every > 0 && data.have_val && (step % f->val_every == 0 || last_step) && stop_signal == 0) {
             last_val = dp_mean(&dp, gpt2_validate(&model, &val_loader, f->val_batches));
@@ -2315,7 +2322,10 @@ static int train(Built* b, Flags* f, DataParallel* dp_) {
             f->steps = step + 1;
         }
     }
+    saving = 1; // -M, model.bin, method.bin: a second signal lets them finish
     save_after_training(b, f);
+    saving = 0;
+    stop_after_save();
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     printf("[Summary]\nfirst train loss: %f\nlast train loss: %f\n", first_loss, last_loss);

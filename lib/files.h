@@ -105,7 +105,7 @@ static std::string read_text_file(const char* path, const char* what, const char
     long size = 0;
     err = file_size_of(f, path, &size);
     if (err.empty() && (size_t)size > max_bytes) {
-        err = strprintf("%s '%s' is %ld bytes, more than the %zu MiB such a file can be\n---> HINT: the file is corrupt or not %s; %s",
+        err = strprintf("%s '%s' is %ld bytes, more than the %zu MiB such a file can be\n---> HINT: the file is corrupt, or not a %s; %s",
                         what, path, size, max_bytes >> 20, what, hint);
     }
     if (err.empty()) {
