@@ -4569,6 +4569,35 @@ TEST_CASE("out-of-memory HINTs name the real cause: -X, -H and -b each blamed fo
     CHECK(has(oom_hint("the key/value cache"), "-t"));
 }
 
+TEST_CASE("-p streams its tokens into the same output as before: the prompt, then exactly the text generate_from_prompt returns") {
+    BPE bpe;
+    bpe.print_errors = false;
+    if (bpe_load_default(&bpe) != 0) {
+        MESSAGE("skipped: no GPT-2 BPE files (make data fetches them): " << bpe.error);
+        return;
+    }
+    TempDir dir;
+    GPT2Config cfg = tiny_config(); // GPT-2's vocabulary on a tiny body, so that BPE ids fit
+    cfg.vocab_size = 50257;
+    cfg.padded_vocab_size = 50304;
+    GPT2<float> model;
+    gpt2_build_random(&model, cfg, 961);
+    for (size_t i = 0; i < model.param_sizes[0]; i++) model.params.wte[i] *= 10;
+    std::string ckpt = dir.file("vocab_base.bin");
+    REQUIRE(gpt2_write_checkpoint(&model, ckpt.c_str()) == "");
+    // in process: greedy (-K 1), context 16 (-t is clamped to maxT), the binary's seed + 1; the binary's new
+    // adapter has lora_B = 0, so its merged weights are the base's exactly
+    gpt2_allocate(&model, 1, cfg.max_seq_len);
+    Rng rng;
+    rng_seed(&rng, 1337 + 1);
+    std::string text;
+    REQUIRE(generate_from_prompt(&model, &bpe, "The king", 12, 1.0f, 1, &rng, &text) == "");
+    std::string out;
+    CHECK(run_trainer("-e " + ckpt + " -p 'The king' -g 12 -K 1", &out) == 0);
+    CHECK(has(out, ("context: 16\n---\nThe king" + text + "\n---\ngenerated 12 tokens").c_str()));
+    gpt2_free(&model);
+}
+
 // -- data parallel (MPI): 2 ranks with batch B each train exactly like one process with batch 2B.
 // Runs only when make built the trainer with MPI (it then sets MPIRUN); skipped with a message otherwise.
 
