@@ -1,6 +1,7 @@
 // lib/files.h: checked file I/O shared by every reader and writer: the llm.c magic numbers (and what a
 // wrong one means), opening a regular file for reading, its size, a whole text file, and
-// write_atomically (temporary name, fsync, rename), which every file the trainer writes goes through.
+// write_atomically (temporary name, fsync, rename), which every file the trainer writes goes through;
+// and the output directories: created (mkdir -p), locked against a second run, probed for writability.
 #pragma once
 
 #include <cerrno>
@@ -38,7 +39,7 @@ static std::string open_for_reading(const char* path, const char* what, const ch
     *f = NULL;
     int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) return strprintf("cannot open %s '%s': %s\n---> HINT: %s", what, path, strerror(errno), hint);
-    struct stat st;
+    struct stat st = {};
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
         bool is_dir = S_ISDIR(st.st_mode);
         const char* kind = is_dir ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO (named pipe)" : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device"
