@@ -33,6 +33,7 @@ Each suite starts with the helpers only its tests use; the helpers several suite
 #include <fcntl.h>
 #include <functional>
 #include <map>
+#include <limits>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
@@ -3163,6 +3164,279 @@ TEST_CASE("GGUF export: llama.cpp's GPT-2 names, ne = [in, out] with the model's
     gpt2_free(&m2);
 }
 
+// -- what a reader takes, and nothing a user trained is lost: regular files only, finite weights,
+// linear parsing, clear errors for sizes no machine holds, output directories, save sets
+
+TEST_CASE("readers take regular files only: a FIFO, a device and a directory give a clear error at once, naming the file") {
+    TempDir dir;
+    std::string fifo = dir.file("fifo");
+    REQUIRE(mkfifo(fifo.c_str(), 0644) == 0); // nobody ever writes to it: a reader that opened it would block forever
+    GPT2<float> model;
+    TokenFile tf;
+    SafeTensors st;
+    std::string text;
+    for (std::string path : {fifo, std::string("/dev/null"), dir.path}) {
+        CAPTURE(path);
+        const char* kind = path == fifo ? "FIFO" : path == dir.path ? "directory" : "device";
+        std::string errs[4] = {gpt2_read_checkpoint(&model, path.c_str()), tokens_read(&tf, path.c_str(), 61, "-i"),
+                               safetensors_read(path.c_str(), &st), read_text_file(path.c_str(), "PEFT config", "a hint", &text)};
+        for (const std::string& err : errs) {
+            CAPTURE(err);
+            CHECK(has(err, path.c_str()));
+            CHECK(has(err, kind));
+            CHECK(has(err, "HINT"));
+        }
+    }
+    // an adapter file and a PEFT config that are FIFOs: -A's paths, through the loader the trainer uses
+    write_tiny_checkpoint(dir.file("tiny.bin"));
+    REQUIRE(gpt2_read_checkpoint(&model, dir.file("tiny.bin").c_str()) == "");
+    uint64_t sum = base_checksum(model.params_memory, model.num_parameters);
+    TrainState state;
+    bool has_state = false;
+    CHECK(adapter_file_base_quant(fifo.c_str()) == LORA_QUANT_FP32); // read before the base: must not block either
+    std::string err = lora_file_load(fifo.c_str(), &model, sum, &state, &has_state);
+    CHECK(has(err, "FIFO"));
+    REQUIRE(mkdir(dir.file("peft").c_str(), 0755) == 0);
+    REQUIRE(mkfifo(dir.file("peft/" PEFT_CONFIG_FILE).c_str(), 0644) == 0);
+    err = lora_file_load(dir.file("peft").c_str(), &model, sum, &state, &has_state);
+    CHECK(has(err, PEFT_CONFIG_FILE));
+    CHECK(has(err, "FIFO"));
+    gpt2_free(&model);
+}
+
+TEST_CASE("non-finite weights are rejected on every load path (checkpoint, adapter.bin, PEFT) naming the file, the tensor and the index; no writer writes them") {
+    TempDir dir;
+    std::string ckpt = dir.file("tiny.bin");
+    write_tiny_checkpoint(ckpt);
+    GPT2<float> model;
+    REQUIRE(gpt2_read_checkpoint(&model, ckpt.c_str()) == "");
+    uint64_t sum = base_checksum(model.params_memory, model.num_parameters);
+    // checkpoint: a NaN in the second tensor (wpe), index 5; and with -Q, where the block matrices stay on disk
+    std::vector<char> bytes = read_all(ckpt);
+    float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+    size_t wpe_at = 1024 + model.param_sizes[0] * sizeof(float) + 5 * sizeof(float);
+    memcpy(bytes.data() + wpe_at, &nan, 4);
+    write_bytes(dir.file("nan.bin"), bytes.data(), bytes.size());
+    GPT2<float> bad;
+    std::string err = gpt2_read_checkpoint(&bad, dir.file("nan.bin").c_str());
+    CHECK(has(err, "nan.bin"));
+    CHECK(has(err, "tensor wpe"));
+    CHECK(has(err, "at index 5"));
+    CHECK(has(err, "HINT"));
+    err = gpt2_read_checkpoint(&bad, dir.file("nan.bin").c_str(), true);
+    CHECK(has(err, "tensor wpe"));
+    // adapter.bin: inf in the weights, then NaN in the AdamW v of a saved run
+    gpt2_lora_attach(&model, lora_config(2, 4.0f, LORA_ALL_TARGETS), 5);
+    for (size_t i = 0; i < model.lora.num_parameters; i++) model.lora.params_memory[i] = 0.01f * (float)(i % 7);
+    std::vector<LoRATensor> list = lora_tensor_list(model.lora.config, model.lora.L, model.lora.C);
+    const LoRATensor& t3 = list[3];
+    float saved = model.lora.params_memory[t3.offset + 2];
+    model.lora.params_memory[t3.offset + 2] = inf;
+    REQUIRE(lora_file_write(dir.file("inf.bin").c_str(), &model, sum, NULL) == "");
+    model.lora.params_memory[t3.offset + 2] = saved;
+    TrainState state;
+    state.loader_B = 1; state.loader_T = 1; state.loader_order = {0};
+    model.lora.v_memory[1] = nan;
+    REQUIRE(lora_file_write(dir.file("nan_v.bin").c_str(), &model, sum, &state) == "");
+    model.lora.v_memory[1] = 0;
+    GPT2<float> reader;
+    REQUIRE(gpt2_read_checkpoint(&reader, ckpt.c_str()) == "");
+    bool has_state = false;
+    err = lora_file_read(dir.file("inf.bin").c_str(), &reader, sum, &state, &has_state);
+    std::string where = strprintf("layer %d %s lora_%s, index 2", t3.layer, lora_target_names[t3.target], t3.is_B ? "B" : "A");
+    CAPTURE(err);
+    CHECK(has(err, "inf.bin"));
+    CHECK(has(err, where.c_str()));
+    CHECK(has(err, "(inf)"));
+    CHECK(reader.lora.params_memory == NULL); // nothing half-loaded stays attached
+    err = lora_file_read(dir.file("nan_v.bin").c_str(), &reader, sum, &state, &has_state);
+    CHECK(has(err, "AdamW v"));
+    CHECK(has(err, "index 1"));
+    // PEFT: a NaN in one tensor of the safetensors
+    REQUIRE(peft_export(dir.path.c_str(), &model, "gpt2") == "");
+    SafeTensors st;
+    REQUIRE(safetensors_read(dir.file(PEFT_WEIGHTS_FILE).c_str(), &st) == "");
+    std::string key = lora_peft_key(t3.layer, t3.target, t3.is_B);
+    size_t data_at = read_all(dir.file(PEFT_WEIGHTS_FILE)).size() - st.data.size() * sizeof(float);
+    std::vector<char> stb = read_all(dir.file(PEFT_WEIGHTS_FILE));
+    memcpy(stb.data() + data_at + st.find(key)->begin + 4 * sizeof(float), &nan, 4);
+    write_bytes(dir.file(PEFT_WEIGHTS_FILE), stb.data(), stb.size());
+    err = peft_import(dir.path.c_str(), &reader);
+    CHECK(has(err, PEFT_WEIGHTS_FILE));
+    CHECK(has(err, key.c_str()));
+    CHECK(has(err, "at index 4"));
+    // writers: a checkpoint (and so -M's merge) with a NaN is refused, and nothing is written
+    model.lora.params_memory[list[0].offset] = nan; // lora_A of qkv, layer 0: the merge spreads it into qkvw
+    // (0 * NaN is NaN: the whole first column of the merged qkvw becomes NaN)
+    err = write_merged_checkpoint(&model, dir.file("merged.bin").c_str());
+    CHECK(has(err, "merged.bin"));
+    CHECK(has(err, "non-finite"));
+    CHECK(has(err, "qkvw"));
+    CHECK(access(dir.file("merged.bin").c_str(), F_OK) != 0);
+    CHECK(tmp_files(dir.path).empty());
+    gpt2_free(&reader);
+    gpt2_free(&model);
+}
+
+// a safetensors file with n __metadata__ keys and n one-float tensors
+static std::string many_keys_safetensors(size_t n) {
+    std::string header = "{\"__metadata__\":{";
+    for (size_t k = 0; k < n; k++) header += strprintf("%s\"key%zu\":\"value%zu\"", k ? "," : "", k, k);
+    header += "}";
+    for (size_t k = 0; k < n; k++) header += strprintf(",\"t%zu\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[%zu,%zu]}", k, 4 * k, 4 * k + 4);
+    header += "}";
+    uint64_t N = header.size();
+    std::string file((const char*)&N, 8);
+    file += header;
+    file.append(4 * n, '\0');
+    return file;
+}
+
+TEST_CASE("safetensors headers parse in time linear in their keys: doubling the __metadata__ keys and tensors doubles the counted work") {
+    TempDir dir;
+    size_t work[2] = {0, 0};
+    const size_t n0 = 20000;
+    for (int k = 0; k < 2; k++) {
+        size_t n = n0 << k;
+        std::string bytes = many_keys_safetensors(n);
+        write_bytes(dir.file("many.safetensors"), bytes.data(), bytes.size());
+        SafeTensors st;
+        REQUIRE(safetensors_read(dir.file("many.safetensors").c_str(), &st) == "");
+        CHECK(st.metadata.size() == n);
+        for (size_t i = 0; i < n; i++) REQUIRE(st.find(strprintf("t%zu", i)) != NULL); // what peft_import does per tensor
+        work[k] = st.work;
+    }
+    // linear: the ratio is 2 plus the few extra digits of the longer names (< 10%); a quadratic step
+    // (a scan per key or per lookup) makes it about 4
+    const double tol_ratio = 2.2;
+    MESSAGE("safetensors work: " << work[0] << " for " << n0 << " keys, " << work[1] << " for " << 2 * n0);
+    CHECK((double)work[1] / work[0] < tol_ratio);
+}
+
+TEST_CASE("sizes no machine holds are clear errors, not std::bad_alloc: a huge sparse adapter_config.json, a safetensors claiming a TiB") {
+    TempDir dir;
+    // a sparse 1 GiB config: over the limit for a text file, refused before any allocation
+    std::string config = dir.file(PEFT_CONFIG_FILE);
+    write_bytes(config, "{}", 2);
+    REQUIRE(truncate(config.c_str(), 1ll << 30) == 0);
+    std::string text;
+    std::string err = read_text_file(config.c_str(), "PEFT config", "a hint", &text);
+    CHECK(has(err, PEFT_CONFIG_FILE));
+    CHECK(has(err, "MiB"));
+    CHECK(has(err, "HINT"));
+    // a sparse safetensors whose one tensor spans 1 TiB: a valid header, more data than memory
+    size_t count = (size_t)1 << 38;
+    std::string header = strprintf("{\"t\":{\"dtype\":\"F32\",\"shape\":[%zu],\"data_offsets\":[0,%zu]}}", count, 4 * count);
+    while (header.size() % 8) header += ' ';
+    uint64_t N = header.size();
+    std::string path = dir.file("huge.safetensors");
+    std::string head((const char*)&N, 8);
+    head += header;
+    write_bytes(path, head.data(), head.size());
+    if (truncate(path.c_str(), (off_t)(8 + N + 4 * count)) != 0) {
+        MESSAGE("skipped the 1 TiB sparse safetensors: this file system refuses a sparse file that large");
+    } else {
+        SafeTensors st;
+        err = safetensors_read(path.c_str(), &st);
+        CHECK(has(err, "huge.safetensors"));
+        CHECK(has(err, "more than this machine can allocate"));
+        CHECK(has(err, "HINT"));
+    }
+}
+
+TEST_CASE("output directories: created like mkdir -p, locked against a second writer, probed for writability (an immutable directory, sysfs)") {
+    TempDir dir;
+    std::string nested = dir.file("a/b/c");
+    CHECK(make_directories(nested.c_str()) == "");
+    struct stat st;
+    CHECK((stat(nested.c_str(), &st) == 0 && S_ISDIR(st.st_mode)));
+    CHECK(make_directories(nested.c_str()) == ""); // existing: fine
+    write_bytes(dir.file("file"), "x", 1);
+    std::string err = make_directories(dir.file("file/sub").c_str());
+    CHECK(has(err, "is not a directory"));
+    CHECK(probe_writable_directory(nested.c_str()) == "");
+    CHECK(tmp_files(nested).empty()); // the probe leaves nothing
+    CHECK(probe_writable_directory("/sys") != ""); // sysfs refuses new files even to root
+    // an immutable directory (chattr +i): root cannot create files in it either, where the file system allows the flag
+    std::string imm = dir.file("immutable");
+    REQUIRE(mkdir(imm.c_str(), 0755) == 0);
+    if (system(("chattr +i '" + imm + "' 2>/dev/null").c_str()) == 0) {
+        err = probe_writable_directory(imm.c_str());
+        CHECK(has(err, imm.c_str()));
+        CHECK(has(err, "cannot create files"));
+        if (system(("chattr -i '" + imm + "'").c_str()) != 0) FAIL("could not clear the immutable flag of " << imm);
+    } else {
+        MESSAGE("skipped the immutable directory: chattr +i is not available here");
+    }
+    // the lock: a second holder (another open file description, as another process has) is refused
+    long holder = 0;
+    CHECK(lock_directory(nested.c_str(), &holder) == "");
+    err = lock_directory(nested.c_str(), &holder);
+    CHECK(has(err, "locked by another run"));
+    CHECK(holder == (long)getpid());
+}
+
+TEST_CASE("save sets: the manifest is written last and lists each file; -A refuses a file from another save; what a directory holds decides what may replace it") {
+    TempDir dir;
+    std::string ckpt = dir.file("tiny.bin");
+    write_tiny_checkpoint(ckpt);
+    GPT2<float> model;
+    REQUIRE(gpt2_read_checkpoint(&model, ckpt.c_str()) == "");
+    uint64_t sum = base_checksum(model.params_memory, model.num_parameters);
+    gpt2_lora_attach(&model, lora_config(2, 4.0f, LORA_ALL_TARGETS), 5);
+    std::string out = dir.file("out");
+    REQUIRE(mkdir(out.c_str(), 0755) == 0);
+    TrainState state;
+    state.step = 7; state.loader_B = 1; state.loader_T = 1; state.loader_order = {0};
+    REQUIRE(save_set_write(out.c_str(), &model, sum, &state, 7, "gpt2") == "");
+    std::string manifest = file_string(out + "/" SAVE_SET_FILE);
+    for (const char* name : {"\"adapter.bin\"", "\"" PEFT_WEIGHTS_FILE "\"", "\"" PEFT_CONFIG_FILE "\"", "\"step\": 7", "\"optimizer_state\": true"}) {
+        CHECK(has(manifest, name));
+    }
+    SaveSetInfo held = save_set_existing(out.c_str());
+    CHECK(held.adapter);
+    CHECK(held.has_state);
+    CHECK(held.step == 7);
+    GPT2<float> reader;
+    REQUIRE(gpt2_read_checkpoint(&reader, ckpt.c_str()) == "");
+    TrainState got;
+    bool has_state = false;
+    CHECK(lora_file_load((out + "/adapter.bin").c_str(), &reader, sum, &got, &has_state) == "");
+    CHECK(lora_file_load(out.c_str(), &reader, sum, &got, &has_state) == "");
+    // a save interrupted after its first file: adapter.bin from a later step beside the old set's manifest
+    std::vector<char> old_manifest = read_all(out + "/" SAVE_SET_FILE);
+    model.lora.params_memory[0] += 1.0f;
+    state.step = 8;
+    REQUIRE(save_set_write(out.c_str(), &model, sum, &state, 8, "gpt2") == "");
+    write_bytes(out + "/" SAVE_SET_FILE, old_manifest.data(), old_manifest.size());
+    std::string err = lora_file_load((out + "/adapter.bin").c_str(), &reader, sum, &got, &has_state);
+    CHECK(has(err, "adapter.bin"));
+    CHECK(has(err, SAVE_SET_FILE));
+    CHECK(has(err, "another save"));
+    CHECK(has(err, "HINT"));
+    err = lora_file_load(out.c_str(), &reader, sum, &got, &has_state); // the PEFT pair: also from step 8
+    CHECK(has(err, PEFT_WEIGHTS_FILE));
+    // without a manifest (written by hand, by PEFT, by an older version) there is nothing to check
+    REQUIRE(unlink((out + "/" SAVE_SET_FILE).c_str()) == 0);
+    CHECK(lora_file_load((out + "/adapter.bin").c_str(), &reader, sum, &got, &has_state) == "");
+    // what may replace what
+    SaveSetInfo with_state, weights_only, empty;
+    with_state.adapter = with_state.has_state = true;
+    with_state.step = 40;
+    weights_only.adapter = true;
+    SaveSetInfo later = with_state, earlier = with_state;
+    later.step = 50;
+    earlier.step = 10;
+    CHECK(save_set_loses(empty, weights_only) == "");
+    CHECK(save_set_loses(with_state, later) == "");
+    CHECK(save_set_loses(with_state, with_state) == ""); // the same step again: a rerun
+    CHECK(has(save_set_loses(with_state, weights_only), "weights only"));
+    CHECK(has(save_set_loses(with_state, earlier), "step 40"));
+    CHECK(save_set_loses(weights_only, weights_only) == "");
+    gpt2_free(&reader);
+    gpt2_free(&model);
+}
+
 TEST_SUITE_END();
 
 // ----------------------------------------------------------------------------
@@ -3294,6 +3568,24 @@ TEST_CASE("generation with the key/value cache: each new position's logits equal
         CHECK(with_cache == without);
         gpt2_free(&model);
     }
+}
+
+TEST_CASE("streamed generation (-p): the callback sees each token as it is sampled, the same tokens gpt2_generate returns") {
+    GPT2<float> model;
+    build_trainable_tiny(&model, 81);
+    gpt2_allocate(&model, 1, 16);
+    struct Seen { std::vector<int> ids; };
+    Seen seen;
+    auto on_token = [](int id, void* ctx) { ((Seen*)ctx)->ids.push_back(id); };
+    Rng rng;
+    rng_seed(&rng, 3);
+    std::vector<int> out = gpt2_generate(&model, std::vector<int>{1, 2, 3}, 20, &rng, 1.0f, 0, true, on_token, &seen);
+    CHECK(out.size() == 20);
+    CHECK(seen.ids == out);
+    Rng again;
+    rng_seed(&again, 3);
+    CHECK(gpt2_generate(&model, std::vector<int>{1, 2, 3}, 20, &again) == out); // the callback changes nothing
+    gpt2_free(&model);
 }
 
 TEST_SUITE_END();
@@ -4332,6 +4624,261 @@ TEST_CASE("SIGINT during training: the step finishes, the adapter is saved compl
     CHECK(has(resumed, ("step " + std::to_string(step + 2) + "/" + std::to_string(step + 2)).c_str()));
 }
 
+// -- nothing a user trained is lost: outputs checked before any work, never a worse save over a
+// better one, one run per -o, whole save sets through signals
+
+// starts the trainer with args in the background, its output to log; env: "NAME=value " prefixes or ""
+static pid_t start_trainer(const std::string& args, const std::string& log, const std::string& env = "") {
+    const char* bin = getenv("TRAIN_BIN");
+    std::string shell_cmd = env + "exec " + std::string(bin ? bin : "./train_gpt2_lora") + " " + args; // built before fork
+    pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0) _exit(127);
+        execl("/bin/sh", "sh", "-c", shell_cmd.c_str(), (char*)NULL);
+        _exit(127);
+    }
+    return pid;
+}
+
+// waits (up to 5 minutes, for slow sanitizer builds) until the log holds text; false if it never does
+static bool wait_for_log(const std::string& log, const char* text) {
+    for (int i = 0; i < 3000; i++) {
+        if (has(file_string(log), text)) return true;
+        usleep(100 * 1000);
+    }
+    return false;
+}
+
+TEST_CASE("outputs are checked before any work: -o is created (mkdir -p); an unwritable, immutable or impossible -o and a -M into a missing directory fail at startup") {
+    TrainerFiles files;
+    std::string out;
+    // created when missing, several levels deep (llm.c's behaviour; the README's examples rely on it)
+    std::string deep = files.dir.file("runs/a/b");
+    CHECK(run_trainer(files.common + " -x 2 -o " + deep, &out) == 0);
+    CHECK(access((deep + "/adapter.bin").c_str(), F_OK) == 0);
+    CHECK(access((deep + "/" SAVE_SET_FILE).c_str(), F_OK) == 0);
+    // each refused before the first step: the error names the flag, has a HINT, and no step ran
+    std::vector<std::pair<std::string, const char*>> cases = {
+        {" -o " + files.dir.file("tokens.bin") + "/out", "-o"},    // a path under a regular file
+        {" -o /sys", "-o"},                                         // sysfs: no new files, even for root
+        {" -M " + files.dir.file("missing/merged.bin"), "-M"},     // -M into a missing directory
+        {" -M " + files.dir.path, "-M"},                            // -M naming a directory
+    };
+    std::string imm = files.dir.file("immutable");
+    REQUIRE(mkdir(imm.c_str(), 0755) == 0);
+    bool immutable = system(("chattr +i '" + imm + "' 2>/dev/null").c_str()) == 0;
+    if (immutable) cases.push_back({" -o " + imm, "-o"});
+    else MESSAGE("skipped the immutable -o: chattr +i is not available here");
+    for (const auto& c : cases) {
+        CAPTURE(c.first);
+        CHECK(run_trainer(files.common + " -x 50" + c.first, &out) != 0);
+        CHECK(has(out, c.second));
+        CHECK(has(out, "HINT"));
+        CHECK_FALSE(has(out, "step 1/50"));
+    }
+    if (immutable && system(("chattr -i '" + imm + "'").c_str()) != 0) FAIL("could not clear the immutable flag of " << imm);
+}
+
+TEST_CASE("never destroy a better save: a run that does not train, or trains less, does not replace an adapter with optimizer state or a later step unless -O 1") {
+    TrainerFiles files;
+    std::string out, d = files.dir.file("d");
+    REQUIRE(run_trainer(files.common + " -x 4 -o " + d, &out) == 0);
+    CHECK(has(out, ("save set: " + d + "/" SAVE_SET_FILE + " (step 4, with optimizer state: end of training)").c_str()));
+    std::vector<char> trained = read_all(d + "/adapter.bin");
+    std::string ad = " -A " + d + "/adapter.bin";
+    // no training: -M with -x 0 (and -p, which the tiny base cannot encode, takes the same path) would write weights only
+    CHECK(run_trainer("-e " + files.ckpt + " -x 0 -M " + files.dir.file("m.bin") + ad + " -o " + d, &out) != 0);
+    CHECK(has(out, "-o"));
+    CHECK(has(out, "optimizer state"));
+    CHECK(has(out, "-O 1"));
+    // no training and no adapter: nothing to save at all
+    CHECK(run_trainer("-e " + files.ckpt + " -x 0 -M " + files.dir.file("m.bin") + " -o " + files.dir.file("e"), &out) != 0);
+    CHECK(has(out, "nothing to save"));
+    // training fewer steps from scratch: step 2 would replace step 4
+    CHECK(run_trainer(files.common + " -x 2 -o " + d, &out) != 0);
+    CHECK(has(out, "step 4"));
+    CHECK_FALSE(has(out, "step 1/2"));
+    CHECK(read_all(d + "/adapter.bin") == trained);
+    // the same step count again is no loss; resuming to a later step neither
+    CHECK(run_trainer(files.common + " -x 6" + ad + " -o " + d, &out) == 0);
+    CHECK(has(out, "saved adapter (step 6)"));
+    // -O 1 says so: the weights-only save replaces it, and the log says what was replaced
+    CHECK(run_trainer("-e " + files.ckpt + " -x 0 -M " + files.dir.file("m.bin") + ad + " -o " + d + " -O 1", &out) == 0);
+    CHECK(has(out, "-O 1: replacing the save in"));
+    CHECK(has(out, "no training in this run"));
+    CHECK(run_trainer(files.common + " -x 1 -o " + d + " -O 2", &out) != 0);
+    CHECK(has(out, "-O"));
+}
+
+TEST_CASE("two runs on one -o: the second refuses at once naming the other run; the first's saves stay whole") {
+    TrainerFiles files;
+    std::string d = files.dir.file("d"), log = files.dir.file("first.txt");
+    pid_t pid = start_trainer(files.common + " -x 1000000 -k 2 -o " + d, log);
+    CHECK(wait_for_log(log, "step 3/"));
+    std::string out;
+    CHECK(run_trainer(files.common + " -x 5 -o " + d, &out) != 0);
+    CHECK(has(out, "in use by another run"));
+    CHECK(has(out, ("pid " + std::to_string(pid)).c_str()));
+    CHECK(has(out, "HINT"));
+    CHECK_FALSE(has(out, "step 1/5"));
+    kill(pid, SIGINT);
+    int status = 0;
+    REQUIRE(waitpid(pid, &status, 0) == pid);
+    CHECK(WIFEXITED(status));
+    CHECK(tmp_files(d).empty());
+    // what the first run left loads, checked against its manifest; and -o is free again
+    std::string resumed;
+    CHECK(run_trainer(files.common + " -x 0 -A " + d + "/adapter.bin", &resumed) == 0);
+    CHECK(run_trainer(files.common + " -x 2 -o " + files.dir.file("d2"), &out) == 0);
+}
+
+TEST_CASE("a signal during a save (the save slowed down): the set is finished, no .tmp is left, the files match their manifest") {
+    TrainerFiles files;
+    std::string d = files.dir.file("d"), log = files.dir.file("log.txt");
+    // each save pauses 400 ms after each of its files (TRAIN_GPT2_LORA_SLOW_SAVE_MS, for tests only), so the
+    // second Ctrl-C, sent as soon as the first one is acknowledged, arrives while the last save is being written
+    pid_t pid = start_trainer(files.common + " -x 1000000 -o " + d, log, "TRAIN_GPT2_LORA_SLOW_SAVE_MS=400 ");
+    CHECK(wait_for_log(log, "step 3/"));
+    kill(pid, SIGINT);
+    CHECK(wait_for_log(log, "interrupted by SIGINT"));
+    kill(pid, SIGINT);
+    int status = 0;
+    REQUIRE(waitpid(pid, &status, 0) == pid);
+    std::string out = file_string(log);
+    bool finished_save = has(out, "SIGINT (Ctrl-C) again during the save: the save set is complete; stopping now");
+    std::string how = finished_save ? "arrived during the save, which finished" : "arrived before the save began: killed at once";
+    MESSAGE("second SIGINT " << how);
+    CHECK(finished_save); // the window between the message and the save is microseconds, the save 800 ms
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 128 + SIGINT);
+    CHECK(tmp_files(d).empty());
+    GPT2<float> model;
+    REQUIRE(gpt2_read_checkpoint(&model, files.ckpt.c_str()) == "");
+    TrainState state;
+    bool has_state = false;
+    CHECK(lora_file_load((d + "/adapter.bin").c_str(), &model, files.base_sum(), &state, &has_state) == ""); // checked against save_set.json
+    CHECK(has_state);
+    CHECK(lora_file_load(d.c_str(), &model, files.base_sum(), &state, &has_state) == "");
+    gpt2_free(&model);
+}
+
+TEST_CASE("the binary's papercuts: -h/--help exit 0, every bad flag has a HINT, -r/-a/-q with -A refused, -v 0 needs no -j, -x 0 -A evaluates the saved adapter") {
+    TrainerFiles files;
+    std::string out;
+    CHECK(run_trainer("-h", &out) == 0);
+    CHECK(has(out, "Usage:"));
+    CHECK(run_trainer("--help", &out) == 0);
+    CHECK(has(out, "-O <0|1>"));
+    for (std::string flags : {" -b 0", " -t 0", " -a 0", " -f 2", " -u 2", " -l -1", " -y -1", " -G -1", " -F -1", " -H -1",
+                              " -X -1", " -d -1", " -x -1", " -v -1", " -m 0", " -s -1", " -g 0", " -k -1", " -T 0", " -K -1",
+                              " -W 2", " -Y 2", " -O 2", " -Z 1", " -b", " --bogus 1", " -b x", " -l x", " -H 4 -X 2"}) {
+        CAPTURE(flags);
+        CHECK(run_trainer(files.common + flags, &out) != 0);
+        CHECK(has(out, "HINT"));
+    }
+    std::string d = files.dir.file("d");
+    REQUIRE(run_trainer(files.common + " -x 3 -v 3 -o " + d, &out) == 0);
+    std::vector<double> vals = numbers_after(out, "final val loss: ");
+    REQUIRE(vals.size() == 1);
+    for (const char* flag : {" -r 4", " -a 8", " -q qkv"}) {
+        CAPTURE(flag);
+        CHECK(run_trainer(files.common + " -x 5 -A " + d + "/adapter.bin" + flag, &out) != 0);
+        CHECK(has(out, "would be ignored"));
+    }
+    // -v 0: no validation file needed (the default -j does not exist here)
+    CHECK(run_trainer("-e " + files.ckpt + " -i " + files.tokens + " -b 2 -t 8 -v 0 -s 0 -x 2", &out) == 0);
+    CHECK(has(out, "val: (none: -v 0"));
+    // -x 0 with a trained adapter: its validation loss where it was saved, the same as at the end of its run
+    CHECK(run_trainer(files.common + " -x 0 -v 3 -A " + d + "/adapter.bin", &out) == 0);
+    CHECK(has(out, "evaluate only"));
+    std::vector<double> again = numbers_after(out, "final val loss: ");
+    REQUIRE(again.size() == 1);
+    const double tol_val = 0; // the same weights on the same batches, one process: bit for bit
+    CHECK(fabs(again[0] - vals[0]) <= tol_val);
+    CHECK_FALSE(has(out, "saved adapter"));
+}
+
+TEST_CASE("NaN in each file kind through the binary: -e, -A adapter.bin and -A PEFT exit naming the flag, the file and the tensor") {
+    TrainerFiles files;
+    std::string out, d = files.dir.file("d");
+    REQUIRE(run_trainer(files.common + " -x 2 -o " + d, &out) == 0);
+    float nan = std::numeric_limits<float>::quiet_NaN();
+    std::vector<char> ck = read_all(files.ckpt);
+    memcpy(ck.data() + 1024 + 3 * sizeof(float), &nan, 4); // wte, index 3
+    write_bytes(files.dir.file("nan.bin"), ck.data(), ck.size());
+    CHECK(run_trainer("-e " + files.dir.file("nan.bin") + " -x 0 -A " + d + "/adapter.bin -M " + files.dir.file("m.bin"), &out) != 0);
+    CHECK(has(out, "flag -e"));
+    CHECK(has(out, "tensor wte"));
+    CHECK(has(out, "index 3"));
+    std::vector<char> ad = read_all(d + "/adapter.bin");
+    memcpy(ad.data() + 1024, &nan, 4); // the first weight
+    write_bytes(files.dir.file("nan_adapter.bin"), ad.data(), ad.size());
+    CHECK(run_trainer("-e " + files.ckpt + " -x 0 -A " + files.dir.file("nan_adapter.bin") + " -M " + files.dir.file("m.bin"), &out) != 0);
+    CHECK(has(out, "flag -A"));
+    CHECK(has(out, "nan_adapter.bin"));
+    CHECK(has(out, "index 0"));
+    REQUIRE(mkdir(files.dir.file("peft").c_str(), 0755) == 0);
+    std::vector<char> st = read_all(d + "/" PEFT_WEIGHTS_FILE), cfg = read_all(d + "/" PEFT_CONFIG_FILE);
+    memcpy(st.data() + st.size() - 4, &nan, 4); // the last value of the last tensor
+    write_bytes(files.dir.file("peft/" PEFT_WEIGHTS_FILE), st.data(), st.size());
+    write_bytes(files.dir.file("peft/" PEFT_CONFIG_FILE), cfg.data(), cfg.size());
+    CHECK(run_trainer("-e " + files.ckpt + " -x 0 -A " + files.dir.file("peft") + " -M " + files.dir.file("m.bin"), &out) != 0);
+    CHECK(has(out, "flag -A"));
+    CHECK(has(out, PEFT_WEIGHTS_FILE));
+    CHECK(has(out, "non-finite"));
+    CHECK(access(files.dir.file("m.bin").c_str(), F_OK) != 0);
+}
+
+TEST_CASE("out-of-memory HINTs name the real cause: -X, -H and -b each blamed for their own allocation, before any step") {
+    TrainerFiles files;
+    std::string out;
+    // each allocation is larger than any machine's memory (2 TB and more), so malloc_check refuses it at once
+    struct Case { const char* flags; const char* blamed; const char* not_blamed; };
+    for (Case c : {Case{" -X 2000000000", "prefix length (-X)", "-H"}, Case{" -H 2000000000", "(-H)", "-X"},
+                   Case{" -b 100000000", "batch size (-b)", "-X"}}) {
+        CAPTURE(c.flags);
+        CHECK(run_trainer(files.common + " -x 5" + c.flags, &out) != 0);
+        CHECK(has(out, "out of memory"));
+        CHECK(has(out, c.blamed));
+        CHECK_FALSE(has(out, c.not_blamed));
+        CHECK_FALSE(has(out, "step 1/5"));
+    }
+    CHECK_FALSE(has(oom_hint("parameters"), "-b"));       // the model itself: the checkpoint (-e) and the method
+    CHECK(has(oom_hint("parameters"), "-e"));
+    CHECK(has(oom_hint("the key/value cache"), "-t"));
+}
+
+TEST_CASE("-p streams its tokens into the same output as before: the prompt, then exactly the text generate_from_prompt returns") {
+    BPE bpe;
+    bpe.print_errors = false;
+    if (bpe_load_default(&bpe) != 0) {
+        MESSAGE("skipped: no GPT-2 BPE files (make data fetches them): " << bpe.error);
+        return;
+    }
+    TempDir dir;
+    GPT2Config cfg = tiny_config(); // GPT-2's vocabulary on a tiny body, so that BPE ids fit
+    cfg.vocab_size = 50257;
+    cfg.padded_vocab_size = 50304;
+    GPT2<float> model;
+    gpt2_build_random(&model, cfg, 961);
+    for (size_t i = 0; i < model.param_sizes[0]; i++) model.params.wte[i] *= 10;
+    std::string ckpt = dir.file("vocab_base.bin");
+    REQUIRE(gpt2_write_checkpoint(&model, ckpt.c_str()) == "");
+    // in process: greedy (-K 1), context 16 (-t is clamped to maxT), the binary's seed + 1; the binary's new
+    // adapter has lora_B = 0, so its merged weights are the base's exactly
+    gpt2_allocate(&model, 1, cfg.max_seq_len);
+    Rng rng;
+    rng_seed(&rng, 1337 + 1);
+    std::string text;
+    REQUIRE(generate_from_prompt(&model, &bpe, "The king", 12, 1.0f, 1, &rng, &text) == "");
+    std::string out;
+    CHECK(run_trainer("-e " + ckpt + " -p 'The king' -g 12 -K 1", &out) == 0);
+    CHECK(has(out, ("context: 16\n---\nThe king" + text + "\n---\ngenerated 12 tokens").c_str()));
+    gpt2_free(&model);
+}
+
 // -- data parallel (MPI): 2 ranks with batch B each train exactly like one process with batch 2B.
 // Runs only when make built the trainer with MPI (it then sets MPIRUN); skipped with a message otherwise.
 
@@ -4466,16 +5013,17 @@ TEST_CASE("data parallel: when one rank is killed the job ends with an error ins
     adapter_params(ckpt, out);
 }
 
-TEST_CASE("the trainer binary: -L refuses other methods, -Y, a missing directory and a base without GPT-2's vocabulary, naming the flag") {
+TEST_CASE("the trainer binary: -L refuses other methods, -Y, an unwritable directory and a base without GPT-2's vocabulary, naming the flag") {
     TrainerFiles tf;
     std::string out;
     // -f 1 trains the base: there is no adapter to export
     CHECK(run_trainer(tf.common + " -x 1 -f 1 -L " + tf.dir.path, &out) != 0);
     CHECK(has(out, "flag -L"));
     CHECK(has(out, "HINT"));
-    CHECK(run_trainer(tf.common + " -x 1 -L " + tf.dir.file("missing"), &out) != 0);
+    // a directory that cannot be made (under a regular file) is refused before any work; a missing one is made
+    CHECK(run_trainer(tf.common + " -x 1 -L " + tf.ckpt + "/gguf", &out) != 0);
     CHECK(has(out, "flag -L"));
-    CHECK(has(out, "does not exist"));
+    CHECK(has(out, "HINT"));
     // the tiny base has V = 61: llama.cpp needs GPT-2's tokenizer, so this is refused before any step
     CHECK(run_trainer(tf.common + " -x 3 -L " + tf.dir.path, &out) != 0);
     CHECK((has(out, "flag -L") || has(out, "flag -E")));

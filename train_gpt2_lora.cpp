@@ -912,7 +912,7 @@ void gpt2_lora_backward(GPT2<real>* model, int t, int l, real* dinp, const real*
 // (a quantized base has no fp32 matrices to fold into: write_merged_checkpoint merges into a dequantized copy)
 template <typename real>
 void gpt2_lora_merge(GPT2<real>* model, int sign) {
-    if (model->quant_q[0] != NULL) die("gpt2_lora_merge: the base is quantized (-Q): there are no fp32 block matrices to merge into");
+    if (model->quant_q[0] != NULL) die("gpt2_lora_merge: the base is quantized (-Q): there are no fp32 block matrices to merge into\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line");
     real* base[LORA_NUM_TARGETS] = {model->params.qkvw, model->params.attprojw, model->params.fcw, model->params.fcprojw};
     lora_merge_all(&model->lora, base, sign);
 }
@@ -924,11 +924,11 @@ void gpt2_lora_merge(GPT2<real>* model, int sign) {
 template <typename real>
 void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int B, int T) {
     if (model->params.qkvw == NULL && model->quant_q[0] == NULL) {
-        die("gpt2_forward: the base's block matrices are still on disk (read for -Q); attach the adapters first (gpt2_lora_attach)");
+        die("gpt2_forward: the base's block matrices are still on disk (read for -Q); attach the adapters first (gpt2_lora_attach)\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line");
     }
     if (model->acts_memory == NULL) gpt2_allocate(model, B, T);
     if (B > model->alloc_B || T > model->alloc_T || (size_t)B * T * T > (size_t)model->alloc_B * model->alloc_T * model->alloc_T) {
-        die(strprintf("forward with B=%d T=%d exceeds the allocated B=%d T=%d", B, T, model->alloc_B, model->alloc_T));
+        die(strprintf("forward with B=%d T=%d exceeds the allocated B=%d T=%d\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line", B, T, model->alloc_B, model->alloc_T));
     }
     int V = model->config.vocab_size, Vp = model->config.padded_vocab_size;
     int L = model->config.num_layers, NH = model->config.num_heads, C = model->config.channels;
@@ -942,7 +942,7 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
     // with the key/value cache on, these T tokens are positions pos0.. of one sequence
     int pos0 = model->kv_on ? model->kv_len : 0;
     if (model->kv_on && (B != 1 || targets != NULL || pos0 + T > model->kv_cap)) {
-        die(strprintf("gpt2_forward with the key/value cache: B=%d, targets %s, positions %d..%d of %d", B, targets ? "given" : "none", pos0, pos0 + T - 1, model->kv_cap));
+        die(strprintf("gpt2_forward with the key/value cache: B=%d, targets %s, positions %d..%d of %d", B, targets ? "given" : "none", pos0, pos0 + T - 1, model->kv_cap) + "\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line");
     }
 
     ParameterTensors<real> params = model->params;
@@ -1008,7 +1008,7 @@ void gpt2_zero_grad(GPT2<real>* model) {
 // the activation gradient through. Requires a forward with targets just before; destroys the logits.
 template <typename real>
 void gpt2_backward(GPT2<real>* model) {
-    if (!model->have_targets) die("gpt2_backward needs a forward pass with targets first");
+    if (!model->have_targets) die("gpt2_backward needs a forward pass with targets first\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line");
     int B = model->batch_size, T = model->seq_len, BT = B * T;
     int V = model->config.vocab_size, Vp = model->config.padded_vocab_size;
     int L = model->config.num_layers, NH = model->config.num_heads, C = model->config.channels;
@@ -1275,8 +1275,10 @@ void gpt2_kv_start(GPT2<real>* model) {
 // forward over the last T tokens.
 // The two agree to fp32 rounding: a one-row matmul sums in another order (see matmul_forward);
 // test_lora.cpp checks the logits and the sampled tokens.
+// on_token (optional) is called with each token as soon as it is sampled, e.g. to print it.
 static std::vector<int> gpt2_generate(GPT2<float>* model, const std::vector<int>& prompt, int n, Rng* rng,
-                                      float temperature = 1.0f, int top_k = 0, bool use_cache = true) {
+                                      float temperature = 1.0f, int top_k = 0, bool use_cache = true,
+                                      void (*on_token)(int id, void* ctx) = NULL, void* ctx = NULL) {
     std::vector<int> tokens = prompt;
     int maxT = model->alloc_T, Vp = model->config.padded_vocab_size;
     if (use_cache && (int)prompt.size() < maxT) gpt2_kv_start(model);
@@ -1291,6 +1293,7 @@ static std::vector<int> gpt2_generate(GPT2<float>* model, const std::vector<int>
         }
         const float* logits = model->acts.logits + (size_t)(rows - 1) * Vp;
         tokens.push_back(sample_top_k(logits, model->config.vocab_size, temperature, top_k, rng_f32(rng)));
+        if (on_token != NULL) on_token(tokens.back(), ctx);
     }
     model->kv_on = false;
     return std::vector<int>(tokens.begin() + prompt.size(), tokens.end());
@@ -1314,12 +1317,21 @@ static std::string encode_prompt(const BPE* bpe, const std::string& prompt, int 
     return "";
 }
 
+// stream (optional): each token's text is written to it as soon as it is sampled
+struct TokenStream { const BPE* bpe; FILE* out; };
+static void stream_token(int id, void* ctx) {
+    TokenStream* ts = (TokenStream*)ctx;
+    std::string piece = bpe_decode(ts->bpe, &id, 1);
+    fwrite(piece.data(), 1, piece.size(), ts->out);
+    fflush(ts->out);
+}
 static std::string generate_from_prompt(GPT2<float>* model, const BPE* bpe, const std::string& prompt, int n,
-                                        float temperature, int top_k, Rng* rng, std::string* text) {
+                                        float temperature, int top_k, Rng* rng, std::string* text, FILE* stream = NULL) {
     std::vector<int> ids;
     std::string err = encode_prompt(bpe, prompt, model->config.vocab_size, &ids);
     if (!err.empty()) return err;
-    std::vector<int> out = gpt2_generate(model, ids, n, rng, temperature, top_k);
+    TokenStream ts = {bpe, stream};
+    std::vector<int> out = gpt2_generate(model, ids, n, rng, temperature, top_k, true, stream ? stream_token : NULL, &ts);
     *text = bpe_decode(bpe, out.data(), out.size());
     return "";
 }
@@ -1353,7 +1365,8 @@ static std::vector<std::vector<int>> gpt2_generate_multi(GPT2<float>* model, con
 
 #include "lib/checkpoint.h"    // llm.c checkpoints: read (fp32 v3), write; a quantized base read layer by layer
 #include "lib/adapter_files.h" // adapter.bin (exact resume), the base checksum, -M's merged checkpoint
-#include "lib/peft.h"          // PEFT's adapter directory: export, import; loading any -A
+#include "lib/peft.h"          // PEFT's adapter directory: export, import; loading any -A; -o's save sets
+#include "lib/save_set.h"      // a save set's manifest (written last, checked on load), what -o already holds
 #include "lib/gguf.h"          // GGUF for llama.cpp / Ollama: the model (base, merged) and the LoRA adapter
 #include "lib/dataparallel.h"  // MPI data parallelism: one allreduce of the gradients per step
 
@@ -1526,26 +1539,48 @@ static std::string gpt2_write_method_file(const GPT2<float>* model, const char* 
 
 // ----------------------------------------------------------------------------
 // Ctrl-C (SIGINT) or SIGTERM during training: the handler only records the signal; the loop finishes the
-// step it is in, saves as at the end of a run (atomically) and exits with 128 + signal. SA_RESETHAND: a
-// second Ctrl-C kills at once, which is still safe, since every file is written to .tmp and renamed.
+// step it is in, saves as at the end of a run (atomically) and exits with 128 + signal. A second Ctrl-C
+// kills at once, except during a save: then the save set is finished first (a set is never left half
+// written) and the program stops right after it (stop_after_save).
 static volatile sig_atomic_t stop_signal = 0;
-static void on_stop_signal(int sig) { stop_signal = sig; }
+static volatile sig_atomic_t saving = 0;            // a save set is being written
+static volatile sig_atomic_t signal_during_save = 0; // a second signal arrived during it
+static void on_stop_signal(int sig) {
+    if (stop_signal != 0 && saving) { signal_during_save = sig; return; }
+    if (stop_signal != 0) { signal(sig, SIG_DFL); raise(sig); return; } // the second: the default action, at once
+    stop_signal = sig;
+}
 static void install_stop_handlers() {
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = on_stop_signal;
     sigemptyset(&sa.sa_mask);
-    sa.sa_flags = SA_RESETHAND | SA_RESTART;
+    sa.sa_flags = SA_RESTART;
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
+}
+// writes one save set (lib/peft.h's save_set_write) with the signals held off until it is complete
+static std::string save_adapter_set(const char* dir, const GPT2<float>* model, uint64_t base_sum, const TrainState* state, int step,
+                                    const char* base_name) {
+    saving = 1;
+    std::string err = save_set_write(dir, model, base_sum, state, step, base_name);
+    saving = 0;
+    return err;
+}
+// after a save: a second signal that arrived during it ends the program now, the set complete
+static void stop_after_save() {
+    if (signal_during_save == 0) return;
+    printf("%s again during the save: the save set is complete; stopping now\n", signal_during_save == SIGINT ? "SIGINT (Ctrl-C)" : "SIGTERM");
+    fflush(stdout);
+    exit(128 + signal_during_save);
 }
 
 // ----------------------------------------------------------------------------
 // the program (skip on first reading): its flags and their checks, then the steps main takes in turn
 
 #ifndef TESTING
-static void error_usage() {
-    fprintf(stderr,
+// the usage: on stderr after a bad flag (exit 1), on stdout for -h / --help (exit 0)
+static const char* const usage_text =
         "Usage:   ./train_gpt2_lora [options]\n"
         "Example: ./train_gpt2_lora -e data/gpt2_124M.bin -i data/tiny_shakespeare_train.bin -r 8 -x 100\n"
         "Options:\n"
@@ -1553,7 +1588,7 @@ static void error_usage() {
         "  -i <file>   training tokens (default data/tiny_shakespeare_train.bin)\n"
         "  -j <file>   validation tokens (default data/tiny_shakespeare_val.bin)\n"
         "  -c <file>   llm.c tokenizer for printing samples (default data/gpt2_tokenizer.bin; ids if absent)\n"
-        "  -o <dir>    output directory (default: none, nothing is written)\n"
+        "  -o <dir>    output directory, created if missing (default: none, nothing is written)\n"
         "  -b <int>    batch size B, >= 1 (default 4)\n"
         "  -t <int>    sequence length T, 1..maxT (default 64)\n"
         "  -r <int>    LoRA rank r, >= 1 (default 8)\n"
@@ -1562,8 +1597,8 @@ static void error_usage() {
         "  -f <0|1>    full fine-tuning: train every base parameter, no LoRA (default 0)\n"
         "  -l <float>  learning rate, >= 0 (default 1e-3 with LoRA, 1e-4 with -f 1)\n"
         "  -d <float>  AdamW weight decay, >= 0 (default 0)\n"
-        "  -x <int>    training steps, >= 0 (default 40)\n"
-        "  -v <int>    validation loss every v steps, 0 = never (default 20)\n"
+        "  -x <int>    training steps, >= 0 (default 40; -x 0 with -A: evaluate the adapter, no training)\n"
+        "  -v <int>    validation loss every v steps, 0 = never (and -j is not needed) (default 20)\n"
         "  -m <int>    validation batches, >= 1 (default 5)\n"
         "  -s <int>    sample every s steps, 0 = never (default 20)\n"
         "  -g <int>    tokens generated per sample, >= 1 (default 64)\n"
@@ -1592,7 +1627,12 @@ static void error_usage() {
         "  -H <int>    instead of LoRA, Houlsby adapters of bottleneck m = H, 0 = off (default 0)\n"
         "  -X <int>    instead of LoRA, prefix tuning with X key/value positions per layer, 0 = off (default 0)\n"
         "  -B <0|1>    instead of LoRA, BitFit: train only the biases of every matmul and layernorm (default 0)\n"
-        "  -w <float>  with -f 1, L2-SP: add w/2 ||W - W0||^2 pulling toward the base, >= 0 (default 0)\n");
+        "  -w <float>  with -f 1, L2-SP: add w/2 ||W - W0||^2 pulling toward the base, >= 0 (default 0)\n"
+        "  -O <0|1>    let a save into -o replace an adapter that holds more: a later step, or optimizer state (default 0)\n"
+        "  -h, --help  print this and exit\n";
+static void print_usage(FILE* out) { fputs(usage_text, out); }
+static void error_usage() {
+    print_usage(stderr);
     exit(EXIT_FAILURE);
 }
 
@@ -1618,8 +1658,17 @@ static float parse_float(const char* flag, const char* s) {
     return v;
 }
 
+// a flag's bad value: the message, and when it brings no HINT of its own, the flag's line of the usage
+// (what it takes, its range and its default)
 static void bad_flag(const char* flag, const std::string& what) {
-    fprintf(stderr, "Error: flag %s: %s\n", flag, what.c_str());
+    std::string hint;
+    const char* line = strstr(usage_text, (std::string("\n  ") + flag + " ").c_str());
+    if (what.find("HINT:") == std::string::npos && line != NULL) {
+        const char* end = strchr(line + 1, '\n');
+        hint = "\n---> HINT: " + std::string(line + 3, end) ;
+        hint.erase(hint.find_last_not_of(' ') + 1);
+    }
+    fprintf(stderr, "Error: flag %s: %s%s\n", flag, what.c_str(), hint.c_str());
     exit(EXIT_FAILURE);
 }
 
@@ -1671,7 +1720,10 @@ struct Flags {
     int prefix_P = 0;               // -X, prefix positions per layer
     int bitfit = 0;                 // -B, BitFit: only the biases train
     float l2sp_lambda = 0.0f;       // -w, L2-SP strength (with -f 1)
+    int overwrite = 0;              // -O, a save into -o may replace an adapter that holds more
     bool tokenizer_given = false;
+    bool val_given = false;               // -j given (with -v 0 the default -j is not needed)
+    const char* shape_given = NULL;       // the last of -r, -a, -q given (an -A adapter brings its own)
     // derived by check_flags
     const char* adapter_path = NULL;      // the first -A
     bool combine = false;                 // several -A, or -S: the adapters are added into one
@@ -1680,33 +1732,80 @@ struct Flags {
     unsigned target_mask = 0;             // -q as LoRATarget bits
     int base_quant = LORA_QUANT_FP32;     // -Q as LoRAQuant
     bool no_training = false;             // -p, or -M with -x 0: no training data needed
+    bool evaluate_only = false;           // -x 0 with -A: the adapter's validation loss and samples, no training
 };
+
+// -o and -M, before any work: -o is created (mkdir -p), locked against a second run and tested for
+// writability; -M's directory must exist and be writable. So an output that cannot be written is found
+// now, not after training.
+static void check_output_paths(Flags* f) {
+    if (f->output_dir != NULL) {
+        const char* d = f->output_dir;
+        std::string err = make_directories(d);
+        if (!err.empty()) bad_flag("-o", err + "\n---> HINT: -o names a directory (it is created if missing); pick a path that is not under a regular file");
+        long holder = 0;
+        err = lock_directory(d, &holder);
+        if (!err.empty() && err.find("locked by another run") != std::string::npos) {
+            bad_flag("-o", strprintf("output directory '%s' is in use by another run (pid %ld): two runs would mix their saves\n"
+                                     "---> HINT: wait for that run to finish, or give this one its own -o directory", d, holder));
+        }
+        if (err.empty()) err = probe_writable_directory(d);
+        if (!err.empty()) {
+            bad_flag("-o", strprintf("cannot write into output directory '%s' (where %s/%s go): %s\n"
+                                     "---> HINT: choose a writable directory (this is checked before training, so nothing was lost)",
+                                     d, d, f->full || f->freeze_k > 0 ? "model.bin" : f->lora_on ? "adapter.bin and the PEFT files" : "method.bin", err.c_str()));
+        }
+    }
+    if (f->gguf_dir != NULL) { // -L: created if missing and probed, like -o (no lock: nothing is resumed from it)
+        std::string err = make_directories(f->gguf_dir);
+        if (err.empty()) err = probe_writable_directory(f->gguf_dir);
+        if (!err.empty()) {
+            bad_flag("-L", strprintf("cannot write the GGUF files into '%s': %s\n---> HINT: choose a writable directory (checked before any work, so nothing was lost)", f->gguf_dir, err.c_str()));
+        }
+    }
+    if (f->merged_path != NULL) {
+        std::string dir = path_dirname(f->merged_path);
+        struct stat st;
+        if (stat(f->merged_path, &st) == 0 && S_ISDIR(st.st_mode)) {
+            bad_flag("-M", strprintf("'%s' is a directory\n---> HINT: -M names the merged checkpoint file, e.g. -M %s/merged.bin", f->merged_path, f->merged_path));
+        }
+        if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+            bad_flag("-M", strprintf("the directory of '%s' does not exist\n---> HINT: create it first (mkdir -p %s), or write the merge elsewhere", f->merged_path, dir.c_str()));
+        }
+        std::string err = probe_writable_directory(dir.c_str());
+        if (!err.empty()) {
+            bad_flag("-M", strprintf("cannot write the merged checkpoint '%s': %s\n---> HINT: choose a writable directory (checked before any work, so nothing was lost)", f->merged_path, err.c_str()));
+        }
+    }
+}
 
 static Flags parse_flags(int argc, char** argv) {
     Flags flags;
     Flags* f = &flags;
+    for (int i = 1; i < argc; i++) { // -h / --help anywhere: the usage, and nothing else
+        if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) { print_usage(stdout); exit(EXIT_SUCCESS); }
+    }
     for (int i = 1; i < argc; i += 2) {
         if (argv[i][0] != '-' || strlen(argv[i]) != 2) {
             fprintf(stderr, "Error: unknown argument '%s'\n---> HINT: flags are a dash and one letter, each followed by a value\n", argv[i]);
             error_usage();
         }
-        if (argv[i][1] == 'h') error_usage();
         if (i + 1 >= argc) {
-            fprintf(stderr, "Error: flag %s needs a value\n", argv[i]);
+            fprintf(stderr, "Error: flag %s needs a value\n---> HINT: every flag is followed by its value, e.g. -x 100; see the usage below\n", argv[i]);
             error_usage();
         }
         const char* v = argv[i + 1];
         switch (argv[i][1]) {
             case 'e': f->base_path = v; break;
             case 'i': f->train_path = v; break;
-            case 'j': f->val_path = v; break;
+            case 'j': f->val_path = v; f->val_given = true; break;
             case 'c': f->tokenizer_path = v; f->tokenizer_given = true; break;
             case 'o': f->output_dir = v; break;
             case 'b': f->B = parse_int(argv[i], v); break;
             case 't': f->T = parse_int(argv[i], v); break;
-            case 'r': f->rank = parse_int(argv[i], v); break;
-            case 'a': f->alpha = parse_float(argv[i], v); break;
-            case 'q': f->targets = v; break;
+            case 'r': f->rank = parse_int(argv[i], v); f->shape_given = "-r"; break;
+            case 'a': f->alpha = parse_float(argv[i], v); f->shape_given = "-a"; break;
+            case 'q': f->targets = v; f->shape_given = "-q"; break;
             case 'f': f->full = parse_int(argv[i], v); break;
             case 'l': f->lr = parse_float(argv[i], v); f->lr_given = true; break;
             case 'd': f->weight_decay = parse_float(argv[i], v); break;
@@ -1740,8 +1839,9 @@ static Flags parse_flags(int argc, char** argv) {
             case 'X': f->prefix_P = parse_int(argv[i], v); break;
             case 'B': f->bitfit = parse_int(argv[i], v); break;
             case 'w': f->l2sp_lambda = parse_float(argv[i], v); break;
+            case 'O': f->overwrite = parse_int(argv[i], v); break;
             default:
-                fprintf(stderr, "Error: unknown flag '%s'\n", argv[i]);
+                fprintf(stderr, "Error: unknown flag '%s'\n---> HINT: the flags are listed below (flags are case-sensitive)\n", argv[i]);
                 error_usage();
         }
     }
@@ -1838,24 +1938,24 @@ static void check_flags(Flags* f, const DataParallel& dp) {
     std::string err;
     if (f->lora_on && !lora_parse_targets(f->targets, &f->target_mask, &err)) bad_flag("-q", err);
     if (dp.rank != 0) { f->output_dir = NULL; f->merged_path = NULL; f->gguf_dir = NULL; f->sample_every = 0; } // only rank 0 samples and writes (and checks -o)
-    if (f->output_dir != NULL) {
-        struct stat st;
-        if (stat(f->output_dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
-            bad_flag("-o", strprintf("output directory '%s' does not exist\n---> HINT: create it first (mkdir -p %s)", f->output_dir, f->output_dir));
-        }
+    if (f->overwrite != 0 && f->overwrite != 1) bad_flag("-O", strprintf("must be 0 or 1, got %d", f->overwrite));
+    if (f->adapter_path != NULL && f->shape_given != NULL) {
+        bad_flag(f->shape_given, "the adapter from -A brings its own rank, alpha and targets; -r, -a and -q would be ignored\n"
+                                 "---> HINT: drop -r / -a / -q (the log's [LoRA] section prints the adapter's own)");
     }
-    if (f->gguf_dir != NULL) {
-        struct stat st;
-        if (stat(f->gguf_dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
-            bad_flag("-L", strprintf("output directory '%s' does not exist\n---> HINT: create it first (mkdir -p %s)", f->gguf_dir, f->gguf_dir));
-        }
+    f->no_training = f->prompt != NULL || ((f->merged_path != NULL || f->gguf_dir != NULL) && f->steps == 0); // -p, or -M / -L alone: no data needed
+    if (f->no_training && f->output_dir != NULL && f->adapter_path == NULL && f->lora_on) {
+        bad_flag("-o", "this run trains nothing and loads no adapter (-A): there is nothing to save\n"
+                       "---> HINT: drop -o; with -A <adapter>, -o saves that adapter (converted, or several combined) without training");
     }
+    // -x 0 with an adapter: evaluate it (validation loss, samples) where it stands; nothing is trained or saved
+    f->evaluate_only = !f->no_training && f->steps == 0 && f->adapter_path != NULL && f->lora_on;
+    check_output_paths(f);
 
     f->base_quant = LORA_QUANT_FP32;
     if (!lora_parse_quant(f->quant, &f->base_quant, &err)) bad_flag("-Q", err);
     if (f->full && f->base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base is frozen, full fine-tuning trains it\n---> HINT: drop -f 1, or use -Q fp32");
     if (!f->lora_on && f->base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base applies to LoRA only\n---> HINT: drop -F / -H / -X / -B, or use -Q fp32");
-    f->no_training = f->prompt != NULL || ((f->merged_path != NULL || f->gguf_dir != NULL) && f->steps == 0); // -p, or -M / -L alone: no data needed
 }
 
 // what main builds from the flags: the model with its adapters (or its other method), and what an
@@ -1967,13 +2067,40 @@ static void attach_method(Built* b, Flags* f) {
     }
 }
 
-// -o and -M without training: the adapter as loaded (or combined) is saved, and the merge written
+// Never destroy a better save: what -o holds already is compared with what this run will write first
+// (a save never replaces optimizer state with weights only, nor a later step with an earlier one,
+// unless -O 1 says so). The log says what will be replaced.
+static SaveSetInfo first_save_of_run(const Built* b, const Flags* f) {
+    SaveSetInfo next;
+    next.adapter = true;
+    if (f->no_training) { next.step = b->have_state ? b->resume.step : 0; return next; }
+    int start = b->have_state ? b->resume.step : 0;
+    next.has_state = true;
+    next.step = f->steps;
+    if (f->save_every > 0) next.step = std::min(f->steps, (start / f->save_every + 1) * f->save_every);
+    return next;
+}
+static void check_outputs(const Built* b, const Flags* f) {
+    if (f->output_dir == NULL || !f->lora_on || f->evaluate_only) return;
+    SaveSetInfo existing = save_set_existing(f->output_dir), next = first_save_of_run(b, f);
+    std::string loses = save_set_loses(existing, next);
+    if (loses.empty()) return;
+    if (!f->overwrite) {
+        bad_flag("-o", strprintf("'%s' already holds a better save: %s\n"
+                                 "---> HINT: give this run another -o directory; or pass -O 1 to replace it%s",
+                                 f->output_dir, loses.c_str(), f->no_training ? "; -p without -o generates without saving" : ""));
+    }
+    printf("-O 1: replacing the save in %s: %s\n", f->output_dir, loses.c_str());
+}
+
 // -L: the GGUF files for llama.cpp (lib/gguf.h)
 static void save_gguf(Built* b, const Flags* f) {
     std::string written, err = gguf_export(f->gguf_dir, &b->model, &b->gguf_bpe, &written);
     if (!err.empty()) die("flag -L: " + err);
     printf("wrote GGUF: %s\n", written.c_str());
 }
+
+// -o and -M without training: the adapter as loaded (or combined) is saved, and the merge written
 
 static void save_without_training(Built* b, Flags* f) {
     GPT2<float>& model = b->model;
@@ -1982,18 +2109,29 @@ static void save_without_training(Built* b, Flags* f) {
     uint64_t base_sum = b->base_sum;
     std::string err;
     printf("[LoRA]\nadapter: %s\nrank: %d\nalpha: %g\ntargets: %s\n", adapter_desc.c_str(), lcfg.r, lcfg.alpha, lora_targets_string(lcfg.targets).c_str());
+    install_stop_handlers(); // a Ctrl-C during the saves below lets them finish, then stops
     if (f->output_dir != NULL) {
-        err = lora_file_write((std::string(f->output_dir) + "/adapter.bin").c_str(), &model, base_sum, NULL);
-        if (err.empty()) err = peft_export(f->output_dir, &model, f->base_name);
+        err = save_adapter_set(f->output_dir, &model, base_sum, NULL, b->have_state ? b->resume.step : 0, f->base_name);
         if (!err.empty()) die("flag -o: " + err);
         printf("saved adapter: %s/adapter.bin (weights only), %s/" PEFT_WEIGHTS_FILE ", %s/" PEFT_CONFIG_FILE "\n", f->output_dir, f->output_dir, f->output_dir);
+        printf("save set: %s/" SAVE_SET_FILE " (no training in this run: the adapter from -A as loaded%s)\n", f->output_dir,
+               f->combine ? ", combined" : "");
     }
     if (f->merged_path != NULL) {
+        saving = 1;
         err = write_merged_checkpoint(&model, f->merged_path);
+        saving = 0;
         if (!err.empty()) die("flag -M: " + err);
         printf("wrote merged checkpoint %s\n", f->merged_path);
     }
-    if (f->gguf_dir != NULL) save_gguf(b, f);
+    if (f->gguf_dir != NULL) {
+        saving = 1;
+        save_gguf(b, f);
+        saving = 0;
+    }
+    if (stop_signal != 0) { fflush(stdout); exit(128 + stop_signal); } // interrupted: the files above are whole
+    signal(SIGINT, SIG_DFL); // -p next: a Ctrl-C stops it at once, as before
+    signal(SIGTERM, SIG_DFL);
 }
 
 // -p: generation from a prompt, with the adapter merged (-W 1) or unmerged, or several adapters in one
@@ -2036,13 +2174,19 @@ static void generate(Built* b, Flags* f) {
     Rng rng;
     rng_seed(&rng, (uint64_t)f->seed + 1);
     std::string text;
+    std::vector<int> ids;
+    err = encode_prompt(&bpe, f->prompt, cfg.vocab_size, &ids); // a bad prompt fails before anything is printed
+    if (!err.empty()) die(err);
+    // the header and the prompt first, then each token as it is sampled (streamed), then the end
+    printf("[Generate]\nmode: %s\ntemperature: %g\ntop_k: %d\ncontext: %d\n---\n%s",
+           merge_now ? "merged" : f->merged_inference ? "unmerged (quantized base)" : "unmerged",
+           f->temperature, f->top_k, f->T, f->prompt);
+    fflush(stdout);
     double t0 = now_seconds();
-    err = generate_from_prompt(&model, &bpe, f->prompt, f->gen_tokens, f->temperature, f->top_k, &rng, &text);
+    err = generate_from_prompt(&model, &bpe, f->prompt, f->gen_tokens, f->temperature, f->top_k, &rng, &text, stdout);
     if (!err.empty()) die(err);
     double secs = now_seconds() - t0;
-    printf("[Generate]\nmode: %s\ntemperature: %g\ntop_k: %d\ncontext: %d\n---\n%s%s\n---\n",
-           merge_now ? "merged" : f->merged_inference ? "unmerged (quantized base)" : "unmerged",
-           f->temperature, f->top_k, f->T, f->prompt, text.c_str());
+    printf("\n---\n");
     printf("generated %d tokens in %.2f s (%.1f tok/s)\n", f->gen_tokens, secs, f->gen_tokens / secs);
 }
 
@@ -2050,6 +2194,7 @@ static void generate(Built* b, Flags* f) {
 struct TrainingData {
     DataLoader train_loader, val_loader;
     int start_step = 0; // > 0 when -A resumes a run
+    bool have_val = true; // false with -v 0 and no validation file
     Tokenizer tokenizer;
     bool have_tokenizer = false;
 };
@@ -2063,10 +2208,18 @@ static void open_training_data(TrainingData* d, Built* b, Flags* f, const DataPa
     std::string err;
     err = dataloader_init(&train_loader, f->train_path, f->B, f->T, cfg.vocab_size, f->shuffle != 0, (uint64_t)f->seed, "-i", dp.rank, dp.world);
     if (!err.empty()) die("flag -i: " + err);
-    err = dataloader_init(&val_loader, f->val_path, f->B, f->T, cfg.vocab_size, false, 0, "-j", dp.rank, dp.world);
-    if (!err.empty()) die("flag -j: " + err);
-    if (f->val_batches > (int)val_loader.num_batches) f->val_batches = (int)val_loader.num_batches;
-    if (b->have_state) {
+    // -v 0 validates never: the default -j need not exist (a -j given is still read and checked)
+    d->have_val = f->val_every > 0 || f->val_given || access(f->val_path, F_OK) == 0;
+    if (d->have_val) {
+        err = dataloader_init(&val_loader, f->val_path, f->B, f->T, cfg.vocab_size, false, 0, "-j", dp.rank, dp.world);
+        if (!err.empty()) die("flag -j: " + err);
+        if (f->val_batches > (int)val_loader.num_batches) f->val_batches = (int)val_loader.num_batches;
+    }
+    if (b->have_state && f->evaluate_only) {
+        // -x 0: the adapter is evaluated at the step it was saved at; the loader's position does not matter
+        f->steps = resume.step;
+        d->start_step = resume.step;
+    } else if (b->have_state) {
         if (resume.step > f->steps) bad_flag("-x", strprintf("the adapter from -A has already trained %d steps, more than -x %d\n---> HINT: -x is the total step count; pass -x %d or more", resume.step, f->steps, resume.step));
         err = train_state_restore(resume, &train_loader, f->adapter_path);
         if (!err.empty()) die("flag -A: " + err);
@@ -2124,8 +2277,10 @@ static void print_run_header(const Built* b, const Flags* f, const TrainingData*
     printf("[Run]\nB: %d\nT: %d\nsteps: %d\nlearning_rate: %g\nwarmup_steps: %d\nfinal_lr_fraction: %g\ngrad_clip: %g\nweight_decay: %g\nthreads: %d\n",
            f->B, f->T, f->steps, f->lr, f->warmup, f->lr_final_frac, f->grad_clip, f->weight_decay, threads);
     if (dp.world > 1) printf("ranks: %d (global batch %d = B x ranks)\n", dp.world, f->B * dp.world);
-    printf("train: %s (%zu tokens, %zu batches)\nval: %s (%zu tokens, %d batches used)\n", f->train_path,
-           train_loader.file.tokens.size(), train_loader.num_batches, f->val_path, val_loader.file.tokens.size(), f->val_batches);
+    printf("train: %s (%zu tokens, %zu batches)\n", f->train_path, train_loader.file.tokens.size(), train_loader.num_batches);
+    if (d->have_val) printf("val: %s (%zu tokens, %d batches used)\n", f->val_path, val_loader.file.tokens.size(), f->val_batches);
+    else printf("val: (none: -v 0 and no %s)\n", f->val_path);
+    if (f->evaluate_only) printf("evaluate only: -x 0 with -A, the adapter as saved (nothing is trained or written)\n");
     printf("tokenizer: %s\n", have_tokenizer ? f->tokenizer_path : "(none: samples print token ids)");
     fflush(stdout);
 }
@@ -2193,21 +2348,36 @@ static int train(Built* b, Flags* f, DataParallel* dp_) {
     for (int step = start_step; step <= f->steps; step++) {
         bool last_step = step == f->steps;
         // the adapter with everything an exact resume needs, saved where the next step would begin
-        if (f->lora_on && f->output_dir != NULL && (last_step || (f->save_every > 0 && step > start_step && step % f->save_every == 0))) {
+        if (f->lora_on && f->output_dir != NULL && !f->evaluate_only && (last_step || (f->save_every > 0 && step > start_step && step % f->save_every == 0))) {
             TrainState state = train_state_capture(step, &train_loader, &sample_rng);
-            err = lora_file_save_all(f->output_dir, &model, base_sum, state, f->base_name);
-            if (!err.empty()) die("flag -o: " + err);
-            printf("saved adapter (step %d): %s/adapter.bin, %s/" PEFT_WEIGHTS_FILE ", %s/" PEFT_CONFIG_FILE "\n", step, f->output_dir, f->output_dir, f->output_dir);
+            SaveSetInfo next;
+            next.adapter = next.has_state = true;
+            next.step = step;
+            std::string loses = f->overwrite ? "" : save_set_loses(save_set_existing(f->output_dir), next);
+            if (!loses.empty()) { // only when stopped early, before the step the directory holds
+                printf("not saved (step %d): %s holds a better save: %s (-O 1 would replace it)\n", step, f->output_dir, loses.c_str());
+            } else {
+                err = save_adapter_set(f->output_dir, &model, base_sum, &state, step, f->base_name);
+                if (!err.empty()) die("flag -o: " + err);
+                printf("saved adapter (step %d): %s/adapter.bin, %s/" PEFT_WEIGHTS_FILE ", %s/" PEFT_CONFIG_FILE "\n", step, f->output_dir, f->output_dir, f->output_dir);
+                printf("save set: %s/" SAVE_SET_FILE " (step %d, with optimizer state: %s)\n", f->output_dir, step,
+                       stop_signal != 0 ? "interrupted" : !last_step ? strprintf("every -k %d steps", f->save_every).c_str() : "end of training");
+                fflush(stdout);
+                stop_after_save();
+            }
         }
         // full training: the weights every k steps as <dir>/model.bin (atomically; the end writes it below),
         // so a long pretraining run keeps a usable checkpoint (weights only: AdamW state is not saved)
         if (f->full && f->output_dir != NULL && f->save_every > 0 && step > start_step && step % f->save_every == 0 && !last_step) {
             std::string path = std::string(f->output_dir) + "/model.bin";
+            saving = 1;
             err = gpt2_write_checkpoint(&model, path.c_str());
+            saving = 0;
             if (!err.empty()) die("flag -o: " + err);
             printf("saved checkpoint (step %d): %s\n", step, path.c_str());
+            stop_after_save();
         }
-        if (f->val_every > 0 && (step % f->val_every == 0 || last_step) && stop_signal == 0) {
+        if (f->val_every > 0 && data.have_val && (step % f->val_every == 0 || last_step) && stop_signal == 0) {
             last_val = dp_mean(&dp, gpt2_validate(&model, &val_loader, f->val_batches));
             printf("val loss %f\n", last_val);
             fflush(stdout);
@@ -2249,7 +2419,10 @@ static int train(Built* b, Flags* f, DataParallel* dp_) {
             f->steps = step + 1;
         }
     }
+    saving = 1; // -M, model.bin, method.bin: a second signal lets them finish
     save_after_training(b, f);
+    saving = 0;
+    stop_after_save();
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     printf("[Summary]\nfirst train loss: %f\nlast train loss: %f\n", first_loss, last_loss);
@@ -2272,14 +2445,15 @@ static void free_built(Built* b) {
 // ----------------------------------------------------------------------------
 // main: flags -> check -> build -> (generate / merge / export) or train -> free
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
     DataParallel dp; // one process unless started by mpirun with an MPI build
     dp_init(&dp, &argc, &argv);
     Flags flags = parse_flags(argc, argv); // every flag and its default: struct Flags
-    check_flags(&flags, dp);               // a bad value exits here, naming its flag
+    check_flags(&flags, dp);               // a bad value exits here, naming its flag; -o and -M are checked writable
     Built built;
     read_base(&built, &flags);             // the frozen base from -e (quantized with -Q)
     attach_method(&built, &flags);         // LoRA (new, or -A), full fine-tuning or another method
+    check_outputs(&built, &flags);         // -o holds no better save than this run would write
     int status = 0;
     if (flags.no_training) {
         save_without_training(&built, &flags); // -o, -M with -x 0: the adapter as loaded, the merge
@@ -2290,5 +2464,7 @@ int main(int argc, char** argv) {
     free_built(&built);
     dp_finalize();
     return status;
+} catch (const std::bad_alloc&) { // an allocation no reader or malloc_check caught: still a clear error
+    die("out of memory\n---> HINT: the base checkpoint (-e), the batch (-b, -t) or the method (-r, -X, -H, -f 1) needs more memory than this machine has free");
 }
 #endif

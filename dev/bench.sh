@@ -19,6 +19,7 @@ unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
 
 big=data/bench_gpt2_124M.bin     # random-init GPT-2 124M shape: L=12, C=768, NH=12, maxT=1024
 small=data/bench_gpt2_L4_C256.bin # the offline base's shape: L=4, C=256, NH=4, maxT=256
+mkdir -p data                     # a fresh clone has no data/ (it is made by `make data`, or here)
 [ -f "$big" ] || "$BENCH_STEP" gen "$big" 12 768 12 1024
 [ -f "$small" ] || "$BENCH_STEP" gen "$small" 4 256 4 256
 

@@ -142,10 +142,11 @@ else
 fi
 mkdir -p "$RUN_DIR/lora"
 LOG="$RUN_DIR/lora.log"
-# val loss and a sample at step 0 (lora_B = 0, so this is the base model) and after the last step
+# val loss and a sample at step 0 (lora_B = 0, so this is the base model) and after the last step.
+# -O 1: build/run/lora is this script's own output, so a rerun with fewer LORA_STEPS may replace it
 ./train_gpt2_lora -e "$BASE" -i data/tiny_shakespeare_train.bin -j data/tiny_shakespeare_val.bin \
     -b "$LORA_B" -t "$LORA_T" -x "$LORA_STEPS" -r "$LORA_R" -a "$LORA_ALPHA" -l "$LORA_LR" -u 1 \
-    -y "$LORA_WARMUP" -z 0.1 -v "$LORA_STEPS" -m 8 -s "$LORA_STEPS" -g 64 -o "$RUN_DIR/lora" | tee "$LOG" ||
+    -y "$LORA_WARMUP" -z 0.1 -v "$LORA_STEPS" -m 8 -s "$LORA_STEPS" -g 64 -o "$RUN_DIR/lora" -O 1 | tee "$LOG" ||
     fail "step 4 (LoRA)" "see the error above; the log is $LOG"
 TIME_LORA="$(since "$t0") s"
 

@@ -107,6 +107,18 @@ static std::string train_state_restore(const TrainState& s, DataLoader* loader, 
     return "";
 }
 
+// the name of the tensor that holds element i of an adapter's flat buffer (lora_tensor_list order, then
+// DoRA's magnitudes), and the index within it, for errors about one bad value
+static std::string lora_flat_element_name(const LoRA<float>* lora, size_t i) {
+    for (const LoRATensor& t : lora_tensor_list(lora->config, lora->L, lora->C)) {
+        size_t n = (size_t)t.rows * t.cols;
+        if (i >= t.offset && i < t.offset + n) {
+            return strprintf("layer %d %s lora_%s, index %zu", t.layer, lora_target_names[t.target], t.is_B ? "B" : "A", i - t.offset);
+        }
+    }
+    return strprintf("the DoRA magnitudes, flat index %zu", i);
+}
+
 // writes the adapters of model (and, when state != NULL, the AdamW moments and the training state)
 static std::string lora_file_write(const char* path, const GPT2<float>* model, uint64_t base_sum, const TrainState* state) {
     const LoRA<float>* lora = &model->lora;
@@ -245,6 +257,17 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
                  fread(order.data(), sizeof(uint64_t), nb, f) == nb;
         }
         if (!ok) err = strprintf("adapter file '%s': read error\n---> HINT: %s", path, hint);
+        // NaN or inf in the weights (or the AdamW moments) would only show up as garbage or a NaN loss later
+        const float* parts[3] = {lora->params_memory, lora->m_memory, lora->v_memory};
+        const char* part_names[3] = {"weights", "AdamW m", "AdamW v"};
+        for (int k = 0; k < (header[15] == 1 ? 3 : 1) && err.empty(); k++) {
+            size_t bad = first_nonfinite(parts[k], n);
+            if (bad < n) {
+                err = strprintf("adapter file '%s': the %s hold a non-finite value (%g) at %s\n"
+                                "---> HINT: the file is corrupt, or it was saved by a run that diverged; use an earlier save",
+                                path, part_names[k], parts[k][bad], lora_flat_element_name(lora, bad).c_str());
+            }
+        }
     }
     fclose(f);
     if (err.empty() && header[15] == 1) {

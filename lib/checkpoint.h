@@ -81,6 +81,13 @@ std::string gpt2_read_checkpoint(GPT2<real>* model, const char* path, bool leave
                     err = strprintf("checkpoint '%s': read error after %zu parameters\n---> HINT: %s", path, done + at_i, hint);
                     break;
                 }
+                size_t bad = first_nonfinite(buf.data(), n);
+                if (bad < n) {
+                    err = strprintf("checkpoint '%s': tensor %s has a non-finite value (%g) at index %zu\n"
+                                    "---> HINT: the file is corrupt, or it was saved by a run that diverged; use an earlier or a fresh checkpoint",
+                                    path, param_tensor_names[i], buf[bad], at_i + bad);
+                    break;
+                }
                 for (size_t k = 0; k < n; k++) { dst[at_i + k] = (real)buf[k]; }
                 at_i += n;
             }
@@ -105,6 +112,16 @@ void gpt2_build_from_checkpoint(GPT2<real>* model, const char* path) {
 // writes an llm.c fp32 checkpoint (version 3) of the base weights, atomically
 // an llm.c v3 checkpoint of the n = all parameters in checkpoint order
 static std::string checkpoint_write(const char* path, const GPT2Config& cfg, const float* params, size_t n) {
+    size_t bad = first_nonfinite(params, n);
+    if (bad < n) {
+        size_t sizes[NUM_PARAMETER_TENSORS], at = 0;
+        fill_in_parameter_sizes(sizes, cfg);
+        int i = 0;
+        while (i < NUM_PARAMETER_TENSORS - 1 && bad >= at + sizes[i]) at += sizes[i++];
+        return strprintf("refusing to write '%s': tensor %s has a non-finite value (%g) at index %zu\n"
+                         "---> HINT: the weights (or the adapter merged into them) hold NaN or inf; train with a lower learning rate (-l), or merge an adapter that loads cleanly",
+                         path, param_tensor_names[i], params[bad], bad - at);
+    }
     int header[256] = {0};
     header[0] = CHECKPOINT_MAGIC;
     header[1] = 3;
@@ -141,6 +158,12 @@ void gpt2_attach_layers_from_file(GPT2<real>* model) {
         for (int l = 0; l < L && param_tensor_is_block_matrix(i); l++) {
             if (fseek(f, (long)(offset + (size_t)l * n * sizeof(float)), SEEK_SET) != 0 || fread(buf.data(), sizeof(float), n, f) != n) {
                 die(strprintf("checkpoint '%s': read error in %s, layer %d\n---> HINT: the file changed since it was loaded; load it again", path, param_tensor_names[i], l));
+            }
+            size_t bad = first_nonfinite(buf.data(), n);
+            if (bad < n) {
+                die(strprintf("flag -e: checkpoint '%s': tensor %s has a non-finite value (%g) at index %zu\n"
+                              "---> HINT: the file is corrupt, or it was saved by a run that diverged; use an earlier or a fresh checkpoint",
+                              path, param_tensor_names[i], buf[bad], (size_t)l * n + bad));
             }
             for (size_t k = 0; k < n; k++) { W_l[k] = (real)buf[k]; }
             gpt2_attach_layer(model, block_matrix_target(i), l, W_l.data());

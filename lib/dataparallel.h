@@ -34,7 +34,7 @@ static void dp_init(DataParallel* dp, int* argc, char*** argv) {
     MPI_Comm_rank(MPI_COMM_WORLD, &dp->rank);
     MPI_Comm_size(MPI_COMM_WORLD, &dp->world);
     // ranks other than 0 stay silent on stdout; their errors still reach stderr
-    if (dp->rank != 0 && freopen("/dev/null", "w", stdout) == NULL) die("rank: cannot redirect stdout to /dev/null");
+    if (dp->rank != 0 && freopen("/dev/null", "w", stdout) == NULL) die("rank: cannot redirect stdout to /dev/null\n---> HINT: /dev/null must be writable for the ranks other than 0 (check the container or chroot)");
 #else
     // launched by mpirun but built without MPI: every process would train alone on the same data
     const char* n = getenv("OMPI_COMM_WORLD_SIZE") ? getenv("OMPI_COMM_WORLD_SIZE") : getenv("PMI_SIZE");
@@ -49,7 +49,7 @@ static void dp_init(DataParallel* dp, int* argc, char*** argv) {
 static void dp_average(DataParallel* dp, float* x, size_t n) {
 #ifdef USE_MPI
     if (dp->world == 1) return;
-    if (n > (size_t)INT32_MAX) die(strprintf("cannot allreduce %zu floats in one call (MPI counts are int)", n));
+    if (n > (size_t)INT32_MAX) die(strprintf("cannot allreduce %zu floats in one call (MPI counts are int)\n---> HINT: the trainable parameters are too many for one MPI call: use LoRA (no -f 1) or a smaller model (-e)", n));
     double t0 = MPI_Wtime();
     MPI_Allreduce(MPI_IN_PLACE, x, (int)n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
     for (size_t i = 0; i < n; i++) { x[i] /= dp->world; }

@@ -7,6 +7,7 @@
 #include "adapter_files.h" // lora_file_read
 #include "safetensors.h"   // the tensors
 #include "json.h"          // the config
+#include "save_set.h"      // the manifest of a save in -o, checked on load
 
 // PEFT: adapter_model.safetensors + adapter_config.json, as Hugging Face PEFT saves a LoRA for GPT-2.
 // Orientation, checked in PEFT's source (peft/tuners/lora/layer.py): for a transformers Conv1D base layer
@@ -172,6 +173,15 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
                              weights_path.c_str(), key.c_str(), shape.c_str(), t.rows, t.cols, cfg.r, C);
         }
     }
+    for (const LoRATensor& t : list) { // NaN or inf would only show up as garbage output later
+        const SafeTensor* s = st.find(lora_peft_key(t.layer, t.target, t.is_B));
+        size_t count = (size_t)t.rows * t.cols, bad = first_nonfinite(st.values(s), count);
+        if (bad < count) {
+            return strprintf("PEFT adapter '%s': tensor '%s' has a non-finite value (%g) at index %zu\n"
+                             "---> HINT: the file is corrupt, or it was saved by a run that diverged; use an earlier save",
+                             weights_path.c_str(), s->name.c_str(), st.values(s)[bad], bad);
+        }
+    }
     // DoRA: one magnitude vector (out) per adapted module
     struct Magnitude { std::string key; int target, layer; };
     std::vector<Magnitude> magnitudes;
@@ -188,14 +198,21 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
                 return strprintf("PEFT adapter '%s': DoRA magnitude '%s' must have shape [%d] (the module's outputs)\n---> HINT: the adapter was made for another base (-e)",
                                  weights_path.c_str(), key.c_str(), out);
             }
+            size_t bad = first_nonfinite(st.values(s), (size_t)out);
+            if (bad < (size_t)out) {
+                return strprintf("PEFT adapter '%s': tensor '%s' has a non-finite value (%g) at index %zu\n"
+                                 "---> HINT: the file is corrupt, or it was saved by a run that diverged; use an earlier save",
+                                 weights_path.c_str(), key.c_str(), st.values(s)[bad], bad);
+            }
             magnitudes.push_back({key, t, l});
         }
     }
     if (st.tensors.size() != list.size() + magnitudes.size()) {
+        std::unordered_set<std::string> wanted; // one lookup per tensor: linear in the file, whatever it holds
+        for (const LoRATensor& t : list) wanted.insert(lora_peft_key(t.layer, t.target, t.is_B));
+        for (const Magnitude& m : magnitudes) wanted.insert(m.key);
         for (const SafeTensor& s : st.tensors) {
-            bool expected = false;
-            for (const LoRATensor& t : list) expected = expected || s.name == lora_peft_key(t.layer, t.target, t.is_B);
-            for (const Magnitude& m : magnitudes) expected = expected || s.name == m.key;
+            bool expected = wanted.count(s.name) > 0;
             if (!expected) {
                 return strprintf("PEFT adapter '%s' has tensor '%s', which is not a lora_A/lora_B of a target in its config (%s) on an L=%d base\n---> HINT: check target_modules in '%s'; %s",
                                  weights_path.c_str(), s.name.c_str(), lora_targets_string(cfg.targets).c_str(), L, cpath, hint);
@@ -222,8 +239,8 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
 // fp32 for anything else (a PEFT directory, an unreadable or invalid file: lora_file_read reports those)
 static int adapter_file_base_quant(const char* path) {
     int header[256];
-    FILE* f = fopen(path, "rb");
-    if (f == NULL) return LORA_QUANT_FP32;
+    FILE* f = NULL;
+    if (!open_for_reading(path, "adapter file", "", &f).empty()) return LORA_QUANT_FP32; // a FIFO, a directory: lora_file_load says so
     bool ok = fread(header, sizeof(header), 1, f) == 1 && header[0] == ADAPTER_MAGIC;
     fclose(f);
     return ok && header[29] > 0 && header[29] < LORA_NUM_QUANTS ? header[29] : LORA_QUANT_FP32;
@@ -235,7 +252,11 @@ static std::string lora_file_load(const char* path, GPT2<float>* model, uint64_t
                                   int base_quant = -1) {
     struct stat st;
     *has_state = false;
-    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) return peft_import(path, model, base_quant >= 0 ? base_quant : LORA_QUANT_FP32);
+    bool is_dir = stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+    // files from one save only: checked against the directory's save_set.json, when it has one
+    std::string err = is_dir ? save_set_verify(path, {PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE}) : save_set_verify(path_dirname(path).c_str(), {path_basename(path)});
+    if (!err.empty()) return err;
+    if (is_dir) return peft_import(path, model, base_quant >= 0 ? base_quant : LORA_QUANT_FP32);
     return lora_file_read(path, model, base_sum, state, has_state, base_quant);
 }
 
@@ -281,9 +302,23 @@ static std::string lora_files_combine(const std::vector<const char*>& paths, con
     return err;
 }
 
-// everything -o gets for an adapter: <dir>/adapter.bin (with the state for exact resume) and the PEFT export
-static std::string lora_file_save_all(const char* dir, const GPT2<float>* model, uint64_t base_sum, const TrainState& state, const char* base_name) {
-    std::string err = lora_file_write((std::string(dir) + "/adapter.bin").c_str(), model, base_sum, &state);
+// One save set into dir: adapter.bin (with the AdamW moments and the loader state when state != NULL),
+// the PEFT pair, then save_set.json listing them (lib/save_set.h). Each file is written atomically and
+// the manifest last: while a save is under way (or after a crash in one) the old manifest no longer
+// matches the new files, so a reader refuses the mix instead of loading it. step: what the manifest
+// says the weights are (state->step when there is a state).
+static std::string save_set_write(const char* dir, const GPT2<float>* model, uint64_t base_sum, const TrainState* state, int step,
+                                  const char* base_name) {
+    std::string err = lora_file_write((std::string(dir) + "/adapter.bin").c_str(), model, base_sum, state);
+    save_set_test_pause();
     if (err.empty()) err = peft_export(dir, model, base_name);
+    save_set_test_pause();
+    if (err.empty()) err = save_set_write_manifest(dir, {"adapter.bin", PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE}, state ? state->step : step, state != NULL);
     return err;
+}
+
+// everything -o gets for an adapter: <dir>/adapter.bin (with the state for exact resume), the PEFT export
+// and the manifest, as one save set
+static std::string lora_file_save_all(const char* dir, const GPT2<float>* model, uint64_t base_sum, const TrainState& state, const char* base_name) {
+    return save_set_write(dir, model, base_sum, &state, state.step, base_name);
 }

@@ -428,8 +428,8 @@ static inline int bpe_load(BPE* bpe, const char* encoder_json, const char* vocab
 static inline int bpe_load_default(BPE* bpe) {
     for (const char* dir : BPE_SEARCH_DIRS) {
         std::string enc = std::string(dir) + "/encoder.json", voc = std::string(dir) + "/vocab.bpe";
-        FILE* f = fopen(enc.c_str(), "rb");
-        if (!f) continue;
+        FILE* f = NULL;
+        if (!open_for_reading(enc.c_str(), "file", "", &f).empty()) continue; // missing (or not a regular file)
         fclose(f);
         return bpe_load(bpe, enc.c_str(), voc.c_str());
     }
