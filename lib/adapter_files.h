@@ -285,7 +285,9 @@ void gpt2_expand_params(GPT2<real>* model, real* full) {
     size_t off = 0;
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
         size_t n = model->param_sizes[i];
-        if (!param_tensor_is_block_matrix(i)) {
+        if (stored[i] == NULL && i == 0) { // -Q bf16 read from a file: wte is held in bf16 only
+            for (size_t k = 0; k < n; k++) { full[off + k] = (real)bf16_widen(model->wte_bf16[k]); }
+        } else if (!param_tensor_is_block_matrix(i)) {
             memcpy(full + off, stored[i], n * sizeof(real));
         } else {
             int t = block_matrix_target(i);
