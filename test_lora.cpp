@@ -12,7 +12,7 @@ Contents: one doctest test suite per subject, in this order. `./build/omp/test_l
 suite (`-ts=files,binary` several, `-ts=NAME -ltc` lists its test cases); `make test` runs them all.
   gradients   every backward against finite differences in double: the kernels and the whole model
   invariants  LoRA invariants: lora_B = 0 is the base, the base is untouched, counts, init, targets
-  fast-twins  the fast kernels (blocked matmul, thin LoRA GEMMs, exp_fast) against their naive twins
+  fast-twins  the fast kernels (blocked matmul, thin LoRA GEMMs, exp_fast, the bf16 matmuls) against their naive twins
   training    training mechanics: learning-rate schedule, clipping, non-finite guard, resume, determinism
   variants    LoRA variants: rsLoRA, LoRA+, DoRA, PiSSA, quantized base (int8/NF4/int2), multi-adapter
   methods     the other adaptation methods: Houlsby adapters, prefix tuning, freezing, L2-SP
@@ -32,6 +32,7 @@ Each suite starts with the helpers only its tests use; the helpers several suite
 
 #include <fcntl.h>
 #include <functional>
+#include <map>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
@@ -767,6 +768,156 @@ TEST_CASE("exp_fast (float): within 1 ulp of exp over [-87.3, 0], exactly 1 at 0
     CHECK(gelu_tanh(-100.0f) == -1.0f);
     CHECK(gelu_tanh(1e30f) == 1.0f);
     CHECK(exp_fast(-1.0) == std::exp(-1.0));   // double (the finite-difference tests) is std::exp itself
+}
+
+// -- bf16 (-Q bf16): the rounding helper and the bf16 matmuls
+
+static uint16_t bits_to_bf16(uint32_t u) {
+    float x;
+    memcpy(&x, &u, sizeof(x));
+    return bf16_round(x);
+}
+
+TEST_CASE("bf16: bf16_round rounds to nearest even on hand-picked values (ties, denormals, overflow, inf, NaN)") {
+    // {fp32 bits, the bf16 bits round-to-nearest-even gives}, worked out by hand from the bit patterns
+    const uint32_t cases[][2] = {
+        {0x3F800000u, 0x3F80u}, // 1.0: exact
+        {0x3F808000u, 0x3F80u}, // 1 + 2^-8: a tie between 0x3F80 and 0x3F81, to the even one
+        {0x3F818000u, 0x3F82u}, // 1 + 3*2^-8: a tie between 0x3F81 and 0x3F82, to the even one (up)
+        {0x3F808001u, 0x3F81u}, // just above the tie: up
+        {0x3F807FFFu, 0x3F80u}, // just below it: down
+        {0xBF808000u, 0xBF80u}, // negative tie: the magnitude rounds the same way
+        {0xBF818000u, 0xBF82u},
+        {0x00000000u, 0x0000u}, // +0 and -0 keep their sign
+        {0x80000000u, 0x8000u},
+        {0x00000001u, 0x0000u}, // the smallest denormal rounds to 0
+        {0x00008000u, 0x0000u}, // a denormal tie to even 0
+        {0x00018000u, 0x0002u}, // a denormal tie to even 2 (up)
+        {0x0000C000u, 0x0001u}, // above the tie: up
+        {0x807FFFFFu, 0x8080u}, // the largest negative denormal rounds up into the smallest normal
+        {0x7F7F7FFFu, 0x7F7Fu}, // below the largest bf16: down
+        {0x7F7FFFFFu, 0x7F80u}, // the largest float is past the largest bf16's half step: inf
+        {0x7F800000u, 0x7F80u}, // +inf and -inf stay
+        {0xFF800000u, 0xFF80u},
+        {0x7FC00000u, 0x7FC0u}, // a quiet NaN stays the same NaN
+        {0x7F800001u, 0x7FC0u}, // a signalling NaN with only a low payload bit: still a NaN (quiet), not inf
+        {0xFFFFFFFFu, 0xFFFFu}, // a NaN whose payload would carry into the sign: kept a NaN
+    };
+    for (auto& c : cases) {
+        CAPTURE(c[0]);
+        CHECK(bits_to_bf16(c[0]) == c[1]);
+    }
+    // every bf16 value but NaN widens exactly and rounds back to itself
+    int not_roundtrip = 0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        bool nan = (h & 0x7F80u) == 0x7F80u && (h & 0x7Fu) != 0;
+        if (!nan && bf16_round(bf16_widen((uint16_t)h)) != h) not_roundtrip++;
+        if (nan && !std::isnan(bf16_widen(bf16_round(bf16_widen((uint16_t)h))))) not_roundtrip++;
+    }
+    CHECK(not_roundtrip == 0);
+    // random finite floats: the result is the nearer of the two neighbouring bf16 values (distances in
+    // double, exact here), the even one on a tie
+    Rng rng;
+    rng_seed(&rng, 211);
+    int wrong = 0;
+    for (int i = 0; i < 200000; i++) {
+        uint32_t u = rng_u32(&rng);
+        if ((u & 0x7F800000u) == 0x7F800000u) continue; // inf / NaN: above
+        float x;
+        memcpy(&x, &u, sizeof(x));
+        uint16_t lo = (uint16_t)(u >> 16), hi = (uint16_t)(lo + 1); // truncation, and the next one away from 0
+        // (past the largest finite bf16, hi is inf, which rounding treats as 2^128)
+        double vhi = (hi & 0x7FFFu) == 0x7F80u ? std::copysign(std::ldexp(1.0, 128), (double)x) : (double)bf16_widen(hi);
+        double dlo = std::fabs((double)x - bf16_widen(lo)), dhi = std::fabs(vhi - x);
+        uint16_t want = dlo < dhi ? lo : dhi < dlo ? hi : (lo % 2 == 0 ? lo : hi);
+        if (bf16_round(x) != want) wrong++;
+    }
+    CHECK(wrong == 0);
+}
+
+TEST_CASE("bf16: the bf16 matmuls (this build's fast path and the widened one) equal their naive twins within the fp32 summation bound") {
+    MESSAGE("bf16 matmul path of this build: " << std::string(matmul_bf16_path()));
+    Rng rng;
+    rng_seed(&rng, 221);
+    // {B, T, C, OC}: one row and a few (the dot-product path), edges of the 8 x 48 register block and of
+    // the K slices, an odd K, and K past the 4096 chunk of the packed activations (forward: C; dinp: OC)
+    const int shapes[][4] = {{1, 1, 1, 1}, {1, 5, 3, 7}, {2, 3, 17, 5}, {3, 7, 64, 96}, {1, 13, 130, 67}, {2, 40, 4100, 50}, {1, 20, 33, 4099}};
+    std::map<std::string, double> worst_of; // the largest difference seen, as a fraction of its bound
+    for (auto& s : shapes) {
+        int B = s[0], T = s[1], C = s[2], OC = s[3], BT = B * T;
+        CAPTURE(C); CAPTURE(OC); CAPTURE(BT);
+        std::vector<float> inp((size_t)BT * C), bias(OC), dout((size_t)BT * OC);
+        std::vector<uint16_t> weight((size_t)OC * C);
+        for (auto* v : {&inp, &bias, &dout}) for (float& x : *v) x = rng_uniform(&rng, -1, 1);
+        for (uint16_t& w : weight) w = bf16_round(rng_uniform(&rng, -1, 1));
+        // Both sides sum the same terms (the bias and K products, each exact in fp32: bf16 x bf16 has 16
+        // significant bits) in different orders; each sum is within (K+1) u sum|terms| of the exact one
+        // (u = 2^-24), so they differ by at most 2 (K+1) u sum|terms|. The widened path multiplies fp32
+        // activations (one more rounding per product): 2 (K+2) u.
+        const double u = std::ldexp(1.0, -24);
+        auto check_forward = [&](const std::vector<float>& got, const std::vector<float>& want, bool round_act, const char* what) {
+            int over = 0;
+            double worst = 0;
+            for (int bt = 0; bt < BT; bt++) {
+                for (int o = 0; o < OC; o++) {
+                    double mag = std::fabs(bias[o]);
+                    for (int c = 0; c < C; c++) {
+                        float a = round_act ? bf16_widen(bf16_round(inp[(size_t)bt * C + c])) : inp[(size_t)bt * C + c];
+                        mag += std::fabs((double)a * bf16_widen(weight[(size_t)o * C + c]));
+                    }
+                    const double tol_bf16_forward = 2.0 * (C + 2) * u * mag;
+                    double d = std::fabs((double)got[(size_t)bt * OC + o] - want[(size_t)bt * OC + o]);
+                    if (d > tol_bf16_forward) over++;
+                    worst = std::max(worst, d / tol_bf16_forward);
+                }
+            }
+            worst_of[std::string(what) + " forward"] = std::max(worst_of[std::string(what) + " forward"], worst);
+            CHECK(over == 0);
+        };
+        auto check_backward = [&](const std::vector<float>& got, const std::vector<float>& want, bool round_act, const char* what) {
+            int over = 0;
+            double worst = 0;
+            for (int bt = 0; bt < BT; bt++) {
+                for (int c = 0; c < C; c++) {
+                    double mag = 0.5; // the 0.5 both start from
+                    for (int o = 0; o < OC; o++) {
+                        float d = round_act ? bf16_widen(bf16_round(dout[(size_t)bt * OC + o])) : dout[(size_t)bt * OC + o];
+                        mag += std::fabs((double)d * bf16_widen(weight[(size_t)o * C + c]));
+                    }
+                    const double tol_bf16_backward = 2.0 * (OC + 2) * u * mag;
+                    double d = std::fabs((double)got[(size_t)bt * C + c] - want[(size_t)bt * C + c]);
+                    if (d > tol_bf16_backward) over++;
+                    worst = std::max(worst, d / tol_bf16_backward);
+                }
+            }
+            worst_of[std::string(what) + " dinp"] = std::max(worst_of[std::string(what) + " dinp"], worst);
+            CHECK(over == 0);
+        };
+        // this build's fast path against the naive twin (both round the activations iff BF16_DOT)
+        std::vector<float> out1((size_t)BT * OC), out2(out1.size());
+        matmul_bf16_forward_fast(out1.data(), inp.data(), weight.data(), bias.data(), B, T, C, OC);
+        matmul_bf16_forward_naive(out2.data(), inp.data(), weight.data(), bias.data(), B, T, C, OC);
+        check_forward(out1, out2, BF16_DOT, "fast");
+        std::vector<float> dinp1((size_t)BT * C, 0.5f), dinp2 = dinp1;
+        matmul_bf16_backward_fast(dinp1.data(), dout.data(), weight.data(), B, T, C, OC);
+        matmul_bf16_backward_naive(dinp2.data(), dout.data(), weight.data(), B, T, C, OC);
+        check_backward(dinp1, dinp2, BF16_DOT, "fast");
+        // the widened path (the fast path of a CPU without AVX512_BF16) against the fp32 naive matmul on
+        // the widened weights: the activations stay fp32
+        std::vector<float> wide(weight.size());
+        for (size_t i = 0; i < wide.size(); i++) wide[i] = bf16_widen(weight[i]);
+        std::vector<float> out3(out1.size());
+        for (int bt = 0; bt < BT; bt++) for (int o = 0; o < OC; o++) out3[(size_t)bt * OC + o] = bias[o];
+        gemm_bf16_widened(BT, OC, C, inp.data(), (size_t)C, weight.data(), 1, (size_t)C, out3.data(), (size_t)OC);
+        matmul_forward_naive(out2.data(), inp.data(), wide.data(), bias.data(), B, T, C, OC);
+        check_forward(out3, out2, false, "widened");
+        std::vector<float> dinp3((size_t)BT * C, 0.5f);
+        dinp2.assign(dinp3.size(), 0.5f);
+        gemm_bf16_widened(BT, C, OC, dout.data(), (size_t)OC, weight.data(), (size_t)C, 1, dinp3.data(), (size_t)C);
+        matmul_backward_naive(dinp2.data(), (float*)NULL, (float*)NULL, dout.data(), inp.data(), wide.data(), B, T, C, OC);
+        check_backward(dinp3, dinp2, false, "widened");
+    }
+    for (auto& w : worst_of) MESSAGE(w.first << ": worst difference " << w.second << " of the bound");
 }
 
 TEST_SUITE_END();

@@ -598,6 +598,7 @@ struct GPT2 {
                               // when the checkpoint was read for a quantized base (-Q): those four pointers are then NULL
     char* block_file;         // the checkpoint whose block matrices were left on disk for gpt2_lora_attach to
                               // quantize (gpt2_read_checkpoint with leave_block_matrices); NULL otherwise
+    bool block_file_bf16;     // that file is llm.c's bf16 checkpoint (version 5): 2 bytes a parameter
     // -Q: the four block matrices as codes (lib/quant.h), indexed by LoRATarget; NULL for an fp32 base
     int quant;                                // their LoRAQuant
     uint8_t* quant_q[LORA_NUM_TARGETS];       // (L, out, in) int8 codes, two NF4 or four int2 codes per byte
@@ -1474,7 +1475,7 @@ static std::vector<std::vector<int>> gpt2_generate_multi(GPT2<float>* model, con
 // beyond the core (skip on first reading): the files of a model and its adapters, data parallelism,
 // the other methods' setup, and the program (flags, logs, the training loop)
 
-#include "lib/checkpoint.h"    // llm.c checkpoints: read (fp32 v3), write; a quantized base read layer by layer
+#include "lib/checkpoint.h"    // llm.c checkpoints: read (fp32 v3, bf16 v5), write (v3); a quantized base read layer by layer
 #include "lib/adapter_files.h" // adapter.bin (exact resume), the base checksum, -M's merged checkpoint
 #include "lib/peft.h"          // PEFT's adapter directory: export, import; loading any -A
 #include "lib/dataparallel.h"  // MPI data parallelism: one allreduce of the gradients per step

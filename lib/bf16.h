@@ -47,13 +47,6 @@ static inline float bf16_widen(uint16_t h) {
 // an activation as the bf16 matmul of this build sees it: rounded to bf16 with dot products, as is otherwise
 static inline float bf16_activation(float x) { return BF16_DOT ? bf16_widen(bf16_round(x)) : x; }
 
-// src (n) fp32 -> dst (n) bf16
-static void bf16_round_array(uint16_t* dst, const float* src, size_t n) {
-    // parallel over elements: each thread writes its own dst[i]
-    #pragma omp parallel for
-    for (size_t i = 0; i < n; i++) { dst[i] = bf16_round(src[i]); }
-}
-
 static const char* matmul_bf16_path() {
     return BF16_DOT ? "bf16 dot products (AVX512_BF16 vdpbf16ps), fp32 accumulation"
                     : "bf16 weights widened to fp32 while packing, fp32 GEMM (this build has no AVX512_BF16)";
@@ -92,14 +85,16 @@ static void matmul_bf16_backward_naive(float* dinp, const float* dout, const uin
 // Cmat (M,N) += A (M,K) @ Bmat (K,N), A fp32 row-major with row stride lda, Bmat(k,j) = W[k*rsb + j*csb]
 // in bf16. Like matmul_gemm (lib/fast.h), BLIS-style, but both operands are packed as bf16 pairs along k,
 // since vdpbf16ps multiplies the pair (a_2p, a_2p+1) by (b_2p, b_2p+1) and adds both products to one
-// fp32 lane. Per K slice: the whole A slice (M x KC) is rounded and packed once, shared by all threads,
-// then each output tile (all of M's MC rows x NC columns) packs its Bmat slice and runs the micro-kernel:
-// an MR x NR block of the output in 24 of the 32 zmm registers.
+// fp32 lane. A (M x K, in chunks of KCHUNK) is rounded and packed once, shared by all threads; then each
+// output tile (a group of M's rows x NC columns) walks K in KC slices, packs its Bmat slice and runs the
+// micro-kernel on it: an MR x NR block of the output in 24 of the 32 zmm registers.
 #if BF16_DOT
 static const int BF16_MR = 8;   // register tile rows
 static const int BF16_NR = 48;  // register tile columns: three 16-float vectors; 768, 2304, 3072 and 50304 are multiples
 static const int BF16_KC = 256; // K slice (128 pairs): one packed Bmat panel is 128*48*4 = 24 KB, stays in L1
 static const int BF16_NC = 192; // tile columns: the packed Bmat slice is 96 KB, in L2
+static const int BF16_KCHUNK = 4096; // K is packed in chunks of this: all of every block matmul's K at once;
+                                     // the LM head's backward (K = Vp) in 13 chunks, 2 MB of packed A each
 
 // the packed A slice, shared by the threads, grown as needed and kept for the life of the process
 static uint32_t* bf16_pack_a(size_t n) {
@@ -154,7 +149,7 @@ static inline void bf16_micro_kernel(int kp, const uint32_t* Ap, const uint32_t*
 
 static void gemm_bf16_dot(int M, int N, int K, const float* A, size_t lda, const uint16_t* W, size_t rsb, size_t csb,
                           float* Cmat, size_t ldc) {
-    const int MR = BF16_MR, NR = BF16_NR, KC = BF16_KC, NC = BF16_NC;
+    const int MR = BF16_MR, NR = BF16_NR, KC = BF16_KC, NC = BF16_NC, KCH = BF16_KCHUNK;
     int strips = (M + MR - 1) / MR;                 // MR-row strips of A, the last zero-padded
     int tiles_n = (N + NC - 1) / NC;
     // tiles: the output's columns in NC blocks; when there are fewer than threads, the rows are cut too
@@ -165,69 +160,79 @@ static void gemm_bf16_dot(int M, int N, int K, const float* A, size_t lda, const
     int strips_per_tile = strips;
     if (tiles_n < threads) strips_per_tile = std::max(1, (strips + threads - 1) / threads);
     int tiles_m = (strips + strips_per_tile - 1) / strips_per_tile;
-    uint32_t* Ap = bf16_pack_a((size_t)strips * MR * (KC / 2));
-    #pragma omp parallel
-    for (int k0 = 0; k0 < K; k0 += KC) {
-        int kc = std::min(KC, K - k0), kp = (kc + 1) / 2;
-        // pack A's slice: strip s holds rows s*MR.., laid out [pair][row], each pair two rounded
-        // activations (the even k in the low half); zero past M and past K
-        #pragma omp for
-        for (int s = 0; s < strips; s++) {
-            uint32_t* dst = Ap + (size_t)s * MR * kp;
-            for (int i = 0; i < MR; i++) {
-                int row = s * MR + i;
-                const float* a = A + (size_t)row * lda + k0;
-                for (int p = 0; p < kp; p++) {
-                    uint32_t lo = 0, hi = 0;
-                    if (row < M) {
-                        lo = bf16_round(a[2 * p]);
-                        hi = 2 * p + 1 < kc ? bf16_round(a[2 * p + 1]) : 0u;
-                    }
-                    dst[(size_t)p * MR + i] = lo | (hi << 16);
-                }
-            }
-        }
-        // (the implicit barrier: the whole slice is packed before any tile reads it)
-        #pragma omp for schedule(dynamic, 1)
-        for (int t = 0; t < tiles_m * tiles_n; t++) {
-            int s0 = (t % tiles_m) * strips_per_tile, s1 = std::min(strips, s0 + strips_per_tile);
-            int j0 = (t / tiles_m) * NC, nc = std::min(NC, N - j0), npanels = (nc + NR - 1) / NR;
-            uint32_t* Bp = bf16_pack_b();
-            // pack the Bmat slice: panel q holds columns j0 + q*NR.., laid out [pair][column], zero past N and K
-            for (int q = 0; q < npanels; q++) {
-                uint32_t* dst = Bp + (size_t)q * kp * NR;
-                for (int j = 0; j < NR; j++) {
-                    int col = j0 + q * NR + j;
-                    if (col >= N) {
-                        for (int p = 0; p < kp; p++) { dst[(size_t)p * NR + j] = 0; }
-                        continue;
-                    }
-                    const uint16_t* w = W + (size_t)col * csb + (size_t)k0 * rsb;
-                    if (rsb == 1 && kc % 2 == 0) { // forward: the pair is adjacent in the weight's row
-                        for (int p = 0; p < kp; p++) {
-                            uint32_t pair;
-                            memcpy(&pair, w + 2 * p, sizeof(pair));
-                            dst[(size_t)p * NR + j] = pair;
+    const size_t strip_size = (size_t)MR * (KC / 2); // one strip of one K slice, in pairs
+    uint32_t* Ap = bf16_pack_a((size_t)(std::min(K, KCH) + KC - 1) / KC * strips * strip_size);
+    for (int c0 = 0; c0 < K; c0 += KCH) {
+        int kch = std::min(KCH, K - c0), slices = (kch + KC - 1) / KC;
+        #pragma omp parallel
+        {
+            // pack the chunk of A: slice ks, strip s at (ks * strips + s) * strip_size, laid out [pair][row],
+            // each pair two rounded activations (the even k in the low half); zero past M and past K
+            #pragma omp for
+            for (int w = 0; w < slices * strips; w++) {
+                int ks = w / strips, s = w % strips, k0 = c0 + ks * KC, kc = std::min(KC, K - k0), kp = (kc + 1) / 2;
+                uint32_t* dst = Ap + (size_t)w * strip_size;
+                for (int i = 0; i < MR; i++) {
+                    int row = s * MR + i;
+                    const float* a = A + (size_t)row * lda + k0;
+                    for (int p = 0; p < kp; p++) {
+                        uint32_t lo = 0, hi = 0;
+                        if (row < M) {
+                            lo = bf16_round(a[2 * p]);
+                            hi = 2 * p + 1 < kc ? bf16_round(a[2 * p + 1]) : 0u;
                         }
-                    } else {
-                        for (int p = 0; p < kp; p++) {
-                            uint32_t lo = w[(size_t)(2 * p) * rsb], hi = 2 * p + 1 < kc ? w[(size_t)(2 * p + 1) * rsb] : 0u;
-                            dst[(size_t)p * NR + j] = lo | (hi << 16);
-                        }
+                        dst[(size_t)p * MR + i] = lo | (hi << 16);
                     }
                 }
             }
-            for (int q = 0; q < npanels; q++) {
-                for (int s = s0; s < s1; s++) {
-                    int i = s * MR;
-                    bf16_micro_kernel(kp, Ap + (size_t)s * MR * kp, Bp + (size_t)q * kp * NR, Cmat + (size_t)i * ldc + j0 + q * NR, ldc,
-                                      std::min(MR, M - i), std::min(NR, nc - q * NR));
+            // (the implicit barrier: A's chunk is packed before any tile reads it; no other barrier until
+            // the chunk's end, so a thread that the machine's load delays only takes fewer tiles)
+            #pragma omp for schedule(dynamic, 1)
+            for (int t = 0; t < tiles_m * tiles_n; t++) {
+                int s0 = (t % tiles_m) * strips_per_tile, s1 = std::min(strips, s0 + strips_per_tile);
+                int j0 = (t / tiles_m) * NC, nc = std::min(NC, N - j0), npanels = (nc + NR - 1) / NR;
+                uint32_t* Bp = bf16_pack_b();
+                for (int ks = 0; ks < slices; ks++) {
+                    int k0 = c0 + ks * KC, kc = std::min(KC, K - k0), kp = (kc + 1) / 2;
+                    // pack the Bmat slice: panel q holds columns j0 + q*NR.., laid out [pair][column], zero past N and K
+                    for (int q = 0; q < npanels; q++) {
+                        uint32_t* dst = Bp + (size_t)q * kp * NR;
+                        for (int j = 0; j < NR; j++) {
+                            int col = j0 + q * NR + j;
+                            if (col >= N) {
+                                for (int p = 0; p < kp; p++) { dst[(size_t)p * NR + j] = 0; }
+                                continue;
+                            }
+                            const uint16_t* w = W + (size_t)col * csb + (size_t)k0 * rsb;
+                            if (rsb == 1 && kc % 2 == 0) { // forward: the pair is adjacent in the weight's row
+                                for (int p = 0; p < kp; p++) {
+                                    uint32_t pair;
+                                    memcpy(&pair, w + 2 * p, sizeof(pair));
+                                    dst[(size_t)p * NR + j] = pair;
+                                }
+                            } else {
+                                for (int p = 0; p < kp; p++) {
+                                    uint32_t lo = w[(size_t)(2 * p) * rsb], hi = 2 * p + 1 < kc ? w[(size_t)(2 * p + 1) * rsb] : 0u;
+                                    dst[(size_t)p * NR + j] = lo | (hi << 16);
+                                }
+                            }
+                        }
+                    }
+                    for (int q = 0; q < npanels; q++) {
+                        for (int s = s0; s < s1; s++) {
+                            int i = s * MR;
+                            bf16_micro_kernel(kp, Ap + ((size_t)ks * strips + s) * strip_size, Bp + (size_t)q * kp * NR,
+                                              Cmat + (size_t)i * ldc + j0 + q * NR, ldc, std::min(MR, M - i), std::min(NR, nc - q * NR));
+                        }
+                    }
                 }
             }
         }
     }
 }
-#else
+#endif
+
+// ---- the fast path without AVX512_BF16 (compiled everywhere, so the tests check it on any CPU)
 // Cmat (M,N) += A (M,K) @ Bmat (K,N) with Bmat(k,j) = W[k*rsb + j*csb] in bf16: widened a chunk of the
 // weight at a time (about 4 MB of fp32) and handed to the fp32 GEMM. W is (rows, cols) row-major, so
 // either rsb == 1 (the forward: chunks of W's rows are chunks of N) or csb == 1 (dinp: chunks of K).
@@ -252,7 +257,6 @@ static void gemm_bf16_widened(int M, int N, int K, const float* A, size_t lda, c
         }
     }
 }
-#endif
 
 // Cmat (M,N) += A (M,K) @ Bmat (K,N), Bmat in bf16 as above: the build's fast path
 static void gemm_bf16(int M, int N, int K, const float* A, size_t lda, const uint16_t* W, size_t rsb, size_t csb, float* Cmat, size_t ldc) {
