@@ -6,6 +6,7 @@
 //   ./build/bench_step lora <ckpt> <B> <T> <steps> [r]       LoRA, all four targets, alpha = 2r
 //   ./build/bench_step bf16 <ckpt> <B> <T> <steps> [r]       the same LoRA on a bf16 base (-Q bf16), read as the trainer reads it
 //   ./build/bench_step full <ckpt> <B> <T> <steps>           full fine-tuning (-f 1)
+//   ./build/bench_step path                                  prints the bf16 matmul path of this build
 //
 // Output: bench <mode> L <L> C <C> B <B> T <T> ms/step <x> tok/s <x> GFLOP/s <x> matmul% <x> peak_rss_MiB <x> (phases)
 // GFLOP/s counts the base matmuls only (what matmul_stats records: 2*BT*C*OC per product done);
@@ -29,6 +30,10 @@ static int arg_int(const char* s, const char* what) {
 }
 
 int main(int argc, char** argv) {
+    if (argc == 2 && strcmp(argv[1], "path") == 0) { // which bf16 matmul this build runs
+        printf("%s\n", matmul_bf16_path());
+        return 0;
+    }
     if (argc >= 7 && strcmp(argv[1], "gen") == 0) {
         GPT2Config cfg;
         cfg.num_layers = arg_int(argv[3], "L");

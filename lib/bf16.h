@@ -197,6 +197,16 @@ static void gemm_bf16_dot(int M, int N, int K, const float* A, size_t lda, const
                     // pack the Bmat slice: panel q holds columns j0 + q*NR.., laid out [pair][column], zero past N and K
                     for (int q = 0; q < npanels; q++) {
                         uint32_t* dst = Bp + (size_t)q * kp * NR;
+                        int col0 = j0 + q * NR;
+                        if (csb == 1 && col0 + NR <= N) { // dinp, a whole panel: the pair is two rows of W, each read along j
+                            for (int p = 0; p < kp; p++) {
+                                const uint16_t* w0 = W + (size_t)(k0 + 2 * p) * rsb + col0;
+                                const uint16_t* w1 = w0 + rsb;
+                                bool has_hi = 2 * p + 1 < kc;
+                                for (int j = 0; j < NR; j++) { dst[(size_t)p * NR + j] = (uint32_t)w0[j] | (has_hi ? (uint32_t)w1[j] << 16 : 0u); }
+                            }
+                            continue;
+                        }
                         for (int j = 0; j < NR; j++) {
                             int col = j0 + q * NR + j;
                             if (col >= N) {
