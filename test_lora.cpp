@@ -1792,14 +1792,15 @@ TEST_CASE("bf16 base read from llm.c fp32 (v3) and bf16 (v5) files: only bf16 he
         gpt2_lora_attach(&q, cfg, 122);
         GPT2Config c = q.config;
         size_t C = c.channels, L = c.num_layers, wte = (size_t)c.padded_vocab_size * C;
-        // held: the 11 other tensors in fp32, wte and the block matrices in bf16 (2 bytes), and the
-        // (4C, C) fp32 scratch that DoRA / merging dequantize into
+        // held: the 11 other tensors in fp32, wte and the block matrices in bf16 (2 bytes); no fp32
+        // scratch (the matmuls read bf16; DoRA and merging allocate the (4C, C) one they dequantize into)
         CHECK(q.params.wte == nullptr);
         CHECK(q.params.qkvw == nullptr);
         CHECK(q.params.fcprojw == nullptr);
+        CHECK(q.quant_w == nullptr);
         CHECK(q.num_params_stored == non_block_floats(c) - wte);
         MemoryBytes mq = gpt2_memory_bytes(&q);
-        CHECK(mq.base == (non_block_floats(c) - wte) * sizeof(float) + 2 * (12 * L * C * C) + 4 * C * C * sizeof(float) + 2 * wte);
+        CHECK(mq.base == (non_block_floats(c) - wte) * sizeof(float) + 2 * (12 * L * C * C) + 2 * wte);
     }
     // the v5 file's bf16 values are the v3 file's rounded: both models hold the same bits (the v5 one
     // exactly as its file has them)

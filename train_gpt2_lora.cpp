@@ -777,6 +777,7 @@ real* gpt2_base_weight(GPT2<real>* model, int t, int l) {
     int C = model->config.channels;
     size_t n = (size_t)lora_target_out(t, C) * lora_target_in(t, C);
     if (model->quant_q[t] != NULL) {
+        if (model->quant_w == NULL) model->quant_w = calloc_real<real>((size_t)4 * C * C, "the dequantization scratch");
         if (model->quant_t != t || model->quant_l != l) {
             // each layer's matrix is quantized on its own: its codes and blocks start at layer offsets
             size_t nabsmax = lora_quant_absmax_count(model->quant, n); // (none for bf16)
@@ -809,7 +810,8 @@ void gpt2_quantize_layer(GPT2<real>* model, int t, int l, const real* W_l) {
         model->quant_q[t] = calloc_real<uint8_t>((size_t)L * lora_quant_code_bytes(quant, n), "the quantized base");
         if (nabsmax > 0) model->quant_absmax[t] = calloc_real<float>((size_t)L * nabsmax, "the quantized base");
     }
-    if (model->quant_w == NULL) model->quant_w = calloc_real<real>((size_t)4 * C * C, "the dequantization scratch");
+    // (bf16: the matmuls read it directly, so the scratch waits for a caller that needs fp32: DoRA, merging)
+    if (model->quant_w == NULL && quant != LORA_QUANT_BF16) model->quant_w = calloc_real<real>((size_t)4 * C * C, "the dequantization scratch");
     model->quant_t = model->quant_l = -1;
     quantize_forward(model->quant_q[t] + (size_t)l * lora_quant_code_bytes(quant, n),
                      nabsmax > 0 ? model->quant_absmax[t] + (size_t)l * nabsmax : NULL, W_l, n, quant);
@@ -1561,7 +1563,9 @@ static MemoryBytes gpt2_memory_bytes(const GPT2<float>* model) {
     size_t extras = model->lora.num_parameters + model->adapters.buf.n + model->prefix.buf.n;
     mb.base = model->num_params_stored * sizeof(float);
     if (model->quant_q[0] != NULL) { // -Q: the block matrices are codes (see gpt2_lora_attach), and one dequantized layer
-        mb.base += gpt2_block_matrix_bytes(model, model->quant) + (size_t)4 * model->config.channels * model->config.channels * sizeof(float);
+        mb.base += gpt2_block_matrix_bytes(model, model->quant);
+        // (bf16 dequantizes only for DoRA and merging, which allocate the scratch when they need it)
+        if (model->quant_w != NULL || model->quant != LORA_QUANT_BF16) mb.base += (size_t)4 * model->config.channels * model->config.channels * sizeof(float);
     }
     if (model->wte_bf16 != NULL) mb.base += model->param_sizes[0] * sizeof(uint16_t); // -Q bf16: wte in bf16
     mb.params = mb.base + (extras + (model->params0 ? model->num_parameters : 0)) * sizeof(float);
