@@ -28,12 +28,13 @@
 // truncate. Denormals round the same way (no flushing); a carry out of the largest finite values gives
 // inf, as rounding should; inf stays inf; a NaN is kept a (quiet) NaN with its sign, since the rounding
 // add could otherwise carry its payload into inf.
+// (Written without a branch, so that loops of it vectorize.)
 static inline uint16_t bf16_round(float x) {
     uint32_t u;
     memcpy(&u, &x, sizeof(u));
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x0040u); // NaN: set the quiet bit
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    uint32_t quiet_nan = (u >> 16) | 0x0040u; // NaN: keep the top bits, set the quiet bit
+    return (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded);
 }
 
 // bf16 -> fp32, exact: the bits become the top half of a float
@@ -118,18 +119,51 @@ static uint32_t* bf16_pack_b() {
     return buf;
 }
 
-// Cmat (m,n) += Ap (kp pairs, MR rows) @ Bp (kp pairs, NR columns); m <= MR, n <= NR
-static inline void bf16_micro_kernel(int kp, const uint32_t* Ap, const uint32_t* Bp, float* Cmat, size_t ldc, int m, int n) {
+// dst[p * dstride + j] = src[j * stride + p] for j, p < 16: a 16 x 16 transpose of 32-bit words in
+// four rounds of shuffles (pairs of words, pairs of pairs, then 128-bit lanes twice)
+static inline void bf16_transpose16(const uint32_t* src, size_t stride, uint32_t* dst, size_t dstride) {
+    // (the masked forms with a full mask: the plain ones start from _mm512_undefined_epi32, which GCC 12's
+    // -Wuninitialized reports at -O3)
+    const __mmask16 all16 = 0xFFFF;
+    const __mmask8 all8 = 0xFF;
+    __m512i r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(src + (size_t)i * stride);
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_mask_unpacklo_epi32(r[i], all16, r[i], r[i + 1]);
+        t[i + 1] = _mm512_mask_unpackhi_epi32(r[i], all16, r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_mask_unpacklo_epi64(t[i], all8, t[i], t[i + 2]);
+        r[i + 1] = _mm512_mask_unpackhi_epi64(t[i], all8, t[i], t[i + 2]);
+        r[i + 2] = _mm512_mask_unpacklo_epi64(t[i + 1], all8, t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_mask_unpackhi_epi64(t[i + 1], all8, t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 16; i += 8) {
+        for (int j = 0; j < 4; j++) {
+            t[i + j] = _mm512_mask_shuffle_i32x4(r[i + j], all16, r[i + j], r[i + j + 4], 0x88);
+            t[i + j + 4] = _mm512_mask_shuffle_i32x4(r[i + j], all16, r[i + j], r[i + j + 4], 0xdd);
+        }
+    }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_mask_shuffle_i32x4(t[j], all16, t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_mask_shuffle_i32x4(t[j], all16, t[j], t[j + 8], 0xdd);
+    }
+    for (int i = 0; i < 16; i++) _mm512_storeu_si512(dst + (size_t)i * dstride, r[i]);
+}
+
+// Cmat (m,n) += Ap (MR rows of bf16, row stride lda, kp pairs each) @ Bp (kp pairs, NR columns); m <= MR, n <= NR
+static inline void bf16_micro_kernel(int kp, const uint16_t* Ap, size_t lda, const uint32_t* Bp, float* Cmat, size_t ldc, int m, int n) {
     __m512 acc[BF16_MR][3];
     for (int i = 0; i < BF16_MR; i++) { acc[i][0] = acc[i][1] = acc[i][2] = _mm512_setzero_ps(); }
     for (int p = 0; p < kp; p++) {
         __m512bh b0 = (__m512bh)_mm512_load_si512(Bp + (size_t)p * BF16_NR);
         __m512bh b1 = (__m512bh)_mm512_load_si512(Bp + (size_t)p * BF16_NR + 16);
         __m512bh b2 = (__m512bh)_mm512_load_si512(Bp + (size_t)p * BF16_NR + 32);
-        const uint32_t* a = Ap + (size_t)p * BF16_MR;
         #pragma GCC unroll 8
         for (int i = 0; i < BF16_MR; i++) {
-            __m512bh ai = (__m512bh)_mm512_set1_epi32((int)a[i]);
+            int pair;
+            memcpy(&pair, Ap + (size_t)i * lda + 2 * p, sizeof(pair));
+            __m512bh ai = (__m512bh)_mm512_set1_epi32(pair);
             acc[i][0] = _mm512_dpbf16_ps(acc[i][0], ai, b0);
             acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, b1);
             acc[i][2] = _mm512_dpbf16_ps(acc[i][2], ai, b2);
@@ -160,29 +194,26 @@ static void gemm_bf16_dot(int M, int N, int K, const float* A, size_t lda, const
     int strips_per_tile = strips;
     if (tiles_n < threads) strips_per_tile = std::max(1, (strips + threads - 1) / threads);
     int tiles_m = (strips + strips_per_tile - 1) / strips_per_tile;
-    const size_t strip_size = (size_t)MR * (KC / 2); // one strip of one K slice, in pairs
-    uint32_t* Ap = bf16_pack_a((size_t)(std::min(K, KCH) + KC - 1) / KC * strips * strip_size);
+    const size_t Mpad = (size_t)strips * MR;        // rows of the packed A, the last strip's zero-padded
+    uint16_t* Ap = (uint16_t*)bf16_pack_a((size_t)(std::min(K, KCH) + KC - 1) / KC * Mpad * KC / 2);
     for (int c0 = 0; c0 < K; c0 += KCH) {
         int kch = std::min(KCH, K - c0), slices = (kch + KC - 1) / KC;
         #pragma omp parallel
         {
-            // pack the chunk of A: slice ks, strip s at (ks * strips + s) * strip_size, laid out [pair][row],
-            // each pair two rounded activations (the even k in the low half); zero past M and past K
+            // pack the chunk of A: slice ks, row i at (ks * Mpad + i) * KC, the row's KC activations rounded to
+            // bf16 (so pair p, the even k in the low half, is the 32 bits at 2p); zero past M and past K
             #pragma omp for
             for (int w = 0; w < slices * strips; w++) {
-                int ks = w / strips, s = w % strips, k0 = c0 + ks * KC, kc = std::min(KC, K - k0), kp = (kc + 1) / 2;
-                uint32_t* dst = Ap + (size_t)w * strip_size;
+                int ks = w / strips, s = w % strips, k0 = c0 + ks * KC, kc = std::min(KC, K - k0);
                 for (int i = 0; i < MR; i++) {
                     int row = s * MR + i;
+                    uint16_t* dst = Ap + ((size_t)ks * Mpad + row) * KC;
                     const float* a = A + (size_t)row * lda + k0;
-                    for (int p = 0; p < kp; p++) {
-                        uint32_t lo = 0, hi = 0;
-                        if (row < M) {
-                            lo = bf16_round(a[2 * p]);
-                            hi = 2 * p + 1 < kc ? bf16_round(a[2 * p + 1]) : 0u;
-                        }
-                        dst[(size_t)p * MR + i] = lo | (hi << 16);
+                    int k = 0;
+                    if (row < M) {
+                        for (; k < kc; k++) { dst[k] = bf16_round(a[k]); }
                     }
+                    for (; k < KC; k++) { dst[k] = 0; }
                 }
             }
             // (the implicit barrier: A's chunk is packed before any tile reads it; no other barrier until
@@ -207,6 +238,17 @@ static void gemm_bf16_dot(int M, int N, int K, const float* A, size_t lda, const
                             }
                             continue;
                         }
+                        int p_done = 0; // pairs packed by 16 x 16 transposes
+                        if (rsb == 1 && csb % 2 == 0 && kc % 2 == 0 && col0 + NR <= N) {
+                            // forward, a whole panel: pair p of column j is 32 bits of W's row j, so 16 pairs of
+                            // 16 rows are one 16 x 16 transpose of 32-bit words
+                            for (; p_done + 16 <= kp; p_done += 16) {
+                                for (int g = 0; g < NR / 16; g++) {
+                                    const uint32_t* src = (const uint32_t*)(W + (size_t)(col0 + 16 * g) * csb + k0) + p_done;
+                                    bf16_transpose16(src, csb / 2, dst + (size_t)p_done * NR + 16 * g, (size_t)NR);
+                                }
+                            }
+                        }
                         for (int j = 0; j < NR; j++) {
                             int col = j0 + q * NR + j;
                             if (col >= N) {
@@ -215,7 +257,7 @@ static void gemm_bf16_dot(int M, int N, int K, const float* A, size_t lda, const
                             }
                             const uint16_t* w = W + (size_t)col * csb + (size_t)k0 * rsb;
                             if (rsb == 1 && kc % 2 == 0) { // forward: the pair is adjacent in the weight's row
-                                for (int p = 0; p < kp; p++) {
+                                for (int p = p_done; p < kp; p++) {
                                     uint32_t pair;
                                     memcpy(&pair, w + 2 * p, sizeof(pair));
                                     dst[(size_t)p * NR + j] = pair;
@@ -231,7 +273,7 @@ static void gemm_bf16_dot(int M, int N, int K, const float* A, size_t lda, const
                     for (int q = 0; q < npanels; q++) {
                         for (int s = s0; s < s1; s++) {
                             int i = s * MR;
-                            bf16_micro_kernel(kp, Ap + ((size_t)ks * strips + s) * strip_size, Bp + (size_t)q * kp * NR,
+                            bf16_micro_kernel(kp, Ap + ((size_t)ks * Mpad + i) * KC, (size_t)KC, Bp + (size_t)q * kp * NR,
                                               Cmat + (size_t)i * ldc + j0 + q * NR, ldc, std::min(MR, M - i), std::min(NR, nc - q * NR));
                         }
                     }
