@@ -9,7 +9,9 @@
 //     (two products per fp32 lane, twice the fp32 FMA rate);
 //   otherwise: the bf16 weights are widened to fp32 a chunk at a time and the fp32 GEMM of lib/fast.h
 //     runs on them (the memory saving, at fp32 speed; the activations stay fp32).
-// The naive twins round exactly as the fast path of the build does, so a test compares them.
+// The naive twins round exactly as the fast path of the build does, so a test compares them. (One
+// difference they do not model: vdpbf16ps reads bf16 denormals, below 1.2e-38, as zero.)
+// Like lib/fast.h's, these matmuls are called from one thread (the model's) and parallelize inside.
 #pragma once
 
 #include <algorithm>
