@@ -12,9 +12,9 @@ Contents: one doctest test suite per subject, in this order. `./build/omp/test_l
 suite (`-ts=files,binary` several, `-ts=NAME -ltc` lists its test cases); `make test` runs them all.
   gradients   every backward against finite differences in double: the kernels and the whole model
   invariants  LoRA invariants: lora_B = 0 is the base, the base is untouched, counts, init, targets
-  fast-twins  the fast kernels (blocked matmul, thin LoRA GEMMs, exp_fast) against their naive twins
+  fast-twins  the fast kernels (blocked matmul, thin LoRA GEMMs, exp_fast, the bf16 matmuls) against their naive twins
   training    training mechanics: learning-rate schedule, clipping, non-finite guard, resume, determinism
-  variants    LoRA variants: rsLoRA, LoRA+, DoRA, PiSSA, quantized base (int8/NF4/int2), multi-adapter
+  variants    LoRA variants: rsLoRA, LoRA+, DoRA, PiSSA, quantized base (int8/NF4/int2/bf16), multi-adapter
   methods     the other adaptation methods: Houlsby adapters, prefix tuning, freezing, L2-SP
   files       file readers and writers (llm.c, adapter.bin, safetensors, JSON, PEFT), atomic writes, fuzzing
   generation  sampling, generation with the adapter merged and unmerged, the key/value cache
@@ -769,6 +769,156 @@ TEST_CASE("exp_fast (float): within 1 ulp of exp over [-87.3, 0], exactly 1 at 0
     CHECK(gelu_tanh(-100.0f) == -1.0f);
     CHECK(gelu_tanh(1e30f) == 1.0f);
     CHECK(exp_fast(-1.0) == std::exp(-1.0));   // double (the finite-difference tests) is std::exp itself
+}
+
+// -- bf16 (-Q bf16): the rounding helper and the bf16 matmuls
+
+static uint16_t bits_to_bf16(uint32_t u) {
+    float x;
+    memcpy(&x, &u, sizeof(x));
+    return bf16_round(x);
+}
+
+TEST_CASE("bf16: bf16_round rounds to nearest even on hand-picked values (ties, denormals, overflow, inf, NaN)") {
+    // {fp32 bits, the bf16 bits round-to-nearest-even gives}, worked out by hand from the bit patterns
+    const uint32_t cases[][2] = {
+        {0x3F800000u, 0x3F80u}, // 1.0: exact
+        {0x3F808000u, 0x3F80u}, // 1 + 2^-8: a tie between 0x3F80 and 0x3F81, to the even one
+        {0x3F818000u, 0x3F82u}, // 1 + 3*2^-8: a tie between 0x3F81 and 0x3F82, to the even one (up)
+        {0x3F808001u, 0x3F81u}, // just above the tie: up
+        {0x3F807FFFu, 0x3F80u}, // just below it: down
+        {0xBF808000u, 0xBF80u}, // negative tie: the magnitude rounds the same way
+        {0xBF818000u, 0xBF82u},
+        {0x00000000u, 0x0000u}, // +0 and -0 keep their sign
+        {0x80000000u, 0x8000u},
+        {0x00000001u, 0x0000u}, // the smallest denormal rounds to 0
+        {0x00008000u, 0x0000u}, // a denormal tie to even 0
+        {0x00018000u, 0x0002u}, // a denormal tie to even 2 (up)
+        {0x0000C000u, 0x0001u}, // above the tie: up
+        {0x807FFFFFu, 0x8080u}, // the largest negative denormal rounds up into the smallest normal
+        {0x7F7F7FFFu, 0x7F7Fu}, // below the largest bf16: down
+        {0x7F7FFFFFu, 0x7F80u}, // the largest float is past the largest bf16's half step: inf
+        {0x7F800000u, 0x7F80u}, // +inf and -inf stay
+        {0xFF800000u, 0xFF80u},
+        {0x7FC00000u, 0x7FC0u}, // a quiet NaN stays the same NaN
+        {0x7F800001u, 0x7FC0u}, // a signalling NaN with only a low payload bit: still a NaN (quiet), not inf
+        {0xFFFFFFFFu, 0xFFFFu}, // a NaN whose payload would carry into the sign: kept a NaN
+    };
+    for (auto& c : cases) {
+        CAPTURE(c[0]);
+        CHECK(bits_to_bf16(c[0]) == c[1]);
+    }
+    // every bf16 value but NaN widens exactly and rounds back to itself
+    int not_roundtrip = 0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        bool nan = (h & 0x7F80u) == 0x7F80u && (h & 0x7Fu) != 0;
+        if (!nan && bf16_round(bf16_widen((uint16_t)h)) != h) not_roundtrip++;
+        if (nan && !std::isnan(bf16_widen(bf16_round(bf16_widen((uint16_t)h))))) not_roundtrip++;
+    }
+    CHECK(not_roundtrip == 0);
+    // random finite floats: the result is the nearer of the two neighbouring bf16 values (distances in
+    // double, exact here), the even one on a tie
+    Rng rng;
+    rng_seed(&rng, 211);
+    int wrong = 0;
+    for (int i = 0; i < 200000; i++) {
+        uint32_t u = rng_u32(&rng);
+        if ((u & 0x7F800000u) == 0x7F800000u) continue; // inf / NaN: above
+        float x;
+        memcpy(&x, &u, sizeof(x));
+        uint16_t lo = (uint16_t)(u >> 16), hi = (uint16_t)(lo + 1); // truncation, and the next one away from 0
+        // (past the largest finite bf16, hi is inf, which rounding treats as 2^128)
+        double vhi = (hi & 0x7FFFu) == 0x7F80u ? std::copysign(std::ldexp(1.0, 128), (double)x) : (double)bf16_widen(hi);
+        double dlo = std::fabs((double)x - bf16_widen(lo)), dhi = std::fabs(vhi - x);
+        uint16_t want = dlo < dhi ? lo : dhi < dlo ? hi : (lo % 2 == 0 ? lo : hi);
+        if (bf16_round(x) != want) wrong++;
+    }
+    CHECK(wrong == 0);
+}
+
+TEST_CASE("bf16: the bf16 matmuls (this build's fast path and the widened one) equal their naive twins within the fp32 summation bound") {
+    MESSAGE("bf16 matmul path of this build: " << std::string(matmul_bf16_path()));
+    Rng rng;
+    rng_seed(&rng, 221);
+    // {B, T, C, OC}: one row and a few (the dot-product path), edges of the 8 x 48 register block and of
+    // the K slices, an odd K, and K past the 4096 chunk of the packed activations (forward: C; dinp: OC)
+    const int shapes[][4] = {{1, 1, 1, 1}, {1, 5, 3, 7}, {2, 3, 17, 5}, {3, 7, 64, 96}, {1, 13, 130, 67}, {2, 40, 4100, 50}, {1, 20, 33, 4099}};
+    std::map<std::string, double> worst_of; // the largest difference seen, as a fraction of its bound
+    for (auto& s : shapes) {
+        int B = s[0], T = s[1], C = s[2], OC = s[3], BT = B * T;
+        CAPTURE(C); CAPTURE(OC); CAPTURE(BT);
+        std::vector<float> inp((size_t)BT * C), bias(OC), dout((size_t)BT * OC);
+        std::vector<uint16_t> weight((size_t)OC * C);
+        for (auto* v : {&inp, &bias, &dout}) for (float& x : *v) x = rng_uniform(&rng, -1, 1);
+        for (uint16_t& w : weight) w = bf16_round(rng_uniform(&rng, -1, 1));
+        // Both sides sum the same terms (the bias and K products, each exact in fp32: bf16 x bf16 has 16
+        // significant bits) in different orders; each sum is within (K+1) u sum|terms| of the exact one
+        // (u = 2^-24), so they differ by at most 2 (K+1) u sum|terms|. The widened path multiplies fp32
+        // activations (one more rounding per product): 2 (K+2) u.
+        const double u = std::ldexp(1.0, -24);
+        auto check_forward = [&](const std::vector<float>& got, const std::vector<float>& want, bool round_act, const char* what) {
+            int over = 0;
+            double worst = 0;
+            for (int bt = 0; bt < BT; bt++) {
+                for (int o = 0; o < OC; o++) {
+                    double mag = std::fabs(bias[o]);
+                    for (int c = 0; c < C; c++) {
+                        float a = round_act ? bf16_widen(bf16_round(inp[(size_t)bt * C + c])) : inp[(size_t)bt * C + c];
+                        mag += std::fabs((double)a * bf16_widen(weight[(size_t)o * C + c]));
+                    }
+                    const double tol_bf16_forward = 2.0 * (C + 2) * u * mag;
+                    double d = std::fabs((double)got[(size_t)bt * OC + o] - want[(size_t)bt * OC + o]);
+                    if (d > tol_bf16_forward) over++;
+                    worst = std::max(worst, d / tol_bf16_forward);
+                }
+            }
+            worst_of[std::string(what) + " forward"] = std::max(worst_of[std::string(what) + " forward"], worst);
+            CHECK(over == 0);
+        };
+        auto check_backward = [&](const std::vector<float>& got, const std::vector<float>& want, bool round_act, const char* what) {
+            int over = 0;
+            double worst = 0;
+            for (int bt = 0; bt < BT; bt++) {
+                for (int c = 0; c < C; c++) {
+                    double mag = 0.5; // the 0.5 both start from
+                    for (int o = 0; o < OC; o++) {
+                        float d = round_act ? bf16_widen(bf16_round(dout[(size_t)bt * OC + o])) : dout[(size_t)bt * OC + o];
+                        mag += std::fabs((double)d * bf16_widen(weight[(size_t)o * C + c]));
+                    }
+                    const double tol_bf16_backward = 2.0 * (OC + 2) * u * mag;
+                    double d = std::fabs((double)got[(size_t)bt * C + c] - want[(size_t)bt * C + c]);
+                    if (d > tol_bf16_backward) over++;
+                    worst = std::max(worst, d / tol_bf16_backward);
+                }
+            }
+            worst_of[std::string(what) + " dinp"] = std::max(worst_of[std::string(what) + " dinp"], worst);
+            CHECK(over == 0);
+        };
+        // this build's fast path against the naive twin (both round the activations iff BF16_DOT)
+        std::vector<float> out1((size_t)BT * OC), out2(out1.size());
+        matmul_bf16_forward_fast(out1.data(), inp.data(), weight.data(), bias.data(), B, T, C, OC);
+        matmul_bf16_forward_naive(out2.data(), inp.data(), weight.data(), bias.data(), B, T, C, OC);
+        check_forward(out1, out2, BF16_DOT, "fast");
+        std::vector<float> dinp1((size_t)BT * C, 0.5f), dinp2 = dinp1;
+        matmul_bf16_backward_fast(dinp1.data(), dout.data(), weight.data(), B, T, C, OC);
+        matmul_bf16_backward_naive(dinp2.data(), dout.data(), weight.data(), B, T, C, OC);
+        check_backward(dinp1, dinp2, BF16_DOT, "fast");
+        // the widened path (the fast path of a CPU without AVX512_BF16) against the fp32 naive matmul on
+        // the widened weights: the activations stay fp32
+        std::vector<float> wide(weight.size());
+        for (size_t i = 0; i < wide.size(); i++) wide[i] = bf16_widen(weight[i]);
+        std::vector<float> out3(out1.size());
+        for (int bt = 0; bt < BT; bt++) for (int o = 0; o < OC; o++) out3[(size_t)bt * OC + o] = bias[o];
+        gemm_bf16_widened(BT, OC, C, inp.data(), (size_t)C, weight.data(), 1, (size_t)C, out3.data(), (size_t)OC);
+        matmul_forward_naive(out2.data(), inp.data(), wide.data(), bias.data(), B, T, C, OC);
+        check_forward(out3, out2, false, "widened");
+        std::vector<float> dinp3((size_t)BT * C, 0.5f);
+        dinp2.assign(dinp3.size(), 0.5f);
+        gemm_bf16_widened(BT, C, OC, dout.data(), (size_t)OC, weight.data(), (size_t)C, 1, dinp3.data(), (size_t)C);
+        matmul_backward_naive(dinp2.data(), (float*)NULL, (float*)NULL, dout.data(), inp.data(), wide.data(), B, T, C, OC);
+        check_backward(dinp3, dinp2, false, "widened");
+    }
+    for (auto& w : worst_of) MESSAGE(w.first << ": worst difference " << w.second << " of the bound");
 }
 
 TEST_SUITE_END();
@@ -1531,6 +1681,182 @@ TEST_CASE("quantized base: the fp32 block matrices are gone, and the model equal
         gpt2_free(&q);
         gpt2_free(&ref);
     }
+}
+
+// -- bf16 base (-Q bf16)
+
+// rounds a model's block matrices and wte to bf16 values in place: the fp32 model on the same weights
+static void round_base_to_bf16(GPT2<float>* model) {
+    float* W[] = {model->params.wte, model->params.qkvw, model->params.attprojw, model->params.fcw, model->params.fcprojw};
+    size_t n[] = {model->param_sizes[0], model->param_sizes[4], model->param_sizes[6], model->param_sizes[10], model->param_sizes[12]};
+    for (int k = 0; k < 5; k++) for (size_t i = 0; i < n[k]; i++) W[k][i] = bf16_widen(bf16_round(W[k][i]));
+}
+
+// writes a model as llm.c's bf16 checkpoint (version 5): the same header, every parameter rounded to bf16
+static void write_bf16_checkpoint(const GPT2<float>* model, const std::string& path) {
+    int header[256] = {0};
+    header[0] = CHECKPOINT_MAGIC;
+    header[1] = 5;
+    header[2] = model->config.max_seq_len;
+    header[3] = model->config.vocab_size;
+    header[4] = model->config.num_layers;
+    header[5] = model->config.num_heads;
+    header[6] = model->config.channels;
+    header[7] = model->config.padded_vocab_size;
+    std::vector<uint16_t> h(model->num_parameters);
+    for (size_t i = 0; i < h.size(); i++) h[i] = bf16_round(model->params_memory[i]);
+    std::vector<char> bytes(sizeof(header) + 2 * h.size());
+    memcpy(bytes.data(), header, sizeof(header));
+    memcpy(bytes.data() + sizeof(header), h.data(), 2 * h.size());
+    write_bytes(path, bytes.data(), bytes.size());
+}
+
+TEST_CASE("bf16 base: logits, loss and LoRA gradients are within a stated tolerance of the fp32 model on the same weights") {
+    const int B = 2, T = 8, r = 4;
+    GPT2<float> q, ref;
+    build_trainable_tiny(&q, 111);
+    build_trainable_tiny(&ref, 111);
+    LoRAConfig cfg = lora_config(r, 8.0f, LORA_ALL_TARGETS);
+    cfg.base_quant = LORA_QUANT_BF16;
+    gpt2_lora_attach(&q, cfg, 112);
+    round_base_to_bf16(&ref); // the same weights in fp32
+    gpt2_lora_attach(&ref, lora_config(r, 8.0f, LORA_ALL_TARGETS), 112);
+    int L = q.config.num_layers, C = q.config.channels, Vp = q.config.padded_vocab_size;
+    randomize_lora_B(&q.lora, L, C, 113, 0.1);
+    randomize_lora_B(&ref.lora, L, C, 113, 0.1);
+    // built in memory, the model keeps its fp32 wte, rounded in place to the bf16 values it also holds
+    REQUIRE(q.wte_bf16 != nullptr);
+    CHECK(memcmp(q.params.wte, ref.params.wte, q.param_sizes[0] * sizeof(float)) == 0);
+    // two bytes a block-matrix weight, no absmax
+    CHECK(gpt2_block_matrix_bytes(&q, LORA_QUANT_BF16) * 2 == gpt2_block_matrix_bytes(&q, LORA_QUANT_FP32));
+    Rng rng;
+    rng_seed(&rng, 114);
+    std::vector<int> inputs, targets;
+    random_tokens(&rng, &inputs, B * T, q.config.vocab_size);
+    random_tokens(&rng, &targets, B * T, q.config.vocab_size);
+    gpt2_forward(&q, inputs.data(), targets.data(), B, T);
+    gpt2_forward(&ref, inputs.data(), targets.data(), B, T);
+    double ldiff = 0, lmax = 0;
+    for (size_t i = 0; i < (size_t)B * T * Vp; i++) {
+        ldiff = std::max(ldiff, (double)std::fabs(q.acts.logits[i] - ref.acts.logits[i]));
+        lmax = std::max(lmax, (double)std::fabs(ref.acts.logits[i]));
+    }
+    // The weights are equal; what differs is that the bf16 matmuls round their activations to bf16
+    // (relative error <= 2^-9 = 0.002 each) when this build has AVX512_BF16 (else nothing differs but
+    // the summation order). Such errors average out over the sums and the layers; 1% of the largest
+    // logit is 5x the 2^-9 of one rounding, and a wrong kernel (a transposed or unrounded weight, a
+    // dropped K slice) moves logits by O(their size).
+    const double tol_bf16_logits = 1e-2 * std::max(1.0, lmax);
+    const double tol_bf16_loss = 1e-2; // of a loss ~4: the same argument, on the log-sum-exp of the logits
+    MESSAGE("bf16 base vs fp32 on the same weights: logits maxdiff " << ldiff << " (max |logit| " << lmax << "), loss "
+            << q.mean_loss << " vs " << ref.mean_loss);
+    CHECK(ldiff <= tol_bf16_logits);
+    CHECK(std::fabs(q.mean_loss - ref.mean_loss) <= tol_bf16_loss);
+    gpt2_zero_grad(&q);
+    gpt2_backward(&q);
+    gpt2_zero_grad(&ref);
+    gpt2_backward(&ref);
+    double gdiff = 0, gmax = 0;
+    for (size_t i = 0; i < q.lora.num_parameters; i++) {
+        gdiff = std::max(gdiff, (double)std::fabs(q.lora.grads_memory[i] - ref.lora.grads_memory[i]));
+        gmax = std::max(gmax, (double)std::fabs(ref.lora.grads_memory[i]));
+    }
+    // the backward rounds dout to bf16 in the same way at every frozen matmul: 2% of the largest gradient
+    const double tol_bf16_grads = 2e-2;
+    MESSAGE("bf16 base vs fp32 on the same weights: LoRA gradients maxdiff " << gdiff << " of max " << gmax);
+    CHECK(gdiff <= tol_bf16_grads * gmax);
+    gpt2_free(&q);
+    gpt2_free(&ref);
+}
+
+TEST_CASE("bf16 base read from llm.c fp32 (v3) and bf16 (v5) files: only bf16 held, training tracks fp32, -M writes the widened base + adapter") {
+    const int B = 2, T = 8, steps = 8;
+    TempDir dir;
+    std::string v3 = dir.file("base.bin"), v5 = dir.file("base_bf16.bin");
+    write_tiny_checkpoint(v3); // build_trainable_tiny(81)
+    {
+        GPT2<float> m;
+        build_trainable_tiny(&m, 81);
+        write_bf16_checkpoint(&m, v5);
+        gpt2_free(&m);
+    }
+    std::string tokens = dir.file("tokens.bin");
+    write_cyclic_tokens(tokens, 150);
+    GPT2<float> held[2];
+    const char* paths[2] = {v3.c_str(), v5.c_str()};
+    for (int k = 0; k < 2; k++) {
+        CAPTURE(paths[k]);
+        GPT2<float>& q = held[k];
+        REQUIRE(gpt2_read_checkpoint(&q, paths[k], true) == ""); // as the trainer reads it for -Q
+        LoRAConfig cfg = lora_config(4, 8.0f, LORA_ALL_TARGETS);
+        cfg.base_quant = LORA_QUANT_BF16;
+        gpt2_lora_attach(&q, cfg, 122);
+        GPT2Config c = q.config;
+        size_t C = c.channels, L = c.num_layers, wte = (size_t)c.padded_vocab_size * C;
+        // held: the 11 other tensors in fp32, wte and the block matrices in bf16 (2 bytes); no fp32
+        // scratch (the matmuls read bf16; DoRA and merging allocate the (4C, C) one they dequantize into)
+        CHECK(q.params.wte == nullptr);
+        CHECK(q.params.qkvw == nullptr);
+        CHECK(q.params.fcprojw == nullptr);
+        CHECK(q.quant_w == nullptr);
+        CHECK(q.num_params_stored == non_block_floats(c) - wte);
+        MemoryBytes mq = gpt2_memory_bytes(&q);
+        CHECK(mq.base == (non_block_floats(c) - wte) * sizeof(float) + 2 * (12 * L * C * C) + 2 * wte);
+    }
+    // the v5 file's bf16 values are the v3 file's rounded: both models hold the same bits (the v5 one
+    // exactly as its file has them)
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        size_t n = held[0].config.num_layers * lora_quant_code_bytes(LORA_QUANT_BF16, (size_t)lora_target_out(t, held[0].config.channels) * lora_target_in(t, held[0].config.channels));
+        CHECK(memcmp(held[0].quant_q[t], held[1].quant_q[t], n) == 0);
+    }
+    CHECK(memcmp(held[0].wte_bf16, held[1].wte_bf16, held[0].param_sizes[0] * sizeof(uint16_t)) == 0);
+    gpt2_free(&held[1]);
+    GPT2<float>& q = held[0];
+
+    // training: the same batches on the bf16 base and on the original fp32 base
+    GPT2<float> ref;
+    build_trainable_tiny(&ref, 81);
+    gpt2_lora_attach(&ref, lora_config(4, 8.0f, LORA_ALL_TARGETS), 122);
+    gpt2_allocate(&q, B, T);
+    gpt2_allocate(&ref, B, T);
+    DataLoader lq, lr;
+    REQUIRE(dataloader_init(&lq, tokens.c_str(), B, T, 61, false, 0, "-i") == "");
+    REQUIRE(dataloader_init(&lr, tokens.c_str(), B, T, 61, false, 0, "-i") == "");
+    std::vector<float> losses_q, losses_r;
+    train_steps(&q, &lq, 0, steps, &losses_q);
+    train_steps(&ref, &lr, 0, steps, &losses_r);
+    double maxdiff = 0;
+    for (int k = 0; k < steps; k++) maxdiff = std::max(maxdiff, (double)std::fabs(losses_q[k] - losses_r[k]));
+    // bf16 weights (2^-9 relative each) and activations move this tiny model's loss by ~2e-3; 2e-2 is
+    // 10x that, while a bf16 path that broke the model (a wrong layer, wte unrounded in one place and
+    // not the other) moves a loss of ~6 by 0.1 or more
+    const double tol_bf16_curve = 2e-2;
+    MESSAGE("bf16 base: loss " << losses_q[0] << " -> " << losses_q[steps - 1] << "; fp32 " << losses_r[0] << " -> "
+            << losses_r[steps - 1] << "; max |bf16 - fp32| " << maxdiff);
+    CHECK(maxdiff <= tol_bf16_curve);
+    CHECK(losses_q[steps - 1] < losses_q[0]);
+
+    // -M: the merged fp32 checkpoint is the bf16 base widened to fp32 plus the adapter, exactly: the
+    // widened values, then lora_merge_all's arithmetic on them, nothing else
+    std::string merged_path = dir.file("merged.bin");
+    REQUIRE(write_merged_checkpoint(&q, merged_path.c_str()) == "");
+    GPT2<float> merged, widened;
+    REQUIRE(gpt2_read_checkpoint(&merged, merged_path.c_str()) == "");
+    build_trainable_tiny(&widened, 81);
+    round_base_to_bf16(&widened);
+    std::vector<float> full(q.num_parameters);
+    gpt2_expand_params(&q, full.data());
+    CHECK(memcmp(full.data(), widened.params_memory, full.size() * sizeof(float)) == 0); // the widened base
+    float* base[LORA_NUM_TARGETS];
+    base_matrices(&widened, base);
+    lora_merge_all(&q.lora, base, +1); // + the adapter
+    CHECK(memcmp(merged.params_memory, widened.params_memory, merged.num_parameters * sizeof(float)) == 0);
+    // and nothing can write the fp32 base it no longer holds
+    CHECK(has(gpt2_write_checkpoint(&q, dir.file("plain.bin").c_str()), "HINT"));
+    gpt2_free(&widened);
+    gpt2_free(&merged);
+    gpt2_free(&ref);
+    gpt2_free(&q);
 }
 
 TEST_CASE("quantized base: an adapter trained on -Q checks against the fp32 base file and reloads quantized, or fp32 on request") {
@@ -2308,6 +2634,58 @@ static void build_fuzz_base(GPT2<float>* model) { gpt2_build_random(model, GPT2C
 TEST_SUITE_BEGIN("files");
 
 // -- llm.c files: checkpoint, tokens, tokenizer
+
+TEST_CASE("checkpoint reader: llm.c bf16 checkpoints (version 5) read widened; truncated, padded and wrong-version ones give a clear error") {
+    TempDir dir;
+    std::string good = dir.file("bf16.bin");
+    GPT2<float> m;
+    build_trainable_tiny(&m, 81);
+    write_bf16_checkpoint(&m, good);
+    GPT2<float> model;
+    REQUIRE(gpt2_read_checkpoint(&model, good.c_str()) == "");
+    // every parameter is the bf16 value widened: exactly the fp32 one rounded to bf16
+    int wrong = 0;
+    for (size_t i = 0; i < m.num_parameters; i++) wrong += model.params_memory[i] != bf16_widen(bf16_round(m.params_memory[i]));
+    CHECK(wrong == 0);
+    gpt2_free(&model);
+    gpt2_free(&m);
+
+    std::vector<char> bytes = read_all(good);
+    write_bytes(dir.file("trunc.bin"), bytes.data(), bytes.size() - 2);
+    std::string err = gpt2_read_checkpoint(&model, dir.file("trunc.bin").c_str());
+    CHECK(has(err, "truncated"));
+    CHECK(has(err, "trunc.bin"));
+    CHECK(has(err, "bf16"));
+    CHECK(has(err, "HINT"));
+    err = gpt2_read_checkpoint(&model, dir.file("trunc.bin").c_str(), true); // as -Q bf16 reads it
+    CHECK(has(err, "truncated"));
+
+    std::vector<char> bad = bytes;
+    bad.push_back(0);
+    bad.push_back(0);
+    write_bytes(dir.file("long.bin"), bad.data(), bad.size());
+    err = gpt2_read_checkpoint(&model, dir.file("long.bin").c_str());
+    CHECK(has(err, "trailing"));
+
+    for (int version : {4, 6, 2}) {
+        CAPTURE(version);
+        bad = bytes;
+        ((int*)bad.data())[1] = version;
+        write_bytes(dir.file("version.bin"), bad.data(), bad.size());
+        err = gpt2_read_checkpoint(&model, dir.file("version.bin").c_str());
+        CHECK(has(err, strprintf("version %d, expected 3 (fp32) or 5 (bf16)", version).c_str()));
+        CHECK(has(err, "HINT"));
+    }
+    // an fp32 file labelled version 5 has twice the bytes its header needs
+    std::string v3 = dir.file("fp32.bin");
+    write_tiny_checkpoint(v3);
+    bad = read_all(v3);
+    ((int*)bad.data())[1] = 5;
+    write_bytes(dir.file("v5_of_fp32.bin"), bad.data(), bad.size());
+    err = gpt2_read_checkpoint(&model, dir.file("v5_of_fp32.bin").c_str());
+    CHECK(has(err, "version 5, bf16"));
+    CHECK(has(err, "trailing"));
+}
 
 TEST_CASE("checkpoint reader: missing, wrong magic, wrong version, truncated and padded files give a clear error") {
     TempDir dir;
@@ -4519,6 +4897,49 @@ TEST_CASE("multi-adapter generation (-Y 1): each sequence of the batch generates
 }
 
 // -- reliability: the non-finite guard, an unwritable output, Ctrl-C (finish the step, save, exit 130)
+
+TEST_CASE("the trainer binary: -Q bf16 trains and names its matmul path, reads llm.c's bf16 checkpoints, and refuses -f 1 and bad bf16 files") {
+    TrainerFiles tf;
+    std::string out;
+    CHECK(run_trainer(tf.common + " -x 1 -Q bf16 -f 1", &out) != 0);
+    CHECK(has(out, "-Q"));
+    CHECK(has(out, "-f 1"));
+    CHECK(has(out, "HINT"));
+    CHECK(run_trainer(tf.common + " -x 1 -Q bf16 -F 1", &out) != 0); // freezing trains the top blocks' weights
+    CHECK(has(out, "-Q"));
+    REQUIRE(run_trainer(tf.common + " -x 10 -v 10 -l 0.01 -Q bf16", &out) == 0);
+    CHECK(has(out, "variant: lora, base bf16"));
+    CHECK(has(out, "bf16_matmul: "));
+    CHECK(has(out, "quantized from"));
+    size_t p1 = out.find("\nval loss "), p2 = out.find("final val loss: ");
+    REQUIRE(p1 != std::string::npos);
+    REQUIRE(p2 != std::string::npos);
+    float first = strtof(out.c_str() + p1 + 10, NULL), last = strtof(out.c_str() + p2 + 16, NULL);
+    MESSAGE("trainer binary, -Q bf16: val loss " << first << " -> " << last);
+    CHECK(last < first);
+    // llm.c's bf16 checkpoint: with -Q bf16, and without (widened to fp32)
+    std::string v5 = tf.dir.file("bf16.bin");
+    {
+        GPT2<float> m;
+        REQUIRE(gpt2_read_checkpoint(&m, tf.ckpt.c_str()) == "");
+        write_bf16_checkpoint(&m, v5);
+        gpt2_free(&m);
+    }
+    std::string v5_args = trainer_args(v5, tf.tokens);
+    CHECK(run_trainer(v5_args + " -x 2 -Q bf16", &out) == 0);
+    CHECK(run_trainer(v5_args + " -x 2", &out) == 0);
+    // a truncated one, and one of another version: exit non-zero naming the flag and the file
+    std::vector<char> bytes = read_all(v5);
+    write_bytes(tf.dir.file("trunc.bin"), bytes.data(), bytes.size() - 2);
+    CHECK(run_trainer(trainer_args(tf.dir.file("trunc.bin"), tf.tokens) + " -x 1 -Q bf16", &out) != 0);
+    CHECK(has(out, "-e"));
+    CHECK(has(out, "truncated"));
+    ((int*)bytes.data())[1] = 4;
+    write_bytes(tf.dir.file("v4.bin"), bytes.data(), bytes.size());
+    CHECK(run_trainer(trainer_args(tf.dir.file("v4.bin"), tf.tokens) + " -x 1 -Q bf16", &out) != 0);
+    CHECK(has(out, "version 4"));
+    CHECK(has(out, "HINT"));
+}
 
 TEST_CASE("non-finite guard in the trainer: inf weights or a blown-up lr stop it, naming the step; the saved adapter stays the last good one") {
     // final layernorm gain 1e38: its outputs and the logits overflow to inf at the first forward, so the

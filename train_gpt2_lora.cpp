@@ -597,6 +597,7 @@ struct GPT2 {
                               // when the checkpoint was read for a quantized base (-Q): those four pointers are then NULL
     char* block_file;         // the checkpoint whose block matrices were left on disk for gpt2_lora_attach to
                               // quantize (gpt2_read_checkpoint with leave_block_matrices); NULL otherwise
+    bool block_file_bf16;     // that file is llm.c's bf16 checkpoint (version 5): 2 bytes a parameter
     // -Q: the four block matrices as codes (lib/quant.h), indexed by LoRATarget; NULL for an fp32 base
     int quant;                                // their LoRAQuant
     uint8_t* quant_q[LORA_NUM_TARGETS];       // (L, out, in) int8 codes, two NF4 or four int2 codes per byte
@@ -604,6 +605,8 @@ struct GPT2 {
     real* quant_w;                            // (out, in) one layer of one matrix dequantized, for the matmul at
                                               // hand; sized for the largest, (4C, C), and shared by all four
     int quant_t, quant_l;                     // which matrix and layer quant_w holds, -1 none
+    uint16_t* wte_bf16;                       // -Q bf16: wte (Vp, C), the LM head, in bf16 too (lib/bf16.h); NULL otherwise.
+                                              // Read from a file, params.wte is then NULL; built in memory, it holds the same rounded values
     // full fine-tuning (-f) only: gradients and AdamW state of every base parameter; NULL otherwise
     bool train_base;
     ParameterTensors<real> grads;
@@ -774,10 +777,12 @@ real* gpt2_base_weight(GPT2<real>* model, int t, int l) {
     int C = model->config.channels;
     size_t n = (size_t)lora_target_out(t, C) * lora_target_in(t, C);
     if (model->quant_q[t] != NULL) {
+        if (model->quant_w == NULL) model->quant_w = calloc_real<real>((size_t)4 * C * C, "the dequantization scratch");
         if (model->quant_t != t || model->quant_l != l) {
             // each layer's matrix is quantized on its own: its codes and blocks start at layer offsets
+            size_t nabsmax = lora_quant_absmax_count(model->quant, n); // (none for bf16)
             dequantize_forward(model->quant_w, model->quant_q[t] + (size_t)l * lora_quant_code_bytes(model->quant, n),
-                               model->quant_absmax[t] + (size_t)l * lora_quant_blocks(n), n, model->quant);
+                               nabsmax > 0 ? model->quant_absmax[t] + (size_t)l * nabsmax : NULL, n, model->quant);
             model->quant_t = t;
             model->quant_l = l;
         }
@@ -800,14 +805,16 @@ template <typename real>
 void gpt2_quantize_layer(GPT2<real>* model, int t, int l, const real* W_l) {
     int L = model->config.num_layers, C = model->config.channels, quant = model->quant;
     size_t n = (size_t)lora_target_out(t, C) * lora_target_in(t, C);
+    size_t nabsmax = lora_quant_absmax_count(quant, n); // (none for bf16)
     if (model->quant_q[t] == NULL) {
         model->quant_q[t] = calloc_real<uint8_t>((size_t)L * lora_quant_code_bytes(quant, n), "the quantized base");
-        model->quant_absmax[t] = calloc_real<float>((size_t)L * lora_quant_blocks(n), "the quantized base");
+        if (nabsmax > 0) model->quant_absmax[t] = calloc_real<float>((size_t)L * nabsmax, "the quantized base");
     }
-    if (model->quant_w == NULL) model->quant_w = calloc_real<real>((size_t)4 * C * C, "the dequantization scratch");
+    // (bf16: the matmuls read it directly, so the scratch waits for a caller that needs fp32: DoRA, merging)
+    if (model->quant_w == NULL && quant != LORA_QUANT_BF16) model->quant_w = calloc_real<real>((size_t)4 * C * C, "the dequantization scratch");
     model->quant_t = model->quant_l = -1;
     quantize_forward(model->quant_q[t] + (size_t)l * lora_quant_code_bytes(quant, n),
-                     model->quant_absmax[t] + (size_t)l * lora_quant_blocks(n), W_l, n, quant);
+                     nabsmax > 0 ? model->quant_absmax[t] + (size_t)l * nabsmax : NULL, W_l, n, quant);
 }
 
 template <typename real>
@@ -821,6 +828,11 @@ void gpt2_free_quantized(GPT2<real>* model) {
     free(model->quant_w);
     model->quant_w = NULL;
     model->quant = LORA_QUANT_FP32;
+    // -Q bf16's wte: kept when it is the only copy (params.wte dropped), so a new attach finds it
+    if (model->params.wte != NULL) {
+        free(model->wte_bf16);
+        model->wte_bf16 = NULL;
+    }
 }
 
 // the bytes of the four block matrices as stored: fp32, or codes + an absmax per block
@@ -830,9 +842,118 @@ size_t gpt2_block_matrix_bytes(const GPT2<real>* model, int quant) {
     for (int t = 0; t < LORA_NUM_TARGETS; t++) {
         size_t n = (size_t)lora_target_out(t, model->config.channels) * lora_target_in(t, model->config.channels);
         if (quant == LORA_QUANT_FP32) bytes += L * n * sizeof(float);
-        else bytes += L * (lora_quant_code_bytes(quant, n) + lora_quant_blocks(n) * sizeof(float));
+        else bytes += L * (lora_quant_code_bytes(quant, n) + lora_quant_absmax_count(quant, n) * sizeof(float));
     }
     return bytes;
+}
+
+// -Q bf16: block matrix t at layer l as stored, (out, in) bf16
+template <typename real>
+const uint16_t* gpt2_base_weight_bf16(const GPT2<real>* model, int t, int l) {
+    size_t n = (size_t)lora_target_out(t, model->config.channels) * lora_target_in(t, model->config.channels);
+    return (const uint16_t*)(model->quant_q[t] + (size_t)l * lora_quant_code_bytes(LORA_QUANT_BF16, n));
+}
+
+// -Q bf16: wte, the tied embedding and LM head, is stored in bf16 too (LoRA never trains it). Read from a
+// file (the trainer: block_file set), its fp32 copy leaves params_memory (wte comes first there), so only
+// the bf16 one is held; built in memory (tests) or in double, params.wte is rounded in place to the same
+// values and kept, for the encoder and the naive kernels.
+template <typename real>
+void gpt2_wte_to_bf16(GPT2<real>* model) {
+    if (model->params.wte == NULL) return; // only the bf16 copy is left: a new attach on the same base
+    size_t n = model->param_sizes[0];
+    real* wte = model->params.wte;
+    free(model->wte_bf16);
+    model->wte_bf16 = calloc_real<uint16_t>(n, "the bf16 wte");
+    uint16_t* h = model->wte_bf16;
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) { h[i] = bf16_round((float)wte[i]); }
+    if (!std::is_same<real, float>::value || model->block_file == NULL) {
+        #pragma omp parallel for
+        for (size_t i = 0; i < n; i++) { wte[i] = (real)bf16_widen(h[i]); }
+        return;
+    }
+    // move the other tensors into a smaller allocation, then free the old one with the fp32 wte
+    real** ptrs[NUM_PARAMETER_TENSORS];
+    parameter_pointers(&model->params, ptrs);
+    size_t rest = model->num_params_stored - n;
+    real* mem = calloc_real<real>(rest, "parameters");
+    memcpy(mem, model->params_memory + n, rest * sizeof(real));
+    for (int i = 1; i < NUM_PARAMETER_TENSORS; i++) {
+        if (*ptrs[i] != NULL) *ptrs[i] = mem + (*ptrs[i] - (model->params_memory + n));
+    }
+    free(model->params_memory);
+    model->params_memory = mem;
+    model->params.wte = NULL;
+    model->num_params_stored = rest;
+}
+
+// The frozen matmuls of the core: out (B,T,OC) = inp (B,T,C) @ W^T + bias, W block matrix t at layer l.
+// With -Q bf16 in float (the program) the bf16 kernels read the stored weights (lib/bf16.h); otherwise
+// matmul_forward runs on gpt2_base_weight (the fp32 layer, or a dequantized one)
+template <typename real>
+void gpt2_base_matmul_forward(GPT2<real>* model, int t, int l, real* out, const real* inp, const real* bias, int B, int T, int C, int OC) {
+    if constexpr (std::is_same<real, float>::value) {
+        if (model->quant == LORA_QUANT_BF16 && model->quant_q[t] != NULL) {
+            matmul_bf16_forward_fast(out, inp, gpt2_base_weight_bf16(model, t, l), bias, B, T, C, OC);
+            return;
+        }
+    }
+    matmul_forward(out, inp, gpt2_base_weight(model, t, l), bias, B, T, C, OC);
+}
+
+// its backward: dout (B,T,OC) -> dinp +=, dweight +=, dbias += (each may be NULL); a bf16 weight is frozen
+template <typename real>
+void gpt2_base_matmul_backward(GPT2<real>* model, int t, int l, real* dinp, real* dweight, real* dbias, const real* dout,
+                               const real* inp, int B, int T, int C, int OC) {
+    if constexpr (std::is_same<real, float>::value) {
+        if (model->quant == LORA_QUANT_BF16 && model->quant_q[t] != NULL) {
+            if (dweight != NULL) die("gpt2_base_matmul_backward: a bf16 base (-Q bf16) is frozen and has no weight gradient");
+            if (dinp != NULL) matmul_bf16_backward_fast(dinp, dout, gpt2_base_weight_bf16(model, t, l), B, T, C, OC);
+            if (dbias != NULL) matmul_backward((real*)NULL, (real*)NULL, dbias, dout, inp, (const real*)NULL, B, T, C, OC);
+            return;
+        }
+    }
+    matmul_backward(dinp, dweight, dbias, dout, inp, gpt2_base_weight(model, t, l), B, T, C, OC);
+}
+
+// the LM head, wte tied: logits (B,T,Vp) = lnf (B,T,C) @ wte^T, from the bf16 wte with -Q bf16 in float
+template <typename real>
+void gpt2_lm_head_forward(GPT2<real>* model, real* logits, const real* lnf, int B, int T, int C, int Vp) {
+    if constexpr (std::is_same<real, float>::value) {
+        if (model->wte_bf16 != NULL) {
+            matmul_bf16_forward_fast(logits, lnf, model->wte_bf16, (const float*)NULL, B, T, C, Vp);
+            return;
+        }
+    }
+    matmul_forward(logits, lnf, model->params.wte, (real*)NULL, B, T, C, Vp);
+}
+
+// its backward: dlogits (B,T,Vp) -> dlnf (B,T,C) +=, dwte (Vp,C) += (NULL: frozen)
+template <typename real>
+void gpt2_lm_head_backward(GPT2<real>* model, real* dlnf, real* dwte, const real* dlogits, const real* lnf, int B, int T, int C, int Vp) {
+    if constexpr (std::is_same<real, float>::value) {
+        if (model->wte_bf16 != NULL && dwte == NULL) {
+            matmul_bf16_backward_fast(dlnf, dlogits, model->wte_bf16, B, T, C, Vp);
+            return;
+        }
+    }
+    matmul_backward(dlnf, dwte, (real*)NULL, dlogits, lnf, model->params.wte, B, T, C, Vp);
+}
+
+// the token and position embeddings: encoder_forward, or with only the bf16 wte held, its rows widened
+template <typename real>
+void gpt2_encoder_forward(GPT2<real>* model, real* out, const int* inp, const real* wpe, int B, int T, int C) {
+    if (model->params.wte != NULL) {
+        encoder_forward(out, inp, model->params.wte, wpe, B, T, C);
+        return;
+    }
+    #pragma omp parallel for
+    for (int bt = 0; bt < B * T; bt++) {
+        const uint16_t* wte_ix = model->wte_bf16 + (size_t)inp[bt] * C;
+        const real* wpe_t = wpe + (size_t)(bt % T) * C;
+        for (int c = 0; c < C; c++) { out[(size_t)bt * C + c] = (real)bf16_widen(wte_ix[c]) + wpe_t[c]; }
+    }
 }
 
 // ---- LoRA's wiring: attach, one adapted matmul forward and backward, merge
@@ -859,6 +980,10 @@ void gpt2_lora_attach(GPT2<real>* model, LoRAConfig cfg, uint64_t seed) {
         die("gpt2_lora_attach: the base was read for a quantized attach (block matrices left on disk), but this adapter wants an fp32 base\n"
             "---> HINT: give the same -Q the adapter was trained with, or -Q fp32 to read the base whole");
     }
+    if (model->params.wte == NULL && cfg.base_quant != LORA_QUANT_BF16) {
+        die("gpt2_lora_attach: the base's wte is held in bf16 only (it was attached with -Q bf16), but this adapter wants another base\n"
+            "---> HINT: give the same -Q the adapter was trained with, or read the base again");
+    }
     int L = model->config.num_layers, C = model->config.channels;
     lora_init(&model->lora, cfg, L, C, seed);
     gpt2_free_quantized(model); // every attach quantizes anew
@@ -873,6 +998,7 @@ void gpt2_lora_attach(GPT2<real>* model, LoRAConfig cfg, uint64_t seed) {
             for (int l = 0; l < L; l++) { gpt2_attach_layer(model, t, l, W[t] + (size_t)l * n); }
         }
     }
+    if (model->quant == LORA_QUANT_BF16) gpt2_wte_to_bf16(model); // the LM head in bf16 too
     // DoRA: the magnitudes at the row norms of the base as it now is (dequantized with -Q)
     for (int t = 0; t < LORA_NUM_TARGETS; t++) {
         for (int l = 0; l < L && model->lora.dora_m[t] != NULL; l++) { dora_init_layer(&model->lora, t, l, gpt2_base_weight(model, t, l)); }
@@ -947,14 +1073,14 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
 
     ParameterTensors<real> params = model->params;
     ActivationTensors<real> acts = model->acts;
-    encoder_forward(acts.encoded, inputs, params.wte, params.wpe + (size_t)pos0 * C, B, T, C);
+    gpt2_encoder_forward(model, acts.encoded, inputs, params.wpe + (size_t)pos0 * C, B, T, C);
     for (int l = 0; l < L; l++) {
         LayerParams<real> lp = layer_params(params, l, C);                 // this block's weights
         LayerActivations<real> la = layer_activations(acts, l, B, T, C, NH); // and activations
         real* proj = acts.proj;
 
         layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, la.residual, lp.ln1w, lp.ln1b, B, T, C);
-        matmul_forward(la.qkv, la.ln1, gpt2_base_weight(model, LORA_QKV, l), lp.qkvb, B, T, C, 3 * C);
+        gpt2_base_matmul_forward(model, LORA_QKV, l, la.qkv, la.ln1, lp.qkvb, B, T, C, 3 * C);
         gpt2_lora_forward(model, LORA_QKV, l, la.qkv, la.ln1, BT);
         // with the cache: append the new rows, then attend from them over all cached positions
         const real* qkv_all = la.qkv;
@@ -967,22 +1093,22 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
         }
         if (model->prefix.P > 0) gpt2_prefix_attention_forward(&model->prefix, l, la.atty, qkv_all, B, pos0 + T, pos0);
         else attention_forward(la.atty, att, qkv_all, B, pos0 + T, C, NH, pos0);
-        matmul_forward(proj, la.atty, gpt2_base_weight(model, LORA_ATTPROJ, l), lp.attprojb, B, T, C, C);
+        gpt2_base_matmul_forward(model, LORA_ATTPROJ, l, proj, la.atty, lp.attprojb, B, T, C, C);
         gpt2_lora_forward(model, LORA_ATTPROJ, l, proj, la.atty, BT);
         gpt2_adapter_forward(&model->adapters, 0, l, proj, BT);
         residual_forward(la.residual2, la.residual, proj, (size_t)BT * C);
         layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.residual2, lp.ln2w, lp.ln2b, B, T, C);
-        matmul_forward(la.fch, la.ln2, gpt2_base_weight(model, LORA_FC, l), lp.fcb, B, T, C, 4 * C);
+        gpt2_base_matmul_forward(model, LORA_FC, l, la.fch, la.ln2, lp.fcb, B, T, C, 4 * C);
         gpt2_lora_forward(model, LORA_FC, l, la.fch, la.ln2, BT);
         gelu_forward(la.fch_gelu, la.fch, (size_t)BT * 4 * C);
-        matmul_forward(proj, la.fch_gelu, gpt2_base_weight(model, LORA_FCPROJ, l), lp.fcprojb, B, T, 4 * C, C);
+        gpt2_base_matmul_forward(model, LORA_FCPROJ, l, proj, la.fch_gelu, lp.fcprojb, B, T, 4 * C, C);
         gpt2_lora_forward(model, LORA_FCPROJ, l, proj, la.fch_gelu, BT);
         gpt2_adapter_forward(&model->adapters, 1, l, proj, BT);
         residual_forward(la.residual3, la.residual2, proj, (size_t)BT * C);
     }
     real* residual = acts.residual3 + (size_t)(L - 1) * BT * C;
     layernorm_forward(acts.lnf, acts.lnf_mean, acts.lnf_rstd, residual, params.lnfw, params.lnfb, B, T, C);
-    matmul_forward(acts.logits, acts.lnf, params.wte, (real*)NULL, B, T, C, Vp);
+    gpt2_lm_head_forward(model, acts.logits, acts.lnf, B, T, C, Vp);
 
     if (targets != NULL) {
         crossentropy_forward(model->losses, model->lse, acts.logits, targets, B, T, V, Vp);
@@ -1024,7 +1150,7 @@ void gpt2_backward(GPT2<real>* model) {
     memset(d.dln, 0, (size_t)BT * C * sizeof(real));
     crossentropy_backward(acts.logits, model->lse, model->targets, dloss, B, T, V, Vp);
     real* dlogits = acts.logits;
-    matmul_backward(d.dln, grads.wte, (real*)NULL, dlogits, acts.lnf, params.wte, B, T, C, Vp);
+    gpt2_lm_head_backward(model, d.dln, grads.wte, dlogits, acts.lnf, B, T, C, Vp);
     real* residual = acts.residual3 + (size_t)(L - 1) * BT * C;
     layernorm_backward(d.dresidual, grads.lnfw, grads.lnfb, d.dln, residual, params.lnfw, acts.lnf_mean, acts.lnf_rstd, B, T, C);
 
@@ -1045,15 +1171,15 @@ void gpt2_backward(GPT2<real>* model) {
 
         // residual3 = residual2 + proj: both receive dresidual unchanged (it's the same buffer)
         real* dproj = gpt2_adapter_backward(&model->adapters, 1, l, d.dresidual, BT);
-        matmul_backward(d.dfch_gelu, lg.fcprojw, lg.fcprojb, dproj, la.fch_gelu, gpt2_base_weight(model, LORA_FCPROJ, l), B, T, 4 * C, C);
+        gpt2_base_matmul_backward(model, LORA_FCPROJ, l, d.dfch_gelu, lg.fcprojw, lg.fcprojb, dproj, la.fch_gelu, B, T, 4 * C, C);
         gpt2_lora_backward(model, LORA_FCPROJ, l, d.dfch_gelu, dproj, la.fch_gelu, BT);
         gelu_backward(d.dfch, la.fch, d.dfch_gelu, (size_t)BT * 4 * C);
-        matmul_backward(d.dln, lg.fcw, lg.fcb, d.dfch, la.ln2, gpt2_base_weight(model, LORA_FC, l), B, T, C, 4 * C);
+        gpt2_base_matmul_backward(model, LORA_FC, l, d.dln, lg.fcw, lg.fcb, d.dfch, la.ln2, B, T, C, 4 * C);
         gpt2_lora_backward(model, LORA_FC, l, d.dln, d.dfch, la.ln2, BT);
         layernorm_backward(d.dresidual, lg.ln2w, lg.ln2b, d.dln, la.residual2, lp.ln2w, la.ln2_mean, la.ln2_rstd, B, T, C);
         // residual2 = residual + proj: again dresidual flows to both unchanged
         dproj = gpt2_adapter_backward(&model->adapters, 0, l, d.dresidual, BT);
-        matmul_backward(d.datty, lg.attprojw, lg.attprojb, dproj, la.atty, gpt2_base_weight(model, LORA_ATTPROJ, l), B, T, C, C);
+        gpt2_base_matmul_backward(model, LORA_ATTPROJ, l, d.datty, lg.attprojw, lg.attprojb, dproj, la.atty, B, T, C, C);
         gpt2_lora_backward(model, LORA_ATTPROJ, l, d.datty, dproj, la.atty, BT);
         if (model->prefix.P > 0) gpt2_prefix_attention_backward(&model->prefix, l, d.dqkv, d.datty, la.qkv, B, T);
         else attention_backward(d.dqkv, d.datt, d.datty, la.qkv, la.att, B, T, C, NH);
@@ -1061,7 +1187,7 @@ void gpt2_backward(GPT2<real>* model) {
         // (-F: the lowest trained block's ln1 weights, BitFit: block 0's ln1 bias, still need the gradient
         // at ln1's output)
         real* dln1 = need_dinp || lg.ln1w != NULL || lg.ln1b != NULL ? d.dln : NULL;
-        matmul_backward(dln1, lg.qkvw, lg.qkvb, d.dqkv, la.ln1, gpt2_base_weight(model, LORA_QKV, l), B, T, C, 3 * C);
+        gpt2_base_matmul_backward(model, LORA_QKV, l, dln1, lg.qkvw, lg.qkvb, d.dqkv, la.ln1, B, T, C, 3 * C);
         gpt2_lora_backward(model, LORA_QKV, l, dln1, d.dqkv, la.ln1, BT);
         if (dln1 != NULL) {
             layernorm_backward(d.dresidual, lg.ln1w, lg.ln1b, d.dln, la.residual, lp.ln1w, la.ln1_mean, la.ln1_rstd, B, T, C);
@@ -1126,6 +1252,7 @@ void gpt2_free(GPT2<real>* model) {
     free(model->params0);
     free(model->block_file);
     gpt2_free_quantized(model);
+    free(model->wte_bf16); // (-Q bf16 with the fp32 wte dropped: gpt2_free_quantized keeps it)
     free(model->kv);
     memset(model, 0, sizeof(*model));
 }
@@ -1363,7 +1490,7 @@ static std::vector<std::vector<int>> gpt2_generate_multi(GPT2<float>* model, con
 // beyond the core (skip on first reading): the files of a model and its adapters, data parallelism,
 // the other methods' setup, and the program (flags, logs, the training loop)
 
-#include "lib/checkpoint.h"    // llm.c checkpoints: read (fp32 v3), write; a quantized base read layer by layer
+#include "lib/checkpoint.h"    // llm.c checkpoints: read (fp32 v3, bf16 v5), write (v3); a quantized base read layer by layer
 #include "lib/adapter_files.h" // adapter.bin (exact resume), the base checksum, -M's merged checkpoint
 #include "lib/peft.h"          // PEFT's adapter directory: export, import; loading any -A; -o's save sets
 #include "lib/save_set.h"      // a save set's manifest (written last, checked on load), what -o already holds
@@ -1478,8 +1605,11 @@ static MemoryBytes gpt2_memory_bytes(const GPT2<float>* model) {
     size_t extras = model->lora.num_parameters + model->adapters.buf.n + model->prefix.buf.n;
     mb.base = model->num_params_stored * sizeof(float);
     if (model->quant_q[0] != NULL) { // -Q: the block matrices are codes (see gpt2_lora_attach), and one dequantized layer
-        mb.base += gpt2_block_matrix_bytes(model, model->quant) + (size_t)4 * model->config.channels * model->config.channels * sizeof(float);
+        mb.base += gpt2_block_matrix_bytes(model, model->quant);
+        // (bf16 dequantizes only for DoRA and merging, which allocate the scratch when they need it)
+        if (model->quant_w != NULL || model->quant != LORA_QUANT_BF16) mb.base += (size_t)4 * model->config.channels * model->config.channels * sizeof(float);
     }
+    if (model->wte_bf16 != NULL) mb.base += model->param_sizes[0] * sizeof(uint16_t); // -Q bf16: wte in bf16
     mb.params = mb.base + (extras + (model->params0 ? model->num_parameters : 0)) * sizeof(float);
     mb.grads = trainable * sizeof(float);
     mb.optimizer = 2 * trainable * sizeof(float);
@@ -1621,7 +1751,8 @@ static const char* const usage_text =
         "  -E <dir>    GPT-2 BPE dir (encoder.json, vocab.bpe) for -p (default ../shared/data/gpt2_tokenizer)\n"
         "  -N <name>   base_model_name_or_path for the PEFT adapter_config.json (default gpt2)\n"
         "  -V <list>   LoRA variant: lora, or a comma list of rslora,dora,pissa (default lora)\n"
-        "  -Q <kind>   frozen base matrices as fp32, int8, nf4 or int2 (QLoRA-style; default fp32, -A: the adapter's)\n"
+        "  -Q <kind>   frozen base matrices as fp32, int8, nf4 or int2 (QLoRA-style; default fp32, -A: the adapter's),\n"
+        "              or bf16 (the block matrices and wte, with bf16 matmuls)\n"
         "  -P <float>  LoRA+: lora_B learning rate = P * lr, > 0 (default 1)\n"
         "  -F <int>    instead of LoRA, freezing: train only the top F blocks and lnf, 0 = off (default 0)\n"
         "  -H <int>    instead of LoRA, Houlsby adapters of bottleneck m = H, 0 = off (default 0)\n"
@@ -1712,7 +1843,7 @@ struct Flags {
     const char* bpe_dir = NULL;     // -E, NULL: search ../shared/data/gpt2_tokenizer, data/gpt2_tokenizer
     const char* base_name = "gpt2"; // -N
     const char* variants = "lora";  // -V, lora or a comma list of rslora,dora,pissa
-    const char* quant = "fp32";     // -Q, the frozen base's adapted matrices: fp32, int8, nf4 or int2 (with -A: the adapter's)
+    const char* quant = "fp32";     // -Q, the frozen base's adapted matrices: fp32, int8, nf4, int2 or bf16 (with -A: the adapter's)
     bool quant_given = false;
     float lr_ratio_B = 1.0f;        // -P, LoRA+: lora_B learns with lr * P
     int freeze_k = 0;               // -F, train only the top k blocks (and lnf)
@@ -1954,6 +2085,7 @@ static void check_flags(Flags* f, const DataParallel& dp) {
 
     f->base_quant = LORA_QUANT_FP32;
     if (!lora_parse_quant(f->quant, &f->base_quant, &err)) bad_flag("-Q", err);
+    if (f->full && f->base_quant == LORA_QUANT_BF16) bad_flag("-Q", "bf16 holds a frozen base for LoRA, but full fine-tuning (-f 1) trains the base (in fp32)\n---> HINT: drop -f 1 to train LoRA on the bf16 base, or drop -Q bf16 to fine-tune everything");
     if (f->full && f->base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base is frozen, full fine-tuning trains it\n---> HINT: drop -f 1, or use -Q fp32");
     if (!f->lora_on && f->base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base applies to LoRA only\n---> HINT: drop -F / -H / -X / -B, or use -Q fp32");
 }
@@ -2258,6 +2390,7 @@ static void print_run_header(const Built* b, const Flags* f, const TrainingData*
         printf("variant: %s\n", lora_variants_string(lcfg).c_str());
         printf("base_matrices_bytes: %zu (fp32 would be %zu)\n", gpt2_block_matrix_bytes(&model, lcfg.base_quant),
                gpt2_block_matrix_bytes(&model, LORA_QUANT_FP32));
+        if (lcfg.base_quant == LORA_QUANT_BF16) printf("bf16_matmul: %s\n", matmul_bf16_path());
         printf("trainable_params: %zu\nfrozen_params: %zu\ntrainable %%: %.4f\n", trainable, model.num_parameters,
                100.0 * trainable / (double)(model.num_parameters + trainable));
     } else {

@@ -4,12 +4,18 @@
 #   STEPS=N      timed steps per 124M configuration (default 5; the small config runs 4x as many)
 #   ROUNDS=N     rounds of our LoRA step against the PyTorch twin's, alternated (default 3)
 #   BENCH_STEP, BENCH_MATMUL: the built programs (set by make)
+#   PYTHON       the interpreter with torch: default build/torchvenv/bin/python when it exists (the newest
+#                torch from PyPI: python3 -m venv build/torchvenv && build/torchvenv/bin/pip install torch numpy),
+#                else /usr/bin/python3 (Debian's python3-torch)
 set -euo pipefail
 BENCH_STEP=${BENCH_STEP:-build/omp/bench_step}
 BENCH_MATMUL=${BENCH_MATMUL:-build/omp/bench_matmul}
 STEPS=${STEPS:-5}
 ROUNDS=${ROUNDS:-3}
-PYTHON=${PYTHON:-/usr/bin/python3}
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON=/usr/bin/python3
+    [ -x build/torchvenv/bin/python ] && PYTHON=build/torchvenv/bin/python
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # passive OpenMP waiting (the twin sets the same for torch): on this shared 2-core machine an active
 # spin-wait burns the time slice a descheduled partner thread needs (measured 3x slower under load)
@@ -24,11 +30,14 @@ mkdir -p data                     # a fresh clone has no data/ (it is made by `m
 [ -f "$small" ] || "$BENCH_STEP" gen "$small" 4 256 4 256
 
 echo "[bench] OMP_NUM_THREADS=$OMP_NUM_THREADS OMP_WAIT_POLICY=$OMP_WAIT_POLICY load $(cut -d" " -f1-3 /proc/loadavg) B=4 T=64 r=8 (all four targets), $(nproc) cores, $(date -u +%FT%TZ)"
+# the result depends on the CPU, and the bf16 rows on whether it multiplies bf16 itself (AVX512_BF16)
+bf16_cpu=no; grep -qw avx512_bf16 /proc/cpuinfo && bf16_cpu=yes
+echo "[bench] CPU: $(lscpu | sed -n 's/^Model name: *//p' | head -1); AVX512_BF16: $bf16_cpu; our bf16 matmuls: $("$BENCH_STEP" path)"
 declare -A ms rss
 for cfg in small big; do
     ckpt=${!cfg}
     n=$STEPS; [ "$cfg" = small ] && n=$((4 * STEPS))
-    for mode in lora full; do
+    for mode in lora bf16 full; do
         line=$("$BENCH_STEP" "$mode" "$ckpt" 4 64 "$n")
         echo "$line"
         ms[$cfg.$mode]=$(awk '{for (i = 1; i < NF; i++) if ($i == "ms/step") print $(i + 1)}' <<<"$line")
@@ -36,12 +45,14 @@ for cfg in small big; do
     done
     awk -v cfg="$cfg" -v a="${ms[$cfg.lora]}" -v b="${ms[$cfg.full]}" -v c="${rss[$cfg.lora]}" -v d="${rss[$cfg.full]}" \
         'BEGIN { printf "ratio %s lora/full ms/step %.3f peak_rss %.3f\n", cfg, a / b, c / d }'
+    awk -v cfg="$cfg" -v a="${ms[$cfg.bf16]}" -v b="${ms[$cfg.lora]}" -v c="${rss[$cfg.bf16]}" -v d="${rss[$cfg.lora]}" \
+        'BEGIN { printf "ratio %s lora bf16/fp32 ms/step %.3f peak_rss %.3f (%s vs %s MiB)\n", cfg, a / b, c / d, c, d }'
 done
 
 if "$PYTHON" -c "import torch" 2>/dev/null; then
-    torch_bench() {
+    torch_bench() { # mode [autocast]
         MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 \
-            "$PYTHON" dev/train_gpt2_lora.py bench --B 4 --T 64 --steps "$STEPS" --threads "$OMP_NUM_THREADS" --mode "$1"
+            "$PYTHON" dev/train_gpt2_lora.py bench --B 4 --T 64 --steps "$STEPS" --threads "$OMP_NUM_THREADS" --mode "$1" --autocast "${2:-none}"
     }
     out=$(torch_bench full)
     echo "$out"
@@ -60,6 +71,25 @@ if "$PYTHON" -c "import torch" 2>/dev/null; then
     done
     awk -v a="$best_ours" -v b="$best_torch" -v c="${ms[big.full]}" -v d="$t_full" -v n="$ROUNDS" \
         'BEGIN { printf "ratio 124M ours/torch lora %.3f (best of %d rounds: %.1f vs %.1f ms) full %.3f\n", a / b, n, a, b, c / d }'
+    # bf16 against PyTorch's best CPU configuration, bf16 autocast, the same way: our bf16 LoRA step
+    # (-Q bf16), our fp32 LoRA step and torch's autocast step, alternated in each round
+    best_bf16= best_fp32= best_autocast=
+    for round in $(seq "$ROUNDS"); do
+        line=$("$BENCH_STEP" bf16 "$big" 4 64 "$STEPS")
+        ours=$(awk '{for (i = 1; i < NF; i++) if ($i == "ms/step") print $(i + 1)}' <<<"$line")
+        line=$("$BENCH_STEP" lora "$big" 4 64 "$STEPS")
+        fp32=$(awk '{for (i = 1; i < NF; i++) if ($i == "ms/step") print $(i + 1)}' <<<"$line")
+        out=$(torch_bench lora bf16)
+        theirs=$(awk '/torch lora-bf16 ms\/step/ {print $4}' <<<"$out")
+        [ "$round" = 1 ] && grep "^torch config" <<<"$out"
+        awk -v r="$round" -v a="$ours" -v f="$fp32" -v b="$theirs" \
+            'BEGIN { printf "round %d lora bf16 ms/step ours %s ours_fp32 %s torch_autocast %s ratio ours/torch %.3f ours bf16/fp32 %.3f\n", r, a, f, b, a / b, a / f }'
+        best_bf16=$(awk -v a="$best_bf16" -v b="$ours" 'BEGIN { print (a == "" || b < a) ? b : a }')
+        best_fp32=$(awk -v a="$best_fp32" -v b="$fp32" 'BEGIN { print (a == "" || b < a) ? b : a }')
+        best_autocast=$(awk -v a="$best_autocast" -v b="$theirs" 'BEGIN { print (a == "" || b < a) ? b : a }')
+    done
+    awk -v a="$best_bf16" -v f="$best_fp32" -v b="$best_autocast" -v n="$ROUNDS" \
+        'BEGIN { printf "ratio 124M lora bf16 ours/torch_autocast %.3f, ours bf16/fp32 %.3f (best of %d rounds: %.1f, %.1f, torch %.1f ms)\n", a / b, a / f, n, a, f, b }'
 else
     echo "torch: not found in $PYTHON, skipped"
 fi

@@ -1,5 +1,6 @@
 // dev/bench_matmul.cpp: GFLOP/s of our matmul kernels vs OpenBLAS sgemm on the GPT-2 124M shapes,
-// plus a correctness check of every fast kernel against its naive twin.
+// plus a correctness check of every fast kernel against its naive twin. The bf16 rows (-Q bf16's
+// frozen matmuls: forward and dinp with bf16 weights, lib/bf16.h) are set beside the same sgemm.
 // Dev-only: this is the one program that links OpenBLAS (-lopenblas); the main build never does.
 // Built and run by `make bench` (dev/bench.mk, dev/bench.sh).
 #include <cstdio>
@@ -45,16 +46,23 @@ static const Shape shapes[] = { {768, 2304, "qkv"}, {768, 3072, "fc"}, {3072, 76
 static const char* kernel_names[3] = { "forward", "dinp", "dweight" };
 static const int B = 4, T = 64, BT = B * T;
 
-static void time_contender(bool ours, int reps) {
+// who: 0 ours, 1 openblas, 2 our bf16 kernels (forward and dinp only: a bf16 weight is frozen)
+static void time_contender(int who, int reps) {
+    bool ours = who == 0;
     for (const Shape& sh : shapes) {
         int C = sh.C, OC = sh.OC;
         std::vector<float> inp((size_t)BT * C), w((size_t)OC * C), bias(OC), out((size_t)BT * OC), dout((size_t)BT * OC);
         std::vector<float> dinp((size_t)BT * C, 0.0f), dw((size_t)OC * C, 0.0f);
         fill_random(inp, 1); fill_random(w, 2); fill_random(bias, 3); fill_random(dout, 4);
+        std::vector<uint16_t> w16(w.size());
+        for (size_t i = 0; i < w.size(); i++) w16[i] = bf16_round(w[i]);
         // the same three problems for both: out = inp @ w^T, dinp += dout @ w, dw += dout^T @ inp
-        for (int k = 0; k < 3; k++) {
+        for (int k = 0; k < (who == 2 ? 2 : 3); k++) {
             auto run = [&] {
-                if (ours) {
+                if (who == 2) {
+                    if (k == 0) matmul_bf16_forward_fast(out.data(), inp.data(), w16.data(), bias.data(), B, T, C, OC);
+                    if (k == 1) matmul_bf16_backward_fast(dinp.data(), dout.data(), w16.data(), B, T, C, OC);
+                } else if (ours) {
                     if (k == 0) matmul_forward(out.data(), inp.data(), w.data(), bias.data(), B, T, C, OC);
                     if (k == 1) matmul_backward(dinp.data(), (float*)NULL, (float*)NULL, dout.data(), inp.data(), w.data(), B, T, C, OC);
                     if (k == 2) matmul_backward((float*)NULL, dw.data(), (float*)NULL, dout.data(), inp.data(), w.data(), B, T, C, OC);
@@ -84,6 +92,7 @@ static void time_contender(bool ours, int reps) {
 
 // runs `self time <who> <reps>` with the given OpenMP wait policy; keeps the minimum per (shape, kernel)
 static void run_child(const char* self, const char* who, const char* wait_policy, int reps, std::vector<double>* best) {
+    int expected = strcmp(who, "bf16") == 0 ? 8 : 12;
     std::string cmd = std::string("OMP_WAIT_POLICY=") + wait_policy + " '" + self + "' time " + who + " " + std::to_string(reps);
     FILE* p = popen(cmd.c_str(), "r");
     if (p == NULL) { fprintf(stderr, "bench_matmul: cannot run %s\n", cmd.c_str()); exit(1); }
@@ -95,13 +104,13 @@ static void run_child(const char* self, const char* who, const char* wait_policy
         (*best)[n] = std::min((*best)[n], sec);
         n++;
     }
-    if (pclose(p) != 0 || n != 12) { fprintf(stderr, "bench_matmul: '%s' failed (%d timings)\n", cmd.c_str(), n); exit(1); }
+    if (pclose(p) != 0 || n != expected) { fprintf(stderr, "bench_matmul: '%s' failed (%d timings)\n", cmd.c_str(), n); exit(1); }
 }
 
 int main(int argc, char** argv) {
     // `bench_matmul time ours|openblas <reps>`: one contender, in this process (what the rounds below run)
     if (argc == 4 && strcmp(argv[1], "time") == 0) {
-        time_contender(strcmp(argv[2], "ours") == 0, atoi(argv[3]));
+        time_contender(strcmp(argv[2], "ours") == 0 ? 0 : strcmp(argv[2], "bf16") == 0 ? 2 : 1, atoi(argv[3]));
         return 0;
     }
     // `bench_matmul [rounds]`: the correctness check, then `rounds` rounds that alternate the two
@@ -135,10 +144,11 @@ int main(int argc, char** argv) {
 
     // each at its best setting: ours with OpenMP threads spinning between the step's many calls (its
     // process has no other thread pool to starve), OpenBLAS with its own defaults (pthreads, 2 threads)
-    std::vector<double> best_ours(12, 1e30), best_blas(12, 1e30);
+    std::vector<double> best_ours(12, 1e30), best_blas(12, 1e30), best_bf16(8, 1e30);
     for (int r = 0; r < rounds; r++) {
         run_child(argv[0], "ours", "active", 5, &best_ours);
         run_child(argv[0], "openblas", "passive", 5, &best_blas);
+        run_child(argv[0], "bf16", "active", 5, &best_bf16);
     }
     printf("%-7s %5s %5s %6s | %-8s %8s %8s %6s\n", "shape", "BT", "C", "OC", "kernel", "ours", "openblas", "ratio");
     double worst = 1e30;
@@ -151,7 +161,18 @@ int main(int argc, char** argv) {
             printf("%-7s %5d %5d %6d | %-8s %8.1f %8.1f %5.0f%%\n", sh.name, BT, sh.C, sh.OC, kernel_names[k], g_ours, g_blas, 100.0 * g_ours / g_blas);
         }
     }
-    printf("matmul GFLOP/s ours/openblas worst %.0f%% (target >= 60%%)\n", 100.0 * worst);
+    printf("matmul GFLOP/s ours/openblas worst %.0f%% (target >= 90%%)\n", 100.0 * worst);
+    // the bf16 kernels against OpenBLAS's fp32 sgemm on the same problem (OpenBLAS has no bf16 x fp32 GEMM)
+    printf("bf16 matmuls (%s):\n", matmul_bf16_path());
+    n = 0;
+    for (int sh_i = 0; sh_i < 4; sh_i++) {
+        const Shape& sh = shapes[sh_i];
+        double flops = 2.0 * BT * sh.C * sh.OC;
+        for (int k = 0; k < 2; k++, n++) {
+            double g_bf16 = flops / best_bf16[n] * 1e-9, g_blas = flops / best_blas[sh_i * 3 + k] * 1e-9;
+            printf("%-7s %5d %5d %6d | bf16 %-3s %8.1f %8.1f %5.0f%% of sgemm\n", sh.name, BT, sh.C, sh.OC, k == 0 ? "fwd" : "dinp", g_bf16, g_blas, 100.0 * g_bf16 / g_blas);
+        }
+    }
     printf("correctness: %s\n", failures == 0 ? "all fast kernels match naive" : "MISMATCH");
     return failures == 0 ? 0 : 1;
 }

@@ -4,7 +4,9 @@
 //
 //   ./build/bench_step gen  <ckpt> <L> <C> <NH> <maxT>      random-init GPT-2 checkpoint (GPT-2 vocab)
 //   ./build/bench_step lora <ckpt> <B> <T> <steps> [r]       LoRA, all four targets, alpha = 2r
+//   ./build/bench_step bf16 <ckpt> <B> <T> <steps> [r]       the same LoRA on a bf16 base (-Q bf16), read as the trainer reads it
 //   ./build/bench_step full <ckpt> <B> <T> <steps>           full fine-tuning (-f 1)
+//   ./build/bench_step path                                  prints the bf16 matmul path of this build
 //
 // Output: bench <mode> L <L> C <C> B <B> T <T> ms/step <x> tok/s <x> GFLOP/s <x> matmul% <x> peak_rss_MiB <x> (phases)
 // GFLOP/s counts the base matmuls only (what matmul_stats records: 2*BT*C*OC per product done);
@@ -28,6 +30,10 @@ static int arg_int(const char* s, const char* what) {
 }
 
 int main(int argc, char** argv) {
+    if (argc == 2 && strcmp(argv[1], "path") == 0) { // which bf16 matmul this build runs
+        printf("%s\n", matmul_bf16_path());
+        return 0;
+    }
     if (argc >= 7 && strcmp(argv[1], "gen") == 0) {
         GPT2Config cfg;
         cfg.num_layers = arg_int(argv[3], "L");
@@ -44,8 +50,9 @@ int main(int argc, char** argv) {
         return 0;
     }
     bool full = argc >= 6 && strcmp(argv[1], "full") == 0;
-    if (argc < 6 || (!full && strcmp(argv[1], "lora") != 0)) {
-        fprintf(stderr, "Usage: bench_step gen <ckpt> <L> <C> <NH> <maxT> | lora <ckpt> <B> <T> <steps> [r] | full <ckpt> <B> <T> <steps>\n"
+    bool bf16 = argc >= 6 && strcmp(argv[1], "bf16") == 0;
+    if (argc < 6 || (!full && !bf16 && strcmp(argv[1], "lora") != 0)) {
+        fprintf(stderr, "Usage: bench_step gen <ckpt> <L> <C> <NH> <maxT> | lora|bf16 <ckpt> <B> <T> <steps> [r] | full <ckpt> <B> <T> <steps>\n"
                         "---> HINT: see the header of dev/bench_step.cpp\n");
         return EXIT_FAILURE;
     }
@@ -54,12 +61,14 @@ int main(int argc, char** argv) {
     int r = argc >= 7 ? arg_int(argv[6], "r") : 8;
 
     GPT2<float> model;
-    std::string err = gpt2_read_checkpoint(&model, path);
+    std::string err = gpt2_read_checkpoint(&model, path, bf16); // bf16: the block matrices left on disk, as the trainer does
     if (!err.empty()) { fprintf(stderr, "Error: bench_step: %s\n---> HINT: make bench generates it\n", err.c_str()); return EXIT_FAILURE; }
     if (full) {
         gpt2_enable_full_training(&model);
     } else {
-        gpt2_lora_attach(&model, lora_config(r, 2.0f * r, LORA_ALL_TARGETS), 1337);
+        LoRAConfig cfg = lora_config(r, 2.0f * r, LORA_ALL_TARGETS);
+        if (bf16) cfg.base_quant = LORA_QUANT_BF16;
+        gpt2_lora_attach(&model, cfg, 1337);
     }
     gpt2_allocate(&model, B, T);
 
@@ -90,7 +99,7 @@ int main(int argc, char** argv) {
     double ms = 1000.0 * total / steps;
     printf("bench %s L %d C %d B %d T %d ms/step %.1f tok/s %.0f GFLOP/s %.1f matmul%% %.0f peak_rss_MiB %.0f "
            "(forward %.1f, zero_grad+backward %.1f, update %.1f ms)\n",
-           full ? "full" : "lora", model.config.num_layers, model.config.channels, B, T, ms, (double)B * T * steps / total,
+           argv[1], model.config.num_layers, model.config.channels, B, T, ms, (double)B * T * steps / total,
            mm_flops / total * 1e-9, 100.0 * mm_seconds / total, ru.ru_maxrss / 1024.0,
            1000.0 * t_fwd / steps, 1000.0 * t_bwd / steps, 1000.0 * t_upd / steps);
     gpt2_free(&model);

@@ -439,7 +439,10 @@ def cmd_bench(args):
     x = torch.randint(0, cfg.V, (B, T))
     y = torch.randint(0, cfg.V, (B, T))
     print(f"torch config B {B} T {T} steps {args.steps} threads {torch.get_num_threads()} r {args.r} "
-          f"torch {torch.__version__} OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}")
+          f"torch {torch.__version__} OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')} autocast {args.autocast}")
+    # bf16 autocast: the matmuls (frozen base, LoRA, LM head) run on bf16 copies of their operands, with
+    # fp32 accumulation; layernorm, softmax, the loss and AdamW stay fp32 (PyTorch's CPU mixed precision)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16")
     for mode in (["lora", "full"] if args.mode == "both" else [args.mode]):
         targets = TARGETS if mode == "lora" else ()
         model = GPT(cfg, args.r, 2.0 * args.r, targets)
@@ -454,11 +457,13 @@ def cmd_bench(args):
         for step in range(args.steps + 1):  # step 0 is warm-up, not timed
             t0 = time.perf_counter()
             opt.zero_grad()
-            _, loss = model(x, y)
+            with autocast:
+                _, loss = model(x, y)
             loss.backward()
             opt.step(step + 1)
             times.append(time.perf_counter() - t0)
-        print(f"torch {mode} ms/step {1000.0 * sum(times[1:]) / len(times[1:]):.1f}")
+        tag = mode + ("-bf16" if args.autocast == "bf16" else "")
+        print(f"torch {tag} ms/step {1000.0 * sum(times[1:]) / len(times[1:]):.1f}")
         del model, opt
 
 
@@ -478,6 +483,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--mode", choices=["lora", "full", "both"], default="both")
+    p.add_argument("--autocast", choices=["none", "bf16"], default="none", help="bf16: torch.autocast('cpu', bfloat16)")
     args = ap.parse_args()
     if args.cmd in ("bench",) and (args.B < 1 or args.T < 1 or args.T > 1024 or args.steps < 1):
         sys.exit(f"bench: bad --B/--T/--steps ({args.B}, {args.T}, {args.steps})\n"

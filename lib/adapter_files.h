@@ -44,10 +44,18 @@ static std::string checkpoint_checksum(const char* path, uint64_t* sum) {
     FILE* f = fopen(path, "rb");
     if (f == NULL) return strprintf("checkpoint '%s' can no longer be opened for its checksum\n---> HINT: keep the -e file in place while the trainer starts", path);
     std::vector<float> buf(1 << 16);
+    std::vector<uint16_t> buf16(buf.size());
     uint64_t h = 0xcbf29ce484222325ull;
-    bool ok = fseek(f, 256 * sizeof(int), SEEK_SET) == 0;
+    int header[2] = {0, 0};
+    bool ok = fread(header, sizeof(header), 1, f) == 1 && fseek(f, 256 * sizeof(int), SEEK_SET) == 0;
     size_t n;
-    while (ok && (n = fread(buf.data(), sizeof(float), buf.size(), f)) > 0) { h = base_checksum(buf.data(), n, h); }
+    if (header[1] == 5) { // llm.c's bf16 checkpoint: the checksum of its values widened to fp32, as read whole
+        while (ok && (n = fread(buf16.data(), sizeof(uint16_t), buf16.size(), f)) > 0) {
+            for (size_t k = 0; k < n; k++) { buf[k] = bf16_widen(buf16[k]); }
+            h = base_checksum(buf.data(), n, h);
+        }
+    }
+    while (ok && header[1] != 5 && (n = fread(buf.data(), sizeof(float), buf.size(), f)) > 0) { h = base_checksum(buf.data(), n, h); }
     ok = ok && !ferror(f);
     fclose(f);
     if (!ok) return strprintf("checkpoint '%s': read error while taking its checksum\n---> HINT: the file changed since it was loaded; load it again", path);
@@ -308,7 +316,9 @@ void gpt2_expand_params(GPT2<real>* model, real* full) {
     size_t off = 0;
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
         size_t n = model->param_sizes[i];
-        if (!param_tensor_is_block_matrix(i)) {
+        if (stored[i] == NULL && i == 0) { // -Q bf16 read from a file: wte is held in bf16 only
+            for (size_t k = 0; k < n; k++) { full[off + k] = (real)bf16_widen(model->wte_bf16[k]); }
+        } else if (!param_tensor_is_block_matrix(i)) {
             memcpy(full + off, stored[i], n * sizeof(real));
         } else {
             int t = block_matrix_target(i);

@@ -1,19 +1,21 @@
-// lib/checkpoint.h: llm.c model checkpoints: gpt2_read_checkpoint (fp32, version 3, checked against
-// the file size before anything is allocated), checkpoint_write / gpt2_write_checkpoint, and the
+// lib/checkpoint.h: llm.c model checkpoints: gpt2_read_checkpoint (fp32, version 3, or bf16, version 5
+// as llm.c's gpt2_124M_bf16.bin, widened to fp32; checked against the file size before anything is allocated), checkpoint_write / gpt2_write_checkpoint, and the
 // quantized base's block matrices read one layer at a time from the file (gpt2_attach_layers_from_file).
 // Not a standalone header: the trainer includes it after the model (GPT2, gpt2_init_empty).
 #pragma once
 
 #include "files.h" // open_for_reading, file_size_of, write_atomically, CHECKPOINT_MAGIC
 
-// reads an llm.c fp32 checkpoint (version 3) into a fresh model.
+// reads an llm.c checkpoint into a fresh model: version 3 holds the parameters as fp32, version 5 as bf16
+// (2 bytes each, the same order and header), which are widened exactly to fp32 here; -Q bf16 rounds them
+// back to the same bits, so a bf16 base is then held exactly as the file has it.
 // leave_block_matrices (a quantized base, -Q): qkvw, attprojw, fcw, fcprojw are skipped, the model holds
 // the other 12 tensors only (those four pointers NULL) and remembers the file, from which
 // gpt2_lora_attach reads them one layer at a time to quantize. So the fp32 block matrices are never all
 // in memory, and the peak RSS of a quantized run is its quantized size, not the fp32 model's.
 template <typename real>
 std::string gpt2_read_checkpoint(GPT2<real>* model, const char* path, bool leave_block_matrices = false) {
-    const char* hint = "pass an llm.c fp32 checkpoint with -e: data/gpt2_124M.bin is llm.c's starter pack (dev/download_starter_pack.sh, online); offline, `make run` pretrains data/brown_base.bin";
+    const char* hint = "pass an llm.c checkpoint (fp32 version 3 or bf16 version 5) with -e: data/gpt2_124M.bin is llm.c's starter pack (dev/download_starter_pack.sh, online); offline, `make run` pretrains data/brown_base.bin";
     FILE* f = NULL;
     std::string err = open_for_reading(path, "checkpoint", hint, &f);
     if (!err.empty()) return err;
@@ -26,10 +28,11 @@ std::string gpt2_read_checkpoint(GPT2<real>* model, const char* path, bool leave
     if (err.empty() && header[0] != CHECKPOINT_MAGIC) {
         err = strprintf("checkpoint '%s' has magic %d, expected %d; it is %s\n---> HINT: %s", path, header[0], CHECKPOINT_MAGIC, describe_magic(header[0]), hint);
     }
-    if (err.empty() && header[1] != 3) {
-        err = strprintf("checkpoint '%s' has version %d, expected 3 (fp32)%s\n---> HINT: export an fp32 checkpoint (llm.c's train_gpt2.py writes gpt2_124M.bin as version 3)",
-                        path, header[1], header[1] == 5 ? "; version 5 is bf16, which this fp32 trainer does not read" : "");
+    if (err.empty() && header[1] != 3 && header[1] != 5) {
+        err = strprintf("checkpoint '%s' has version %d, expected 3 (fp32) or 5 (bf16)\n---> HINT: export an llm.c checkpoint (llm.c's train_gpt2.py writes gpt2_124M.bin as version 3 and gpt2_124M_bf16.bin as version 5)",
+                        path, header[1]);
     }
+    size_t bytes_per_param = err.empty() && header[1] == 5 ? 2 : 4;
     GPT2Config cfg;
     if (err.empty()) {
         cfg.max_seq_len = header[2];
@@ -51,25 +54,27 @@ std::string gpt2_read_checkpoint(GPT2<real>* model, const char* path, bool leave
         size_t sizes[NUM_PARAMETER_TENSORS], n = 0;
         fill_in_parameter_sizes(sizes, cfg);
         for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) { n += sizes[i]; }
-        size_t expected = sizeof(header) + n * sizeof(float);
+        size_t expected = sizeof(header) + n * bytes_per_param;
         if ((size_t)size != expected) {
-            err = strprintf("checkpoint '%s' is %ld bytes but its header (L=%d C=%d Vp=%d maxT=%d) needs %zu: %s\n---> HINT: %s",
-                            path, size, cfg.num_layers, cfg.channels, cfg.padded_vocab_size, cfg.max_seq_len, expected,
+            err = strprintf("checkpoint '%s' is %ld bytes but its header (version %d, %s; L=%d C=%d Vp=%d maxT=%d) needs %zu: %s\n---> HINT: %s",
+                            path, size, header[1], bytes_per_param == 2 ? "bf16, 2 bytes a parameter" : "fp32, 4 bytes a parameter",
+                            cfg.num_layers, cfg.channels, cfg.padded_vocab_size, cfg.max_seq_len, expected,
                             (size_t)size < expected ? "the file is truncated (re-download or re-export it)" : "there are trailing bytes", hint);
         }
     }
     if (err.empty()) {
         gpt2_init_empty(model, cfg, leave_block_matrices);
-        // stream the fp32 blob tensor by tensor, converting to real when the model is not float
+        // stream the fp32 (or bf16) blob tensor by tensor, converting to real when the model is not float
         real** ptrs[NUM_PARAMETER_TENSORS];
         parameter_pointers(&model->params, ptrs);
         std::vector<float> buf(1 << 16);
+        std::vector<uint16_t> buf16(bytes_per_param == 2 ? buf.size() : 0);
         size_t done = 0; // parameters read (or skipped)
         for (int i = 0; i < NUM_PARAMETER_TENSORS && err.empty(); i++) {
             real* dst = *ptrs[i];
             size_t size = model->param_sizes[i];
             if (dst == NULL) { // a block matrix left on disk
-                if (fseek(f, (long)(size * sizeof(float)), SEEK_CUR) != 0) {
+                if (fseek(f, (long)(size * bytes_per_param), SEEK_CUR) != 0) {
                     err = strprintf("checkpoint '%s': seek error after %zu parameters\n---> HINT: %s", path, done, hint);
                 }
                 done += size;
@@ -77,9 +82,13 @@ std::string gpt2_read_checkpoint(GPT2<real>* model, const char* path, bool leave
             }
             for (size_t at_i = 0; at_i < size;) {
                 size_t n = std::min(buf.size(), size - at_i);
-                if (fread(buf.data(), sizeof(float), n, f) != n) {
+                bool ok = bytes_per_param == 4 ? fread(buf.data(), sizeof(float), n, f) == n : fread(buf16.data(), sizeof(uint16_t), n, f) == n;
+                if (!ok) {
                     err = strprintf("checkpoint '%s': read error after %zu parameters\n---> HINT: %s", path, done + at_i, hint);
                     break;
+                }
+                if (bytes_per_param == 2) {
+                    for (size_t k = 0; k < n; k++) { buf[k] = bf16_widen(buf16[k]); }
                 }
                 size_t bad = first_nonfinite(buf.data(), n);
                 if (bad < n) {
@@ -97,6 +106,7 @@ std::string gpt2_read_checkpoint(GPT2<real>* model, const char* path, bool leave
             gpt2_free(model); // the caller gets no half-read model, and nothing leaks
         } else if (leave_block_matrices) {
             model->block_file = strdup(path);
+            model->block_file_bf16 = bytes_per_param == 2;
         }
     }
     fclose(f);
@@ -151,13 +161,17 @@ void gpt2_attach_layers_from_file(GPT2<real>* model) {
     if (f == NULL) die(strprintf("checkpoint '%s' can no longer be opened to quantize its block matrices\n---> HINT: keep the -e file in place while the trainer starts", path));
     int L = model->config.num_layers, C = model->config.channels;
     std::vector<float> buf((size_t)4 * C * C);
+    std::vector<uint16_t> buf16(model->block_file_bf16 ? buf.size() : 0);
     std::vector<real> W_l(buf.size());
-    size_t offset = 256 * sizeof(int); // past the header
+    size_t offset = 256 * sizeof(int), bytes_per_param = model->block_file_bf16 ? 2 : 4; // past the header; version 5: bf16
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
         size_t n = model->param_sizes[i] / L; // one layer
         for (int l = 0; l < L && param_tensor_is_block_matrix(i); l++) {
-            if (fseek(f, (long)(offset + (size_t)l * n * sizeof(float)), SEEK_SET) != 0 || fread(buf.data(), sizeof(float), n, f) != n) {
-                die(strprintf("checkpoint '%s': read error in %s, layer %d\n---> HINT: the file changed since it was loaded; load it again", path, param_tensor_names[i], l));
+            bool ok = fseek(f, (long)(offset + (size_t)l * n * bytes_per_param), SEEK_SET) == 0;
+            ok = ok && (bytes_per_param == 4 ? fread(buf.data(), sizeof(float), n, f) == n : fread(buf16.data(), sizeof(uint16_t), n, f) == n);
+            if (!ok) die(strprintf("checkpoint '%s': read error in %s, layer %d\n---> HINT: the file changed since it was loaded; load it again", path, param_tensor_names[i], l));
+            if (bytes_per_param == 2) {
+                for (size_t k = 0; k < n; k++) { buf[k] = bf16_widen(buf16[k]); }
             }
             size_t bad = first_nonfinite(buf.data(), n);
             if (bad < n) {
@@ -168,7 +182,7 @@ void gpt2_attach_layers_from_file(GPT2<real>* model) {
             for (size_t k = 0; k < n; k++) { W_l[k] = (real)buf[k]; }
             gpt2_attach_layer(model, block_matrix_target(i), l, W_l.data());
         }
-        offset += model->param_sizes[i] * sizeof(float);
+        offset += model->param_sizes[i] * bytes_per_param;
     }
     fclose(f);
 }

@@ -1,6 +1,6 @@
 // lib/quant.h: block-wise quantization of frozen weights, QLoRA-style (Dettmers et al. 2023): int8, NF4
-// and int2 codes with one fp32 absmax per block of LORA_QUANT_BLOCK weights, quantize_forward /
-// dequantize_forward, and -Q's names. The model stores its block matrices this way with -Q (see
+// and int2 codes with one fp32 absmax per block of LORA_QUANT_BLOCK weights, and bf16 (16 bits, no
+// absmax: the "LoRA 16-bit" base of the LoRA literature), quantize_forward / dequantize_forward, and -Q's names. The model stores its block matrices this way with -Q (see
 // gpt2_quantize_layer in the trainer); lora.h keeps only the adapter's record of it (LoRAConfig.base_quant).
 #pragma once
 
@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include "bf16.h" // bf16_round, bf16_widen: -Q bf16's storage (and its matmuls, which the trainer calls)
 
 // The base's adapted matrices are stored in blocks of LORA_QUANT_BLOCK consecutive weights (row-major
 // (out, in), flattened), each block with its own fp32 absmax:
@@ -18,12 +19,16 @@
 //   int2: q = the index of the nearest of the 4 uniform levels -1, -1/3, 1/3, 1 (no zero), four per
 //         byte, x ~ level[q] absmax; error <= absmax / 3 per weight. The 2-bit row of the memory tables
 //         in the LoRA literature (QLoRA itself stops at 4 bits)
+//   bf16: the top 16 bits of the fp32 weight, rounded to nearest even (lib/bf16.h), two bytes a weight and
+//         no absmax; relative error <= 2^-9 per weight. Unlike the codes above, the matmuls read it
+//         directly (lib/bf16.h: bf16 dot products with AVX512_BF16, else widened while packing), so no
+//         layer is dequantized for them; only DoRA, merging and -M's checkpoint widen it to fp32.
 // (QLoRA also quantizes the absmax values themselves, "double quantization"; here they stay fp32.)
 // LoRA trains on top in fp32. A matrix is dequantized whole, one layer at a time, into one (out, in) scratch just
 // before its matmul (forward and the dinp backward; the frozen base has no weight gradient), so the
 // fp32 matmul and its fast path run unchanged on the dequantized weights.
-enum LoRAQuant { LORA_QUANT_FP32, LORA_QUANT_INT8, LORA_QUANT_NF4, LORA_QUANT_INT2, LORA_NUM_QUANTS };
-static const char* const lora_quant_names[LORA_NUM_QUANTS] = {"fp32", "int8", "nf4", "int2"};
+enum LoRAQuant { LORA_QUANT_FP32, LORA_QUANT_INT8, LORA_QUANT_NF4, LORA_QUANT_INT2, LORA_QUANT_BF16, LORA_NUM_QUANTS };
+static const char* const lora_quant_names[LORA_NUM_QUANTS] = {"fp32", "int8", "nf4", "int2", "bf16"};
 #define LORA_QUANT_BLOCK 64
 
 // the 16 NormalFloat4 levels: quantiles of N(0,1) normalised to [-1, 1], with an exact 0
@@ -39,12 +44,15 @@ static const float int2_levels[4] = {-1.0f, -1.0f / 3.0f, 1.0f / 3.0f, 1.0f};
 
 // codes per byte: 1 (int8), 2 (nf4), 4 (int2)
 static inline int lora_quant_per_byte(int quant) { return quant == LORA_QUANT_NF4 ? 2 : quant == LORA_QUANT_INT2 ? 4 : 1; }
-// bytes of codes for n weights (absmax adds 4 bytes per block)
+// bytes of codes for n weights (absmax adds 4 bytes per block); bf16: 2 bytes a weight
 static inline size_t lora_quant_code_bytes(int quant, size_t n) {
+    if (quant == LORA_QUANT_BF16) return 2 * n;
     size_t k = (size_t)lora_quant_per_byte(quant);
     return (n + k - 1) / k;
 }
 static inline size_t lora_quant_blocks(size_t n) { return (n + LORA_QUANT_BLOCK - 1) / LORA_QUANT_BLOCK; }
+// the absmax values stored for n weights: one per block, none for bf16
+static inline size_t lora_quant_absmax_count(int quant, size_t n) { return quant == LORA_QUANT_BF16 ? 0 : lora_quant_blocks(n); }
 
 // the index of the level nearest to x (the first of two equally near)
 static inline int nearest_level(float x, const float* levels, int nlevels) {
@@ -55,9 +63,17 @@ static inline int nearest_level(float x, const float* levels, int nlevels) {
     return best;
 }
 
-// W (n) -> q (lora_quant_code_bytes), absmax (lora_quant_blocks(n))
+// W (n) -> q (lora_quant_code_bytes), absmax (lora_quant_absmax_count)
 template <typename real>
 void quantize_forward(uint8_t* q, float* absmax, const real* W, size_t n, int quant) {
+    if (quant == LORA_QUANT_BF16) { // (a double weight is rounded to fp32 first)
+        #pragma omp parallel for
+        for (size_t i = 0; i < n; i++) {
+            uint16_t h = bf16_round((float)W[i]);
+            memcpy(q + 2 * i, &h, sizeof(h));
+        }
+        return;
+    }
     size_t nblocks = lora_quant_blocks(n);
     if (quant != LORA_QUANT_INT8) memset(q, 0, lora_quant_code_bytes(quant, n));
     // parallel over blocks: each thread owns a block's codes (64 weights = 32 whole NF4 bytes, 16 int2
@@ -87,6 +103,15 @@ void quantize_forward(uint8_t* q, float* absmax, const real* W, size_t n, int qu
 // q, absmax -> W (n) dequantized
 template <typename real>
 void dequantize_forward(real* W, const uint8_t* q, const float* absmax, size_t n, int quant) {
+    if (quant == LORA_QUANT_BF16) {
+        #pragma omp parallel for
+        for (size_t i = 0; i < n; i++) {
+            uint16_t h;
+            memcpy(&h, q + 2 * i, sizeof(h));
+            W[i] = (real)bf16_widen(h);
+        }
+        return;
+    }
     // parallel over weights: each thread writes its own W[i]
     #pragma omp parallel for
     for (size_t i = 0; i < n; i++) {
@@ -97,11 +122,11 @@ void dequantize_forward(real* W, const uint8_t* q, const float* absmax, size_t n
     }
 }
 
-// -Q: "fp32", "int8", "nf4" or "int2" -> *quant (a LoRAQuant); false + err on a bad name
+// -Q: "fp32", "int8", "nf4", "int2" or "bf16" -> *quant (a LoRAQuant); false + err on a bad name
 static inline bool lora_parse_quant(const char* name, int* quant, std::string* err) {
     for (int k = 0; k < LORA_NUM_QUANTS; k++) {
         if (strcmp(name, lora_quant_names[k]) == 0) { *quant = k; return true; }
     }
-    *err = std::string("unknown base quantization '") + name + "'; HINT: choose fp32, int8, nf4 or int2";
+    *err = std::string("unknown base quantization '") + name + "'; HINT: choose fp32, int8, nf4, int2 or bf16";
     return false;
 }
