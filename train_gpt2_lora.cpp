@@ -766,7 +766,7 @@ void gpt2_allocate(GPT2<real>* model, int B, int T) {
     if (model->prefix.P > 0) prefix_allocate_activations(&model->prefix, B, T);
 }
 
-// ---- the frozen block matrices: fp32, or with -Q codes dequantized layer by layer (skip on first reading)
+// ---- the frozen block matrices and their matmuls: fp32, -Q codes dequantized layer by layer, or -Q bf16 (skip on first reading)
 
 // the weight of block matrix t (a LoRATarget) at layer l, as the matmul uses it: the fp32 tensor's layer,
 // or with a quantized base (-Q: the fp32 pointer is NULL) the dequantized layer in the shared scratch,
