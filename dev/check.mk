@@ -2,7 +2,8 @@
 # npm package node-llama-cpp; Hugging Face PEFT in a Python virtual environment), each installed into
 # build/check/ on first use. Not part of make test or .ci/run. Included by the top-level Makefile.
 
-build/check/greedy: dev/check/greedy.cpp $(PRODUCT_SOURCES)
+# the small tools that print our side of each comparison (dev/check/greedy.cpp, dev/check/logits.cpp)
+build/check/%: dev/check/%.cpp $(PRODUCT_SOURCES)
 	@mkdir -p $(@D)
 	$(CXX) $(CXXFLAGS) $< $(LDFLAGS) $(LDLIBS) -o $@
 
@@ -10,10 +11,6 @@ check-llamacpp: train_gpt2_lora build/check/greedy
 	bash dev/check/check_llamacpp.sh
 
 .PHONY: check-llamacpp
-
-build/check/logits: dev/check/logits.cpp $(PRODUCT_SOURCES)
-	@mkdir -p $(@D)
-	$(CXX) $(CXXFLAGS) $< $(LDFLAGS) $(LDLIBS) -o $@
 
 check-peft: train_gpt2_lora build/check/logits
 	bash dev/check/check_peft.sh

@@ -15,15 +15,9 @@ TRAIN=./train_gpt2_lora
 GREEDY=${GREEDY:-build/check/greedy}
 N=32                                     # greedy tokens compared
 PROMPT_IDS="50256,49,2662,44,46,25,198"  # <|endoftext|>ROMEO:\n in GPT-2's BPE
-fail() { printf 'check-llamacpp: FAILED: %s\n---> HINT: %s\n' "$1" "$2" >&2; exit 1; }
-
-BASE=""
-for b in data/gpt2_124M.bin data/brown_base.bin; do [ -s "$b" ] && { BASE=$b; break; }; done
-[ -n "$BASE" ] || fail "no base with GPT-2's vocabulary (data/gpt2_124M.bin or data/brown_base.bin)" \
-                       "run \`make run\` once (it pretrains data/brown_base.bin offline), or \`make starter-pack\`"
-for f in data/tiny_shakespeare_train.bin data/tiny_shakespeare_val.bin; do
-    [ -s "$f" ] || fail "no $f" "run \`make data\`"
-done
+CHECK=check-llamacpp
+# shellcheck source=dev/check/common.sh
+source dev/check/common.sh
 
 mkdir -p "$DIR"
 if [ ! -d "$DIR/node_modules/node-llama-cpp" ]; then

@@ -12,15 +12,9 @@ VENV=build/check/peft-venv
 TRAIN=./train_gpt2_lora
 LOGITS=${LOGITS:-build/check/logits}
 IDS="50256,49,2662,44,46,25,198,40,716,407,257,582,286,1310,11,475,314,716,257,1178"
-fail() { printf 'check-peft: FAILED: %s\n---> HINT: %s\n' "$1" "$2" >&2; exit 1; }
-
-BASE=""
-for b in data/gpt2_124M.bin data/brown_base.bin; do [ -s "$b" ] && { BASE=$b; break; }; done
-[ -n "$BASE" ] || fail "no base with GPT-2's vocabulary (data/gpt2_124M.bin or data/brown_base.bin)" \
-                       "run \`make run\` once (it pretrains data/brown_base.bin offline), or \`make starter-pack\`"
-for f in data/tiny_shakespeare_train.bin data/tiny_shakespeare_val.bin; do
-    [ -s "$f" ] || fail "no $f" "run \`make data\`"
-done
+CHECK=check-peft
+# shellcheck source=dev/check/common.sh
+source dev/check/common.sh
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, transformers, peft, safetensors" 2>/dev/null; then
     echo "check-peft: creating $VENV with torch, transformers, peft, safetensors from PyPI (first use; several GB)"
     mkdir -p build/check
