@@ -139,6 +139,22 @@ static void train_steps(GPT2<float>* model, DataLoader* loader, int from, int to
     }
 }
 
+// two models trained on the same batches of a token file (V = 61, the tiny models'): the losses of each,
+// and the largest difference between them at any step
+static double train_side_by_side(GPT2<float>* a, GPT2<float>* b, const std::string& tokens, int B, int T, int steps,
+                                 std::vector<float>* losses_a, std::vector<float>* losses_b) {
+    gpt2_allocate(a, B, T);
+    gpt2_allocate(b, B, T);
+    DataLoader la, lb;
+    REQUIRE(dataloader_init(&la, tokens.c_str(), B, T, 61, false, 0, "-i") == "");
+    REQUIRE(dataloader_init(&lb, tokens.c_str(), B, T, 61, false, 0, "-i") == "");
+    train_steps(a, &la, 0, steps, losses_a);
+    train_steps(b, &lb, 0, steps, losses_b);
+    double maxdiff = 0;
+    for (int k = 0; k < steps; k++) maxdiff = std::max(maxdiff, (double)std::fabs((*losses_a)[k] - (*losses_b)[k]));
+    return maxdiff;
+}
+
 // -- random adapters
 
 // random adapters on a tiny model: lora_B nonzero so the branch contributes
@@ -1630,16 +1646,8 @@ TEST_CASE("quantized base: the fp32 block matrices are gone, and the model equal
         // training: the same batches on both, losses equal and falling
         std::string tokens = dir.file("tokens.bin");
         write_cyclic_tokens(tokens, 150);
-        gpt2_allocate(&q, B, T);
-        gpt2_allocate(&ref, B, T);
-        DataLoader lq, lr;
-        REQUIRE(dataloader_init(&lq, tokens.c_str(), B, T, 61, false, 0, "-i") == "");
-        REQUIRE(dataloader_init(&lr, tokens.c_str(), B, T, 61, false, 0, "-i") == "");
         std::vector<float> losses_q, losses_r;
-        train_steps(&q, &lq, 0, steps, &losses_q);
-        train_steps(&ref, &lr, 0, steps, &losses_r);
-        double maxdiff = 0;
-        for (int k = 0; k < steps; k++) maxdiff = std::max(maxdiff, (double)std::fabs(losses_q[k] - losses_r[k]));
+        double maxdiff = train_side_by_side(&q, &ref, tokens, B, T, steps, &losses_q, &losses_r);
         // the same fp32 weights reach the same kernels in the same order: equal to the last bit in practice;
         // allow fp32 rounding of a loss of ~4 (a wrong dequantized layer would be off by > 1e-3)
         const double tol_quant_losses = 1e-6;
@@ -1817,16 +1825,8 @@ TEST_CASE("bf16 base read from llm.c fp32 (v3) and bf16 (v5) files: only bf16 he
     GPT2<float> ref;
     build_trainable_tiny(&ref, 81);
     gpt2_lora_attach(&ref, lora_config(4, 8.0f, LORA_ALL_TARGETS), 122);
-    gpt2_allocate(&q, B, T);
-    gpt2_allocate(&ref, B, T);
-    DataLoader lq, lr;
-    REQUIRE(dataloader_init(&lq, tokens.c_str(), B, T, 61, false, 0, "-i") == "");
-    REQUIRE(dataloader_init(&lr, tokens.c_str(), B, T, 61, false, 0, "-i") == "");
     std::vector<float> losses_q, losses_r;
-    train_steps(&q, &lq, 0, steps, &losses_q);
-    train_steps(&ref, &lr, 0, steps, &losses_r);
-    double maxdiff = 0;
-    for (int k = 0; k < steps; k++) maxdiff = std::max(maxdiff, (double)std::fabs(losses_q[k] - losses_r[k]));
+    double maxdiff = train_side_by_side(&q, &ref, tokens, B, T, steps, &losses_q, &losses_r);
     // bf16 weights (2^-9 relative each) and activations move this tiny model's loss by ~2e-3; 2e-2 is
     // 10x that, while a bf16 path that broke the model (a wrong layer, wte unrounded in one place and
     // not the other) moves a loss of ~6 by 0.1 or more
