@@ -30,6 +30,7 @@ Each suite starts with the helpers only its tests use; the helpers several suite
 #define TESTING
 #include "train_gpt2_lora.cpp"
 
+#include <cfloat>
 #include <fcntl.h>
 #include <functional>
 #include <map>
@@ -3511,7 +3512,15 @@ TEST_CASE("GGUF export: llama.cpp's GPT-2 names, ne = [in, out] with the model's
     memcpy(W.data(), model.params.qkvw, W.size() * 4);
     LoRALayer<float> v0 = lora_layer(&model.lora, LORA_QKV, 0);
     lora_merge(W.data(), v0.lora_A, v0.lora_B, model.lora.config.scale, C, 3 * C, 4, +1);
-    CHECK(memcmp(m.tensors[gguf_block_matrix_name(LORA_QKV, 0)].second, W.data(), W.size() * 4) == 0);
+    // the same lora_merge, but inlined at another call site the compiler may fuse the last multiply-add
+    // there and not here: allow two fp32 roundings of each weight (a wrong orientation or scale is O(|dW|))
+    const float* merged = m.tensors[gguf_block_matrix_name(LORA_QKV, 0)].second;
+    double worst = 0;
+    for (size_t i = 0; i < W.size(); i++) {
+        const double tol_merge_rounding = 2.0 * FLT_EPSILON * std::max(1.0, (double)std::fabs(W[i]));
+        worst = std::max(worst, std::fabs((double)merged[i] - W[i]) / tol_merge_rounding);
+    }
+    CHECK(worst <= 1.0);
     gpt2_free(&model);
 
     // DoRA and PiSSA: no adapter.gguf (llama.cpp cannot apply them as they are), the merged model still written
