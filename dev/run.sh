@@ -5,7 +5,10 @@
 #   3. the base model: llm.c's GPT-2 124M (data/gpt2_124M.bin) when the starter pack is there,
 #      else a small GPT-2 pretrained here on the Brown corpus with -f 1 -> data/brown_base.bin
 #   4. LoRA fine-tuning of that base on tinyshakespeare, then a summary: base vs LoRA val loss,
-#      trainable vs total parameters, adapter vs base bytes
+#      trainable vs total parameters, adapter vs base bytes, and what LoRA changed in the form of the
+#      text the model writes (dev/form_stats.cpp: 2,000 sampled tokens of the base, of the LoRA model and
+#      of real tinyshakespeare; newlines, line length, speaker tags, tokens Brown never had; the samples'
+#      first lines; the val-loss curves as text plots)
 # Every step whose output exists is skipped, so a second run goes straight to step 4.
 # Knobs (environment variables, defaults below) exist for experiments; `make run` uses the defaults.
 set -euo pipefail
@@ -13,6 +16,7 @@ cd "$(dirname "$0")/.."
 
 MAKE="${MAKE:-make}"
 RANDOM_MODEL="${RANDOM_MODEL:-build/omp/make_random_model}"
+FORM_STATS="${FORM_STATS:-build/omp/form_stats}"
 RUN_DIR="${RUN_DIR:-build/run}"  # logs and outputs of this run (data/ keeps only the cached inputs)
 
 # the small base: GPT-2 architecture and tokenizer; most of its cost is the tied LM head (C x 50304)
@@ -21,14 +25,16 @@ BASE_C="${BASE_C:-128}"          # channels
 BASE_NH="${BASE_NH:-4}"          # heads
 BASE_T="${BASE_T:-128}"          # max sequence length, and T while pretraining
 BASE_B="${BASE_B:-8}"            # batch size while pretraining
-BASE_STEPS="${BASE_STEPS:-600}"  # pretraining steps on Brown (B*T tokens each): about half an epoch
+BASE_STEPS="${BASE_STEPS:-900}"  # pretraining steps on Brown (B*T tokens each): 0.92M tokens, 0.72 of an epoch
+                                 # (the README's "The base" says what else was tried, and why this)
 BASE_LR="${BASE_LR:-1e-3}"       # AdamW peak learning rate: linear warmup, then a cosine down to a tenth
 BASE_WARMUP="${BASE_WARMUP:-50}" # warmup steps (without a warmup, lr 1e-3 from scratch throws the loss back
                                  # to uniform now and then: Adam moves every rarely-seen token row at once)
 # the LoRA fine-tune on tinyshakespeare; B, T, steps, r, alpha, lr and warmup default per base in step 4
 # (the lr decays by a cosine to a tenth in both): GPT-2 124M costs about 17x more per token than the small
 # base, so it gets llm.c's B=4, T=64, fewer steps and the trainer's own r 8, alpha 16, lr 1e-3; the small
-# base gets r 16 (1.8% of its parameters), alpha 32, lr 5e-3 after 20 warmup steps
+# base gets r 16 (1.8% of its parameters), alpha 32, lr 5e-3 after 20 warmup steps, 500 steps of 8 x 128
+# tokens (1.3 epochs of tinyshakespeare's train split), the val loss every 50 steps for the summary's curve
 LORA_B="${LORA_B:-}"
 LORA_T="${LORA_T:-}"
 LORA_STEPS="${LORA_STEPS:-}"
@@ -75,7 +81,7 @@ mkdir -p "$RUN_DIR"
 # ---------------------------------------------------------------------------- 1. build
 banner "1/4 build"
 t0=$(now)
-"$MAKE" --no-print-directory train_gpt2_lora "$RANDOM_MODEL" ||
+"$MAKE" --no-print-directory train_gpt2_lora "$RANDOM_MODEL" "$FORM_STATS" ||
     fail "step 1 (build)" "a C++17 compiler (g++) is needed; see the compiler errors above"
 TIME_BUILD=$(since "$t0")
 
@@ -138,15 +144,17 @@ t0=$(now)
 if [ "$BASE" = "$STARTER_BASE" ]; then
     : "${LORA_B:=4}" "${LORA_T:=64}" "${LORA_STEPS:=100}" "${LORA_R:=8}" "${LORA_ALPHA:=16}" "${LORA_LR:=1e-3}" "${LORA_WARMUP:=0}"
 else
-    : "${LORA_B:=8}" "${LORA_T:=128}" "${LORA_STEPS:=400}" "${LORA_R:=16}" "${LORA_ALPHA:=32}" "${LORA_LR:=5e-3}" "${LORA_WARMUP:=20}"
+    : "${LORA_B:=8}" "${LORA_T:=128}" "${LORA_STEPS:=500}" "${LORA_R:=16}" "${LORA_ALPHA:=32}" "${LORA_LR:=5e-3}" "${LORA_WARMUP:=20}"
 fi
+LORA_VAL_EVERY=$(( LORA_STEPS >= 10 ? LORA_STEPS / 10 : 1 ))
 mkdir -p "$RUN_DIR/lora"
 LOG="$RUN_DIR/lora.log"
-# val loss and a sample at step 0 (lora_B = 0, so this is the base model) and after the last step.
+# val loss at step 0 (lora_B = 0, so this is the base model), every LORA_VAL_EVERY steps and after the last;
+# a sample at step 0 and after the last step.
 # -O 1: build/run/lora is this script's own output, so a rerun with fewer LORA_STEPS may replace it
 ./train_gpt2_lora -e "$BASE" -i data/tiny_shakespeare_train.bin -j data/tiny_shakespeare_val.bin \
     -b "$LORA_B" -t "$LORA_T" -x "$LORA_STEPS" -r "$LORA_R" -a "$LORA_ALPHA" -l "$LORA_LR" -u 1 \
-    -y "$LORA_WARMUP" -z 0.1 -v "$LORA_STEPS" -m 8 -s "$LORA_STEPS" -g 64 -o "$RUN_DIR/lora" -O 1 | tee "$LOG" ||
+    -y "$LORA_WARMUP" -z 0.1 -v "$LORA_VAL_EVERY" -m 8 -s "$LORA_STEPS" -g 64 -o "$RUN_DIR/lora" -O 1 | tee "$LOG" ||
     fail "step 4 (LoRA)" "see the error above; the log is $LOG"
 TIME_LORA="$(since "$t0") s"
 
@@ -173,14 +181,17 @@ awk -v vb="$val_base" -v vl="$val_lora" -v tr="$trainable" -v fr="$frozen" -v ab
     printf "trainable parameters:     %d of %d (%.3f%%)\n", tr, tr + fr, 100.0 * tr / (tr + fr)
     printf "adapter vs base bytes:    %d vs %d (%.2f%%; %s)\n", ab, bb, 100.0 * ab / bb, aw
 }'
-# the trainer's first sample (step 0: the base) and its last (after LoRA), each between "---" lines
-samples() { awk '/^generating:$/ { n++; getline; inside = 1; next } inside && /^---$/ { inside = 0; next } inside { print n "\t" $0 }' "$LOG"; }
-nsamples=$(samples | tail -1 | cut -f1)
-echo "sample before (base, step 0):"
-samples | awk -F'\t' '$1 == 1 { print "    " $2 }'
-echo "sample after (LoRA, step $LORA_STEPS):"
-samples | awk -F'\t' -v n="${nsamples:-0}" '$1 == n && n > 1 { print "    " $2 }'
-echo "times:                    build $TIME_BUILD s, data $TIME_DATA, base $TIME_BASE, LoRA $TIME_LORA, total $(since "$T_START") s"
+# the form of the text: 2,000 sampled tokens of the base and of the LoRA model (same seed) against the
+# first 2,000 of tinyshakespeare's val split; the samples' first lines; the val-loss curves
+SAMPLE_TOKENS="${SAMPLE_TOKENS:-2000}"
+t0=$(now)
+plots=(-l "$LOG:Shakespeare val loss during LoRA")
+[ -s "$RUN_DIR/pretrain.log" ] && [ "$BASE" = "$BROWN_BASE" ] && plots+=(-l "$RUN_DIR/pretrain.log:Brown val loss during pretraining")
+"./$FORM_STATS" -e "$BASE" -A "$RUN_DIR/lora" -r data/tiny_shakespeare_val.bin -w data/brown_train.bin \
+    -c data/gpt2_tokenizer.bin -n "$SAMPLE_TOKENS" -s 1337 "${plots[@]}" | tee "$RUN_DIR/form.txt" ||
+    fail "summary (dev/form_stats.cpp)" "see the error above"
+TIME_FORM="$(since "$t0") s"
+echo "times:                    build $TIME_BUILD s, data $TIME_DATA, base $TIME_BASE, LoRA $TIME_LORA, form $TIME_FORM, total $(since "$T_START") s"
 # CPU seconds of everything this run started: on a shared machine, wall time alone says little
 times > "$RUN_DIR/times.txt"
 echo "CPU time:                 $(tail -1 "$RUN_DIR/times.txt" | awk '{print $1 " user, " $2 " sys"}') (load average now: $(cut -d' ' -f1-3 /proc/loadavg))"
