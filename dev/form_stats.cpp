@@ -7,6 +7,8 @@
 //   speaker-tag lines            share of non-empty lines that look like "NAME:" (1 to 4 capitalized
 //                                words of letters and apostrophes, then a colon, e.g. "First Citizen:")
 //   tokens unseen in Brown       share of tokens that never occur in the Brown training tokens
+//   P(line break) on real text   the mean probability each model gives "\n" or "\n\n" as the next token
+//                                on the real text (for the real text: the share of those tokens in it)
 // as one table, then the first lines of each sample with their line breaks, and the validation-loss
 // curves of the logs it is given as text plots. <|endoftext|> tokens are not counted as tokens and
 // decode to nothing (in tinyshakespeare each follows a blank line).
@@ -106,6 +108,28 @@ static void print_lines(const std::string& text, int k) {
         printf("    | %s\n", line.c_str());
         p = e + 1;
     }
+}
+
+// the mean probability a model gives "\n" (198) or "\n\n" (628) as the next token on real text, over
+// windows of T tokens: how often it expects a line break where the text goes on (the text's own share
+// of those tokens is the target a calibrated model hits)
+static double newline_probability(GPT2<float>* model, const std::vector<int>& ids) {
+    int T = model->alloc_T, V = model->config.vocab_size, Vp = model->config.padded_vocab_size;
+    double sum = 0;
+    size_t count = 0;
+    for (size_t start = 0; start + 1 < ids.size(); start += T) {
+        int len = (int)std::min<size_t>(T, ids.size() - start);
+        gpt2_forward(model, ids.data() + start, (const int*)NULL, 1, len);
+        for (int t = 0; t < len; t++) {
+            const float* logits = model->acts.logits + (size_t)t * Vp;
+            double mx = logits[0], z = 0;
+            for (int v = 1; v < V; v++) mx = std::max(mx, (double)logits[v]);
+            for (int v = 0; v < V; v++) z += std::exp((double)logits[v] - mx);
+            sum += (std::exp((double)logits[198] - mx) + std::exp((double)logits[628] - mx)) / z;
+            count++;
+        }
+    }
+    return count > 0 ? 100.0 * sum / count : 0;
 }
 
 // ---------------------------------------------------------------------------- the val-loss curve
@@ -214,7 +238,11 @@ int main(int argc, char** argv) {
     Form fb = measure(tok, sample_tokens(&base, n, seed, tok.eot_token), in_brown);
     Form fl = measure(tok, sample_tokens(&lora, n, seed, tok.eot_token), in_brown);
     double secs = now_seconds() - t0;
-    Form fr = measure(tok, std::vector<int>(real.tokens.begin(), real.tokens.begin() + n), in_brown);
+    std::vector<int> real_ids(real.tokens.begin(), real.tokens.begin() + n);
+    Form fr = measure(tok, real_ids, in_brown);
+    double pb = newline_probability(&base, real_ids), pl = newline_probability(&lora, real_ids), share = 0;
+    for (int id : real_ids) share += (id == 198 || id == 628);
+    share = 100.0 * share / n;
 
     printf("form of %d tokens (sampled: seed %llu, temperature 1, context %d; %.1f s)\n", n, (unsigned long long)seed, T, secs);
     printf("  %-28s %10s %10s %16s\n", "", "base", "LoRA", "tinyshakespeare");
@@ -222,6 +250,7 @@ int main(int argc, char** argv) {
     printf("  %-28s %10.1f %10.1f %16.1f\n", "mean line length (chars)", fb.mean_line_chars, fl.mean_line_chars, fr.mean_line_chars);
     printf("  %-28s %9.1f%% %9.1f%% %15.1f%%\n", "speaker-tag lines (NAME:)", fb.tag_share, fl.tag_share, fr.tag_share);
     printf("  %-28s %9.1f%% %9.1f%% %15.1f%%\n", "tokens unseen in Brown", fb.unseen_share, fl.unseen_share, fr.unseen_share);
+    printf("  %-28s %9.1f%% %9.1f%% %15.1f%%\n", "P(line break) on real text", pb, pl, share);
     double gap = fr.newlines_per_100 - fb.newlines_per_100;
     if (std::fabs(gap) > 1e-9) {
         printf("  LoRA's newlines per 100 tokens moved %.0f%% of the way from the base's to tinyshakespeare's\n",
