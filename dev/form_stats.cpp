@@ -23,11 +23,12 @@
 
 static void usage() {
     fprintf(stderr,
-            "usage: form_stats -e <base.bin> -A <adapter dir or adapter.bin> -r <real text tokens> -w <Brown train tokens>\n"
-            "                  [-c <llm.c tokenizer>] [-n <tokens>] [-s <seed>] [-t <context T>] [-k <lines shown>]\n"
+            "usage: form_stats -e <base.bin> -A <adapter dir or adapter.bin> -r <real text tokens>\n"
+            "                  [-w <Brown train tokens>] [-c <llm.c tokenizer>] [-n <tokens>] [-s <seed>] [-t <context T>] [-k <lines shown>]\n"
             "                  [-l <log with val losses>:<title>]...\n"
             "  -n  tokens per sample, >= 1 (default 2000); -s seed (default 1337); -t context, <= maxT (default maxT)\n"
             "  -c  default data/gpt2_tokenizer.bin; -k lines of each sample printed (default 8)\n"
+            "  -w  without it (GPT-2 124M needs no Brown corpus), the row of tokens unseen in Brown is left out\n"
             "  -l  a trainer log: its \"val loss\" lines are plotted against the step, titled <title>\n");
     exit(1);
 }
@@ -204,7 +205,7 @@ int main(int argc, char** argv) {
             default: usage();
         }
     }
-    if (base_path == NULL || adapter_path == NULL || real_path == NULL || brown_path == NULL) usage();
+    if (base_path == NULL || adapter_path == NULL || real_path == NULL) usage();
     if (n < 1) die(strprintf("form_stats: -n %d: the samples need at least one token\n---> HINT: pass -n 2000", n));
 
     Tokenizer tok;
@@ -212,7 +213,7 @@ int main(int argc, char** argv) {
     if (!err.empty()) die(err);
     TokenFile real, brown;
     if (!(err = tokens_read(&real, real_path, (int)tok.pieces.size(), "-r")).empty()) die(err);
-    if (!(err = tokens_read(&brown, brown_path, (int)tok.pieces.size(), "-w")).empty()) die(err);
+    if (brown_path != NULL && !(err = tokens_read(&brown, brown_path, (int)tok.pieces.size(), "-w")).empty()) die(err);
     if ((int)real.tokens.size() < n) die(strprintf("form_stats: %s has %zu tokens, fewer than -n %d\n---> HINT: pass a smaller -n", real_path, real.tokens.size(), n));
     std::vector<bool> in_brown(tok.pieces.size(), false);
     for (uint16_t id : brown.tokens) in_brown[id] = true;
@@ -249,7 +250,7 @@ int main(int argc, char** argv) {
     printf("  %-28s %10.2f %10.2f %16.2f\n", "newlines per 100 tokens", fb.newlines_per_100, fl.newlines_per_100, fr.newlines_per_100);
     printf("  %-28s %10.1f %10.1f %16.1f\n", "mean line length (chars)", fb.mean_line_chars, fl.mean_line_chars, fr.mean_line_chars);
     printf("  %-28s %9.1f%% %9.1f%% %15.1f%%\n", "speaker-tag lines (NAME:)", fb.tag_share, fl.tag_share, fr.tag_share);
-    printf("  %-28s %9.1f%% %9.1f%% %15.1f%%\n", "tokens unseen in Brown", fb.unseen_share, fl.unseen_share, fr.unseen_share);
+    if (brown_path != NULL) printf("  %-28s %9.1f%% %9.1f%% %15.1f%%\n", "tokens unseen in Brown", fb.unseen_share, fl.unseen_share, fr.unseen_share);
     printf("  %-28s %9.1f%% %9.1f%% %15.1f%%\n", "P(line break) on real text", pb, pl, share);
     double gap = fr.newlines_per_100 - fb.newlines_per_100;
     if (std::fabs(gap) > 1e-9) {

@@ -186,8 +186,9 @@ awk -v vb="$val_base" -v vl="$val_lora" -v tr="$trainable" -v fr="$frozen" -v ab
 SAMPLE_TOKENS="${SAMPLE_TOKENS:-2000}"
 t0=$(now)
 plots=(-l "$LOG:Shakespeare val loss during LoRA")
+brown=(); [ -s data/brown_train.bin ] && brown=(-w data/brown_train.bin) # absent with the starter pack's base
 [ -s "$RUN_DIR/pretrain.log" ] && [ "$BASE" = "$BROWN_BASE" ] && plots+=(-l "$RUN_DIR/pretrain.log:Brown val loss during pretraining")
-"./$FORM_STATS" -e "$BASE" -A "$RUN_DIR/lora" -r data/tiny_shakespeare_val.bin -w data/brown_train.bin \
+"./$FORM_STATS" -e "$BASE" -A "$RUN_DIR/lora" -r data/tiny_shakespeare_val.bin "${brown[@]}" \
     -c data/gpt2_tokenizer.bin -n "$SAMPLE_TOKENS" -s 1337 "${plots[@]}" | tee "$RUN_DIR/form.txt" ||
     fail "summary (dev/form_stats.cpp)" "see the error above"
 TIME_FORM="$(since "$t0") s"
