@@ -98,6 +98,7 @@ struct LoRAConfig {
     bool use_dora;    // DoRA: a trainable magnitude per output row, W = m * V / ||V||_row
     bool init_pissa;  // PiSSA: lora_A, lora_B from the top-r SVD of W0; the frozen base becomes the residual
     int base_quant;   // the frozen base's block matrices as the adapter trained on them: a LoRAQuant (fp32, int8, nf4, int2)
+    float dropout;    // PEFT's lora_dropout (-D): on the branch's input while training (the model's Dropout), 0 = off
 };
 
 // the one place the scale is derived. rsLoRA (Kalajdzievski 2023): with alpha / r the update

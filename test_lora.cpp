@@ -132,9 +132,11 @@ static uint64_t tiny_base_sum(const GPT2<float>* model) { return base_checksum(m
 static void train_steps(GPT2<float>* model, DataLoader* loader, int from, int to, std::vector<float>* losses) {
     for (int step = from; step < to; step++) {
         dataloader_next_batch(loader);
+        gpt2_train_mode(model, true, step); // the step's dropout masks (-D, -R), when their p > 0
         gpt2_forward(model, loader->inputs.data(), loader->targets.data(), loader->B, loader->T);
         gpt2_zero_grad(model);
         gpt2_backward(model);
+        gpt2_train_mode(model, false);
         gpt2_update(model, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.01f, step + 1);
         losses->push_back(model->mean_loss);
     }
@@ -492,6 +494,167 @@ TEST_CASE("end to end, full fine-tuning: every base tensor's gradient matches fi
         off += n;
     }
     gpt2_free(&model);
+}
+
+// -- dropout (-D on LoRA's branch, -R GPT-2's own): the masks are a hash of a key, so a fixed key is a fixed
+// mask and the finite differences see the very function the backward differentiates
+
+TEST_CASE("dropout_backward matches finite differences with a fixed mask (its key); the forward scales kept values by 1/(1-p)") {
+    const size_t N = 200;
+    const uint64_t key = dropout_key(5, 3, 1, DROP_ATTPROJ);
+    Rng rng;
+    rng_seed(&rng, 31);
+    for (float p : {0.1f, 0.5f}) {
+        CAPTURE(p);
+        std::vector<double> inp = random_vector(&rng, N, 2.0), w = random_vector(&rng, N, 1.0), out(N);
+        auto loss = [&]() {
+            dropout_forward(out.data(), inp.data(), N, p, key);
+            return dot(w, out.data());
+        };
+        loss();
+        size_t kept = 0;
+        for (size_t i = 0; i < N; i++) {
+            bool keep = dropout_keep(key, i, p);
+            kept += keep;
+            // exactly inp / (1 - p) or exactly 0: one multiply by the scale, in double
+            CHECK(out[i] == (keep ? inp[i] * (1 / (1 - (double)p)) : 0.0));
+        }
+        CHECK(kept > 0);
+        CHECK(kept < N); // the mask bites: some dropped, some kept
+        std::vector<double> dinp(N, 0.0);
+        dropout_backward(dinp.data(), w.data(), N, p, key);
+        CHECK(fd_relative_error(inp.data(), N, dinp.data(), loss, "dropout dinp") < tol_fd);
+        // in place (the model drops proj and the embeddings where they lie): the same values
+        loss(); // out for inp itself again (the finite differences left it at a perturbed input)
+        std::vector<double> inplace = inp;
+        dropout_forward(inplace.data(), inplace.data(), N, p, key);
+        CHECK(memcmp(inplace.data(), out.data(), N * sizeof(double)) == 0);
+    }
+}
+
+TEST_CASE("attention_backward with dropout on the probabilities matches finite differences (a fixed mask); so does the prefix attention's") {
+    const int B = 2, T = 4, C = 6, NH = 2, P = 2;
+    const float p = 0.3f;
+    const uint64_t key = dropout_key(9, 0, 0, DROP_ATTENTION);
+    Rng rng;
+    rng_seed(&rng, 32);
+    for (double mag : {1e-1, 1.0, 3.0}) {
+        CAPTURE(mag);
+        std::vector<double> qkv = random_vector(&rng, (size_t)B * T * 3 * C, mag), w = random_vector(&rng, (size_t)B * T * C, 1.0);
+        std::vector<double> out((size_t)B * T * C), out0(out.size()), att((size_t)B * NH * T * T), datt(att.size());
+        attention_forward(out0.data(), att.data(), qkv.data(), B, T, C, NH);
+        auto loss = [&]() {
+            attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH, 0, p, key);
+            return dot(w, out.data());
+        };
+        loss();
+        CHECK(out != out0); // the mask changed the output
+        std::vector<double> dqkv(qkv.size(), 0.0);
+        attention_backward(dqkv.data(), datt.data(), w.data(), qkv.data(), att.data(), B, T, C, NH, p, key);
+        CHECK(fd_relative_error(qkv.data(), qkv.size(), dqkv.data(), loss, "attention dqkv with dropout") < tol_fd);
+
+        // prefix tuning's attention (-X with -R): the same mask rule over its P + T columns
+        std::vector<double> pk = random_vector(&rng, (size_t)P * C, mag), pv = random_vector(&rng, (size_t)P * C, mag);
+        std::vector<double> patt((size_t)B * NH * T * (P + T)), pdatt(patt.size());
+        auto ploss = [&]() {
+            attention_prefix_forward(out.data(), patt.data(), qkv.data(), pk.data(), pv.data(), B, T, C, NH, P, 0, p, key);
+            return dot(w, out.data());
+        };
+        ploss();
+        std::vector<double> pdqkv(qkv.size(), 0.0), dpk(pk.size(), 0.0), dpv(pv.size(), 0.0);
+        attention_prefix_backward(pdqkv.data(), dpk.data(), dpv.data(), pdatt.data(), w.data(), qkv.data(), pk.data(), pv.data(),
+                                  patt.data(), B, T, C, NH, P, p, key);
+        CHECK(fd_relative_error(qkv.data(), qkv.size(), pdqkv.data(), ploss, "prefix attention dqkv with dropout") < tol_fd);
+        CHECK(fd_relative_error(pk.data(), pk.size(), dpk.data(), ploss, "prefix attention dprefix_k with dropout") < tol_fd);
+        CHECK(fd_relative_error(pv.data(), pv.size(), dpv.data(), ploss, "prefix attention dprefix_v with dropout") < tol_fd);
+    }
+}
+
+// max |numeric - analytic| / max |.| over `samples` evenly spread elements of x (the whole of x when smaller)
+static double fd_sampled_relative_error(double* x, size_t n, const double* grad, const std::function<double()>& loss, size_t samples) {
+    size_t stride = std::max<size_t>(1, n / samples);
+    double maxdiff = 0, maxgrad = 0;
+    for (size_t i = 0; i < n; i += stride) {
+        double old = x[i], eps = 1e-5 * std::max(1.0, std::fabs(old));
+        x[i] = old + eps;
+        double lp = loss();
+        x[i] = old - eps;
+        double lm = loss();
+        x[i] = old;
+        double numeric = (lp - lm) / (2 * eps);
+        maxdiff = std::max(maxdiff, std::fabs(numeric - grad[i]));
+        maxgrad = std::max(maxgrad, std::max(std::fabs(grad[i]), std::fabs(numeric)));
+    }
+    return maxgrad > 0 ? maxdiff / maxgrad : 0.0;
+}
+
+TEST_CASE("end to end with dropout: -D and -R adapter gradients, and -R full fine-tuning's every tensor, match finite differences with one step's masks") {
+    const int B = 2, T = 5;
+    Rng rng;
+    rng_seed(&rng, 33);
+    std::vector<int> inputs, targets;
+    random_tokens(&rng, &inputs, B * T, tiny_config().vocab_size);
+    random_tokens(&rng, &targets, B * T, tiny_config().vocab_size);
+    // LoRA with its branch dropout (-D 0.3) and GPT-2's (-R 0.2): p larger than usual so that in a tiny
+    // model every site drops something
+    {
+        GPT2<double> model;
+        build_tiny_lora_model(&model, LORA_ALL_TARGETS, 2, 34);
+        auto loss = [&]() {
+            gpt2_forward(&model, inputs.data(), targets.data(), B, T);
+            return model.mean_loss;
+        };
+        double undropped = loss();
+        model.lora.config.dropout = 0.3f;
+        model.drop.gpt2_p = 0.2f;
+        model.drop.seed = 35;
+        gpt2_train_mode(&model, true, 7); // step 7's masks, the same at every call of loss()
+        double dropped = loss();
+        CHECK(dropped != undropped);
+        gpt2_zero_grad(&model);
+        gpt2_backward(&model);
+        std::vector<double> grads(model.lora.grads_memory, model.lora.grads_memory + model.lora.num_parameters);
+        for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+            std::string target = lora_target_names[t];
+            CAPTURE(target);
+            size_t off_A = model.lora.lora_A[t] - model.lora.params_memory, off_B = model.lora.lora_B[t] - model.lora.params_memory;
+            size_t nA = (size_t)model.config.num_layers * 2 * lora_target_in(t, model.config.channels);
+            size_t nB = (size_t)model.config.num_layers * lora_target_out(t, model.config.channels) * 2;
+            std::string la = "dropout: model dlora_A " + target, lb = "dropout: model dlora_B " + target;
+            CHECK(fd_relative_error(model.lora.lora_A[t], nA, grads.data() + off_A, loss, la.c_str()) < tol_fd);
+            CHECK(fd_relative_error(model.lora.lora_B[t], nB, grads.data() + off_B, loss, lb.c_str()) < tol_fd);
+        }
+        gpt2_train_mode(&model, false);
+        CHECK(loss() == undropped); // out of train mode: no mask at all
+        gpt2_free(&model);
+    }
+    // full fine-tuning with -R 0.2: every tensor, the embeddings' gradient through their mask included
+    {
+        GPT2<double> model;
+        gpt2_build_random(&model, tiny_config(), 36);
+        for (size_t i = 0; i < model.num_parameters; i++) { model.params_memory[i] += 0.05 * (2.0 * rng_f32(&rng) - 1.0); }
+        gpt2_enable_full_training(&model);
+        model.drop.gpt2_p = 0.2f;
+        model.drop.seed = 37;
+        gpt2_train_mode(&model, true, 3);
+        auto loss = [&]() {
+            gpt2_forward(&model, inputs.data(), targets.data(), B, T);
+            return model.mean_loss;
+        };
+        loss();
+        gpt2_zero_grad(&model);
+        gpt2_backward(&model);
+        size_t off = 0;
+        for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
+            std::string name = param_tensor_names[k];
+            CAPTURE(name);
+            double rel = fd_sampled_relative_error(model.params_memory + off, model.param_sizes[k], model.grads_memory + off, loss, 40);
+            MESSAGE("dropout, full d" << name << ": relative " << rel);
+            CHECK(rel < tol_fd);
+            off += model.param_sizes[k];
+        }
+        gpt2_free(&model);
+    }
 }
 
 TEST_SUITE_END();
@@ -1046,70 +1209,178 @@ TEST_CASE("non-finite guard: a NaN gradient or an inf loss is caught before the 
     gpt2_free(&model);
 }
 
-TEST_CASE("resume: training from a saved adapter continues bit for bit like the uninterrupted run") {
-    const int B = 2, T = 8, steps = 10, split = 4;
-    TempDir dir;
-    std::string ckpt = dir.file("base.bin"), tokens = dir.file("tokens.bin"), adapter = dir.file("adapter.bin");
-    write_tiny_checkpoint(ckpt);
-    write_cyclic_tokens(tokens, 150); // 9 batches of B*T: the 10 steps cross an epoch (a reshuffle)
-    LoRAConfig cfg = lora_config(4, 8.0f, LORA_ALL_TARGETS);
-
-    // uninterrupted
-    GPT2<float> a;
-    REQUIRE(gpt2_read_checkpoint(&a, ckpt.c_str()) == "");
-    gpt2_lora_attach(&a, cfg, 77);
-    gpt2_allocate(&a, B, T);
-    DataLoader la;
-    REQUIRE(dataloader_init(&la, tokens.c_str(), B, T, 61, true, 78, "-i") == "");
-    std::vector<float> losses_a;
-    train_steps(&a, &la, 0, steps, &losses_a);
-
-    // interrupted at `split`: save, throw everything away, load into fresh objects, go on
-    std::vector<float> losses_b;
-    {
-        GPT2<float> b;
-        REQUIRE(gpt2_read_checkpoint(&b, ckpt.c_str()) == "");
-        gpt2_lora_attach(&b, cfg, 77);
-        gpt2_allocate(&b, B, T);
-        DataLoader lb;
-        REQUIRE(dataloader_init(&lb, tokens.c_str(), B, T, 61, true, 78, "-i") == "");
-        train_steps(&b, &lb, 0, split, &losses_b);
-        Rng sample_rng;
-        rng_seed(&sample_rng, 79);
-        TrainState state = train_state_capture(split, &lb, &sample_rng);
-        REQUIRE(lora_file_write(adapter.c_str(), &b, tiny_base_sum(&b), &state) == "");
-        gpt2_free(&b);
+TEST_CASE("dropout masks: the same (seed, step, layer, site) draws the same mask; another step, layer, site or seed another; about 1 - p is kept") {
+    const size_t N = 1 << 20;
+    const float p = 0.1f;
+    auto mask = [&](uint64_t key) {
+        std::vector<char> m(N);
+        for (size_t i = 0; i < N; i++) m[i] = dropout_keep(key, i, p);
+        return m;
+    };
+    std::vector<char> m = mask(dropout_key(1337, 5, 2, DROP_LORA + LORA_FC));
+    CHECK(mask(dropout_key(1337, 5, 2, DROP_LORA + LORA_FC)) == m);   // reproducible: the backward, a resumed run
+    CHECK(mask(dropout_key(1337, 6, 2, DROP_LORA + LORA_FC)) != m);   // the next step
+    CHECK(mask(dropout_key(1337, 5, 3, DROP_LORA + LORA_FC)) != m);   // another layer
+    CHECK(mask(dropout_key(1337, 5, 2, DROP_LORA + LORA_QKV)) != m);  // another matmul
+    CHECK(mask(dropout_key(1337, 5, 2, DROP_ATTPROJ)) != m);          // another site
+    CHECK(mask(dropout_key(1338, 5, 2, DROP_LORA + LORA_FC)) != m);   // another seed (-n, or another rank)
+    // the kept fraction: N Bernoulli(1 - p) draws have standard deviation sqrt(p (1 - p) / N) = 2.9e-4;
+    // 6 of them (a false alarm about once in 10^9 runs, were the hash truly random) is 1.8e-3
+    const double tol_kept = 6 * std::sqrt(p * (1 - p) / (double)N);
+    for (int step : {0, 1, 1000}) {
+        for (float q : {0.1f, 0.5f, 0.9f}) {
+            uint64_t key = dropout_key(1337, step, 0, DROP_ATTENTION);
+            size_t kept = 0;
+            for (size_t i = 0; i < N; i++) kept += dropout_keep(key, i, q);
+            double frac = (double)kept / N, tol = 6 * std::sqrt(q * (1 - q) / (double)N);
+            CAPTURE(step); CAPTURE(q);
+            MESSAGE("kept fraction at p = " << q << ", step " << step << ": " << frac << " (expected " << 1 - q << ")");
+            CHECK(std::fabs(frac - (1 - q)) < tol);
+        }
     }
-    GPT2<float> c;
-    REQUIRE(gpt2_read_checkpoint(&c, ckpt.c_str()) == "");
-    gpt2_allocate(&c, B, T);
-    TrainState state;
-    bool has_state = false;
-    REQUIRE(lora_file_read(adapter.c_str(), &c, tiny_base_sum(&c), &state, &has_state) == "");
-    REQUIRE(has_state);
-    DataLoader lc;
-    REQUIRE(dataloader_init(&lc, tokens.c_str(), B, T, 61, true, 12345 /* any seed: the state replaces it */, "-i") == "");
-    REQUIRE(train_state_restore(state, &lc, adapter.c_str()) == "");
-    train_steps(&c, &lc, state.step, steps, &losses_b);
+    CHECK(tol_kept < 2e-3);
+    // pairs of neighbours are independent too: kept-and-kept occurs (1 - p)^2 of the time
+    size_t both = 0;
+    for (size_t i = 0; i + 1 < N; i += 2) both += m[i] && m[i + 1];
+    double pair_frac = (double)both / (N / 2), pair_sd = std::sqrt(0.81 * 0.19 / (N / 2));
+    CHECK(std::fabs(pair_frac - 0.81) < 6 * pair_sd);
+}
 
-    REQUIRE(losses_b.size() == losses_a.size());
-    MESSAGE("resume at step " << split << ": losses " << losses_a[split] << " .. " << losses_a[steps - 1] << " (uninterrupted) vs "
-            << losses_b[split] << " .. " << losses_b[steps - 1] << " (resumed)");
-    CHECK(memcmp(losses_a.data(), losses_b.data(), losses_a.size() * sizeof(float)) == 0); // bit for bit
-    size_t n = a.lora.num_parameters;
-    CHECK(memcmp(a.lora.params_memory, c.lora.params_memory, n * sizeof(float)) == 0);
-    CHECK(memcmp(a.lora.m_memory, c.lora.m_memory, n * sizeof(float)) == 0);
-    CHECK(memcmp(a.lora.v_memory, c.lora.v_memory, n * sizeof(float)) == 0);
-    CHECK(losses_a[steps - 1] < losses_a[0]); // and it did learn something
+TEST_CASE("dropout is off at evaluation and generation: outside a training step, or without targets, the model is bit for bit the undropped one; p = 0 allocates nothing") {
+    const int B = 2, T = 8;
+    GPT2<float> plain, dropped;
+    for (GPT2<float>* m : {&plain, &dropped}) {
+        build_trainable_tiny(m, 111);
+        gpt2_lora_attach(m, lora_config(4, 8.0f, LORA_ALL_TARGETS), 112);
+        randomize_lora_B(&m->lora, m->config.num_layers, m->config.channels, 113, 0.2);
+        gpt2_allocate(m, B, T);
+    }
+    dropped.lora.config.dropout = 0.1f;
+    dropped.drop.gpt2_p = 0.1f;
+    dropped.drop.seed = 114;
+    Rng rng;
+    rng_seed(&rng, 115);
+    std::vector<int> inputs, targets;
+    random_tokens(&rng, &inputs, B * T, 61);
+    random_tokens(&rng, &targets, B * T, 61);
+    size_t nlogits = (size_t)B * T * plain.config.padded_vocab_size;
+    auto same_logits = [&]() { return memcmp(plain.acts.logits, dropped.acts.logits, nlogits * sizeof(float)) == 0; };
+    gpt2_forward(&plain, inputs.data(), targets.data(), B, T);
+    // evaluation (gpt2_validate's forward): not in a training step
+    gpt2_forward(&dropped, inputs.data(), targets.data(), B, T);
+    CHECK(same_logits());
+    CHECK(dropped.mean_loss == plain.mean_loss);
+    // in a training step but without targets (inference): no mask either
+    gpt2_train_mode(&dropped, true, 4);
+    gpt2_forward(&dropped, inputs.data(), NULL, B, T);
+    CHECK(same_logits());
+    // generation, which runs between training steps, draws the same tokens (key/value cache on)
+    Rng r1, r2;
+    rng_seed(&r1, 116);
+    rng_seed(&r2, 116);
+    gpt2_train_mode(&dropped, false);
+    CHECK(gpt2_generate(&plain, std::vector<int>{1, 2, 3}, 12, &r1, 1.0f, 0) == gpt2_generate(&dropped, std::vector<int>{1, 2, 3}, 12, &r2, 1.0f, 0));
+    // a training step's forward does draw masks, and a different loss
+    gpt2_forward(&plain, inputs.data(), targets.data(), B, T);
+    gpt2_train_mode(&dropped, true, 4);
+    gpt2_forward(&dropped, inputs.data(), targets.data(), B, T);
+    CHECK(dropped.drop.drawn);
+    CHECK(!same_logits());
+    CHECK(dropped.drop.lora_x != NULL);
+    CHECK(gpt2_dropout_bytes(&dropped) > 0);
+    // p = 0: a training step allocates no scratch and counts none
+    gpt2_train_mode(&plain, true, 4);
+    gpt2_forward(&plain, inputs.data(), targets.data(), B, T);
+    gpt2_zero_grad(&plain);
+    gpt2_backward(&plain);
+    CHECK(!plain.drop.drawn);
+    CHECK(plain.drop.lora_x == NULL);
+    CHECK(plain.drop.lora_dx == NULL);
+    CHECK(plain.drop.dproj == NULL);
+    CHECK(gpt2_dropout_bytes(&plain) == 0);
+    gpt2_free(&plain);
+    gpt2_free(&dropped);
+}
 
-    // a loader of another shape cannot take the state
-    DataLoader other;
-    REQUIRE(dataloader_init(&other, tokens.c_str(), B, 4, 61, true, 78, "-i") == "");
-    std::string err = train_state_restore(state, &other, adapter.c_str());
-    CHECK(has(err, "T=8"));
-    CHECK(has(err, "HINT"));
-    gpt2_free(&a);
-    gpt2_free(&c);
+TEST_CASE("resume: training from a saved adapter continues bit for bit like the uninterrupted run, with dropout (-D, -R) too") {
+    const int B = 2, T = 8, steps = 10, split = 4;
+    // p = 0.1 on both: LoRA's branch (kept in adapter.bin) and GPT-2's (the flag, given again on resume)
+    std::vector<float> losses_undropped; // the run with p = 0, which dropout must change
+    for (float p : {0.0f, 0.1f}) {
+        CAPTURE(p);
+        TempDir dir;
+        std::string ckpt = dir.file("base.bin"), tokens = dir.file("tokens.bin"), adapter = dir.file("adapter.bin");
+        write_tiny_checkpoint(ckpt);
+        write_cyclic_tokens(tokens, 150); // 9 batches of B*T: the 10 steps cross an epoch (a reshuffle)
+        LoRAConfig cfg = lora_config(4, 8.0f, LORA_ALL_TARGETS);
+        cfg.dropout = p;
+
+        // uninterrupted
+        GPT2<float> a;
+        REQUIRE(gpt2_read_checkpoint(&a, ckpt.c_str()) == "");
+        gpt2_lora_attach(&a, cfg, 77);
+        gpt2_allocate(&a, B, T);
+        a.drop.gpt2_p = p;
+        a.drop.seed = 76;
+        DataLoader la;
+        REQUIRE(dataloader_init(&la, tokens.c_str(), B, T, 61, true, 78, "-i") == "");
+        std::vector<float> losses_a;
+        train_steps(&a, &la, 0, steps, &losses_a);
+
+        // interrupted at `split`: save, throw everything away, load into fresh objects, go on
+        std::vector<float> losses_b;
+        {
+            GPT2<float> b;
+            REQUIRE(gpt2_read_checkpoint(&b, ckpt.c_str()) == "");
+            gpt2_lora_attach(&b, cfg, 77);
+            gpt2_allocate(&b, B, T);
+            b.drop.gpt2_p = p;
+            b.drop.seed = 76;
+            DataLoader lb;
+            REQUIRE(dataloader_init(&lb, tokens.c_str(), B, T, 61, true, 78, "-i") == "");
+            train_steps(&b, &lb, 0, split, &losses_b);
+            Rng sample_rng;
+            rng_seed(&sample_rng, 79);
+            TrainState state = train_state_capture(split, &lb, &sample_rng);
+            REQUIRE(lora_file_write(adapter.c_str(), &b, tiny_base_sum(&b), &state) == "");
+            gpt2_free(&b);
+        }
+        GPT2<float> c;
+        REQUIRE(gpt2_read_checkpoint(&c, ckpt.c_str()) == "");
+        gpt2_allocate(&c, B, T);
+        TrainState state;
+        bool has_state = false;
+        REQUIRE(lora_file_read(adapter.c_str(), &c, tiny_base_sum(&c), &state, &has_state) == "");
+        REQUIRE(has_state);
+        CHECK(c.lora.config.dropout == p); // adapter.bin keeps lora_dropout
+        c.drop.gpt2_p = p;
+        c.drop.seed = 76;
+        DataLoader lc;
+        REQUIRE(dataloader_init(&lc, tokens.c_str(), B, T, 61, true, 12345 /* any seed: the state replaces it */, "-i") == "");
+        REQUIRE(train_state_restore(state, &lc, adapter.c_str()) == "");
+        train_steps(&c, &lc, state.step, steps, &losses_b);
+
+        REQUIRE(losses_b.size() == losses_a.size());
+        MESSAGE("resume at step " << split << ": losses " << losses_a[split] << " .. " << losses_a[steps - 1] << " (uninterrupted) vs "
+                << losses_b[split] << " .. " << losses_b[steps - 1] << " (resumed)");
+        CHECK(memcmp(losses_a.data(), losses_b.data(), losses_a.size() * sizeof(float)) == 0); // bit for bit
+        size_t n = a.lora.num_parameters;
+        CHECK(memcmp(a.lora.params_memory, c.lora.params_memory, n * sizeof(float)) == 0);
+        CHECK(memcmp(a.lora.m_memory, c.lora.m_memory, n * sizeof(float)) == 0);
+        CHECK(memcmp(a.lora.v_memory, c.lora.v_memory, n * sizeof(float)) == 0);
+        CHECK(losses_a[steps - 1] < losses_a[0]); // and it did learn something
+        if (p == 0) losses_undropped = losses_a;
+        else CHECK(losses_a != losses_undropped); // the masks were drawn: the run is another one
+
+        // a loader of another shape cannot take the state
+        DataLoader other;
+        REQUIRE(dataloader_init(&other, tokens.c_str(), B, 4, 61, true, 78, "-i") == "");
+        std::string err = train_state_restore(state, &other, adapter.c_str());
+        CHECK(has(err, "T=8"));
+        CHECK(has(err, "HINT"));
+        gpt2_free(&a);
+        gpt2_free(&c);
+    }
 }
 
 TEST_CASE("determinism: two runs with the same seed and thread count give bit-identical losses and adapters (shuffle off and on)") {
@@ -3164,6 +3435,67 @@ TEST_CASE("PEFT export -> import round trip gives the same adapter; the importer
 
 // -- disk full and unwritable outputs: a clear error and nothing left behind
 
+TEST_CASE("lora_dropout in the files: PEFT's config writes it as typed and reads it back, adapter.bin keeps it (older files read 0), bad values are refused") {
+    TempDir dir;
+    const char* d = dir.path.c_str();
+    GPT2<float> model, loaded;
+    build_adapted_tiny(&model, LORA_ALL_TARGETS, 4, 961);
+    build_trainable_tiny(&loaded, 961);
+    TrainState s;
+    bool hs = true;
+    for (float p : {0.0f, 0.1f, 0.05f, 0.123456789f}) {
+        CAPTURE(p);
+        model.lora.config.dropout = p;
+        REQUIRE(peft_export(d, &model, "gpt2") == "");
+        std::string config;
+        REQUIRE(read_text_file(dir.file("adapter_config.json").c_str(), "config", "", &config) == "");
+        // the shortest decimal that reads back as p: what a PEFT user would have typed
+        if (p == 0.1f) CHECK(has(config, "\"lora_dropout\": 0.1,"));
+        if (p == 0.0f) CHECK(has(config, "\"lora_dropout\": 0,"));
+        REQUIRE(lora_file_load(d, &loaded, 0, &s, &hs) == "");
+        CHECK(loaded.lora.config.dropout == p); // bit for bit
+        REQUIRE(lora_file_write(dir.file("adapter.bin").c_str(), &model, 7, NULL) == "");
+        loaded.lora.config.dropout = -1;
+        REQUIRE(lora_file_read(dir.file("adapter.bin").c_str(), &loaded, 7, &s, &hs) == "");
+        CHECK(loaded.lora.config.dropout == p);
+    }
+    // an adapter.bin from before lora_dropout had its slot (header[30] = 0): reads as 0, off
+    std::vector<char> bytes = read_all(dir.file("adapter.bin"));
+    int zero = 0;
+    memcpy(bytes.data() + 30 * sizeof(int), &zero, sizeof(int));
+    write_bytes(dir.file("old.bin"), bytes.data(), bytes.size());
+    REQUIRE(lora_file_read(dir.file("old.bin").c_str(), &loaded, 7, &s, &hs) == "");
+    CHECK(loaded.lora.config.dropout == 0.0f);
+    // a value outside [0, 1) in adapter.bin is a corrupt header
+    float one = 1.0f;
+    memcpy(bytes.data() + 30 * sizeof(int), &one, sizeof(float));
+    write_bytes(dir.file("bad.bin"), bytes.data(), bytes.size());
+    std::string err = lora_file_read(dir.file("bad.bin").c_str(), &loaded, 7, &s, &hs);
+    CHECK(has(err, "lora_dropout=1"));
+    CHECK(has(err, "HINT"));
+    // and in PEFT's config: a number in [0, 1), or null (PEFT's default 0.0)
+    model.lora.config.dropout = 0.1f;
+    REQUIRE(peft_export(d, &model, "gpt2") == "");
+    std::string good;
+    REQUIRE(read_text_file(dir.file("adapter_config.json").c_str(), "config", "", &good) == "");
+    for (const char* bad : {"1.0", "-0.1", "\"0.1\"", "true"}) {
+        CAPTURE(bad);
+        std::string c = good;
+        c.replace(c.find("0.1,"), 3, bad);
+        write_bytes(dir.file("adapter_config.json"), c.data(), c.size());
+        err = peft_import(d, &loaded);
+        CHECK(has(err, "lora_dropout must be a number in [0, 1)"));
+        CHECK(has(err, "-D"));
+    }
+    std::string c = good;
+    c.replace(c.find("\"lora_dropout\": 0.1,"), 20, "");
+    write_bytes(dir.file("adapter_config.json"), c.data(), c.size());
+    REQUIRE(peft_import(d, &loaded) == ""); // absent: PEFT's default
+    CHECK(loaded.lora.config.dropout == 0.0f);
+    gpt2_free(&model);
+    gpt2_free(&loaded);
+}
+
 TEST_CASE("a failed write leaves the existing files intact: adapter.bin, the PEFT files and the merged checkpoint") {
     TempDir dir;
     GPT2<float> model;
@@ -4665,6 +4997,58 @@ TEST_CASE("the trainer binary: -B 1 (BitFit) trains the biases and saves them sm
 }
 
 // -- saving, resuming, merging, combining adapters and generating through the binary
+
+TEST_CASE("the trainer binary: -D and -R train with every method, -A resumes a dropout run with the same losses and -D from adapter.bin; bad -D / -R exit naming the flag") {
+    TempDir dir;
+    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
+    write_tiny_checkpoint(ckpt);
+    write_cyclic_tokens(tokens, 400);
+    std::string common = trainer_args(ckpt, tokens);
+    std::string out;
+    // outside [0, 1), or where it does not apply: the flag, what is wrong, a HINT
+    for (std::string flags : {" -D 1", " -D -0.1", " -D 1.5", " -D nan", " -f 1 -D 0.1", " -H 4 -D 0.1", " -V dora -D 0.1"}) {
+        CAPTURE(flags);
+        CHECK(run_trainer(common + " -x 2" + flags, &out) != 0);
+        CHECK(has(out, "flag -D"));
+        CHECK(has(out, "HINT"));
+    }
+    for (std::string flags : {" -R 1", " -R -0.5", " -R 2"}) {
+        CAPTURE(flags);
+        CHECK(run_trainer(common + " -x 2" + flags, &out) != 0);
+        CHECK(has(out, "flag -R"));
+        CHECK(has(out, "HINT"));
+    }
+    CHECK(run_trainer(common + " -x 2 -D 1", &out) != 0);
+    CHECK(has(out, "flag -D: LoRA dropout must be in [0, 1), got 1"));
+    CHECK(run_trainer(common + " -x 2 -R 1", &out) != 0);
+    CHECK(has(out, "flag -R: GPT-2's dropout must be in [0, 1), got 1"));
+    // each method trains with GPT-2's dropouts, LoRA with its own too; the log names them
+    for (std::string flags : {" -D 0.1", " -D 0.1 -R 0.1", " -f 1 -R 0.1", " -H 4 -R 0.1", " -X 2 -R 0.1", " -B 1 -R 0.1", " -V rslora,pissa -D 0.1 -Q int8"}) {
+        CAPTURE(flags);
+        CHECK(run_trainer(common + " -x 3 -l 0.01" + flags, &out) == 0);
+        CHECK(has(out, "step 3/3: train loss "));
+        CHECK(has(out, has(flags, "-R") ? "dropout: 0.1 (GPT-2's" : "dropout: 0 (GPT-2's"));
+        if (has(flags, "-D")) CHECK(has(out, "lora_dropout: 0.1\n"));
+    }
+    // resume: -D comes back from adapter.bin (no -D given), -R is given again; the steps after the save
+    // have the losses of the uninterrupted run, bit for bit (the masks are the step's, not the process's)
+    std::string resume = common + " -j " + tokens + " -u 1 -l 0.01 -R 0.1";
+    std::string out_a, out_c;
+    REQUIRE(run_trainer(resume + " -D 0.1 -x 6 -o " + dir.file("a"), &out_a) == 0);
+    REQUIRE(run_trainer(resume + " -D 0.1 -x 3 -o " + dir.file("b"), &out) == 0);
+    REQUIRE(run_trainer(resume + " -x 6 -A " + dir.file("b/adapter.bin"), &out_c) == 0);
+    CHECK(has(out_c, "lora_dropout: 0.1\n"));
+    std::vector<std::string> la = step_losses(out_a, 4, 6, 6), lc = step_losses(out_c, 4, 6, 6);
+    MESSAGE("dropout run, steps 4..6, uninterrupted: " << la[0] << " " << la[1] << " " << la[2] << "; resumed: " << lc[0] << " " << lc[1] << " " << lc[2]);
+    CHECK(la[0] != "missing");
+    CHECK(la == lc);
+    // -D over the file's value: -D 0 resumes without the branch's dropout, and the losses part ways
+    REQUIRE(run_trainer(resume + " -D 0 -x 6 -A " + dir.file("b/adapter.bin"), &out) == 0);
+    CHECK(has(out, "lora_dropout: 0\n"));
+    CHECK(step_losses(out, 4, 6, 6) != la);
+    // the PEFT config carries it too
+    CHECK(has(file_string(dir.file("a/adapter_config.json")), "\"lora_dropout\": 0.1,"));
+}
 
 TEST_CASE("the trainer binary: -o/-k save, -A resumes with the same losses, bad adapters fail cleanly, -M merges") {
     TempDir dir;

@@ -217,6 +217,43 @@ void matmul_backward(real* dinp, real* dweight, real* dbias, const real* dout, c
     else matmul_backward_naive(dinp, dweight, dbias, dout, inp, weight, B, T, C, OC);
 }
 
+// Dropout, inverted as PyTorch's: each element is kept with probability 1 - p and scaled by 1 / (1 - p),
+// so the expected output is the input and evaluation uses the weights as they are. No mask is stored:
+// element i of a call is kept when dropout_keep(key, i, p), a hash of (key, i) (a counter-based RNG), so
+// the backward, and a run resumed at this step, draw exactly the same mask. The key names the call: the
+// run's seed, the step, the layer and the site (dropout_key). p = 0 is never passed: callers skip the call.
+static inline uint64_t dropout_mix(uint64_t x) { // splitmix64's finalizer: every input bit moves every output bit
+    x ^= x >> 30; x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27; x *= 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+static inline uint64_t dropout_key(uint64_t seed, int step, int layer, int site) {
+    uint64_t k = dropout_mix(seed + 0x9e3779b97f4a7c15ull);
+    k = dropout_mix(k ^ (uint64_t)(uint32_t)step);
+    return dropout_mix(k ^ ((uint64_t)(uint32_t)(layer + 1) << 8 | (uint64_t)site));
+}
+// element i is kept when a uniform u in [0, 1) with 24 bits (exact in float) is >= p
+static inline bool dropout_keep(uint64_t key, uint64_t i, float p) {
+    uint64_t h = dropout_mix(key + (i + 1) * 0x9e3779b97f4a7c15ull);
+    return (float)(h >> 40) * (1.0f / 16777216.0f) >= p;
+}
+
+// inp (N) -> out (N) = inp * keep_i / (1 - p) with keep_i = dropout_keep(key, i, p); out may be inp
+template <typename real>
+void dropout_forward(real* out, const real* inp, size_t N, float p, uint64_t key) {
+    real scale = 1 / (1 - (real)p);
+    #pragma omp parallel for
+    for (size_t i = 0; i < N; i++) { out[i] = dropout_keep(key, i, p) ? inp[i] * scale : 0; }
+}
+
+// dout (N) -> dinp (N) += dout * keep_i / (1 - p), the forward's mask drawn again from the same key
+template <typename real>
+void dropout_backward(real* dinp, const real* dout, size_t N, float p, uint64_t key) {
+    real scale = 1 / (1 - (real)p);
+    #pragma omp parallel for
+    for (size_t i = 0; i < N; i++) { if (dropout_keep(key, i, p)) dinp[i] += dout[i] * scale; }
+}
+
 // sum_i exp(x[i] - shift) in 8 interleaved partial sums, so the exps vectorize (see dot_lanes)
 template <typename real>
 static inline real sum_exp_lanes(const real* x, int n, real shift) {
@@ -235,10 +272,14 @@ static inline real sum_exp_lanes(const real* x, int n, real shift) {
 // Queries are positions t0..T-1 of each sequence, keys and values all T positions: t0 = 0 in training;
 // generation with a key/value cache passes the cached rows as qkv and t0 = the first new position, so
 // out is (B,T-t0,C) and att (B,NH,T-t0,T). Each query row is computed the same way either way.
+// drop_p > 0 (training with -R): dropout on the probabilities, out = (att * mask / (1 - p)) @ v with the
+// mask of element att[b,h,t,t2] drawn from drop_key; att keeps the probabilities before the mask.
 template <typename real>
-void attention_forward(real* out, real* att, const real* qkv, int B, int T, int C, int NH, int t0 = 0) {
+void attention_forward(real* out, real* att, const real* qkv, int B, int T, int C, int NH, int t0 = 0,
+                       float drop_p = 0, uint64_t drop_key = 0) {
     int hs = C / NH, Tq = T - t0;
     real scale = 1 / std::sqrt((real)hs);
+    real drop_scale = 1 / (1 - (real)drop_p);
     // parallel over (b, t, h): each thread owns one row att[b,h,t,:] and out[b,t,h*hs:(h+1)*hs]
     #pragma omp parallel for collapse(3)
     for (int b = 0; b < B; b++) {
@@ -268,6 +309,7 @@ void attention_forward(real* out, real* att, const real* qkv, int B, int T, int 
                 for (int t2 = 0; t2 <= t; t2++) {
                     const real* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * hs;
                     real a = att_bth[t2];
+                    if (drop_p > 0) a = dropout_keep(drop_key, (size_t)(att_bth - att) + t2, drop_p) ? a * drop_scale : 0;
                     for (int i = 0; i < hs; i++) { out_bth[i] += a * v[i]; }
                 }
             }
@@ -275,12 +317,13 @@ void attention_forward(real* out, real* att, const real* qkv, int B, int T, int 
     }
 }
 
-// dout (B,T,C) -> dqkv (B,T,3C) +=; datt (B,NH,T,T) is scratch
+// dout (B,T,C) -> dqkv (B,T,3C) +=; datt (B,NH,T,T) is scratch; drop_p, drop_key as the forward had them
 template <typename real>
 void attention_backward(real* dqkv, real* datt, const real* dout, const real* qkv, const real* att,
-                        int B, int T, int C, int NH) {
+                        int B, int T, int C, int NH, float drop_p = 0, uint64_t drop_key = 0) {
     int hs = C / NH;
     real scale = 1 / std::sqrt((real)hs);
+    real drop_scale = 1 / (1 - (real)drop_p);
     // parallel over (b, h): everything a head touches (q, k, v of head h in sequence b) is its own
     #pragma omp parallel for collapse(2)
     for (int b = 0; b < B; b++) {
@@ -293,8 +336,11 @@ void attention_backward(real* dqkv, real* datt, const real* dout, const real* qk
                 for (int t2 = 0; t2 <= t; t2++) {
                     const real* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * hs;
                     real* dv = dqkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * hs;
-                    for (int i = 0; i < hs; i++) { dv[i] += att_bth[t2] * dout_bth[i]; }
-                    datt_bth[t2] = dot_lanes(dout_bth, v, hs);
+                    // (with dropout the forward used a = att * m, m = mask / (1 - p): dv gets a, datt gets m * dout . v)
+                    real m = drop_p > 0 ? (dropout_keep(drop_key, (size_t)(att_bth - att) + t2, drop_p) ? drop_scale : 0) : 1;
+                    real a = m * att_bth[t2];
+                    for (int i = 0; i < hs; i++) { dv[i] += a * dout_bth[i]; }
+                    datt_bth[t2] = m * dot_lanes(dout_bth, v, hs);
                 }
                 // forward was: att = softmax(s); so ds[t2] = att[t2] * (datt[t2] - sum_j att[j] datt[j])
                 real dot = 0;
@@ -586,6 +632,25 @@ struct BackwardTensors {
     real* dfch_gelu; // (B, T, 4C)
 };
 
+// Dropout while training: the forward draws masks only when train is set (gpt2_train_mode) and it
+// has targets, never at evaluation or generation; the backward then draws the same masks (dropout_keep).
+// Where GPT-2 (HF's embd_pdrop, attn_pdrop, resid_pdrop, all gpt2_p here): on the embeddings wte + wpe,
+// on the attention probabilities, and on the attproj and fcproj outputs before each residual add.
+// LoRA's (PEFT's lora_dropout): on the branch's input, h = W0 x + s lora_B lora_A dropout(x).
+// Sites name the masks of one layer; the buffers exist only while some p > 0.
+enum DropoutSite { DROP_EMBEDDINGS, DROP_ATTENTION, DROP_ATTPROJ, DROP_FCPROJ, DROP_LORA }; // DROP_LORA + t: target t
+template <typename real>
+struct Dropout {
+    float gpt2_p;    // -R, 0 = off
+    uint64_t seed;   // the run's seed: every mask's key starts from it
+    bool train;      // the next forward draws masks, for this step
+    int step;
+    bool drawn;      // the last forward drew masks: its backward draws them again
+    real* lora_x;    // (BT, 4C) -D: the LoRA branch's dropped input
+    real* lora_dx;   // (BT, 4C) -D: the gradient at it, before the mask
+    real* dproj;     // (BT, C) -R: the gradient at proj before its mask
+};
+
 template <typename real>
 struct GPT2 {
     GPT2Config config;
@@ -628,6 +693,8 @@ struct GPT2 {
     real* params0;             // -f 1 -w: a copy of the pretrained weights W0; NULL otherwise
     float l2sp_lambda;
     real reg_loss;             // -f 1 -w: lambda/2 ||W - W0||^2 at the last forward with targets
+    // dropout while training (-D on LoRA's branch, its p in lora.config.dropout; -R GPT-2's own); see Dropout
+    Dropout<real> drop;
     // activations, allocated once for (B, T) by gpt2_allocate; smaller batches reuse the same memory
     ActivationTensors<real> acts;
     size_t act_sizes[NUM_ACTIVATION_TENSORS];
@@ -761,6 +828,10 @@ void gpt2_allocate(GPT2<real>* model, int B, int T) {
     model->targets = (int*)malloc_check(BT * sizeof(int), "targets");
     model->alloc_B = B;
     model->alloc_T = T;
+    free(model->drop.lora_x); // dropout's scratch: sized anew at the next forward that draws masks
+    free(model->drop.lora_dx);
+    free(model->drop.dproj);
+    model->drop.lora_x = model->drop.lora_dx = model->drop.dproj = NULL;
     if (model->lora.num_parameters > 0) lora_allocate_activations(&model->lora, BT);
     if (model->adapters.m > 0) adapters_allocate_activations(&model->adapters, BT);
     if (model->prefix.P > 0) prefix_allocate_activations(&model->prefix, B, T);
@@ -956,6 +1027,47 @@ void gpt2_encoder_forward(GPT2<real>* model, real* out, const int* inp, const re
     }
 }
 
+// ---- dropout's wiring (-D, -R; see Dropout): the key of each mask, train mode, the scratch buffers
+
+// the key of the mask at layer l (-1: below the blocks) and site, in this training step
+template <typename real>
+uint64_t gpt2_dropout_key(const GPT2<real>* model, int l, int site) { return dropout_key(model->drop.seed, model->drop.step, l, site); }
+
+// train = true: the forwards and backwards of training step `step` draw the masks of -D and -R;
+// false (evaluation, generation): no mask is drawn
+template <typename real>
+void gpt2_train_mode(GPT2<real>* model, bool train, int step = 0) {
+    model->drop.train = train;
+    model->drop.step = step;
+}
+
+// the scratch a forward with masks needs, for the allocated (B, T); allocated at its first such forward
+template <typename real>
+void gpt2_dropout_allocate(GPT2<real>* model) {
+    size_t BT = (size_t)model->alloc_B * model->alloc_T, C = model->config.channels;
+    if (model->lora.config.dropout > 0 && model->drop.lora_x == NULL) {
+        model->drop.lora_x = calloc_real<real>(BT * 4 * C, "LoRA dropout input (-D)");
+        model->drop.lora_dx = calloc_real<real>(BT * 4 * C, "LoRA dropout gradient (-D)");
+    }
+    if (model->drop.gpt2_p > 0 && model->drop.dproj == NULL) model->drop.dproj = calloc_real<real>(BT * C, "dropout gradient (-R)");
+}
+
+// -R's backward at a dropped tensor of N elements (proj, the embeddings): the gradient before the mask,
+// from dout after it, into the scratch drop.dproj, which it returns
+template <typename real>
+real* gpt2_dropout_backward(GPT2<real>* model, int l, int site, const real* dout, size_t N) {
+    memset(model->drop.dproj, 0, N * sizeof(real));
+    dropout_backward(model->drop.dproj, dout, N, model->drop.gpt2_p, gpt2_dropout_key(model, l, site));
+    return model->drop.dproj;
+}
+
+// the bytes of that scratch (allocated or not yet): -D two (BT, 4C), -R one (BT, C)
+template <typename real>
+size_t gpt2_dropout_bytes(const GPT2<real>* model) {
+    size_t BT = (size_t)model->alloc_B * model->alloc_T, C = model->config.channels;
+    return ((model->lora.config.dropout > 0 ? 2 * BT * 4 * C : 0) + (model->drop.gpt2_p > 0 ? BT * C : 0)) * sizeof(real);
+}
+
 // ---- LoRA's wiring: attach, one adapted matmul forward and backward, merge
 
 // one block matrix at one layer as an adapter is attached: PiSSA's init (W_l becomes the residual), then
@@ -1012,12 +1124,18 @@ void gpt2_lora_attach(GPT2<real>* model, LoRAConfig cfg, uint64_t seed) {
 template <typename real>
 void gpt2_lora_forward(GPT2<real>* model, int t, int l, real* out, const real* inp, int BT) {
     LoRA<real>* lora = &model->lora;
+    bool dropped = model->drop.drawn && lora->config.dropout > 0;
     if (lora->multi != NULL || lora->dora_m[t] != NULL) { // several adapters in one batch, or DoRA
+        if (dropped && lora->lora_A[t] != NULL) die("gpt2_lora_forward: LoRA dropout with DoRA is not implemented\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line");
         lora_variant_forward(lora, t, l, out, inp, gpt2_base_weight(model, t, l), gpt2_base_bias(model, t, l), BT);
         return;
     }
     if (lora->lora_A[t] == NULL) return;
     LoRALayer<real> a = lora_layer(lora, t, l, BT);
+    if (dropped) { // -D: the branch reads dropout(inp); the base matmul above read inp itself
+        dropout_forward(model->drop.lora_x, inp, (size_t)BT * a.C, lora->config.dropout, gpt2_dropout_key(model, l, DROP_LORA + t));
+        inp = model->drop.lora_x;
+    }
     lora_forward(out, a.h, inp, a.lora_A, a.lora_B, (real)lora->config.scale, BT, a.C, a.OC, a.r);
 }
 
@@ -1031,7 +1149,16 @@ void gpt2_lora_backward(GPT2<real>* model, int t, int l, real* dinp, const real*
         return;
     }
     LoRALayer<real> a = lora_layer(lora, t, l, BT);
-    lora_backward(dinp, a.dlora_A, a.dlora_B, lora->dh, dout, a.h, inp, a.lora_A, a.lora_B, (real)lora->config.scale, BT, a.C, a.OC, a.r);
+    bool dropped = model->drop.drawn && lora->config.dropout > 0;
+    real* dbranch = dinp;
+    if (dropped) { // -D: the forward's dropped input again (same key, same mask); the branch's dinp before the mask
+        uint64_t key = gpt2_dropout_key(model, l, DROP_LORA + t);
+        dropout_forward(model->drop.lora_x, inp, (size_t)BT * a.C, lora->config.dropout, key);
+        inp = model->drop.lora_x;
+        if (dinp != NULL) { dbranch = model->drop.lora_dx; memset(dbranch, 0, (size_t)BT * a.C * sizeof(real)); }
+    }
+    lora_backward(dbranch, a.dlora_A, a.dlora_B, lora->dh, dout, a.h, inp, a.lora_A, a.lora_B, (real)lora->config.scale, BT, a.C, a.OC, a.r);
+    if (dropped && dinp != NULL) dropout_backward(dinp, dbranch, (size_t)BT * a.C, lora->config.dropout, gpt2_dropout_key(model, l, DROP_LORA + t));
 }
 
 // folds the adapters into qkvw, attprojw, fcw, fcprojw (sign +1) or takes them out again (sign -1)
@@ -1071,9 +1198,16 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
         die(strprintf("gpt2_forward with the key/value cache: B=%d, targets %s, positions %d..%d of %d", B, targets ? "given" : "none", pos0, pos0 + T - 1, model->kv_cap) + "\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line");
     }
 
+    // dropout (-D, -R) in a training step's forward only: never at evaluation or generation
+    Dropout<real>& drop = model->drop;
+    drop.drawn = drop.train && targets != NULL && !model->kv_on && (drop.gpt2_p > 0 || model->lora.config.dropout > 0);
+    if (drop.drawn) gpt2_dropout_allocate(model);
+    float pr = drop.drawn ? drop.gpt2_p : 0; // -R in this forward
+
     ParameterTensors<real> params = model->params;
     ActivationTensors<real> acts = model->acts;
     gpt2_encoder_forward(model, acts.encoded, inputs, params.wpe + (size_t)pos0 * C, B, T, C);
+    if (pr > 0) dropout_forward(acts.encoded, acts.encoded, (size_t)BT * C, pr, gpt2_dropout_key(model, -1, DROP_EMBEDDINGS));
     for (int l = 0; l < L; l++) {
         LayerParams<real> lp = layer_params(params, l, C);                 // this block's weights
         LayerActivations<real> la = layer_activations(acts, l, B, T, C, NH); // and activations
@@ -1091,10 +1225,12 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
             qkv_all = kv_l;
             att = acts.att; // scratch: (NH, T, pos0 + T) fits in one layer's (NH, alloc_T, alloc_T); no backward
         }
-        if (model->prefix.P > 0) gpt2_prefix_attention_forward(&model->prefix, l, la.atty, qkv_all, B, pos0 + T, pos0);
-        else attention_forward(la.atty, att, qkv_all, B, pos0 + T, C, NH, pos0);
+        uint64_t att_key = gpt2_dropout_key(model, l, DROP_ATTENTION);
+        if (model->prefix.P > 0) gpt2_prefix_attention_forward(&model->prefix, l, la.atty, qkv_all, B, pos0 + T, pos0, pr, att_key);
+        else attention_forward(la.atty, att, qkv_all, B, pos0 + T, C, NH, pos0, pr, att_key);
         gpt2_base_matmul_forward(model, LORA_ATTPROJ, l, proj, la.atty, lp.attprojb, B, T, C, C);
         gpt2_lora_forward(model, LORA_ATTPROJ, l, proj, la.atty, BT);
+        if (pr > 0) dropout_forward(proj, proj, (size_t)BT * C, pr, gpt2_dropout_key(model, l, DROP_ATTPROJ));
         gpt2_adapter_forward(&model->adapters, 0, l, proj, BT);
         residual_forward(la.residual2, la.residual, proj, (size_t)BT * C);
         layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.residual2, lp.ln2w, lp.ln2b, B, T, C);
@@ -1103,6 +1239,7 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
         gelu_forward(la.fch_gelu, la.fch, (size_t)BT * 4 * C);
         gpt2_base_matmul_forward(model, LORA_FCPROJ, l, proj, la.fch_gelu, lp.fcprojb, B, T, 4 * C, C);
         gpt2_lora_forward(model, LORA_FCPROJ, l, proj, la.fch_gelu, BT);
+        if (pr > 0) dropout_forward(proj, proj, (size_t)BT * C, pr, gpt2_dropout_key(model, l, DROP_FCPROJ));
         gpt2_adapter_forward(&model->adapters, 1, l, proj, BT);
         residual_forward(la.residual3, la.residual2, proj, (size_t)BT * C);
     }
@@ -1143,6 +1280,7 @@ void gpt2_backward(GPT2<real>* model) {
     int l0 = model->first_trained_layer;         // the lowest block with a gradient (0 unless -F)
     ActivationTensors<real> acts = model->acts;
     BackwardTensors<real> d = model->dacts;
+    float pr = model->drop.drawn ? model->drop.gpt2_p : 0; // -R as the forward drew it
 
     // the loss is the mean over B*T positions
     real dloss = (real)1 / BT;
@@ -1171,6 +1309,7 @@ void gpt2_backward(GPT2<real>* model) {
 
         // residual3 = residual2 + proj: both receive dresidual unchanged (it's the same buffer)
         real* dproj = gpt2_adapter_backward(&model->adapters, 1, l, d.dresidual, BT);
+        if (pr > 0) dproj = gpt2_dropout_backward(model, l, DROP_FCPROJ, dproj, (size_t)BT * C);
         gpt2_base_matmul_backward(model, LORA_FCPROJ, l, d.dfch_gelu, lg.fcprojw, lg.fcprojb, dproj, la.fch_gelu, B, T, 4 * C, C);
         gpt2_lora_backward(model, LORA_FCPROJ, l, d.dfch_gelu, dproj, la.fch_gelu, BT);
         gelu_backward(d.dfch, la.fch, d.dfch_gelu, (size_t)BT * 4 * C);
@@ -1179,10 +1318,12 @@ void gpt2_backward(GPT2<real>* model) {
         layernorm_backward(d.dresidual, lg.ln2w, lg.ln2b, d.dln, la.residual2, lp.ln2w, la.ln2_mean, la.ln2_rstd, B, T, C);
         // residual2 = residual + proj: again dresidual flows to both unchanged
         dproj = gpt2_adapter_backward(&model->adapters, 0, l, d.dresidual, BT);
+        if (pr > 0) dproj = gpt2_dropout_backward(model, l, DROP_ATTPROJ, dproj, (size_t)BT * C);
         gpt2_base_matmul_backward(model, LORA_ATTPROJ, l, d.datty, lg.attprojw, lg.attprojb, dproj, la.atty, B, T, C, C);
         gpt2_lora_backward(model, LORA_ATTPROJ, l, d.datty, dproj, la.atty, BT);
-        if (model->prefix.P > 0) gpt2_prefix_attention_backward(&model->prefix, l, d.dqkv, d.datty, la.qkv, B, T);
-        else attention_backward(d.dqkv, d.datt, d.datty, la.qkv, la.att, B, T, C, NH);
+        uint64_t att_key = gpt2_dropout_key(model, l, DROP_ATTENTION);
+        if (model->prefix.P > 0) gpt2_prefix_attention_backward(&model->prefix, l, d.dqkv, d.datty, la.qkv, B, T, pr, att_key);
+        else attention_backward(d.dqkv, d.datt, d.datty, la.qkv, la.att, B, T, C, NH, pr, att_key);
         memset(d.dln, 0, (size_t)BT * C * sizeof(real));
         // (-F: the lowest trained block's ln1 weights, BitFit: block 0's ln1 bias, still need the gradient
         // at ln1's output)
@@ -1194,7 +1335,9 @@ void gpt2_backward(GPT2<real>* model) {
         }
     }
     if (model->train_base) {
-        encoder_backward(grads.wte, grads.wpe, d.dresidual, model->inputs, B, T, C);
+        const real* dencoded = d.dresidual;
+        if (pr > 0) dencoded = gpt2_dropout_backward(model, -1, DROP_EMBEDDINGS, dencoded, (size_t)BT * C);
+        encoder_backward(grads.wte, grads.wpe, dencoded, model->inputs, B, T, C);
     }
     if (model->params0) l2sp_backward(model->grads_memory, model->params_memory, model->params0, model->num_parameters, model->l2sp_lambda);
     model->have_targets = false; // the logits are gone: another backward needs another forward
@@ -1254,6 +1397,9 @@ void gpt2_free(GPT2<real>* model) {
     gpt2_free_quantized(model);
     free(model->wte_bf16); // (-Q bf16 with the fp32 wte dropped: gpt2_free_quantized keeps it)
     free(model->kv);
+    free(model->drop.lora_x);
+    free(model->drop.lora_dx);
+    free(model->drop.dproj);
     memset(model, 0, sizeof(*model));
 }
 
@@ -1616,7 +1762,8 @@ static MemoryBytes gpt2_memory_bytes(const GPT2<float>* model) {
     size_t BT = (size_t)model->alloc_B * model->alloc_T;
     mb.activations = (model->num_activations + model->num_dacts + 2 * BT) * sizeof(float) +
                      (model->lora.num_parameters > 0 ? lora_activation_bytes(&model->lora) : 0) +
-                     adapters_activation_bytes(&model->adapters) + prefix_activation_bytes(&model->prefix);
+                     adapters_activation_bytes(&model->adapters) + prefix_activation_bytes(&model->prefix) +
+                     gpt2_dropout_bytes(model);
     return mb;
 }
 
@@ -1759,6 +1906,10 @@ static const char* const usage_text =
         "  -X <int>    instead of LoRA, prefix tuning with X key/value positions per layer, 0 = off (default 0)\n"
         "  -B <0|1>    instead of LoRA, BitFit: train only the biases of every matmul and layernorm (default 0)\n"
         "  -w <float>  with -f 1, L2-SP: add w/2 ||W - W0||^2 pulling toward the base, >= 0 (default 0)\n"
+        "  -D <float>  LoRA dropout (PEFT's lora_dropout) on the LoRA branch's input while training, in [0, 1)\n"
+        "              (default 0; -A: the adapter's)\n"
+        "  -R <float>  GPT-2's own dropouts while training, any method: embeddings, attention probabilities and\n"
+        "              the residual branches (HF's embd/attn/resid_pdrop), in [0, 1) (default 0)\n"
         "  -O <0|1>    let a save into -o replace an adapter that holds more: a later step, or optimizer state (default 0)\n"
         "  -h, --help  print this and exit\n";
 static void print_usage(FILE* out) { fputs(usage_text, out); }
@@ -1851,6 +2002,9 @@ struct Flags {
     int prefix_P = 0;               // -X, prefix positions per layer
     int bitfit = 0;                 // -B, BitFit: only the biases train
     float l2sp_lambda = 0.0f;       // -w, L2-SP strength (with -f 1)
+    float lora_dropout = 0.0f;      // -D, PEFT's lora_dropout (with -A: the adapter's unless given)
+    bool lora_dropout_given = false;
+    float gpt2_dropout = 0.0f;      // -R, GPT-2's embd/attn/resid dropout
     int overwrite = 0;              // -O, a save into -o may replace an adapter that holds more
     bool tokenizer_given = false;
     bool val_given = false;               // -j given (with -v 0 the default -j is not needed)
@@ -1970,6 +2124,8 @@ static Flags parse_flags(int argc, char** argv) {
             case 'X': f->prefix_P = parse_int(argv[i], v); break;
             case 'B': f->bitfit = parse_int(argv[i], v); break;
             case 'w': f->l2sp_lambda = parse_float(argv[i], v); break;
+            case 'D': f->lora_dropout = parse_float(argv[i], v); f->lora_dropout_given = true; break;
+            case 'R': f->gpt2_dropout = parse_float(argv[i], v); break;
             case 'O': f->overwrite = parse_int(argv[i], v); break;
             default:
                 fprintf(stderr, "Error: unknown flag '%s'\n---> HINT: the flags are listed below (flags are case-sensitive)\n", argv[i]);
@@ -2040,6 +2196,16 @@ static void check_flags(Flags* f, const DataParallel& dp) {
         bad_flag("-w", strprintf("L2-SP needs -f 1 and w >= 0, got w = %g\n---> HINT: e.g. -f 1 -w 0.01", f->l2sp_lambda));
     }
     f->lora_on = !f->full && f->freeze_k == 0 && f->adapter_m == 0 && f->prefix_P == 0 && f->bitfit == 0;
+    if (!(f->lora_dropout >= 0 && f->lora_dropout < 1)) {
+        bad_flag("-D", strprintf("LoRA dropout must be in [0, 1), got %g\n---> HINT: e.g. -D 0.1 (the LoRA paper's value for GPT-2); 0 = off", f->lora_dropout));
+    }
+    if (!(f->gpt2_dropout >= 0 && f->gpt2_dropout < 1)) {
+        bad_flag("-R", strprintf("GPT-2's dropout must be in [0, 1), got %g\n---> HINT: e.g. -R 0.1 (GPT-2's own embd/attn/resid_pdrop); 0 = off", f->gpt2_dropout));
+    }
+    if (f->lora_dropout > 0 && !f->lora_on) {
+        bad_flag("-D", "LoRA dropout acts on the LoRA branch, and this run trains no LoRA (-f 1, -F, -H, -X or -B 1)\n"
+                       "---> HINT: drop -D; -R gives GPT-2's own dropouts with any method");
+    }
     if (f->freeze_k > 0 && !f->lr_given) f->lr = 1e-4f; // trains base weights, like -f 1
     if (!f->lora_on && !f->full && (f->adapter_path != NULL || f->merged_path != NULL || f->prompt != NULL)) {
         bad_flag(f->adapter_path ? "-A" : f->merged_path ? "-M" : "-p", "LoRA adapter files, merging and -p apply to LoRA only\n---> HINT: drop -F / -H / -X / -B");
@@ -2125,6 +2291,10 @@ static void read_base(Built* b, Flags* f) {
     lcfg.base_quant = f->base_quant;
     if (!(f->lr_ratio_B > 0)) bad_flag("-P", strprintf("the LoRA+ ratio must be > 0, got %g\n---> HINT: 1 is plain LoRA; the LoRA+ paper uses 16", f->lr_ratio_B));
     lcfg.lr_ratio_B = f->lr_ratio_B;
+    if (lcfg.use_dora && f->lora_dropout > 0) {
+        bad_flag("-D", "LoRA dropout is not implemented for DoRA (-V dora)\n---> HINT: drop -D, or train DoRA with -R (GPT-2's own dropouts)");
+    }
+    lcfg.dropout = f->lora_dropout;
     b->lcfg = lcfg;
 }
 
@@ -2180,6 +2350,11 @@ static void attach_method(Built* b, Flags* f) {
             // -Q given: store the base that way; else as the adapter.bin says it trained (fp32 for PEFT)
             err = lora_file_load(f->adapter_path, &model, base_sum, &resume, &have_state, f->quant_given ? lcfg.base_quant : -1);
             if (!err.empty()) die("flag -A: " + err);
+            if (f->lora_dropout_given) model.lora.config.dropout = f->lora_dropout; // -D over the file's lora_dropout
+            if (model.lora.config.use_dora && model.lora.config.dropout > 0 && !f->no_training && !f->evaluate_only) {
+                bad_flag(f->lora_dropout_given ? "-D" : "-A", strprintf("the adapter is DoRA with lora_dropout %g, and LoRA dropout is not implemented for DoRA\n"
+                                                                        "---> HINT: add -D 0 to train it without LoRA dropout", model.lora.config.dropout));
+            }
             lcfg = model.lora.config; // the adapter's r, alpha and targets, whatever -r -a -q say
             adapter_desc = strprintf("%s (%s)", f->adapter_path, have_state ? strprintf("step %d, with optimizer state", resume.step).c_str() : "weights only");
         } else {
@@ -2388,6 +2563,7 @@ static void print_run_header(const Built* b, const Flags* f, const TrainingData*
         printf("adapter: %s\n", adapter_desc.c_str());
         printf("rank: %d\nalpha: %g\nscale: %g\ntargets: %s\n", lcfg.r, lcfg.alpha, lcfg.scale, lora_targets_string(lcfg.targets).c_str());
         printf("variant: %s\n", lora_variants_string(lcfg).c_str());
+        printf("lora_dropout: %g\n", lcfg.dropout);
         printf("base_matrices_bytes: %zu (fp32 would be %zu)\n", gpt2_block_matrix_bytes(&model, lcfg.base_quant),
                gpt2_block_matrix_bytes(&model, LORA_QUANT_FP32));
         if (lcfg.base_quant == LORA_QUANT_BF16) printf("bf16_matmul: %s\n", matmul_bf16_path());
@@ -2409,6 +2585,7 @@ static void print_run_header(const Built* b, const Flags* f, const TrainingData*
     printf("bytes: params %zu grads %zu optimizer %zu activations %zu\n", mem.params, mem.grads, mem.optimizer, mem.activations);
     printf("[Run]\nB: %d\nT: %d\nsteps: %d\nlearning_rate: %g\nwarmup_steps: %d\nfinal_lr_fraction: %g\ngrad_clip: %g\nweight_decay: %g\nthreads: %d\n",
            f->B, f->T, f->steps, f->lr, f->warmup, f->lr_final_frac, f->grad_clip, f->weight_decay, threads);
+    printf("dropout: %g (GPT-2's embeddings, attention, residual; -R)\n", model.drop.gpt2_p);
     if (dp.world > 1) printf("ranks: %d (global batch %d = B x ranks)\n", dp.world, f->B * dp.world);
     printf("train: %s (%zu tokens, %zu batches)\n", f->train_path, train_loader.file.tokens.size(), train_loader.num_batches);
     if (d->have_val) printf("val: %s (%zu tokens, %d batches used)\n", f->val_path, val_loader.file.tokens.size(), f->val_batches);
@@ -2458,6 +2635,8 @@ static int train(Built* b, Flags* f, DataParallel* dp_) {
     GPT2Config cfg = model.config;
     std::string err;
     gpt2_allocate(&model, f->B, f->T);
+    model.drop.gpt2_p = f->gpt2_dropout; // -R; -D is the adapter's (lora.config.dropout)
+    model.drop.seed = dropout_mix((uint64_t)f->seed) ^ (uint64_t)dp.rank; // each rank its own masks
     TrainingData data;
     open_training_data(&data, b, f, dp);
     print_run_header(b, f, &data, dp);
@@ -2524,9 +2703,11 @@ static int train(Built* b, Flags* f, DataParallel* dp_) {
         if (last_step) break;
         double t0 = now_seconds();
         dataloader_next_batch(&train_loader);
+        gpt2_train_mode(&model, true, step); // -D, -R: this step's masks (a resumed run draws the same)
         gpt2_forward(&model, train_loader.inputs.data(), train_loader.targets.data(), f->B, f->T);
         gpt2_zero_grad(&model);
         gpt2_backward(&model);
+        gpt2_train_mode(&model, false);
         dp_average_gradients(&dp, &model); // data parallel: mean gradient and loss over ranks
         model.mean_loss = dp_mean(&dp, model.mean_loss);
         err = gpt2_check_step_finite(&model, step + 1);

@@ -68,6 +68,22 @@ pen = [r for r in rows if r["penalty"] is not None]
 for r in pen:
     md.append(f"\nL2-SP penalty lambda/2 ||W - W0||^2 after the last step ({r['name']}): {r['penalty']:.6g}")
 
+# Regularised fine-tuning: each dropout row beside the same run without it (dropout 0.1 as in the LoRA
+# paper's GPT-2 runs: -D on LoRA's branch, -R GPT-2's own embedding / attention / residual dropouts)
+byname = dict((r["name"], r) for r in rows)
+pairs = [(a, b) for a, b in (("lora_r8", "lora_r8_dropout"), ("full", "full_dropout")) if a in byname and b in byname]
+if pairs:
+    md.append("\n## Dropout: the same run with and without it\n")
+    md.append("Dropout acts in the training steps only; every val loss is measured without it. "
+              "The train loss of a dropout run is that of the dropped model, so only val losses are compared.\n")
+    md.append("| without | with dropout | flags added | val loss at the end without | with | difference | ms/step without | with |")
+    md.append("|---|---|---|---|---|---|---|---|")
+    for a, b in pairs:
+        added = flags[b].replace(flags[a], "").strip() if flags[b].startswith(flags[a]) else flags[b]
+        ra, rb = byname[a], byname[b]
+        md.append(f"| {a} | {b} | `{added}` | {ra['final_val']:.4f} | {rb['final_val']:.4f} | "
+                  f"{rb['final_val'] - ra['final_val']:+.4f} | {ra['ms']:.0f} | {rb['ms']:.0f} |")
+
 md.append("\n## Memory: the arithmetic of doc/memory.md against the measurement\n")
 md.append("predicted = params + grads + optimizer + activations (the [Memory] bytes line); measured = peak RSS minus "
           "the RSS just before the base was loaded (the binary, libraries and OpenMP runtime are in the latter).\n")

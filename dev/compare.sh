@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # 200 steps of 4 x 64 tokens (51k tokens, a sixth of an epoch): on make run's Brown base, long enough for
-# the methods to move apart (LoRA r=8: -0.71 nats, full fine-tuning: -1.72); 17m43s for all 21 runs on a shared machine
+# the methods to move apart (LoRA r=8: -0.71 nats, full fine-tuning: -1.72); 17m43s for the 21 runs before the two dropout rows on a shared machine
 B="${B:-4}"
 T="${T:-64}"
 STEPS="${STEPS:-200}"
@@ -52,12 +52,14 @@ fi
 RUNS=(
     "full|-f 1"
     "l2sp|-f 1 -w 0.01"
+    "full_dropout|-f 1 -R 0.1"
     "freeze_top1|-F 1"
     "adapter_m16|-H 16 -l 1e-3"
     "prefix_P8|-X 8 -l 1e-2"
     "bitfit|-B 1 -l 1e-3"
     "lora_r8_qkv|-r 8 -a 16 -q qkv -l 1e-3"
     "lora_r8_qkv_attproj|-r 8 -a 16 -q qkv,attproj -l 1e-3"
+    "lora_r8_dropout|-r 8 -a 16 -l 1e-3 -D 0.1"
     "lora_r1|-r 1 -a 2 -l 1e-3"
     "lora_r2|-r 2 -a 4 -l 1e-3"
     "lora_r4|-r 4 -a 8 -l 1e-3"

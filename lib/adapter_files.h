@@ -18,6 +18,7 @@
 //   [22] loader T  [23] loader shuffle  [24..25] loader position  [26..27] loader batch count nb
 //   [28] variant bits, whatever has_state: 1 = rsLoRA (scale = alpha / sqrt(r) instead of alpha / r)
 //   [29] the base storage the adapter trained on: 0 fp32, 1 int8, 2 nf4, 3 int2 (-Q; -A uses it unless -Q is given)
+//   [30] lora_dropout (fp32 bits, in [0, 1); -A uses it unless -D is given; files from before it hold 0 = off)
 // then n fp32 adapter parameters in lora.h's flat layout (lora_tensor_list order), and when has_state = 1
 // the AdamW m (n fp32), v (n fp32) and the loader's batch order (nb u64).
 // The base checksum is FNV-1a 64 over the fp32 base parameters taken as 32-bit words (one xor and one
@@ -147,6 +148,7 @@ static std::string lora_file_write(const char* path, const GPT2<float>* model, u
     header_put_u64(header, 13, lora->num_parameters);
     header[28] = (lora->config.use_rslora ? 1 : 0) | (lora->config.use_dora ? 2 : 0) | (lora->config.init_pissa ? 4 : 0); // variant bits
     header[29] = lora->config.base_quant;
+    memcpy(&header[30], &lora->config.dropout, 4);
     size_t n = lora->num_parameters;
     std::vector<std::pair<const void*, size_t>> parts = {{header, sizeof(header)}, {lora->params_memory, n * sizeof(float)}};
     std::vector<uint64_t> order;
@@ -195,12 +197,13 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
     }
     LoRAConfig lcfg = {}; // all zero
     if (err.empty()) {
-        float alpha;
+        float alpha, dropout;
         memcpy(&alpha, &header[3], 4);
+        memcpy(&dropout, &header[30], 4);
         if (header[2] < 1 || header[2] > 65536 || !std::isfinite(alpha) || !(alpha > 0) || header[4] <= 0 || header[4] > (int)LORA_ALL_TARGETS ||
-            (header[28] & ~7) != 0 || header[29] < 0 || header[29] >= LORA_NUM_QUANTS) {
-            err = strprintf("adapter file '%s' has an impossible config: r=%d alpha=%g targets=%d variant bits=%d base storage=%d (need r >= 1, alpha > 0, targets 1..15, variant bits 0..7, base storage 0..2)\n---> HINT: the file is corrupt; %s",
-                            path, header[2], alpha, header[4], header[28], header[29], hint);
+            (header[28] & ~7) != 0 || header[29] < 0 || header[29] >= LORA_NUM_QUANTS || !(dropout >= 0 && dropout < 1)) {
+            err = strprintf("adapter file '%s' has an impossible config: r=%d alpha=%g targets=%d variant bits=%d base storage=%d lora_dropout=%g (need r >= 1, alpha > 0, targets 1..15, variant bits 0..7, base storage 0..2, lora_dropout in [0, 1))\n---> HINT: the file is corrupt; %s",
+                            path, header[2], alpha, header[4], header[28], header[29], dropout, hint);
         } else {
             lcfg = lora_config_rslora(lora_config(header[2], alpha, (unsigned)header[4]), (header[28] & 1) != 0);
             // DoRA: the magnitudes follow in the flat buffer; PiSSA: attaching recomputes the same residual base
@@ -208,6 +211,7 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
             lcfg.use_dora = (header[28] & 2) != 0;
             lcfg.init_pissa = (header[28] & 4) != 0;
             lcfg.base_quant = base_quant >= 0 ? base_quant : header[29];
+            lcfg.dropout = dropout;
         }
     }
     const GPT2Config& cfg = model->config;

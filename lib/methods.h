@@ -168,11 +168,13 @@ real* gpt2_adapter_backward(Adapters<real>* ad, int pos, int l, real* dout, int 
 // qkv (B,T,3C), prefix_k, prefix_v (P,C) -> out (B,T,C); att (B,NH,T,P+T) post-softmax weights cached.
 // Column j < P of a row is prefix position j (visible to every query); column P + t2 is real position
 // t2, visible to query t when t2 <= t (the causal mask among real tokens is unchanged).
+// drop_p, drop_key: dropout on the probabilities (-R), as in attention_forward, the prefix columns included
 template <typename real>
 void attention_prefix_forward(real* out, real* att, const real* qkv, const real* prefix_k, const real* prefix_v,
-                              int B, int T, int C, int NH, int P, int t0 = 0) {
+                              int B, int T, int C, int NH, int P, int t0 = 0, float drop_p = 0, uint64_t drop_key = 0) {
     int hs = C / NH, TP = P + T, Tq = T - t0; // queries t0..T-1, as in attention_forward
     real scale = 1 / std::sqrt((real)hs);
+    real drop_scale = 1 / (1 - (real)drop_p);
     // parallel over (b, t, h): each thread owns one row att[b,h,t,:] and out[b,t,h*hs:(h+1)*hs]
     #pragma omp parallel for collapse(3)
     for (int b = 0; b < B; b++) {
@@ -201,6 +203,7 @@ void attention_prefix_forward(real* out, real* att, const real* qkv, const real*
                 for (int j = 0; j < n; j++) {
                     const real* v = j < P ? prefix_v + (size_t)j * C + h * hs : qkv + ((size_t)b * T + j - P) * 3 * C + 2 * C + h * hs;
                     real a = att_bth[j];
+                    if (drop_p > 0) a = dropout_keep(drop_key, (size_t)(att_bth - att) + j, drop_p) ? a * drop_scale : 0;
                     for (int i = 0; i < hs; i++) { out_bth[i] += a * v[i]; }
                 }
             }
@@ -208,13 +211,15 @@ void attention_prefix_forward(real* out, real* att, const real* qkv, const real*
     }
 }
 
-// dout (B,T,C) -> dqkv (B,T,3C) +=, dprefix_k, dprefix_v (P,C) +=; datt (B,NH,T,P+T) is scratch
+// dout (B,T,C) -> dqkv (B,T,3C) +=, dprefix_k, dprefix_v (P,C) +=; datt (B,NH,T,P+T) is scratch;
+// drop_p, drop_key as the forward had them
 template <typename real>
 void attention_prefix_backward(real* dqkv, real* dprefix_k, real* dprefix_v, real* datt, const real* dout,
                                const real* qkv, const real* prefix_k, const real* prefix_v, const real* att,
-                               int B, int T, int C, int NH, int P) {
+                               int B, int T, int C, int NH, int P, float drop_p = 0, uint64_t drop_key = 0) {
     int hs = C / NH, TP = P + T;
     real scale = 1 / std::sqrt((real)hs);
+    real drop_scale = 1 / (1 - (real)drop_p);
     // parallel over heads only: the prefix of head h is shared by every sequence b, and each thread owns
     // head h's channels of dqkv and of dprefix_k / dprefix_v, so no atomics are needed
     #pragma omp parallel for
@@ -230,8 +235,11 @@ void attention_prefix_backward(real* dqkv, real* dprefix_k, real* dprefix_v, rea
                     size_t voff = j < P ? (size_t)j * C + h * hs : ((size_t)b * T + j - P) * 3 * C + 2 * C + h * hs;
                     const real* v = (j < P ? prefix_v : qkv) + voff;
                     real* dv = (j < P ? dprefix_v : dqkv) + voff;
-                    for (int i = 0; i < hs; i++) { dv[i] += att_bth[j] * dout_bth[i]; }
-                    datt_bth[j] = dot_lanes(dout_bth, v, hs);
+                    // (with dropout the forward used a = att * m, m = mask / (1 - p): dv gets a, datt gets m * dout . v)
+                    real m = drop_p > 0 ? (dropout_keep(drop_key, (size_t)(att_bth - att) + j, drop_p) ? drop_scale : 0) : 1;
+                    real a = m * att_bth[j];
+                    for (int i = 0; i < hs; i++) { dv[i] += a * dout_bth[i]; }
+                    datt_bth[j] = m * dot_lanes(dout_bth, v, hs);
                 }
                 // forward was: att = softmax(s); so ds[j] = att[j] (datt[j] - sum_i att[i] datt[i])
                 real dot = 0;
@@ -307,20 +315,22 @@ void prefix_free(Prefix<real>* pf) {
 }
 
 template <typename real>
-void gpt2_prefix_attention_forward(Prefix<real>* pf, int l, real* out, const real* qkv, int B, int T, int t0 = 0) {
+void gpt2_prefix_attention_forward(Prefix<real>* pf, int l, real* out, const real* qkv, int B, int T, int t0 = 0,
+                                   float drop_p = 0, uint64_t drop_key = 0) {
     int C = pf->C, P = pf->P;
     // layer l's weights at (L, B, NH, T - t0, P + T): within the (L, B, NH, T, P + T) allocated for training
     attention_prefix_forward(out, pf->att + (size_t)l * B * pf->NH * (T - t0) * (P + T), qkv, pf->keys + (size_t)l * P * C,
-                             pf->values + (size_t)l * P * C, B, T, C, pf->NH, P, t0);
+                             pf->values + (size_t)l * P * C, B, T, C, pf->NH, P, t0, drop_p, drop_key);
 }
 
 template <typename real>
-void gpt2_prefix_attention_backward(Prefix<real>* pf, int l, real* dqkv, const real* dout, const real* qkv, int B, int T) {
+void gpt2_prefix_attention_backward(Prefix<real>* pf, int l, real* dqkv, const real* dout, const real* qkv, int B, int T,
+                                    float drop_p = 0, uint64_t drop_key = 0) {
     int C = pf->C, P = pf->P;
     real* keys = pf->keys + (size_t)l * P * C;
     real* values = pf->values + (size_t)l * P * C;
     attention_prefix_backward(dqkv, grad_of(&pf->buf, keys), grad_of(&pf->buf, values), pf->datt, dout, qkv, keys, values,
-                              pf->att + (size_t)l * B * pf->NH * T * (P + T), B, T, C, pf->NH, P);
+                              pf->att + (size_t)l * B * pf->NH * T * (P + T), B, T, C, pf->NH, P, drop_p, drop_key);
 }
 
 // L2-SP: the penalty lambda/2 ||W - W0||^2 pulls the fine-tuned weights W toward the pretrained W0.

@@ -38,6 +38,15 @@ static inline std::string lora_peft_magnitude_key(int layer, int target) {
     return "base_model.model.transformer.h." + std::to_string(layer) + "." + lora_peft_names[target] + ".lora_magnitude_vector";
 }
 
+// the shortest decimal that reads back as exactly x (0.1f is written 0.1, as a PEFT user would)
+static inline std::string json_float_shortest(float x) {
+    for (int digits = 1; digits < 9; digits++) {
+        std::string s = strprintf("%.*g", digits, x);
+        if (strtof(s.c_str(), NULL) == x) return s;
+    }
+    return strprintf("%.9g", x);
+}
+
 static std::string peft_config_json(LoRAConfig cfg, const char* base_name) {
     std::string targets;
     for (int t = 0; t < LORA_NUM_TARGETS; t++) {
@@ -54,7 +63,7 @@ static std::string peft_config_json(LoRAConfig cfg, const char* base_name) {
            "  \"target_modules\": [" + targets + "],\n"
            "  \"fan_in_fan_out\": true,\n"
            "  \"bias\": \"none\",\n"
-           "  \"lora_dropout\": 0.0,\n"
+           "  \"lora_dropout\": " + json_float_shortest(cfg.dropout) + ",\n"
            "  \"use_rslora\": " + std::string(cfg.use_rslora ? "true" : "false") + ",\n"
            "  \"use_dora\": " + std::string(cfg.use_dora ? "true" : "false") + ",\n"
            "  \"init_lora_weights\": " + std::string(cfg.init_pissa ? "\"pissa\"" : "true") + ",\n"
@@ -120,6 +129,13 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
         return bad("init_lora_weights is \"" + v->str + "\": a PiSSA adapter needs the residual base it was trained on, which PEFT does not save with it",
                    "in PEFT, save it converted to a plain LoRA (save_pretrained(..., path_initial_model_for_weight_conversion=...)); ours: load adapter.bin, which redoes the PiSSA split of the base");
     }
+    // lora_dropout: the -D a training run on this adapter uses unless -D is given (PEFT's default 0.0)
+    float dropout = 0.0f;
+    v = doc.get("lora_dropout");
+    if (v != NULL && v->kind != Json::NUL && (v->kind != Json::NUMBER || !(v->number >= 0 && v->number < 1))) {
+        return bad("lora_dropout must be a number in [0, 1)", "fix lora_dropout in the config (0.0 = off), or override it with -D");
+    }
+    if (v != NULL && v->kind == Json::NUMBER) dropout = (float)v->number;
     v = doc.get("bias");
     if (v != NULL && !(v->kind == Json::STRING && v->str == "none")) return bad("bias must be \"none\" (bias training is not supported)", "train with bias=\"none\"");
     v = doc.get("layers_to_transform");
@@ -153,6 +169,7 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
     LoRAConfig cfg = lora_config_rslora(lora_config((int)r, alpha, targets), use_rslora);
     cfg.use_dora = use_dora;
     cfg.base_quant = base_quant;
+    cfg.dropout = dropout;
 
     SafeTensors st;
     err = safetensors_read(weights_path.c_str(), &st);
