@@ -5608,7 +5608,7 @@ TEST_CASE("the binary's papercuts: -h/--help exit 0, every bad flag has a HINT, 
         CHECK(run_trainer(files.common + " -x 5 -A " + d + "/adapter.bin" + flag, &out) != 0);
         CHECK(has(out, "would be ignored"));
     }
-    // -v 0: no validation file needed (the default -j does not exist here)
+    // -v 0: no validation file needed (the default -j is not read, whether data/ has it or not)
     CHECK(run_trainer("-e " + files.ckpt + " -i " + files.tokens + " -b 2 -t 8 -v 0 -s 0 -x 2", &out) == 0);
     CHECK(has(out, "val: (none: -v 0"));
     // -x 0 with a trained adapter: its validation loss where it was saved, the same as at the end of its run

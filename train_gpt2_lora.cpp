@@ -2501,7 +2501,7 @@ static void generate(Built* b, Flags* f) {
 struct TrainingData {
     DataLoader train_loader, val_loader;
     int start_step = 0; // > 0 when -A resumes a run
-    bool have_val = true; // false with -v 0 and no validation file
+    bool have_val = true; // false with -v 0 and no -j given
     Tokenizer tokenizer;
     bool have_tokenizer = false;
 };
@@ -2515,8 +2515,8 @@ static void open_training_data(TrainingData* d, Built* b, Flags* f, const DataPa
     std::string err;
     err = dataloader_init(&train_loader, f->train_path, f->B, f->T, cfg.vocab_size, f->shuffle != 0, (uint64_t)f->seed, "-i", dp.rank, dp.world);
     if (!err.empty()) die("flag -i: " + err);
-    // -v 0 validates never: the default -j need not exist (a -j given is still read and checked)
-    d->have_val = f->val_every > 0 || f->val_given || access(f->val_path, F_OK) == 0;
+    // -v 0 validates never: the default -j is not read (a -j given is still read and checked)
+    d->have_val = f->val_every > 0 || f->val_given;
     if (d->have_val) {
         err = dataloader_init(&val_loader, f->val_path, f->B, f->T, cfg.vocab_size, false, 0, "-j", dp.rank, dp.world);
         if (!err.empty()) die("flag -j: " + err);
@@ -2589,7 +2589,7 @@ static void print_run_header(const Built* b, const Flags* f, const TrainingData*
     if (dp.world > 1) printf("ranks: %d (global batch %d = B x ranks)\n", dp.world, f->B * dp.world);
     printf("train: %s (%zu tokens, %zu batches)\n", f->train_path, train_loader.file.tokens.size(), train_loader.num_batches);
     if (d->have_val) printf("val: %s (%zu tokens, %d batches used)\n", f->val_path, val_loader.file.tokens.size(), f->val_batches);
-    else printf("val: (none: -v 0 and no %s)\n", f->val_path);
+    else printf("val: (none: -v 0)\n");
     if (f->evaluate_only) printf("evaluate only: -x 0 with -A, the adapter as saved (nothing is trained or written)\n");
     printf("tokenizer: %s\n", have_tokenizer ? f->tokenizer_path : "(none: samples print token ids)");
     fflush(stdout);
