@@ -185,18 +185,20 @@ static inline void bf16_micro_kernel(int kp, const uint16_t* Ap, size_t lda, con
 }
 
 // ---- the forward with the weight read in place (AVX512_BF16)
-// out (M,N) += A (M,K) @ W^T with W (N,K) bf16 row-major, K even. In the forward the pair vdpbf16ps
+// out (M,N) = bias + A (M,K) @ W^T with W (N,K) bf16 row-major, bias (N) or NULL (zero), K even. In the forward the pair vdpbf16ps
 // multiplies, (W[o][c], W[o][c+1]), is already one 32-bit word of W's row o, so here W is the broadcast
 // operand read where it lies (no packing of the weight, no copy of it) and the activations are the vector
 // operand: A's rows are rounded to bf16 and packed once, transposed into panels of BF16_WR_NR rows laid
 // out [pair][row], shared by all threads. The micro-kernel keeps a BF16_WR_MR (weight rows) x BF16_WR_NR
 // (activation rows) block of out^T in registers over the whole of K (so each output is one sum over the
-// pairs in order, as in gemm_bf16_dot's slices), then transposes it into out's rows.
+// pairs in order, as in gemm_bf16_dot's slices), then transposes it into out's rows, adding the bias as it
+// stores (out is written once: it is not first filled with the bias and then read back).
 static const int BF16_WR_MR = 12; // weight rows (output columns) per register tile: 12 x 2 = 24 accumulators
 static const int BF16_WR_NR = 32; // activation rows (output rows) per register tile: two 16-float vectors; BT = 256 is 8 of them
 
-// out (n rows from bt0, m columns from o0) += the tile's W rows (row stride ldw, kp pairs) . Ap panel (kp pairs x NR rows)
-static inline void bf16_rows_micro_kernel(int kp, const uint16_t* W, size_t ldw, const uint32_t* Ap, float* out, size_t ldc, int m, int n) {
+// out (n rows, m columns) = bias (m, or NULL) + the tile's W rows (row stride ldw, kp pairs) . Ap panel (kp pairs x NR rows)
+static inline void bf16_rows_micro_kernel(int kp, const uint16_t* W, size_t ldw, const uint32_t* Ap, const float* bias, float* out, size_t ldc,
+                                          int m, int n) {
     const int MR = BF16_WR_MR, NR = BF16_WR_NR;
     const uint16_t* w_row[MR];
     for (int i = 0; i < MR; i++) { w_row[i] = W + (size_t)(i < m ? i : m - 1) * ldw; } // rows past m repeat row m-1, dropped
@@ -221,13 +223,12 @@ static inline void bf16_rows_micro_kernel(int kp, const uint16_t* W, size_t ldw,
     }
     for (int v = 0; v < 2; v++) { bf16_transpose16((const uint32_t*)&tile[0][16 * v], NR, (uint32_t*)&tile_t[16 * v][0], 16); }
     __mmask16 mask = (__mmask16)((1u << m) - 1u);
-    for (int j = 0; j < n; j++) {
-        float* c = out + (size_t)j * ldc;
-        _mm512_mask_storeu_ps(c, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, c), _mm512_load_ps(tile_t[j])));
-    }
+    __m512 b = bias != NULL ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
+    for (int j = 0; j < n; j++) { _mm512_mask_storeu_ps(out + (size_t)j * ldc, mask, _mm512_add_ps(b, _mm512_load_ps(tile_t[j]))); }
 }
 
-static void gemm_bf16_dot_rows(int M, int N, int K, const float* A, size_t lda, const uint16_t* W, size_t ldw, float* out, size_t ldc) {
+static void gemm_bf16_dot_rows(int M, int N, int K, const float* A, size_t lda, const uint16_t* W, size_t ldw, const float* bias,
+                               float* out, size_t ldc) {
     const int MR = BF16_WR_MR, NR = BF16_WR_NR;
     const int kp = K / 2, panels = (M + NR - 1) / NR, strips = (N + MR - 1) / MR;
     uint32_t* Ap = bf16_pack_a((size_t)panels * kp * NR);
@@ -260,7 +261,8 @@ static void gemm_bf16_dot_rows(int M, int N, int K, const float* A, size_t lda, 
             for (int q = 0; q < panels; q++) {
                 for (int s = s0; s < s1; s++) {
                     int o0 = s * MR, bt0 = q * NR;
-                    bf16_rows_micro_kernel(kp, W + (size_t)o0 * ldw, ldw, Ap + (size_t)q * kp * NR, out + (size_t)bt0 * ldc + o0, ldc,
+                    bf16_rows_micro_kernel(kp, W + (size_t)o0 * ldw, ldw, Ap + (size_t)q * kp * NR, bias != NULL ? bias + o0 : NULL,
+                                           out + (size_t)bt0 * ldc + o0, ldc,
                                            std::min(MR, N - o0), std::min(NR, M - bt0));
                 }
             }
@@ -270,10 +272,6 @@ static void gemm_bf16_dot_rows(int M, int N, int K, const float* A, size_t lda, 
 
 static void gemm_bf16_dot(int M, int N, int K, const float* A, size_t lda, const uint16_t* W, size_t rsb, size_t csb,
                           float* Cmat, size_t ldc) {
-    if (rsb == 1 && K % 2 == 0) { // the forward: W (N,K) read in place
-        gemm_bf16_dot_rows(M, N, K, A, lda, W, csb, Cmat, ldc);
-        return;
-    }
     const int MR = BF16_MR, NR = BF16_NR, KC = BF16_KC, NC = BF16_NC, KCH = BF16_KCHUNK;
     int strips = (M + MR - 1) / MR;                 // MR-row strips of A, the last zero-padded
     int tiles_n = (N + NC - 1) / NC;
@@ -414,6 +412,15 @@ static void gemm_bf16(int M, int N, int K, const float* A, size_t lda, const uin
 static void matmul_bf16_forward_fast(float* out, const float* inp, const uint16_t* weight, const float* bias, int B, int T, int C, int OC) {
     double t0 = matmul_clock();
     int BT = B * T;
+#if BF16_DOT
+    if (BT >= MATMUL_MR && C % 2 == 0) { // out (BT,OC) = bias + inp @ weight^T, the weight read in place
+        gemm_bf16_dot_rows(BT, OC, C, inp, (size_t)C, weight, (size_t)C, bias, out, (size_t)OC);
+        matmul_stats.flops += 2.0 * BT * C * OC;
+        matmul_stats.seconds += matmul_clock() - t0;
+        return;
+    }
+#endif
+    // otherwise (a few rows, an odd C, or no AVX512_BF16) out starts as the bias (or 0) and the GEMM accumulates into it
     #pragma omp parallel for
     for (int bt = 0; bt < BT; bt++) {
         for (int o = 0; o < OC; o++) { out[(size_t)bt * OC + o] = bias != NULL ? bias[o] : 0.0f; }
