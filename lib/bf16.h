@@ -185,8 +185,8 @@ static inline void bf16_micro_kernel(int kp, const uint16_t* Ap, size_t lda, con
 }
 
 // ---- the forward with the weight read in place (AVX512_BF16)
-// out (M,N) = bias + A (M,K) @ W^T with W (N,K) bf16 row-major, bias (N) or NULL (zero), K even. In the forward the pair vdpbf16ps
-// multiplies, (W[o][c], W[o][c+1]), is already one 32-bit word of W's row o, so here W is the broadcast
+// out (M,N) = bias + A (M,K) @ W^T with W (N,K) bf16 row-major, bias (N) or NULL (zero), K even. In the
+// forward the pair vdpbf16ps multiplies, (W[o][c], W[o][c+1]), is one 32-bit word of W's row o, so W is the broadcast
 // operand read where it lies (no packing of the weight, no copy of it) and the activations are the vector
 // operand: A's rows are rounded to bf16 and packed once, transposed into panels of BF16_WR_NR rows laid
 // out [pair][row], shared by all threads. The micro-kernel keeps a BF16_WR_MR (weight rows) x BF16_WR_NR
@@ -218,8 +218,8 @@ static inline void bf16_rows_micro_kernel(int kp, const uint16_t* W, size_t ldw,
     }
     // acc[i][v] lane j is out[row 16v + j][column i]: through a 16 x 16 transpose per v into out's rows
     alignas(64) float tile[16][NR], tile_t[NR][16];
-    for (int i = 0; i < 16; i++) {
-        for (int v = 0; v < 2; v++) { _mm512_store_ps(&tile[i][16 * v], i < MR ? acc[i < MR ? i : 0][v] : _mm512_setzero_ps()); }
+    for (int i = 0; i < 16; i++) { // (rows past MR are zero: the transpose reads 16)
+        for (int v = 0; v < 2; v++) { _mm512_store_ps(&tile[i][16 * v], i < MR ? acc[std::min(i, MR - 1)][v] : _mm512_setzero_ps()); }
     }
     for (int v = 0; v < 2; v++) { bf16_transpose16((const uint32_t*)&tile[0][16 * v], NR, (uint32_t*)&tile_t[16 * v][0], 16); }
     __mmask16 mask = (__mmask16)((1u << m) - 1u);
