@@ -1020,8 +1020,9 @@ TEST_CASE("bf16: the bf16 matmuls (this build's fast path and the widened one) e
     MESSAGE("bf16 matmul path of this build: " << std::string(matmul_bf16_path()));
     Rng rng;
     rng_seed(&rng, 221);
-    // {B, T, C, OC}: one row and a few (the dot-product path), edges of the 8 x 48 register block and of
-    // the K slices, an odd K, and K past the 4096 chunk of the packed activations (forward: C; dinp: OC)
+    // {B, T, C, OC}: one row and a few (the dot-product path), edges of the register blocks (dinp: 8 x 48;
+    // the forward's in-place weight: 12 weight rows x 32 activation rows) and of the K slices, an odd K (the
+    // forward's packed path), and K past the 4096 chunk of the packed activations (forward: C; dinp: OC)
     const int shapes[][4] = {{1, 1, 1, 1}, {1, 5, 3, 7}, {2, 3, 17, 5}, {3, 7, 64, 96}, {1, 13, 130, 67}, {2, 40, 4100, 50}, {1, 20, 33, 4099}};
     std::map<std::string, double> worst_of; // the largest difference seen, as a fraction of its bound
     for (auto& s : shapes) {

@@ -6,7 +6,8 @@
 // Two fast paths behind one interface, chosen when compiling:
 //   BF16_DOT (the CPU has AVX512_BF16, -march=native sets __AVX512BF16__): the activations are rounded
 //     to bf16 while they are packed, and vdpbf16ps multiplies pairs of bf16 and accumulates in fp32
-//     (two products per fp32 lane, twice the fp32 FMA rate);
+//     (two products per fp32 lane, twice the fp32 FMA rate). The forward reads the weight where it lies
+//     (gemm_bf16_dot_rows: no packing and no copy of W); dinp packs pairs of W's rows per tile (gemm_bf16_dot);
 //   otherwise: the bf16 weights are widened to fp32 a chunk at a time and the fp32 GEMM of lib/fast.h
 //     runs on them (the memory saving, at fp32 speed; the activations stay fp32).
 // The naive twins round exactly as the fast path of the build does, so a test compares them. (One
@@ -183,6 +184,92 @@ static inline void bf16_micro_kernel(int kp, const uint16_t* Ap, size_t lda, con
     }
 }
 
+// ---- the forward with the weight read in place (AVX512_BF16)
+// out (M,N) = bias + A (M,K) @ W^T with W (N,K) bf16 row-major, bias (N) or NULL (zero), K even. In the
+// forward the pair vdpbf16ps multiplies, (W[o][c], W[o][c+1]), is one 32-bit word of W's row o, so W is the broadcast
+// operand read where it lies (no packing of the weight, no copy of it) and the activations are the vector
+// operand: A's rows are rounded to bf16 and packed once, transposed into panels of BF16_WR_NR rows laid
+// out [pair][row], shared by all threads. The micro-kernel keeps a BF16_WR_MR (weight rows) x BF16_WR_NR
+// (activation rows) block of out^T in registers over the whole of K (so each output is one sum over the
+// pairs in order, as in gemm_bf16_dot's slices), then transposes it into out's rows, adding the bias as it
+// stores (out is written once: it is not first filled with the bias and then read back).
+static const int BF16_WR_MR = 12; // weight rows (output columns) per register tile: 12 x 2 = 24 accumulators
+static const int BF16_WR_NR = 32; // activation rows (output rows) per register tile: two 16-float vectors; BT = 256 is 8 of them
+
+// out (n rows, m columns) = bias (m, or NULL) + the tile's W rows (row stride ldw, kp pairs) . Ap panel (kp pairs x NR rows)
+static inline void bf16_rows_micro_kernel(int kp, const uint16_t* W, size_t ldw, const uint32_t* Ap, const float* bias, float* out, size_t ldc,
+                                          int m, int n) {
+    const int MR = BF16_WR_MR, NR = BF16_WR_NR;
+    const uint16_t* w_row[MR];
+    for (int i = 0; i < MR; i++) { w_row[i] = W + (size_t)(i < m ? i : m - 1) * ldw; } // rows past m repeat row m-1, dropped
+    __m512 acc[MR][2];
+    for (int i = 0; i < MR; i++) { acc[i][0] = acc[i][1] = _mm512_setzero_ps(); }
+    for (int p = 0; p < kp; p++) {
+        __m512bh a0 = (__m512bh)_mm512_load_si512(Ap + (size_t)p * NR);
+        __m512bh a1 = (__m512bh)_mm512_load_si512(Ap + (size_t)p * NR + 16);
+        #pragma GCC unroll 12
+        for (int i = 0; i < MR; i++) {
+            int pair;
+            memcpy(&pair, w_row[i] + 2 * (size_t)p, sizeof(pair));
+            __m512bh wi = (__m512bh)_mm512_set1_epi32(pair);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], wi, a0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], wi, a1);
+        }
+    }
+    // acc[i][v] lane j is out[row 16v + j][column i]: through a 16 x 16 transpose per v into out's rows
+    alignas(64) float tile[16][NR], tile_t[NR][16];
+    for (int i = 0; i < 16; i++) { // (rows past MR are zero: the transpose reads 16)
+        for (int v = 0; v < 2; v++) { _mm512_store_ps(&tile[i][16 * v], i < MR ? acc[std::min(i, MR - 1)][v] : _mm512_setzero_ps()); }
+    }
+    for (int v = 0; v < 2; v++) { bf16_transpose16((const uint32_t*)&tile[0][16 * v], NR, (uint32_t*)&tile_t[16 * v][0], 16); }
+    __mmask16 mask = (__mmask16)((1u << m) - 1u);
+    __m512 b = bias != NULL ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
+    for (int j = 0; j < n; j++) { _mm512_mask_storeu_ps(out + (size_t)j * ldc, mask, _mm512_add_ps(b, _mm512_load_ps(tile_t[j]))); }
+}
+
+static void gemm_bf16_dot_rows(int M, int N, int K, const float* A, size_t lda, const uint16_t* W, size_t ldw, const float* bias,
+                               float* out, size_t ldc) {
+    const int MR = BF16_WR_MR, NR = BF16_WR_NR;
+    const int kp = K / 2, panels = (M + NR - 1) / NR, strips = (N + MR - 1) / MR;
+    uint32_t* Ap = bf16_pack_a((size_t)panels * kp * NR);
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    // tasks: groups of up to 4 weight strips (their rows stay in L1/L2 while every panel passes), at least
+    // 4 tasks a thread where N allows, so a thread the machine's load delays only takes fewer
+    const int group = std::max(1, std::min(4, strips / (4 * threads)));
+    const int tasks = (strips + group - 1) / group;
+    #pragma omp parallel
+    {
+        // pack A: panel q, pair p, row j at (q * kp + p) * NR + j, the two activations rounded to bf16
+        // (the even k in the low half); zero past M
+        #pragma omp for
+        for (int row = 0; row < panels * NR; row++) {
+            uint32_t* dst = Ap + (size_t)(row / NR) * kp * NR + row % NR;
+            if (row < M) {
+                const float* a = A + (size_t)row * lda;
+                for (int p = 0; p < kp; p++) { dst[(size_t)p * NR] = (uint32_t)bf16_round(a[2 * p]) | (uint32_t)bf16_round(a[2 * p + 1]) << 16; }
+            } else {
+                for (int p = 0; p < kp; p++) { dst[(size_t)p * NR] = 0; }
+            }
+        }
+        // (the implicit barrier: A is packed before any task reads it)
+        #pragma omp for schedule(dynamic, 1)
+        for (int t = 0; t < tasks; t++) {
+            int s0 = t * group, s1 = std::min(strips, s0 + group);
+            for (int q = 0; q < panels; q++) {
+                for (int s = s0; s < s1; s++) {
+                    int o0 = s * MR, bt0 = q * NR;
+                    bf16_rows_micro_kernel(kp, W + (size_t)o0 * ldw, ldw, Ap + (size_t)q * kp * NR, bias != NULL ? bias + o0 : NULL,
+                                           out + (size_t)bt0 * ldc + o0, ldc,
+                                           std::min(MR, N - o0), std::min(NR, M - bt0));
+                }
+            }
+        }
+    }
+}
+
 static void gemm_bf16_dot(int M, int N, int K, const float* A, size_t lda, const uint16_t* W, size_t rsb, size_t csb,
                           float* Cmat, size_t ldc) {
     const int MR = BF16_MR, NR = BF16_NR, KC = BF16_KC, NC = BF16_NC, KCH = BF16_KCHUNK;
@@ -325,6 +412,15 @@ static void gemm_bf16(int M, int N, int K, const float* A, size_t lda, const uin
 static void matmul_bf16_forward_fast(float* out, const float* inp, const uint16_t* weight, const float* bias, int B, int T, int C, int OC) {
     double t0 = matmul_clock();
     int BT = B * T;
+#if BF16_DOT
+    if (BT >= MATMUL_MR && C % 2 == 0) { // out (BT,OC) = bias + inp @ weight^T, the weight read in place
+        gemm_bf16_dot_rows(BT, OC, C, inp, (size_t)C, weight, (size_t)C, bias, out, (size_t)OC);
+        matmul_stats.flops += 2.0 * BT * C * OC;
+        matmul_stats.seconds += matmul_clock() - t0;
+        return;
+    }
+#endif
+    // otherwise (a few rows, an odd C, or no AVX512_BF16) out starts as the bias (or 0) and the GEMM accumulates into it
     #pragma omp parallel for
     for (int bt = 0; bt < BT; bt++) {
         for (int o = 0; o < OC; o++) { out[(size_t)bt * OC + o] = bias != NULL ? bias[o] : 0.0f; }
