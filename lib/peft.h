@@ -271,10 +271,11 @@ static std::string lora_files_load_all(const std::vector<const char*>& paths, GP
         TrainState unused;
         bool has_state = false;
         std::string err = lora_file_load(paths[k], model, base_sum, &unused, &has_state, LORA_QUANT_FP32);
-        if (err.empty() && (model->lora.config.use_dora || model->lora.config.init_pissa)) {
+        const LoRAConfig& c = model->lora.config;
+        if (err.empty() && (c.use_dora || c.init_pissa || c.use_adalora)) {
             err = strprintf("adapter '%s' is %s: its change to the base is not scale * lora_B lora_A, so it cannot share the base with others\n"
                             "---> HINT: use it alone (one -A, no -S or -Y), e.g. -A %s -M merged.bin -x 0",
-                            paths[k], model->lora.config.use_dora ? "DoRA" : "PiSSA", paths[k]);
+                            paths[k], c.use_dora ? "DoRA" : c.init_pissa ? "PiSSA" : "AdaLoRA", paths[k]);
         }
         if (!err.empty()) return paths.size() > 1 ? strprintf("adapter %zu of %zu: ", k + 1, paths.size()) + err : err;
         (*parts)[k] = model->lora; // moved aside
