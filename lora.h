@@ -850,6 +850,14 @@ void adalora_init_all(LoRA<real>* lora, Rng* rng, size_t off) {
     lora->adalora_dAE = lora_calloc<real>((size_t)r * 4 * C);
 }
 
+// the number of mask entries (triplets) of an AdaLoRA config on L layers, 0 for any other
+static inline size_t adalora_mask_count(const LoRAConfig& cfg, int L) {
+    if (!cfg.use_adalora) return 0;
+    size_t n = 0;
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) n += (cfg.targets >> t) & 1 ? (size_t)L * cfg.r : 0;
+    return n;
+}
+
 // lora_A (r,C), lora_E (r) -> AE (r,C) = diag(lora_E) lora_A: the triplets' down projection with E folded in
 template <typename real>
 void adalora_fold_E(real* AE, const real* lora_A, const real* lora_E, int C, int r) {
