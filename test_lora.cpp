@@ -4926,7 +4926,7 @@ TEST_CASE("the trainer binary: bad inputs exit non-zero with a message naming th
     CHECK(has(out, "-z"));
     CHECK(run_trainer(common + " -G -1", &out) != 0);
     CHECK(has(out, "-G"));
-    CHECK(run_trainer(common + " -Z 1", &out) != 0);
+    CHECK(run_trainer(common + " -I 1", &out) != 0);
     CHECK(has(out, "unknown flag"));
     CHECK(run_trainer(common + " -b abc", &out) != 0);
     CHECK(has(out, "-b"));
@@ -5864,6 +5864,63 @@ TEST_CASE("the trainer binary: -L refuses other methods, -Y, an unwritable direc
     CHECK(has(out, "HINT"));
     CHECK_FALSE(has(out, "step 1/3"));
     CHECK(access(tf.dir.file("base.gguf").c_str(), F_OK) != 0);
+}
+
+TEST_CASE("the trainer binary with -V adalora: bad -Z / -U / -J and variant mixes fail naming the flag; a run logs the final ranks, saves, and -A reloads it (ours and PEFT's)") {
+    TempDir dir;
+    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
+    write_tiny_checkpoint(ckpt);
+    write_cycle_tokens(tokens, 400);
+    std::string common = trainer_args(ckpt, tokens) + " -x 12";
+    std::string out;
+    CHECK(run_trainer(common + " -V adalora -r 4 -Z 5", &out) != 0); // the target rank above the initial one
+    CHECK(has(out, "-Z"));
+    CHECK(has(out, "initial rank"));
+    CHECK(has(out, "HINT"));
+    CHECK(run_trainer(common + " -V adalora -r 4 -Z 0", &out) != 0);
+    CHECK(has(out, "-Z"));
+    CHECK(run_trainer(common + " -Z 2", &out) != 0); // without -V adalora
+    CHECK(has(out, "-V adalora"));
+    CHECK(run_trainer(common + " -V adalora -U 1,2", &out) != 0);
+    CHECK(has(out, "-U"));
+    CHECK(run_trainer(common + " -V adalora -U 1,2,0", &out) != 0);
+    CHECK(has(out, "-U"));
+    CHECK(run_trainer(common + " -V adalora -U 8,4,1", &out) != 0); // tinit >= total_step - tfinal
+    CHECK(has(out, "-U"));
+    CHECK(has(out, "total_step"));
+    CHECK(run_trainer(common + " -V adalora -J -1", &out) != 0);
+    CHECK(has(out, "-J"));
+    CHECK(run_trainer(common + " -V adalora,dora", &out) != 0);
+    CHECK(has(out, "-V"));
+    CHECK(has(out, "HINT"));
+
+    std::string save = dir.file("ada");
+    int rc = run_trainer(common + " -V adalora -r 4 -Z 2 -U 2,3,1 -l 0.01 -v 12 -m 2 -o " + save, &out);
+    REQUIRE(rc == 0);
+    CHECK(has(out, "adalora orth penalty"));
+    // the final ranks: one fixed-format line per layer, every matrix at rank <= 4, 2 on average
+    int total = 0, lines = 0;
+    for (size_t p = out.find("adalora ranks layer "); p != std::string::npos; p = out.find("adalora ranks layer ", p + 1)) {
+        int layer, q, a, f, fp;
+        REQUIRE(sscanf(out.c_str() + p, "adalora ranks layer %d: qkv %d attproj %d fc %d fcproj %d", &layer, &q, &a, &f, &fp) == 5);
+        CHECK(layer == lines);
+        for (int k : {q, a, f, fp}) CHECK((k >= 0 && k <= 4));
+        total += q + a + f + fp;
+        lines++;
+    }
+    CHECK(lines == tiny_config().num_layers);
+    CHECK(total == 2 * 4 * lines);
+    size_t pv = out.find("final val loss: ");
+    REQUIRE(pv != std::string::npos);
+    std::string val = out.substr(pv, out.find('\n', pv) - pv);
+    for (const std::string& from : {save + "/adapter.bin", save}) { // ours, then PEFT's directory
+        CAPTURE(from);
+        CHECK(run_trainer(trainer_args(ckpt, tokens) + " -x 0 -v 1 -m 2 -A " + from, &out) == 0);
+        CHECK(has(out, val.c_str())); // the same validation loss, to the printed digit
+    }
+    // GGUF: llama.cpp's LoRA has no lora_E, so only the merged model is written, saying why
+    CHECK(run_trainer(trainer_args(ckpt, tokens) + " -x 0 -A " + save + "/adapter.bin -L " + dir.file("gguf"), &out) == 0);
+    CHECK(has(out, "merged.gguf (no adapter.gguf: an AdaLoRA adapter"));
 }
 
 TEST_SUITE_END();
