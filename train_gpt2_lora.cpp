@@ -1595,7 +1595,7 @@ struct MemoryBytes {
     size_t base;        // the base weights as held: fp32, or with -Q the fp32 rest + block-matrix codes, absmax and one dequantized layer per matrix
     size_t params;      // base + trainable extras (+ W0 with L2-SP)
     size_t grads;       // one float per trainable parameter
-    size_t optimizer;   // AdamW m and v: two floats per trainable parameter
+    size_t optimizer;   // AdamW m and v: two floats per trainable parameter (AdaLoRA: two more, its importance state)
     size_t activations; // forward activations, their per-layer gradients and the method's caches
 };
 
@@ -1613,6 +1613,7 @@ static MemoryBytes gpt2_memory_bytes(const GPT2<float>* model) {
     mb.params = mb.base + (extras + (model->params0 ? model->num_parameters : 0)) * sizeof(float);
     mb.grads = trainable * sizeof(float);
     mb.optimizer = 2 * trainable * sizeof(float);
+    if (model->lora.config.use_adalora) mb.optimizer += 2 * model->lora.num_parameters * sizeof(float); // AdaLoRA's importance averages
     size_t BT = (size_t)model->alloc_B * model->alloc_T;
     mb.activations = (model->num_activations + model->num_dacts + 2 * BT) * sizeof(float) +
                      (model->lora.num_parameters > 0 ? lora_activation_bytes(&model->lora) : 0) +

@@ -24,7 +24,7 @@ fi
 
 rm -rf "$DIR" && mkdir -p "$DIR"
 adapters=()
-for v in "lora -r 8 -a 16" "rslora -r 4 -a 8 -V rslora" "dora -r 8 -a 16 -V dora" "adalora -r 6 -a 12 -V adalora -Z 3 -U 4,6,2"; do
+for v in "lora -r 8 -a 16" "rslora -r 4 -a 8 -V rslora" "dora -r 8 -a 16 -V dora" "adalora -r 6 -a 12 -V adalora -Z 3 -U 4,6,2 -l 3e-2"; do
     read -r name flags <<< "$v"
     mkdir -p "$DIR/$name"
     # shellcheck disable=SC2086
