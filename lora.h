@@ -11,8 +11,8 @@ lora_B @ lora_A is never formed while training: the branch is two thin matmuls t
 Reading order: plain LoRA first, complete: targets, config, the kernels (lora_forward_naive /
 lora_backward_naive, and lora_forward / lora_backward, which pick the fast twin of lib/fast.h for float),
 the adapters of a whole model with a per-layer view (lora_layer), init, merge / unmerge, the tensor list
-the files use. Then the variants, one banner each (skip on first reading): LoRA+, DoRA, PiSSA, several
-adapters on one base, and the hooks that route one adapted matmul to them. rsLoRA is one line of the
+the files use. Then the variants, one banner each (skip on first reading): LoRA+, DoRA, PiSSA, AdaLoRA,
+several adapters on one base, and the hooks that route one adapted matmul to them. rsLoRA is one line of the
 config (lora_scale_of). The frozen base, quantized or not, is the model's: LoRA never stores it.
 
 This header has no dependencies on the model.
@@ -547,8 +547,8 @@ static inline std::vector<LoRATensor> lora_tensor_list(LoRAConfig cfg, int L, in
 
 // ----------------------------------------------------------------------------
 // ---- LoRA variants (skip on first reading) ----
-// rsLoRA (the scale, see lora_scale_of above), LoRA+, DoRA, PiSSA initialisation and several adapters on
-// one base; a quantized frozen base (int8 / NF4 / int2) is the model's (lib/quant.h). Each is off by
+// rsLoRA (the scale, see lora_scale_of above), LoRA+, DoRA, PiSSA initialisation, AdaLoRA and several
+// adapters on one base; a quantized frozen base (int8 / NF4 / int2) is the model's (lib/quant.h). Each is off by
 // default; plain LoRA is untouched by them.
 
 // ---- LoRA+ (Hayou et al. 2024)
@@ -1171,7 +1171,7 @@ void lora_combine(LoRA<real>* out, const LoRA<real>* const* adapters, const floa
 // W0 (OC, C) and bias (OC) are the frozen matrix at that layer and its bias, as the model's matmul used
 // them (dequantized with -Q): DoRA needs them, LoRA does not keep them.
 
-// DoRA or a multi-adapter batch instead of the plain branch; false when target t at layer l is plain LoRA
+// DoRA, AdaLoRA or a multi-adapter batch instead of the plain branch; false when target t at layer l is plain LoRA
 template <typename real>
 bool lora_variant_forward(LoRA<real>* lora, int t, int l, real* out, const real* inp, const real* W0, const real* bias, int BT) {
     if (lora->multi != NULL) { lora_multi_forward(lora, t, l, out, inp, BT); return true; }
