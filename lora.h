@@ -1238,12 +1238,12 @@ static inline bool lora_parse_variants(const char* list, LoRAConfig* cfg, std::s
 
 // the resolved variants, for the [LoRA] log block
 static inline std::string lora_variants_string(const LoRAConfig& cfg) {
-    std::string s = cfg.use_rslora ? "rslora" : "lora";
+    std::string s = cfg.use_adalora ? "adalora" : cfg.use_rslora ? "rslora" : "lora";
     if (cfg.use_dora) s += ", dora";
     if (cfg.init_pissa) s += ", pissa init";
     if (cfg.use_adalora) {
         char buf[200];
-        snprintf(buf, sizeof(buf), ", adalora (init_r %d, target_r %d, tinit %d, tfinal %d, deltaT %d, total_step %d, orth_reg %g)",
+        snprintf(buf, sizeof(buf), " (init_r %d, target_r %d, tinit %d, tfinal %d, deltaT %d, total_step %d, orth_reg %g)",
                  cfg.r, cfg.adalora_target_r, cfg.adalora_tinit, cfg.adalora_tfinal, cfg.adalora_deltaT, cfg.adalora_total_step,
                  cfg.adalora_orth_reg);
         s += buf;
