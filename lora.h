@@ -11,8 +11,8 @@ lora_B @ lora_A is never formed while training: the branch is two thin matmuls t
 Reading order: plain LoRA first, complete: targets, config, the kernels (lora_forward_naive /
 lora_backward_naive, and lora_forward / lora_backward, which pick the fast twin of lib/fast.h for float),
 the adapters of a whole model with a per-layer view (lora_layer), init, merge / unmerge, the tensor list
-the files use. Then the variants, one banner each (skip on first reading): LoRA+, DoRA, PiSSA, several
-adapters on one base, and the hooks that route one adapted matmul to them. rsLoRA is one line of the
+the files use. Then the variants, one banner each (skip on first reading): LoRA+, DoRA, PiSSA, AdaLoRA,
+several adapters on one base, and the hooks that route one adapted matmul to them. rsLoRA is one line of the
 config (lora_scale_of). The frozen base, quantized or not, is the model's: LoRA never stores it.
 
 This header has no dependencies on the model.
@@ -97,6 +97,14 @@ struct LoRAConfig {
     float lr_ratio_B; // LoRA+: lora_B trains with lr * lr_ratio_B (1 = plain)
     bool use_dora;    // DoRA: a trainable magnitude per output row, W = m * V / ||V||_row
     bool init_pissa;  // PiSSA: lora_A, lora_B from the top-r SVD of W0; the frozen base becomes the residual
+    // AdaLoRA: lora_E (r) between lora_A and lora_B, r = init_r, ranks masked down to a budget while training
+    bool use_adalora;
+    int adalora_target_r;      // the average rank at the end (PEFT's target_r, 8)
+    int adalora_tinit;         // steps before the budget starts to fall (tinit, 0)
+    int adalora_tfinal;        // steps at the end with the final ranks fixed (tfinal, 0)
+    int adalora_deltaT;        // steps between two maskings (deltaT, 1)
+    int adalora_total_step;    // the run's steps (total_step)
+    float adalora_orth_reg;    // the orthogonality regulariser's weight (orth_reg_weight, 0.5)
     int base_quant;   // the frozen base's block matrices as the adapter trained on them: a LoRAQuant (fp32, int8, nf4, int2)
     float dropout;    // PEFT's lora_dropout (-D): on the branch's input while training (the model's Dropout), 0 = off
 };
@@ -104,6 +112,8 @@ struct LoRAConfig {
 // the one place the scale is derived. rsLoRA (Kalajdzievski 2023): with alpha / r the update
 // scale * lora_B lora_A shrinks as r grows and large ranks stop learning; alpha / sqrt(r) keeps it rank-stable.
 static inline float lora_scale_of(const LoRAConfig& cfg) {
+    // AdaLoRA (see its banner): PEFT's scaling = lora_alpha divided by ranknum + 1e-5, ranknum = init_r
+    if (cfg.use_adalora) return cfg.alpha / ((float)cfg.r + 1e-5f);
     return cfg.use_rslora ? cfg.alpha / sqrtf((float)cfg.r) : cfg.alpha / (float)cfg.r;
 }
 
@@ -117,6 +127,13 @@ static inline LoRAConfig lora_config(int r, float alpha, unsigned targets) {
     cfg.lr_ratio_B = 1.0f;
     cfg.use_dora = false;
     cfg.init_pissa = false;
+    cfg.use_adalora = false;
+    cfg.adalora_target_r = 8; // PEFT's AdaLoraConfig defaults
+    cfg.adalora_tinit = 0;
+    cfg.adalora_tfinal = 0;
+    cfg.adalora_deltaT = 1;
+    cfg.adalora_total_step = 0;
+    cfg.adalora_orth_reg = 0.5f;
     cfg.base_quant = 0;
     cfg.scale = lora_scale_of(cfg);
     return cfg;
@@ -265,6 +282,15 @@ struct LoRA {
     real* dora_P[LORA_NUM_TARGETS];            // (L, out, r) cached W0 @ lora_A^T
     real* dora_z[LORA_NUM_TARGETS];            // (L, BT, out) cached inp @ (W0 + scale lora_B lora_A)^T
     real* dora_dz;                             // (BT, 4C) backward scratch
+    // AdaLoRA (see its banner below); all NULL unless chosen
+    real* lora_E[LORA_NUM_TARGETS];            // (L, r) singular values, in params_memory after all lora_A/lora_B
+    real* dlora_E[LORA_NUM_TARGETS];           // (L, r)
+    real* adalora_mask[LORA_NUM_TARGETS];      // (L, r) 1 = triplet kept, 0 = masked (PEFT's rank_pattern)
+    real* adalora_mask_memory;                 // all masks, target-major, L * r per enabled target
+    real* adalora_avg;                         // (num_parameters) exponential average of |w * grad w|
+    real* adalora_unc;                         // (num_parameters) exponential average of its deviation
+    real* adalora_AE;                          // (r, 4C) scratch: diag(lora_E) lora_A of one layer
+    real* adalora_dAE;                         // (r, 4C) scratch: its gradient
     // several adapters in one batch (see its banner below); NULL unless set
     const LoRA<real>* const* multi;            // the adapters
     const int* multi_index;                    // (B) which adapter each sequence uses
@@ -290,6 +316,9 @@ struct LoRALayer {
     real* dora_n;   // (OC)
     real* dora_P;   // (OC, r)
     real* dora_z;   // (BT, OC)
+    real* lora_E;   // (r) AdaLoRA only
+    real* dlora_E;  // (r)
+    real* mask;     // (r)
 };
 
 template <typename real>
@@ -309,6 +338,9 @@ LoRALayer<real> lora_layer(const LoRA<real>* lora, int t, int l, size_t BT = 0) 
     v.dora_n = lora_offset(lora->dora_n[t], l * OC);
     v.dora_P = lora_offset(lora->dora_P[t], l * OC * r);
     v.dora_z = lora_offset(lora->dora_z[t], l * BT * OC);
+    v.lora_E = lora_offset(lora->lora_E[t], l * r);
+    v.dlora_E = lora_offset(lora->dlora_E[t], l * r);
+    v.mask = lora_offset(lora->adalora_mask[t], l * r);
     return v;
 }
 
@@ -319,6 +351,7 @@ static inline size_t lora_count_parameters(LoRAConfig cfg, int L, int C) {
         if (cfg.targets & (1u << t)) {
             n += (size_t)L * cfg.r * (lora_target_in(t, C) + lora_target_out(t, C));
             if (cfg.use_dora) n += (size_t)L * lora_target_out(t, C); // the magnitudes
+            if (cfg.use_adalora) n += (size_t)L * cfg.r;                // AdaLoRA's lora_E
         }
     }
     return n;
@@ -334,6 +367,8 @@ static real* lora_calloc(size_t n) {
     }
     return p;
 }
+
+template <typename real> void adalora_init_all(LoRA<real>* lora, Rng* rng, size_t off); // AdaLoRA's part, see its banner
 
 // Allocates the adapters and initialises them the way PEFT does by default:
 // lora_A ~ kaiming-uniform U(-1/sqrt(in), 1/sqrt(in)), lora_B = 0, so delta W = lora_B lora_A = 0 at step 0
@@ -363,6 +398,7 @@ void lora_init(LoRA<real>* lora, LoRAConfig cfg, int L, int C, uint64_t seed) {
         lora->dlora_B[t] = lora->grads_memory + off;
         off += nB;
         float bound = 1.0f / sqrtf((float)in);
+        if (cfg.use_adalora) continue; // adalora_init_all draws lora_A and lora_B below
         for (size_t i = 0; i < nA; i++) { lora->lora_A[t][i] = (real)rng_uniform(&rng, -bound, bound); }
     }
     // DoRA: the magnitudes come after every lora_A / lora_B, so those keep the plain layout;
@@ -375,6 +411,7 @@ void lora_init(LoRA<real>* lora, LoRAConfig cfg, int L, int C, uint64_t seed) {
         lora->dora_n[t] = lora_calloc<real>((size_t)L * lora_target_out(t, C));
         lora->dora_P[t] = lora_calloc<real>((size_t)L * lora_target_out(t, C) * cfg.r);
     }
+    if (cfg.use_adalora) adalora_init_all(lora, &rng, off);
 }
 
 template <typename real>
@@ -425,6 +462,11 @@ void lora_free(LoRA<real>* lora) {
     }
     free(lora->dh);
     free(lora->dora_dz);
+    free(lora->adalora_mask_memory);
+    free(lora->adalora_avg);
+    free(lora->adalora_unc);
+    free(lora->adalora_AE);
+    free(lora->adalora_dAE);
     memset(lora, 0, sizeof(*lora));
 }
 
@@ -454,12 +496,14 @@ void lora_merge(real* W, const real* lora_A, const real* lora_B, real scale, int
 // every adapted matrix of every layer: base[t] is target t's frozen weight (L, out, in), NULL when the
 // target carries no adapter. sign +1 merges, -1 unmerges.
 template <typename real> void dora_merge(const LoRA<real>* lora, int t, real* W, int sign); // DoRA's merge, see below
+template <typename real> void adalora_merge(const LoRA<real>* lora, int t, real* W, int sign); // AdaLoRA's, see below
 template <typename real>
 void lora_merge_all(const LoRA<real>* lora, real* const base[LORA_NUM_TARGETS], int sign) {
     int r = lora->config.r;
     for (int t = 0; t < LORA_NUM_TARGETS; t++) {
         if (lora->lora_A[t] == NULL) continue;
         if (lora->dora_m[t] != NULL) { dora_merge(lora, t, base[t], sign); continue; }
+        if (lora->lora_E[t] != NULL) { adalora_merge(lora, t, base[t], sign); continue; }
         for (int l = 0; l < lora->L; l++) {
             LoRALayer<real> a = lora_layer(lora, t, l);
             lora_merge(base[t] + (size_t)l * a.OC * a.C, a.lora_A, a.lora_B, (real)lora->config.scale, a.C, a.OC, r, sign);
@@ -504,8 +548,8 @@ static inline std::vector<LoRATensor> lora_tensor_list(LoRAConfig cfg, int L, in
 
 // ----------------------------------------------------------------------------
 // ---- LoRA variants (skip on first reading) ----
-// rsLoRA (the scale, see lora_scale_of above), LoRA+, DoRA, PiSSA initialisation and several adapters on
-// one base; a quantized frozen base (int8 / NF4 / int2) is the model's (lib/quant.h). Each is off by
+// rsLoRA (the scale, see lora_scale_of above), LoRA+, DoRA, PiSSA initialisation, AdaLoRA and several
+// adapters on one base; a quantized frozen base (int8 / NF4 / int2) is the model's (lib/quant.h). Each is off by
 // default; plain LoRA is untouched by them.
 
 // ---- LoRA+ (Hayou et al. 2024)
@@ -533,6 +577,9 @@ static inline std::vector<LoRALrRange> lora_lr_ranges(LoRAConfig cfg, int L, int
     }
     for (int t = 0; t < LORA_NUM_TARGETS && cfg.use_dora; t++) {
         if (cfg.targets & (1u << t)) push((size_t)L * lora_target_out(t, C), 1.0f); // DoRA magnitudes, at the end
+    }
+    for (int t = 0; t < LORA_NUM_TARGETS && cfg.use_adalora; t++) {
+        if (cfg.targets & (1u << t)) push((size_t)L * cfg.r, 1.0f); // AdaLoRA's lora_E, at the end
     }
     return ranges;
 }
@@ -762,6 +809,303 @@ void lora_attach_layer(LoRA<real>* lora, int t, int l, real* W_l) {
     pissa_init(W_l, a.lora_A, a.lora_B, (real)lora->config.scale, a.C, a.OC, a.r, 1000u * t + l);
 }
 
+// ---- AdaLoRA (Zhang et al. 2023): adaptive budget allocation, with PEFT's numerics (peft/tuners/adalora)
+// The update is an SVD-like triplet product P diag(E) Q with P = lora_B (OC, r), E = lora_E (r), Q = lora_A (r, C):
+//   out += scale * ((inp @ lora_A^T) * lora_E) @ lora_B^T,   scale = alpha / (r + 1e-5)   (lora_scale_of)
+// r is init_r and never changes (PEFT's ranknum): masking a triplet sets its lora_E to 0 instead of shrinking
+// the matrices. Init as PEFT: lora_E = 0 (so the model starts at the base), lora_A and lora_B ~ N(0, 0.02^2).
+// Training adds PEFT's orthogonality regulariser to the loss,
+//   orth_reg * mean over every lora_A and lora_B matrix of ||Q Q^T - I||_F  (lora_A)  or  ||P^T P - I||_F  (lora_B)
+// (the Frobenius norm itself, not its square), and after each AdamW update adalora_update_and_allocate
+// (PEFT's update_and_allocate) scores every triplet and masks the least important ones down to a budget
+// that falls from L * targets * init_r to L * targets * target_r on a cubic schedule.
+
+#define ADALORA_BETA1 0.85 // the importance's exponential average (PEFT's beta1)
+#define ADALORA_BETA2 0.85 // the uncertainty's (beta2)
+#define ADALORA_INIT_STD 0.02f // lora_A, lora_B ~ N(0, 0.02^2), as PEFT's reset_lora_parameters
+
+// lora_E after every lora_A / lora_B in the flat buffer (off: where they end), lora_A and lora_B drawn
+// from N(0, 0.02^2) in flat-buffer order, every triplet kept; the importance state and scratch allocated
+template <typename real>
+void adalora_init_all(LoRA<real>* lora, Rng* rng, size_t off) {
+    LoRAConfig cfg = lora->config;
+    int L = lora->L, C = lora->C, r = cfg.r;
+    size_t n_AB = off; // lora_A and lora_B of every target come first
+    for (size_t i = 0; i < n_AB; i++) { lora->params_memory[i] = (real)(ADALORA_INIT_STD * rng_normal(rng)); }
+    int n_targets = 0;
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) n_targets += (cfg.targets >> t) & 1;
+    lora->adalora_mask_memory = lora_calloc<real>((size_t)n_targets * L * r);
+    size_t m = 0;
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        if (!(cfg.targets & (1u << t))) continue;
+        lora->lora_E[t] = lora->params_memory + off; // calloc: lora_E = 0
+        lora->dlora_E[t] = lora->grads_memory + off;
+        off += (size_t)L * r;
+        lora->adalora_mask[t] = lora->adalora_mask_memory + m;
+        m += (size_t)L * r;
+    }
+    for (size_t i = 0; i < m; i++) lora->adalora_mask_memory[i] = 1;
+    lora->adalora_avg = lora_calloc<real>(lora->num_parameters);
+    lora->adalora_unc = lora_calloc<real>(lora->num_parameters);
+    lora->adalora_AE = lora_calloc<real>((size_t)r * 4 * C);
+    lora->adalora_dAE = lora_calloc<real>((size_t)r * 4 * C);
+}
+
+// the number of mask entries (triplets) of an AdaLoRA config on L layers, 0 for any other
+static inline size_t adalora_mask_count(const LoRAConfig& cfg, int L) {
+    if (!cfg.use_adalora) return 0;
+    size_t n = 0;
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) n += (cfg.targets >> t) & 1 ? (size_t)L * cfg.r : 0;
+    return n;
+}
+
+// lora_A (r,C), lora_E (r) -> AE (r,C) = diag(lora_E) lora_A: the triplets' down projection with E folded in
+template <typename real>
+void adalora_fold_E(real* AE, const real* lora_A, const real* lora_E, int C, int r) {
+    for (int i = 0; i < r; i++) {
+        for (int c = 0; c < C; c++) { AE[(size_t)i * C + c] = lora_E[i] * lora_A[(size_t)i * C + c]; }
+    }
+}
+
+// inp (BT,C), lora_A (r,C), lora_E (r), lora_B (OC,r) -> AE (r,C) scratch, h (BT,r) = (inp @ lora_A^T) * lora_E
+// cached; out (BT,OC) += scale * h @ lora_B^T. With E folded into lora_A it is plain LoRA's branch (and its
+// fast twin for float).
+template <typename real>
+void adalora_forward(real* out, real* h, real* AE, const real* inp, const real* lora_A, const real* lora_E, const real* lora_B,
+                     real scale, int BT, int C, int OC, int r) {
+    adalora_fold_E(AE, lora_A, lora_E, C, r);
+    lora_forward(out, h, inp, AE, lora_B, scale, BT, C, OC, r);
+}
+
+// dout (BT,OC), h (BT,r), inp (BT,C), lora_A (r,C), lora_E (r), lora_B (OC,r)
+//   -> dlora_A (r,C) +=, dlora_E (r) +=, dlora_B (OC,r) +=, dinp (BT,C) += (may be NULL); dh (BT,r), AE, dAE (r,C) scratch
+template <typename real>
+void adalora_backward(real* dinp, real* dlora_A, real* dlora_E, real* dlora_B, real* dh, real* AE, real* dAE,
+                      const real* dout, const real* h, const real* inp, const real* lora_A, const real* lora_E, const real* lora_B,
+                      real scale, int BT, int C, int OC, int r) {
+    // forward was plain LoRA on AE = diag(E) A: its backward gives dlora_B, dinp and dAE = scale (dout @ lora_B)^T inp
+    adalora_fold_E(AE, lora_A, lora_E, C, r);
+    memset(dAE, 0, (size_t)r * C * sizeof(real));
+    lora_backward(dinp, dAE, dlora_B, dh, dout, h, inp, AE, lora_B, scale, BT, C, OC, r);
+    // then AE[i,c] = E[i] A[i,c]: dA[i,c] += E[i] dAE[i,c], dE[i] += sum_c dAE[i,c] A[i,c]
+    for (int i = 0; i < r; i++) {
+        real dE = 0;
+        for (int c = 0; c < C; c++) {
+            dlora_A[(size_t)i * C + c] += lora_E[i] * dAE[(size_t)i * C + c];
+            dE += dAE[(size_t)i * C + c] * lora_A[(size_t)i * C + c];
+        }
+        dlora_E[i] += dE;
+    }
+}
+
+// The orthogonality regulariser of one matrix X holding r vectors of length n, vector i's element k at
+// X[i * si + k * sk]: lora_A (r,C) is (si, sk) = (C, 1), lora_B (OC,r) is (1, r). M = the (r,r) Gram matrix
+// of the vectors (Q Q^T for lora_A, P^T P for lora_B). Returns ||M - I||_F.
+template <typename real>
+real adalora_orth_forward(const real* X, int r, int n, size_t si, size_t sk, std::vector<real>* M_minus_I) {
+    std::vector<real>& D = *M_minus_I;
+    D.assign((size_t)r * r, 0);
+    for (int i = 0; i < r; i++) {
+        for (int j = 0; j <= i; j++) {
+            real sum = 0;
+            for (int k = 0; k < n; k++) { sum += X[i * si + k * sk] * X[j * si + k * sk]; }
+            D[(size_t)i * r + j] = D[(size_t)j * r + i] = sum - (i == j ? 1 : 0);
+        }
+    }
+    real norm2 = 0;
+    for (real d : D) norm2 += d * d;
+    return std::sqrt(norm2);
+}
+
+// its backward: dX += dnorm * d||M - I||_F / dX = dnorm * 2 (M - I) X / ||M - I||_F (M - I is symmetric);
+// at ||M - I||_F = 0 (X orthonormal, the minimum) the norm has no gradient and the subgradient 0 is taken
+template <typename real>
+void adalora_orth_backward(real* dX, const real* X, const std::vector<real>& M_minus_I, real norm, real dnorm,
+                           int r, int n, size_t si, size_t sk) {
+    if (!(norm > 0)) return;
+    real f = 2 * dnorm / norm;
+    for (int i = 0; i < r; i++) {
+        for (int k = 0; k < n; k++) {
+            real sum = 0;
+            for (int j = 0; j < r; j++) { sum += M_minus_I[(size_t)i * r + j] * X[j * si + k * sk]; }
+            dX[i * si + k * sk] += f * sum;
+        }
+    }
+}
+
+// The whole regulariser, as PEFT adds it to the loss: orth_reg * (sum over every lora_A and lora_B matrix of
+// ||M - I||_F) / their number. Adds its gradient to dlora_A, dlora_B and returns its value (for the log).
+template <typename real>
+double adalora_orth_loss_backward(LoRA<real>* lora) {
+    if (!lora->config.use_adalora || !(lora->config.adalora_orth_reg > 0)) return 0;
+    int count = 0;
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) count += lora->lora_A[t] != NULL ? 2 * lora->L : 0;
+    real dnorm = (real)lora->config.adalora_orth_reg / (real)count;
+    double total = 0;
+    std::vector<real> D;
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        for (int l = 0; l < lora->L && lora->lora_A[t] != NULL; l++) {
+            LoRALayer<real> a = lora_layer(lora, t, l);
+            real norm = adalora_orth_forward(a.lora_A, a.r, a.C, (size_t)a.C, 1, &D);
+            adalora_orth_backward(a.dlora_A, a.lora_A, D, norm, dnorm, a.r, a.C, (size_t)a.C, 1);
+            total += norm;
+            norm = adalora_orth_forward(a.lora_B, a.r, a.OC, 1, (size_t)a.r, &D);
+            adalora_orth_backward(a.dlora_B, a.lora_B, D, norm, dnorm, a.r, a.OC, 1, (size_t)a.r);
+            total += norm;
+        }
+    }
+    return lora->config.adalora_orth_reg * total / count;
+}
+
+// the budget in triplets at one step (0-based, the step just taken), PEFT's budget_schedule: the initial
+// budget init_bgt = (adapted matrices) * init_r until tinit, then the cubic fall
+//   budget = floor((init_bgt - target_bgt) * (1 - (step - tinit) / (total_step - tfinal - tinit))^3 + target_bgt)
+// masking every deltaT steps, and target_bgt = (adapted matrices) * target_r after total_step - tfinal.
+// *mask_now: whether this step masks.
+static inline int adalora_budget(const LoRAConfig& cfg, int L, int step, bool* mask_now) {
+    int matrices = 0;
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) matrices += (cfg.targets >> t) & 1 ? L : 0;
+    int init_bgt = matrices * cfg.r, target_bgt = matrices * cfg.adalora_target_r;
+    int tinit = cfg.adalora_tinit, tfinal = cfg.adalora_tfinal, total = cfg.adalora_total_step;
+    if (step <= tinit) { *mask_now = false; return init_bgt; }
+    if (step > total - tfinal) { *mask_now = true; return target_bgt; }
+    double mul = 1.0 - (double)(step - tinit) / (double)(total - tfinal - tinit);
+    *mask_now = step % cfg.adalora_deltaT == 0;
+    return (int)((init_bgt - target_bgt) * (mul * mul * mul) + target_bgt);
+}
+
+// PEFT's update_ipt over every adapter parameter w with gradient g (after clipping, as PEFT's trainer sees it):
+//   I = |w g|,  avg <- beta1 avg + (1 - beta1) I,  unc <- beta2 unc + (1 - beta2) |I - avg|  (with the new avg)
+template <typename real>
+void adalora_update_importance(LoRA<real>* lora) {
+    const real b1 = (real)ADALORA_BETA1, b2 = (real)ADALORA_BETA2;
+    #pragma omp parallel for
+    for (long long k = 0; k < (long long)lora->num_parameters; k++) {
+        real I = std::fabs(lora->params_memory[k] * lora->grads_memory[k]);
+        real avg = b1 * lora->adalora_avg[k] + (1 - b1) * I;
+        lora->adalora_avg[k] = avg;
+        lora->adalora_unc[k] = b2 * lora->adalora_unc[k] + (1 - b2) * std::fabs(I - avg);
+    }
+}
+
+// the offset of p (a pointer into params_memory) in the flat buffer: the same offset in the importance state
+template <typename real>
+static inline size_t adalora_flat(const LoRA<real>* lora, const real* p) { return (size_t)(p - lora->params_memory); }
+
+// the score of triplet i of target t at layer l, PEFT's mask_to_budget: with s = avg * unc per element,
+//   s(lora_E[i]) + mean over c of s(lora_A[i,c]) + mean over o of s(lora_B[o,i])
+template <typename real>
+double adalora_triplet_score(const LoRA<real>* lora, int t, int l, int i) {
+    LoRALayer<real> a = lora_layer(lora, t, l);
+    const real* avg = lora->adalora_avg;
+    const real* unc = lora->adalora_unc;
+    size_t e = adalora_flat(lora, a.lora_E) + i;
+    double score_A = 0, score_B = 0;
+    size_t oA = adalora_flat(lora, a.lora_A) + (size_t)i * a.C;
+    for (int c = 0; c < a.C; c++) score_A += (double)avg[oA + c] * unc[oA + c];
+    size_t oB = adalora_flat(lora, a.lora_B) + i;
+    for (int o = 0; o < a.OC; o++) score_B += (double)avg[oB + (size_t)o * a.r] * unc[oB + (size_t)o * a.r];
+    return (double)avg[e] * unc[e] + score_A / a.C + score_B / a.OC;
+}
+
+// masks every triplet but the budget most important ones: mask 0 and lora_E 0 for the (all - budget)
+// lowest scores, mask 1 for the rest (a triplet masked earlier comes back when its score rises). PEFT masks
+// every score <= the k-th lowest, which is the same set unless scores tie at the threshold; here ties go by
+// position, so exactly the budget stays.
+template <typename real>
+void adalora_mask_to_budget(LoRA<real>* lora, int budget) {
+    struct Triplet { double score; int t, l, i; };
+    std::vector<Triplet> all;
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        for (int l = 0; l < lora->L && lora->lora_E[t] != NULL; l++) {
+            for (int i = 0; i < lora->config.r; i++) all.push_back({adalora_triplet_score(lora, t, l, i), t, l, i});
+        }
+    }
+    size_t n_mask = budget < (int)all.size() ? all.size() - (size_t)std::max(budget, 0) : 0;
+    std::stable_sort(all.begin(), all.end(), [](const Triplet& x, const Triplet& y) { return x.score < y.score; });
+    for (size_t k = 0; k < all.size(); k++) {
+        LoRALayer<real> a = lora_layer(lora, all[k].t, all[k].l);
+        a.mask[all[k].i] = k < n_mask ? 0 : 1;
+    }
+}
+
+// lora_E <- lora_E * mask: the masked triplets stay at zero between maskings (PEFT re-masks only at its
+// masking steps and, after total_step - tfinal, after every step; with deltaT = 1 that is every step too)
+template <typename real>
+void adalora_apply_mask(LoRA<real>* lora) {
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        if (lora->lora_E[t] == NULL) continue;
+        size_t n = (size_t)lora->L * lora->config.r;
+        for (size_t k = 0; k < n; k++) lora->lora_E[t][k] *= lora->adalora_mask[t][k];
+    }
+}
+
+// PEFT's update_and_allocate, called after the AdamW update of the step just taken (0-based), with its
+// gradients still in place: before total_step - tfinal the importance is updated and, at masking steps,
+// the triplets masked to the budget; at total_step - tfinal the final mask to target_r on average is fixed
+// and the importance state reset; after it the fixed mask holds.
+template <typename real>
+void adalora_update_and_allocate(LoRA<real>* lora, int step) {
+    const LoRAConfig& cfg = lora->config;
+    if (!cfg.use_adalora) return;
+    int final_step = cfg.adalora_total_step - cfg.adalora_tfinal;
+    bool mask_now = false;
+    int budget = adalora_budget(cfg, lora->L, step, &mask_now);
+    if (step < final_step) {
+        adalora_update_importance(lora);
+        if (mask_now) adalora_mask_to_budget(lora, budget);
+    } else if (step == final_step) {
+        adalora_mask_to_budget(lora, budget);
+        memset(lora->adalora_avg, 0, lora->num_parameters * sizeof(real));
+        memset(lora->adalora_unc, 0, lora->num_parameters * sizeof(real));
+    }
+    adalora_apply_mask(lora);
+}
+
+// the kept triplets of target t at layer l (its rank now)
+template <typename real>
+int adalora_rank(const LoRA<real>* lora, int t, int l) {
+    LoRALayer<real> a = lora_layer(lora, t, l);
+    int n = 0;
+    for (int i = 0; i < a.r; i++) n += a.mask[i] != 0;
+    return n;
+}
+
+// the kept triplets of every matrix together (the budget in force)
+template <typename real>
+int adalora_total_rank(const LoRA<real>* lora) {
+    int n = 0;
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        for (int l = 0; l < lora->L && lora->lora_E[t] != NULL; l++) n += adalora_rank(lora, t, l);
+    }
+    return n;
+}
+
+// the ranks per layer as fixed-format log lines: "adalora ranks layer 3: qkv 7 attproj 5 fc 9 fcproj 8"
+template <typename real>
+std::string adalora_ranks_string(const LoRA<real>* lora) {
+    std::string s;
+    for (int l = 0; l < lora->L; l++) {
+        s += "adalora ranks layer " + std::to_string(l) + ":";
+        for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+            if (lora->lora_E[t] != NULL) s += std::string(" ") + lora_target_names[t] + " " + std::to_string(adalora_rank(lora, t, l));
+        }
+        s += "\n";
+    }
+    return s;
+}
+
+// W (L, out, in) of target t += sign * scale * lora_B diag(lora_E) lora_A per layer (PEFT's get_delta_weight)
+template <typename real>
+void adalora_merge(const LoRA<real>* lora, int t, real* W, int sign) {
+    for (int l = 0; l < lora->L; l++) {
+        LoRALayer<real> a = lora_layer(lora, t, l);
+        std::vector<real> AE((size_t)a.r * a.C);
+        adalora_fold_E(AE.data(), a.lora_A, a.lora_E, a.C, a.r);
+        lora_merge(W + (size_t)l * a.OC * a.C, AE.data(), a.lora_B, (real)lora->config.scale, a.C, a.OC, a.r, sign);
+    }
+}
+
 // ---- several adapters on one base, for inference
 // Each sequence b of a batch uses its own adapter, adapters[index[b]], unmerged: the base matmul runs
 // once for the whole batch and each sequence's T rows get their adapter's low-rank branch. Adapters may
@@ -828,10 +1172,15 @@ void lora_combine(LoRA<real>* out, const LoRA<real>* const* adapters, const floa
 // W0 (OC, C) and bias (OC) are the frozen matrix at that layer and its bias, as the model's matmul used
 // them (dequantized with -Q): DoRA needs them, LoRA does not keep them.
 
-// DoRA or a multi-adapter batch instead of the plain branch; false when target t at layer l is plain LoRA
+// DoRA, AdaLoRA or a multi-adapter batch instead of the plain branch; false when target t at layer l is plain LoRA
 template <typename real>
 bool lora_variant_forward(LoRA<real>* lora, int t, int l, real* out, const real* inp, const real* W0, const real* bias, int BT) {
     if (lora->multi != NULL) { lora_multi_forward(lora, t, l, out, inp, BT); return true; }
+    if (lora->lora_E[t] != NULL) { // AdaLoRA
+        LoRALayer<real> a = lora_layer(lora, t, l, BT);
+        adalora_forward(out, a.h, lora->adalora_AE, inp, a.lora_A, a.lora_E, a.lora_B, (real)lora->config.scale, BT, a.C, a.OC, a.r);
+        return true;
+    }
     if (lora->dora_m[t] == NULL) return false;
     LoRALayer<real> a = lora_layer(lora, t, l, BT);
     dora_forward(out, a.h, a.dora_z, a.dora_n, a.dora_P, inp, bias, W0, a.lora_A, a.lora_B, a.dora_m,
@@ -841,6 +1190,12 @@ bool lora_variant_forward(LoRA<real>* lora, int t, int l, real* out, const real*
 
 template <typename real>
 bool lora_variant_backward(LoRA<real>* lora, int t, int l, real* dinp, const real* dout, const real* inp, const real* W0, int BT) {
+    if (lora->lora_E[t] != NULL) { // AdaLoRA
+        LoRALayer<real> a = lora_layer(lora, t, l, BT);
+        adalora_backward(dinp, a.dlora_A, a.dlora_E, a.dlora_B, lora->dh, lora->adalora_AE, lora->adalora_dAE, dout, a.h, inp,
+                         a.lora_A, a.lora_E, a.lora_B, (real)lora->config.scale, BT, a.C, a.OC, a.r);
+        return true;
+    }
     if (lora->dora_m[t] == NULL) return false;
     LoRALayer<real> a = lora_layer(lora, t, l, BT);
     dora_backward(dinp, a.dlora_A, a.dlora_B, a.ddora_m, lora->dh, lora->dora_dz, dout, a.h, a.dora_z, a.dora_n, a.dora_P,
@@ -851,7 +1206,7 @@ bool lora_variant_backward(LoRA<real>* lora, int t, int l, real* dinp, const rea
 // -V: parses "lora" or a comma list of variants (rslora, dora, pissa), sets them in cfg and re-derives the scale;
 // false + err on a bad name
 static inline bool lora_parse_variants(const char* list, LoRAConfig* cfg, std::string* err) {
-    static const char* const names[] = {"lora", "rslora", "dora", "pissa"};
+    static const char* const names[] = {"lora", "rslora", "dora", "pissa", "adalora"};
     std::string s(list);
     size_t start = 0;
     while (start <= s.size()) {
@@ -863,13 +1218,20 @@ static inline bool lora_parse_variants(const char* list, LoRAConfig* cfg, std::s
             if (name == names[k]) found = k;
         }
         if (found < 0) {
-            *err = "unknown LoRA variant '" + name + "'; HINT: choose lora, or a comma list of rslora,dora,pissa";
+            *err = "unknown LoRA variant '" + name + "'; HINT: choose lora, adalora, or a comma list of rslora,dora,pissa";
             return false;
         }
         if (found == 1) cfg->use_rslora = true;
         if (found == 2) cfg->use_dora = true;
         if (found == 3) cfg->init_pissa = true;
+        if (found == 4) cfg->use_adalora = true;
         start = end + 1;
+    }
+    if (cfg->use_adalora && (cfg->use_rslora || cfg->use_dora || cfg->init_pissa)) {
+        // PEFT's AdaLoraConfig refuses DoRA; its scale ignores use_rslora; its init is its own (not PiSSA's)
+        *err = "adalora cannot be combined with rslora, dora or pissa (PEFT's AdaLoRA has its own scale, alpha / init_r, and init)"
+               "; HINT: use -V adalora alone";
+        return false;
     }
     cfg->scale = lora_scale_of(*cfg);
     return true;
@@ -877,9 +1239,16 @@ static inline bool lora_parse_variants(const char* list, LoRAConfig* cfg, std::s
 
 // the resolved variants, for the [LoRA] log block
 static inline std::string lora_variants_string(const LoRAConfig& cfg) {
-    std::string s = cfg.use_rslora ? "rslora" : "lora";
+    std::string s = cfg.use_adalora ? "adalora" : cfg.use_rslora ? "rslora" : "lora";
     if (cfg.use_dora) s += ", dora";
     if (cfg.init_pissa) s += ", pissa init";
+    if (cfg.use_adalora) {
+        char buf[200];
+        snprintf(buf, sizeof(buf), " (init_r %d, target_r %d, tinit %d, tfinal %d, deltaT %d, total_step %d, orth_reg %g)",
+                 cfg.r, cfg.adalora_target_r, cfg.adalora_tinit, cfg.adalora_tfinal, cfg.adalora_deltaT, cfg.adalora_total_step,
+                 cfg.adalora_orth_reg);
+        s += buf;
+    }
     if (cfg.base_quant != LORA_QUANT_FP32) s += std::string(", base ") + lora_quant_names[cfg.base_quant];
     if (cfg.lr_ratio_B != 1.0f) s += ", lora+ (lr_B = " + std::to_string(cfg.lr_ratio_B) + " * lr)";
     return s;

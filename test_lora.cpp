@@ -14,7 +14,7 @@ suite (`-ts=files,binary` several, `-ts=NAME -ltc` lists its test cases); `make 
   invariants  LoRA invariants: lora_B = 0 is the base, the base is untouched, counts, init, targets
   fast-twins  the fast kernels (blocked matmul, thin LoRA GEMMs, exp_fast, the bf16 matmuls) against their naive twins
   training    training mechanics: learning-rate schedule, clipping, non-finite guard, resume, determinism
-  variants    LoRA variants: rsLoRA, LoRA+, DoRA, PiSSA, quantized base (int8/NF4/int2/bf16), multi-adapter
+  variants    LoRA variants: rsLoRA, LoRA+, DoRA, PiSSA, AdaLoRA, quantized base (int8/NF4/int2/bf16), multi-adapter
   methods     the other adaptation methods: Houlsby adapters, prefix tuning, freezing, L2-SP
   files       file readers and writers (llm.c, adapter.bin, safetensors, JSON, PEFT), atomic writes, fuzzing
   generation  sampling, generation with the adapter merged and unmerged, the key/value cache
@@ -137,7 +137,9 @@ static void train_steps(GPT2<float>* model, DataLoader* loader, int from, int to
         gpt2_zero_grad(model);
         gpt2_backward(model);
         gpt2_train_mode(model, false);
+        adalora_orth_loss_backward(&model->lora); // as the trainer's loop: AdaLoRA's regulariser, importance and masks
         gpt2_update(model, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.01f, step + 1);
+        adalora_update_and_allocate(&model->lora, step);
         losses->push_back(model->mean_loss);
     }
 }
@@ -2459,6 +2461,403 @@ TEST_CASE("PEFT import of DoRA: use_dora with the magnitudes gives the same mode
     CHECK(has(err, "HINT"));
     gpt2_free(&model);
     gpt2_free(&loaded);
+}
+
+// -- AdaLoRA
+
+TEST_CASE("adalora_backward matches finite differences (lora_A, lora_E, lora_B, inp) over magnitudes") {
+    const int BT = 4, C = 6, OC = 5, r = 3;
+    Rng rng;
+    rng_seed(&rng, 301);
+    for (double mag : {0.1, 1.0, 3.0}) {
+        CAPTURE(mag);
+        std::vector<double> inp = random_vector(&rng, (size_t)BT * C, mag), w = random_vector(&rng, (size_t)BT * OC, 1.0);
+        std::vector<double> lora_A = random_vector(&rng, (size_t)r * C, 0.5), lora_B = random_vector(&rng, (size_t)OC * r, 0.5);
+        std::vector<double> lora_E = random_vector(&rng, r, 1.0);
+        const double scale = 1.3;
+        std::vector<double> out((size_t)BT * OC), h((size_t)BT * r), AE((size_t)r * C), dAE((size_t)r * C);
+        auto loss = [&]() {
+            std::fill(out.begin(), out.end(), 0.0);
+            adalora_forward(out.data(), h.data(), AE.data(), inp.data(), lora_A.data(), lora_E.data(), lora_B.data(), scale, BT, C, OC, r);
+            return dot(w, out.data());
+        };
+        loss();
+        // the forward against its definition: out = scale * inp @ (lora_B diag(lora_E) lora_A)^T
+        double maxdiff = 0;
+        for (int bt = 0; bt < BT; bt++) {
+            for (int o = 0; o < OC; o++) {
+                double sum = 0;
+                for (int i = 0; i < r; i++) {
+                    for (int c = 0; c < C; c++) sum += lora_B[o * r + i] * lora_E[i] * lora_A[i * C + c] * inp[bt * C + c];
+                }
+                maxdiff = std::max(maxdiff, std::fabs(scale * sum - out[bt * OC + o]));
+            }
+        }
+        const double tol_adalora_forward = 1e-12; // two summation orders of the same O(10)-term products in double
+        CHECK(maxdiff < tol_adalora_forward * std::max(1.0, mag));
+        std::vector<double> dinp(inp.size(), 0.0), dA(lora_A.size(), 0.0), dB(lora_B.size(), 0.0), dE(r, 0.0), dh((size_t)BT * r);
+        adalora_backward(dinp.data(), dA.data(), dE.data(), dB.data(), dh.data(), AE.data(), dAE.data(), w.data(), h.data(), inp.data(),
+                         lora_A.data(), lora_E.data(), lora_B.data(), scale, BT, C, OC, r);
+        CHECK(fd_relative_error(lora_A.data(), lora_A.size(), dA.data(), loss, "adalora dlora_A") < tol_fd);
+        CHECK(fd_relative_error(lora_E.data(), lora_E.size(), dE.data(), loss, "adalora dlora_E") < tol_fd);
+        CHECK(fd_relative_error(lora_B.data(), lora_B.size(), dB.data(), loss, "adalora dlora_B") < tol_fd);
+        CHECK(fd_relative_error(inp.data(), inp.size(), dinp.data(), loss, "adalora dinp") < tol_fd);
+    }
+}
+
+TEST_CASE("AdaLoRA's orthogonality regulariser: ||M - I||_F of lora_A (Q Q^T) and lora_B (P^T P), its gradient by finite differences, 0 at the minimum") {
+    const int C = 7, OC = 5, r = 3;
+    Rng rng;
+    rng_seed(&rng, 302);
+    std::vector<double> A = random_vector(&rng, (size_t)r * C, 0.6), B = random_vector(&rng, (size_t)OC * r, 0.6), D;
+    // the value against its definition, the Gram matrices formed directly
+    auto direct = [&](bool rows_of_A) {
+        double s2 = 0;
+        for (int i = 0; i < r; i++) {
+            for (int j = 0; j < r; j++) {
+                double m = 0;
+                if (rows_of_A) { for (int c = 0; c < C; c++) m += A[i * C + c] * A[j * C + c]; }
+                else { for (int o = 0; o < OC; o++) m += B[o * r + i] * B[o * r + j]; }
+                m -= i == j ? 1 : 0;
+                s2 += m * m;
+            }
+        }
+        return std::sqrt(s2);
+    };
+    const double tol_orth_value = 1e-13; // the same sums in another order, in double
+    CHECK(std::fabs(adalora_orth_forward(A.data(), r, C, (size_t)C, 1, &D) - direct(true)) < tol_orth_value);
+    CHECK(std::fabs(adalora_orth_forward(B.data(), r, OC, 1, (size_t)r, &D) - direct(false)) < tol_orth_value);
+    const double dnorm = 0.7;
+    for (int which = 0; which < 2; which++) {
+        std::vector<double>& X = which == 0 ? A : B;
+        int n = which == 0 ? C : OC;
+        size_t si = which == 0 ? (size_t)C : 1, sk = which == 0 ? 1 : (size_t)r;
+        auto loss = [&]() { return dnorm * adalora_orth_forward(X.data(), r, n, si, sk, &D); };
+        double norm = adalora_orth_forward(X.data(), r, n, si, sk, &D);
+        std::vector<double> dX(X.size(), 0.0);
+        adalora_orth_backward(dX.data(), X.data(), D, norm, dnorm, r, n, si, sk);
+        CHECK(fd_relative_error(X.data(), X.size(), dX.data(), loss, which == 0 ? "orth dlora_A" : "orth dlora_B") < tol_fd);
+    }
+    // orthonormal rows: the norm is 0 (its minimum, not differentiable) and the gradient taken is 0, not NaN
+    std::vector<double> Q((size_t)r * C, 0.0), dQ((size_t)r * C, 0.0);
+    for (int i = 0; i < r; i++) Q[i * C + i] = 1;
+    double zero = adalora_orth_forward(Q.data(), r, C, (size_t)C, 1, &D);
+    CHECK(zero == 0.0);
+    adalora_orth_backward(dQ.data(), Q.data(), D, zero, dnorm, r, C, (size_t)C, 1);
+    for (double d : dQ) CHECK(d == 0.0);
+}
+
+// a tiny double model with an AdaLoRA adapter of init_r r, lora_E random (its init is 0: nothing would flow)
+static LoRAConfig adalora_test_config(int r, int target_r, int tinit, int tfinal, int deltaT, int total_step) {
+    LoRAConfig cfg = lora_config(r, 6.0f, LORA_ALL_TARGETS);
+    std::string err;
+    REQUIRE(lora_parse_variants("adalora", &cfg, &err));
+    cfg.adalora_target_r = target_r;
+    cfg.adalora_tinit = tinit;
+    cfg.adalora_tfinal = tfinal;
+    cfg.adalora_deltaT = deltaT;
+    cfg.adalora_total_step = total_step;
+    return cfg;
+}
+
+TEST_CASE("AdaLoRA in the model: starts at the base (lora_E = 0, PEFT's init), and the whole gradient, cross-entropy plus the regulariser, matches finite differences") {
+    const int B = 2, T = 5, r = 3;
+    GPT2<double> base, model;
+    gpt2_build_random(&base, tiny_config(), 311);
+    gpt2_build_random(&model, tiny_config(), 311);
+    LoRAConfig cfg = adalora_test_config(r, 2, 0, 0, 1, 10);
+    CHECK(std::fabs(cfg.scale - 6.0f / (3.0f + 1e-5f)) == 0.0f); // PEFT: lora_alpha / (ranknum + 1e-5)
+    gpt2_lora_attach(&model, cfg, 312);
+    int L = model.config.num_layers, C = model.config.channels;
+    CHECK(model.lora.num_parameters == lora_count_parameters(lora_config(r, 6.0f, LORA_ALL_TARGETS), L, C) + (size_t)L * 4 * r);
+    double sum2 = 0;
+    size_t n_AB = lora_count_parameters(lora_config(r, 6.0f, LORA_ALL_TARGETS), L, C);
+    for (size_t i = 0; i < n_AB; i++) sum2 += model.lora.params_memory[i] * model.lora.params_memory[i];
+    const double tol_init_std = 0.002; // the sample std of ~1000 N(0, 0.02^2) draws is within 0.02 +- 10%
+    CHECK(std::fabs(std::sqrt(sum2 / n_AB) - 0.02) < tol_init_std);
+    Rng rng;
+    rng_seed(&rng, 313);
+    std::vector<int> inputs, targets;
+    random_tokens(&rng, &inputs, B * T, model.config.vocab_size);
+    random_tokens(&rng, &targets, B * T, model.config.vocab_size);
+    gpt2_forward(&base, inputs.data(), (const int*)NULL, B, T);
+    gpt2_forward(&model, inputs.data(), (const int*)NULL, B, T);
+    for (size_t i = 0; i < (size_t)B * T * model.config.padded_vocab_size; i++) REQUIRE(base.acts.logits[i] == model.acts.logits[i]); // exact: lora_E = 0 adds zeros
+    // away from init: lora_E, lora_A, lora_B of O(0.3), then the loss PEFT trains, cross-entropy + regulariser
+    for (size_t i = 0; i < model.lora.num_parameters; i++) model.lora.params_memory[i] = 0.6 * (rng_f32(&rng) - 0.5);
+    auto loss = [&]() {
+        gpt2_forward(&model, inputs.data(), targets.data(), B, T);
+        std::vector<double> keep(model.lora.grads_memory, model.lora.grads_memory + model.lora.num_parameters);
+        double orth = adalora_orth_loss_backward(&model.lora); // its value; the gradient it adds is put back
+        memcpy(model.lora.grads_memory, keep.data(), keep.size() * sizeof(double));
+        return model.mean_loss + orth;
+    };
+    loss();
+    gpt2_zero_grad(&model);
+    gpt2_backward(&model);
+    double orth = adalora_orth_loss_backward(&model.lora);
+    CHECK(orth > 0);
+    std::vector<double> grads(model.lora.grads_memory, model.lora.grads_memory + model.lora.num_parameters);
+    CHECK(fd_relative_error(model.lora.params_memory, model.lora.num_parameters, grads.data(), loss,
+                            "model AdaLoRA: lora_A, lora_B, lora_E of every target, with the regulariser") < tol_fd);
+    // merge: the merged plain model equals the AdaLoRA forward (PEFT's get_delta_weight = scale lora_B diag(E) lora_A)
+    gpt2_forward(&model, inputs.data(), (const int*)NULL, B, T);
+    std::vector<double> unmerged(model.acts.logits, model.acts.logits + (size_t)B * T * model.config.padded_vocab_size);
+    std::vector<double> W0(model.params_memory, model.params_memory + model.num_parameters);
+    gpt2_lora_merge(&model, +1);
+    LoRA<double> kept = model.lora;
+    memset(&model.lora, 0, sizeof(model.lora));
+    gpt2_forward(&model, inputs.data(), (const int*)NULL, B, T);
+    double maxdiff = 0;
+    for (size_t i = 0; i < unmerged.size(); i++) maxdiff = std::max(maxdiff, std::fabs(unmerged[i] - model.acts.logits[i]));
+    const double tol_adalora_merge = 1e-12; // one model, two summation orders, in double
+    CHECK(maxdiff < tol_adalora_merge);
+    model.lora = kept;
+    gpt2_lora_merge(&model, -1);
+    maxdiff = 0;
+    for (size_t i = 0; i < W0.size(); i++) maxdiff = std::max(maxdiff, std::fabs(W0[i] - model.params_memory[i]));
+    CHECK(maxdiff < tol_adalora_merge);
+    gpt2_free(&base);
+    gpt2_free(&model);
+}
+
+TEST_CASE("AdaLoRA's importance: the averages and the triplet scores against PEFT's definition, computed directly") {
+    LoRA<double> lora;
+    const int L = 2, C = 4, r = 3;
+    lora_init(&lora, adalora_test_config(r, 2, 0, 0, 1, 10), L, C, 321);
+    size_t n = lora.num_parameters;
+    Rng rng;
+    rng_seed(&rng, 322);
+    std::vector<double> avg(n, 0.0), unc(n, 0.0);
+    for (int step = 0; step < 3; step++) {
+        for (size_t k = 0; k < n; k++) {
+            lora.params_memory[k] = 2 * rng_f32(&rng) - 1;
+            lora.grads_memory[k] = 2 * rng_f32(&rng) - 1;
+            double I = std::fabs(lora.params_memory[k] * lora.grads_memory[k]); // the definition, step by step
+            avg[k] = 0.85 * avg[k] + 0.15 * I;
+            unc[k] = 0.85 * unc[k] + 0.15 * std::fabs(I - avg[k]);
+        }
+        adalora_update_importance(&lora);
+    }
+    const double tol_importance = 1e-15; // the same three multiply-adds per step in double
+    for (size_t k = 0; k < n; k++) {
+        CHECK(std::fabs(lora.adalora_avg[k] - avg[k]) < tol_importance);
+        CHECK(std::fabs(lora.adalora_unc[k] - unc[k]) < tol_importance);
+    }
+    // the triplet score of fc (OC = 4C) at layer 1, triplet 2: s(E) + mean_c s(A[2,c]) + mean_o s(B[o,2]), s = avg * unc
+    int t = LORA_FC, l = 1, i = 2, OC = 4 * C;
+    size_t offA = (size_t)(lora.lora_A[t] - lora.params_memory) + (size_t)l * r * C;
+    size_t offB = (size_t)(lora.lora_B[t] - lora.params_memory) + (size_t)l * OC * r;
+    size_t offE = (size_t)(lora.lora_E[t] - lora.params_memory) + (size_t)l * r;
+    double sA = 0, sB = 0;
+    for (int c = 0; c < C; c++) sA += avg[offA + i * C + c] * unc[offA + i * C + c];
+    for (int o = 0; o < OC; o++) sB += avg[offB + o * r + i] * unc[offB + o * r + i];
+    double expected = avg[offE + i] * unc[offE + i] + sA / C + sB / OC;
+    CHECK(std::fabs(adalora_triplet_score(&lora, t, l, i) - expected) < 1e-15);
+    lora_free(&lora);
+}
+
+TEST_CASE("AdaLoRA's budget schedule against PEFT's cubic formula, before tinit, inside, at and after total_step - tfinal") {
+    // L = 2, all four targets: 8 matrices, init_r 12 -> 96 triplets, target_r 8 -> 64
+    LoRAConfig cfg = adalora_test_config(12, 8, 20, 40, 10, 200);
+    const int L = 2, init_bgt = 96, target_bgt = 64;
+    bool mask_now = true;
+    CHECK(adalora_budget(cfg, L, 0, &mask_now) == init_bgt);
+    CHECK(!mask_now);
+    CHECK(adalora_budget(cfg, L, 20, &mask_now) == init_bgt); // step <= tinit
+    CHECK(!mask_now);
+    for (int step : {21, 30, 50, 95, 100, 159, 160}) {
+        CAPTURE(step);
+        double mul = 1.0 - (step - 20) / 140.0; // 1 - (step - tinit) / (total_step - tfinal - tinit)
+        int expected = (int)std::floor((init_bgt - target_bgt) * mul * mul * mul + target_bgt);
+        CHECK(adalora_budget(cfg, L, step, &mask_now) == expected);
+        CHECK(mask_now == (step % 10 == 0));
+    }
+    CHECK(adalora_budget(cfg, L, 50, &mask_now) == 64 + (int)(32 * std::pow(1 - 30 / 140.0, 3))); // 64 + 15 = 79
+    CHECK(adalora_budget(cfg, L, 50, &mask_now) == 79);
+    CHECK(adalora_budget(cfg, L, 160, &mask_now) == target_bgt); // at total_step - tfinal the cube is 0
+    CHECK(adalora_budget(cfg, L, 161, &mask_now) == target_bgt);
+    CHECK(mask_now);
+    CHECK(adalora_budget(cfg, L, 199, &mask_now) == target_bgt);
+}
+
+TEST_CASE("AdaLoRA's masking keeps exactly the budget, the most important triplets, and the final mask holds after total_step - tfinal") {
+    LoRA<double> lora;
+    const int L = 2, C = 4, r = 4;
+    // 8 matrices x 4 = 32 triplets; target_r 2 -> 16; tinit 1, tfinal 2, deltaT 1, total_step 6
+    lora_init(&lora, adalora_test_config(r, 2, 1, 2, 1, 6), L, C, 331);
+    size_t n = lora.num_parameters;
+    Rng rng;
+    rng_seed(&rng, 332);
+    auto random_step = [&]() {
+        for (size_t k = 0; k < n; k++) {
+            lora.params_memory[k] = 2 * rng_f32(&rng) - 1;
+            lora.grads_memory[k] = 2 * rng_f32(&rng) - 1;
+        }
+    };
+    for (int step = 0; step < 6; step++) {
+        CAPTURE(step);
+        random_step();
+        std::vector<double> E_before;
+        for (int t = 0; t < LORA_NUM_TARGETS; t++) E_before.insert(E_before.end(), lora.lora_E[t], lora.lora_E[t] + L * r);
+        std::vector<double> mask_before(lora.adalora_mask_memory, lora.adalora_mask_memory + 32);
+        adalora_update_and_allocate(&lora, step);
+        bool mask_now = false;
+        int budget = adalora_budget(lora.config, L, step, &mask_now);
+        if (step == 0 || step == 1) CHECK(adalora_total_rank(&lora) == 32); // step <= tinit: nothing masked
+        if (step >= 2) CHECK(adalora_total_rank(&lora) == budget);            // exactly the budget, every step
+        if (step >= 4) CHECK(budget == 16);                                    // from total_step - tfinal on: the target
+        // the kept triplets are the highest scores (scores read before the reset at total_step - tfinal)
+        if (step == 2 || step == 3) {
+            double lowest_kept = 1e300, highest_masked = -1;
+            for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+                for (int l = 0; l < L; l++) {
+                    for (int i = 0; i < r; i++) {
+                        double s = adalora_triplet_score(&lora, t, l, i);
+                        if (lora.adalora_mask[t][l * r + i] != 0) lowest_kept = std::min(lowest_kept, s);
+                        else highest_masked = std::max(highest_masked, s);
+                    }
+                }
+            }
+            CHECK(highest_masked <= lowest_kept);
+        }
+        // masked lora_E are 0, kept ones untouched
+        size_t k = 0;
+        for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+            for (int j = 0; j < L * r; j++, k++) {
+                if (lora.adalora_mask[t][j] == 0) CHECK(lora.lora_E[t][j] == 0.0);
+                else CHECK(lora.lora_E[t][j] == E_before[k]);
+            }
+        }
+        // after total_step - tfinal (step 4) the mask is fixed
+        if (step == 5) CHECK(memcmp(mask_before.data(), lora.adalora_mask_memory, 32 * sizeof(double)) == 0);
+        if (step == 4) { // and the importance state was reset
+            for (size_t q = 0; q < n; q++) CHECK(lora.adalora_avg[q] == 0.0);
+        }
+    }
+    std::string ranks = adalora_ranks_string(&lora);
+    CHECK(has(ranks, "adalora ranks layer 0: qkv "));
+    CHECK(has(ranks, "adalora ranks layer 1: qkv "));
+    lora_free(&lora);
+}
+
+TEST_CASE("AdaLoRA: -V adalora refuses rslora, dora and pissa beside it; GGUF refuses the adapter") {
+    for (const char* list : {"adalora,dora", "rslora,adalora", "adalora,pissa"}) {
+        CAPTURE(list);
+        LoRAConfig cfg = lora_config(4, 8.0f, LORA_ALL_TARGETS);
+        std::string err;
+        CHECK(!lora_parse_variants(list, &cfg, &err));
+        CHECK(has(err, "adalora"));
+        CHECK(has(err, "HINT"));
+    }
+    // and GGUF (-L) writes no adapter.gguf for it, saying why: llama.cpp's LoRA has no lora_E
+    CHECK(has(gguf_adapter_refusal(adalora_test_config(4, 2, 0, 0, 1, 10)), "AdaLoRA"));
+}
+
+TEST_CASE("AdaLoRA in files: adapter.bin round-trips lora_E, the masks and the importance state (exact resume); PEFT's layout keeps the kept triplets and rank_pattern, and imports to the same model") {
+    const int B = 2, T = 8, steps = 8, split = 5;
+    TempDir dir;
+    std::string ckpt = dir.file("base.bin"), tokens = dir.file("tokens.bin"), adapter = dir.file("adapter.bin");
+    write_tiny_checkpoint(ckpt);
+    write_cyclic_tokens(tokens, 150);
+    LoRAConfig cfg = adalora_test_config(4, 2, 1, 2, 1, steps); // the final mask at step 6
+
+    // uninterrupted
+    GPT2<float> a;
+    REQUIRE(gpt2_read_checkpoint(&a, ckpt.c_str()) == "");
+    gpt2_lora_attach(&a, cfg, 341);
+    gpt2_allocate(&a, B, T);
+    DataLoader la;
+    REQUIRE(dataloader_init(&la, tokens.c_str(), B, T, 61, true, 342, "-i") == "");
+    std::vector<float> losses_a;
+    train_steps(&a, &la, 0, steps, &losses_a);
+    CHECK(adalora_total_rank(&a.lora) == a.config.num_layers * 4 * 2); // the target budget
+
+    // interrupted at split (masks in force, importance mid-way), saved and resumed
+    std::vector<float> losses_b;
+    {
+        GPT2<float> b;
+        REQUIRE(gpt2_read_checkpoint(&b, ckpt.c_str()) == "");
+        gpt2_lora_attach(&b, cfg, 341);
+        gpt2_allocate(&b, B, T);
+        DataLoader lb;
+        REQUIRE(dataloader_init(&lb, tokens.c_str(), B, T, 61, true, 342, "-i") == "");
+        train_steps(&b, &lb, 0, split, &losses_b);
+        Rng sample_rng;
+        rng_seed(&sample_rng, 343);
+        TrainState state = train_state_capture(split, &lb, &sample_rng);
+        REQUIRE(lora_file_write(adapter.c_str(), &b, tiny_base_sum(&b), &state) == "");
+        gpt2_free(&b);
+    }
+    GPT2<float> c;
+    REQUIRE(gpt2_read_checkpoint(&c, ckpt.c_str()) == "");
+    gpt2_allocate(&c, B, T);
+    TrainState state;
+    bool has_state = false;
+    REQUIRE(lora_file_read(adapter.c_str(), &c, tiny_base_sum(&c), &state, &has_state) == "");
+    REQUIRE(has_state);
+    CHECK(c.lora.config.use_adalora);
+    CHECK(c.lora.config.adalora_target_r == 2);
+    CHECK(c.lora.config.adalora_total_step == steps);
+    DataLoader lc;
+    REQUIRE(dataloader_init(&lc, tokens.c_str(), B, T, 61, true, 1, "-i") == "");
+    REQUIRE(train_state_restore(state, &lc, adapter.c_str()) == "");
+    train_steps(&c, &lc, state.step, steps, &losses_b);
+    REQUIRE(losses_b.size() == losses_a.size());
+    CHECK(memcmp(losses_a.data(), losses_b.data(), losses_a.size() * sizeof(float)) == 0); // bit for bit
+    size_t n = a.lora.num_parameters;
+    CHECK(memcmp(a.lora.params_memory, c.lora.params_memory, n * sizeof(float)) == 0);
+    CHECK(memcmp(a.lora.adalora_mask_memory, c.lora.adalora_mask_memory, adalora_mask_count(cfg, a.config.num_layers) * sizeof(float)) == 0);
+
+    // PEFT's layout: the kept triplets only, rank_pattern in the config; imported, the same logits
+    std::string peft_dir = dir.file("peft");
+    REQUIRE(mkdir(peft_dir.c_str(), 0755) == 0);
+    REQUIRE(peft_export(peft_dir.c_str(), &a, "gpt2") == "");
+    std::string config_text;
+    REQUIRE(read_text_file((peft_dir + "/" PEFT_CONFIG_FILE).c_str(), "config", "", &config_text) == "");
+    CHECK(has(config_text, "\"peft_type\": \"ADALORA\""));
+    CHECK(has(config_text, "\"init_r\": 4"));
+    CHECK(has(config_text, "\"target_r\": 2"));
+    CHECK(has(config_text, "\"transformer.h.0.attn.c_attn.lora_E\": ["));
+    SafeTensors st;
+    REQUIRE(safetensors_read((peft_dir + "/" PEFT_WEIGHTS_FILE).c_str(), &st) == "");
+    const SafeTensor* E0 = st.find("base_model.model.transformer.h.0.attn.c_attn.lora_E");
+    REQUIRE(E0 != NULL);
+    CHECK(E0->shape.size() == 2);
+    CHECK(E0->shape[0] == (size_t)adalora_rank(&a.lora, LORA_QKV, 0));
+    CHECK(E0->shape[1] == 1);
+    const SafeTensor* B0 = st.find("base_model.model.transformer.h.0.attn.c_attn.lora_B");
+    REQUIRE(B0 != NULL);
+    CHECK(B0->shape[1] == E0->shape[0]);
+    GPT2<float> d;
+    REQUIRE(gpt2_read_checkpoint(&d, ckpt.c_str()) == "");
+    REQUIRE(peft_import(peft_dir.c_str(), &d) == "");
+    CHECK(d.lora.config.use_adalora);
+    CHECK(d.lora.config.scale == a.lora.config.scale);
+    CHECK(memcmp(a.lora.adalora_mask_memory, d.lora.adalora_mask_memory, adalora_mask_count(cfg, a.config.num_layers) * sizeof(float)) == 0);
+    std::vector<int> inputs(B * T);
+    for (int i = 0; i < B * T; i++) inputs[i] = (i * 7) % 61;
+    gpt2_forward(&a, inputs.data(), (const int*)NULL, B, T);
+    gpt2_allocate(&d, B, T);
+    gpt2_forward(&d, inputs.data(), (const int*)NULL, B, T);
+    double maxdiff = 0;
+    for (size_t i = 0; i < (size_t)B * T * a.config.padded_vocab_size; i++) maxdiff = std::max(maxdiff, (double)std::fabs(a.acts.logits[i] - d.acts.logits[i]));
+    CHECK(maxdiff == 0.0); // masked triplets have lora_E = 0 exactly: dropping them changes no bit
+    // a rank_pattern that does not fit the tensors is refused, naming the tensor
+    std::string bad = config_text;
+    size_t at = bad.find("\"transformer.h.0.attn.c_attn.lora_E\": [") + strlen("\"transformer.h.0.attn.c_attn.lora_E\": [");
+    bool first_true = bad.compare(at, 4, "true") == 0;
+    bad.replace(at, first_true ? 4 : 5, first_true ? "false" : "true");
+    REQUIRE(write_atomically((peft_dir + "/" PEFT_CONFIG_FILE).c_str(), {{bad.data(), bad.size()}}) == "");
+    GPT2<float> e;
+    REQUIRE(gpt2_read_checkpoint(&e, ckpt.c_str()) == "");
+    std::string err = peft_import(peft_dir.c_str(), &e);
+    CHECK(has(err, "c_attn.lora_"));
+    CHECK(has(err, "rank_pattern"));
+    gpt2_free(&a);
+    gpt2_free(&c);
+    gpt2_free(&d);
+    gpt2_free(&e);
 }
 
 TEST_SUITE_END();
@@ -4862,7 +5261,7 @@ TEST_CASE("the trainer binary: bad inputs exit non-zero with a message naming th
     CHECK(has(out, "-z"));
     CHECK(run_trainer(common + " -G -1", &out) != 0);
     CHECK(has(out, "-G"));
-    CHECK(run_trainer(common + " -Z 1", &out) != 0);
+    CHECK(run_trainer(common + " -I 1", &out) != 0);
     CHECK(has(out, "unknown flag"));
     CHECK(run_trainer(common + " -b abc", &out) != 0);
     CHECK(has(out, "-b"));
@@ -5852,6 +6251,60 @@ TEST_CASE("the trainer binary: -L refuses other methods, -Y, an unwritable direc
     CHECK(has(out, "HINT"));
     CHECK_FALSE(has(out, "step 1/3"));
     CHECK(access(tf.dir.file("base.gguf").c_str(), F_OK) != 0);
+}
+
+TEST_CASE("the trainer binary with -V adalora: bad -Z / -U / -J and variant mixes fail naming the flag; a run logs the final ranks, saves, and -A reloads it (ours and PEFT's)") {
+    TempDir dir;
+    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
+    write_tiny_checkpoint(ckpt);
+    write_cycle_tokens(tokens, 400);
+    std::string common = trainer_args(ckpt, tokens) + " -x 12";
+    std::string out;
+    CHECK(run_trainer(common + " -V adalora -r 4 -Z 5", &out) != 0); // the target rank above the initial one
+    CHECK(has(out, "-Z"));
+    CHECK(has(out, "initial rank"));
+    CHECK(has(out, "HINT"));
+    CHECK(run_trainer(common + " -V adalora -r 4 -Z 0", &out) != 0);
+    CHECK(has(out, "-Z"));
+    CHECK(run_trainer(common + " -Z 2", &out) != 0); // without -V adalora
+    CHECK(has(out, "-V adalora"));
+    CHECK(run_trainer(common + " -V adalora -U 1,2", &out) != 0);
+    CHECK(has(out, "-U"));
+    CHECK(run_trainer(common + " -V adalora -U 1,2,0", &out) != 0);
+    CHECK(has(out, "-U"));
+    CHECK(run_trainer(common + " -V adalora -U 8,4,1", &out) != 0); // tinit >= total_step - tfinal
+    CHECK(has(out, "-U"));
+    CHECK(has(out, "total_step"));
+    CHECK(run_trainer(common + " -V adalora -J -1", &out) != 0);
+    CHECK(has(out, "-J"));
+    CHECK(run_trainer(common + " -V adalora,dora", &out) != 0);
+    CHECK(has(out, "-V"));
+    CHECK(has(out, "HINT"));
+
+    std::string save = dir.file("ada");
+    int rc = run_trainer(common + " -V adalora -r 4 -Z 2 -U 2,3,1 -l 0.01 -v 12 -m 2 -o " + save, &out);
+    REQUIRE(rc == 0);
+    CHECK(has(out, "adalora orth penalty"));
+    // the final ranks: one fixed-format line per layer, every matrix at rank <= 4, 2 on average
+    int total = 0, lines = 0;
+    for (size_t p = out.find("adalora ranks layer "); p != std::string::npos; p = out.find("adalora ranks layer ", p + 1)) {
+        int layer, q, a, f, fp;
+        REQUIRE(sscanf(out.c_str() + p, "adalora ranks layer %d: qkv %d attproj %d fc %d fcproj %d", &layer, &q, &a, &f, &fp) == 5);
+        CHECK(layer == lines);
+        for (int k : {q, a, f, fp}) CHECK((k >= 0 && k <= 4));
+        total += q + a + f + fp;
+        lines++;
+    }
+    CHECK(lines == tiny_config().num_layers);
+    CHECK(total == 2 * 4 * lines);
+    size_t pv = out.find("final val loss: ");
+    REQUIRE(pv != std::string::npos);
+    std::string val = out.substr(pv, out.find('\n', pv) - pv);
+    for (const std::string& from : {save + "/adapter.bin", save}) { // ours, then PEFT's directory
+        CAPTURE(from);
+        CHECK(run_trainer(trainer_args(ckpt, tokens) + " -x 0 -v 1 -m 2 -A " + from, &out) == 0);
+        CHECK(has(out, val.c_str())); // the same validation loss, to the printed digit
+    }
 }
 
 TEST_SUITE_END();

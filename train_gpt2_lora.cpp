@@ -1125,8 +1125,8 @@ template <typename real>
 void gpt2_lora_forward(GPT2<real>* model, int t, int l, real* out, const real* inp, int BT) {
     LoRA<real>* lora = &model->lora;
     bool dropped = model->drop.drawn && lora->config.dropout > 0;
-    if (lora->multi != NULL || lora->dora_m[t] != NULL) { // several adapters in one batch, or DoRA
-        if (dropped && lora->lora_A[t] != NULL) die("gpt2_lora_forward: LoRA dropout with DoRA is not implemented\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line");
+    if (lora->multi != NULL || lora->dora_m[t] != NULL || lora->lora_E[t] != NULL) { // several adapters in one batch, DoRA or AdaLoRA
+        if (dropped && lora->lora_A[t] != NULL) die("gpt2_lora_forward: LoRA dropout with DoRA or AdaLoRA is not implemented\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line");
         lora_variant_forward(lora, t, l, out, inp, gpt2_base_weight(model, t, l), gpt2_base_bias(model, t, l), BT);
         return;
     }
@@ -1144,7 +1144,7 @@ template <typename real>
 void gpt2_lora_backward(GPT2<real>* model, int t, int l, real* dinp, const real* dout, const real* inp, int BT) {
     LoRA<real>* lora = &model->lora;
     if (lora->lora_A[t] == NULL) return;
-    if (lora->dora_m[t] != NULL) { // DoRA
+    if (lora->dora_m[t] != NULL || lora->lora_E[t] != NULL) { // DoRA or AdaLoRA
         lora_variant_backward(lora, t, l, dinp, dout, inp, gpt2_base_weight(model, t, l), BT);
         return;
     }
@@ -1741,7 +1741,7 @@ struct MemoryBytes {
     size_t base;        // the base weights as held: fp32, or with -Q the fp32 rest + block-matrix codes, absmax and one dequantized layer per matrix
     size_t params;      // base + trainable extras (+ W0 with L2-SP)
     size_t grads;       // one float per trainable parameter
-    size_t optimizer;   // AdamW m and v: two floats per trainable parameter
+    size_t optimizer;   // AdamW m and v: two floats per trainable parameter (AdaLoRA: two more, its importance state)
     size_t activations; // forward activations, their per-layer gradients and the method's caches
 };
 
@@ -1759,6 +1759,7 @@ static MemoryBytes gpt2_memory_bytes(const GPT2<float>* model) {
     mb.params = mb.base + (extras + (model->params0 ? model->num_parameters : 0)) * sizeof(float);
     mb.grads = trainable * sizeof(float);
     mb.optimizer = 2 * trainable * sizeof(float);
+    if (model->lora.config.use_adalora) mb.optimizer += 2 * model->lora.num_parameters * sizeof(float); // AdaLoRA's importance averages
     size_t BT = (size_t)model->alloc_B * model->alloc_T;
     mb.activations = (model->num_activations + model->num_dacts + 2 * BT) * sizeof(float) +
                      (model->lora.num_parameters > 0 ? lora_activation_bytes(&model->lora) : 0) +
@@ -1897,7 +1898,10 @@ static const char* const usage_text =
         "  -Y <0|1>    -p with several -A: 1 = one batch, each sequence with its own adapter, unmerged (default 0)\n"
         "  -E <dir>    GPT-2 BPE dir (encoder.json, vocab.bpe) for -p (default ../shared/data/gpt2_tokenizer)\n"
         "  -N <name>   base_model_name_or_path for the PEFT adapter_config.json (default gpt2)\n"
-        "  -V <list>   LoRA variant: lora, or a comma list of rslora,dora,pissa (default lora)\n"
+        "  -V <list>   LoRA variant: lora, adalora, or a comma list of rslora,dora,pissa (default lora)\n"
+        "  -Z <int>    -V adalora: the average rank at the end (target_r), 1..-r (default 8; -r is init_r)\n"
+        "  -U <list>   -V adalora: the budget schedule tinit,tfinal,deltaT in steps (default 0,0,1; total_step = -x)\n"
+        "  -J <float>  -V adalora: the orthogonality regulariser's weight, >= 0 (default 0.5)\n"
         "  -Q <kind>   frozen base matrices as fp32, bf16, int8, nf4 or int2 (default fp32; -A: the adapter's)\n"
         "              (bf16: the block matrices and wte in bf16, with bf16 matmuls; int8, nf4, int2: QLoRA-style codes)\n"
         "  -P <float>  LoRA+: lora_B learning rate = P * lr, > 0 (default 1)\n"
@@ -1993,7 +1997,11 @@ struct Flags {
     int multi_batch = 0;            // -Y, several -A with -p: one batch, each sequence its own adapter
     const char* bpe_dir = NULL;     // -E, NULL: search ../shared/data/gpt2_tokenizer, data/gpt2_tokenizer
     const char* base_name = "gpt2"; // -N
-    const char* variants = "lora";  // -V, lora or a comma list of rslora,dora,pissa
+    const char* variants = "lora";  // -V, lora, adalora or a comma list of rslora,dora,pissa
+    int adalora_target_r = 8;       // -Z, AdaLoRA's target_r
+    const char* adalora_schedule = "0,0,1"; // -U, AdaLoRA's tinit,tfinal,deltaT
+    float adalora_orth_reg = 0.5f;  // -J, AdaLoRA's orth_reg_weight
+    const char* adalora_given = NULL; // the last of -Z, -U, -J given
     const char* quant = "fp32";     // -Q, the frozen base's adapted matrices: fp32, int8, nf4, int2 or bf16 (with -A: the adapter's)
     bool quant_given = false;
     float lr_ratio_B = 1.0f;        // -P, LoRA+: lora_B learns with lr * P
@@ -2117,6 +2125,9 @@ static Flags parse_flags(int argc, char** argv) {
             case 'E': f->bpe_dir = v; break;
             case 'N': f->base_name = v; break;
             case 'V': f->variants = v; break;
+            case 'Z': f->adalora_target_r = parse_int(argv[i], v); f->adalora_given = "-Z"; break;
+            case 'U': f->adalora_schedule = v; f->adalora_given = "-U"; break;
+            case 'J': f->adalora_orth_reg = parse_float(argv[i], v); f->adalora_given = "-J"; break;
             case 'Q': f->quant = v; f->quant_given = true; break;
             case 'P': f->lr_ratio_B = parse_float(argv[i], v); break;
             case 'F': f->freeze_k = parse_int(argv[i], v); break;
@@ -2256,6 +2267,37 @@ static void check_flags(Flags* f, const DataParallel& dp) {
     if (!f->lora_on && f->base_quant != LORA_QUANT_FP32) bad_flag("-Q", "a quantized base applies to LoRA only\n---> HINT: drop -F / -H / -X / -B, or use -Q fp32");
 }
 
+// -V adalora's -Z, -U, -J into cfg (total_step = -x), each checked; any of them without -V adalora is an error
+static void check_adalora_flags(const Flags* f, LoRAConfig* cfg) {
+    if (!cfg->use_adalora) {
+        if (f->adalora_given != NULL && f->adapter_path == NULL) bad_flag(f->adalora_given, "-Z, -U and -J set AdaLoRA's budget\n---> HINT: add -V adalora, or drop the flag");
+        return;
+    }
+    if (f->adapter_path != NULL && f->adalora_given != NULL) {
+        bad_flag(f->adalora_given, "the adapter from -A brings its own AdaLoRA schedule; -Z, -U and -J would be ignored\n---> HINT: drop -Z / -U / -J");
+    }
+    if (f->adalora_target_r < 1 || f->adalora_target_r > cfg->r) {
+        bad_flag("-Z", strprintf("the AdaLoRA target rank must be in 1..%d (the initial rank -r), got %d\n---> HINT: the budget only falls: "
+                                 "start higher with -r (PEFT's defaults: -r 12 -Z 8), or lower -Z", cfg->r, f->adalora_target_r));
+    }
+    int tinit = -1, tfinal = -1, deltaT = -1, used = 0;
+    if (sscanf(f->adalora_schedule, "%d,%d,%d%n", &tinit, &tfinal, &deltaT, &used) != 3 || f->adalora_schedule[used] != '\0' ||
+        tinit < 0 || tfinal < 0 || deltaT < 1) {
+        bad_flag("-U", strprintf("'%s' is not tinit,tfinal,deltaT (three integers, tinit >= 0, tfinal >= 0, deltaT >= 1)\n---> HINT: e.g. -U 20,40,10", f->adalora_schedule));
+    }
+    if (f->steps > 0 && tinit >= f->steps - tfinal) {
+        bad_flag("-U", strprintf("tinit %d must be below total_step - tfinal = %d - %d (total_step is -x): the budget would never fall\n"
+                                 "---> HINT: lower tinit or tfinal, or train longer with -x", tinit, f->steps, tfinal));
+    }
+    if (!(f->adalora_orth_reg >= 0) || !std::isfinite(f->adalora_orth_reg)) bad_flag("-J", strprintf("the orthogonality weight must be >= 0, got %g\n---> HINT: PEFT's default is 0.5", f->adalora_orth_reg));
+    cfg->adalora_target_r = f->adalora_target_r;
+    cfg->adalora_tinit = tinit;
+    cfg->adalora_tfinal = tfinal;
+    cfg->adalora_deltaT = deltaT;
+    cfg->adalora_total_step = f->steps;
+    cfg->adalora_orth_reg = f->adalora_orth_reg;
+}
+
 // what main builds from the flags: the model with its adapters (or its other method), and what an
 // adapter file (-A) said about itself
 struct Built {
@@ -2288,11 +2330,12 @@ static void read_base(Built* b, Flags* f) {
 
     LoRAConfig lcfg = lora_config(f->rank, f->alpha, f->target_mask);
     if (!lora_parse_variants(f->variants, &lcfg, &err)) bad_flag("-V", err);
+    check_adalora_flags(f, &lcfg);
     lcfg.base_quant = f->base_quant;
     if (!(f->lr_ratio_B > 0)) bad_flag("-P", strprintf("the LoRA+ ratio must be > 0, got %g\n---> HINT: 1 is plain LoRA; the LoRA+ paper uses 16", f->lr_ratio_B));
     lcfg.lr_ratio_B = f->lr_ratio_B;
-    if (lcfg.use_dora && f->lora_dropout > 0) {
-        bad_flag("-D", "LoRA dropout is not implemented for DoRA (-V dora)\n---> HINT: drop -D, or train DoRA with -R (GPT-2's own dropouts)");
+    if ((lcfg.use_dora || lcfg.use_adalora) && f->lora_dropout > 0) {
+        bad_flag("-D", strprintf("LoRA dropout is not implemented for %s\n---> HINT: drop -D, or train it with -R (GPT-2's own dropouts)", lcfg.use_dora ? "DoRA (-V dora)" : "AdaLoRA (-V adalora)"));
     }
     lcfg.dropout = f->lora_dropout;
     b->lcfg = lcfg;
@@ -2351,9 +2394,11 @@ static void attach_method(Built* b, Flags* f) {
             err = lora_file_load(f->adapter_path, &model, base_sum, &resume, &have_state, f->quant_given ? lcfg.base_quant : -1);
             if (!err.empty()) die("flag -A: " + err);
             if (f->lora_dropout_given) model.lora.config.dropout = f->lora_dropout; // -D over the file's lora_dropout
-            if (model.lora.config.use_dora && model.lora.config.dropout > 0 && !f->no_training && !f->evaluate_only) {
-                bad_flag(f->lora_dropout_given ? "-D" : "-A", strprintf("the adapter is DoRA with lora_dropout %g, and LoRA dropout is not implemented for DoRA\n"
-                                                                        "---> HINT: add -D 0 to train it without LoRA dropout", model.lora.config.dropout));
+            const LoRAConfig& ac = model.lora.config;
+            if ((ac.use_dora || ac.use_adalora) && ac.dropout > 0 && !f->no_training && !f->evaluate_only) {
+                const char* v = ac.use_dora ? "DoRA" : "AdaLoRA";
+                bad_flag(f->lora_dropout_given ? "-D" : "-A", strprintf("the adapter is %s with lora_dropout %g, and LoRA dropout is not implemented for %s\n"
+                                                                        "---> HINT: add -D 0 to train it without LoRA dropout", v, ac.dropout, v));
             }
             lcfg = model.lora.config; // the adapter's r, alpha and targets, whatever -r -a -q say
             adapter_desc = strprintf("%s (%s)", f->adapter_path, have_state ? strprintf("step %d, with optimizer state", resume.step).c_str() : "weights only");
@@ -2708,6 +2753,7 @@ static int train(Built* b, Flags* f, DataParallel* dp_) {
         gpt2_zero_grad(&model);
         gpt2_backward(&model);
         gpt2_train_mode(&model, false);
+        double orth_penalty = adalora_orth_loss_backward(&model.lora); // AdaLoRA's regulariser (0 otherwise)
         dp_average_gradients(&dp, &model); // data parallel: mean gradient and loss over ranks
         model.mean_loss = dp_mean(&dp, model.mean_loss);
         err = gpt2_check_step_finite(&model, step + 1);
@@ -2715,6 +2761,7 @@ static int train(Built* b, Flags* f, DataParallel* dp_) {
         double grad_norm = gpt2_clip_grad_norm(&model, f->grad_clip);
         float step_lr = lr_schedule(f->lr, step, f->steps, f->warmup, f->lr_final_frac);
         gpt2_update(&model, step_lr, 0.9f, 0.999f, 1e-8f, f->weight_decay, step + 1);
+        adalora_update_and_allocate(&model.lora, step); // AdaLoRA: importance and the budget (nothing otherwise)
         double ms = (now_seconds() - t0) * 1000.0;
         if (step > start_step) total_ms += ms; // the first step pays page faults; leave it out of the average
         if (step == start_step) first_loss = model.mean_loss;
@@ -2724,6 +2771,7 @@ static int train(Built* b, Flags* f, DataParallel* dp_) {
         if (dp.world > 1) printf(" over %d ranks, allreduce %.2f ms for %zu bytes", dp.world, dp.allreduce_ms, dp.allreduce_bytes);
         printf(", ETA %.1f s)\n", avg * (f->steps - step - 1) / 1000.0);
         if (model.params0) printf("l2sp penalty %f\n", model.reg_loss);
+        if (model.lora.config.use_adalora) printf("adalora orth penalty %f budget %d\n", orth_penalty, adalora_total_rank(&model.lora));
         fflush(stdout);
         if (stop_signal != 0 && step + 1 < f->steps) {
             // interrupted: this step is done; make it the last one, so the saves below happen as at a normal end
@@ -2733,6 +2781,7 @@ static int train(Built* b, Flags* f, DataParallel* dp_) {
             f->steps = step + 1;
         }
     }
+    if (model.lora.config.use_adalora) printf("%s", adalora_ranks_string(&model.lora).c_str()); // the final ranks per matrix
     saving = 1; // -M, model.bin, method.bin: a second signal lets them finish
     save_after_training(b, f);
     saving = 0;

@@ -36,6 +36,11 @@ def parse(name):
     r["curve"] = curve
     pen = re.findall(r"^l2sp penalty ([\d.eE+-]+)", log, re.M)
     r["penalty"] = float(pen[-1]) if pen else None
+    # AdaLoRA: the final ranks per matrix, one line per layer ("adalora ranks layer 3: qkv 7 attproj 5 fc 9 fcproj 8")
+    r["adalora_ranks"] = [(int(m.group(1)), dict(zip(m.group(2).split()[0::2], map(int, m.group(2).split()[1::2]))))
+                          for m in re.finditer(r"^adalora ranks layer (\d+):((?: \w+ \d+)+)$", log, re.M)]
+    orth = re.findall(r"^adalora orth penalty ([\d.eE+-]+)", log, re.M)
+    r["orth"] = float(orth[-1]) if orth else None
     d = os.path.join(run_dir, name)
     for f in ("adapter_model.safetensors", "method.bin", "model.bin"):
         if os.path.exists(os.path.join(d, f)):
@@ -83,6 +88,23 @@ if pairs:
         ra, rb = byname[a], byname[b]
         md.append(f"| {a} | {b} | `{added}` | {ra['final_val']:.4f} | {rb['final_val']:.4f} | "
                   f"{rb['final_val'] - ra['final_val']:+.4f} | {ra['ms']:.0f} | {rb['ms']:.0f} |")
+
+for r in [r for r in rows if r["adalora_ranks"]]:
+    mats = list(r["adalora_ranks"][0][1].keys())
+    m_init = re.search(r"-r (\d+)", flags[r["name"]])
+    m_target = re.search(r"-Z (\d+)", flags[r["name"]])
+    total = sum(sum(d.values()) for _, d in r["adalora_ranks"])
+    md.append(f"\n## AdaLoRA: the final rank of each matrix ({r['name']})\n")
+    md.append(f"Every matrix starts at init_r = {m_init.group(1) if m_init else 12}; the budget falls on PEFT's cubic schedule to "
+              f"target_r = {m_target.group(1) if m_target else 8} on average, masking the triplets (lora_B column, lora_E value, "
+              f"lora_A row) of lowest importance. {total} triplets kept over {len(r['adalora_ranks']) * len(mats)} matrices "
+              f"(mean {total / (len(r['adalora_ranks']) * len(mats)):.2f}); the orthogonality penalty after the last step: "
+              f"{r['orth']:.4g}.\n")
+    md.append("| layer | " + " | ".join(mats) + " | layer total |")
+    md.append("|---" * (len(mats) + 2) + "|")
+    for layer, d in r["adalora_ranks"]:
+        md.append(f"| {layer} | " + " | ".join(str(d[k]) for k in mats) + f" | {sum(d.values())} |")
+    md.append("| all layers | " + " | ".join(str(sum(d[k] for _, d in r["adalora_ranks"])) for k in mats) + f" | {total} |")
 
 md.append("\n## Memory: the arithmetic of doc/memory.md against the measurement\n")
 md.append("predicted = params + grads + optimizer + activations (the [Memory] bytes line); measured = peak RSS minus "

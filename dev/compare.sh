@@ -71,6 +71,9 @@ RUNS=(
     "v_loraplus16|-r 8 -a 16 -l 1e-3 -P 16"
     "v_dora|-r 8 -a 16 -l 1e-3 -V dora"
     "v_pissa|-r 8 -a 16 -l 1e-3 -V pissa"
+    # AdaLoRA: init_r 12 falling to 8 on average (the budget of lora_r8), alpha / init_r = 2; the budget falls
+    # from step 20 to 160 (masking every 10 steps), then the ranks stay fixed for the last 40 steps
+    "v_adalora|-r 12 -a 24 -l 1e-3 -V adalora -Z 8 -U 20,40,10"
     "v_qlora_int8|-r 8 -a 16 -l 1e-3 -Q int8"
     "v_qlora_nf4|-r 8 -a 16 -l 1e-3 -Q nf4"
     "v_qlora_int2|-r 8 -a 16 -l 1e-3 -Q int2"

@@ -19,8 +19,12 @@
 //   [28] variant bits, whatever has_state: 1 = rsLoRA (scale = alpha / sqrt(r) instead of alpha / r)
 //   [29] the base storage the adapter trained on: 0 fp32, 1 int8, 2 nf4, 3 int2 (-Q; -A uses it unless -Q is given)
 //   [30] lora_dropout (fp32 bits, in [0, 1); -A uses it unless -D is given; files from before it hold 0 = off)
-// then n fp32 adapter parameters in lora.h's flat layout (lora_tensor_list order), and when has_state = 1
-// the AdamW m (n fp32), v (n fp32) and the loader's batch order (nb u64).
+//   variant bit 8 = AdaLoRA, and then [31] target_r [32] tinit [33] tfinal [34] deltaT [35] total_step
+//   [36] orth_reg_weight (fp32 bits)
+// then n fp32 adapter parameters in lora.h's flat layout (lora_tensor_list order, then DoRA's magnitudes or
+// AdaLoRA's lora_E); for AdaLoRA its masks (L * r fp32 0/1 per target, target-major); when has_state = 1
+// the AdamW m (n fp32), v (n fp32) and the loader's batch order (nb u64), and for AdaLoRA then its
+// importance state: the averages of |w grad w| (n fp32) and of their deviation (n fp32).
 // The base checksum is FNV-1a 64 over the fp32 base parameters taken as 32-bit words (one xor and one
 // multiply per float: h = (h ^ word) * 0x100000001b3, from h = 0xcbf29ce484222325), in checkpoint order.
 // It is always the checksum of the fp32 base file, never of a quantized copy: with -Q main streams it from
@@ -125,7 +129,7 @@ static std::string lora_flat_element_name(const LoRA<float>* lora, size_t i) {
             return strprintf("layer %d %s lora_%s, index %zu", t.layer, lora_target_names[t.target], t.is_B ? "B" : "A", i - t.offset);
         }
     }
-    return strprintf("the DoRA magnitudes, flat index %zu", i);
+    return strprintf("the %s, flat index %zu", lora->config.use_adalora ? "AdaLoRA lora_E" : "DoRA magnitudes", i);
 }
 
 // writes the adapters of model (and, when state != NULL, the AdamW moments and the training state)
@@ -146,11 +150,21 @@ static std::string lora_file_write(const char* path, const GPT2<float>* model, u
     header[10] = cfg.num_heads;
     header_put_u64(header, 11, base_sum);
     header_put_u64(header, 13, lora->num_parameters);
-    header[28] = (lora->config.use_rslora ? 1 : 0) | (lora->config.use_dora ? 2 : 0) | (lora->config.init_pissa ? 4 : 0); // variant bits
-    header[29] = lora->config.base_quant;
-    memcpy(&header[30], &lora->config.dropout, 4);
-    size_t n = lora->num_parameters;
+    const LoRAConfig& lc = lora->config;
+    header[28] = (lc.use_rslora ? 1 : 0) | (lc.use_dora ? 2 : 0) | (lc.init_pissa ? 4 : 0) | (lc.use_adalora ? 8 : 0); // variant bits
+    header[29] = lc.base_quant;
+    memcpy(&header[30], &lc.dropout, 4);
+    size_t n = lora->num_parameters, n_mask = adalora_mask_count(lc, cfg.num_layers);
+    if (lc.use_adalora) {
+        header[31] = lc.adalora_target_r;
+        header[32] = lc.adalora_tinit;
+        header[33] = lc.adalora_tfinal;
+        header[34] = lc.adalora_deltaT;
+        header[35] = lc.adalora_total_step;
+        memcpy(&header[36], &lc.adalora_orth_reg, 4);
+    }
     std::vector<std::pair<const void*, size_t>> parts = {{header, sizeof(header)}, {lora->params_memory, n * sizeof(float)}};
+    if (n_mask > 0) parts.push_back({lora->adalora_mask_memory, n_mask * sizeof(float)});
     std::vector<uint64_t> order;
     if (state != NULL) {
         header[15] = 1;
@@ -166,6 +180,10 @@ static std::string lora_file_write(const char* path, const GPT2<float>* model, u
         parts.push_back({lora->m_memory, n * sizeof(float)});
         parts.push_back({lora->v_memory, n * sizeof(float)});
         parts.push_back({order.data(), order.size() * sizeof(uint64_t)});
+        if (lc.use_adalora) {
+            parts.push_back({lora->adalora_avg, n * sizeof(float)});
+            parts.push_back({lora->adalora_unc, n * sizeof(float)});
+        }
     }
     return write_atomically(path, parts);
 }
@@ -201,8 +219,8 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
         memcpy(&alpha, &header[3], 4);
         memcpy(&dropout, &header[30], 4);
         if (header[2] < 1 || header[2] > 65536 || !std::isfinite(alpha) || !(alpha > 0) || header[4] <= 0 || header[4] > (int)LORA_ALL_TARGETS ||
-            (header[28] & ~7) != 0 || header[29] < 0 || header[29] >= LORA_NUM_QUANTS || !(dropout >= 0 && dropout < 1)) {
-            err = strprintf("adapter file '%s' has an impossible config: r=%d alpha=%g targets=%d variant bits=%d base storage=%d lora_dropout=%g (need r >= 1, alpha > 0, targets 1..15, variant bits 0..7, base storage 0..2, lora_dropout in [0, 1))\n---> HINT: the file is corrupt; %s",
+            (header[28] & ~15) != 0 || header[29] < 0 || header[29] >= LORA_NUM_QUANTS || !(dropout >= 0 && dropout < 1)) {
+            err = strprintf("adapter file '%s' has an impossible config: r=%d alpha=%g targets=%d variant bits=%d base storage=%d lora_dropout=%g (need r >= 1, alpha > 0, targets 1..15, variant bits 0..15, base storage 0..2, lora_dropout in [0, 1))\n---> HINT: the file is corrupt; %s",
                             path, header[2], alpha, header[4], header[28], header[29], dropout, hint);
         } else {
             lcfg = lora_config_rslora(lora_config(header[2], alpha, (unsigned)header[4]), (header[28] & 1) != 0);
@@ -212,6 +230,22 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
             lcfg.init_pissa = (header[28] & 4) != 0;
             lcfg.base_quant = base_quant >= 0 ? base_quant : header[29];
             lcfg.dropout = dropout;
+            if ((header[28] & 8) != 0) { // AdaLoRA and its schedule
+                lcfg.use_adalora = true;
+                lcfg.adalora_target_r = header[31];
+                lcfg.adalora_tinit = header[32];
+                lcfg.adalora_tfinal = header[33];
+                lcfg.adalora_deltaT = header[34];
+                lcfg.adalora_total_step = header[35];
+                memcpy(&lcfg.adalora_orth_reg, &header[36], 4);
+                lcfg.scale = lora_scale_of(lcfg);
+                if ((header[28] & 7) != 0 || lcfg.adalora_target_r < 1 || lcfg.adalora_target_r > lcfg.r || lcfg.adalora_tinit < 0 ||
+                    lcfg.adalora_tfinal < 0 || lcfg.adalora_deltaT < 1 || lcfg.adalora_total_step < 0 || !(lcfg.adalora_orth_reg >= 0)) {
+                    err = strprintf("adapter file '%s' has an impossible AdaLoRA config: variant bits %d, target_r %d (r %d), tinit %d, tfinal %d, deltaT %d, total_step %d, orth_reg %g\n---> HINT: the file is corrupt; %s",
+                                    path, header[28], lcfg.adalora_target_r, lcfg.r, lcfg.adalora_tinit, lcfg.adalora_tfinal, lcfg.adalora_deltaT,
+                                    lcfg.adalora_total_step, lcfg.adalora_orth_reg, hint);
+                }
+            }
         }
     }
     const GPT2Config& cfg = model->config;
@@ -240,11 +274,12 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
     }
     if (err.empty()) {
         // expected size, computed only from values already bounded by the file size
-        size_t expected = sizeof(header) + n * sizeof(float);
+        size_t expected = sizeof(header) + (n + adalora_mask_count(lcfg, cfg.num_layers)) * sizeof(float);
         if (header[15] == 1) {
             uint64_t nb64 = header_get_u64(header, 26);
             nb = nb64 <= (uint64_t)size / sizeof(uint64_t) ? (size_t)nb64 : (size_t)size; // larger than possible: size check fails
             expected += 2 * n * sizeof(float) + nb * sizeof(uint64_t);
+            if (lcfg.use_adalora) expected += 2 * n * sizeof(float); // the importance state
         }
         if ((size_t)size != expected) {
             err = strprintf("adapter file '%s' is %ld bytes but its header (r=%d, targets %s, %s) needs %zu: %s\n---> HINT: %s",
@@ -263,12 +298,19 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
         gpt2_lora_attach(model, lcfg, 0); // the init is overwritten below
         LoRA<float>* lora = &model->lora;
         bool ok = fread(lora->params_memory, sizeof(float), n, f) == n;
+        size_t n_mask = adalora_mask_count(lcfg, cfg.num_layers);
+        if (ok && n_mask > 0) ok = fread(lora->adalora_mask_memory, sizeof(float), n_mask, f) == n_mask;
         if (ok && header[15] == 1) {
             order.resize(nb);
             ok = fread(lora->m_memory, sizeof(float), n, f) == n && fread(lora->v_memory, sizeof(float), n, f) == n &&
                  fread(order.data(), sizeof(uint64_t), nb, f) == nb;
+            if (ok && lcfg.use_adalora) ok = fread(lora->adalora_avg, sizeof(float), n, f) == n && fread(lora->adalora_unc, sizeof(float), n, f) == n;
         }
         if (!ok) err = strprintf("adapter file '%s': read error\n---> HINT: %s", path, hint);
+        for (size_t k = 0; k < n_mask && err.empty(); k++) {
+            float m = lora->adalora_mask_memory[k];
+            if (m != 0.0f && m != 1.0f) err = strprintf("adapter file '%s': AdaLoRA mask value %g at index %zu is neither 0 nor 1\n---> HINT: the file is corrupt; %s", path, m, k, hint);
+        }
         // NaN or inf in the weights (or the AdamW moments) would only show up as garbage or a NaN loss later
         const float* parts[3] = {lora->params_memory, lora->m_memory, lora->v_memory};
         const char* part_names[3] = {"weights", "AdamW m", "AdamW v"};

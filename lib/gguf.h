@@ -181,6 +181,7 @@ static std::string gguf_write_model(const char* path, const GPT2<float>* model, 
 // scale * lora_B lora_A on the original base (rsLoRA is only another alpha)
 static inline std::string gguf_adapter_refusal(const LoRAConfig& cfg) {
     if (cfg.use_dora) return "DoRA rescales each output row by m / ||W0 + scale lora_B lora_A||, which llama.cpp's LoRA cannot express";
+    if (cfg.use_adalora) return "an AdaLoRA adapter has lora_E between lora_A and lora_B, which llama.cpp's LoRA does not read (merge it with -M instead)";
     if (cfg.init_pissa) return "a PiSSA adapter applies to the residual base W0 - scale lora_B0 lora_A0, not to the base llama.cpp would load";
     return "";
 }

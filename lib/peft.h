@@ -47,7 +47,122 @@ static inline std::string json_float_shortest(float x) {
     return strprintf("%.9g", x);
 }
 
-static std::string peft_config_json(LoRAConfig cfg, const char* base_name) {
+// ---- AdaLoRA in PEFT's layout (peft/tuners/adalora): lora_A, lora_E, lora_B are bare parameters, saved as
+// "<module>.lora_A" (k, in), "<module>.lora_E" (k, 1) and "<module>.lora_B" (out, k) without ".weight", where
+// k is the module's kept rank: get_peft_model_state_dict keeps only the triplets its rank_pattern marks
+// true. adapter_config.json has "peft_type": "ADALORA", init_r, target_r, the schedule and rank_pattern,
+// {"transformer.h.<l>.<module>.lora_E": [init_r booleans]}; loading rebuilds each module at rank k and
+// keeps ranknum = init_r, so the scale stays lora_alpha / (init_r + 1e-5).
+static inline std::string adalora_peft_key(int layer, int target, const char* tensor) {
+    return "base_model.model.transformer.h." + std::to_string(layer) + "." + lora_peft_names[target] + "." + tensor;
+}
+static inline std::string adalora_rank_pattern_key(int layer, int target) {
+    return "transformer.h." + std::to_string(layer) + "." + lora_peft_names[target] + ".lora_E";
+}
+
+// the AdaLoRA part of adapter_config.json: the schedule (total_step at least what PEFT's check wants) and rank_pattern
+static std::string adalora_config_json(const LoRA<float>* lora) {
+    const LoRAConfig& c = lora->config;
+    int total_step = std::max(c.adalora_total_step, c.adalora_tinit + c.adalora_tfinal + 1); // PEFT: tinit < total_step - tfinal
+    std::string s = strprintf("  \"init_r\": %d,\n  \"target_r\": %d,\n  \"tinit\": %d,\n  \"tfinal\": %d,\n  \"deltaT\": %d,\n"
+                              "  \"beta1\": %.2f,\n  \"beta2\": %.2f,\n  \"orth_reg_weight\": %.9g,\n  \"total_step\": %d,\n  \"rank_pattern\": {",
+                              c.r, c.adalora_target_r, c.adalora_tinit, c.adalora_tfinal, c.adalora_deltaT, ADALORA_BETA1, ADALORA_BETA2,
+                              c.adalora_orth_reg, total_step);
+    bool first = true;
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        for (int l = 0; l < lora->L && lora->lora_E[t] != NULL; l++) {
+            LoRALayer<float> a = lora_layer(lora, t, l);
+            s += std::string(first ? "\n" : ",\n") + "    " + json_quote(adalora_rank_pattern_key(l, t).c_str()) + ": [";
+            for (int i = 0; i < a.r; i++) s += std::string(i ? ", " : "") + (a.mask[i] != 0 ? "true" : "false");
+            s += "]";
+            first = false;
+        }
+    }
+    return s + "\n  },\n";
+}
+
+// the kept triplets of every module as PEFT saves them; the tensors point into *storage
+static void adalora_peft_tensors(const LoRA<float>* lora, std::vector<SafeTensorOut>* tensors, std::vector<std::vector<float>>* storage) {
+    storage->reserve(3 * LORA_NUM_TARGETS * lora->L); // no reallocation: the tensors keep pointers
+    for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+        for (int l = 0; l < lora->L && lora->lora_E[t] != NULL; l++) {
+            LoRALayer<float> a = lora_layer(lora, t, l);
+            std::vector<int> kept;
+            for (int i = 0; i < a.r; i++) { if (a.mask[i] != 0) kept.push_back(i); }
+            size_t k = kept.size();
+            std::vector<float> A(k * a.C), E(k), B((size_t)a.OC * k);
+            for (size_t j = 0; j < k; j++) {
+                memcpy(&A[j * a.C], a.lora_A + (size_t)kept[j] * a.C, a.C * sizeof(float));
+                E[j] = a.lora_E[kept[j]];
+                for (int o = 0; o < a.OC; o++) B[(size_t)o * k + j] = a.lora_B[(size_t)o * a.r + kept[j]];
+            }
+            storage->push_back(std::move(A));
+            tensors->push_back({adalora_peft_key(l, t, "lora_A"), {k, (size_t)a.C}, storage->back().data()});
+            storage->push_back(std::move(E));
+            tensors->push_back({adalora_peft_key(l, t, "lora_E"), {k, 1}, storage->back().data()});
+            storage->push_back(std::move(B));
+            tensors->push_back({adalora_peft_key(l, t, "lora_B"), {(size_t)a.OC, k}, storage->back().data()});
+        }
+    }
+}
+
+// reads PEFT's AdaLoRA tensors for cfg (rank_pattern: each module's kept triplets, in module order of
+// adalora_rank_pattern_key; empty: all kept) from st and attaches them: the kept triplets go back to
+// their positions, the others stay masked with lora_E = 0
+static std::string adalora_peft_read(const char* weights_path, const SafeTensors& st, LoRAConfig cfg,
+                                     const std::vector<std::vector<bool>>& rank_pattern, GPT2<float>* model) {
+    int L = model->config.num_layers, C = model->config.channels;
+    size_t expected = 0;
+    for (int pass = 0; pass < 2; pass++) { // pass 0 checks every tensor, pass 1 attaches and copies
+        if (pass == 1) {
+            if (model->lora.params_memory != NULL) lora_free(&model->lora);
+            gpt2_lora_attach(model, cfg, 0);
+        }
+        size_t m = 0;
+        for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+            if (!(cfg.targets & (1u << t))) continue;
+            int in = lora_target_in(t, C), out = lora_target_out(t, C);
+            for (int l = 0; l < L; l++, m++) {
+                std::vector<bool> keep = rank_pattern.empty() ? std::vector<bool>(cfg.r, true) : rank_pattern[m];
+                size_t k = (size_t)std::count(keep.begin(), keep.end(), true);
+                const char* names[3] = {"lora_A", "lora_E", "lora_B"};
+                size_t shapes[3][2] = {{k, (size_t)in}, {k, 1}, {(size_t)out, k}};
+                const SafeTensor* s[3];
+                for (int j = 0; j < 3; j++) {
+                    std::string key = adalora_peft_key(l, t, names[j]);
+                    s[j] = st.find(key);
+                    if (s[j] == NULL) return strprintf("PEFT AdaLoRA adapter '%s' has no tensor '%s', which its config needs\n---> HINT: the adapter was made for another model or config", weights_path, key.c_str());
+                    bool shape_ok = s[j]->shape.size() == 2 && s[j]->shape[0] == shapes[j][0] && s[j]->shape[1] == shapes[j][1];
+                    if (!shape_ok) return strprintf("PEFT AdaLoRA adapter '%s': tensor '%s' must have shape [%zu,%zu] (rank %zu kept of init_r %d in rank_pattern)\n---> HINT: the adapter was made for another base (-e), or its rank_pattern does not belong to it",
+                                                    weights_path, key.c_str(), shapes[j][0], shapes[j][1], k, cfg.r);
+                    size_t count = shapes[j][0] * shapes[j][1], bad = first_nonfinite(st.values(s[j]), count);
+                    if (bad < count) return strprintf("PEFT AdaLoRA adapter '%s': tensor '%s' has a non-finite value at index %zu\n---> HINT: the file is corrupt, or it was saved by a run that diverged", weights_path, key.c_str(), bad);
+                }
+                if (pass == 0) { expected += 3; continue; }
+                LoRALayer<float> a = lora_layer(&model->lora, t, l);
+                memset(a.lora_A, 0, (size_t)a.r * in * sizeof(float)); // masked rows: zeros (they do not act: lora_E = 0)
+                memset(a.lora_B, 0, (size_t)out * a.r * sizeof(float));
+                size_t j = 0;
+                for (int i = 0; i < a.r; i++) {
+                    a.mask[i] = keep[i] ? 1.0f : 0.0f;
+                    a.lora_E[i] = 0;
+                    if (!keep[i]) continue;
+                    memcpy(a.lora_A + (size_t)i * in, st.values(s[0]) + j * in, in * sizeof(float));
+                    a.lora_E[i] = st.values(s[1])[j];
+                    for (int o = 0; o < out; o++) a.lora_B[(size_t)o * a.r + i] = st.values(s[2])[(size_t)o * k + j];
+                    j++;
+                }
+            }
+        }
+        if (pass == 0 && st.tensors.size() != expected) {
+            return strprintf("PEFT AdaLoRA adapter '%s' holds %zu tensors, but its config's targets (%s) on an L=%d base need %zu (lora_A, lora_E, lora_B per module)\n---> HINT: check target_modules in its adapter_config.json",
+                             weights_path, st.tensors.size(), lora_targets_string(cfg.targets).c_str(), L, expected);
+        }
+    }
+    return "";
+}
+
+static std::string peft_config_json(LoRAConfig cfg, const char* base_name, const std::string& adalora_part = "") {
     std::string targets;
     for (int t = 0; t < LORA_NUM_TARGETS; t++) {
         if (cfg.targets & (1u << t)) targets += (targets.empty() ? "" : ", ") + json_quote(lora_peft_names[t]);
@@ -55,7 +170,7 @@ static std::string peft_config_json(LoRAConfig cfg, const char* base_name) {
     // lora_alpha is an int in PEFT's LoraConfig; write a fraction only when alpha has one
     std::string alpha = cfg.alpha == std::floor(cfg.alpha) && std::fabs(cfg.alpha) < 1e9f ? strprintf("%d", (int)cfg.alpha) : strprintf("%.9g", cfg.alpha);
     return "{\n"
-           "  \"peft_type\": \"LORA\",\n"
+           "  \"peft_type\": " + std::string(cfg.use_adalora ? "\"ADALORA\"" : "\"LORA\"") + ",\n" + adalora_part +
            "  \"task_type\": \"CAUSAL_LM\",\n"
            "  \"base_model_name_or_path\": " + json_quote(base_name) + ",\n"
            "  \"r\": " + std::to_string(cfg.r) + ",\n"
@@ -75,7 +190,10 @@ static std::string peft_config_json(LoRAConfig cfg, const char* base_name) {
 static std::string peft_export(const char* dir, const GPT2<float>* model, const char* base_name) {
     const LoRA<float>* lora = &model->lora;
     std::vector<SafeTensorOut> tensors;
+    std::vector<std::vector<float>> adalora_storage; // AdaLoRA: the kept triplets, copied out
+    if (lora->config.use_adalora) adalora_peft_tensors(lora, &tensors, &adalora_storage);
     for (const LoRATensor& t : lora_tensor_list(lora->config, lora->L, lora->C)) {
+        if (lora->config.use_adalora) break;
         tensors.push_back({lora_peft_key(t.layer, t.target, t.is_B), {(size_t)t.rows, (size_t)t.cols}, lora->params_memory + t.offset});
     }
     // DoRA: one magnitude vector (out) per module
@@ -88,7 +206,7 @@ static std::string peft_export(const char* dir, const GPT2<float>* model, const 
     }
     std::string err = safetensors_write((std::string(dir) + "/" PEFT_WEIGHTS_FILE).c_str(), tensors);
     if (!err.empty()) return err;
-    std::string config = peft_config_json(lora->config, base_name);
+    std::string config = peft_config_json(lora->config, base_name, lora->config.use_adalora ? adalora_config_json(lora) : "");
     return write_atomically((std::string(dir) + "/" PEFT_CONFIG_FILE).c_str(), {{config.data(), config.size()}});
 }
 
@@ -109,9 +227,15 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
     if (doc.kind != Json::OBJECT) return strprintf("PEFT config '%s' is not a JSON object\n---> HINT: %s", cpath, hint);
     auto bad = [&](const std::string& what, const char* fix) { return strprintf("PEFT config '%s': %s\n---> HINT: %s", cpath, what.c_str(), fix); };
     const Json* v = doc.get("peft_type");
-    if (v == NULL || v->kind != Json::STRING || v->str != "LORA") return bad("peft_type must be \"LORA\"", hint);
+    if (v == NULL || v->kind != Json::STRING || (v->str != "LORA" && v->str != "ADALORA")) return bad("peft_type must be \"LORA\" or \"ADALORA\"", hint);
+    bool adalora = v->str == "ADALORA";
     uint64_t r = 0;
-    if (!json_to_u64(doc.get("r"), &r) || r < 1 || r > 65536) return bad("r must be an integer >= 1", hint);
+    if (adalora) { // AdaLoRA's rank is init_r (PEFT ignores r)
+        r = 12; // PEFT's default init_r
+        if (doc.get("init_r") != NULL && (!json_to_u64(doc.get("init_r"), &r) || r < 1 || r > 65536)) return bad("init_r must be an integer >= 1", hint);
+    } else if (!json_to_u64(doc.get("r"), &r) || r < 1 || r > 65536) {
+        return bad("r must be an integer >= 1", hint);
+    }
     float alpha = 8.0f; // PEFT's default lora_alpha
     v = doc.get("lora_alpha");
     if (v != NULL && (v->kind != Json::NUMBER || !(v->number > 0) || !std::isfinite(v->number))) return bad("lora_alpha must be a number > 0", hint);
@@ -141,6 +265,7 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
     v = doc.get("layers_to_transform");
     if (v != NULL && v->kind != Json::NUL && !(v->kind == Json::ARRAY && v->items.empty())) return bad("layers_to_transform is set; only adapters on every layer are supported", hint);
     for (const char* key : {"rank_pattern", "alpha_pattern"}) {
+        if (adalora && std::string(key) == "rank_pattern") continue; // AdaLoRA's own, read below
         v = doc.get(key);
         if (v != NULL && v->kind != Json::NUL && !(v->kind == Json::OBJECT && v->members.empty())) return bad(std::string(key) + " is set; one r and alpha for every layer are supported", hint);
     }
@@ -170,10 +295,53 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
     cfg.use_dora = use_dora;
     cfg.base_quant = base_quant;
     cfg.dropout = dropout;
+    std::vector<std::vector<bool>> rank_pattern; // AdaLoRA: per module (target-major, then layer), the kept triplets
+    if (adalora) {
+        if (use_rslora || use_dora) return bad("an AdaLoRA config with use_rslora or use_dora (PEFT's AdaLoRA supports neither)", hint);
+        cfg.use_adalora = true;
+        struct { const char* key; int* to; uint64_t lo; } ints[] = {{"target_r", &cfg.adalora_target_r, 1}, {"tinit", &cfg.adalora_tinit, 0},
+            {"tfinal", &cfg.adalora_tfinal, 0}, {"deltaT", &cfg.adalora_deltaT, 1}, {"total_step", &cfg.adalora_total_step, 0}};
+        for (auto& x : ints) {
+            uint64_t u = 0;
+            v = doc.get(x.key);
+            if (v == NULL || v->kind == Json::NUL) continue; // PEFT's default (lora_config's)
+            if (!json_to_u64(v, &u) || u < x.lo || u > (1u << 30)) return bad(strprintf("%s must be an integer >= %d", x.key, (int)x.lo), hint);
+            *x.to = (int)u;
+        }
+        if (cfg.adalora_target_r > cfg.r) cfg.adalora_target_r = cfg.r; // only the budget of further training; the file's ranks are rank_pattern's
+        v = doc.get("orth_reg_weight");
+        if (v != NULL && v->kind == Json::NUMBER && v->number >= 0 && std::isfinite(v->number)) cfg.adalora_orth_reg = (float)v->number;
+        cfg.scale = lora_scale_of(cfg);
+        v = doc.get("rank_pattern");
+        if (v != NULL && v->kind == Json::OBJECT && !v->members.empty()) {
+            for (int t = 0; t < LORA_NUM_TARGETS; t++) {
+                for (int l = 0; (targets & (1u << t)) && l < model->config.num_layers; l++) {
+                    std::string key = adalora_rank_pattern_key(l, t);
+                    const Json* p = v->get(key.c_str());
+                    if (p == NULL || p->kind != Json::ARRAY || p->items.size() != r) return bad("rank_pattern needs \"" + key + "\": a list of init_r = " + std::to_string(r) + " booleans", hint);
+                    std::vector<bool> keep;
+                    for (const Json& b : p->items) {
+                        if (b.kind != Json::BOOL) return bad("rank_pattern \"" + key + "\" must hold booleans", hint);
+                        keep.push_back(b.boolean);
+                    }
+                    rank_pattern.push_back(keep);
+                }
+            }
+            if (v->members.size() != rank_pattern.size()) return bad("rank_pattern has entries for modules that are not targets of this config on this base", hint);
+        } else if (v != NULL && v->kind != Json::NUL && v->kind != Json::OBJECT) {
+            return bad("rank_pattern must be an object or null", hint);
+        }
+    }
 
     SafeTensors st;
     err = safetensors_read(weights_path.c_str(), &st);
     if (!err.empty()) return err;
+    if (adalora) {
+        if (model->block_file != NULL && cfg.base_quant == LORA_QUANT_FP32) {
+            return strprintf("PEFT adapter '%s': the base was read for a quantized attach (block matrices left on disk) but -Q is fp32\n---> HINT: pass -Q int8, -Q nf4 or -Q int2 with -A", dir);
+        }
+        return adalora_peft_read(weights_path.c_str(), st, cfg, rank_pattern, model);
+    }
     int L = model->config.num_layers, C = model->config.channels;
     std::vector<LoRATensor> list = lora_tensor_list(cfg, L, C);
     for (const LoRATensor& t : list) {
@@ -288,10 +456,11 @@ static std::string lora_files_load_all(const std::vector<const char*>& paths, GP
         TrainState unused;
         bool has_state = false;
         std::string err = lora_file_load(paths[k], model, base_sum, &unused, &has_state, LORA_QUANT_FP32);
-        if (err.empty() && (model->lora.config.use_dora || model->lora.config.init_pissa)) {
+        const LoRAConfig& c = model->lora.config;
+        if (err.empty() && (c.use_dora || c.init_pissa || c.use_adalora)) {
             err = strprintf("adapter '%s' is %s: its change to the base is not scale * lora_B lora_A, so it cannot share the base with others\n"
                             "---> HINT: use it alone (one -A, no -S or -Y), e.g. -A %s -M merged.bin -x 0",
-                            paths[k], model->lora.config.use_dora ? "DoRA" : "PiSSA", paths[k]);
+                            paths[k], c.use_dora ? "DoRA" : c.init_pissa ? "PiSSA" : "AdaLoRA", paths[k]);
         }
         if (!err.empty()) return paths.size() > 1 ? strprintf("adapter %zu of %zu: ", k + 1, paths.size()) + err : err;
         (*parts)[k] = model->lora; // moved aside

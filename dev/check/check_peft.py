@@ -3,11 +3,13 @@
 Run by dev/check/check_peft.sh (make check-peft) in a virtual environment with torch, transformers and peft.
   1. Our llm.c checkpoint becomes a transformers GPT2LMHeadModel (Conv1D weights are (in, out): llm.c's
      (out, in) matrices transposed), checked against our own logits of the base.
-  2. Each adapter directory we exported (plain LoRA, rsLoRA, DoRA) is loaded with PeftModel.from_pretrained.
-     PEFT loads with strict=False, so a misspelled key would be dropped in silence: every lora_A, lora_B
-     (and DoRA magnitude) PEFT holds must equal the tensor in our file. Then PEFT's logits must equal ours.
-  3. PEFT creates a LoRA on that model, trains it a few steps and saves it; we load the directory (-A) and
-     our logits must equal PEFT's.
+  2. Each adapter directory we exported (plain LoRA, rsLoRA, DoRA, AdaLoRA) is loaded with
+     PeftModel.from_pretrained. PEFT loads with strict=False, so a misspelled key would be dropped in silence:
+     every lora_A, lora_B (DoRA magnitude, AdaLoRA lora_E) PEFT holds must equal the tensor in our file. Then
+     PEFT's logits must equal ours.
+  3. PEFT creates a LoRA (plain, rsLoRA) and an AdaLoRA on that model, trains each a few steps (AdaLoRA with
+     update_and_allocate, so that its rank_pattern masks triplets) and saves it; we load the directory (-A)
+     and our logits must equal PEFT's.
 Usage: check_peft.py <checkpoint.bin> <logits tool> <ids,ids,...> <work dir> <our adapter dir>...
 """
 import json
@@ -83,11 +85,18 @@ def their_logits(model, ids):
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
-def compare(label, ours, theirs):
+def compare(label, ours, theirs, base=None):
+    """base: the base model's logits; then the adapter must move them by far more than the two sides disagree
+    (a near-zero adapter, such as AdaLoRA's right after its lora_E = 0 init, would prove nothing)"""
     diff = float(np.abs(ours - theirs).max())
     scale = float(np.abs(theirs).max())
     ok = diff <= TOL_LOGITS * max(1.0, scale)
-    print(f"{'PASS' if ok else 'FAIL'} {label}: max |logit difference| {diff:.2e} (logit scale {scale:.2f}, tolerance {TOL_LOGITS} x scale)")
+    moved = ""
+    if base is not None:
+        effect = float(np.abs(theirs - base).max())
+        ok &= effect >= 100 * diff
+        moved = f", the adapter moves them by {effect:.2e} (needs >= 100 x the difference)"
+    print(f"{'PASS' if ok else 'FAIL'} {label}: max |logit difference| {diff:.2e} (logit scale {scale:.2f}, tolerance {TOL_LOGITS} x scale{moved})")
     return ok
 
 
@@ -100,6 +109,8 @@ def check_loaded_tensors(pmodel, adapter_dir):
         # our key: base_model.model.transformer.h.3.mlp.c_fc.lora_B.weight; PEFT's adds the adapter name
         peft_key = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
         peft_key = peft_key.replace(".lora_magnitude_vector", ".lora_magnitude_vector.default.weight")
+        if key.endswith((".lora_A", ".lora_B", ".lora_E")):  # AdaLoRA: bare parameters, no ".weight"
+            peft_key = key + ".default"
         assert peft_key in held, f"{key}: PEFT did not load it (no {peft_key})"
         assert np.array_equal(held[peft_key].numpy(), value), f"{key}: PEFT holds other values"
         checked += 1
@@ -117,15 +128,17 @@ def main():
     torch.manual_seed(0)
     base = hf_model_from_llmc(ckpt)
     V = base.config.vocab_size
-    ok = compare("base: transformers GPT2LMHeadModel vs ours", ours_logits(tool, ckpt, "-", ids, f"{work}/base.f32", V), their_logits(base, ids))
+    base_logits = their_logits(base, ids)
+    ok = compare("base: transformers GPT2LMHeadModel vs ours", ours_logits(tool, ckpt, "-", ids, f"{work}/base.f32", V), base_logits)
 
     # 2. our exports, loaded by PEFT
     for d in adapters:
         cfg = json.load(open(os.path.join(d, "adapter_config.json")))
         pmodel = peft.PeftModel.from_pretrained(hf_model_from_llmc(ckpt), d).eval()
         n = check_loaded_tensors(pmodel, d)
-        label = f"our export {os.path.basename(d)} (r={cfg['r']}, use_rslora={cfg['use_rslora']}, use_dora={cfg['use_dora']}) in PEFT, {n} tensors loaded"
-        ok &= compare(label, ours_logits(tool, ckpt, d, ids, f"{work}/ours.f32", V), their_logits(pmodel, ids))
+        kind = f"peft_type={cfg['peft_type']}" + (f", ranks {sum(map(sum, cfg['rank_pattern'].values()))} of {len(cfg['rank_pattern']) * cfg['init_r']}" if cfg.get("rank_pattern") else "")
+        label = f"our export {os.path.basename(d)} (r={cfg['r']}, use_rslora={cfg['use_rslora']}, use_dora={cfg['use_dora']}, {kind}) in PEFT, {n} tensors loaded"
+        ok &= compare(label, ours_logits(tool, ckpt, d, ids, f"{work}/ours.f32", V), their_logits(pmodel, ids), base_logits)
 
     # 3. an adapter made and trained by PEFT, loaded by us
     for use_rslora in (False, True):
@@ -144,7 +157,27 @@ def main():
         out = f"{work}/peft_made_rslora{int(use_rslora)}"
         pmodel.save_pretrained(out)
         label = f"PEFT-made adapter (r=4, use_rslora={use_rslora}, 5 AdamW steps) loaded with -A"
-        ok &= compare(label, ours_logits(tool, ckpt, out, ids, f"{work}/ours.f32", V), their_logits(pmodel, ids))
+        ok &= compare(label, ours_logits(tool, ckpt, out, ids, f"{work}/ours.f32", V), their_logits(pmodel, ids), base_logits)
+    # an AdaLoRA made by PEFT: 8 steps, the budget falling from init_r 4 to target_r 2 from step 2 to 6
+    targets = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    config = peft.AdaLoraConfig(init_r=4, target_r=2, tinit=2, tfinal=2, deltaT=1, total_step=8, lora_alpha=8,
+                                target_modules=targets, fan_in_fan_out=True, lora_dropout=0.0, task_type="CAUSAL_LM")
+    pmodel = peft.get_peft_model(hf_model_from_llmc(ckpt), config)
+    opt = torch.optim.AdamW([p for p in pmodel.parameters() if p.requires_grad], lr=5e-2)  # lora_E starts at 0: a large lr moves it
+    x = torch.tensor([ids])
+    pmodel.train()
+    for step in range(8):
+        loss = pmodel(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        pmodel.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    pmodel.eval()
+    out = f"{work}/peft_made_adalora"
+    pmodel.save_pretrained(out)
+    kept = sum(map(sum, json.load(open(os.path.join(out, "adapter_config.json")))["rank_pattern"].values()))
+    label = f"PEFT-made AdaLoRA (init_r=4, target_r=2, 8 steps with update_and_allocate, {kept} triplets kept) loaded with -A"
+    ok &= compare(label, ours_logits(tool, ckpt, out, ids, f"{work}/ours.f32", V), their_logits(pmodel, ids), base_logits)
     print("check-peft: all passed" if ok else "check-peft: FAILED")
     sys.exit(0 if ok else 1)
 

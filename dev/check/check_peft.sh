@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # dev/check/check_peft.sh: what `make check-peft` does (see dev/check/check_peft.py). A Python virtual
 # environment with torch, transformers, peft and safetensors from PyPI is created in build/check/peft-venv on
-# first use; nothing else uses it. Short LoRA runs on make run's base export plain LoRA, rsLoRA and DoRA as
+# first use; nothing else uses it. Short LoRA runs on make run's base export plain LoRA, rsLoRA, DoRA and AdaLoRA as
 # PEFT directories (-o); PEFT loads each and must give our logits, and an adapter PEFT trains must give
 # PEFT's logits in ours. Not part of make test or .ci/run.
 set -euo pipefail
@@ -24,7 +24,7 @@ fi
 
 rm -rf "$DIR" && mkdir -p "$DIR"
 adapters=()
-for v in "lora -r 8 -a 16" "rslora -r 4 -a 8 -V rslora" "dora -r 8 -a 16 -V dora"; do
+for v in "lora -r 8 -a 16" "rslora -r 4 -a 8 -V rslora" "dora -r 8 -a 16 -V dora" "adalora -r 6 -a 12 -V adalora -Z 3 -U 4,6,2 -l 3e-2"; do
     read -r name flags <<< "$v"
     mkdir -p "$DIR/$name"
     # shellcheck disable=SC2086
