@@ -5406,7 +5406,7 @@ TEST_CASE("the trainer binary: -D and -R train with every method, -A resumes a d
     std::string common = trainer_args(ckpt, tokens);
     std::string out;
     // outside [0, 1), or where it does not apply: the flag, what is wrong, a HINT
-    for (std::string flags : {" -D 1", " -D -0.1", " -D 1.5", " -D nan", " -f 1 -D 0.1", " -H 4 -D 0.1", " -V dora -D 0.1"}) {
+    for (std::string flags : {" -D 1", " -D -0.1", " -D 1.5", " -D nan", " -f 1 -D 0.1", " -H 4 -D 0.1", " -V dora -D 0.1", " -V adalora -r 4 -Z 2 -D 0.1"}) {
         CAPTURE(flags);
         CHECK(run_trainer(common + " -x 2" + flags, &out) != 0);
         CHECK(has(out, "flag -D"));
