@@ -498,6 +498,75 @@ TEST_CASE("end to end, full fine-tuning: every base tensor's gradient matches fi
     gpt2_free(&model);
 }
 
+// -C, trainable token rows: a tied row's gradient has the input embedding's part (positions holding the
+// token) and the LM head's part (every position's logit of the token); each token below isolates one
+TEST_CASE("trainable token rows (-C): each row's gradient, input embedding + LM head, matches finite differences; nothing else of wte moves") {
+    const int B = 2, T = 5;
+    GPT2<double> model;
+    build_tiny_lora_model(&model, LORA_ALL_TARGETS, 2, 31);
+    const int V = model.config.vocab_size, C = model.config.channels;
+    // inputs use ids 0..29 only, targets 0..44: id 7 is an input (and maybe a target), 40 only a target
+    // (the head's part and the softmax's), 55 neither (the softmax's pull alone)
+    Rng rng;
+    rng_seed(&rng, 32);
+    std::vector<int> inputs, targets;
+    random_tokens(&rng, &inputs, B * T, 30);
+    random_tokens(&rng, &targets, B * T, 45);
+    inputs[3] = 7;
+    targets[6] = 40;
+    for (int id : inputs) REQUIRE(id != 40);
+    std::vector<int> ids = {7, 40, 55, inputs[0] == 7 ? 8 : inputs[0]};
+    if (ids[3] == 40 || ids[3] == 55) ids[3] = 9;
+    REQUIRE(gpt2_token_rows_attach(&model, ids) == "");
+    REQUIRE(model.tokens.n == 4);
+    TokenRows<double>* tr = &model.tokens;
+    auto loss = [&]() {
+        token_rows_write(tr, model.params.wte); // the forward reads the rows through wte
+        gpt2_forward(&model, inputs.data(), targets.data(), B, T);
+        return (double)model.mean_loss;
+    };
+    loss();
+    gpt2_zero_grad(&model);
+    gpt2_backward(&model);
+    std::vector<double> grads(tr->grads, tr->grads + (size_t)tr->n * C);
+    const char* names[4] = {"input token 7", "target-only token 40", "unseen token 55", "another input token"};
+    for (int s = 0; s < 4; s++) {
+        CAPTURE(s);
+        CHECK(fd_relative_error(tr->rows + (size_t)s * C, C, grads.data() + (size_t)s * C, loss, names[s]) < tol_fd);
+    }
+    loss(); // wte holds the rows as they are again (the differences left their last probe in it)
+    // the input part alone is the difference with the head part: a row of a token never in the input gets
+    // only the head part, so for token 40 the input-embedding backward must add exactly nothing
+    std::vector<double> head_only((size_t)C, 0.0);
+    {
+        TokenRows<double> one = {};
+        token_rows_attach(&one, std::vector<int>{40}, model.params.wte, V, C);
+        std::vector<double> dencoded((size_t)B * T * C, 1.0);
+        token_rows_encoder_backward(&one, dencoded.data(), inputs.data(), B * T);
+        for (int c = 0; c < C; c++) CHECK(one.grads[c] == 0.0); // exact: no position holds token 40
+        token_rows_encoder_backward(&one, dencoded.data(), targets.data(), B * T); // as if the targets were the input
+        CHECK(one.grads[0] == (double)std::count(targets.begin(), targets.end(), 40)); // exact: a sum of ones
+        token_rows_free(&one);
+    }
+    // an update moves the four rows of wte and no other value of the model
+    std::vector<double> before(model.params_memory, model.params_memory + model.num_parameters);
+    gpt2_update(&model, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.0f, 1);
+    size_t moved_other = 0, moved_rows = 0;
+    for (size_t i = 0; i < model.num_parameters; i++) {
+        if (model.params_memory[i] == before[i]) continue;
+        bool in_rows = false;
+        for (int id : ids) in_rows |= i >= (size_t)id * C && i < (size_t)(id + 1) * C;
+        (in_rows ? moved_rows : moved_other)++;
+    }
+    CHECK(moved_other == 0);
+    CHECK(moved_rows == (size_t)4 * C);
+    CHECK(gpt2_trainable_parameters(&model) == model.lora.num_parameters + (size_t)4 * C);
+    // detached, wte holds the base's rows again, bit for bit
+    gpt2_token_rows_detach(&model);
+    CHECK(memcmp(model.params_memory, before.data(), before.size() * sizeof(double)) == 0);
+    gpt2_free(&model);
+}
+
 // -- dropout (-D on LoRA's branch, -R GPT-2's own): the masks are a hash of a key, so a fixed key is a fixed
 // mask and the finite differences see the very function the backward differentiates
 
