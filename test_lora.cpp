@@ -3584,6 +3584,121 @@ TEST_CASE("adapter file: save -> load round trip is bit-identical (weights, Adam
     gpt2_free(&loaded);
 }
 
+// -C: a tiny adapter with trained token rows (moved off the base's values, moments nonzero); its base is
+// build_trainable_tiny(seed), untouched on disk
+static void build_adapted_tiny_with_rows(GPT2<float>* model, const std::vector<int>& ids, uint64_t seed) {
+    build_adapted_tiny(model, LORA_ALL_TARGETS, 2, seed);
+    REQUIRE(gpt2_token_rows_attach(model, ids) == "");
+    TokenRows<float>* tr = &model->tokens;
+    Rng rng;
+    rng_seed(&rng, seed + 3);
+    for (size_t i = 0; i < token_rows_count(tr); i++) {
+        tr->rows[i] += rng_uniform(&rng, -0.5f, 0.5f);
+        tr->m[i] = rng_normal(&rng);
+        tr->v[i] = rng_f32(&rng);
+    }
+    token_rows_write(tr, model->params.wte);
+}
+
+TEST_CASE("trainable token rows (-C) in the files: adapter.bin keeps ids, rows and moments (slot 37); PEFT's key and trainable_token_indices; -M writes the rows") {
+    TempDir dir;
+    const std::vector<int> ids = {60, 3, 17};
+    GPT2<float> model, loaded, base;
+    build_adapted_tiny_with_rows(&model, ids, 951);
+    build_trainable_tiny(&base, 951);
+    uint64_t sum = tiny_base_sum(&base); // of the base as on disk, not of the model's wte holding the rows
+    const int C = model.config.channels;
+    const size_t nt = ids.size() * C, n = model.lora.num_parameters;
+    const TokenRows<float>* tr = &model.tokens;
+
+    // adapter.bin with the optimizer state: the rows last, after the LoRA parts
+    write_cyclic_tokens(dir.file("tokens.bin"), 400);
+    DataLoader loader;
+    REQUIRE(dataloader_init(&loader, dir.file("tokens.bin").c_str(), 2, 8, 61, false, 952, "-i") == "");
+    Rng sample_rng;
+    rng_seed(&sample_rng, 953);
+    TrainState saved = train_state_capture(0, &loader, &sample_rng);
+    std::string path = dir.file("adapter.bin");
+    REQUIRE(lora_file_write(path.c_str(), &model, sum, &saved) == "");
+    std::vector<char> bytes = read_all(path);
+    CHECK(bytes.size() == 1024 + 3 * n * sizeof(float) + loader.num_batches * sizeof(uint64_t) + ids.size() * sizeof(int) + 3 * nt * sizeof(float));
+    int slot37;
+    memcpy(&slot37, bytes.data() + 37 * 4, 4);
+    CHECK(slot37 == 3);
+    build_trainable_tiny(&loaded, 951);
+    TrainState state;
+    bool has_state = false;
+    REQUIRE(lora_file_read(path.c_str(), &loaded, tiny_base_sum(&loaded), &state, &has_state) == "");
+    REQUIRE(loaded.tokens.n == 3);
+    CHECK(std::vector<int>(loaded.tokens.ids, loaded.tokens.ids + 3) == ids);
+    CHECK(memcmp(loaded.tokens.rows, tr->rows, nt * sizeof(float)) == 0);
+    CHECK(memcmp(loaded.tokens.m, tr->m, nt * sizeof(float)) == 0);
+    CHECK(memcmp(loaded.tokens.v, tr->v, nt * sizeof(float)) == 0);
+    CHECK(memcmp(loaded.tokens.base, base.params.wte + 60 * C, C * sizeof(float)) == 0); // the base's row kept to restore
+    CHECK(memcmp(loaded.params_memory, model.params_memory, model.num_parameters * sizeof(float)) == 0); // wte holds the rows
+    // a file without rows (slot 37 = 0, as every older file) loaded over it puts the base's rows back
+    GPT2<float> plain;
+    build_adapted_tiny(&plain, LORA_ALL_TARGETS, 2, 951);
+    REQUIRE(lora_file_write(path.c_str(), &plain, sum, NULL) == "");
+    CHECK(read_all(path).size() == 1024 + n * sizeof(float));
+    REQUIRE(lora_file_read(path.c_str(), &loaded, sum, &state, &has_state) == "");
+    CHECK(loaded.tokens.n == 0);
+    CHECK(memcmp(loaded.params_memory, base.params_memory, base.num_parameters * sizeof(float)) == 0);
+    // a corrupt count is refused naming the file
+    REQUIRE(lora_file_write(path.c_str(), &model, sum, NULL) == "");
+    bytes = read_all(path);
+    int bad = 62;
+    memcpy(bytes.data() + 37 * 4, &bad, 4);
+    write_bytes(path, bytes.data(), bytes.size());
+    std::string err = lora_file_read(path.c_str(), &loaded, sum, &state, &has_state);
+    CHECK(has(err, "adapter.bin"));
+    CHECK(has(err, "token rows"));
+
+    // PEFT: the rows under the wrapped embedding's key, their ids as trainable_token_indices
+    std::string peft = dir.file("peft");
+    REQUIRE(mkdir(peft.c_str(), 0755) == 0);
+    REQUIRE(peft_export(peft.c_str(), &model, "gpt2") == "");
+    std::string config = file_string(peft + "/adapter_config.json");
+    CHECK(has(config, "\"trainable_token_indices\": [60, 3, 17]"));
+    SafeTensors st;
+    REQUIRE(safetensors_read((peft + "/adapter_model.safetensors").c_str(), &st) == "");
+    const SafeTensor* s = st.find("base_model.model.transformer.wte.token_adapter.trainable_tokens_delta");
+    REQUIRE(s != NULL);
+    CHECK(s->shape == std::vector<size_t>{3, (size_t)C});
+    CHECK(memcmp(st.values(s), tr->rows, nt * sizeof(float)) == 0); // the rows' values, as PEFT's "delta" holds
+    GPT2<float> imported;
+    build_trainable_tiny(&imported, 951);
+    REQUIRE(peft_import(peft.c_str(), &imported) == "");
+    REQUIRE(imported.tokens.n == 3);
+    CHECK(memcmp(imported.params_memory, model.params_memory, model.num_parameters * sizeof(float)) == 0);
+    CHECK(memcmp(imported.lora.params_memory, model.lora.params_memory, n * sizeof(float)) == 0);
+    // PEFT's dict form names the embedding; another module, a repeated id or a missing tensor is refused
+    std::string text = file_string(peft + "/adapter_config.json");
+    auto with_indices = [&](const std::string& value) {
+        std::string t = text;
+        size_t at = t.find("[60, 3, 17]");
+        t.replace(at, strlen("[60, 3, 17]"), value);
+        write_bytes(peft + "/adapter_config.json", t.data(), t.size());
+        gpt2_free(&imported);
+        build_trainable_tiny(&imported, 951);
+        return peft_import(peft.c_str(), &imported);
+    };
+    CHECK(with_indices("{\"wte\": [60, 3, 17]}") == "");
+    CHECK(has(with_indices("{\"lm_head\": [60, 3, 17]}"), "trainable_token_indices"));
+    CHECK(has(with_indices("[60, 3, 3]"), "twice"));
+    CHECK(has(with_indices("[60, 3, 61]"), "below V"));
+    CHECK(has(with_indices("[60, 3]"), "trainable_tokens_delta"));
+
+    // -M: the merged checkpoint holds the rows in wte (the head reads the same tied rows)
+    std::string merged = dir.file("merged.bin");
+    REQUIRE(write_merged_checkpoint(&model, merged.c_str()) == "");
+    GPT2<float> m;
+    REQUIRE(gpt2_read_checkpoint(&m, merged.c_str()) == "");
+    for (int k = 0; k < 3; k++) CHECK(memcmp(m.params.wte + (size_t)ids[k] * C, tr->rows + (size_t)k * C, C * sizeof(float)) == 0);
+    CHECK(memcmp(m.params.wte + 5 * C, base.params.wte + 5 * C, C * sizeof(float)) == 0); // an unselected row: the base's
+    for (GPT2<float>* g : {&model, &loaded, &base, &plain, &imported, &m}) gpt2_free(g);
+}
+
 TEST_CASE("adapter reader: wrong magic or version, truncation, trailing bytes, shape mismatch and a wrong base give clear errors") {
     TempDir dir;
     GPT2<float> model;
@@ -5299,6 +5414,28 @@ static bool dir_has_tmp_file(const std::string& dir) {
 TEST_SUITE_BEGIN("binary");
 
 // -- flags and files: bad values exit non-zero naming the flag, good ones train
+
+TEST_CASE("the trainer binary, -C: bad token specs name -C with a HINT; top:N trains N rows, saved with the adapter and loaded by -A") {
+    TempDir dir;
+    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
+    write_tiny_checkpoint(ckpt);
+    write_cycle_tokens(tokens, 400);
+    std::string common = trainer_args(ckpt, tokens), out;
+    for (const char* bad : {"-C 61", "-C 5,5", "-C 5,x", "-C top:0", "-C top:62", "-C 5 -f 1", "-C 5 -F 1", "-C 5 -B 1", "-C 5 -Q bf16"}) {
+        CAPTURE(bad);
+        CHECK(run_trainer(common + " -x 1 " + bad, &out) != 0);
+        CHECK(has(out, "-C"));
+        CHECK(has(out, "HINT"));
+    }
+    std::string save = dir.file("out");
+    REQUIRE(run_trainer(common + " -x 3 -C top:4 -o " + save, &out) == 0);
+    CHECK(has(out, strprintf("trainable_params: %zu", (size_t)2 * 8 * (32 + 96) + 2 * 8 * (32 + 32) + 2 * 8 * (32 + 128) + 2 * 8 * (128 + 32) + 4 * 32).c_str()));
+    CHECK(has(file_string(save + "/adapter_config.json"), "\"trainable_token_indices\": ["));
+    REQUIRE(run_trainer(common + " -x 0 -v 1 -A " + save + "/adapter.bin -M " + dir.file("merged.bin"), &out) == 0);
+    CHECK(run_trainer(common + " -x 1 -C 5 -A " + save + "/adapter.bin", &out) != 0);
+    CHECK(has(out, "-C"));
+}
+
 
 TEST_CASE("the trainer binary: bad inputs exit non-zero with a message naming the flag or file; good input trains") {
     TempDir dir;

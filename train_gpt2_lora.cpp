@@ -2706,6 +2706,12 @@ static void print_run_header(const Built* b, const Flags* f, const TrainingData*
         printf("rank: %d\nalpha: %g\nscale: %g\ntargets: %s\n", lcfg.r, lcfg.alpha, lcfg.scale, lora_targets_string(lcfg.targets).c_str());
         printf("variant: %s\n", lora_variants_string(lcfg).c_str());
         printf("lora_dropout: %g\n", lcfg.dropout);
+        const TokenRows<float>& tr = model.tokens;
+        if (tr.n > 0) { // -C
+            std::string first;
+            for (int k = 0; k < std::min(tr.n, 8); k++) first += strprintf("%s%d", k ? "," : "", tr.ids[k]);
+            printf("token_rows: %d (%zu trainable values of wte; ids %s%s)\n", tr.n, token_rows_count(&tr), first.c_str(), tr.n > 8 ? ",..." : "");
+        }
         printf("base_matrices_bytes: %zu (fp32 would be %zu)\n", gpt2_block_matrix_bytes(&model, lcfg.base_quant),
                gpt2_block_matrix_bytes(&model, LORA_QUANT_FP32));
         if (lcfg.base_quant == LORA_QUANT_BF16) printf("bf16_matmul: %s\n", matmul_bf16_path());

@@ -299,7 +299,7 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
             err = strprintf("adapter file '%s' says it holds %d trainable token rows, but the base has V=%d tokens\n---> HINT: the file is corrupt; %s", path, header[37], cfg.vocab_size, hint);
         }
         expected += (size_t)(header[37] > 0 ? header[37] : 0) * (sizeof(int) + (header[15] == 1 ? 3 : 1) * (size_t)cfg.channels * sizeof(float));
-        if ((size_t)size != expected) {
+        if (err.empty() && (size_t)size != expected) {
             err = strprintf("adapter file '%s' is %ld bytes but its header (r=%d, targets %s, %s) needs %zu: %s\n---> HINT: %s",
                             path, size, lcfg.r, lora_targets_string(lcfg.targets).c_str(),
                             header[15] == 1 ? "with optimizer state" : "weights only", expected,
