@@ -519,6 +519,11 @@ static std::string lora_files_load_all(const std::vector<const char*>& paths, GP
                             "---> HINT: use it alone (one -A, no -S or -Y), e.g. -A %s -M merged.bin -x 0",
                             paths[k], c.use_dora ? "DoRA" : c.init_pissa ? "PiSSA" : "AdaLoRA", paths[k]);
         }
+        if (err.empty() && model->tokens.n > 0) { // -C's rows replace rows of wte: they do not add like low-rank updates
+            gpt2_token_rows_detach(model);
+            err = strprintf("adapter '%s' has trainable token rows (-C), which replace rows of the shared wte, so it cannot share the base with others\n"
+                            "---> HINT: use it alone (one -A, no -S or -Y), e.g. -A %s -M merged.bin -x 0", paths[k], paths[k]);
+        }
         if (!err.empty()) return paths.size() > 1 ? strprintf("adapter %zu of %zu: ", k + 1, paths.size()) + err : err;
         (*parts)[k] = model->lora; // moved aside
         memset(&model->lora, 0, sizeof(model->lora));
