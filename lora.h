@@ -547,6 +547,125 @@ static inline std::vector<LoRATensor> lora_tensor_list(LoRAConfig cfg, int L, in
 }
 
 // ----------------------------------------------------------------------------
+// ---- trainable token rows (-C; PEFT's trainable_token_indices) ----
+// LoRA never touches the tied token embedding wte (Vp, C), which is also the LM head. A token the base
+// rarely saw (a name, an archaic word, a newline) keeps a row LoRA can only reach through the blocks.
+// The standard remedy trains n selected rows of wte beside the adapters: n * C more trainable values,
+// the rest of wte stays frozen, and there is no (Vp, C) gradient buffer: only the n rows' gradients are
+// accumulated. As in PEFT (tuners/trainable_tokens), the trained values are the rows themselves,
+// initialised from the base's rows (PEFT's "trainable_tokens_delta" holds the new rows, not differences);
+// the model's wte holds them (token_rows_write), so the forward is unchanged and costs nothing extra, and
+// the base's rows are kept here to put back when the rows are detached.
+// The gradient of a tied row has two parts (gpt2_backward calls both):
+//   the input embedding:  encoded[b,t] = wte[inp[b,t]] + wpe[t]  ->  drow[s] += dencoded[b,t] where inp[b,t] = ids[s]
+//   the LM head:          logits[b,t,v] = lnf[b,t] . wte[v]      ->  drow[s] += sum_bt dlogits[b,t,ids[s]] * lnf[b,t]
+
+// plain data (the model is zeroed with memset): all zero / NULL when no rows are trained
+template <typename real>
+struct TokenRows {
+    int n, C, V;    // n rows of width C; ids < V
+    int* ids;       // (n) the token ids, in the order given
+    int* slot;      // (V) slot of each token id, -1 when it is not trained
+    real* memory;   // the five (n, C) arrays below, back to back
+    real* base;     // (n, C) the frozen base's rows
+    real* rows;     // (n, C) the trained rows (PEFT's trainable_tokens_delta)
+    real* grads;    // (n, C)
+    real* m;        // (n, C) AdamW's moments
+    real* v;
+};
+template <typename real> size_t token_rows_count(const TokenRows<real>* tr) { return (size_t)tr->n * tr->C; }
+
+// "" or why ids cannot be trained rows of a vocabulary of V tokens
+static inline std::string token_rows_check_ids(const std::vector<int>& ids, int V) {
+    std::vector<char> seen(V > 0 ? V : 0, 0);
+    for (int id : ids) {
+        if (id < 0 || id >= V) return strprintf("token id %d is out of range: the vocabulary has V = %d tokens (ids 0..%d)", id, V, V - 1);
+        if (seen[id]) return strprintf("token id %d is given twice", id);
+        seen[id] = 1;
+    }
+    if (ids.empty()) return "no token ids";
+    return "";
+}
+
+// starts training rows ids of wte (V rows of C used, padded rows never): the trained rows start at the
+// base's values, so the model is unchanged until the first update
+template <typename real>
+void token_rows_attach(TokenRows<real>* tr, const std::vector<int>& ids, const real* wte, int V, int C) {
+    std::string err = token_rows_check_ids(ids, V);
+    if (!err.empty()) die("token_rows_attach: " + err + "\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line");
+    tr->n = (int)ids.size();
+    tr->C = C;
+    tr->V = V;
+    tr->ids = (int*)malloc_check(ids.size() * sizeof(int), "trainable token ids");
+    tr->slot = (int*)malloc_check((size_t)V * sizeof(int), "trainable token slots");
+    size_t nC = (size_t)tr->n * C;
+    tr->memory = calloc_real<real>(5 * nC, "trainable token rows");
+    tr->base = tr->memory;
+    tr->rows = tr->memory + nC;
+    tr->grads = tr->memory + 2 * nC;
+    tr->m = tr->memory + 3 * nC;
+    tr->v = tr->memory + 4 * nC;
+    for (int id = 0; id < V; id++) { tr->slot[id] = -1; }
+    for (int s = 0; s < tr->n; s++) {
+        tr->ids[s] = ids[s];
+        tr->slot[ids[s]] = s;
+        memcpy(tr->base + (size_t)s * C, wte + (size_t)ids[s] * C, C * sizeof(real));
+    }
+    memcpy(tr->rows, tr->base, nC * sizeof(real));
+}
+
+template <typename real>
+void token_rows_free(TokenRows<real>* tr) {
+    free(tr->ids);
+    free(tr->slot);
+    free(tr->memory);
+    memset(tr, 0, sizeof(*tr));
+}
+
+// wte's selected rows := the trained rows (after attach, an update or a load)
+template <typename real>
+void token_rows_write(const TokenRows<real>* tr, real* wte) {
+    for (int s = 0; s < tr->n; s++) { memcpy(wte + (size_t)tr->ids[s] * tr->C, tr->rows + (size_t)s * tr->C, tr->C * sizeof(real)); }
+}
+
+// puts the base's rows back into wte and forgets the trained rows
+template <typename real>
+void token_rows_detach(TokenRows<real>* tr, real* wte) {
+    for (int s = 0; s < tr->n; s++) { memcpy(wte + (size_t)tr->ids[s] * tr->C, tr->base + (size_t)s * tr->C, tr->C * sizeof(real)); }
+    token_rows_free(tr);
+}
+
+// the input embedding's part: dencoded (BT, C), inp (BT) -> grads (n, C) +=
+template <typename real>
+void token_rows_encoder_backward(TokenRows<real>* tr, const real* dencoded, const int* inp, int BT) {
+    int C = tr->C;
+    // serial over positions: two positions may hold the same token; parallel over channels instead
+    #pragma omp parallel for
+    for (int c = 0; c < C; c++) {
+        for (int bt = 0; bt < BT; bt++) {
+            int s = tr->slot[inp[bt]];
+            if (s >= 0) tr->grads[(size_t)s * C + c] += dencoded[(size_t)bt * C + c];
+        }
+    }
+}
+
+// the LM head's part: dlogits (BT, Vp), lnf (BT, C) -> grads (n, C) +=; one row per thread
+template <typename real>
+void token_rows_lm_head_backward(TokenRows<real>* tr, const real* dlogits, const real* lnf, int BT, int Vp) {
+    int C = tr->C;
+    #pragma omp parallel for
+    for (int s = 0; s < tr->n; s++) {
+        real* g = tr->grads + (size_t)s * C;
+        size_t id = (size_t)tr->ids[s];
+        for (int bt = 0; bt < BT; bt++) {
+            real d = dlogits[(size_t)bt * Vp + id];
+            const real* x = lnf + (size_t)bt * C;
+            for (int c = 0; c < C; c++) { g[c] += d * x[c]; }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
 // ---- LoRA variants (skip on first reading) ----
 // rsLoRA (the scale, see lora_scale_of above), LoRA+, DoRA, PiSSA initialisation, AdaLoRA and several
 // adapters on one base; a quantized frozen base (int8 / NF4 / int2) is the model's (lib/quant.h). Each is off by

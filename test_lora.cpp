@@ -498,6 +498,75 @@ TEST_CASE("end to end, full fine-tuning: every base tensor's gradient matches fi
     gpt2_free(&model);
 }
 
+// -C, trainable token rows: a tied row's gradient has the input embedding's part (positions holding the
+// token) and the LM head's part (every position's logit of the token); each token below isolates one
+TEST_CASE("trainable token rows (-C): each row's gradient, input embedding + LM head, matches finite differences; nothing else of wte moves") {
+    const int B = 2, T = 5;
+    GPT2<double> model;
+    build_tiny_lora_model(&model, LORA_ALL_TARGETS, 2, 31);
+    const int V = model.config.vocab_size, C = model.config.channels;
+    // inputs use ids 0..29 only, targets 0..44: id 7 is an input (and maybe a target), 40 only a target
+    // (the head's part and the softmax's), 55 neither (the softmax's pull alone)
+    Rng rng;
+    rng_seed(&rng, 32);
+    std::vector<int> inputs, targets;
+    random_tokens(&rng, &inputs, B * T, 30);
+    random_tokens(&rng, &targets, B * T, 45);
+    inputs[3] = 7;
+    targets[6] = 40;
+    for (int id : inputs) REQUIRE(id != 40);
+    std::vector<int> ids = {7, 40, 55, inputs[0] == 7 ? 8 : inputs[0]};
+    if (ids[3] == 40 || ids[3] == 55) ids[3] = 9;
+    REQUIRE(gpt2_token_rows_attach(&model, ids) == "");
+    REQUIRE(model.tokens.n == 4);
+    TokenRows<double>* tr = &model.tokens;
+    auto loss = [&]() {
+        token_rows_write(tr, model.params.wte); // the forward reads the rows through wte
+        gpt2_forward(&model, inputs.data(), targets.data(), B, T);
+        return (double)model.mean_loss;
+    };
+    loss();
+    gpt2_zero_grad(&model);
+    gpt2_backward(&model);
+    std::vector<double> grads(tr->grads, tr->grads + (size_t)tr->n * C);
+    const char* names[4] = {"input token 7", "target-only token 40", "unseen token 55", "another input token"};
+    for (int s = 0; s < 4; s++) {
+        CAPTURE(s);
+        CHECK(fd_relative_error(tr->rows + (size_t)s * C, C, grads.data() + (size_t)s * C, loss, names[s]) < tol_fd);
+    }
+    loss(); // wte holds the rows as they are again (the differences left their last probe in it)
+    // the input part alone is the difference with the head part: a row of a token never in the input gets
+    // only the head part, so for token 40 the input-embedding backward must add exactly nothing
+    std::vector<double> head_only((size_t)C, 0.0);
+    {
+        TokenRows<double> one = {};
+        token_rows_attach(&one, std::vector<int>{40}, model.params.wte, V, C);
+        std::vector<double> dencoded((size_t)B * T * C, 1.0);
+        token_rows_encoder_backward(&one, dencoded.data(), inputs.data(), B * T);
+        for (int c = 0; c < C; c++) CHECK(one.grads[c] == 0.0); // exact: no position holds token 40
+        token_rows_encoder_backward(&one, dencoded.data(), targets.data(), B * T); // as if the targets were the input
+        CHECK(one.grads[0] == (double)std::count(targets.begin(), targets.end(), 40)); // exact: a sum of ones
+        token_rows_free(&one);
+    }
+    // an update moves the four rows of wte and no other value of the model
+    std::vector<double> before(model.params_memory, model.params_memory + model.num_parameters);
+    gpt2_update(&model, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.0f, 1);
+    size_t moved_other = 0, moved_rows = 0;
+    for (size_t i = 0; i < model.num_parameters; i++) {
+        if (model.params_memory[i] == before[i]) continue;
+        bool in_rows = false;
+        for (int id : ids) in_rows |= i >= (size_t)id * C && i < (size_t)(id + 1) * C;
+        (in_rows ? moved_rows : moved_other)++;
+    }
+    CHECK(moved_other == 0);
+    CHECK(moved_rows == (size_t)4 * C);
+    CHECK(gpt2_trainable_parameters(&model) == model.lora.num_parameters + (size_t)4 * C);
+    // detached, wte holds the base's rows again, bit for bit
+    gpt2_token_rows_detach(&model);
+    CHECK(memcmp(model.params_memory, before.data(), before.size() * sizeof(double)) == 0);
+    gpt2_free(&model);
+}
+
 // -- dropout (-D on LoRA's branch, -R GPT-2's own): the masks are a hash of a key, so a fixed key is a fixed
 // mask and the finite differences see the very function the backward differentiates
 
@@ -3515,6 +3584,121 @@ TEST_CASE("adapter file: save -> load round trip is bit-identical (weights, Adam
     gpt2_free(&loaded);
 }
 
+// -C: a tiny adapter with trained token rows (moved off the base's values, moments nonzero); its base is
+// build_trainable_tiny(seed), untouched on disk
+static void build_adapted_tiny_with_rows(GPT2<float>* model, const std::vector<int>& ids, uint64_t seed) {
+    build_adapted_tiny(model, LORA_ALL_TARGETS, 2, seed);
+    REQUIRE(gpt2_token_rows_attach(model, ids) == "");
+    TokenRows<float>* tr = &model->tokens;
+    Rng rng;
+    rng_seed(&rng, seed + 3);
+    for (size_t i = 0; i < token_rows_count(tr); i++) {
+        tr->rows[i] += rng_uniform(&rng, -0.5f, 0.5f);
+        tr->m[i] = rng_normal(&rng);
+        tr->v[i] = rng_f32(&rng);
+    }
+    token_rows_write(tr, model->params.wte);
+}
+
+TEST_CASE("trainable token rows (-C) in the files: adapter.bin keeps ids, rows and moments (slot 37); PEFT's key and trainable_token_indices; -M writes the rows") {
+    TempDir dir;
+    const std::vector<int> ids = {60, 3, 17};
+    GPT2<float> model, loaded, base;
+    build_adapted_tiny_with_rows(&model, ids, 951);
+    build_trainable_tiny(&base, 951);
+    uint64_t sum = tiny_base_sum(&base); // of the base as on disk, not of the model's wte holding the rows
+    const int C = model.config.channels;
+    const size_t nt = ids.size() * C, n = model.lora.num_parameters;
+    const TokenRows<float>* tr = &model.tokens;
+
+    // adapter.bin with the optimizer state: the rows last, after the LoRA parts
+    write_cyclic_tokens(dir.file("tokens.bin"), 400);
+    DataLoader loader;
+    REQUIRE(dataloader_init(&loader, dir.file("tokens.bin").c_str(), 2, 8, 61, false, 952, "-i") == "");
+    Rng sample_rng;
+    rng_seed(&sample_rng, 953);
+    TrainState saved = train_state_capture(0, &loader, &sample_rng);
+    std::string path = dir.file("adapter.bin");
+    REQUIRE(lora_file_write(path.c_str(), &model, sum, &saved) == "");
+    std::vector<char> bytes = read_all(path);
+    CHECK(bytes.size() == 1024 + 3 * n * sizeof(float) + loader.num_batches * sizeof(uint64_t) + ids.size() * sizeof(int) + 3 * nt * sizeof(float));
+    int slot37;
+    memcpy(&slot37, bytes.data() + 37 * 4, 4);
+    CHECK(slot37 == 3);
+    build_trainable_tiny(&loaded, 951);
+    TrainState state;
+    bool has_state = false;
+    REQUIRE(lora_file_read(path.c_str(), &loaded, tiny_base_sum(&loaded), &state, &has_state) == "");
+    REQUIRE(loaded.tokens.n == 3);
+    CHECK(std::vector<int>(loaded.tokens.ids, loaded.tokens.ids + 3) == ids);
+    CHECK(memcmp(loaded.tokens.rows, tr->rows, nt * sizeof(float)) == 0);
+    CHECK(memcmp(loaded.tokens.m, tr->m, nt * sizeof(float)) == 0);
+    CHECK(memcmp(loaded.tokens.v, tr->v, nt * sizeof(float)) == 0);
+    CHECK(memcmp(loaded.tokens.base, base.params.wte + 60 * C, C * sizeof(float)) == 0); // the base's row kept to restore
+    CHECK(memcmp(loaded.params_memory, model.params_memory, model.num_parameters * sizeof(float)) == 0); // wte holds the rows
+    // a file without rows (slot 37 = 0, as every older file) loaded over it puts the base's rows back
+    GPT2<float> plain;
+    build_adapted_tiny(&plain, LORA_ALL_TARGETS, 2, 951);
+    REQUIRE(lora_file_write(path.c_str(), &plain, sum, NULL) == "");
+    CHECK(read_all(path).size() == 1024 + n * sizeof(float));
+    REQUIRE(lora_file_read(path.c_str(), &loaded, sum, &state, &has_state) == "");
+    CHECK(loaded.tokens.n == 0);
+    CHECK(memcmp(loaded.params_memory, base.params_memory, base.num_parameters * sizeof(float)) == 0);
+    // a corrupt count is refused naming the file
+    REQUIRE(lora_file_write(path.c_str(), &model, sum, NULL) == "");
+    bytes = read_all(path);
+    int bad = 62;
+    memcpy(bytes.data() + 37 * 4, &bad, 4);
+    write_bytes(path, bytes.data(), bytes.size());
+    std::string err = lora_file_read(path.c_str(), &loaded, sum, &state, &has_state);
+    CHECK(has(err, "adapter.bin"));
+    CHECK(has(err, "token rows"));
+
+    // PEFT: the rows under the wrapped embedding's key, their ids as trainable_token_indices
+    std::string peft = dir.file("peft");
+    REQUIRE(mkdir(peft.c_str(), 0755) == 0);
+    REQUIRE(peft_export(peft.c_str(), &model, "gpt2") == "");
+    std::string config = file_string(peft + "/adapter_config.json");
+    CHECK(has(config, "\"trainable_token_indices\": [60, 3, 17]"));
+    SafeTensors st;
+    REQUIRE(safetensors_read((peft + "/adapter_model.safetensors").c_str(), &st) == "");
+    const SafeTensor* s = st.find("base_model.model.transformer.wte.token_adapter.trainable_tokens_delta");
+    REQUIRE(s != NULL);
+    CHECK(s->shape == std::vector<size_t>{3, (size_t)C});
+    CHECK(memcmp(st.values(s), tr->rows, nt * sizeof(float)) == 0); // the rows' values, as PEFT's "delta" holds
+    GPT2<float> imported;
+    build_trainable_tiny(&imported, 951);
+    REQUIRE(peft_import(peft.c_str(), &imported) == "");
+    REQUIRE(imported.tokens.n == 3);
+    CHECK(memcmp(imported.params_memory, model.params_memory, model.num_parameters * sizeof(float)) == 0);
+    CHECK(memcmp(imported.lora.params_memory, model.lora.params_memory, n * sizeof(float)) == 0);
+    // PEFT's dict form names the embedding; another module, a repeated id or a missing tensor is refused
+    std::string text = file_string(peft + "/adapter_config.json");
+    auto with_indices = [&](const std::string& value) {
+        std::string t = text;
+        size_t at = t.find("[60, 3, 17]");
+        t.replace(at, strlen("[60, 3, 17]"), value);
+        write_bytes(peft + "/adapter_config.json", t.data(), t.size());
+        gpt2_free(&imported);
+        build_trainable_tiny(&imported, 951);
+        return peft_import(peft.c_str(), &imported);
+    };
+    CHECK(with_indices("{\"wte\": [60, 3, 17]}") == "");
+    CHECK(has(with_indices("{\"lm_head\": [60, 3, 17]}"), "trainable_token_indices"));
+    CHECK(has(with_indices("[60, 3, 3]"), "twice"));
+    CHECK(has(with_indices("[60, 3, 61]"), "below V"));
+    CHECK(has(with_indices("[60, 3]"), "trainable_tokens_delta"));
+
+    // -M: the merged checkpoint holds the rows in wte (the head reads the same tied rows)
+    std::string merged = dir.file("merged.bin");
+    REQUIRE(write_merged_checkpoint(&model, merged.c_str()) == "");
+    GPT2<float> m;
+    REQUIRE(gpt2_read_checkpoint(&m, merged.c_str()) == "");
+    for (int k = 0; k < 3; k++) CHECK(memcmp(m.params.wte + (size_t)ids[k] * C, tr->rows + (size_t)k * C, C * sizeof(float)) == 0);
+    CHECK(memcmp(m.params.wte + 5 * C, base.params.wte + 5 * C, C * sizeof(float)) == 0); // an unselected row: the base's
+    for (GPT2<float>* g : {&model, &loaded, &base, &plain, &imported, &m}) gpt2_free(g);
+}
+
 TEST_CASE("adapter reader: wrong magic or version, truncation, trailing bytes, shape mismatch and a wrong base give clear errors") {
     TempDir dir;
     GPT2<float> model;
@@ -5230,6 +5414,28 @@ static bool dir_has_tmp_file(const std::string& dir) {
 TEST_SUITE_BEGIN("binary");
 
 // -- flags and files: bad values exit non-zero naming the flag, good ones train
+
+TEST_CASE("the trainer binary, -C: bad token specs name -C with a HINT; top:N trains N rows, saved with the adapter and loaded by -A") {
+    TempDir dir;
+    std::string ckpt = dir.file("tiny.bin"), tokens = dir.file("tokens.bin");
+    write_tiny_checkpoint(ckpt);
+    write_cycle_tokens(tokens, 400);
+    std::string common = trainer_args(ckpt, tokens), out;
+    for (const char* bad : {"-C 61", "-C 5,5", "-C 5,x", "-C top:0", "-C top:62", "-C 5 -f 1", "-C 5 -F 1", "-C 5 -B 1", "-C 5 -Q bf16"}) {
+        CAPTURE(bad);
+        CHECK(run_trainer(common + " -x 1 " + bad, &out) != 0);
+        CHECK(has(out, "-C"));
+        CHECK(has(out, "HINT"));
+    }
+    std::string save = dir.file("out");
+    REQUIRE(run_trainer(common + " -x 3 -C top:4 -o " + save, &out) == 0);
+    CHECK(has(out, strprintf("trainable_params: %zu", (size_t)2 * 8 * (32 + 96) + 2 * 8 * (32 + 32) + 2 * 8 * (32 + 128) + 2 * 8 * (128 + 32) + 4 * 32).c_str()));
+    CHECK(has(file_string(save + "/adapter_config.json"), "\"trainable_token_indices\": ["));
+    REQUIRE(run_trainer(common + " -x 0 -v 1 -A " + save + "/adapter.bin -M " + dir.file("merged.bin"), &out) == 0);
+    CHECK(run_trainer(common + " -x 1 -C 5 -A " + save + "/adapter.bin", &out) != 0);
+    CHECK(has(out, "-C"));
+}
+
 
 TEST_CASE("the trainer binary: bad inputs exit non-zero with a message naming the flag or file; good input trains") {
     TempDir dir;

@@ -680,6 +680,8 @@ struct GPT2 {
     real* v_memory;
     // LoRA adapters; lora.num_parameters == 0 when none are attached
     LoRA<real> lora;
+    // -C: trained rows of the tied wte beside the adapters (lora.h, trainable token rows); tokens.n == 0 when none
+    TokenRows<real> tokens;
     // the other adaptation methods (lib/methods.h); all zero / NULL unless chosen
     int first_trained_layer;   // -F: blocks below it get no gradient work at all; 0 otherwise
     size_t num_top_trainable;  // -F: elements of top_grads (the trained tails of the tensors)
@@ -1170,6 +1172,27 @@ void gpt2_lora_merge(GPT2<real>* model, int sign) {
     lora_merge_all(&model->lora, base, sign);
 }
 
+// ---- trainable token rows' wiring (-C): attach, detach; their backward is called in gpt2_backward
+// (see "trainable token rows" in lora.h). The rows live in the fp32 wte itself, so a -Q bf16 LM head,
+// which is read from a bf16 copy, is refused.
+template <typename real>
+std::string gpt2_token_rows_attach(GPT2<real>* model, const std::vector<int>& ids) {
+    if (model->params.wte == NULL || model->wte_bf16 != NULL) {
+        return "-C trains rows of the fp32 token embedding, but with -Q bf16 the LM head is read from a bf16 copy\n"
+               "---> HINT: use -Q fp32 (or int8, nf4, int2, which keep wte in fp32) with -C";
+    }
+    std::string err = token_rows_check_ids(ids, model->config.vocab_size);
+    if (!err.empty()) return "-C: " + err + "\n---> HINT: give distinct token ids below V, or top:N";
+    if (model->tokens.n > 0) token_rows_detach(&model->tokens, model->params.wte);
+    token_rows_attach(&model->tokens, ids, model->params.wte, model->config.vocab_size, model->config.channels);
+    return "";
+}
+
+template <typename real>
+void gpt2_token_rows_detach(GPT2<real>* model) {
+    if (model->tokens.n > 0) token_rows_detach(&model->tokens, model->params.wte);
+}
+
 // ----------------------------------------------------------------------------
 // the forward pass, the backward pass (its exact reverse) and the update
 
@@ -1262,6 +1285,7 @@ template <typename real>
 void gpt2_zero_grad(GPT2<real>* model) {
     if (model->grads_memory) memset(model->grads_memory, 0, model->num_parameters * sizeof(real));
     if (model->lora.num_parameters > 0) lora_zero_grad(&model->lora);
+    if (model->tokens.n > 0) memset(model->tokens.grads, 0, token_rows_count(&model->tokens) * sizeof(real));
     if (model->top_grads) memset(model->top_grads, 0, model->num_top_trainable * sizeof(real));
     if (model->adapters.m > 0) memset(model->adapters.buf.grads, 0, model->adapters.buf.n * sizeof(real));
     if (model->prefix.P > 0) memset(model->prefix.buf.grads, 0, model->prefix.buf.n * sizeof(real));
@@ -1289,6 +1313,7 @@ void gpt2_backward(GPT2<real>* model) {
     crossentropy_backward(acts.logits, model->lse, model->targets, dloss, B, T, V, Vp);
     real* dlogits = acts.logits;
     gpt2_lm_head_backward(model, d.dln, grads.wte, dlogits, acts.lnf, B, T, C, Vp);
+    if (model->tokens.n > 0) token_rows_lm_head_backward(&model->tokens, dlogits, acts.lnf, BT, Vp); // -C: the head's part
     real* residual = acts.residual3 + (size_t)(L - 1) * BT * C;
     layernorm_backward(d.dresidual, grads.lnfw, grads.lnfb, d.dln, residual, params.lnfw, acts.lnf_mean, acts.lnf_rstd, B, T, C);
 
@@ -1305,7 +1330,7 @@ void gpt2_backward(GPT2<real>* model) {
         // Below layer 0 only the embeddings remain; when they are frozen, the gradient of the block's
         // input is never used, so layer 0 skips it (the adapters still get all their gradients).
         // With -F the same holds below block l0, and nothing below it is visited at all.
-        bool need_dinp = l > l0 || model->train_base;
+        bool need_dinp = l > l0 || model->train_base || model->tokens.n > 0;
 
         // residual3 = residual2 + proj: both receive dresidual unchanged (it's the same buffer)
         real* dproj = gpt2_adapter_backward(&model->adapters, 1, l, d.dresidual, BT);
@@ -1339,6 +1364,11 @@ void gpt2_backward(GPT2<real>* model) {
         if (pr > 0) dencoded = gpt2_dropout_backward(model, -1, DROP_EMBEDDINGS, dencoded, (size_t)BT * C);
         encoder_backward(grads.wte, grads.wpe, dencoded, model->inputs, B, T, C);
     }
+    if (model->tokens.n > 0) { // -C: the input embedding's part of the trained rows' gradient
+        const real* dencoded = d.dresidual;
+        if (pr > 0) dencoded = gpt2_dropout_backward(model, -1, DROP_EMBEDDINGS, dencoded, (size_t)BT * C);
+        token_rows_encoder_backward(&model->tokens, dencoded, model->inputs, BT);
+    }
     if (model->params0) l2sp_backward(model->grads_memory, model->params_memory, model->params0, model->num_parameters, model->l2sp_lambda);
     model->have_targets = false; // the logits are gone: another backward needs another forward
 }
@@ -1371,6 +1401,11 @@ void gpt2_update(GPT2<real>* model, float lr, float beta1, float beta2, float ep
     for (TrainableBuffer<real>* b : bufs) {
         if (b->n > 0) adamw_update(b->params, b->grads, b->m, b->v, b->n, lr, beta1, beta2, eps, weight_decay, t);
     }
+    TokenRows<real>* tr = &model->tokens;
+    if (tr->n > 0) { // -C: the trained rows, then into wte
+        adamw_update(tr->rows, tr->grads, tr->m, tr->v, token_rows_count(tr), lr, beta1, beta2, eps, weight_decay, t);
+        token_rows_write(tr, model->params.wte);
+    }
 }
 
 // frees everything the model holds: its base, adapters, methods, activations and caches
@@ -1387,6 +1422,7 @@ void gpt2_free(GPT2<real>* model) {
     free(model->inputs);
     free(model->targets);
     if (model->lora.params_memory) lora_free(&model->lora);
+    token_rows_free(&model->tokens);
     free(model->top_grads);
     free(model->top_m);
     free(model->top_v);
@@ -1413,7 +1449,8 @@ std::vector<std::pair<real*, size_t>> gpt2_trainable_grads(const GPT2<real>* mod
             {model->lora.grads_memory, model->lora.num_parameters},
             {model->top_grads, model->top_grads ? model->num_top_trainable : 0},
             {model->adapters.buf.grads, model->adapters.buf.n},
-            {model->prefix.buf.grads, model->prefix.buf.n}};
+            {model->prefix.buf.grads, model->prefix.buf.n},
+            {model->tokens.grads, token_rows_count(&model->tokens)}};
 }
 
 // The learning rate at step (0-based) of steps, as llm.c schedules it: a linear warmup over the first
@@ -1483,7 +1520,7 @@ std::string gpt2_check_step_finite(const GPT2<real>* model, int step) {
 template <typename real>
 size_t gpt2_trainable_parameters(const GPT2<real>* model) {
     return (model->train_base ? model->num_parameters : 0) + model->lora.num_parameters + model->num_top_trainable +
-           model->adapters.buf.n + model->prefix.buf.n;
+           model->adapters.buf.n + model->prefix.buf.n + token_rows_count(&model->tokens);
 }
 
 // the mean loss over the first `batches` batches of val
@@ -1914,6 +1951,8 @@ static const char* const usage_text =
         "              (default 0; -A: the adapter's)\n"
         "  -R <float>  GPT-2's own dropouts while training, any method: embeddings, attention probabilities and\n"
         "              the residual branches (HF's embd/attn/resid_pdrop), in [0, 1) (default 0)\n"
+        "  -C <list>   with LoRA, also train these rows of the tied token embedding / LM head (PEFT's\n"
+        "              trainable_token_indices): token ids as a comma list, or top:N = the N most frequent ids of -i\n"
         "  -O <0|1>    let a save into -o replace an adapter that holds more: a later step, or optimizer state (default 0)\n"
         "  -h, --help  print this and exit\n";
 static void print_usage(FILE* out) { fputs(usage_text, out); }
@@ -2013,6 +2052,7 @@ struct Flags {
     float lora_dropout = 0.0f;      // -D, PEFT's lora_dropout (with -A: the adapter's unless given)
     bool lora_dropout_given = false;
     float gpt2_dropout = 0.0f;      // -R, GPT-2's embd/attn/resid dropout
+    const char* token_rows = NULL;  // -C, trainable token rows: "id,id,..." or "top:N" (most frequent in -i)
     int overwrite = 0;              // -O, a save into -o may replace an adapter that holds more
     bool tokenizer_given = false;
     bool val_given = false;               // -j given (with -v 0 the default -j is not needed)
@@ -2134,6 +2174,7 @@ static Flags parse_flags(int argc, char** argv) {
             case 'H': f->adapter_m = parse_int(argv[i], v); break;
             case 'X': f->prefix_P = parse_int(argv[i], v); break;
             case 'B': f->bitfit = parse_int(argv[i], v); break;
+            case 'C': f->token_rows = v; break;
             case 'w': f->l2sp_lambda = parse_float(argv[i], v); break;
             case 'D': f->lora_dropout = parse_float(argv[i], v); f->lora_dropout_given = true; break;
             case 'R': f->gpt2_dropout = parse_float(argv[i], v); break;
@@ -2218,6 +2259,14 @@ static void check_flags(Flags* f, const DataParallel& dp) {
                        "---> HINT: drop -D; -R gives GPT-2's own dropouts with any method");
     }
     if (f->freeze_k > 0 && !f->lr_given) f->lr = 1e-4f; // trains base weights, like -f 1
+    if (f->token_rows != NULL && !f->lora_on) {
+        bad_flag("-C", "trainable token rows go beside LoRA adapters, and this run trains no LoRA (-f 1 already trains all of wte; -F, -H, -X, -B 1 are other methods)\n"
+                       "---> HINT: drop -C, or drop the other method's flag");
+    }
+    if (f->token_rows != NULL && !f->adapter_paths.empty()) {
+        bad_flag("-C", "an adapter loaded with -A brings its own trainable token rows (or none)\n"
+                       "---> HINT: drop -C when loading or resuming an adapter");
+    }
     if (!f->lora_on && !f->full && (f->adapter_path != NULL || f->merged_path != NULL || f->prompt != NULL)) {
         bad_flag(f->adapter_path ? "-A" : f->merged_path ? "-M" : "-p", "LoRA adapter files, merging and -p apply to LoRA only\n---> HINT: drop -F / -H / -X / -B");
     }
@@ -2342,6 +2391,48 @@ static void read_base(Built* b, Flags* f) {
 }
 
 // the training method on the base: full fine-tuning, another method, or LoRA (new, from -A, several -A)
+// -C's spec: "id,id,..." (each < V, no repeats) or "top:N" (the N most frequent ids of the training file,
+// most frequent first, ties by the smaller id) -> ids
+static std::string parse_token_rows(const char* spec, const char* train_path, int V, std::vector<int>* ids) {
+    const char* hint = "---> HINT: give a comma list of distinct token ids below V, e.g. -C 198,25, or top:N, e.g. -C top:1024";
+    ids->clear();
+    std::string s(spec);
+    if (s.rfind("top:", 0) == 0) {
+        char* end = NULL;
+        errno = 0;
+        long n = strtol(s.c_str() + 4, &end, 10);
+        if (errno != 0 || end == s.c_str() + 4 || *end != '\0' || n < 1 || n > V) {
+            return strprintf("'%s': top:N needs N in 1..%d (V)\n%s", spec, V, hint);
+        }
+        TokenFile tf;
+        std::string err = tokens_read(&tf, train_path, V, "-i");
+        if (!err.empty()) return "top:N counts the tokens of -i: " + err;
+        std::vector<size_t> count(V, 0);
+        for (uint16_t t : tf.tokens) { count[t]++; }
+        std::vector<int> order(V);
+        for (int i = 0; i < V; i++) { order[i] = i; }
+        std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return count[a] > count[b]; });
+        ids->assign(order.begin(), order.begin() + n);
+        return "";
+    }
+    size_t pos = 0;
+    while (pos <= s.size()) {
+        size_t comma = s.find(',', pos);
+        std::string item = s.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+        char* end = NULL;
+        errno = 0;
+        long id = strtol(item.c_str(), &end, 10);
+        if (item.empty() || errno != 0 || *end != '\0') return strprintf("'%s': '%s' is not a token id\n%s", spec, item.c_str(), hint);
+        if (id < 0 || id >= V) return strprintf("'%s': token id %ld is out of range: the base's vocabulary has V = %d tokens (ids 0..%d)\n%s", spec, id, V, V - 1, hint);
+        ids->push_back((int)id);
+        if (comma == std::string::npos) break;
+        pos = comma + 1;
+    }
+    std::string err = token_rows_check_ids(*ids, V);
+    if (!err.empty()) return strprintf("'%s': %s\n%s", spec, err.c_str(), hint);
+    return "";
+}
+
 static void attach_method(Built* b, Flags* f) {
     GPT2<float>& model = b->model;
     GPT2Config cfg = model.config;
@@ -2404,6 +2495,12 @@ static void attach_method(Built* b, Flags* f) {
             adapter_desc = strprintf("%s (%s)", f->adapter_path, have_state ? strprintf("step %d, with optimizer state", resume.step).c_str() : "weights only");
         } else {
             gpt2_lora_attach(&model, lcfg, (uint64_t)f->seed);
+        }
+        if (f->token_rows != NULL) { // -C: rows of wte trained beside the adapters
+            std::vector<int> ids;
+            err = parse_token_rows(f->token_rows, f->train_path, cfg.vocab_size, &ids);
+            if (err.empty()) err = gpt2_token_rows_attach(&model, ids);
+            if (!err.empty()) bad_flag("-C", err);
         }
     }
     if (f->gguf_dir != NULL) { // -L: the tokenizer the GGUF models carry, checked before any work
@@ -2609,6 +2706,12 @@ static void print_run_header(const Built* b, const Flags* f, const TrainingData*
         printf("rank: %d\nalpha: %g\nscale: %g\ntargets: %s\n", lcfg.r, lcfg.alpha, lcfg.scale, lora_targets_string(lcfg.targets).c_str());
         printf("variant: %s\n", lora_variants_string(lcfg).c_str());
         printf("lora_dropout: %g\n", lcfg.dropout);
+        const TokenRows<float>& tr = model.tokens;
+        if (tr.n > 0) { // -C
+            std::string first;
+            for (int k = 0; k < std::min(tr.n, 8); k++) first += strprintf("%s%d", k ? "," : "", tr.ids[k]);
+            printf("token_rows: %d (%zu trainable values of wte; ids %s%s)\n", tr.n, token_rows_count(&tr), first.c_str(), tr.n > 8 ? ",..." : "");
+        }
         printf("base_matrices_bytes: %zu (fp32 would be %zu)\n", gpt2_block_matrix_bytes(&model, lcfg.base_quant),
                gpt2_block_matrix_bytes(&model, LORA_QUANT_FP32));
         if (lcfg.base_quant == LORA_QUANT_BF16) printf("bf16_matmul: %s\n", matmul_bf16_path());

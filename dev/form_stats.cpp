@@ -218,7 +218,8 @@ int main(int argc, char** argv) {
     std::vector<bool> in_brown(tok.pieces.size(), false);
     for (uint16_t id : brown.tokens) in_brown[id] = true;
 
-    // the same base twice: as it is, and with the adapter merged into its weights
+    // the same base twice: as it is, and with the adapter merged into its weights (an adapter trained with -C
+    // brings its token rows too: the load writes them into wte, where they stay after the merge)
     GPT2<float> base, lora;
     if (!(err = gpt2_read_checkpoint(&base, base_path)).empty()) die(err);
     if (!(err = gpt2_read_checkpoint(&lora, base_path)).empty()) die(err);

@@ -21,10 +21,13 @@
 //   [30] lora_dropout (fp32 bits, in [0, 1); -A uses it unless -D is given; files from before it hold 0 = off)
 //   variant bit 8 = AdaLoRA, and then [31] target_r [32] tinit [33] tfinal [34] deltaT [35] total_step
 //   [36] orth_reg_weight (fp32 bits)
+//   [37] n_tok = trainable token rows (-C; 0 = none, as in every file from before them)
 // then n fp32 adapter parameters in lora.h's flat layout (lora_tensor_list order, then DoRA's magnitudes or
 // AdaLoRA's lora_E); for AdaLoRA its masks (L * r fp32 0/1 per target, target-major); when has_state = 1
 // the AdamW m (n fp32), v (n fp32) and the loader's batch order (nb u64), and for AdaLoRA then its
 // importance state: the averages of |w grad w| (n fp32) and of their deviation (n fp32).
+// Last, when n_tok > 0: the token ids (n_tok int32), their trained rows of wte (n_tok * C fp32), and when
+// has_state = 1 the rows' AdamW m and v (n_tok * C fp32 each).
 // The base checksum is FNV-1a 64 over the fp32 base parameters taken as 32-bit words (one xor and one
 // multiply per float: h = (h ^ word) * 0x100000001b3, from h = 0xcbf29ce484222325), in checkpoint order.
 // It is always the checksum of the fp32 base file, never of a quantized copy: with -Q main streams it from
@@ -163,6 +166,9 @@ static std::string lora_file_write(const char* path, const GPT2<float>* model, u
         header[35] = lc.adalora_total_step;
         memcpy(&header[36], &lc.adalora_orth_reg, 4);
     }
+    const TokenRows<float>* tr = &model->tokens;
+    size_t n_tok_values = token_rows_count(tr);
+    header[37] = tr->n;
     std::vector<std::pair<const void*, size_t>> parts = {{header, sizeof(header)}, {lora->params_memory, n * sizeof(float)}};
     if (n_mask > 0) parts.push_back({lora->adalora_mask_memory, n_mask * sizeof(float)});
     std::vector<uint64_t> order;
@@ -183,6 +189,14 @@ static std::string lora_file_write(const char* path, const GPT2<float>* model, u
         if (lc.use_adalora) {
             parts.push_back({lora->adalora_avg, n * sizeof(float)});
             parts.push_back({lora->adalora_unc, n * sizeof(float)});
+        }
+    }
+    if (tr->n > 0) { // -C: the token rows, last
+        parts.push_back({tr->ids, (size_t)tr->n * sizeof(int)});
+        parts.push_back({tr->rows, n_tok_values * sizeof(float)});
+        if (state != NULL) {
+            parts.push_back({tr->m, n_tok_values * sizeof(float)});
+            parts.push_back({tr->v, n_tok_values * sizeof(float)});
         }
     }
     return write_atomically(path, parts);
@@ -281,7 +295,11 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
             expected += 2 * n * sizeof(float) + nb * sizeof(uint64_t);
             if (lcfg.use_adalora) expected += 2 * n * sizeof(float); // the importance state
         }
-        if ((size_t)size != expected) {
+        if (header[37] < 0 || header[37] > cfg.vocab_size) {
+            err = strprintf("adapter file '%s' says it holds %d trainable token rows, but the base has V=%d tokens\n---> HINT: the file is corrupt; %s", path, header[37], cfg.vocab_size, hint);
+        }
+        expected += (size_t)(header[37] > 0 ? header[37] : 0) * (sizeof(int) + (header[15] == 1 ? 3 : 1) * (size_t)cfg.channels * sizeof(float));
+        if (err.empty() && (size_t)size != expected) {
             err = strprintf("adapter file '%s' is %ld bytes but its header (r=%d, targets %s, %s) needs %zu: %s\n---> HINT: %s",
                             path, size, lcfg.r, lora_targets_string(lcfg.targets).c_str(),
                             header[15] == 1 ? "with optimizer state" : "weights only", expected,
@@ -295,6 +313,7 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
     std::vector<uint64_t> order;
     if (err.empty()) {
         if (model->lora.params_memory != NULL) lora_free(&model->lora);
+        gpt2_token_rows_detach(model);     // rows of an adapter attached before: wte holds the base's again
         gpt2_lora_attach(model, lcfg, 0); // the init is overwritten below
         LoRA<float>* lora = &model->lora;
         bool ok = fread(lora->params_memory, sizeof(float), n, f) == n;
@@ -306,7 +325,24 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
                  fread(order.data(), sizeof(uint64_t), nb, f) == nb;
             if (ok && lcfg.use_adalora) ok = fread(lora->adalora_avg, sizeof(float), n, f) == n && fread(lora->adalora_unc, sizeof(float), n, f) == n;
         }
-        if (!ok) err = strprintf("adapter file '%s': read error\n---> HINT: %s", path, hint);
+        if (ok && header[37] > 0) { // -C's token rows, last
+            std::vector<int> ids(header[37]);
+            ok = fread(ids.data(), sizeof(int), ids.size(), f) == ids.size();
+            if (ok) {
+                std::string terr = gpt2_token_rows_attach(model, ids);
+                if (!terr.empty()) err = strprintf("adapter file '%s' holds trainable token rows, but: %s", path, terr.c_str());
+            }
+            if (ok && err.empty()) {
+                TokenRows<float>* tr = &model->tokens;
+                size_t nt = token_rows_count(tr);
+                ok = fread(tr->rows, sizeof(float), nt, f) == nt;
+                if (ok && header[15] == 1) ok = fread(tr->m, sizeof(float), nt, f) == nt && fread(tr->v, sizeof(float), nt, f) == nt;
+                size_t bad = first_nonfinite(tr->rows, nt);
+                if (ok && bad < nt) err = strprintf("adapter file '%s': trainable token row of id %d holds a non-finite value (%g)\n---> HINT: the file is corrupt, or it was saved by a run that diverged; use an earlier save", path, tr->ids[bad / tr->C], tr->rows[bad]);
+                token_rows_write(tr, model->params.wte);
+            }
+        }
+        if (!ok && err.empty()) err = strprintf("adapter file '%s': read error\n---> HINT: %s", path, hint);
         for (size_t k = 0; k < n_mask && err.empty(); k++) {
             float m = lora->adalora_mask_memory[k];
             if (m != 0.0f && m != 1.0f) err = strprintf("adapter file '%s': AdaLoRA mask value %g at index %zu is neither 0 nor 1\n---> HINT: the file is corrupt; %s", path, m, k, hint);
@@ -348,6 +384,7 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
         }
     }
     if (!err.empty() && model->lora.params_memory != NULL) lora_free(&model->lora);
+    if (!err.empty()) gpt2_token_rows_detach(model);
     return err;
 }
 

@@ -219,6 +219,8 @@ static std::string gguf_export(const char* dir, GPT2<float>* model, const BPE* b
     std::vector<float> full(model->num_parameters);
     gpt2_expand_params(model, full.data());
     std::string why = gguf_adapter_refusal(model->lora.config);
+    // -C: llama.cpp's LoRA adapter holds lora_a / lora_b only, so trained token rows go into merged.gguf alone
+    if (why.empty() && model->tokens.n > 0) why = "it has trainable token rows (-C), which a llama.cpp LoRA adapter cannot carry";
     if (why.empty()) {
         err = gguf_write_model((d + "/base.gguf").c_str(), model, full.data(), bpe, "train_gpt2_lora base");
         if (err.empty()) err = gguf_write_adapter((d + "/adapter.gguf").c_str(), &model->lora, "train_gpt2_lora adapter");

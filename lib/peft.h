@@ -33,6 +33,12 @@ static inline std::string lora_peft_key(int layer, int target, bool is_B) {
            (is_B ? ".lora_B.weight" : ".lora_A.weight");
 }
 
+// -C's trainable token rows (n, C), as PEFT saves a LoraConfig's trainable_token_indices on GPT-2: the input
+// embedding wte is wrapped (TrainableTokensWrapper, its layer under "token_adapter") and the tied LM head
+// shares it, saving nothing of its own (tied_adapter). The tensor holds the rows' new values, not
+// differences, in the order of the config's trainable_token_indices list.
+static const char* const token_rows_peft_key = "base_model.model.transformer.wte.token_adapter.trainable_tokens_delta";
+
 // DoRA's magnitude (out) of one module, as PEFT saves it: "<module>.lora_magnitude_vector" (no ".weight")
 static inline std::string lora_peft_magnitude_key(int layer, int target) {
     return "base_model.model.transformer.h." + std::to_string(layer) + "." + lora_peft_names[target] + ".lora_magnitude_vector";
@@ -162,7 +168,7 @@ static std::string adalora_peft_read(const char* weights_path, const SafeTensors
     return "";
 }
 
-static std::string peft_config_json(LoRAConfig cfg, const char* base_name, const std::string& adalora_part = "") {
+static std::string peft_config_json(LoRAConfig cfg, const char* base_name, const std::string& adalora_part = "", const std::string& token_part = "") {
     std::string targets;
     for (int t = 0; t < LORA_NUM_TARGETS; t++) {
         if (cfg.targets & (1u << t)) targets += (targets.empty() ? "" : ", ") + json_quote(lora_peft_names[t]);
@@ -181,7 +187,7 @@ static std::string peft_config_json(LoRAConfig cfg, const char* base_name, const
            "  \"lora_dropout\": " + json_float_shortest(cfg.dropout) + ",\n"
            "  \"use_rslora\": " + std::string(cfg.use_rslora ? "true" : "false") + ",\n"
            "  \"use_dora\": " + std::string(cfg.use_dora ? "true" : "false") + ",\n"
-           "  \"init_lora_weights\": " + std::string(cfg.init_pissa ? "\"pissa\"" : "true") + ",\n"
+           "  \"init_lora_weights\": " + std::string(cfg.init_pissa ? "\"pissa\"" : "true") + ",\n" + token_part +
            "  \"inference_mode\": true\n"
            "}\n";
 }
@@ -204,9 +210,18 @@ static std::string peft_export(const char* dir, const GPT2<float>* model, const 
             tensors.push_back({lora_peft_magnitude_key(l, t), {(size_t)a.OC}, a.dora_m});
         }
     }
+    // -C: the token rows under PEFT's key, their ids in the config (a list: PEFT applies it to the input embedding)
+    const TokenRows<float>* tr = &model->tokens;
+    std::string token_part;
+    if (tr->n > 0) {
+        tensors.push_back({token_rows_peft_key, {(size_t)tr->n, (size_t)tr->C}, tr->rows});
+        token_part = "  \"trainable_token_indices\": [";
+        for (int s = 0; s < tr->n; s++) token_part += (s ? ", " : "") + std::to_string(tr->ids[s]);
+        token_part += "],\n";
+    }
     std::string err = safetensors_write((std::string(dir) + "/" PEFT_WEIGHTS_FILE).c_str(), tensors);
     if (!err.empty()) return err;
-    std::string config = peft_config_json(lora->config, base_name, lora->config.use_adalora ? adalora_config_json(lora) : "");
+    std::string config = peft_config_json(lora->config, base_name, lora->config.use_adalora ? adalora_config_json(lora) : "", token_part);
     return write_atomically((std::string(dir) + "/" PEFT_CONFIG_FILE).c_str(), {{config.data(), config.size()}});
 }
 
@@ -264,6 +279,28 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
     if (v != NULL && !(v->kind == Json::STRING && v->str == "none")) return bad("bias must be \"none\" (bias training is not supported)", "train with bias=\"none\"");
     v = doc.get("layers_to_transform");
     if (v != NULL && v->kind != Json::NUL && !(v->kind == Json::ARRAY && v->items.empty())) return bad("layers_to_transform is set; only adapters on every layer are supported", hint);
+    // trainable_token_indices (-C): a list (the input embedding, tied to the LM head on GPT-2), or an object
+    // naming the embedding module ("wte", "transformer.wte") with its list
+    std::vector<int> token_ids;
+    v = doc.get("trainable_token_indices");
+    if (v != NULL && v->kind == Json::OBJECT) {
+        if (v->members.size() != 1 || (v->members[0].first != "wte" && v->members[0].first != "transformer.wte")) {
+            return bad("trainable_token_indices names modules other than the token embedding wte; only GPT-2's wte (tied to the LM head) can train rows", hint);
+        }
+        v = &v->members[0].second;
+    }
+    if (v != NULL && v->kind != Json::NUL) {
+        if (v->kind != Json::ARRAY) return bad("trainable_token_indices must be a list of token ids (or {\"wte\": [...]})", hint);
+        for (const Json& id : v->items) {
+            uint64_t u = 0;
+            if (!json_to_u64(&id, &u) || u >= (uint64_t)model->config.vocab_size) {
+                return bad(strprintf("trainable_token_indices holds a value that is not a token id below V = %d", model->config.vocab_size), "the adapter was made for another base (-e)");
+            }
+            token_ids.push_back((int)u);
+        }
+        std::string terr = token_rows_check_ids(token_ids, model->config.vocab_size);
+        if (!terr.empty()) return bad("trainable_token_indices: " + terr, hint);
+    }
     for (const char* key : {"rank_pattern", "alpha_pattern"}) {
         if (adalora && std::string(key) == "rank_pattern") continue; // AdaLoRA's own, read below
         v = doc.get(key);
@@ -340,7 +377,19 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
         if (model->block_file != NULL && cfg.base_quant == LORA_QUANT_FP32) {
             return strprintf("PEFT adapter '%s': the base was read for a quantized attach (block matrices left on disk) but -Q is fp32\n---> HINT: pass -Q int8, -Q nf4 or -Q int2 with -A", dir);
         }
+        if (!token_ids.empty()) return bad("trainable_token_indices with AdaLoRA is not supported here", hint);
         return adalora_peft_read(weights_path.c_str(), st, cfg, rank_pattern, model);
+    }
+    const SafeTensor* token_rows = NULL;
+    if (!token_ids.empty()) {
+        token_rows = st.find(token_rows_peft_key);
+        size_t nt = token_ids.size() * (size_t)model->config.channels;
+        if (token_rows == NULL || token_rows->shape.size() != 2 || token_rows->shape[0] != token_ids.size() || token_rows->shape[1] != (size_t)model->config.channels) {
+            return strprintf("PEFT adapter '%s' needs tensor '%s' of shape [%zu,%d] for its config's %zu trainable_token_indices\n---> HINT: the adapter was made for another base (-e), or saved without its token rows; %s",
+                             weights_path.c_str(), token_rows_peft_key, token_ids.size(), model->config.channels, token_ids.size(), hint);
+        }
+        size_t bad_at = first_nonfinite(st.values(token_rows), nt);
+        if (bad_at < nt) return strprintf("PEFT adapter '%s': tensor '%s' has a non-finite value at index %zu\n---> HINT: the file is corrupt, or it was saved by a run that diverged", weights_path.c_str(), token_rows_peft_key, bad_at);
     }
     int L = model->config.num_layers, C = model->config.channels;
     std::vector<LoRATensor> list = lora_tensor_list(cfg, L, C);
@@ -392,10 +441,11 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
             magnitudes.push_back({key, t, l});
         }
     }
-    if (st.tensors.size() != list.size() + magnitudes.size()) {
+    if (st.tensors.size() != list.size() + magnitudes.size() + (token_rows != NULL)) {
         std::unordered_set<std::string> wanted; // one lookup per tensor: linear in the file, whatever it holds
         for (const LoRATensor& t : list) wanted.insert(lora_peft_key(t.layer, t.target, t.is_B));
         for (const Magnitude& m : magnitudes) wanted.insert(m.key);
+        if (token_rows != NULL) wanted.insert(token_rows_peft_key);
         for (const SafeTensor& s : st.tensors) {
             bool expected = wanted.count(s.name) > 0;
             if (!expected) {
@@ -408,7 +458,14 @@ static std::string peft_import(const char* dir, GPT2<float>* model, int base_qua
         return strprintf("PEFT adapter '%s': the base was read for a quantized attach (block matrices left on disk) but -Q is fp32\n---> HINT: pass -Q int8, -Q nf4 or -Q int2 with -A", dir);
     }
     if (model->lora.params_memory != NULL) lora_free(&model->lora);
+    gpt2_token_rows_detach(model); // rows of an adapter attached before: wte holds the base's again
     gpt2_lora_attach(model, cfg, 0); // the init is overwritten here
+    if (token_rows != NULL) {
+        std::string terr = gpt2_token_rows_attach(model, token_ids);
+        if (!terr.empty()) return strprintf("PEFT adapter '%s' has trainable_token_indices, but: %s", dir, terr.c_str());
+        memcpy(model->tokens.rows, st.values(token_rows), token_rows_count(&model->tokens) * sizeof(float));
+        token_rows_write(&model->tokens, model->params.wte);
+    }
     for (const LoRATensor& t : list) {
         const SafeTensor* s = st.find(lora_peft_key(t.layer, t.target, t.is_B));
         memcpy(model->lora.params_memory + t.offset, st.values(s), (size_t)t.rows * t.cols * sizeof(float));
@@ -461,6 +518,11 @@ static std::string lora_files_load_all(const std::vector<const char*>& paths, GP
             err = strprintf("adapter '%s' is %s: its change to the base is not scale * lora_B lora_A, so it cannot share the base with others\n"
                             "---> HINT: use it alone (one -A, no -S or -Y), e.g. -A %s -M merged.bin -x 0",
                             paths[k], c.use_dora ? "DoRA" : c.init_pissa ? "PiSSA" : "AdaLoRA", paths[k]);
+        }
+        if (err.empty() && model->tokens.n > 0) { // -C's rows replace rows of wte: they do not add like low-rank updates
+            gpt2_token_rows_detach(model);
+            err = strprintf("adapter '%s' has trainable token rows (-C), which replace rows of the shared wte, so it cannot share the base with others\n"
+                            "---> HINT: use it alone (one -A, no -S or -Y), e.g. -A %s -M merged.bin -x 0", paths[k], paths[k]);
         }
         if (!err.empty()) return paths.size() > 1 ? strprintf("adapter %zu of %zu: ", k + 1, paths.size()) + err : err;
         (*parts)[k] = model->lora; // moved aside
