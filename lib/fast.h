@@ -40,14 +40,31 @@ static inline real dot_lanes(const real* a, const real* b, int n) {
 // Design (BLIS-like): the output is cut into MC x NC tiles, one OpenMP task each; a tile walks K in
 // KC slices; the slice of Bmat is packed into NR-column panels (zero-padded past N), A is read in
 // place (or packed into MR-row panels when its k steps are strided); a micro-kernel keeps an MR x NR
-// block of the output in registers. It vectorizes across the NR output columns, so every output is
-// still one sequential sum over k: no reassociation, no -ffast-math. The compiler does the vectorizing.
-static const int MATMUL_MR = 6;   // register tile rows: MR*NR/8 = 12 of the 16 AVX2 registers hold it
-static const int MATMUL_NR = 16;  // register tile columns: two 8-float vectors
-static const int MATMUL_KC = 256; // K slice: one packed panel is KC*NR*4 = 16 KB, stays in L1
+// block of the output in registers. It works on whole vectors across the NR output columns, so every
+// output is still one sequential sum over k: no reassociation, no -ffast-math.
+// The vectors are GCC/Clang vector types (vector_size) as wide as the CPU's widest: the compiler emits
+// zmm, ymm or xmm arithmetic from the same source (its auto-vectorizer keeps to 256 bits on AMD tunings,
+// half the FMA rate of Zen 5's 512-bit units). The register tile fills most of the vector registers:
+#if defined(__AVX512F__)
+static const int MATMUL_VEC = 16; // floats per vector (zmm)
+static const int MATMUL_MR = 8;   // register tile rows: 8 x 3 = 24 of the 32 zmm registers hold the tile
+static const int MATMUL_NR = 48;  // register tile columns: three vectors; 768, 2304, 3072 and 50304 are multiples
+#elif defined(__AVX__)
+static const int MATMUL_VEC = 8;  // ymm
+static const int MATMUL_MR = 6;   // 6 x 2 = 12 of the 16 ymm registers
+static const int MATMUL_NR = 16;
+#else
+static const int MATMUL_VEC = 4;  // xmm (SSE, NEON)
+static const int MATMUL_MR = 6;   // 6 x 2 = 12 of 16 registers
+static const int MATMUL_NR = 8;
+#endif
+typedef float matmul_vec __attribute__((vector_size(MATMUL_VEC * sizeof(float))));
+static const int MATMUL_KC = 256; // K slice: the MR-row strip of A it reads is at most 8 KB, stays in L1
 static const int MATMUL_MC = 264; // tile rows: covers BT = 256, so each weight slice is packed once
 static const int MATMUL_NC = 192; // tile columns: the packed Bmat slice is KC*NC*4 = 192 KB, in L2
-static_assert(MATMUL_MC % MATMUL_MR == 0 && MATMUL_NC % MATMUL_NR == 0, "tiles hold whole register blocks");
+static const int MATMUL_NC_PACKED_A = 768; // tile columns when A is packed too (dweight): see matmul_gemm
+static_assert(MATMUL_MC % MATMUL_MR == 0 && MATMUL_NC % MATMUL_NR == 0 && MATMUL_NR % MATMUL_VEC == 0,
+              "tiles hold whole register blocks, register blocks whole vectors");
 
 // Timing hook for dev/bench_step: seconds in, and FLOPs done by, the float matmuls since the last
 // reset. The model calls them from one thread, so plain accumulation is safe.
@@ -59,55 +76,57 @@ static double matmul_clock() {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-// a*b + c with one rounding where the CPU has FMA (twice the throughput); plain a*b + c elsewhere
-static inline float madd(float a, float b, float c) {
-#ifdef __FMA__
-    return __builtin_fmaf(a, b, c);
-#else
-    return a * b + c;
-#endif
-}
-
 // per-thread pack buffer (Bmat slice KC x NC, then A slice MC x KC), allocated on the thread's first
 // matmul and reused for the life of the process: no allocation per step
 static float* matmul_pack_buffer() {
     static thread_local float* buf = NULL;
     if (buf == NULL) {
-        size_t n = (size_t)MATMUL_KC * MATMUL_NC + (size_t)MATMUL_MC * MATMUL_KC;
+        size_t n = (size_t)MATMUL_KC * std::max(MATMUL_NC, MATMUL_NC_PACKED_A) + (size_t)MATMUL_MC * MATMUL_KC;
         buf = (float*)aligned_alloc(64, n * sizeof(float));
         if (buf == NULL) die("out of memory for the matmul pack buffer\n---> HINT: free some memory");
     }
     return buf;
 }
 
-// Cmat (m,n) += alpha * A (m,kc) @ Bp (kc,NR): one register block, m <= MR, n <= NR.
-// A(i,k) = A[i*rsa + k*csa]; Bp is a packed panel (row k at Bp + k*NR, zero past n). Rows past m
-// re-read row m-1 and their sums are dropped, so one kernel serves every edge. With MR, NR constant
-// the compiler keeps acc in registers: per k, 2 vector loads and 6 broadcasts feed 12 vector FMAs.
+// Cmat (m,n) += alpha * A (m,kc) @ Bp (kc,NR): one register block, m <= MR, n <= NR = NV vectors
+// (MATMUL_NR / MATMUL_VEC of them, or one for a thin output such as LoRA's r columns).
+// A(i,k) = A[i*rsa + k*csa]; Bp is a packed panel (row k at Bp + k*NR, zero past n, 64-byte aligned).
+// Rows past m re-read row m-1 and their sums are dropped, so one kernel serves every edge. Per k: NV
+// vector loads of Bp and MR broadcasts of A feed MR*NV vector FMAs (a * b + acc: contracted into one
+// FMA where the CPU has it, as GCC and Clang do by default); acc stays in registers for the whole slice.
+template <int NV>
 static inline void matmul_micro_kernel(int kc, const float* A, size_t rsa, size_t csa, const float* __restrict Bp,
                                        float* Cmat, size_t ldc, int m, int n, float alpha) {
-    const int MR = MATMUL_MR, NR = MATMUL_NR;
+    const int MR = MATMUL_MR, VEC = MATMUL_VEC, NR = NV * VEC;
     const float* a_row[MR];
     for (int i = 0; i < MR; i++) { a_row[i] = A + (size_t)(i < m ? i : m - 1) * rsa; }
-    float acc[MR][NR] = {};
+    matmul_vec acc[MR][NV];
+    for (int i = 0; i < MR; i++) {
+        for (int v = 0; v < NV; v++) { acc[i][v] = matmul_vec{}; }
+    }
     for (int k = 0; k < kc; k++) {
-        const float* b = Bp + (size_t)k * NR;
+        matmul_vec b[NV];
+        for (int v = 0; v < NV; v++) { memcpy(&b[v], Bp + (size_t)k * NR + v * VEC, sizeof(matmul_vec)); }
+        #pragma GCC unroll 16
         for (int i = 0; i < MR; i++) {
-            float a_ik = a_row[i][(size_t)k * csa];
-            // "unroll 1": if GCC unrolls j before vectorizing, it settles for 128-bit SLP with acc
-            // spilled to the stack (4x slower); kept as a loop, j becomes NR/8 ymm FMAs
-            #pragma GCC unroll 1
-            for (int j = 0; j < NR; j++) { acc[i][j] = madd(a_ik, b[j], acc[i][j]); }
+            matmul_vec a_ik = matmul_vec{} + a_row[i][(size_t)k * csa]; // broadcast
+            for (int v = 0; v < NV; v++) { acc[i][v] = a_ik * b[v] + acc[i][v]; }
         }
     }
     if (m == MR && n == NR) {
         for (int i = 0; i < MR; i++) {
-            #pragma GCC unroll 1
-            for (int j = 0; j < NR; j++) { Cmat[i * ldc + j] += alpha * acc[i][j]; }
+            for (int v = 0; v < NV; v++) {
+                matmul_vec c;
+                memcpy(&c, Cmat + i * ldc + v * VEC, sizeof(c));
+                c += alpha * acc[i][v];
+                memcpy(Cmat + i * ldc + v * VEC, &c, sizeof(c));
+            }
         }
     } else {
         for (int i = 0; i < m; i++) {
-            for (int j = 0; j < n; j++) { Cmat[i * ldc + j] += alpha * acc[i][j]; }
+            float row[NR];
+            memcpy(row, acc[i], sizeof(row));
+            for (int j = 0; j < n; j++) { Cmat[i * ldc + j] += alpha * row[j]; }
         }
     }
 }
@@ -116,16 +135,25 @@ static inline void matmul_micro_kernel(int kc, const float* A, size_t rsa, size_
 // Cmat row-major with row stride ldc, must not alias A or Bmat.
 static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t rsa, size_t csa,
                         const float* Bmat, size_t rsb, size_t csb, float* Cmat, size_t ldc) {
-    const int MR = MATMUL_MR, NR = MATMUL_NR, KC = MATMUL_KC, NC = MATMUL_NC;
-    int tiles_n = (N + NC - 1) / NC, MC = MATMUL_MC;
-    // a thin output (the LoRA bottleneck h or dh: N = r) is a single tile; cut its rows into one tile
-    // per thread instead, in whole register blocks, so every thread has a share
+    const int MR = MATMUL_MR, KC = MATMUL_KC;
+    // a thin output (LoRA's h, dh and dlora_B: N = r columns) gets panels of one vector, not NR/VEC of
+    // them, so that r = 8 does not pay for 48 columns
+    const bool thin = N <= MATMUL_VEC;
+    const int NR = thin ? MATMUL_VEC : MATMUL_NR;
+    // wider tiles when A is packed too (dweight): its packing is shared by more columns, and the output's
+    // rows are written in longer runs (the LM head's weight gradient, 154 MB, streams through memory)
+    int NC = csa != 1 ? MATMUL_NC_PACKED_A : MATMUL_NC, MC = MATMUL_MC;
+    // fewer tiles than threads (LoRA's thin matmuls: N = r, or M = r): cut the longer side into one
+    // tile per thread, in whole register blocks, so that every thread has a share
     int threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    if (tiles_n * ((M + MC - 1) / MC) < threads) MC = std::max(MR, (M / threads + MR - 1) / MR * MR);
-    int tiles_m = (M + MC - 1) / MC;
+    if (((M + MC - 1) / MC) * ((N + NC - 1) / NC) < threads) {
+        if (N > M) NC = std::max(NR, (N / threads + NR - 1) / NR * NR);
+        else MC = std::max(MR, (M / threads + MR - 1) / MR * MR);
+    }
+    int tiles_m = (M + MC - 1) / MC, tiles_n = (N + NC - 1) / NC;
     // parallel over output tiles: each task writes only its own MC x NC block of Cmat and packs into
     // its own thread's buffer, so there are no races and no atomics
     #pragma omp parallel for schedule(dynamic, 1)
@@ -134,7 +162,7 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
         int mc = std::min(MC, M - i0), nc = std::min(NC, N - j0);
         int npanels = (nc + NR - 1) / NR;
         float* Bp = matmul_pack_buffer();
-        float* Ap = Bp + (size_t)KC * NC;
+        float* Ap = Bp + (size_t)KC * std::max(MATMUL_NC, MATMUL_NC_PACKED_A);
         for (int k0 = 0; k0 < K; k0 += KC) {
             int kc = std::min(KC, K - k0);
             // pack the Bmat slice: panel p holds columns j0 + p*NR.., laid out [k][j], zero past N
@@ -173,8 +201,10 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
                 const float* a_strip = A_blk + (size_t)(i / MR) * strip;
                 for (int p = 0; p < npanels; p++) {
                     float* c_blk = Cmat + (size_t)(i0 + i) * ldc + (j0 + p * NR);
-                    matmul_micro_kernel(kc, a_strip, rs, cs, Bp + (size_t)p * NR * kc, c_blk, ldc,
-                                        std::min(MR, mc - i), std::min(NR, nc - p * NR), alpha);
+                    const float* b_panel = Bp + (size_t)p * NR * kc;
+                    int m = std::min(MR, mc - i), n = std::min(NR, nc - p * NR);
+                    if (thin) matmul_micro_kernel<1>(kc, a_strip, rs, cs, b_panel, c_blk, ldc, m, n, alpha);
+                    else matmul_micro_kernel<MATMUL_NR / MATMUL_VEC>(kc, a_strip, rs, cs, b_panel, c_blk, ldc, m, n, alpha);
                 }
             }
         }
