@@ -90,10 +90,12 @@ static void time_contender(int who, int reps) {
     }
 }
 
-// runs `self time <who> <reps>` with the given OpenMP wait policy; keeps the minimum per (shape, kernel)
-static void run_child(const char* self, const char* who, const char* wait_policy, int reps, std::vector<double>* best) {
+// runs `self time <who> <reps>` with the given OpenMP wait policy (and environment settings `env`, or
+// ""); keeps the minimum per (shape, kernel)
+static void run_child(const char* self, const char* who, const char* wait_policy, int reps, std::vector<double>* best,
+                      const std::string& env = "") {
     int expected = strcmp(who, "bf16") == 0 ? 8 : 12;
-    std::string cmd = std::string("OMP_WAIT_POLICY=") + wait_policy + " '" + self + "' time " + who + " " + std::to_string(reps);
+    std::string cmd = env + " OMP_WAIT_POLICY=" + wait_policy + " '" + self + "' time " + who + " " + std::to_string(reps);
     FILE* p = popen(cmd.c_str(), "r");
     if (p == NULL) { fprintf(stderr, "bench_matmul: cannot run %s\n", cmd.c_str()); exit(1); }
     char line[256], shape[64], kernel[64];
@@ -143,11 +145,21 @@ int main(int argc, char** argv) {
     }
 
     // each at its best setting: ours with OpenMP threads spinning between the step's many calls (its
-    // process has no other thread pool to starve), OpenBLAS with its own defaults (pthreads, 2 threads)
+    // process has no other thread pool to starve), OpenBLAS with its own defaults (pthreads, 2 threads).
+    // OpenBLAS picks its kernels by CPU model; one newer than the library (Debian 12's 0.3.21 takes Zen 5
+    // for a Haswell) gets 256-bit kernels on an AVX-512 CPU, so there its AVX-512 kernels (SkylakeX) race
+    // too, and each shape keeps the faster of the two: the peer at its best, as a user who knows
+    // OPENBLAS_CORETYPE would run it.
+    std::string core = openblas_get_corename();
+    bool avx512 = __builtin_cpu_supports("avx512f");
+    bool core_avx512 = core == "SkylakeX" || core == "Cooperlake" || core == "SapphireRapids";
+    printf("OpenBLAS: %s; core %s (its own choice)%s\n", openblas_get_config(), core.c_str(),
+           avx512 && !core_avx512 ? " and SkylakeX (forced: this CPU has AVX-512F), the faster per shape" : "");
     std::vector<double> best_ours(12, 1e30), best_blas(12, 1e30), best_bf16(8, 1e30);
     for (int r = 0; r < rounds; r++) {
         run_child(argv[0], "ours", "active", 5, &best_ours);
         run_child(argv[0], "openblas", "passive", 5, &best_blas);
+        if (avx512 && !core_avx512) run_child(argv[0], "openblas", "passive", 5, &best_blas, "OPENBLAS_CORETYPE=SkylakeX");
         run_child(argv[0], "bf16", "active", 5, &best_bf16);
     }
     printf("%-7s %5s %5s %6s | %-8s %8s %8s %6s\n", "shape", "BT", "C", "OC", "kernel", "ours", "openblas", "ratio");

@@ -25,7 +25,7 @@
 #else
 #define BF16_DOT 0
 #endif
-#include "fast.h" // matmul_gemm (the widened path), matmul_stats, matmul_clock
+#include "fast.h" // matmul_gemm (the widened path), matmul_stats, matmul_clock, transpose16_32bit
 
 // fp32 -> bf16, the top 16 bits, rounded to nearest even: add 0x7FFF plus the lowest kept bit, then
 // truncate. Denormals round the same way (no flushing); a carry out of the largest finite values gives
@@ -122,38 +122,6 @@ static uint32_t* bf16_pack_b() {
     return buf;
 }
 
-// dst[p * dstride + j] = src[j * stride + p] for j, p < 16: a 16 x 16 transpose of 32-bit words in
-// four rounds of shuffles (pairs of words, pairs of pairs, then 128-bit lanes twice)
-static inline void bf16_transpose16(const uint32_t* src, size_t stride, uint32_t* dst, size_t dstride) {
-    // (the masked forms with a full mask: the plain ones start from _mm512_undefined_epi32, which GCC 12's
-    // -Wuninitialized reports at -O3)
-    const __mmask16 all16 = 0xFFFF;
-    const __mmask8 all8 = 0xFF;
-    __m512i r[16], t[16];
-    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(src + (size_t)i * stride);
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_mask_unpacklo_epi32(r[i], all16, r[i], r[i + 1]);
-        t[i + 1] = _mm512_mask_unpackhi_epi32(r[i], all16, r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_mask_unpacklo_epi64(t[i], all8, t[i], t[i + 2]);
-        r[i + 1] = _mm512_mask_unpackhi_epi64(t[i], all8, t[i], t[i + 2]);
-        r[i + 2] = _mm512_mask_unpacklo_epi64(t[i + 1], all8, t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_mask_unpackhi_epi64(t[i + 1], all8, t[i + 1], t[i + 3]);
-    }
-    for (int i = 0; i < 16; i += 8) {
-        for (int j = 0; j < 4; j++) {
-            t[i + j] = _mm512_mask_shuffle_i32x4(r[i + j], all16, r[i + j], r[i + j + 4], 0x88);
-            t[i + j + 4] = _mm512_mask_shuffle_i32x4(r[i + j], all16, r[i + j], r[i + j + 4], 0xdd);
-        }
-    }
-    for (int j = 0; j < 8; j++) {
-        r[j] = _mm512_mask_shuffle_i32x4(t[j], all16, t[j], t[j + 8], 0x88);
-        r[j + 8] = _mm512_mask_shuffle_i32x4(t[j], all16, t[j], t[j + 8], 0xdd);
-    }
-    for (int i = 0; i < 16; i++) _mm512_storeu_si512(dst + (size_t)i * dstride, r[i]);
-}
-
 // Cmat (m,n) += Ap (MR rows of bf16, row stride lda, kp pairs each) @ Bp (kp pairs, NR columns); m <= MR, n <= NR
 static inline void bf16_micro_kernel(int kp, const uint16_t* Ap, size_t lda, const uint32_t* Bp, float* Cmat, size_t ldc, int m, int n) {
     __m512 acc[BF16_MR][3];
@@ -221,7 +189,7 @@ static inline void bf16_rows_micro_kernel(int kp, const uint16_t* W, size_t ldw,
     for (int i = 0; i < 16; i++) { // (rows past MR are zero: the transpose reads 16)
         for (int v = 0; v < 2; v++) { _mm512_store_ps(&tile[i][16 * v], i < MR ? acc[std::min(i, MR - 1)][v] : _mm512_setzero_ps()); }
     }
-    for (int v = 0; v < 2; v++) { bf16_transpose16((const uint32_t*)&tile[0][16 * v], NR, (uint32_t*)&tile_t[16 * v][0], 16); }
+    for (int v = 0; v < 2; v++) { transpose16_32bit((const uint32_t*)&tile[0][16 * v], NR, (uint32_t*)&tile_t[16 * v][0], 16); }
     __mmask16 mask = (__mmask16)((1u << m) - 1u);
     __m512 b = bias != NULL ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
     for (int j = 0; j < n; j++) { _mm512_mask_storeu_ps(out + (size_t)j * ldc, mask, _mm512_add_ps(b, _mm512_load_ps(tile_t[j]))); }
@@ -334,7 +302,7 @@ static void gemm_bf16_dot(int M, int N, int K, const float* A, size_t lda, const
                             for (; p_done + 16 <= kp; p_done += 16) {
                                 for (int g = 0; g < NR / 16; g++) {
                                     const uint32_t* src = (const uint32_t*)(W + (size_t)(col0 + 16 * g) * csb + k0) + p_done;
-                                    bf16_transpose16(src, csb / 2, dst + (size_t)p_done * NR + 16 * g, (size_t)NR);
+                                    transpose16_32bit(src, csb / 2, dst + (size_t)p_done * NR + 16 * g, (size_t)NR);
                                 }
                             }
                         }

@@ -3,6 +3,7 @@
 // their naive twins for double (the finite-difference tests); test_lora.cpp compares each pair.
 //   dot_lanes, exp_fast            vectorizable dot product and exp (used by the naive kernels too)
 //   matmul_gemm                    one BLIS-style blocked GEMM for every matmul of a step
+//   transpose16_32bit              a 16 x 16 transpose of 32-bit words (AVX-512: the GEMM's packing, lib/bf16.h)
 //   matmul_forward_fast / _backward_fast, lora_forward_fast / _backward_fast
 #pragma once
 
@@ -15,6 +16,9 @@
 #include <omp.h>
 #endif
 #include "utils.h" // die
+#ifdef __AVX512F__
+#include <immintrin.h> // transpose16_32bit's shuffles
+#endif
 
 // a . b over n elements in 8 interleaved partial sums (lane j sums elements j, j+8, ...), added up at
 // the end. Each lane is a plain sequential sum, so the compiler may keep the 8 lanes in one vector
@@ -30,6 +34,41 @@ static inline real dot_lanes(const real* a, const real* b, int n) {
     for (; i < n; i++) { s += a[i] * b[i]; }
     return s;
 }
+
+#ifdef __AVX512F__
+// dst[p * dstride + j] = src[j * stride + p] for j, p < 16: a 16 x 16 transpose of 32-bit words in
+// four rounds of shuffles (pairs of words, pairs of pairs, then 128-bit lanes twice)
+static inline void transpose16_32bit(const uint32_t* src, size_t stride, uint32_t* dst, size_t dstride) {
+    // (the masked forms with a full mask: the plain ones start from _mm512_undefined_epi32, which GCC 12's
+    // -Wuninitialized reports at -O3)
+    const __mmask16 all16 = 0xFFFF;
+    const __mmask8 all8 = 0xFF;
+    __m512i r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(src + (size_t)i * stride);
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_mask_unpacklo_epi32(r[i], all16, r[i], r[i + 1]);
+        t[i + 1] = _mm512_mask_unpackhi_epi32(r[i], all16, r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_mask_unpacklo_epi64(t[i], all8, t[i], t[i + 2]);
+        r[i + 1] = _mm512_mask_unpackhi_epi64(t[i], all8, t[i], t[i + 2]);
+        r[i + 2] = _mm512_mask_unpacklo_epi64(t[i + 1], all8, t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_mask_unpackhi_epi64(t[i + 1], all8, t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 16; i += 8) {
+        for (int j = 0; j < 4; j++) {
+            t[i + j] = _mm512_mask_shuffle_i32x4(r[i + j], all16, r[i + j], r[i + j + 4], 0x88);
+            t[i + j + 4] = _mm512_mask_shuffle_i32x4(r[i + j], all16, r[i + j], r[i + j + 4], 0xdd);
+        }
+    }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_mask_shuffle_i32x4(t[j], all16, t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_mask_shuffle_i32x4(t[j], all16, t[j], t[j + 8], 0xdd);
+    }
+    for (int i = 0; i < 16; i++) _mm512_storeu_si512(dst + (size_t)i * dstride, r[i]);
+}
+
+#endif
 
 // ---- the blocked GEMM ----
 // One blocked GEMM serves forward, dinp, dweight and the LoRA branches:
@@ -109,7 +148,8 @@ static inline void matmul_micro_kernel(int kc, const float* A, size_t rsa, size_
         for (int v = 0; v < NV; v++) { memcpy(&b[v], Bp + (size_t)k * NR + v * VEC, sizeof(matmul_vec)); }
         #pragma GCC unroll 16
         for (int i = 0; i < MR; i++) {
-            matmul_vec a_ik = matmul_vec{} + a_row[i][(size_t)k * csa]; // broadcast
+            // broadcast (x - 0 is x for every x, -0 included, so the compiler folds it away; 0 + x is not)
+            matmul_vec a_ik = a_row[i][(size_t)k * csa] - matmul_vec{};
             for (int v = 0; v < NV; v++) { acc[i][v] = a_ik * b[v] + acc[i][v]; }
         }
     }
@@ -149,11 +189,17 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    if (((M + MC - 1) / MC) * ((N + NC - 1) / NC) < threads) {
+    int tiles_m = (M + MC - 1) / MC, tiles_n = (N + NC - 1) / NC;
+    if (tiles_m * tiles_n < threads) {
         if (N > M) NC = std::max(NR, (N / threads + NR - 1) / NR * NR);
         else MC = std::max(MR, (M / threads + MR - 1) / MR * MR);
+    } else if (tiles_m * tiles_n % threads != 0 && tiles_m * tiles_n < 8 * threads) {
+        // a few tiles that do not divide among the threads (qkv's weight gradient: 9 on 2 threads) leave
+        // one thread idle at the end: cut the rows finer, so that the count is a multiple of the threads
+        int tm = ((tiles_m * tiles_n + threads - 1) / threads * threads + tiles_n - 1) / tiles_n;
+        MC = std::max(MR, ((M + tm - 1) / tm + MR - 1) / MR * MR);
     }
-    int tiles_m = (M + MC - 1) / MC, tiles_n = (N + NC - 1) / NC;
+    tiles_m = (M + MC - 1) / MC, tiles_n = (N + NC - 1) / NC;
     // parallel over output tiles: each task writes only its own MC x NC block of Cmat and packs into
     // its own thread's buffer, so there are no races and no atomics
     #pragma omp parallel for schedule(dynamic, 1)
@@ -170,13 +216,26 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
                 float* dst = Bp + (size_t)p * NR * kc;
                 int ncols = std::min(NR, nc - p * NR);
                 const float* src = Bmat + (size_t)k0 * rsb + (size_t)(j0 + p * NR) * csb;
-                if (csb == 1) { // the panel's rows are contiguous (dinp, dweight)
+                if (csb == 1) { // the panel's rows are contiguous (dinp, dweight): copies of NR floats
                     for (int k = 0; k < kc; k++) {
+                        if (ncols == NR) { memcpy(dst + (size_t)k * NR, src + (size_t)k * rsb, NR * sizeof(float)); continue; }
                         for (int j = 0; j < NR; j++) { dst[(size_t)k * NR + j] = j < ncols ? src[(size_t)k * rsb + j] : 0.0f; }
                     }
-                } else {        // its columns are (forward: rows of weight), so read along k
+                } else {        // its columns are (forward: rows of weight), so read along k: a transpose
+                    int k_done = 0;
+#ifdef __AVX512F__
+                    // a whole panel, by 16 x 16 transposes (16 of the weight's rows, 16 k of each)
+                    if (rsb == 1 && ncols == NR) {
+                        for (; k_done + 16 <= kc; k_done += 16) {
+                            for (int g = 0; g < NR / 16; g++) {
+                                transpose16_32bit((const uint32_t*)(src + (size_t)(16 * g) * csb + k_done), csb,
+                                                  (uint32_t*)(dst + (size_t)k_done * NR + 16 * g), (size_t)NR);
+                            }
+                        }
+                    }
+#endif
                     for (int j = 0; j < NR; j++) {
-                        for (int k = 0; k < kc; k++) { dst[(size_t)k * NR + j] = j < ncols ? src[(size_t)j * csb + (size_t)k * rsb] : 0.0f; }
+                        for (int k = k_done; k < kc; k++) { dst[(size_t)k * NR + j] = j < ncols ? src[(size_t)j * csb + (size_t)k * rsb] : 0.0f; }
                     }
                 }
             }
@@ -185,8 +244,12 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
             // into MR-row panels laid out [k][i], which the kernel reads with rsa = 1, csa = MR.
             const float* A_blk = A + (size_t)i0 * rsa + (size_t)k0 * csa;
             size_t rs = rsa, cs = csa, strip = (size_t)MR * rsa;
-            if (csa != 1) {
+            if (csa != 1 && !thin) {
                 for (int p = 0; p * MR < mc; p++) {
+                    if (rsa == 1 && (p + 1) * MR <= mc) { // a whole strip: MR adjacent floats per k
+                        for (int k = 0; k < kc; k++) { memcpy(Ap + (size_t)p * MR * kc + (size_t)k * MR, A_blk + (size_t)p * MR + (size_t)k * csa, MR * sizeof(float)); }
+                        continue;
+                    }
                     for (int k = 0; k < kc; k++) {
                         for (int i = 0; i < MR; i++) { // rows past mc repeat row mc-1; dropped later
                             int row = std::min(p * MR + i, mc - 1);
