@@ -996,6 +996,20 @@ TEST_CASE("fast LoRA kernels (thin GEMMs) vs the naive lora.h templates, over ra
     }
 }
 
+TEST_CASE("max_lanes equals the plain running max exactly, at every length and with NaNs skipped") {
+    // exact: a maximum does not depend on the order it is taken in, so no tolerance
+    Rng rng;
+    rng_seed(&rng, 7);
+    for (int n = 0; n <= 70; n++) {
+        std::vector<float> x(n);
+        for (int i = 0; i < n; i++) x[i] = rng_uniform(&rng, -100.0f, 100.0f);
+        if (n > 20) x[n / 3] = NAN; // a NaN is never greater, so both skip it
+        float plain = -1e30f;
+        for (int i = 0; i < n; i++) { if (x[i] > plain) plain = x[i]; }
+        CHECK(max_lanes(x.data(), n) == plain);
+    }
+}
+
 TEST_CASE("exp_fast (float): within 1 ulp of exp over [-87.3, 0], exactly 1 at 0, 0 below; GELU's float tanh from it") {
     const double tol_exp_rel = 0x1p-23;        // 1 ulp of a float: range reduction + degree-7 polynomial + roundings
     const double tol_tanh_abs = 3e-7;          // GELU needs absolute accuracy; (1 - e)/(1 + e) loses relative accuracy near 0
