@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -201,7 +202,12 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
     }
     tiles_m = (M + MC - 1) / MC, tiles_n = (N + NC - 1) / NC;
     // parallel over output tiles: each task writes only its own MC x NC block of Cmat and packs into
-    // its own thread's buffer, so there are no races and no atomics
+    // its own thread's buffer, so there are no races and no atomics.
+    // When all of K is one slice (dweight: K = BT), a thread that takes a second tile of the same
+    // columns in this call still holds their packed Bmat slice, and does not pack it again (the tiles
+    // go down the rows first, so with 2 threads the LM head's 191 row tiles pack their slice twice, not 191 times)
+    static std::atomic<uint64_t> gemm_calls{0};
+    const uint64_t call = ++gemm_calls;
     #pragma omp parallel for schedule(dynamic, 1)
     for (int t = 0; t < tiles_m * tiles_n; t++) {
         int i0 = (t % tiles_m) * MC, j0 = (t / tiles_m) * NC;
@@ -209,10 +215,15 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
         int npanels = (nc + NR - 1) / NR;
         float* Bp = matmul_pack_buffer();
         float* Ap = Bp + (size_t)KC * std::max(MATMUL_NC, MATMUL_NC_PACKED_A);
+        static thread_local uint64_t packed_call = 0; // which call and columns this thread's Bp holds
+        static thread_local int packed_j0 = -1;
+        bool packed = K <= KC && packed_call == call && packed_j0 == j0;
+        packed_call = K <= KC ? call : 0;
+        packed_j0 = j0;
         for (int k0 = 0; k0 < K; k0 += KC) {
             int kc = std::min(KC, K - k0);
             // pack the Bmat slice: panel p holds columns j0 + p*NR.., laid out [k][j], zero past N
-            for (int p = 0; p < npanels; p++) {
+            for (int p = 0; p < npanels && !packed; p++) {
                 float* dst = Bp + (size_t)p * NR * kc;
                 int ncols = std::min(NR, nc - p * NR);
                 const float* src = Bmat + (size_t)k0 * rsb + (size_t)(j0 + p * NR) * csb;
