@@ -285,6 +285,52 @@ static inline real sum_exp_lanes(const real* x, int n, real shift) {
 }
 
 
+// One head's keys or values transposed, for vectors over the keys: dst[i * ld + t2] = qkv[b, t2, which * C
+// + h * hs + i] for i < hs, t2 < T, and zero for T <= t2 < ld (which: 1 keys, 2 values; ld a multiple of
+// ATT_KEYS). A query's dot products with a block of ATT_KEYS keys are then ATT_KEYS running sums over i,
+// acc[0..64) += q[i] * kT[i][block], which stay in vector registers; one short dot product per key would
+// end in a horizontal sum each (that made attention ~9% of a bf16 LoRA step).
+static const int ATT_KEYS = 64;
+template <typename real>
+static void attention_head_transposed(real* dst, size_t ld, const real* qkv, int b, int h, int which, int T, int C, int hs) {
+    for (int t2 = 0; t2 < T; t2++) {
+        const real* src = qkv + ((size_t)b * T + t2) * 3 * C + which * C + h * hs;
+        for (int i = 0; i < hs; i++) { dst[(size_t)i * ld + t2] = src[i]; }
+    }
+    for (int i = 0; i < hs; i++) {
+        for (size_t t2 = T; t2 < ld; t2++) { dst[(size_t)i * ld + t2] = 0; }
+    }
+}
+
+// out[j] = sum_i x[i] * yT[i * ld + j] for j < n <= ATT_KEYS: x against a block of transposed keys or values
+template <typename real>
+static inline void attention_dot_block(real* out, const real* x, const real* yT, size_t ld, int hs, int n) {
+    real acc[ATT_KEYS] = {};
+    for (int i = 0; i < hs; i++) {
+        for (int j = 0; j < ATT_KEYS; j++) { acc[j] += x[i] * yT[(size_t)i * ld + j]; }
+    }
+    for (int j = 0; j < n; j++) { out[j] = acc[j]; }
+}
+
+// out[i] += sum_{t2 < n} w[t2] * rows[t2 * stride + i] for i < hs: a weighted sum of n rows (values or keys),
+// ATT_KEYS outputs at a time in registers; added into out once per row instead, each row's add would wait
+// for the previous one's store. Each out[i] is still summed in order over t2.
+template <typename real>
+static inline void attention_rows_sum(real* out, const real* w, const real* rows, size_t stride, int n, int hs) {
+    int i0 = 0;
+    for (; i0 + ATT_KEYS <= hs; i0 += ATT_KEYS) {
+        real acc[ATT_KEYS];
+        for (int j = 0; j < ATT_KEYS; j++) { acc[j] = out[i0 + j]; }
+        for (int t2 = 0; t2 < n; t2++) {
+            for (int j = 0; j < ATT_KEYS; j++) { acc[j] += w[t2] * rows[(size_t)t2 * stride + i0 + j]; }
+        }
+        for (int j = 0; j < ATT_KEYS; j++) { out[i0 + j] = acc[j]; }
+    }
+    for (; i0 < hs; i0++) { // a head size that is not a multiple of ATT_KEYS
+        for (int t2 = 0; t2 < n; t2++) { out[i0] += w[t2] * rows[(size_t)t2 * stride + i0]; }
+    }
+}
+
 // qkv (B,T,3C) with q|k|v along channels -> out (B,T,C); att (B,NH,T,T) post-softmax weights cached
 // Queries are positions t0..T-1 of each sequence, keys and values all T positions: t0 = 0 in training;
 // generation with a key/value cache passes the cached rows as qkv and t0 = the first new position, so
@@ -297,38 +343,38 @@ void attention_forward(real* out, real* att, const real* qkv, int B, int T, int 
     int hs = C / NH, Tq = T - t0;
     real scale = 1 / std::sqrt((real)hs);
     real drop_scale = 1 / (1 - (real)drop_p);
-    // parallel over (b, t, h): each thread owns one row att[b,h,t,:] and out[b,t,h*hs:(h+1)*hs]
-    #pragma omp parallel for collapse(3)
+    // parallel over (b, h): each thread owns head h of sequence b, its rows of att and its slice of out
+    #pragma omp parallel for collapse(2)
     for (int b = 0; b < B; b++) {
-        for (int t = t0; t < T; t++) {
-            for (int h = 0; h < NH; h++) {
+        for (int h = 0; h < NH; h++) {
+            static thread_local std::vector<real> kT_buf; // the head's keys, transposed (hs, ld)
+            size_t ld = (size_t)(T + ATT_KEYS - 1) / ATT_KEYS * ATT_KEYS;
+            kT_buf.resize((size_t)hs * ld);
+            real* kT = kT_buf.data();
+            attention_head_transposed(kT, ld, qkv, b, h, 1, T, C, hs);
+            for (int t = t0; t < T; t++) {
                 const real* q = qkv + ((size_t)b * T + t) * 3 * C + h * hs;
                 real* att_bth = att + (((size_t)b * NH + h) * Tq + (t - t0)) * T;
-                // pre-softmax scores, causal: only t2 <= t
-                real maxval = -1e30f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const real* k = qkv + ((size_t)b * T + t2) * 3 * C + C + h * hs;
-                    real s = dot_lanes(q, k, hs) * scale;
-                    att_bth[t2] = s;
-                    if (s > maxval) maxval = s;
+                // pre-softmax scores, causal: only t2 <= t: s[t2] = scale * q . k[t2], a block of keys at a time
+                for (int k0 = 0; k0 <= t; k0 += ATT_KEYS) { attention_dot_block(att_bth + k0, q, kT + k0, ld, hs, std::min(ATT_KEYS, t + 1 - k0)); }
+                for (int t2 = 0; t2 <= t; t2++) { att_bth[t2] *= scale; }
+                // softmax over t2 <= t; the rest of the row is 0
+                real maxval = max_lanes(att_bth, t + 1);
+                real inv = 1 / sum_exp_lanes(att_bth, t + 1, maxval);
+                for (int t2 = 0; t2 < T; t2++) { att_bth[t2] = t2 <= t ? exp_fast(att_bth[t2] - maxval) * inv : 0; }
+                // out = a @ v, a = att (or with dropout, att * mask / (1 - p), into a scratch row)
+                const real* a = att_bth;
+                if (drop_p > 0) {
+                    static thread_local std::vector<real> a_buf;
+                    a_buf.resize(T);
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        a_buf[t2] = dropout_keep(drop_key, (size_t)(att_bth - att) + t2, drop_p) ? att_bth[t2] * drop_scale : 0;
+                    }
+                    a = a_buf.data();
                 }
-                real sum = 0;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    real e = exp_fast(att_bth[t2] - maxval);
-                    att_bth[t2] = e;
-                    sum += e;
-                }
-                real inv = 1 / sum;
-                for (int t2 = 0; t2 < T; t2++) { att_bth[t2] = t2 <= t ? att_bth[t2] * inv : 0; }
-                // out = att @ v
                 real* out_bth = out + ((size_t)b * Tq + (t - t0)) * C + h * hs;
                 for (int i = 0; i < hs; i++) { out_bth[i] = 0; }
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const real* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * hs;
-                    real a = att_bth[t2];
-                    if (drop_p > 0) a = dropout_keep(drop_key, (size_t)(att_bth - att) + t2, drop_p) ? a * drop_scale : 0;
-                    for (int i = 0; i < hs; i++) { out_bth[i] += a * v[i]; }
-                }
+                attention_rows_sum(out_bth, a, qkv + (size_t)b * T * 3 * C + 2 * C + h * hs, (size_t)3 * C, t + 1, hs);
             }
         }
     }
@@ -345,34 +391,36 @@ void attention_backward(real* dqkv, real* datt, const real* dout, const real* qk
     #pragma omp parallel for collapse(2)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < NH; h++) {
+            static thread_local std::vector<real> vT_buf; // the head's values, transposed (hs, ld)
+            size_t ld = (size_t)(T + ATT_KEYS - 1) / ATT_KEYS * ATT_KEYS;
+            vT_buf.resize((size_t)hs * ld);
+            real* vT = vT_buf.data();
+            attention_head_transposed(vT, ld, qkv, b, h, 2, T, C, hs);
             for (int t = 0; t < T; t++) {
                 const real* att_bth = att + (((size_t)b * NH + h) * T + t) * T;
                 real* datt_bth = datt + (((size_t)b * NH + h) * T + t) * T;
                 const real* dout_bth = dout + ((size_t)b * T + t) * C + h * hs;
-                // forward was: out = sum_t2 att[t2] * v[t2]; so datt[t2] = dout . v[t2], dv[t2] += att[t2] * dout
+                // forward was: out = sum_t2 a[t2] * v[t2], a = att * m (m: the dropout mask / (1 - p), or 1);
+                // so datt[t2] = m * dout . v[t2] (summed over i, against the transposed values), dv[t2] += a[t2] * dout
+                for (int k0 = 0; k0 <= t; k0 += ATT_KEYS) { attention_dot_block(datt_bth + k0, dout_bth, vT + k0, ld, hs, std::min(ATT_KEYS, t + 1 - k0)); }
                 for (int t2 = 0; t2 <= t; t2++) {
-                    const real* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * hs;
                     real* dv = dqkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * hs;
-                    // (with dropout the forward used a = att * m, m = mask / (1 - p): dv gets a, datt gets m * dout . v)
                     real m = drop_p > 0 ? (dropout_keep(drop_key, (size_t)(att_bth - att) + t2, drop_p) ? drop_scale : 0) : 1;
                     real a = m * att_bth[t2];
                     for (int i = 0; i < hs; i++) { dv[i] += a * dout_bth[i]; }
-                    datt_bth[t2] = m * dot_lanes(dout_bth, v, hs);
+                    datt_bth[t2] *= m;
                 }
                 // forward was: att = softmax(s); so ds[t2] = att[t2] * (datt[t2] - sum_j att[j] datt[j])
-                real dot = 0;
-                for (int t2 = 0; t2 <= t; t2++) { dot += att_bth[t2] * datt_bth[t2]; }
+                real dot = dot_lanes(att_bth, datt_bth, t + 1);
+                // (scaled by the forward's scale, ds takes datt's place: dscaled[t2] = scale * ds[t2])
+                for (int t2 = 0; t2 <= t; t2++) { datt_bth[t2] = att_bth[t2] * (datt_bth[t2] - dot) * scale; }
                 // forward was: s[t2] = scale * q . k[t2]; so dq += scale ds[t2] k[t2], dk[t2] += scale ds[t2] q
                 const real* q = qkv + ((size_t)b * T + t) * 3 * C + h * hs;
                 real* dq = dqkv + ((size_t)b * T + t) * 3 * C + h * hs;
+                attention_rows_sum(dq, datt_bth, qkv + (size_t)b * T * 3 * C + C + h * hs, (size_t)3 * C, t + 1, hs);
                 for (int t2 = 0; t2 <= t; t2++) {
-                    real ds = att_bth[t2] * (datt_bth[t2] - dot) * scale;
-                    const real* k = qkv + ((size_t)b * T + t2) * 3 * C + C + h * hs;
                     real* dk = dqkv + ((size_t)b * T + t2) * 3 * C + C + h * hs;
-                    for (int i = 0; i < hs; i++) {
-                        dq[i] += ds * k[i];
-                        dk[i] += ds * q[i];
-                    }
+                    for (int i = 0; i < hs; i++) { dk[i] += datt_bth[t2] * q[i]; }
                 }
             }
         }
