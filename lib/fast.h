@@ -229,7 +229,9 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
                 const float* src = Bmat + (size_t)k0 * rsb + (size_t)(j0 + p * NR) * csb;
                 if (csb == 1) { // the panel's rows are contiguous (dinp, dweight): copies of NR floats
                     for (int k = 0; k < kc; k++) {
-                        if (ncols == NR) { memcpy(dst + (size_t)k * NR, src + (size_t)k * rsb, NR * sizeof(float)); continue; }
+                        // (constant sizes, so the copies are inlined: a libc call per row of 16 or 48 floats cost more)
+                        if (ncols == NR && NR == MATMUL_NR) { memcpy(dst + (size_t)k * NR, src + (size_t)k * rsb, MATMUL_NR * sizeof(float)); continue; }
+                        if (ncols == NR && NR == MATMUL_VEC) { memcpy(dst + (size_t)k * NR, src + (size_t)k * rsb, MATMUL_VEC * sizeof(float)); continue; }
                         for (int j = 0; j < NR; j++) { dst[(size_t)k * NR + j] = j < ncols ? src[(size_t)k * rsb + j] : 0.0f; }
                     }
                 } else {        // its columns are (forward: rows of weight), so read along k: a transpose
