@@ -140,6 +140,11 @@ static inline void matmul_micro_kernel(int kc, const float* A, size_t rsa, size_
     const int MR = MATMUL_MR, VEC = MATMUL_VEC, NR = NV * VEC;
     const float* a_row[MR];
     for (int i = 0; i < MR; i++) { a_row[i] = A + (size_t)(i < m ? i : m - 1) * rsa; }
+    // the block of Cmat this kernel adds into at its end, fetched now so that the slice hides the wait
+    // (dweight's Cmat is a weight gradient of many MB, not in cache: the LM head's is 154 MB)
+    for (int i = 0; i < m; i++) {
+        for (int j = 0; j < n; j += 16) { __builtin_prefetch(Cmat + i * ldc + j, 1); }
+    }
     matmul_vec acc[MR][NV];
     for (int i = 0; i < MR; i++) {
         for (int v = 0; v < NV; v++) { acc[i][v] = matmul_vec{}; }

@@ -175,37 +175,41 @@ void attention_prefix_forward(real* out, real* att, const real* qkv, const real*
     int hs = C / NH, TP = P + T, Tq = T - t0; // queries t0..T-1, as in attention_forward
     real scale = 1 / std::sqrt((real)hs);
     real drop_scale = 1 / (1 - (real)drop_p);
-    // parallel over (b, t, h): each thread owns one row att[b,h,t,:] and out[b,t,h*hs:(h+1)*hs]
-    #pragma omp parallel for collapse(3)
+    // parallel over (b, h), with the same arithmetic as attention_forward (its helpers, in its order), so
+    // that P = 0 gives attention_forward's bits
+    #pragma omp parallel for collapse(2)
     for (int b = 0; b < B; b++) {
-        for (int t = t0; t < T; t++) {
-            for (int h = 0; h < NH; h++) {
+        for (int h = 0; h < NH; h++) {
+            // the head's keys transposed, the prefix's first: column j < P is prefix position j, P + t2 position t2
+            static thread_local std::vector<real> kT_buf;
+            size_t ld = (size_t)(TP + ATT_KEYS - 1) / ATT_KEYS * ATT_KEYS;
+            kT_buf.resize((size_t)hs * ld);
+            real* kT = kT_buf.data();
+            for (int j = 0; j < P; j++) {
+                for (int i = 0; i < hs; i++) { kT[(size_t)i * ld + j] = prefix_k[(size_t)j * C + h * hs + i]; }
+            }
+            attention_head_transposed(kT + P, ld, ld - P, qkv, b, h, 1, T, C, hs);
+            for (int t = t0; t < T; t++) {
                 const real* q = qkv + ((size_t)b * T + t) * 3 * C + h * hs;
                 real* att_bth = att + (((size_t)b * NH + h) * Tq + (t - t0)) * TP;
                 int n = P + t + 1; // visible columns
-                real maxval = -1e30f;
-                for (int j = 0; j < n; j++) {
-                    const real* k = j < P ? prefix_k + (size_t)j * C + h * hs : qkv + ((size_t)b * T + j - P) * 3 * C + C + h * hs;
-                    real s = dot_lanes(q, k, hs) * scale;
-                    att_bth[j] = s;
-                    if (s > maxval) maxval = s;
+                for (int k0 = 0; k0 < n; k0 += ATT_KEYS) { attention_dot_block(att_bth + k0, q, kT + k0, ld, hs, std::min(ATT_KEYS, n - k0)); }
+                for (int j = 0; j < n; j++) { att_bth[j] *= scale; }
+                real maxval = max_lanes(att_bth, n);
+                real inv = 1 / sum_exp_lanes(att_bth, n, maxval);
+                for (int j = 0; j < TP; j++) { att_bth[j] = j < n ? exp_fast(att_bth[j] - maxval) * inv : 0; }
+                const real* a = att_bth;
+                if (drop_p > 0) {
+                    static thread_local std::vector<real> a_buf;
+                    a_buf.resize(TP);
+                    for (int j = 0; j < n; j++) { a_buf[j] = dropout_keep(drop_key, (size_t)(att_bth - att) + j, drop_p) ? att_bth[j] * drop_scale : 0; }
+                    a = a_buf.data();
                 }
-                real sum = 0;
-                for (int j = 0; j < n; j++) {
-                    real e = exp_fast(att_bth[j] - maxval);
-                    att_bth[j] = e;
-                    sum += e;
-                }
-                real inv = 1 / sum;
-                for (int j = 0; j < TP; j++) { att_bth[j] = j < n ? att_bth[j] * inv : 0; }
+                // out = a @ [prefix_v; v]: the prefix rows, then the real ones, each out[i] summed in that order
                 real* out_bth = out + ((size_t)b * Tq + (t - t0)) * C + h * hs;
                 for (int i = 0; i < hs; i++) { out_bth[i] = 0; }
-                for (int j = 0; j < n; j++) {
-                    const real* v = j < P ? prefix_v + (size_t)j * C + h * hs : qkv + ((size_t)b * T + j - P) * 3 * C + 2 * C + h * hs;
-                    real a = att_bth[j];
-                    if (drop_p > 0) a = dropout_keep(drop_key, (size_t)(att_bth - att) + j, drop_p) ? a * drop_scale : 0;
-                    for (int i = 0; i < hs; i++) { out_bth[i] += a * v[i]; }
-                }
+                attention_rows_sum(out_bth, a, prefix_v + h * hs, (size_t)C, P, hs);
+                attention_rows_sum(out_bth, a + P, qkv + (size_t)b * T * 3 * C + 2 * C + h * hs, (size_t)3 * C, t + 1, hs);
             }
         }
     }
