@@ -285,21 +285,28 @@ static inline real sum_exp_lanes(const real* x, int n, real shift) {
 }
 
 
-// One head's keys or values transposed, for vectors over the keys: dst[i * ld + t2] = qkv[b, t2, which * C
-// + h * hs + i] for i < hs, t2 < T, and zero for T <= t2 < pad_to (which: 1 keys, 2 values; pad_to <= ld
-// reaches a multiple of ATT_KEYS). A query's dot products with a block of ATT_KEYS keys are then ATT_KEYS running sums over i,
-// acc[0..64) += q[i] * kT[i][block], which stay in vector registers; one short dot product per key would
-// end in a horizontal sum each (that made attention ~9% of a bf16 LoRA step).
+// One head's keys or values transposed, for vectors over the keys, in the calling thread's scratch:
+// returns kT with kT[i * ld + P + t2] = qkv[b, t2, which * C + h * hs + i] for i < hs, t2 < T (which: 1 keys,
+// 2 values), zero from column P + T up to ld (P + T rounded up to a multiple of ATT_KEYS); columns below P
+// are the caller's (prefix tuning's prefix positions). A query's dot products with a block of ATT_KEYS
+// keys are then ATT_KEYS running sums over i, acc[0..64) += q[i] * kT[i][block], which stay in vector
+// registers; one short dot product per key would end in a horizontal sum each (that made attention ~9%
+// of a bf16 LoRA step).
 static const int ATT_KEYS = 64;
 template <typename real>
-static void attention_head_transposed(real* dst, size_t ld, size_t pad_to, const real* qkv, int b, int h, int which, int T, int C, int hs) {
+static real* attention_head_transposed(size_t* ld, const real* qkv, int b, int h, int which, int T, int C, int hs, int P = 0) {
+    static thread_local std::vector<real> buf;
+    *ld = (size_t)(P + T + ATT_KEYS - 1) / ATT_KEYS * ATT_KEYS;
+    buf.resize((size_t)hs * *ld);
+    real* kT = buf.data();
     for (int t2 = 0; t2 < T; t2++) {
         const real* src = qkv + ((size_t)b * T + t2) * 3 * C + which * C + h * hs;
-        for (int i = 0; i < hs; i++) { dst[(size_t)i * ld + t2] = src[i]; }
+        for (int i = 0; i < hs; i++) { kT[(size_t)i * *ld + P + t2] = src[i]; }
     }
     for (int i = 0; i < hs; i++) {
-        for (size_t t2 = T; t2 < pad_to; t2++) { dst[(size_t)i * ld + t2] = 0; }
+        for (size_t j = P + T; j < *ld; j++) { kT[(size_t)i * *ld + j] = 0; }
     }
+    return kT;
 }
 
 // out[j] = sum_i x[i] * yT[i * ld + j] for j < n <= ATT_KEYS: x against a block of transposed keys or values
@@ -347,11 +354,8 @@ void attention_forward(real* out, real* att, const real* qkv, int B, int T, int 
     #pragma omp parallel for collapse(2)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < NH; h++) {
-            static thread_local std::vector<real> kT_buf; // the head's keys, transposed (hs, ld)
-            size_t ld = (size_t)(T + ATT_KEYS - 1) / ATT_KEYS * ATT_KEYS;
-            kT_buf.resize((size_t)hs * ld);
-            real* kT = kT_buf.data();
-            attention_head_transposed(kT, ld, ld, qkv, b, h, 1, T, C, hs);
+            size_t ld;
+            const real* kT = attention_head_transposed(&ld, qkv, b, h, 1, T, C, hs); // the head's keys (hs, ld)
             for (int t = t0; t < T; t++) {
                 const real* q = qkv + ((size_t)b * T + t) * 3 * C + h * hs;
                 real* att_bth = att + (((size_t)b * NH + h) * Tq + (t - t0)) * T;
@@ -391,11 +395,8 @@ void attention_backward(real* dqkv, real* datt, const real* dout, const real* qk
     #pragma omp parallel for collapse(2)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < NH; h++) {
-            static thread_local std::vector<real> vT_buf; // the head's values, transposed (hs, ld)
-            size_t ld = (size_t)(T + ATT_KEYS - 1) / ATT_KEYS * ATT_KEYS;
-            vT_buf.resize((size_t)hs * ld);
-            real* vT = vT_buf.data();
-            attention_head_transposed(vT, ld, ld, qkv, b, h, 2, T, C, hs);
+            size_t ld;
+            const real* vT = attention_head_transposed(&ld, qkv, b, h, 2, T, C, hs); // the head's values (hs, ld)
             for (int t = 0; t < T; t++) {
                 const real* att_bth = att + (((size_t)b * NH + h) * T + t) * T;
                 real* datt_bth = datt + (((size_t)b * NH + h) * T + t) * T;

@@ -181,14 +181,11 @@ void attention_prefix_forward(real* out, real* att, const real* qkv, const real*
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < NH; h++) {
             // the head's keys transposed, the prefix's first: column j < P is prefix position j, P + t2 position t2
-            static thread_local std::vector<real> kT_buf;
-            size_t ld = (size_t)(TP + ATT_KEYS - 1) / ATT_KEYS * ATT_KEYS;
-            kT_buf.resize((size_t)hs * ld);
-            real* kT = kT_buf.data();
+            size_t ld;
+            real* kT = attention_head_transposed(&ld, qkv, b, h, 1, T, C, hs, P);
             for (int j = 0; j < P; j++) {
                 for (int i = 0; i < hs; i++) { kT[(size_t)i * ld + j] = prefix_k[(size_t)j * C + h * hs + i]; }
             }
-            attention_head_transposed(kT + P, ld, ld - P, qkv, b, h, 1, T, C, hs);
             for (int t = t0; t < T; t++) {
                 const real* q = qkv + ((size_t)b * T + t) * 3 * C + h * hs;
                 real* att_bth = att + (((size_t)b * NH + h) * Tq + (t - t0)) * TP;
