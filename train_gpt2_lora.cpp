@@ -384,45 +384,58 @@ void attention_forward(real* out, real* att, const real* qkv, int B, int T, int 
     }
 }
 
-// dout (B,T,C) -> dqkv (B,T,3C) +=; datt (B,NH,T,T) is scratch; drop_p, drop_key as the forward had them
+// dout (B,T,C) -> dqkv (B,T,3C) +=; datt (B,NH,T,T) is scratch (it ends up holding scale * ds); drop_p,
+// drop_key as the forward had them. Two passes per head: by query row t (datt, ds, dq[t]), then by key
+// row t2 (dv[t2], dk[t2]), so that every gradient row is a weighted row sum held in registers.
 template <typename real>
 void attention_backward(real* dqkv, real* datt, const real* dout, const real* qkv, const real* att,
                         int B, int T, int C, int NH, float drop_p = 0, uint64_t drop_key = 0) {
     int hs = C / NH;
     real scale = 1 / std::sqrt((real)hs);
     real drop_scale = 1 / (1 - (real)drop_p);
+    // the dropout multiplier of att element e as the forward drew it: mask / (1 - p), or 1 without dropout
+    auto drop_mult = [&](size_t e) -> real { return drop_p > 0 ? (dropout_keep(drop_key, e, drop_p) ? drop_scale : 0) : 1; };
     // parallel over (b, h): everything a head touches (q, k, v of head h in sequence b) is its own
     #pragma omp parallel for collapse(2)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < NH; h++) {
             size_t ld;
             const real* vT = attention_head_transposed(&ld, qkv, b, h, 2, T, C, hs); // the head's values (hs, ld)
+            size_t bh = ((size_t)b * NH + h) * T * T; // att[b,h] and datt[b,h] start here
+            // pass 1, by query row t
             for (int t = 0; t < T; t++) {
-                const real* att_bth = att + (((size_t)b * NH + h) * T + t) * T;
-                real* datt_bth = datt + (((size_t)b * NH + h) * T + t) * T;
+                const real* att_bth = att + bh + (size_t)t * T;
+                real* datt_bth = datt + bh + (size_t)t * T;
                 const real* dout_bth = dout + ((size_t)b * T + t) * C + h * hs;
-                // forward was: out = sum_t2 a[t2] * v[t2], a = att * m (m: the dropout mask / (1 - p), or 1);
-                // so datt[t2] = m * dout . v[t2] (summed over i, against the transposed values), dv[t2] += a[t2] * dout
+                // forward was: out = sum_t2 a[t2] * v[t2], a = att * m (m: the dropout multiplier); so
+                // datt[t2] = m * dout . v[t2] (summed over i, against the transposed values) and dv[t2] += a[t2] * dout (pass 2)
                 for (int k0 = 0; k0 <= t; k0 += ATT_KEYS) { attention_dot_block(datt_bth + k0, dout_bth, vT + k0, ld, hs, std::min(ATT_KEYS, t + 1 - k0)); }
-                for (int t2 = 0; t2 <= t; t2++) {
-                    real* dv = dqkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * hs;
-                    real m = drop_p > 0 ? (dropout_keep(drop_key, (size_t)(att_bth - att) + t2, drop_p) ? drop_scale : 0) : 1;
-                    real a = m * att_bth[t2];
-                    for (int i = 0; i < hs; i++) { dv[i] += a * dout_bth[i]; }
-                    datt_bth[t2] *= m;
+                if (drop_p > 0) {
+                    for (int t2 = 0; t2 <= t; t2++) { datt_bth[t2] *= drop_mult(bh + (size_t)t * T + t2); }
                 }
                 // forward was: att = softmax(s); so ds[t2] = att[t2] * (datt[t2] - sum_j att[j] datt[j])
                 real dot = dot_lanes(att_bth, datt_bth, t + 1);
-                // (scaled by the forward's scale, ds takes datt's place: dscaled[t2] = scale * ds[t2])
+                // (scaled by the forward's scale, ds takes datt's place: datt[t2] := scale * ds[t2])
                 for (int t2 = 0; t2 <= t; t2++) { datt_bth[t2] = att_bth[t2] * (datt_bth[t2] - dot) * scale; }
-                // forward was: s[t2] = scale * q . k[t2]; so dq += scale ds[t2] k[t2], dk[t2] += scale ds[t2] q
-                const real* q = qkv + ((size_t)b * T + t) * 3 * C + h * hs;
+                // forward was: s[t2] = scale * q . k[t2]; so dq += scale ds[t2] k[t2] and dk[t2] += scale ds[t2] q (pass 2)
                 real* dq = dqkv + ((size_t)b * T + t) * 3 * C + h * hs;
                 attention_rows_sum(dq, datt_bth, qkv + (size_t)b * T * 3 * C + C + h * hs, (size_t)3 * C, t + 1, hs);
-                for (int t2 = 0; t2 <= t; t2++) {
-                    real* dk = dqkv + ((size_t)b * T + t2) * 3 * C + C + h * hs;
-                    for (int i = 0; i < hs; i++) { dk[i] += datt_bth[t2] * q[i]; }
+            }
+            // pass 2, by key row t2: its weights are column t2 of a and of scale * ds, rows t >= t2
+            static thread_local std::vector<real> col_buf;
+            col_buf.resize(2 * (size_t)T);
+            real* a_col = col_buf.data();
+            real* ds_col = a_col + T;
+            for (int t2 = 0; t2 < T; t2++) {
+                for (int t = t2; t < T; t++) {
+                    size_t e = bh + (size_t)t * T + t2;
+                    a_col[t] = drop_mult(e) * att[e];
+                    ds_col[t] = datt[e];
                 }
+                real* dk = dqkv + ((size_t)b * T + t2) * 3 * C + C + h * hs;
+                real* dv = dqkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * hs;
+                attention_rows_sum(dv, a_col + t2, dout + ((size_t)b * T + t2) * C + h * hs, (size_t)C, T - t2, hs);
+                attention_rows_sum(dk, ds_col + t2, qkv + ((size_t)b * T + t2) * 3 * C + h * hs, (size_t)3 * C, T - t2, hs);
             }
         }
     }
