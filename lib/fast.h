@@ -169,10 +169,8 @@ static inline void matmul_micro_kernel(int kc, const float* A, size_t rsa, size_
             }
         }
     } else {
-        for (int i = 0; i < m; i++) {
-            float row[NR];
-            memcpy(row, acc[i], sizeof(row));
-            for (int j = 0; j < n; j++) { Cmat[i * ldc + j] += alpha * row[j]; }
+        for (int i = 0; i < m; i++) { // (lanes by subscript: taking acc's address would keep it in memory throughout)
+            for (int j = 0; j < n; j++) { Cmat[i * ldc + j] += alpha * acc[i][j / VEC][j % VEC]; }
         }
     }
 }
