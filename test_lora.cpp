@@ -1936,6 +1936,21 @@ TEST_CASE("quantized base: the model's forward and adapter gradients equal an fp
     }
 }
 
+TEST_CASE("[Memory] counts -C's token rows: the trained rows and the base's copy in parameters, grads and AdamW's m, v per row") {
+    GPT2<float> model;
+    build_trainable_tiny(&model, 83);
+    gpt2_lora_attach(&model, lora_config(4, 8.0f, LORA_ALL_TARGETS), 84);
+    MemoryBytes before = gpt2_memory_bytes(&model);
+    REQUIRE(gpt2_token_rows_attach(&model, std::vector<int>{3, 17, 60}) == "");
+    MemoryBytes after = gpt2_memory_bytes(&model);
+    size_t row_bytes = (size_t)3 * model.config.channels * sizeof(float); // exact byte counts: no tolerance
+    CHECK(after.params - before.params == 2 * row_bytes);
+    CHECK(after.grads - before.grads == row_bytes);
+    CHECK(after.optimizer - before.optimizer == 2 * row_bytes);
+    gpt2_token_rows_detach(&model);
+    gpt2_free(&model);
+}
+
 TEST_CASE("quantized base: the fp32 block matrices are gone, and the model equals an fp32 model on the dequantized weights") {
     const int B = 2, T = 8, steps = 8;
     TempDir dir;

@@ -1863,7 +1863,8 @@ struct MemoryBytes {
 static MemoryBytes gpt2_memory_bytes(const GPT2<float>* model) {
     MemoryBytes mb;
     size_t trainable = gpt2_trainable_parameters(model);
-    size_t extras = model->lora.num_parameters + model->adapters.buf.n + model->prefix.buf.n;
+    // -C's token rows count twice: the trained rows and the frozen base's copy of them (detach restores it)
+    size_t extras = model->lora.num_parameters + model->adapters.buf.n + model->prefix.buf.n + 2 * token_rows_count(&model->tokens);
     mb.base = model->num_params_stored * sizeof(float);
     if (model->quant_q[0] != NULL) { // -Q: the block matrices are codes (see gpt2_lora_attach), and one dequantized layer
         mb.base += gpt2_block_matrix_bytes(model, model->quant);
@@ -2801,7 +2802,7 @@ static void print_run_header(const Built* b, const Flags* f, const TrainingData*
     MemoryBytes mem = gpt2_memory_bytes(&model); // doc/memory.md derives each line per method
     size_t base_bytes = mem.base, fp32_base_bytes = model.num_parameters * sizeof(float), act_bytes = mem.activations;
     printf("[Memory]\n");
-    printf("parameters: %.1f MiB (base %.1f%s + trainable adapters / prefix / L2-SP copy of W0 %.1f)\n", mib(mem.params),
+    printf("parameters: %.1f MiB (base %.1f%s + trainable adapters / prefix / token rows and their base / L2-SP copy of W0 %.1f)\n", mib(mem.params),
            mib(base_bytes), base_bytes != fp32_base_bytes ? strprintf(", quantized from %.1f", mib(fp32_base_bytes)).c_str() : "",
            mib(mem.params - base_bytes));
     printf("gradients: %.1f MiB\noptimizer state: %.1f MiB\nactivations: %.1f MiB\n", mib(mem.grads), mib(mem.optimizer), mib(act_bytes));
