@@ -1388,6 +1388,54 @@ TEST_CASE("dropout is off at evaluation and generation: outside a training step,
     gpt2_free(&dropped);
 }
 
+// A LoRA run trained straight through into *a, and the same run interrupted at step split: saved with
+// its train state to adapter, thrown away, read into the fresh *c and trained on to the end. prepare sets
+// what a run needs beyond cfg (GPT-2's dropout, say) on each model before it trains. Seeds: seed (lora_A),
+// seed + 1 (the loader's shuffle), seed + 2 (the sampler). a and c are the caller's to free.
+struct ResumedRun {
+    std::vector<float> straight, resumed; // every step's loss; the resumed run's first split are from before the save
+    TrainState state;                     // as saved at split
+};
+static ResumedRun train_straight_and_resumed(GPT2<float>* a, GPT2<float>* c, const std::string& ckpt, const std::string& tokens,
+                                             const std::string& adapter, const LoRAConfig& cfg, uint64_t seed, int B, int T,
+                                             int steps, int split, const std::function<void(GPT2<float>*)>& prepare) {
+    ResumedRun run;
+    auto start = [&](GPT2<float>* model, DataLoader* loader) { // a model and loader as the trainer makes them
+        REQUIRE(gpt2_read_checkpoint(model, ckpt.c_str()) == "");
+        gpt2_lora_attach(model, cfg, seed);
+        gpt2_allocate(model, B, T);
+        prepare(model);
+        REQUIRE(dataloader_init(loader, tokens.c_str(), B, T, 61, true, seed + 1, "-i") == "");
+    };
+    DataLoader la;
+    start(a, &la);
+    train_steps(a, &la, 0, steps, &run.straight);
+    {
+        GPT2<float> b;
+        DataLoader lb;
+        start(&b, &lb);
+        train_steps(&b, &lb, 0, split, &run.resumed);
+        Rng sample_rng;
+        rng_seed(&sample_rng, seed + 2);
+        run.state = train_state_capture(split, &lb, &sample_rng);
+        REQUIRE(lora_file_write(adapter.c_str(), &b, tiny_base_sum(&b), &run.state) == "");
+        gpt2_free(&b);
+    }
+    REQUIRE(gpt2_read_checkpoint(c, ckpt.c_str()) == "");
+    gpt2_allocate(c, B, T);
+    TrainState state;
+    bool has_state = false;
+    REQUIRE(lora_file_read(adapter.c_str(), c, tiny_base_sum(c), &state, &has_state) == "");
+    REQUIRE(has_state);
+    prepare(c);
+    DataLoader lc;
+    REQUIRE(dataloader_init(&lc, tokens.c_str(), B, T, 61, true, 12345 /* any seed: the state replaces it */, "-i") == "");
+    REQUIRE(train_state_restore(state, &lc, adapter.c_str()) == "");
+    train_steps(c, &lc, state.step, steps, &run.resumed);
+    REQUIRE(run.resumed.size() == run.straight.size());
+    return run;
+}
+
 TEST_CASE("resume: training from a saved adapter continues bit for bit like the uninterrupted run, with dropout (-D, -R) too") {
     const int B = 2, T = 8, steps = 10, split = 4;
     // p = 0.1 on both: LoRA's branch (kept in adapter.bin) and GPT-2's (the flag, given again on resume)
@@ -1401,52 +1449,13 @@ TEST_CASE("resume: training from a saved adapter continues bit for bit like the 
         LoRAConfig cfg = lora_config(4, 8.0f, LORA_ALL_TARGETS);
         cfg.dropout = p;
 
-        // uninterrupted
-        GPT2<float> a;
-        REQUIRE(gpt2_read_checkpoint(&a, ckpt.c_str()) == "");
-        gpt2_lora_attach(&a, cfg, 77);
-        gpt2_allocate(&a, B, T);
-        a.drop.gpt2_p = p;
-        a.drop.seed = 76;
-        DataLoader la;
-        REQUIRE(dataloader_init(&la, tokens.c_str(), B, T, 61, true, 78, "-i") == "");
-        std::vector<float> losses_a;
-        train_steps(&a, &la, 0, steps, &losses_a);
-
-        // interrupted at `split`: save, throw everything away, load into fresh objects, go on
-        std::vector<float> losses_b;
-        {
-            GPT2<float> b;
-            REQUIRE(gpt2_read_checkpoint(&b, ckpt.c_str()) == "");
-            gpt2_lora_attach(&b, cfg, 77);
-            gpt2_allocate(&b, B, T);
-            b.drop.gpt2_p = p;
-            b.drop.seed = 76;
-            DataLoader lb;
-            REQUIRE(dataloader_init(&lb, tokens.c_str(), B, T, 61, true, 78, "-i") == "");
-            train_steps(&b, &lb, 0, split, &losses_b);
-            Rng sample_rng;
-            rng_seed(&sample_rng, 79);
-            TrainState state = train_state_capture(split, &lb, &sample_rng);
-            REQUIRE(lora_file_write(adapter.c_str(), &b, tiny_base_sum(&b), &state) == "");
-            gpt2_free(&b);
-        }
-        GPT2<float> c;
-        REQUIRE(gpt2_read_checkpoint(&c, ckpt.c_str()) == "");
-        gpt2_allocate(&c, B, T);
-        TrainState state;
-        bool has_state = false;
-        REQUIRE(lora_file_read(adapter.c_str(), &c, tiny_base_sum(&c), &state, &has_state) == "");
-        REQUIRE(has_state);
+        GPT2<float> a, c;
+        auto gpt2_dropout = [&](GPT2<float>* model) { model->drop.gpt2_p = p; model->drop.seed = 76; }; // -R, given again on resume
+        ResumedRun run = train_straight_and_resumed(&a, &c, ckpt, tokens, adapter, cfg, 77, B, T, steps, split, gpt2_dropout);
+        const std::vector<float>& losses_a = run.straight;
+        const std::vector<float>& losses_b = run.resumed;
+        const TrainState& state = run.state;
         CHECK(c.lora.config.dropout == p); // adapter.bin keeps lora_dropout
-        c.drop.gpt2_p = p;
-        c.drop.seed = 76;
-        DataLoader lc;
-        REQUIRE(dataloader_init(&lc, tokens.c_str(), B, T, 61, true, 12345 /* any seed: the state replaces it */, "-i") == "");
-        REQUIRE(train_state_restore(state, &lc, adapter.c_str()) == "");
-        train_steps(&c, &lc, state.step, steps, &losses_b);
-
-        REQUIRE(losses_b.size() == losses_a.size());
         MESSAGE("resume at step " << split << ": losses " << losses_a[split] << " .. " << losses_a[steps - 1] << " (uninterrupted) vs "
                 << losses_b[split] << " .. " << losses_b[steps - 1] << " (resumed)");
         CHECK(memcmp(losses_a.data(), losses_b.data(), losses_a.size() * sizeof(float)) == 0); // bit for bit
@@ -2860,48 +2869,15 @@ TEST_CASE("AdaLoRA in files: adapter.bin round-trips lora_E, the masks and the i
     write_cyclic_tokens(tokens, 150);
     LoRAConfig cfg = adalora_test_config(4, 2, 1, 2, 1, steps); // the final mask at step 6
 
-    // uninterrupted
-    GPT2<float> a;
-    REQUIRE(gpt2_read_checkpoint(&a, ckpt.c_str()) == "");
-    gpt2_lora_attach(&a, cfg, 341);
-    gpt2_allocate(&a, B, T);
-    DataLoader la;
-    REQUIRE(dataloader_init(&la, tokens.c_str(), B, T, 61, true, 342, "-i") == "");
-    std::vector<float> losses_a;
-    train_steps(&a, &la, 0, steps, &losses_a);
+    // uninterrupted, and interrupted at split (masks in force, importance mid-way), saved and resumed
+    GPT2<float> a, c;
+    ResumedRun run = train_straight_and_resumed(&a, &c, ckpt, tokens, adapter, cfg, 341, B, T, steps, split, [](GPT2<float>*) {});
+    const std::vector<float>& losses_a = run.straight;
+    const std::vector<float>& losses_b = run.resumed;
     CHECK(adalora_total_rank(&a.lora) == a.config.num_layers * 4 * 2); // the target budget
-
-    // interrupted at split (masks in force, importance mid-way), saved and resumed
-    std::vector<float> losses_b;
-    {
-        GPT2<float> b;
-        REQUIRE(gpt2_read_checkpoint(&b, ckpt.c_str()) == "");
-        gpt2_lora_attach(&b, cfg, 341);
-        gpt2_allocate(&b, B, T);
-        DataLoader lb;
-        REQUIRE(dataloader_init(&lb, tokens.c_str(), B, T, 61, true, 342, "-i") == "");
-        train_steps(&b, &lb, 0, split, &losses_b);
-        Rng sample_rng;
-        rng_seed(&sample_rng, 343);
-        TrainState state = train_state_capture(split, &lb, &sample_rng);
-        REQUIRE(lora_file_write(adapter.c_str(), &b, tiny_base_sum(&b), &state) == "");
-        gpt2_free(&b);
-    }
-    GPT2<float> c;
-    REQUIRE(gpt2_read_checkpoint(&c, ckpt.c_str()) == "");
-    gpt2_allocate(&c, B, T);
-    TrainState state;
-    bool has_state = false;
-    REQUIRE(lora_file_read(adapter.c_str(), &c, tiny_base_sum(&c), &state, &has_state) == "");
-    REQUIRE(has_state);
     CHECK(c.lora.config.use_adalora);
     CHECK(c.lora.config.adalora_target_r == 2);
     CHECK(c.lora.config.adalora_total_step == steps);
-    DataLoader lc;
-    REQUIRE(dataloader_init(&lc, tokens.c_str(), B, T, 61, true, 1, "-i") == "");
-    REQUIRE(train_state_restore(state, &lc, adapter.c_str()) == "");
-    train_steps(&c, &lc, state.step, steps, &losses_b);
-    REQUIRE(losses_b.size() == losses_a.size());
     CHECK(memcmp(losses_a.data(), losses_b.data(), losses_a.size() * sizeof(float)) == 0); // bit for bit
     size_t n = a.lora.num_parameters;
     CHECK(memcmp(a.lora.params_memory, c.lora.params_memory, n * sizeof(float)) == 0);
