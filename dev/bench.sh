@@ -3,6 +3,7 @@
 # so the printed ratios compare numbers taken side by side on the same (shared, noisy) machine.
 #   STEPS=N      timed steps per 124M configuration (default 5; the small config runs 4x as many)
 #   ROUNDS=N     rounds of our LoRA step against the PyTorch twin's, alternated (default 3)
+#   OURS_WAIT    our OpenMP wait policy: default (the runtime's own, as the trainer runs), passive or active
 #   BENCH_STEP, BENCH_MATMUL: the built programs (set by make)
 #   PYTHON       the interpreter with torch: default build/torchvenv/bin/python when it exists (the newest
 #                torch from PyPI: python3 -m venv build/torchvenv && build/torchvenv/bin/pip install torch numpy),
