@@ -338,6 +338,26 @@ static inline void attention_rows_sum(real* out, const real* w, const real* rows
     }
 }
 
+// One query row of attention: att_row[0..n) = softmax(scale * q . k[j]) over the n visible keys (the
+// head's transposed keys kT, ld apart), zero from n up to width. Returns the weights out = a @ v takes:
+// att_row itself, or with dropout (drop_p > 0) att_row * mask / (1 - p) in the calling thread's scratch,
+// the mask of column j drawn from drop_key at index att_index + j.
+template <typename real>
+static const real* attention_softmax_row(real* att_row, const real* q, const real* kT, size_t ld, int hs, int n, int width,
+                                         real scale, float drop_p, uint64_t drop_key, size_t att_index) {
+    for (int k0 = 0; k0 < n; k0 += ATT_KEYS) { attention_dot_block(att_row + k0, q, kT + k0, ld, hs, std::min(ATT_KEYS, n - k0)); }
+    for (int j = 0; j < n; j++) { att_row[j] *= scale; }
+    real maxval = max_lanes(att_row, n);
+    real inv = 1 / sum_exp_lanes(att_row, n, maxval);
+    for (int j = 0; j < width; j++) { att_row[j] = j < n ? exp_fast(att_row[j] - maxval) * inv : 0; }
+    if (drop_p <= 0) return att_row;
+    static thread_local std::vector<real> a_buf;
+    a_buf.resize(width);
+    real drop_scale = 1 / (1 - (real)drop_p);
+    for (int j = 0; j < n; j++) { a_buf[j] = dropout_keep(drop_key, att_index + j, drop_p) ? att_row[j] * drop_scale : 0; }
+    return a_buf.data();
+}
+
 // qkv (B,T,3C) with q|k|v along channels -> out (B,T,C); att (B,NH,T,T) post-softmax weights cached
 // Queries are positions t0..T-1 of each sequence, keys and values all T positions: t0 = 0 in training;
 // generation with a key/value cache passes the cached rows as qkv and t0 = the first new position, so
@@ -349,7 +369,6 @@ void attention_forward(real* out, real* att, const real* qkv, int B, int T, int 
                        float drop_p = 0, uint64_t drop_key = 0) {
     int hs = C / NH, Tq = T - t0;
     real scale = 1 / std::sqrt((real)hs);
-    real drop_scale = 1 / (1 - (real)drop_p);
     // parallel over (b, h): each thread owns head h of sequence b, its rows of att and its slice of out
     #pragma omp parallel for collapse(2)
     for (int b = 0; b < B; b++) {
@@ -359,23 +378,8 @@ void attention_forward(real* out, real* att, const real* qkv, int B, int T, int 
             for (int t = t0; t < T; t++) {
                 const real* q = qkv + ((size_t)b * T + t) * 3 * C + h * hs;
                 real* att_bth = att + (((size_t)b * NH + h) * Tq + (t - t0)) * T;
-                // pre-softmax scores, causal: only t2 <= t: s[t2] = scale * q . k[t2], a block of keys at a time
-                for (int k0 = 0; k0 <= t; k0 += ATT_KEYS) { attention_dot_block(att_bth + k0, q, kT + k0, ld, hs, std::min(ATT_KEYS, t + 1 - k0)); }
-                for (int t2 = 0; t2 <= t; t2++) { att_bth[t2] *= scale; }
-                // softmax over t2 <= t; the rest of the row is 0
-                real maxval = max_lanes(att_bth, t + 1);
-                real inv = 1 / sum_exp_lanes(att_bth, t + 1, maxval);
-                for (int t2 = 0; t2 < T; t2++) { att_bth[t2] = t2 <= t ? exp_fast(att_bth[t2] - maxval) * inv : 0; }
-                // out = a @ v, a = att (or with dropout, att * mask / (1 - p), into a scratch row)
-                const real* a = att_bth;
-                if (drop_p > 0) {
-                    static thread_local std::vector<real> a_buf;
-                    a_buf.resize(T);
-                    for (int t2 = 0; t2 <= t; t2++) {
-                        a_buf[t2] = dropout_keep(drop_key, (size_t)(att_bth - att) + t2, drop_p) ? att_bth[t2] * drop_scale : 0;
-                    }
-                    a = a_buf.data();
-                }
+                // causal: keys t2 <= t are visible; out = a @ v (a: att, with dropout's mask when -R)
+                const real* a = attention_softmax_row(att_bth, q, kT, ld, hs, t + 1, T, scale, drop_p, drop_key, (size_t)(att_bth - att));
                 real* out_bth = out + ((size_t)b * Tq + (t - t0)) * C + h * hs;
                 for (int i = 0; i < hs; i++) { out_bth[i] = 0; }
                 attention_rows_sum(out_bth, a, qkv + (size_t)b * T * 3 * C + 2 * C + h * hs, (size_t)3 * C, t + 1, hs);
@@ -1618,8 +1622,7 @@ static float gpt2_validate(GPT2<float>* model, DataLoader* val, int batches) {
 
 // samples from softmax(logits[0..V) / temperature); coin in [0, 1)
 static int sample_softmax(const float* logits, int V, float temperature, float coin) {
-    float maxval = -1e30f;
-    for (int v = 0; v < V; v++) { if (logits[v] > maxval) maxval = logits[v]; }
+    float maxval = max_lanes(logits, V);
     double sum = 0;
     for (int v = 0; v < V; v++) { sum += exp((logits[v] - maxval) / temperature); }
     double cdf = 0, target = coin * sum;

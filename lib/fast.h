@@ -116,7 +116,7 @@ static double matmul_clock() {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-// per-thread pack buffer (Bmat slice KC x NC, then A slice MC x KC), allocated on the thread's first
+// per-thread pack buffer (Bmat slice KC x the wider NC, then A slice MC x KC), allocated on the thread's first
 // matmul and reused for the life of the process: no allocation per step
 static float* matmul_pack_buffer() {
     static thread_local float* buf = NULL;
@@ -205,7 +205,7 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
     }
     tiles_m = (M + MC - 1) / MC, tiles_n = (N + NC - 1) / NC;
     // parallel over output tiles: each task writes only its own MC x NC block of Cmat and packs into
-    // its own thread's buffer, so there are no races and no atomics.
+    // its own thread's buffer, so there are no races and no atomics inside the loop.
     // When all of K is one slice (dweight: K = BT), a thread that takes a second tile of the same
     // columns in this call still holds their packed Bmat slice, and does not pack it again (the tiles
     // go down the rows first, so with 2 threads the LM head's 191 row tiles pack their slice twice, not 191 times)
@@ -221,7 +221,7 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
         static thread_local uint64_t packed_call = 0; // which call and columns this thread's Bp holds
         static thread_local int packed_j0 = -1;
         bool packed = K <= KC && packed_call == call && packed_j0 == j0;
-        packed_call = K <= KC ? call : 0;
+        packed_call = K <= KC ? call : 0; // (with K in several slices, Bp ends up holding only the last)
         packed_j0 = j0;
         for (int k0 = 0; k0 < K; k0 += KC) {
             int kc = std::min(KC, K - k0);

@@ -174,7 +174,6 @@ void attention_prefix_forward(real* out, real* att, const real* qkv, const real*
                               int B, int T, int C, int NH, int P, int t0 = 0, float drop_p = 0, uint64_t drop_key = 0) {
     int hs = C / NH, TP = P + T, Tq = T - t0; // queries t0..T-1, as in attention_forward
     real scale = 1 / std::sqrt((real)hs);
-    real drop_scale = 1 / (1 - (real)drop_p);
     // parallel over (b, h), with the same arithmetic as attention_forward (its helpers, in its order), so
     // that P = 0 gives attention_forward's bits
     #pragma omp parallel for collapse(2)
@@ -190,18 +189,7 @@ void attention_prefix_forward(real* out, real* att, const real* qkv, const real*
                 const real* q = qkv + ((size_t)b * T + t) * 3 * C + h * hs;
                 real* att_bth = att + (((size_t)b * NH + h) * Tq + (t - t0)) * TP;
                 int n = P + t + 1; // visible columns
-                for (int k0 = 0; k0 < n; k0 += ATT_KEYS) { attention_dot_block(att_bth + k0, q, kT + k0, ld, hs, std::min(ATT_KEYS, n - k0)); }
-                for (int j = 0; j < n; j++) { att_bth[j] *= scale; }
-                real maxval = max_lanes(att_bth, n);
-                real inv = 1 / sum_exp_lanes(att_bth, n, maxval);
-                for (int j = 0; j < TP; j++) { att_bth[j] = j < n ? exp_fast(att_bth[j] - maxval) * inv : 0; }
-                const real* a = att_bth;
-                if (drop_p > 0) {
-                    static thread_local std::vector<real> a_buf;
-                    a_buf.resize(TP);
-                    for (int j = 0; j < n; j++) { a_buf[j] = dropout_keep(drop_key, (size_t)(att_bth - att) + j, drop_p) ? att_bth[j] * drop_scale : 0; }
-                    a = a_buf.data();
-                }
+                const real* a = attention_softmax_row(att_bth, q, kT, ld, hs, n, TP, scale, drop_p, drop_key, (size_t)(att_bth - att));
                 // out = a @ [prefix_v; v]: the prefix rows, then the real ones, each out[i] summed in that order
                 real* out_bth = out + ((size_t)b * Tq + (t - t0)) * C + h * hs;
                 for (int i = 0; i < hs; i++) { out_bth[i] = 0; }
