@@ -1,5 +1,5 @@
 // lib/bf16.h: the frozen base in bf16 (-Q bf16) and its matmuls.
-//   bf16_round, bf16_widen           fp32 <-> bf16 (round to nearest even; NaN stays NaN)
+//   bf16_round, bf16_widen           fp32 <-> bf16 (round to nearest even; NaN stays NaN; bf16_widen is in lib/fast.h)
 //   matmul_bf16_forward_naive / _fast     out  (BT,OC) = inp (BT,C) @ W^T + bias, W (OC,C) in bf16
 //   matmul_bf16_backward_naive / _fast    dinp (BT,C) += dout (BT,OC) @ W
 //   matmul_bf16_path                      which of the two fast paths this build runs (for the log)
@@ -8,8 +8,8 @@
 //     to bf16 while they are packed, and vdpbf16ps multiplies pairs of bf16 and accumulates in fp32
 //     (two products per fp32 lane, twice the fp32 FMA rate). The forward reads the weight where it lies
 //     (gemm_bf16_dot_rows: no packing and no copy of W); dinp packs pairs of W's rows per tile (gemm_bf16_dot);
-//   otherwise: the bf16 weights are widened to fp32 a chunk at a time and the fp32 GEMM of lib/fast.h
-//     runs on them (the memory saving, at fp32 speed; the activations stay fp32).
+//   otherwise: lib/fast.h's fp32 GEMM, which widens the bf16 weights to fp32 as it packs its panels
+//     (the memory saving, at fp32 speed; the activations stay fp32).
 // The naive twins round exactly as the fast path of the build does, so a test compares them. (One
 // difference they do not model: vdpbf16ps reads bf16 denormals, below 1.2e-38, as zero.)
 // Like lib/fast.h's, these matmuls are called from one thread (the model's) and parallelize inside.
@@ -25,7 +25,7 @@
 #else
 #define BF16_DOT 0
 #endif
-#include "fast.h" // matmul_gemm (the widened path), matmul_stats, matmul_clock, transpose16_32bit
+#include "fast.h" // bf16_widen, matmul_gemm (the widened path), matmul_stats, matmul_clock, transpose16_32bit
 
 // fp32 -> bf16, the top 16 bits, rounded to nearest even: add 0x7FFF plus the lowest kept bit, then
 // truncate. Denormals round the same way (no flushing); a carry out of the largest finite values gives
@@ -38,14 +38,6 @@ static inline uint16_t bf16_round(float x) {
     uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     uint32_t quiet_nan = (u >> 16) | 0x0040u; // NaN: keep the top bits, set the quiet bit
     return (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded);
-}
-
-// bf16 -> fp32, exact: the bits become the top half of a float
-static inline float bf16_widen(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float x;
-    memcpy(&x, &u, sizeof(x));
-    return x;
 }
 
 // an activation as the bf16 matmul of this build sees it: rounded to bf16 with dot products, as is otherwise
@@ -342,29 +334,11 @@ static void gemm_bf16_dot(int M, int N, int K, const float* A, size_t lda, const
 #endif
 
 // ---- the fast path without AVX512_BF16 (compiled everywhere, so the tests check it on any CPU)
-// Cmat (M,N) += A (M,K) @ Bmat (K,N) with Bmat(k,j) = W[k*rsb + j*csb] in bf16: widened a chunk of the
-// weight at a time (about 4 MB of fp32) and handed to the fp32 GEMM. W is (rows, cols) row-major, so
-// either rsb == 1 (the forward: chunks of W's rows are chunks of N) or csb == 1 (dinp: chunks of K).
+// Cmat (M,N) += A (M,K) @ Bmat (K,N) with Bmat(k,j) = W[k*rsb + j*csb] in bf16: lib/fast.h's fp32 GEMM,
+// which widens the bf16 weight as it packs its panels (no fp32 copy of the weight)
 static void gemm_bf16_widened(int M, int N, int K, const float* A, size_t lda, const uint16_t* W, size_t rsb, size_t csb,
                               float* Cmat, size_t ldc) {
-    static thread_local std::vector<float> chunk;
-    if (rsb == 1) { // W (N, K): rows j0.. of W are columns j0.. of Bmat
-        int rows = std::max(1, (1 << 20) / K);
-        for (int j0 = 0; j0 < N; j0 += rows) {
-            int nj = std::min(rows, N - j0);
-            chunk.resize((size_t)nj * K);
-            for (size_t i = 0; i < (size_t)nj * K; i++) { chunk[i] = bf16_widen(W[(size_t)j0 * K + i]); }
-            matmul_gemm(M, nj, K, 1.0f, A, lda, 1, chunk.data(), 1, (size_t)K, Cmat + j0, ldc);
-        }
-    } else {        // W (K, N): rows k0.. of W are rows k0.. of Bmat
-        int rows = std::max(1, (1 << 20) / N);
-        for (int k0 = 0; k0 < K; k0 += rows) {
-            int nk = std::min(rows, K - k0);
-            chunk.resize((size_t)nk * N);
-            for (size_t i = 0; i < (size_t)nk * N; i++) { chunk[i] = bf16_widen(W[(size_t)k0 * N + i]); }
-            matmul_gemm(M, N, nk, 1.0f, A + k0, lda, 1, chunk.data(), (size_t)N, 1, Cmat, ldc);
-        }
-    }
+    matmul_gemm(M, N, K, 1.0f, A, lda, 1, W, rsb, csb, Cmat, ldc);
 }
 
 // Cmat (M,N) += A (M,K) @ Bmat (K,N), Bmat in bf16 as above: the build's fast path

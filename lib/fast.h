@@ -2,7 +2,8 @@
 // matmul_backward and lora.h's lora_forward / lora_backward call these for float (the program) and
 // their naive twins for double (the finite-difference tests); test_lora.cpp compares each pair.
 //   dot_lanes, exp_fast            vectorizable dot product and exp (used by the naive kernels too)
-//   matmul_gemm                    one BLIS-style blocked GEMM for every matmul of a step
+//   bf16_widen                     bf16 bits -> fp32, exact (lib/bf16.h's storage; the GEMM widens it while packing)
+//   matmul_gemm                    one BLIS-style blocked GEMM for every matmul of a step, its Bmat in fp32 or bf16
 //   transpose16_32bit              a 16 x 16 transpose of 32-bit words (AVX-512: the GEMM's packing, lib/bf16.h)
 //   matmul_forward_fast / _backward_fast, lora_forward_fast / _backward_fast
 #pragma once
@@ -13,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <time.h>
+#include <type_traits>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -70,6 +72,14 @@ static inline void transpose16_32bit(const uint32_t* src, size_t stride, uint32_
 }
 
 #endif
+
+// bf16 -> fp32, exact: the bits become the top half of a float
+static inline float bf16_widen(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float x;
+    memcpy(&x, &u, sizeof(x));
+    return x;
+}
 
 // ---- the blocked GEMM ----
 // One blocked GEMM serves forward, dinp, dweight and the LoRA branches:
@@ -175,10 +185,18 @@ static inline void matmul_micro_kernel(int kc, const float* A, size_t rsa, size_
     }
 }
 
+// one element of Bmat as the packed panels hold it: fp32 as it is, bf16 widened
+static inline float matmul_b_value(float x) { return x; }
+static inline float matmul_b_value(uint16_t h) { return bf16_widen(h); }
+
 // Cmat (M,N) += alpha * A (M,K) @ Bmat (K,N); A(i,k) = A[i*rsa + k*csa], Bmat(k,j) = Bmat[k*rsb + j*csb];
-// Cmat row-major with row stride ldc, must not alias A or Bmat.
+// Cmat row-major with row stride ldc, must not alias A or Bmat. Bmat is fp32 (Belem = float) or bf16
+// bits (Belem = uint16_t: -Q bf16's frozen weights on a CPU without bf16 dot products, lib/bf16.h),
+// widened to fp32 while its panels are packed, so the arithmetic is the same fp32 GEMM either way.
+template <typename Belem>
 static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t rsa, size_t csa,
-                        const float* Bmat, size_t rsb, size_t csb, float* Cmat, size_t ldc) {
+                        const Belem* Bmat, size_t rsb, size_t csb, float* Cmat, size_t ldc) {
+    constexpr bool fp32_b = std::is_same<Belem, float>::value;
     const int MR = MATMUL_MR, KC = MATMUL_KC;
     // a thin output (LoRA's h, dh and dlora_B: N = r columns) gets panels of one vector, not NR/VEC of
     // them, so that r = 8 does not pay for 48 columns
@@ -229,19 +247,28 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
             for (int p = 0; p < npanels && !packed; p++) {
                 float* dst = Bp + (size_t)p * NR * kc;
                 int ncols = std::min(NR, nc - p * NR);
-                const float* src = Bmat + (size_t)k0 * rsb + (size_t)(j0 + p * NR) * csb;
+                const Belem* src = Bmat + (size_t)k0 * rsb + (size_t)(j0 + p * NR) * csb;
                 if (csb == 1) { // the panel's rows are contiguous (dinp, dweight): copies of NR floats
                     for (int k = 0; k < kc; k++) {
-                        // (constant sizes, so the copies are inlined: a libc call per row of 16 or 48 floats cost more)
-                        if (ncols == NR && NR == MATMUL_NR) { memcpy(dst + (size_t)k * NR, src + (size_t)k * rsb, MATMUL_NR * sizeof(float)); continue; }
-                        if (ncols == NR && NR == MATMUL_VEC) { memcpy(dst + (size_t)k * NR, src + (size_t)k * rsb, MATMUL_VEC * sizeof(float)); continue; }
-                        for (int j = 0; j < NR; j++) { dst[(size_t)k * NR + j] = j < ncols ? src[(size_t)k * rsb + j] : 0.0f; }
+                        const Belem* src_k = src + (size_t)k * rsb;
+                        float* dst_k = dst + (size_t)k * NR;
+                        if constexpr (fp32_b) {
+                            // (constant sizes, so the copies are inlined: a libc call per row of 16 or 48 floats cost more)
+                            if (ncols == NR && NR == MATMUL_NR) { memcpy(dst_k, src_k, MATMUL_NR * sizeof(float)); continue; }
+                            if (ncols == NR && NR == MATMUL_VEC) { memcpy(dst_k, src_k, MATMUL_VEC * sizeof(float)); continue; }
+                        } else {
+                            if (ncols == NR && NR == MATMUL_NR) { // (a constant count, so the widening vectorizes)
+                                for (int j = 0; j < MATMUL_NR; j++) { dst_k[j] = matmul_b_value(src_k[j]); }
+                                continue;
+                            }
+                        }
+                        for (int j = 0; j < NR; j++) { dst_k[j] = j < ncols ? matmul_b_value(src_k[j]) : 0.0f; }
                     }
                 } else {        // its columns are (forward: rows of weight), so read along k: a transpose
                     int k_done = 0;
 #ifdef __AVX512F__
                     // a whole panel, by 16 x 16 transposes (16 of the weight's rows, 16 k of each)
-                    if (rsb == 1 && ncols == NR) {
+                    if (fp32_b && rsb == 1 && ncols == NR) {
                         for (; k_done + 16 <= kc; k_done += 16) {
                             for (int g = 0; g < NR / 16; g++) {
                                 transpose16_32bit((const uint32_t*)(src + (size_t)(16 * g) * csb + k_done), csb,
@@ -251,7 +278,7 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
                     }
 #endif
                     for (int j = 0; j < NR; j++) {
-                        for (int k = k_done; k < kc; k++) { dst[(size_t)k * NR + j] = j < ncols ? src[(size_t)j * csb + (size_t)k * rsb] : 0.0f; }
+                        for (int k = k_done; k < kc; k++) { dst[(size_t)k * NR + j] = j < ncols ? matmul_b_value(src[(size_t)j * csb + (size_t)k * rsb]) : 0.0f; }
                     }
                 }
             }
