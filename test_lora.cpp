@@ -3455,6 +3455,15 @@ TEST_CASE("checkpoint reader: missing, wrong magic, wrong version, truncated and
     CHECK(has(err, "token file"));
     CHECK(has(err, "HINT"));
 
+    // a safetensors file (its JSON header starts at byte 8; read_llmc_header, shared by every llm.c reader)
+    bad = bytes;
+    const std::string st_head = std::string("\x08\0\0\0\0\0\0\0", 8) + "{\"a\":{}}";
+    memcpy(bad.data(), st_head.data(), st_head.size());
+    write_bytes(dir.file("model.safetensors"), bad.data(), bad.size());
+    err = gpt2_read_checkpoint(&model, dir.file("model.safetensors").c_str());
+    CHECK(has(err, "safetensors"));
+    CHECK(has(err, "model.safetensors"));
+
     bad = bytes;
     ((int*)bad.data())[1] = 5;
     write_bytes(dir.file("version.bin"), bad.data(), bad.size());

@@ -211,19 +211,10 @@ static std::string lora_file_read(const char* path, GPT2<float>* model, uint64_t
     const char* hint = "pass an adapter.bin written by train_gpt2_lora -o (or a PEFT adapter directory) with -A";
     *has_state = false;
     FILE* f = NULL;
-    std::string err = open_for_reading(path, "adapter file", hint, &f);
-    if (!err.empty()) return err;
     long size = 0;
-    err = file_size_of(f, path, &size);
     int header[256];
-    if (err.empty() && (size < (long)sizeof(header) || fread(header, sizeof(header), 1, f) != 1)) {
-        err = strprintf("adapter file '%s' is truncated: %ld bytes, shorter than the 1024-byte header\n---> HINT: %s", path, size, hint);
-    }
-    if (err.empty() && header[0] != ADAPTER_MAGIC) {
-        bool json_at_8 = ((const char*)header)[8] == '{';
-        err = strprintf("adapter file '%s' has magic %d, expected %d; it is %s\n---> HINT: %s", path, header[0], ADAPTER_MAGIC,
-                        json_at_8 ? "probably a safetensors file (pass the PEFT adapter's directory to -A instead)" : describe_magic(header[0]), hint);
-    }
+    std::string err = read_llmc_header(path, "adapter file", ADAPTER_MAGIC, hint, &f, &size, header);
+    if (f == NULL) return err;
     if (err.empty() && header[1] != ADAPTER_VERSION) {
         err = strprintf("adapter file '%s' has version %d, expected %d\n---> HINT: re-save it with this train_gpt2_lora", path, header[1], ADAPTER_VERSION);
     }

@@ -4,7 +4,7 @@
 // Not a standalone header: the trainer includes it after the model (GPT2, gpt2_init_empty).
 #pragma once
 
-#include "files.h" // open_for_reading, file_size_of, write_atomically, CHECKPOINT_MAGIC
+#include "files.h" // read_llmc_header, write_atomically, CHECKPOINT_MAGIC
 
 // reads an llm.c checkpoint into a fresh model: version 3 holds the parameters as fp32, version 5 as bf16
 // (2 bytes each, the same order and header), which are widened exactly to fp32 here; -Q bf16 rounds them
@@ -17,17 +17,10 @@ template <typename real>
 std::string gpt2_read_checkpoint(GPT2<real>* model, const char* path, bool leave_block_matrices = false) {
     const char* hint = "pass an llm.c checkpoint (fp32 version 3 or bf16 version 5) with -e: data/gpt2_124M.bin is llm.c's starter pack (dev/download_starter_pack.sh, online); offline, `make run` pretrains data/brown_base.bin";
     FILE* f = NULL;
-    std::string err = open_for_reading(path, "checkpoint", hint, &f);
-    if (!err.empty()) return err;
     long size = 0;
-    err = file_size_of(f, path, &size);
     int header[256];
-    if (err.empty() && (size < (long)sizeof(header) || fread(header, sizeof(header), 1, f) != 1)) {
-        err = strprintf("checkpoint '%s' is truncated: %ld bytes, shorter than the 1024-byte header\n---> HINT: %s", path, size, hint);
-    }
-    if (err.empty() && header[0] != CHECKPOINT_MAGIC) {
-        err = strprintf("checkpoint '%s' has magic %d, expected %d; it is %s\n---> HINT: %s", path, header[0], CHECKPOINT_MAGIC, describe_magic(header[0]), hint);
-    }
+    std::string err = read_llmc_header(path, "checkpoint", CHECKPOINT_MAGIC, hint, &f, &size, header);
+    if (f == NULL) return err;
     if (err.empty() && header[1] != 3 && header[1] != 5) {
         err = strprintf("checkpoint '%s' has version %d, expected 3 (fp32) or 5 (bf16)\n---> HINT: export an llm.c checkpoint (llm.c's train_gpt2.py writes gpt2_124M.bin as version 3 and gpt2_124M_bf16.bin as version 5)",
                         path, header[1]);

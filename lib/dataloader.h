@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <string>
 #include <vector>
-#include "files.h" // open_for_reading, file_size_of, TOKENS_MAGIC
+#include "files.h" // read_llmc_header, TOKENS_MAGIC
 #include "rng.h"   // the seeded shuffle
 
 // An llm.c token file, validated: every id must be < V of the model it will feed.
@@ -16,17 +16,10 @@ struct TokenFile {
 static std::string tokens_read(TokenFile* tf, const char* path, int V, const char* flag) {
     std::string hint = strprintf("pass an llm.c token file with %s (make data writes data/tiny_shakespeare_train.bin and _val.bin)", flag);
     FILE* f = NULL;
-    std::string err = open_for_reading(path, "token file", hint.c_str(), &f);
-    if (!err.empty()) return err;
     long size = 0;
-    err = file_size_of(f, path, &size);
     int header[256];
-    if (err.empty() && (size < (long)sizeof(header) || fread(header, sizeof(header), 1, f) != 1)) {
-        err = strprintf("token file '%s' is truncated: %ld bytes, shorter than the 1024-byte header\n---> HINT: %s", path, size, hint.c_str());
-    }
-    if (err.empty() && header[0] != TOKENS_MAGIC) {
-        err = strprintf("token file '%s' has magic %d, expected %d; it is %s\n---> HINT: %s", path, header[0], TOKENS_MAGIC, describe_magic(header[0]), hint.c_str());
-    }
+    std::string err = read_llmc_header(path, "token file", TOKENS_MAGIC, hint.c_str(), &f, &size, header);
+    if (f == NULL) return err;
     if (err.empty() && header[1] != 1) {
         err = strprintf("token file '%s' has version %d, expected 1\n---> HINT: %s", path, header[1], hint.c_str());
     }

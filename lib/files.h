@@ -70,6 +70,29 @@ static const char* describe_magic(int magic) {
     }
 }
 
+// Opens an llm.c-style file (what: "checkpoint", "token file", ...), whose first 1024 bytes are a header
+// of 256 int32 (header[0] the magic, header[1] the version, then the format's own fields), and checks what
+// every such reader checks: a regular file, at least a header long, with the expected magic (a wrong one is
+// named: another llm.c file, or a safetensors file, whose JSON header starts at byte 8). On success *f is
+// open just past the header and *size is the file's size; the version and the rest are the caller's to
+// check. On an error *f may still be open: the caller closes it, as after its own checks.
+static std::string read_llmc_header(const char* path, const char* what, int magic, const char* hint, FILE** f, long* size, int header[256]) {
+    std::string err = open_for_reading(path, what, hint, f);
+    if (!err.empty()) return err;
+    err = file_size_of(*f, path, size);
+    if (!err.empty()) return err;
+    const size_t header_bytes = 256 * sizeof(int);
+    if (*size < (long)header_bytes || fread(header, header_bytes, 1, *f) != 1) {
+        return strprintf("%s '%s' is truncated: %ld bytes, shorter than the 1024-byte header\n---> HINT: %s", what, path, *size, hint);
+    }
+    if (header[0] != magic) {
+        bool json_at_8 = ((const char*)header)[8] == '{';
+        return strprintf("%s '%s' has magic %d, expected %d; it is %s\n---> HINT: %s", what, path, header[0], magic,
+                         json_at_8 ? "probably a safetensors file (a PEFT adapter's directory is passed to -A)" : describe_magic(header[0]), hint);
+    }
+    return "";
+}
+
 // writes to path.tmp, then renames: a crash never leaves a half-written file under the real name
 static std::string write_atomically(const char* path, const std::vector<std::pair<const void*, size_t>>& parts) {
     std::string tmp = std::string(path) + ".tmp";

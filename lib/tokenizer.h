@@ -41,7 +41,7 @@
 #include <unordered_map>
 
 #include "unicode_classes.h" // the Unicode letter / number / space classes of the pre-tokenizer
-#include "files.h"           // read_text_file, write_atomically, TOKENIZER_MAGIC
+#include "files.h"           // read_llmc_header, read_text_file, write_atomically, TOKENIZER_MAGIC
 #include "json.h"            // encoder.json
 
 // ----------------------------------------------------------------------------
@@ -473,17 +473,10 @@ struct Tokenizer {
 static std::string tokenizer_read(Tokenizer* tok, const char* path) {
     const char* hint = "pass llm.c's gpt2_tokenizer.bin (make data writes data/gpt2_tokenizer.bin), or omit it to print token ids";
     FILE* f = NULL;
-    std::string err = open_for_reading(path, "tokenizer file", hint, &f);
-    if (!err.empty()) return err;
     long size = 0;
-    err = file_size_of(f, path, &size);
     int header[256];
-    if (err.empty() && (size < (long)sizeof(header) || fread(header, sizeof(header), 1, f) != 1)) {
-        err = strprintf("tokenizer file '%s' is truncated: %ld bytes, shorter than the 1024-byte header\n---> HINT: %s", path, size, hint);
-    }
-    if (err.empty() && header[0] != TOKENIZER_MAGIC) {
-        err = strprintf("tokenizer file '%s' has magic %d, expected %d; it is %s\n---> HINT: %s", path, header[0], TOKENIZER_MAGIC, describe_magic(header[0]), hint);
-    }
+    std::string err = read_llmc_header(path, "tokenizer file", TOKENIZER_MAGIC, hint, &f, &size, header);
+    if (f == NULL) return err;
     if (err.empty() && header[1] != 1 && header[1] != 2) {
         err = strprintf("tokenizer file '%s' has version %d, expected 1 or 2\n---> HINT: %s", path, header[1], hint);
     }
