@@ -5,6 +5,7 @@
 //   bf16_widen                     bf16 bits -> fp32, exact (lib/bf16.h's storage; the GEMM widens it while packing)
 //   matmul_gemm                    one BLIS-style blocked GEMM for every matmul of a step, its Bmat in fp32 or bf16
 //   transpose16_32bit              a 16 x 16 transpose of 32-bit words (AVX-512: the GEMM's packing, lib/bf16.h)
+//   matmul_low_rank                Cmat += alpha * A @ Bmat for a small K (LoRA's rank r), row by row
 //   matmul_forward_fast / _backward_fast, lora_forward_fast / _backward_fast
 #pragma once
 
@@ -15,6 +16,7 @@
 #include <cstring>
 #include <time.h>
 #include <type_traits>
+#include <vector>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -140,12 +142,13 @@ static float* matmul_pack_buffer() {
 
 // Cmat (m,n) += alpha * A (m,kc) @ Bp (kc,NR): one register block, m <= MR, n <= NR = NV vectors
 // (MATMUL_NR / MATMUL_VEC of them, or one for a thin output such as LoRA's r columns).
-// A(i,k) = A[i*rsa + k*csa]; Bp is a packed panel (row k at Bp + k*NR, zero past n, 64-byte aligned).
+// A(i,k) = A[i*rsa + k*csa]; Bp is a panel of NR columns, row k at Bp + k*ldb: packed (ldb = NR, zero
+// past n, 64-byte aligned) or, for a whole panel, Bmat itself (ldb = its row stride).
 // Rows past m re-read row m-1 and their sums are dropped, so one kernel serves every edge. Per k: NV
 // vector loads of Bp and MR broadcasts of A feed MR*NV vector FMAs (a * b + acc: contracted into one
 // FMA where the CPU has it, as GCC and Clang do by default); acc stays in registers for the whole slice.
 template <int NV>
-static inline void matmul_micro_kernel(int kc, const float* A, size_t rsa, size_t csa, const float* __restrict Bp,
+static inline void matmul_micro_kernel(int kc, const float* A, size_t rsa, size_t csa, const float* __restrict Bp, size_t ldb,
                                        float* Cmat, size_t ldc, int m, int n, float alpha) {
     const int MR = MATMUL_MR, VEC = MATMUL_VEC, NR = NV * VEC;
     const float* a_row[MR];
@@ -161,7 +164,7 @@ static inline void matmul_micro_kernel(int kc, const float* A, size_t rsa, size_
     }
     for (int k = 0; k < kc; k++) {
         matmul_vec b[NV];
-        for (int v = 0; v < NV; v++) { memcpy(&b[v], Bp + (size_t)k * NR + v * VEC, sizeof(matmul_vec)); }
+        for (int v = 0; v < NV; v++) { memcpy(&b[v], Bp + (size_t)k * ldb + v * VEC, sizeof(matmul_vec)); }
         #pragma GCC unroll 16
         for (int i = 0; i < MR; i++) {
             // broadcast (x - 0 is x for every x, -0 included, so the compiler folds it away; 0 + x is not)
@@ -202,6 +205,9 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
     // them, so that r = 8 does not pay for 48 columns
     const bool thin = N <= MATMUL_VEC;
     const int NR = thin ? MATMUL_VEC : MATMUL_NR;
+    // a few rows of output (LoRA's dlora_A and dlora_B^T: M = r) use each panel of Bmat once or twice, so
+    // packing it would cost as much as the arithmetic: whole panels with contiguous rows are read in place
+    const bool b_in_place = fp32_b && csb == 1 && M <= 2 * MR;
     // wider tiles when A is packed too (dweight): its packing is shared by more columns, and the output's
     // rows are written in longer runs (the LM head's weight gradient, 154 MB, streams through memory)
     int NC = csa != 1 ? MATMUL_NC_PACKED_A : MATMUL_NC, MC = MATMUL_MC;
@@ -247,6 +253,7 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
             for (int p = 0; p < npanels && !packed; p++) {
                 float* dst = Bp + (size_t)p * NR * kc;
                 int ncols = std::min(NR, nc - p * NR);
+                if (b_in_place && ncols == NR) continue;
                 const Belem* src = Bmat + (size_t)k0 * rsb + (size_t)(j0 + p * NR) * csb;
                 if (csb == 1) { // the panel's rows are contiguous (dinp, dweight): copies of NR floats
                     for (int k = 0; k < kc; k++) {
@@ -307,12 +314,56 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
                 const float* a_strip = A_blk + (size_t)(i / MR) * strip;
                 for (int p = 0; p < npanels; p++) {
                     float* c_blk = Cmat + (size_t)(i0 + i) * ldc + (j0 + p * NR);
-                    const float* b_panel = Bp + (size_t)p * NR * kc;
                     int m = std::min(MR, mc - i), n = std::min(NR, nc - p * NR);
-                    if (thin) matmul_micro_kernel<1>(kc, a_strip, rs, cs, b_panel, c_blk, ldc, m, n, alpha);
-                    else matmul_micro_kernel<MATMUL_NR / MATMUL_VEC>(kc, a_strip, rs, cs, b_panel, c_blk, ldc, m, n, alpha);
+                    const float* b_panel = Bp + (size_t)p * NR * kc;
+                    size_t ldb = NR;
+                    if constexpr (fp32_b) {
+                        if (b_in_place && n == NR) { b_panel = Bmat + (size_t)k0 * rsb + (j0 + p * NR); ldb = rsb; }
+                    }
+                    if (thin) matmul_micro_kernel<1>(kc, a_strip, rs, cs, b_panel, ldb, c_blk, ldc, m, n, alpha);
+                    else matmul_micro_kernel<MATMUL_NR / MATMUL_VEC>(kc, a_strip, rs, cs, b_panel, ldb, c_blk, ldc, m, n, alpha);
                 }
             }
+        }
+    }
+}
+
+// Cmat (M,N) += alpha * A (M,K) @ Bmat (K,N), all row-major and contiguous, for a small K (LoRA's
+// out += scale * h @ lora_B^T and dinp += dh @ lora_A: K = r). The GEMM above would spend most of its
+// time on Cmat: K steps of arithmetic per register block, against a read and a write of the block, six or
+// eight rows apart. Here each row of Cmat is formed in a row buffer (K passes over Bmat's rows, which
+// stay in cache) and then added into Cmat in one sequential pass, which the hardware prefetches. Each
+// output is the same sum over k in order as in matmul_gemm, then alpha times it added to Cmat.
+static void matmul_low_rank(int M, int N, int K, float alpha, const float* A, const float* Bmat, float* Cmat) {
+    const int NB = 1024; // columns per row buffer (4 KB, in L1), and per pass over Bmat (K x NB floats)
+    // parallel over rows: each thread writes only its own rows of Cmat
+    #pragma omp parallel for
+    for (int i = 0; i < M; i++) {
+        float acc[NB];
+        const float* a = A + (size_t)i * K;
+        float* c = Cmat + (size_t)i * N;
+        for (int j0 = 0; j0 < N; j0 += NB) {
+            int nb = std::min(NB, N - j0);
+            for (int j = 0; j < nb; j++) { acc[j] = 0.0f; }
+            int k = 0;
+            for (; k + 4 <= K; k += 4) { // four k per pass over acc (each acc[j] still takes them in order)
+                const float* b = Bmat + (size_t)k * N + j0;
+                float a0 = a[k], a1 = a[k + 1], a2 = a[k + 2], a3 = a[k + 3];
+                for (int j = 0; j < nb; j++) {
+                    float s = acc[j];
+                    s += a0 * b[j];
+                    s += a1 * b[N + j];
+                    s += a2 * b[2 * (size_t)N + j];
+                    s += a3 * b[3 * (size_t)N + j];
+                    acc[j] = s;
+                }
+            }
+            for (; k < K; k++) {
+                float a_ik = a[k];
+                const float* b = Bmat + (size_t)k * N + j0;
+                for (int j = 0; j < nb; j++) { acc[j] += a_ik * b[j]; }
+            }
+            for (int j = 0; j < nb; j++) { c[j0 + j] += alpha * acc[j]; }
         }
     }
 }
@@ -381,8 +432,13 @@ void lora_forward_fast(float* out, float* h, const float* inp, const float* lora
     // h = inp @ lora_A^T: Bmat(c,i) = lora_A[i*C + c]
     memset(h, 0, (size_t)BT * r * sizeof(float));
     matmul_gemm(BT, r, C, 1.0f, inp, C, 1, lora_A, 1, C, h, r);
-    // out += scale * h @ lora_B^T: Bmat(i,o) = lora_B[o*r + i]
-    matmul_gemm(BT, OC, r, scale, h, r, 1, lora_B, 1, r, out, OC);
+    // out += scale * h @ lora_B^T: a rank-r update of out, with lora_B^T (r,OC) written out first
+    static std::vector<float> lora_B_t; // (scratch: the model calls its matmuls from one thread)
+    lora_B_t.resize((size_t)r * OC);
+    for (int o = 0; o < OC; o++) {
+        for (int i = 0; i < r; i++) { lora_B_t[(size_t)i * OC + o] = lora_B[(size_t)o * r + i]; }
+    }
+    matmul_low_rank(BT, OC, r, scale, h, lora_B_t.data(), out);
 }
 
 // dout (BT,OC), h (BT,r), inp (BT,C), lora_A (r,C), lora_B (OC,r)
@@ -390,15 +446,29 @@ void lora_forward_fast(float* out, float* h, const float* inp, const float* lora
 void lora_backward_fast(float* dinp, float* dlora_A, float* dlora_B, float* dh, const float* dout, const float* h,
                         const float* inp, const float* lora_A, const float* lora_B, float scale, int BT, int C, int OC, int r) {
     // forward was: out += scale * h @ lora_B^T with h = inp @ lora_A^T; so now:
-    // dlora_B (OC,r) += scale * dout^T @ h, with A(o,bt) = dout[bt*OC + o]
-    matmul_gemm(OC, r, BT, scale, dout, 1, OC, h, r, 1, dlora_B, r);
+    // dlora_B (OC,r) += scale * dout^T @ h. As written, r is the output's width: panels of whole vectors,
+    // and A = dout^T strided (a cache line per element of a column). Its transpose dlora_B^T (r,OC) =
+    // scale * h^T @ dout makes r the height, in MR-row strips, with dout's rows read in place as Bmat.
+    // Whichever pads r less does the work (AVX-512, r = 8: the transpose, one 8-row strip against 16-wide
+    // vectors; AVX2: 8-wide vectors against 6-row strips); the transpose goes through a scratch.
+    const int r_as_rows = (r + MATMUL_MR - 1) / MATMUL_MR * MATMUL_MR, r_as_cols = (r + MATMUL_VEC - 1) / MATMUL_VEC * MATMUL_VEC;
+    if (r_as_rows <= r_as_cols) {
+        static std::vector<float> dlora_B_t; // (scratch: the model calls its matmuls from one thread)
+        dlora_B_t.assign((size_t)r * OC, 0.0f);
+        matmul_gemm(r, OC, BT, scale, h, 1, r, dout, OC, 1, dlora_B_t.data(), OC);
+        for (int o = 0; o < OC; o++) {
+            for (int i = 0; i < r; i++) { dlora_B[(size_t)o * r + i] += dlora_B_t[(size_t)i * OC + o]; }
+        }
+    } else {
+        matmul_gemm(OC, r, BT, scale, dout, 1, OC, h, r, 1, dlora_B, r);
+    }
     // dh (BT,r) = scale * dout @ lora_B
     memset(dh, 0, (size_t)BT * r * sizeof(float));
     matmul_gemm(BT, r, OC, scale, dout, OC, 1, lora_B, r, 1, dh, r);
     // dlora_A (r,C) += dh^T @ inp, with A(i,bt) = dh[bt*r + i]
     matmul_gemm(r, C, BT, 1.0f, dh, 1, r, inp, C, 1, dlora_A, C);
-    // dinp (BT,C) += dh @ lora_A
-    if (dinp != NULL) matmul_gemm(BT, C, r, 1.0f, dh, r, 1, lora_A, C, 1, dinp, C);
+    // dinp (BT,C) += dh @ lora_A, a rank-r update
+    if (dinp != NULL) matmul_low_rank(BT, C, r, 1.0f, dh, lora_A, dinp);
 }
 
 // exp(x) for x <= 0, which is all the softmaxes and GELU need (x - max, and -2|u| for tanh). Double
