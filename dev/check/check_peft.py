@@ -120,6 +120,25 @@ def check_loaded_tensors(pmodel, adapter_dir):
     return checked
 
 
+def peft_train(ckpt, config, ids, steps, lr, out, after_step=None):
+    """PEFT's own training: the adapter of config on the checkpoint, steps AdamW steps on ids (the batch is its
+    own labels), after_step(model, step) after each optimizer step; saved to out. Returns (model in eval, out)."""
+    pmodel = peft.get_peft_model(hf_model_from_llmc(ckpt), config)
+    opt = torch.optim.AdamW([p for p in pmodel.parameters() if p.requires_grad], lr=lr)
+    x = torch.tensor([ids])
+    pmodel.train()
+    for step in range(steps):
+        loss = pmodel(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step(pmodel, step)
+        opt.zero_grad()
+    pmodel.eval()
+    pmodel.save_pretrained(out)
+    return pmodel, out
+
+
 def main():
     ckpt, tool, ids_arg, work = sys.argv[1:5]
     adapters = sys.argv[5:]
@@ -141,40 +160,19 @@ def main():
         ok &= compare(label, ours_logits(tool, ckpt, d, ids, f"{work}/ours.f32", V), their_logits(pmodel, ids), base_logits)
 
     # 3. an adapter made and trained by PEFT, loaded by us
+    targets = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
     for use_rslora in (False, True):
-        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
-                                 fan_in_fan_out=True, lora_dropout=0.0, use_rslora=use_rslora, task_type="CAUSAL_LM")
-        pmodel = peft.get_peft_model(hf_model_from_llmc(ckpt), config)
-        opt = torch.optim.AdamW([p for p in pmodel.parameters() if p.requires_grad], lr=1e-2)
-        x = torch.tensor([ids])
-        pmodel.train()
-        for _ in range(5):
-            loss = pmodel(x, labels=x).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        pmodel.eval()
-        out = f"{work}/peft_made_rslora{int(use_rslora)}"
-        pmodel.save_pretrained(out)
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=True, lora_dropout=0.0,
+                                 use_rslora=use_rslora, task_type="CAUSAL_LM")
+        pmodel, out = peft_train(ckpt, config, ids, steps=5, lr=1e-2, out=f"{work}/peft_made_rslora{int(use_rslora)}")
         label = f"PEFT-made adapter (r=4, use_rslora={use_rslora}, 5 AdamW steps) loaded with -A"
         ok &= compare(label, ours_logits(tool, ckpt, out, ids, f"{work}/ours.f32", V), their_logits(pmodel, ids), base_logits)
     # an AdaLoRA made by PEFT: 8 steps, the budget falling from init_r 4 to target_r 2 from step 2 to 6
-    targets = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
     config = peft.AdaLoraConfig(init_r=4, target_r=2, tinit=2, tfinal=2, deltaT=1, total_step=8, lora_alpha=8,
                                 target_modules=targets, fan_in_fan_out=True, lora_dropout=0.0, task_type="CAUSAL_LM")
-    pmodel = peft.get_peft_model(hf_model_from_llmc(ckpt), config)
-    opt = torch.optim.AdamW([p for p in pmodel.parameters() if p.requires_grad], lr=5e-2)  # lora_E starts at 0: a large lr moves it
-    x = torch.tensor([ids])
-    pmodel.train()
-    for step in range(8):
-        loss = pmodel(x, labels=x).loss
-        loss.backward()
-        opt.step()
-        pmodel.base_model.update_and_allocate(step)
-        opt.zero_grad()
-    pmodel.eval()
-    out = f"{work}/peft_made_adalora"
-    pmodel.save_pretrained(out)
+    # (lora_E starts at 0: a large lr moves it; update_and_allocate runs after each step, before zero_grad, as PEFT asks)
+    pmodel, out = peft_train(ckpt, config, ids, steps=8, lr=5e-2, out=f"{work}/peft_made_adalora",
+                             after_step=lambda m, step: m.base_model.update_and_allocate(step))
     kept = sum(map(sum, json.load(open(os.path.join(out, "adapter_config.json")))["rank_pattern"].values()))
     label = f"PEFT-made AdaLoRA (init_r=4, target_r=2, 8 steps with update_and_allocate, {kept} triplets kept) loaded with -A"
     ok &= compare(label, ours_logits(tool, ckpt, out, ids, f"{work}/ours.f32", V), their_logits(pmodel, ids), base_logits)
