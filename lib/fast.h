@@ -5,6 +5,7 @@
 //   bf16_widen                     bf16 bits -> fp32, exact (lib/bf16.h's storage; the GEMM widens it while packing)
 //   matmul_gemm                    one BLIS-style blocked GEMM for every matmul of a step, its Bmat in fp32 or bf16
 //   transpose16_32bit              a 16 x 16 transpose of 32-bit words (AVX-512: the GEMM's packing, lib/bf16.h)
+//   transpose8_32bit               an 8 x 8 one (AVX without AVX-512: the GEMM's packing)
 //   matmul_low_rank                Cmat += alpha * A @ Bmat for a small K (LoRA's rank r), row by row
 //   matmul_forward_fast / _backward_fast, lora_forward_fast / _backward_fast
 #pragma once
@@ -21,8 +22,8 @@
 #include <omp.h>
 #endif
 #include "utils.h" // die
-#ifdef __AVX512F__
-#include <immintrin.h> // transpose16_32bit's shuffles
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h> // the shuffles of transpose16_32bit / transpose8_32bit
 #endif
 
 // a . b over n elements in 8 interleaved partial sums (lane j sums elements j, j+8, ...), added up at
@@ -71,6 +72,29 @@ static inline void transpose16_32bit(const uint32_t* src, size_t stride, uint32_
         r[j + 8] = _mm512_mask_shuffle_i32x4(t[j], all16, t[j], t[j + 8], 0xdd);
     }
     for (int i = 0; i < 16; i++) _mm512_storeu_si512(dst + (size_t)i * dstride, r[i]);
+}
+
+#elif defined(__AVX__)
+// dst[p * dstride + j] = src[j * stride + p] for j, p < 8: an 8 x 8 transpose of 32-bit words in three
+// rounds of shuffles (pairs of words, pairs of pairs, then 128-bit halves)
+static inline void transpose8_32bit(const float* src, size_t stride, float* dst, size_t dstride) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + (size_t)i * stride);
+    for (int i = 0; i < 8; i += 2) { // rows a, b -> a0 b0 a1 b1 | a4 b4 a5 b5 and a2 b2 a3 b3 | a6 b6 a7 b7
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) { // -> a0 b0 c0 d0 | a4 b4 c4 d4, and likewise for 1, 2, 3
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; j++) { // rows a-d of column j with rows e-h of it; column j + 4 from the high halves
+        t[j] = _mm256_permute2f128_ps(r[j], r[j + 4], 0x20);
+        t[j + 4] = _mm256_permute2f128_ps(r[j], r[j + 4], 0x31);
+    }
+    for (int i = 0; i < 8; i++) _mm256_storeu_ps(dst + (size_t)i * dstride, t[i]);
 }
 
 #endif
@@ -280,6 +304,17 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
                             for (int g = 0; g < NR / 16; g++) {
                                 transpose16_32bit((const uint32_t*)(src + (size_t)(16 * g) * csb + k_done), csb,
                                                   (uint32_t*)(dst + (size_t)k_done * NR + 16 * g), (size_t)NR);
+                            }
+                        }
+                    }
+#elif defined(__AVX__)
+                    // a whole panel, by 8 x 8 transposes
+                    if constexpr (fp32_b) {
+                        if (rsb == 1 && ncols == NR) {
+                            for (; k_done + 8 <= kc; k_done += 8) {
+                                for (int g = 0; g < NR / 8; g++) {
+                                    transpose8_32bit(src + (size_t)(8 * g) * csb + k_done, csb, dst + (size_t)k_done * NR + 8 * g, (size_t)NR);
+                                }
                             }
                         }
                     }
