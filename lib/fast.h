@@ -108,7 +108,7 @@ static inline float bf16_widen(uint16_t h) {
 }
 
 // ---- the blocked GEMM ----
-// One blocked GEMM serves forward, dinp, dweight and the LoRA branches:
+// One blocked GEMM serves forward, dinp, dweight and the LoRA branches (but their rank-r updates: matmul_low_rank):
 //   Cmat (M,N) += alpha * A (M,K) @ Bmat (K,N), each operand given by strides, so that
 //   forward  out  (BT,OC) += inp  (BT,C)    @ weight^T (C,OC)
 //   dinp     dinp (BT,C)  += dout (BT,OC)   @ weight   (OC,C)
@@ -225,7 +225,7 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
                         const Belem* Bmat, size_t rsb, size_t csb, float* Cmat, size_t ldc) {
     constexpr bool fp32_b = std::is_same<Belem, float>::value;
     const int MR = MATMUL_MR, KC = MATMUL_KC;
-    // a thin output (LoRA's h, dh and dlora_B: N = r columns) gets panels of one vector, not NR/VEC of
+    // a thin output (LoRA's h, dh, and dlora_B where r pads less as columns: N = r) gets panels of one vector, not NR/VEC of
     // them, so that r = 8 does not pay for 48 columns
     const bool thin = N <= MATMUL_VEC;
     const int NR = thin ? MATMUL_VEC : MATMUL_NR;
