@@ -65,4 +65,4 @@ test: $(BUILD)/test_lora $(TRAIN)
 clean:
 	rm -rf build train_gpt2_lora
 
--include dev/data.mk dev/twin.mk dev/bench.mk dev/asan.mk dev/fuzz.mk dev/run.mk dev/compare.mk dev/check.mk
+-include dev/data.mk dev/twin.mk dev/bench.mk dev/asan.mk dev/isa.mk dev/fuzz.mk dev/run.mk dev/compare.mk dev/check.mk
