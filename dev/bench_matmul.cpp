@@ -2,6 +2,7 @@
 // plus a correctness check of every fast kernel against its naive twin. The bf16 rows (-Q bf16's
 // frozen matmuls: forward and dinp with bf16 weights, lib/bf16.h) are set beside the same sgemm.
 // Dev-only: this is the one program that links OpenBLAS (-lopenblas); the main build never does.
+// Every kernel is timed twice: with its weight in cache, and cold (a new copy per call, as in a step).
 // Built and run by `make bench` (dev/bench.mk, dev/bench.sh).
 #include <cstdio>
 #include <cstdint>
@@ -46,31 +47,44 @@ static const Shape shapes[] = { {768, 2304, "qkv"}, {768, 3072, "fc"}, {3072, 76
 static const char* kernel_names[3] = { "forward", "dinp", "dweight" };
 static const int B = 4, T = 64, BT = B * T;
 
-// who: 0 ours, 1 openblas, 2 our bf16 kernels (forward and dinp only: a bf16 weight is frozen)
-static void time_contender(int who, int reps) {
+// who: 0 ours, 1 openblas, 2 our bf16 kernels (forward and dinp only: a bf16 weight is frozen).
+// cold: each call multiplies the next of several copies of the weight, COLD_BYTES in all (more than any
+// CPU's last-level cache), as a training step streams its layers' weights from memory; otherwise every
+// call reuses one weight, which stays in cache (the lmhead's does not fit: it is cold either way).
+static const size_t COLD_BYTES = (size_t)512 << 20;
+static void time_contender(int who, int reps, bool cold) {
     bool ours = who == 0;
     for (const Shape& sh : shapes) {
         int C = sh.C, OC = sh.OC;
-        std::vector<float> inp((size_t)BT * C), w((size_t)OC * C), bias(OC), out((size_t)BT * OC), dout((size_t)BT * OC);
-        std::vector<float> dinp((size_t)BT * C, 0.0f), dw((size_t)OC * C, 0.0f);
+        size_t wn = (size_t)OC * C, w_bytes = wn * (who == 2 ? sizeof(uint16_t) : sizeof(float));
+        size_t copies = cold ? std::max<size_t>(1, (COLD_BYTES + w_bytes - 1) / w_bytes) : 1, call = 0;
+        std::vector<float> inp((size_t)BT * C), w(wn), bias(OC), out((size_t)BT * OC), dout((size_t)BT * OC);
+        std::vector<float> dinp((size_t)BT * C, 0.0f), dw(wn, 0.0f);
         fill_random(inp, 1); fill_random(w, 2); fill_random(bias, 3); fill_random(dout, 4);
-        std::vector<uint16_t> w16(w.size());
-        for (size_t i = 0; i < w.size(); i++) w16[i] = bf16_round(w[i]);
+        std::vector<uint16_t> w16;
+        if (who == 2) {
+            w16.resize(wn * copies);
+            for (size_t i = 0; i < w16.size(); i++) w16[i] = bf16_round(w[i % wn]);
+        } else {
+            w.resize(wn * copies);
+            for (size_t i = wn; i < w.size(); i++) w[i] = w[i % wn];
+        }
         // the same three problems for both: out = inp @ w^T, dinp += dout @ w, dw += dout^T @ inp
         for (int k = 0; k < (who == 2 ? 2 : 3); k++) {
             auto run = [&] {
+                size_t at = (call++ % copies) * wn; // this call's copy of the weight
                 if (who == 2) {
-                    if (k == 0) matmul_bf16_forward_fast(out.data(), inp.data(), w16.data(), bias.data(), B, T, C, OC);
-                    if (k == 1) matmul_bf16_backward_fast(dinp.data(), dout.data(), w16.data(), B, T, C, OC);
+                    if (k == 0) matmul_bf16_forward_fast(out.data(), inp.data(), w16.data() + at, bias.data(), B, T, C, OC);
+                    if (k == 1) matmul_bf16_backward_fast(dinp.data(), dout.data(), w16.data() + at, B, T, C, OC);
                 } else if (ours) {
-                    if (k == 0) matmul_forward(out.data(), inp.data(), w.data(), bias.data(), B, T, C, OC);
-                    if (k == 1) matmul_backward(dinp.data(), (float*)NULL, (float*)NULL, dout.data(), inp.data(), w.data(), B, T, C, OC);
-                    if (k == 2) matmul_backward((float*)NULL, dw.data(), (float*)NULL, dout.data(), inp.data(), w.data(), B, T, C, OC);
+                    if (k == 0) matmul_forward(out.data(), inp.data(), w.data() + at, bias.data(), B, T, C, OC);
+                    if (k == 1) matmul_backward(dinp.data(), (float*)NULL, (float*)NULL, dout.data(), inp.data(), w.data() + at, B, T, C, OC);
+                    if (k == 2) matmul_backward((float*)NULL, dw.data(), (float*)NULL, dout.data(), inp.data(), w.data() + at, B, T, C, OC);
                 } else {
                     if (k == 0) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, BT, OC, C, 1.0f, inp.data(), C,
-                                            w.data(), C, 0.0f, out.data(), OC);
+                                            w.data() + at, C, 0.0f, out.data(), OC);
                     if (k == 1) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, BT, C, OC, 1.0f, dout.data(), OC,
-                                            w.data(), C, 1.0f, dinp.data(), C);
+                                            w.data() + at, C, 1.0f, dinp.data(), C);
                     if (k == 2) cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, BT, 1.0f, dout.data(), OC,
                                             inp.data(), C, 1.0f, dw.data(), C);
                 }
@@ -90,12 +104,12 @@ static void time_contender(int who, int reps) {
     }
 }
 
-// runs `self time <who> <reps>` with the given OpenMP wait policy (and environment settings `env`, or
-// ""); keeps the minimum per (shape, kernel)
+// runs `self time <who> <reps> [cold]` with the given OpenMP wait policy (and environment settings `env`,
+// or ""); keeps the minimum per (shape, kernel)
 static void run_child(const char* self, const char* who, const char* wait_policy, int reps, std::vector<double>* best,
-                      const std::string& env = "") {
+                      const std::string& env = "", bool cold = false) {
     int expected = strcmp(who, "bf16") == 0 ? 8 : 12;
-    std::string cmd = env + " OMP_WAIT_POLICY=" + wait_policy + " '" + self + "' time " + who + " " + std::to_string(reps);
+    std::string cmd = env + " OMP_WAIT_POLICY=" + wait_policy + " '" + self + "' time " + who + " " + std::to_string(reps) + (cold ? " cold" : "");
     FILE* p = popen(cmd.c_str(), "r");
     if (p == NULL) { fprintf(stderr, "bench_matmul: cannot run %s\n", cmd.c_str()); exit(1); }
     char line[256], shape[64], kernel[64];
@@ -110,9 +124,10 @@ static void run_child(const char* self, const char* who, const char* wait_policy
 }
 
 int main(int argc, char** argv) {
-    // `bench_matmul time ours|openblas <reps>`: one contender, in this process (what the rounds below run)
-    if (argc == 4 && strcmp(argv[1], "time") == 0) {
-        time_contender(strcmp(argv[2], "ours") == 0 ? 0 : strcmp(argv[2], "bf16") == 0 ? 2 : 1, atoi(argv[3]));
+    // `bench_matmul time ours|openblas|bf16 <reps> [cold]`: one contender, in this process (what the rounds below run)
+    if ((argc == 4 || argc == 5) && strcmp(argv[1], "time") == 0) {
+        time_contender(strcmp(argv[2], "ours") == 0 ? 0 : strcmp(argv[2], "bf16") == 0 ? 2 : 1, atoi(argv[3]),
+                       argc == 5 && strcmp(argv[4], "cold") == 0);
         return 0;
     }
     // `bench_matmul [rounds]`: the correctness check, then `rounds` rounds that alternate the two
@@ -156,11 +171,14 @@ int main(int argc, char** argv) {
     printf("OpenBLAS: %s; core %s (its own choice)%s\n", openblas_get_config(), core.c_str(),
            avx512 && !core_avx512 ? " and SkylakeX (forced: this CPU has AVX-512F), the faster per shape" : "");
     std::vector<double> best_ours(12, 1e30), best_blas(12, 1e30), best_bf16(8, 1e30);
+    std::vector<double> cold_ours(12, 1e30), cold_blas(12, 1e30), cold_bf16(8, 1e30);
     for (int r = 0; r < rounds; r++) {
-        run_child(argv[0], "ours", "active", 5, &best_ours);
-        run_child(argv[0], "openblas", "passive", 5, &best_blas);
-        if (avx512 && !core_avx512) run_child(argv[0], "openblas", "passive", 5, &best_blas, "OPENBLAS_CORETYPE=SkylakeX");
-        run_child(argv[0], "bf16", "active", 5, &best_bf16);
+        for (bool cold : {false, true}) {
+            run_child(argv[0], "ours", "active", 5, cold ? &cold_ours : &best_ours, "", cold);
+            run_child(argv[0], "openblas", "passive", 5, cold ? &cold_blas : &best_blas, "", cold);
+            if (avx512 && !core_avx512) run_child(argv[0], "openblas", "passive", 5, cold ? &cold_blas : &best_blas, "OPENBLAS_CORETYPE=SkylakeX", cold);
+            run_child(argv[0], "bf16", "active", 5, cold ? &cold_bf16 : &best_bf16, "", cold);
+        }
     }
     printf("%-7s %5s %5s %6s | %-8s %8s %8s %6s\n", "shape", "BT", "C", "OC", "kernel", "ours", "openblas", "ratio");
     double worst = 1e30;
@@ -183,6 +201,22 @@ int main(int argc, char** argv) {
         for (int k = 0; k < 2; k++, n++) {
             double g_bf16 = flops / best_bf16[n] * 1e-9, g_blas = flops / best_blas[sh_i * 3 + k] * 1e-9;
             printf("%-7s %5d %5d %6d | bf16 %-3s %8.1f %8.1f %5.0f%% of sgemm\n", sh.name, BT, sh.C, sh.OC, k == 0 ? "fwd" : "dinp", g_bf16, g_blas, 100.0 * g_bf16 / g_blas);
+        }
+    }
+    // the same forward and dinp with cold weights (see time_contender): a step's in-step speed, and how
+    // much of each kernel's in-cache speed it keeps
+    printf("cold weights (a copy per call, %zu MB of them, as a step streams its layers' weights from memory):\n", COLD_BYTES >> 20);
+    printf("%-7s %5s %5s %6s | %-8s %8s %8s %6s | %8s %6s | kept of in-cache: ours openblas bf16\n", "shape", "BT", "C", "OC", "kernel",
+           "ours", "openblas", "ratio", "bf16", "/sgemm");
+    for (int sh_i = 0; sh_i < 4; sh_i++) {
+        const Shape& sh = shapes[sh_i];
+        double flops = 2.0 * BT * sh.C * sh.OC;
+        for (int k = 0; k < 2; k++) {
+            int n3 = sh_i * 3 + k, n2 = sh_i * 2 + k;
+            double g_ours = flops / cold_ours[n3] * 1e-9, g_blas = flops / cold_blas[n3] * 1e-9, g_bf16 = flops / cold_bf16[n2] * 1e-9;
+            printf("%-7s %5d %5d %6d | %-8s %8.1f %8.1f %5.0f%% | %8.1f %5.0f%% | %5.0f%% %5.0f%% %5.0f%%\n", sh.name, BT, sh.C, sh.OC,
+                   kernel_names[k], g_ours, g_blas, 100.0 * g_ours / g_blas, g_bf16, 100.0 * g_bf16 / g_blas,
+                   100.0 * best_ours[n3] / cold_ours[n3], 100.0 * best_blas[n3] / cold_blas[n3], 100.0 * best_bf16[n2] / cold_bf16[n2]);
         }
     }
     printf("correctness: %s\n", failures == 0 ? "all fast kernels match naive" : "MISMATCH");
