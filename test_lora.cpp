@@ -3541,6 +3541,13 @@ TEST_CASE("tokenizer reader: decodes pieces and rejects truncated files") {
     write_bytes(dir.file("trunc.bin"), bytes.data(), bytes.size() - 1);
     std::string err = tokenizer_read(&tok, dir.file("trunc.bin").c_str());
     CHECK(has(err, "truncated"));
+    // version 1 has no end-of-text field: it means GPT-2's 50257 tokens, so these 2 are refused (found by make fuzz)
+    ((int*)bytes.data())[1] = 1;
+    write_bytes(dir.file("v1.bin"), bytes.data(), bytes.size());
+    err = tokenizer_read(&tok, dir.file("v1.bin").c_str());
+    CHECK(has(err, "version 1"));
+    CHECK(has(err, "50257"));
+    CHECK(has(err, "HINT"));
 }
 
 // -- adapter.bin, the merged checkpoint, safetensors, JSON, PEFT
@@ -4198,8 +4205,9 @@ TEST_CASE("fuzzed readers: llm.c checkpoint, token file and tokenizer file give 
     mutate_reader("tokenizer file", tok, plan, [](const std::string& path) {
         Tokenizer t;
         std::string err = tokenizer_read(&t, path.c_str());
-        // an accepted file's end-of-text id indexes its pieces (the trainer feeds it to the model); version 1 implies 50256
-        if (err.empty()) CHECK((t.eot_token == 50256 || (t.eot_token >= 0 && t.eot_token < (int)t.pieces.size())));
+        // an accepted file's end-of-text id indexes its pieces (the trainer feeds it to the model); a version 1
+        // file, which implies 50256, must hold GPT-2's 50257 pieces
+        if (err.empty()) CHECK((t.eot_token >= 0 && t.eot_token < (int)t.pieces.size()));
         return err;
     });
 }

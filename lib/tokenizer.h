@@ -488,6 +488,11 @@ static std::string tokenizer_read(Tokenizer* tok, const char* path) {
     if (err.empty() && header[1] == 2 && (header[3] < 0 || header[3] >= header[2])) {
         err = strprintf("tokenizer file '%s' has end-of-text id %d, outside its %d tokens\n---> HINT: %s", path, header[3], header[2], hint);
     }
+    // version 1 names none: it is GPT-2's tokenizer, whose end-of-text is 50256 of 50257 tokens (as llm.c reads it)
+    if (err.empty() && header[1] == 1 && header[2] != 50257) {
+        err = strprintf("tokenizer file '%s' is version 1, which means GPT-2's 50257 tokens (end-of-text 50256), but it has %d\n---> HINT: %s",
+                        path, header[2], hint);
+    }
     if (err.empty()) {
         tok->eot_token = header[1] == 2 ? header[3] : 50256;
         tok->pieces.resize(header[2]);
