@@ -58,11 +58,13 @@ for cfg in small big; do
         'BEGIN { printf "ratio %s lora bf16/fp32 ms/step %.3f peak_rss %.3f (%s vs %s MiB)\n", cfg, a / b, c / d, c, d }'
 done
 
-if "$PYTHON" -c "import torch" 2>/dev/null; then
-    torch_bench() { # mode [autocast]
-        OMP_WAIT_POLICY=passive MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 \
-            "$PYTHON" dev/train_gpt2_lora.py bench --B 4 --T 64 --steps "$STEPS" --threads "$OMP_NUM_THREADS" --mode "$1" --autocast "${2:-none}"
-    }
+torch_bench() { # mode [autocast]
+    OMP_WAIT_POLICY=passive MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 \
+        "$PYTHON" dev/train_gpt2_lora.py bench --B 4 --T 64 --steps "$STEPS" --threads "$OMP_NUM_THREADS" --mode "$1" --autocast "${2:-none}"
+}
+have_torch=no
+"$PYTHON" -c "import torch" 2>/dev/null && have_torch=yes
+if [ "$have_torch" = yes ]; then
     out=$(torch_bench full)
     echo "$out"
     t_full=$(awk '/torch full ms\/step/ {print $4}' <<<"$out")
@@ -80,40 +82,47 @@ if "$PYTHON" -c "import torch" 2>/dev/null; then
     done
     awk -v a="$best_ours" -v b="$best_torch" -v c="${ms[big.full]}" -v d="$t_full" -v n="$ROUNDS" \
         'BEGIN { printf "ratio 124M ours/torch lora %.3f (best of %d rounds: %.1f vs %.1f ms) full %.3f\n", a / b, n, a, b, c / d }'
-    # bf16 against PyTorch's best CPU configuration, bf16 autocast, the same way: our bf16 LoRA step
-    # (-Q bf16), our fp32 LoRA step and torch's autocast step, alternated in each round. Only where the CPU
-    # multiplies bf16 itself: elsewhere PyTorch's autocast emulates bf16 and runs many times slower than its
-    # own fp32 (minutes a step on a 2-core Zen 1), so its best there is fp32, raced above; the rounds then
-    # time our two steps alone.
-    best_bf16= best_fp32= best_autocast=
-    [ "$bf16_cpu" = yes ] || echo "torch bf16 autocast: not raced, this CPU has no AVX512_BF16 (PyTorch would emulate bf16; its best here is fp32, above)"
-    for round in $(seq "$ROUNDS"); do
-        line=$(ours bf16 "$big" 4 64 "$STEPS")
-        ours=$(awk '{for (i = 1; i < NF; i++) if ($i == "ms/step") print $(i + 1)}' <<<"$line")
-        line=$(ours lora "$big" 4 64 "$STEPS")
-        fp32=$(awk '{for (i = 1; i < NF; i++) if ($i == "ms/step") print $(i + 1)}' <<<"$line")
-        best_bf16=$(awk -v a="$best_bf16" -v b="$ours" 'BEGIN { print (a == "" || b < a) ? b : a }')
-        best_fp32=$(awk -v a="$best_fp32" -v b="$fp32" 'BEGIN { print (a == "" || b < a) ? b : a }')
-        if [ "$bf16_cpu" != yes ]; then
-            awk -v r="$round" -v a="$ours" -v f="$fp32" 'BEGIN { printf "round %d lora bf16 ms/step ours %s ours_fp32 %s ours bf16/fp32 %.3f\n", r, a, f, a / f }'
-            continue
-        fi
-        out=$(torch_bench lora bf16)
-        theirs=$(awk '/torch lora-bf16 ms\/step/ {print $4}' <<<"$out")
-        [ "$round" = 1 ] && grep "^torch config" <<<"$out"
-        awk -v r="$round" -v a="$ours" -v f="$fp32" -v b="$theirs" \
-            'BEGIN { printf "round %d lora bf16 ms/step ours %s ours_fp32 %s torch_autocast %s ratio ours/torch %.3f ours bf16/fp32 %.3f\n", r, a, f, b, a / b, a / f }'
-        best_autocast=$(awk -v a="$best_autocast" -v b="$theirs" 'BEGIN { print (a == "" || b < a) ? b : a }')
-    done
-    if [ "$bf16_cpu" = yes ]; then
-        awk -v a="$best_bf16" -v f="$best_fp32" -v b="$best_autocast" -v n="$ROUNDS" \
-            'BEGIN { printf "ratio 124M lora bf16 ours/torch_autocast %.3f, ours bf16/fp32 %.3f (best of %d rounds: %.1f, %.1f, torch %.1f ms)\n", a / b, a / f, n, a, f, b }'
-    else
-        awk -v a="$best_bf16" -v f="$best_fp32" -v n="$ROUNDS" \
-            'BEGIN { printf "ratio 124M lora bf16 ours bf16/fp32 %.3f (best of %d rounds: %.1f, %.1f ms)\n", a / f, n, a, f }'
-    fi
 else
-    echo "torch: not found in $PYTHON, skipped"
+    echo "torch: not found in $PYTHON, skipped (our bf16/fp32 rounds below run without it)"
+fi
+# bf16 against PyTorch's best CPU configuration, bf16 autocast, the same way: our bf16 LoRA step
+# (-Q bf16), our fp32 LoRA step and torch's autocast step, alternated in each round. Only where the CPU
+# multiplies bf16 itself: elsewhere PyTorch's autocast emulates bf16 and runs many times slower than its
+# own fp32 (minutes a step on a 2-core Zen 1), so its best there is fp32, raced above; the rounds then
+# time our two steps alone, as they do without torch.
+best_bf16= best_fp32= best_autocast=
+race=no
+if [ "$have_torch" != yes ]; then
+    echo "torch bf16 autocast: not raced, no torch in $PYTHON"
+elif [ "$bf16_cpu" != yes ]; then
+    echo "torch bf16 autocast: not raced, this CPU has no AVX512_BF16 (PyTorch would emulate bf16; its best here is fp32, above)"
+else
+    race=yes
+fi
+for round in $(seq "$ROUNDS"); do
+    line=$(ours bf16 "$big" 4 64 "$STEPS")
+    ours=$(awk '{for (i = 1; i < NF; i++) if ($i == "ms/step") print $(i + 1)}' <<<"$line")
+    line=$(ours lora "$big" 4 64 "$STEPS")
+    fp32=$(awk '{for (i = 1; i < NF; i++) if ($i == "ms/step") print $(i + 1)}' <<<"$line")
+    best_bf16=$(awk -v a="$best_bf16" -v b="$ours" 'BEGIN { print (a == "" || b < a) ? b : a }')
+    best_fp32=$(awk -v a="$best_fp32" -v b="$fp32" 'BEGIN { print (a == "" || b < a) ? b : a }')
+    if [ "$race" != yes ]; then
+        awk -v r="$round" -v a="$ours" -v f="$fp32" 'BEGIN { printf "round %d lora bf16 ms/step ours %s ours_fp32 %s ours bf16/fp32 %.3f\n", r, a, f, a / f }'
+        continue
+    fi
+    out=$(torch_bench lora bf16)
+    theirs=$(awk '/torch lora-bf16 ms\/step/ {print $4}' <<<"$out")
+    [ "$round" = 1 ] && grep "^torch config" <<<"$out"
+    awk -v r="$round" -v a="$ours" -v f="$fp32" -v b="$theirs" \
+        'BEGIN { printf "round %d lora bf16 ms/step ours %s ours_fp32 %s torch_autocast %s ratio ours/torch %.3f ours bf16/fp32 %.3f\n", r, a, f, b, a / b, a / f }'
+    best_autocast=$(awk -v a="$best_autocast" -v b="$theirs" 'BEGIN { print (a == "" || b < a) ? b : a }')
+done
+if [ "$race" = yes ]; then
+    awk -v a="$best_bf16" -v f="$best_fp32" -v b="$best_autocast" -v n="$ROUNDS" \
+        'BEGIN { printf "ratio 124M lora bf16 ours/torch_autocast %.3f, ours bf16/fp32 %.3f (best of %d rounds: %.1f, %.1f, torch %.1f ms)\n", a / b, a / f, n, a, f, b }'
+else
+    awk -v a="$best_bf16" -v f="$best_fp32" -v n="$ROUNDS" \
+        'BEGIN { printf "ratio 124M lora bf16 ours bf16/fp32 %.3f (best of %d rounds: %.1f, %.1f ms)\n", a / f, n, a, f }'
 fi
 # ours again with passive waiting, as torch runs (the policy a shared machine may call for), once each
 if [ "$OURS_WAIT" != passive ]; then
