@@ -3522,7 +3522,7 @@ TEST_CASE("token reader: wrong magic, truncated file, and token ids >= V give a 
     CHECK(has(err, "fewer than one batch"));
 }
 
-TEST_CASE("tokenizer reader: decodes pieces and rejects truncated files") {
+TEST_CASE("tokenizer reader: decodes pieces, rejects truncated files and a version 1 file that is not GPT-2's 50257 tokens") {
     TempDir dir;
     int header[256] = {0};
     header[0] = TOKENIZER_MAGIC;

@@ -2,7 +2,8 @@
 // plus a correctness check of every fast kernel against its naive twin. The bf16 rows (-Q bf16's
 // frozen matmuls: forward and dinp with bf16 weights, lib/bf16.h) are set beside the same sgemm.
 // Dev-only: this is the one program that links OpenBLAS (-lopenblas); the main build never does.
-// Every kernel is timed twice: with its weight in cache, and cold (a new copy per call, as in a step).
+// Every kernel is timed with its weight in cache; forward and dinp again with it cold (a new copy per
+// call, as in a step).
 // Built and run by `make bench` (dev/bench.mk, dev/bench.sh).
 #include <cstdio>
 #include <cstdint>
@@ -70,7 +71,7 @@ static void time_contender(int who, int reps, bool cold) {
             for (size_t i = wn; i < w.size(); i++) w[i] = w[i % wn];
         }
         // the same three problems for both: out = inp @ w^T, dinp += dout @ w, dw += dout^T @ inp
-        for (int k = 0; k < (who == 2 ? 2 : 3); k++) {
+        for (int k = 0; k < (who == 2 || cold ? 2 : 3); k++) { // (dweight reads no weight: never cold)
             auto run = [&] {
                 size_t at = (call++ % copies) * wn; // this call's copy of the weight
                 if (who == 2) {
@@ -108,7 +109,7 @@ static void time_contender(int who, int reps, bool cold) {
 // or ""); keeps the minimum per (shape, kernel)
 static void run_child(const char* self, const char* who, const char* wait_policy, int reps, std::vector<double>* best,
                       const std::string& env = "", bool cold = false) {
-    int expected = strcmp(who, "bf16") == 0 ? 8 : 12;
+    int expected = strcmp(who, "bf16") == 0 || cold ? 8 : 12;
     std::string cmd = env + " OMP_WAIT_POLICY=" + wait_policy + " '" + self + "' time " + who + " " + std::to_string(reps) + (cold ? " cold" : "");
     FILE* p = popen(cmd.c_str(), "r");
     if (p == NULL) { fprintf(stderr, "bench_matmul: cannot run %s\n", cmd.c_str()); exit(1); }
@@ -171,7 +172,7 @@ int main(int argc, char** argv) {
     printf("OpenBLAS: %s; core %s (its own choice)%s\n", openblas_get_config(), core.c_str(),
            avx512 && !core_avx512 ? " and SkylakeX (forced: this CPU has AVX-512F), the faster per shape" : "");
     std::vector<double> best_ours(12, 1e30), best_blas(12, 1e30), best_bf16(8, 1e30);
-    std::vector<double> cold_ours(12, 1e30), cold_blas(12, 1e30), cold_bf16(8, 1e30);
+    std::vector<double> cold_ours(8, 1e30), cold_blas(8, 1e30), cold_bf16(8, 1e30); // forward and dinp per shape
     for (int r = 0; r < rounds; r++) {
         for (bool cold : {false, true}) {
             run_child(argv[0], "ours", "active", 5, cold ? &cold_ours : &best_ours, "", cold);
@@ -203,7 +204,7 @@ int main(int argc, char** argv) {
             printf("%-7s %5d %5d %6d | bf16 %-3s %8.1f %8.1f %5.0f%% of sgemm\n", sh.name, BT, sh.C, sh.OC, k == 0 ? "fwd" : "dinp", g_bf16, g_blas, 100.0 * g_bf16 / g_blas);
         }
     }
-    // the same forward and dinp with cold weights (see time_contender): a step's in-step speed, and how
+    // the same forward and dinp with cold weights (see time_contender): the speed a step sees, and how
     // much of each kernel's in-cache speed it keeps
     printf("cold weights (a copy per call, %zu MB of them, as a step streams its layers' weights from memory):\n", COLD_BYTES >> 20);
     printf("%-7s %5s %5s %6s | %-8s %8s %8s %6s | %8s %6s | kept of in-cache: ours openblas bf16\n", "shape", "BT", "C", "OC", "kernel",
@@ -213,10 +214,10 @@ int main(int argc, char** argv) {
         double flops = 2.0 * BT * sh.C * sh.OC;
         for (int k = 0; k < 2; k++) {
             int n3 = sh_i * 3 + k, n2 = sh_i * 2 + k;
-            double g_ours = flops / cold_ours[n3] * 1e-9, g_blas = flops / cold_blas[n3] * 1e-9, g_bf16 = flops / cold_bf16[n2] * 1e-9;
+            double g_ours = flops / cold_ours[n2] * 1e-9, g_blas = flops / cold_blas[n2] * 1e-9, g_bf16 = flops / cold_bf16[n2] * 1e-9;
             printf("%-7s %5d %5d %6d | %-8s %8.1f %8.1f %5.0f%% | %8.1f %5.0f%% | %5.0f%% %5.0f%% %5.0f%%\n", sh.name, BT, sh.C, sh.OC,
                    kernel_names[k], g_ours, g_blas, 100.0 * g_ours / g_blas, g_bf16, 100.0 * g_bf16 / g_blas,
-                   100.0 * best_ours[n3] / cold_ours[n3], 100.0 * best_blas[n3] / cold_blas[n3], 100.0 * best_bf16[n2] / cold_bf16[n2]);
+                   100.0 * best_ours[n3] / cold_ours[n2], 100.0 * best_blas[n3] / cold_blas[n2], 100.0 * best_bf16[n2] / cold_bf16[n2]);
         }
     }
     printf("correctness: %s\n", failures == 0 ? "all fast kernels match naive" : "MISMATCH");
