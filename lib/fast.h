@@ -135,9 +135,17 @@ static const int MATMUL_MR = 6;   // 6 x 2 = 12 of 16 registers
 static const int MATMUL_NR = 8;
 #endif
 typedef float matmul_vec __attribute__((vector_size(MATMUL_VEC * sizeof(float))));
-static const int MATMUL_KC = 256; // K slice: the MR-row strip of A it reads is at most 8 KB, stays in L1
+// K slice. Each slice ends in a read and a write of every output block, and longer slices make fewer
+// of them: on a 2-core Zen 1 (AVX2) forward and dinp ran 8-11% faster with 768 than with 256 (77 -> 84-86
+// GFLOP/s, dev/bench_matmul.cpp), though the packed Bmat slice then outgrows L2 (its panels stream from
+// there); the SSE build gained 1-5%. With AVX-512 it stays 256 (8 KB strips of A in L1), as measured on Zen 5.
+#if defined(__AVX512F__)
+static const int MATMUL_KC = 256;
+#else
+static const int MATMUL_KC = 768;
+#endif
 static const int MATMUL_MC = 264; // tile rows: covers BT = 256, so each weight slice is packed once
-static const int MATMUL_NC = 192; // tile columns: the packed Bmat slice is KC*NC*4 = 192 KB, in L2
+static const int MATMUL_NC = 192; // tile columns: the packed Bmat slice is KC*NC*4 = 192 KB (AVX-512), in L2
 static const int MATMUL_NC_PACKED_A = 768; // tile columns when A is packed too (dweight): see matmul_gemm
 static_assert(MATMUL_MC % MATMUL_MR == 0 && MATMUL_NC % MATMUL_NR == 0 && MATMUL_NR % MATMUL_VEC == 0,
               "tiles hold whole register blocks, register blocks whole vectors");
