@@ -15,4 +15,8 @@ $(BUILD)/bench_matmul: dev/bench_matmul.cpp $(PRODUCT_SOURCES)
 bench: $(BUILD)/bench_step $(BUILD)/bench_matmul
 	BENCH_STEP=$(BUILD)/bench_step BENCH_MATMUL=$(BUILD)/bench_matmul bash dev/bench.sh
 
-.PHONY: bench
+# `make tune`: other K slices for our GEMMs tried side by side on this CPU (dev/tune_gemm.py)
+tune:
+	CXX="$(CXX)" CXXFLAGS="$(CXXFLAGS)" LDFLAGS="$(LDFLAGS)" python3 dev/tune_gemm.py
+
+.PHONY: bench tune

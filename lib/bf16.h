@@ -87,7 +87,12 @@ static void matmul_bf16_backward_naive(float* dinp, const float* dout, const uin
 #if BF16_DOT
 static const int BF16_MR = 8;   // register tile rows
 static const int BF16_NR = 48;  // register tile columns: three 16-float vectors; 768, 2304, 3072 and 50304 are multiples
+#if defined(BF16_KC_TRY) // (dev/tune_gemm.py builds variants with other slices, even; the product never sets it)
+static const int BF16_KC = BF16_KC_TRY;
+#else
 static const int BF16_KC = 256; // K slice (128 pairs): one packed Bmat panel is 128*48*4 = 24 KB, stays in L1
+#endif
+static_assert(BF16_KC > 0 && BF16_KC % 2 == 0, "a K slice holds whole bf16 pairs");
 static const int BF16_NC = 192; // tile columns: the packed Bmat slice is 96 KB, in L2
 static const int BF16_KCHUNK = 4096; // K is packed in chunks of this: all of every block matmul's K at once;
                                      // the LM head's backward (K = Vp) in 13 chunks, 2 MB of packed A each

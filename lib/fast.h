@@ -139,7 +139,9 @@ typedef float matmul_vec __attribute__((vector_size(MATMUL_VEC * sizeof(float)))
 // of them: on a 2-core Zen 1 (AVX2) forward and dinp ran 8-11% faster with 768 than with 256 (77 -> 84-86
 // GFLOP/s, dev/bench_matmul.cpp), though the packed Bmat slice then outgrows L2 (its panels stream from
 // there); the SSE build gained 1-5%. With AVX-512 it stays 256 (8 KB strips of A in L1), as measured on Zen 5.
-#if defined(__AVX512F__)
+#if defined(MATMUL_KC_TRY) // (dev/tune_gemm.py builds variants with other slices; the product never sets it)
+static const int MATMUL_KC = MATMUL_KC_TRY;
+#elif defined(__AVX512F__)
 static const int MATMUL_KC = 256;
 #else
 static const int MATMUL_KC = 768;
