@@ -6,6 +6,7 @@
 //   matmul_gemm                    one BLIS-style blocked GEMM for every matmul of a step, its Bmat in fp32 or bf16
 //   transpose16_32bit              a 16 x 16 transpose of 32-bit words (AVX-512: the GEMM's packing, lib/bf16.h)
 //   transpose8_32bit               an 8 x 8 one (AVX without AVX-512: the GEMM's packing)
+//   transpose8_bf16_widen          the same from bf16 bits, widened (AVX2: the bf16 weights' forward panels)
 //   matmul_low_rank                Cmat += alpha * A @ Bmat for a small K (LoRA's rank r), row by row
 //   matmul_forward_fast / _backward_fast, lora_forward_fast / _backward_fast
 #pragma once
@@ -75,11 +76,10 @@ static inline void transpose16_32bit(const uint32_t* src, size_t stride, uint32_
 }
 
 #elif defined(__AVX__)
-// dst[p * dstride + j] = src[j * stride + p] for j, p < 8: an 8 x 8 transpose of 32-bit words in three
+// dst[p * dstride + j] = row j's element p for j, p < 8: an 8 x 8 transpose of the rows r[0..7] in three
 // rounds of shuffles (pairs of words, pairs of pairs, then 128-bit halves)
-static inline void transpose8_32bit(const float* src, size_t stride, float* dst, size_t dstride) {
-    __m256 r[8], t[8];
-    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + (size_t)i * stride);
+static inline void transpose8_rows(__m256 r[8], float* dst, size_t dstride) {
+    __m256 t[8];
     for (int i = 0; i < 8; i += 2) { // rows a, b -> a0 b0 a1 b1 | a4 b4 a5 b5 and a2 b2 a3 b3 | a6 b6 a7 b7
         t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
         t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -96,6 +96,23 @@ static inline void transpose8_32bit(const float* src, size_t stride, float* dst,
     }
     for (int i = 0; i < 8; i++) _mm256_storeu_ps(dst + (size_t)i * dstride, t[i]);
 }
+// dst[p * dstride + j] = src[j * stride + p] for j, p < 8, floats
+static inline void transpose8_32bit(const float* src, size_t stride, float* dst, size_t dstride) {
+    __m256 r[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + (size_t)i * stride);
+    transpose8_rows(r, dst, dstride);
+}
+#ifdef __AVX2__
+// the same from bf16 bits, each widened to fp32 exactly (bf16_widen: the bits become a float's top half)
+static inline void transpose8_bf16_widen(const uint16_t* src, size_t stride, float* dst, size_t dstride) {
+    __m256 r[8];
+    for (int i = 0; i < 8; i++) {
+        __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(src + (size_t)i * stride)));
+        r[i] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    }
+    transpose8_rows(r, dst, dstride);
+}
+#endif
 
 #endif
 
@@ -318,12 +335,21 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
                         }
                     }
 #elif defined(__AVX__)
-                    // a whole panel, by 8 x 8 transposes
-                    if constexpr (fp32_b) {
-                        if (rsb == 1 && ncols == NR) {
-                            for (; k_done + 8 <= kc; k_done += 8) {
-                                for (int g = 0; g < NR / 8; g++) {
+                    // a whole panel, by 8 x 8 transposes (bf16 widened as it goes, where AVX2 has the integer widening)
+#ifdef __AVX2__
+                    const bool by_transposes = true;
+#else
+                    const bool by_transposes = fp32_b;
+#endif
+                    if (by_transposes && rsb == 1 && ncols == NR) {
+                        for (; k_done + 8 <= kc; k_done += 8) {
+                            for (int g = 0; g < NR / 8; g++) {
+                                if constexpr (fp32_b) {
                                     transpose8_32bit(src + (size_t)(8 * g) * csb + k_done, csb, dst + (size_t)k_done * NR + 8 * g, (size_t)NR);
+                                } else {
+#ifdef __AVX2__
+                                    transpose8_bf16_widen(src + (size_t)(8 * g) * csb + k_done, csb, dst + (size_t)k_done * NR + 8 * g, (size_t)NR);
+#endif
                                 }
                             }
                         }
