@@ -124,16 +124,31 @@ static void run_child(const char* self, const char* who, const char* wait_policy
     if (pclose(p) != 0 || n != expected) { fprintf(stderr, "bench_matmul: '%s' failed (%d timings)\n", cmd.c_str(), n); exit(1); }
 }
 
+// a count in [1, 1000], or -1
+static int positive_int(const char* s) {
+    char* end = NULL;
+    long v = strtol(s, &end, 10);
+    return end != s && *end == '\0' && v >= 1 && v <= 1000 ? (int)v : -1;
+}
+static void usage() {
+    fprintf(stderr, "Error: bench_matmul: usage: bench_matmul [rounds] | bench_matmul time ours|openblas|bf16 <reps> [cold]\n"
+                    "---> HINT: rounds and reps are integers in [1, 1000]; `make bench` runs it with 5 rounds\n");
+    exit(EXIT_FAILURE);
+}
+
 int main(int argc, char** argv) {
     // `bench_matmul time ours|openblas|bf16 <reps> [cold]`: one contender, in this process (what the rounds below run)
     if ((argc == 4 || argc == 5) && strcmp(argv[1], "time") == 0) {
-        time_contender(strcmp(argv[2], "ours") == 0 ? 0 : strcmp(argv[2], "bf16") == 0 ? 2 : 1, atoi(argv[3]),
-                       argc == 5 && strcmp(argv[4], "cold") == 0);
+        const char* who = argv[2];
+        int who_i = strcmp(who, "ours") == 0 ? 0 : strcmp(who, "openblas") == 0 ? 1 : strcmp(who, "bf16") == 0 ? 2 : -1;
+        if (who_i < 0 || positive_int(argv[3]) < 0 || (argc == 5 && strcmp(argv[4], "cold") != 0)) usage();
+        time_contender(who_i, positive_int(argv[3]), argc == 5);
         return 0;
     }
     // `bench_matmul [rounds]`: the correctness check, then `rounds` rounds that alternate the two
     // contenders' processes, so both see the same background load; each one's best time is kept
-    int rounds = (argc > 1) ? atoi(argv[1]) : 5;
+    if (argc > 2 || (argc == 2 && positive_int(argv[1]) < 0)) usage();
+    int rounds = argc == 2 ? positive_int(argv[1]) : 5;
     // Correctness: fast vs naive on these shapes plus odd ones (remainders of every tile size).
     // tol: fp32 sums of up to 50304 terms of size ~1, accumulated in a different order (KC slices,
     // FMA) by the two kernels; their difference grows ~sqrt(K) * 6e-8 relative to the largest
