@@ -155,7 +155,8 @@ typedef float matmul_vec __attribute__((vector_size(MATMUL_VEC * sizeof(float)))
 // K slice. Each slice ends in a read and a write of every output block, and longer slices make fewer
 // of them: on a 2-core Zen 1 (AVX2) forward and dinp ran 8-11% faster with 768 than with 256 (77 -> 84-86
 // GFLOP/s, dev/bench_matmul.cpp), though the packed Bmat slice then outgrows L2 (its panels stream from
-// there); the SSE build gained 1-5%. With AVX-512 it stays 256 (8 KB strips of A in L1), as measured on Zen 5.
+// there); the SSE build gained 1-5%. With AVX-512 it stays 256 (8 KB strips of A in L1), the slice of the
+// Zen 5 numbers in README.md, until `make tune` (dev/tune_gemm.py) measures another there.
 #if defined(MATMUL_KC_TRY) // (dev/tune_gemm.py builds variants with other slices; the product never sets it)
 static const int MATMUL_KC = MATMUL_KC_TRY;
 #elif defined(__AVX512F__)
