@@ -381,19 +381,37 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
                 }
                 A_blk = Ap; rs = 1; cs = MR; strip = (size_t)MR * kc;
             }
-            // register blocks: an MR-row strip of A (L1) against every packed panel of Bmat (L2)
-            for (int i = 0; i < mc; i += MR) {
+            // register blocks: an MR-row strip of A against a panel of Bmat, in one of two orders
+            auto block = [&](int i, int p) {
                 const float* a_strip = A_blk + (size_t)(i / MR) * strip;
+                float* c_blk = Cmat + (size_t)(i0 + i) * ldc + (j0 + p * NR);
+                int m = std::min(MR, mc - i), n = std::min(NR, nc - p * NR);
+                const float* b_panel = Bp + (size_t)p * NR * kc;
+                size_t ldb = NR;
+                if constexpr (fp32_b) {
+                    if (b_in_place && n == NR) { b_panel = Bmat + (size_t)k0 * rsb + (j0 + p * NR); ldb = rsb; }
+                }
+                if (thin) matmul_micro_kernel<1>(kc, a_strip, rs, cs, b_panel, ldb, c_blk, ldc, m, n, alpha);
+                else matmul_micro_kernel<MATMUL_NR / MATMUL_VEC>(kc, a_strip, rs, cs, b_panel, ldb, c_blk, ldc, m, n, alpha);
+            };
+            // Without AVX-512, when A is packed (dweight): each panel of Bmat (L1) against every strip of the
+            // packed A block (MC x kc, 270 KB at BT = 256: L2), as BLIS does. The tile's Bmat slice, 768 columns,
+            // is larger than Zen 1's L2, and this order took fcproj's dweight there from 81-84 to 86-87 GFLOP/s.
+            // Otherwise each strip of A (L1) against every packed panel of Bmat (L2): A read in place (forward,
+            // dinp) is then read once, and with AVX-512 (Zen 5: a 1 MB L2 holds the slice, and a 48-column
+            // panel is as large as L1) this is the order its numbers were measured with.
+#if defined(__AVX512F__)
+            const bool panels_outer = false;
+#else
+            const bool panels_outer = A_blk == Ap;
+#endif
+            if (panels_outer) {
                 for (int p = 0; p < npanels; p++) {
-                    float* c_blk = Cmat + (size_t)(i0 + i) * ldc + (j0 + p * NR);
-                    int m = std::min(MR, mc - i), n = std::min(NR, nc - p * NR);
-                    const float* b_panel = Bp + (size_t)p * NR * kc;
-                    size_t ldb = NR;
-                    if constexpr (fp32_b) {
-                        if (b_in_place && n == NR) { b_panel = Bmat + (size_t)k0 * rsb + (j0 + p * NR); ldb = rsb; }
-                    }
-                    if (thin) matmul_micro_kernel<1>(kc, a_strip, rs, cs, b_panel, ldb, c_blk, ldc, m, n, alpha);
-                    else matmul_micro_kernel<MATMUL_NR / MATMUL_VEC>(kc, a_strip, rs, cs, b_panel, ldb, c_blk, ldc, m, n, alpha);
+                    for (int i = 0; i < mc; i += MR) block(i, p);
+                }
+            } else {
+                for (int i = 0; i < mc; i += MR) {
+                    for (int p = 0; p < npanels; p++) block(i, p);
                 }
             }
         }
