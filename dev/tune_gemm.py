@@ -59,7 +59,10 @@ def time_once(exe, who):
 
 
 def main():
-    rounds = sizes("ROUNDS", "3")[0]
+    rounds = sizes("ROUNDS", "3")
+    if len(rounds) != 1:
+        die("ROUNDS must be one integer, got '%s'" % os.environ.get("ROUNDS"), "for example ROUNDS=3")
+    rounds = rounds[0]
     out = os.environ.get("OUT", "build/tune")
     os.makedirs(out, exist_ok=True)
     builds = []  # (name, exe, who)

@@ -76,8 +76,8 @@ static inline void transpose16_32bit(const uint32_t* src, size_t stride, uint32_
 }
 
 #elif defined(__AVX__)
-// dst[p * dstride + j] = row j's element p for j, p < 8: an 8 x 8 transpose of the rows r[0..7] in three
-// rounds of shuffles (pairs of words, pairs of pairs, then 128-bit halves)
+// dst[p * dstride + j] = row j's element p for j, p < 8: an 8 x 8 transpose of the rows r[0..7] (used as
+// scratch: overwritten) in three rounds of shuffles (pairs of words, pairs of pairs, then 128-bit halves)
 static inline void transpose8_rows(__m256 r[8], float* dst, size_t dstride) {
     __m256 t[8];
     for (int i = 0; i < 8; i += 2) { // rows a, b -> a0 b0 a1 b1 | a4 b4 a5 b5 and a2 b2 a3 b3 | a6 b6 a7 b7
