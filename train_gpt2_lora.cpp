@@ -330,8 +330,8 @@ static real* attention_head_transposed(size_t* ld, const real* qkv, int b, int h
 
 // One head's T rows of hs values, stride apart from first (its queries, keys or values in qkv, or its
 // slice of dout), copied into slot of the calling thread's scratch, one row after another: the weighted
-// row sums below then read them contiguously. (Read in place, 3C floats apart, each row's 256 bytes fall
-// on the same few sets of the L1 cache, and attention ran 8-11% slower on a Zen 1.)
+// row sums below then read them contiguously. (Read in place, 3C floats apart, where rows 9 KB apart at
+// C = 768 also map to few sets of the L1 cache, attention ran 8-11% slower on a Zen 1.)
 template <typename real>
 static const real* attention_head_rows(const real* first, size_t stride, int T, int hs, int slot) {
     static thread_local std::vector<real> buf[3];
