@@ -388,6 +388,28 @@ TEST_CASE("attention_backward matches finite differences over input magnitudes")
     }
 }
 
+TEST_CASE("attention_backward matches finite differences at longer T") {
+    // T = 37: the backward gathers att's columns ATT_COLS (16) at a time, so 37 has two whole blocks, a
+    // partial one and the causal triangle inside each; T = 256: the transposed keys and values get a row
+    // of ATT_KEYS more (256 is a multiple of 256). A small head (hs = 2) keeps the differences cheap.
+    const int B = 1, C = 2, NH = 1;
+    Rng rng;
+    rng_seed(&rng, 14);
+    for (int T : {37, 256}) {
+        CAPTURE(T);
+        std::vector<double> qkv = random_vector(&rng, (size_t)B * T * 3 * C, 1.0), w = random_vector(&rng, (size_t)B * T * C, 1.0);
+        std::vector<double> out((size_t)B * T * C), att((size_t)B * NH * T * T), datt(att.size());
+        auto loss = [&]() {
+            attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH);
+            return dot(w, out.data());
+        };
+        loss();
+        std::vector<double> dqkv(qkv.size(), 0.0);
+        attention_backward(dqkv.data(), datt.data(), w.data(), qkv.data(), att.data(), B, T, C, NH);
+        CHECK(fd_relative_error(qkv.data(), qkv.size(), dqkv.data(), loss, "attention dqkv, longer T") < tol_fd);
+    }
+}
+
 TEST_CASE("gelu_backward matches finite differences") {
     const size_t N = 50;
     Rng rng;
