@@ -477,10 +477,14 @@ void attention_backward(real* dqkv, real* datt, const real* dout, const real* qk
             for (int c0 = 0; c0 < T; c0 += ATT_COLS) {
                 int nc = std::min(ATT_COLS, T - c0);
                 for (int t = c0; t < T; t++) {
-                    for (int j = 0; j < nc && c0 + j <= t; j++) {
-                        size_t e = bh + (size_t)t * T + c0 + j;
-                        a_cols[(size_t)j * ldc + t] = drop_mult(e) * att[e];
-                        ds_cols[(size_t)j * ldc + t] = datt[e];
+                    size_t e0 = bh + (size_t)t * T + c0; // att[b,h,t,c0] and datt's
+                    int n = std::min(nc, t - c0 + 1);    // the columns at or below the diagonal
+                    for (int j = 0; j < n; j++) {
+                        a_cols[(size_t)j * ldc + t] = att[e0 + j];
+                        ds_cols[(size_t)j * ldc + t] = datt[e0 + j];
+                    }
+                    if (drop_p > 0) {
+                        for (int j = 0; j < n; j++) { a_cols[(size_t)j * ldc + t] *= drop_mult(e0 + j); }
                     }
                 }
                 for (int j = 0; j < nc; j++) {
