@@ -369,22 +369,27 @@ TEST_CASE("matmul_backward matches finite differences, and a NULL dweight means 
     CHECK(dinp2 == dinp);
 }
 
+// attention_backward's dqkv against central differences of loss = w . attention_forward(qkv), with qkv
+// drawn at magnitude mag and w at 1 (in that order, from rng); returns fd_relative_error's relative error
+static double attention_fd_error(Rng* rng, int B, int T, int C, int NH, double mag, const char* label) {
+    std::vector<double> qkv = random_vector(rng, (size_t)B * T * 3 * C, mag), w = random_vector(rng, (size_t)B * T * C, 1.0);
+    std::vector<double> out((size_t)B * T * C), att((size_t)B * NH * T * T), datt(att.size());
+    auto loss = [&]() {
+        attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH);
+        return dot(w, out.data());
+    };
+    loss();
+    std::vector<double> dqkv(qkv.size(), 0.0);
+    attention_backward(dqkv.data(), datt.data(), w.data(), qkv.data(), att.data(), B, T, C, NH);
+    return fd_relative_error(qkv.data(), qkv.size(), dqkv.data(), loss, label);
+}
+
 TEST_CASE("attention_backward matches finite differences over input magnitudes") {
-    const int B = 2, T = 4, C = 6, NH = 2;
     Rng rng;
     rng_seed(&rng, 4);
     for (double mag : {1e-1, 1.0, 3.0}) {
         CAPTURE(mag);
-        std::vector<double> qkv = random_vector(&rng, (size_t)B * T * 3 * C, mag), w = random_vector(&rng, (size_t)B * T * C, 1.0);
-        std::vector<double> out((size_t)B * T * C), att((size_t)B * NH * T * T), datt(att.size());
-        auto loss = [&]() {
-            attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH);
-            return dot(w, out.data());
-        };
-        loss();
-        std::vector<double> dqkv(qkv.size(), 0.0);
-        attention_backward(dqkv.data(), datt.data(), w.data(), qkv.data(), att.data(), B, T, C, NH);
-        CHECK(fd_relative_error(qkv.data(), qkv.size(), dqkv.data(), loss, "attention dqkv") < tol_fd);
+        CHECK(attention_fd_error(&rng, 2, 4, 6, 2, mag, "attention dqkv") < tol_fd); // B = 2, T = 4, C = 6, NH = 2
     }
 }
 
@@ -392,21 +397,11 @@ TEST_CASE("attention_backward matches finite differences at longer T") {
     // T = 37: the backward gathers att's columns ATT_COLS (16) at a time, so 37 has two whole blocks, a
     // partial one and the causal triangle inside each; T = 256: the transposed keys and values get a row
     // of ATT_KEYS more (256 is a multiple of 256). A small head (hs = 2) keeps the differences cheap.
-    const int B = 1, C = 2, NH = 1;
     Rng rng;
     rng_seed(&rng, 14);
     for (int T : {37, 256}) {
         CAPTURE(T);
-        std::vector<double> qkv = random_vector(&rng, (size_t)B * T * 3 * C, 1.0), w = random_vector(&rng, (size_t)B * T * C, 1.0);
-        std::vector<double> out((size_t)B * T * C), att((size_t)B * NH * T * T), datt(att.size());
-        auto loss = [&]() {
-            attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH);
-            return dot(w, out.data());
-        };
-        loss();
-        std::vector<double> dqkv(qkv.size(), 0.0);
-        attention_backward(dqkv.data(), datt.data(), w.data(), qkv.data(), att.data(), B, T, C, NH);
-        CHECK(fd_relative_error(qkv.data(), qkv.size(), dqkv.data(), loss, "attention dqkv, longer T") < tol_fd);
+        CHECK(attention_fd_error(&rng, 1, T, 2, 1, 1.0, "attention dqkv, longer T") < tol_fd); // B = 1, C = 2, NH = 1
     }
 }
 
