@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # dev/bench.sh: the whole `make bench` run (see dev/bench.mk). Everything is measured in this one run,
 # so the printed ratios compare numbers taken side by side on the same (shared, noisy) machine.
-#   STEPS=N      timed steps per 124M configuration (default 5; the small config runs 4x as many)
+#   STEPS=N      timed steps per 124M configuration (default 5; the small config runs 4x as many; the
+#                T = 1024 rows near the end 2)
 #   ROUNDS=N     rounds of our LoRA step against the PyTorch twin's, alternated (default 3)
 #   OURS_WAIT    our OpenMP wait policy: default (the runtime's own, as the trainer runs), passive or active
 #   BENCH_STEP, BENCH_MATMUL: the built programs (set by make)
@@ -130,5 +131,14 @@ if [ "$OURS_WAIT" != passive ]; then
     p32=$(OMP_WAIT_POLICY=passive "$BENCH_STEP" lora "$big" 4 64 "$STEPS" | awk '{for (i = 1; i < NF; i++) if ($i == "ms/step") print $(i + 1)}')
     awk -v a="$p16" -v f="$p32" 'BEGIN { printf "ours with OMP_WAIT_POLICY=passive: 124M lora bf16 %.1f ms, fp32 %.1f ms, bf16/fp32 %.3f\n", a, f, a / f }'
 fi
+
+# GPT-2's own context: attention grows with T squared, which every T = 64 row above hides. One sequence of
+# 1024 tokens (as many as 4 of the batches above), our fp32 and bf16 LoRA steps, 2 timed steps each
+for mode in lora bf16; do
+    line=$(ours "$mode" "$big" 1 1024 2)
+    echo "$line"
+    ms[long.$mode]=$(awk '{for (i = 1; i < NF; i++) if ($i == "ms/step") print $(i + 1)}' <<<"$line")
+done
+awk -v a="${ms[long.bf16]}" -v b="${ms[long.lora]}" 'BEGIN { printf "ratio 124M T=1024 lora bf16/fp32 ms/step %.3f\n", a / b }'
 
 "$BENCH_MATMUL" 5
