@@ -906,6 +906,36 @@ static std::vector<float> uniform_floats(Rng* rng, size_t n) {
 
 TEST_SUITE_BEGIN("fast-twins");
 
+TEST_CASE("attention in float on long sequences (per-head GEMMs) matches the double attention") {
+    // {B, T, C, NH}: T >= 128 takes the GEMM form in float; 200 and 129 end in a partial block of rows, and
+    // hs = 30 and 3 are no multiple of any vector width. The scratch starts as garbage, as in a model
+    // whose earlier layers used it. Float against double: sums of up to T products in float round to
+    // ~1e-6 of the largest value (measured 1e-7 to 9e-7), so 1e-5 leaves room and still catches any
+    // wrong or missing term, which moves a result by O(1) of its size.
+    const double tol_float_attention = 1e-5;
+    const int shapes[][4] = {{2, 128, 128, 2}, {1, 200, 90, 3}, {1, 129, 12, 4}};
+    Rng rng;
+    rng_seed(&rng, 15);
+    for (const auto& sh : shapes) {
+        int B = sh[0], T = sh[1], C = sh[2], NH = sh[3];
+        CAPTURE(T);
+        CAPTURE(C);
+        REQUIRE(attention_by_gemm(T, 0, 0.0f));
+        std::vector<double> qkv = random_vector(&rng, (size_t)B * T * 3 * C, 1.0), w = random_vector(&rng, (size_t)B * T * C, 1.0);
+        std::vector<double> out((size_t)B * T * C), att((size_t)B * NH * T * T), datt(att.size()), dqkv(qkv.size(), 0.0);
+        attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH);
+        attention_backward(dqkv.data(), datt.data(), w.data(), qkv.data(), att.data(), B, T, C, NH);
+        std::vector<float> qkv_f(qkv.begin(), qkv.end()), w_f(w.begin(), w.end()), out_f(out.size(), -7.0f);
+        std::vector<float> att_f(att.size(), -7.0f), datt_f(att.size(), 123.0f), dqkv_f(qkv.size(), 0.0f);
+        attention_forward(out_f.data(), att_f.data(), qkv_f.data(), B, T, C, NH);
+        attention_backward(dqkv_f.data(), datt_f.data(), w_f.data(), qkv_f.data(), att_f.data(), B, T, C, NH);
+        // (the double results rounded to float for fast_vs_naive: 6e-8 relative at most)
+        CHECK(fast_vs_naive(out_f, std::vector<float>(out.begin(), out.end())) < tol_float_attention);
+        CHECK(fast_vs_naive(att_f, std::vector<float>(att.begin(), att.end())) < tol_float_attention);
+        CHECK(fast_vs_naive(dqkv_f, std::vector<float>(dqkv.begin(), dqkv.end())) < tol_float_attention);
+    }
+}
+
 TEST_CASE("the float matmul fast path equals its naive twin") {
     Rng rng;
     rng_seed(&rng, 71);

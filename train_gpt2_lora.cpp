@@ -338,7 +338,7 @@ static real* attention_head_transposed(size_t* ld, const real* qkv, int b, int h
 // C = 768 also map to few sets of the L1 cache, attention ran 8-11% slower on a Zen 1.)
 template <typename real>
 static const real* attention_head_rows(const real* first, size_t stride, int T, int hs, int slot) {
-    static thread_local std::vector<real> buf[3];
+    static thread_local std::vector<real> buf[4];
     buf[slot].resize((size_t)T * hs);
     for (int t = 0; t < T; t++) { memcpy(&buf[slot][(size_t)t * hs], first + (size_t)t * stride, (size_t)hs * sizeof(real)); }
     return buf[slot].data();
@@ -393,6 +393,11 @@ static const real* attention_softmax_row(real* att_row, const real* q, const rea
     return a_buf.data();
 }
 
+// The same attention for float on long sequences, as small GEMMs per head (defined after the backward)
+static bool attention_by_gemm(int T, int t0, float drop_p) { return T >= 128 && t0 == 0 && drop_p <= 0; }
+void attention_forward_gemm(float* out, float* att, const float* qkv, int B, int T, int C, int NH);
+void attention_backward_gemm(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att, int B, int T, int C, int NH);
+
 // qkv (B,T,3C) with q|k|v along channels -> out (B,T,C); att (B,NH,T,T) post-softmax weights cached
 // Queries are positions t0..T-1 of each sequence, keys and values all T positions: t0 = 0 in training;
 // generation with a key/value cache passes the cached rows as qkv and t0 = the first new position, so
@@ -402,6 +407,9 @@ static const real* attention_softmax_row(real* att_row, const real* q, const rea
 template <typename real>
 void attention_forward(real* out, real* att, const real* qkv, int B, int T, int C, int NH, int t0 = 0,
                        float drop_p = 0, uint64_t drop_key = 0) {
+    if constexpr (std::is_same<real, float>::value) {
+        if (attention_by_gemm(T, t0, drop_p)) { attention_forward_gemm(out, att, qkv, B, T, C, NH); return; }
+    }
     int hs = C / NH, Tq = T - t0;
     real scale = 1 / std::sqrt((real)hs);
     // parallel over (b, h): each thread owns head h of sequence b, its rows of att and its slice of out
@@ -430,6 +438,9 @@ void attention_forward(real* out, real* att, const real* qkv, int B, int T, int 
 template <typename real>
 void attention_backward(real* dqkv, real* datt, const real* dout, const real* qkv, const real* att,
                         int B, int T, int C, int NH, float drop_p = 0, uint64_t drop_key = 0) {
+    if constexpr (std::is_same<real, float>::value) {
+        if (attention_by_gemm(T, 0, drop_p)) { attention_backward_gemm(dqkv, datt, dout, qkv, att, B, T, C, NH); return; }
+    }
     int hs = C / NH;
     real scale = 1 / std::sqrt((real)hs);
     real drop_scale = 1 / (1 - (real)drop_p);
@@ -494,6 +505,95 @@ void attention_backward(real* dqkv, real* datt, const real* dout, const real* qk
                     attention_rows_sum(dv, a_cols + (size_t)j * ldc + t2, dout_h + (size_t)t2 * hs, (size_t)hs, T - t2, hs);
                     attention_rows_sum(dk, ds_cols + (size_t)j * ldc + t2, q + (size_t)t2 * hs, (size_t)hs, T - t2, hs);
                 }
+            }
+        }
+    }
+}
+
+// Attention for float on long sequences (T >= 128, no dropout, no key/value cache): the products above,
+// each head's as small GEMMs (lib/fast.h's matmul_gemm, called from inside the parallel loop over heads, so
+// on one thread each) over blocks of ATT_ROWS query or key rows. Above, each query row is a matrix-vector
+// product, one load per FMA: at T = 1024 they ran at 16-33 GFLOP/s on a Zen 1 and made attention a fifth
+// of the LoRA step. At T = 64 both forms took the same time. The causal mask is zeros: a block of rows
+// computes scores for the keys its last row sees, and each row's entries past its own position are set to
+// zero before anything reads them, so the products over whole blocks add only zeros for masked pairs.
+static const int ATT_ROWS = 64;
+
+// head h of sequence b: its queries, keys and values as (T, hs) rows, in attention_head_rows' slots 0-2
+static void attention_head_qkv(const float** q, const float** k, const float** v, const float* qkv, int b, int h, int T, int C, int hs) {
+    const float* first = qkv + (size_t)b * T * 3 * C + h * hs;
+    *q = attention_head_rows(first, (size_t)3 * C, T, hs, 0);
+    *k = attention_head_rows(first + C, (size_t)3 * C, T, hs, 1);
+    *v = attention_head_rows(first + 2 * C, (size_t)3 * C, T, hs, 2);
+}
+
+// qkv (B,T,3C) -> out (B,T,C), att (B,NH,T,T): attention_forward with t0 = 0 and no dropout
+void attention_forward_gemm(float* out, float* att, const float* qkv, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    float scale = 1 / std::sqrt((float)hs);
+    #pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < NH; h++) {
+            const float *q, *k, *v;
+            attention_head_qkv(&q, &k, &v, qkv, b, h, T, C, hs);
+            float* att_bh = att + ((size_t)b * NH + h) * T * T;
+            float* out_bh = out + (size_t)b * T * C + h * hs; // row t at out_bh + t * C
+            for (int i0 = 0; i0 < T; i0 += ATT_ROWS) {
+                int n = std::min(T, i0 + ATT_ROWS), m = n - i0; // query rows i0..n-1 see keys 0..n-1 at most
+                // att[t, 0..n) = scale * q[t] . k[t2]: Bmat(i, t2) = k[t2 * hs + i]
+                for (int t = i0; t < n; t++) { memset(att_bh + (size_t)t * T, 0, (size_t)n * sizeof(float)); }
+                matmul_gemm(m, n, hs, scale, q + (size_t)i0 * hs, (size_t)hs, 1, k, 1, (size_t)hs, att_bh + (size_t)i0 * T, (size_t)T);
+                // softmax over the keys t2 <= t, zero after them
+                for (int t = i0; t < n; t++) {
+                    float* row = att_bh + (size_t)t * T;
+                    float maxval = max_lanes(row, t + 1);
+                    float inv = 1 / exp_lanes(row, t + 1, maxval);
+                    for (int j = 0; j < T; j++) { row[j] = j <= t ? row[j] * inv : 0; }
+                    memset(out_bh + (size_t)t * C, 0, (size_t)hs * sizeof(float));
+                }
+                // out[t] = att[t, 0..n) @ v[0..n)
+                matmul_gemm(m, hs, n, 1.0f, att_bh + (size_t)i0 * T, (size_t)T, 1, v, (size_t)hs, 1, out_bh + (size_t)i0 * C, (size_t)C);
+            }
+        }
+    }
+}
+
+// dout (B,T,C) -> dqkv (B,T,3C) +=; datt (B,NH,T,T) scratch: attention_backward without dropout
+void attention_backward_gemm(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    float scale = 1 / std::sqrt((float)hs);
+    #pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < NH; h++) {
+            const float *q, *k, *v;
+            attention_head_qkv(&q, &k, &v, qkv, b, h, T, C, hs);
+            const float* dout_h = attention_head_rows(dout + (size_t)b * T * C + h * hs, (size_t)C, T, hs, 3);
+            const float* att_bh = att + ((size_t)b * NH + h) * T * T;
+            float* datt_bh = datt + ((size_t)b * NH + h) * T * T;
+            float* dq = dqkv + (size_t)b * T * 3 * C + h * hs; // row t at dq + t * 3C; dk, dv C and 2C after
+            // pass 1, by blocks of query rows: datt, then ds in its place, then dq
+            for (int i0 = 0; i0 < T; i0 += ATT_ROWS) {
+                int n = std::min(T, i0 + ATT_ROWS), m = n - i0;
+                // forward was: out[t] = sum_t2 a[t, t2] v[t2]; so datt[t, t2] = dout[t] . v[t2]
+                for (int t = i0; t < n; t++) { memset(datt_bh + (size_t)t * T, 0, (size_t)n * sizeof(float)); }
+                matmul_gemm(m, n, hs, 1.0f, dout_h + (size_t)i0 * hs, (size_t)hs, 1, v, 1, (size_t)hs, datt_bh + (size_t)i0 * T, (size_t)T);
+                // forward was: a = softmax(s); so ds[t2] = a[t2] (datt[t2] - sum_j a[j] datt[j]), held as scale * ds
+                for (int t = i0; t < n; t++) {
+                    const float* a = att_bh + (size_t)t * T;
+                    float* row = datt_bh + (size_t)t * T;
+                    float dot = dot_lanes(a, row, t + 1);
+                    for (int j = 0; j < T; j++) { row[j] = j <= t ? a[j] * (row[j] - dot) * scale : 0; }
+                }
+                // forward was: s[t, t2] = scale q[t] . k[t2]; so dq[t] += scale ds[t, 0..n) @ k[0..n)
+                matmul_gemm(m, hs, n, 1.0f, datt_bh + (size_t)i0 * T, (size_t)T, 1, k, (size_t)hs, 1, dq + (size_t)i0 * 3 * C, (size_t)3 * C);
+            }
+            // pass 2, by blocks of key rows t2 = j0..: dv[t2] += sum_t a[t, t2] dout[t] and dk[t2] += sum_t
+            // scale ds[t, t2] q[t] over t >= j0 (a and ds are zero for t < t2): A(i, kk) = a[(j0 + kk) * T + j0 + i]
+            for (int j0 = 0; j0 < T; j0 += ATT_ROWS) {
+                int m = std::min(ATT_ROWS, T - j0);
+                size_t at = (size_t)j0 * T + j0;
+                matmul_gemm(m, hs, T - j0, 1.0f, att_bh + at, 1, (size_t)T, dout_h + (size_t)j0 * hs, (size_t)hs, 1, dq + 2 * C + (size_t)j0 * 3 * C, (size_t)3 * C);
+                matmul_gemm(m, hs, T - j0, 1.0f, datt_bh + at, 1, (size_t)T, q + (size_t)j0 * hs, (size_t)hs, 1, dq + C + (size_t)j0 * 3 * C, (size_t)3 * C);
             }
         }
     }

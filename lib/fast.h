@@ -267,7 +267,8 @@ static void matmul_gemm(int M, int N, int K, float alpha, const float* A, size_t
     // tile per thread, in whole register blocks, so that every thread has a share
     int threads = 1;
 #ifdef _OPENMP
-    threads = omp_get_max_threads();
+    // (called from inside a parallel region, as attention's per-head products are, it runs on this thread alone)
+    threads = omp_in_parallel() ? 1 : omp_get_max_threads();
 #endif
     int tiles_m = (M + MC - 1) / MC, tiles_n = (N + NC - 1) / NC;
     if (tiles_m * tiles_n < threads) {
