@@ -7,7 +7,8 @@ adapters only, and llm.c's file formats, so llm.c's starter-pack checkpoint, tok
 With -f it trains every parameter instead (full fine-tuning, the baseline LoRA is compared with).
 
 What it is not: a framework. Every kernel is a plain loop nest with OpenMP; the float matmul has a fast
-path (lib/fast.h) with its naive twin beside it, and test_lora.cpp checks every backward against finite
+path (lib/fast.h) with its naive twin beside it (so does float attention on long sequences: a GEMM
+form after the per-query one), and test_lora.cpp checks every backward against finite
 differences. The kernels and the model are templates over the scalar type only so that the tests can
 run the very same code in double precision; the program itself runs in float.
 
@@ -510,8 +511,9 @@ void attention_backward(real* dqkv, real* datt, const real* dout, const real* qk
     }
 }
 
-// Attention for float on long sequences (T >= 128, no dropout, no key/value cache): the products above,
-// each head's as small GEMMs (lib/fast.h's matmul_gemm, called from inside the parallel loop over heads, so
+// ---- attention for float on long sequences, as small GEMMs per head (skip on first reading: the
+// per-query form above is the one to learn from, and the double tests run it)
+// T >= 128, no dropout, no key/value cache (attention_by_gemm): the products above, each head's as small GEMMs (lib/fast.h's matmul_gemm, called from inside the parallel loop over heads, so
 // on one thread each) over blocks of ATT_ROWS query or key rows. Above, each query row is a matrix-vector
 // product, one load per FMA: at T = 1024 they ran at 16-33 GFLOP/s on a Zen 1 and made attention a fifth
 // of the LoRA step. At T = 64 both forms took the same time. The causal mask is zeros: a block of rows
