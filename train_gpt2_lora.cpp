@@ -513,10 +513,11 @@ void attention_backward(real* dqkv, real* datt, const real* dout, const real* qk
 
 // ---- attention for float on long sequences, as small GEMMs per head (skip on first reading: the
 // per-query form above is the one to learn from, and the double tests run it)
-// T >= 128, no dropout, no key/value cache (attention_by_gemm): the products above, each head's as small GEMMs (lib/fast.h's matmul_gemm, called from inside the parallel loop over heads, so
-// on one thread each) over blocks of ATT_ROWS query or key rows. Above, each query row is a matrix-vector
-// product, one load per FMA: at T = 1024 they ran at 16-33 GFLOP/s on a Zen 1 and made attention a fifth
-// of the LoRA step. At T = 64 both forms took the same time. The causal mask is zeros: a block of rows
+// T >= 128, no dropout, no key/value cache (attention_by_gemm): the products above, each head's as small
+// GEMMs (lib/fast.h's matmul_gemm, called from inside the parallel loop over heads, so on one thread each)
+// over blocks of ATT_ROWS query or key rows. Above, each query row is a matrix-vector product, one load
+// per FMA: at T = 1024 they ran at 16-33 GFLOP/s on a Zen 1 and made attention a fifth of the LoRA
+// step. At T = 64 both forms took the same time. The causal mask is zeros: a block of rows
 // computes scores for the keys its last row sees, and each row's entries past its own position are set to
 // zero before anything reads them, so the products over whole blocks add only zeros for masked pairs.
 static const int ATT_ROWS = 64;
