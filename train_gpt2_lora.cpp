@@ -8,7 +8,7 @@ With -f it trains every parameter instead (full fine-tuning, the baseline LoRA i
 
 What it is not: a framework. Every kernel is a plain loop nest with OpenMP; the float matmul has a fast
 path (lib/fast.h) with its naive twin beside it (so does float attention on long sequences: a GEMM
-form after the per-query one), and test_lora.cpp checks every backward against finite
+form, lib/attention_gemm.h), and test_lora.cpp checks every backward against finite
 differences. The kernels and the model are templates over the scalar type only so that the tests can
 run the very same code in double precision; the program itself runs in float.
 
@@ -394,7 +394,8 @@ static const real* attention_softmax_row(real* att_row, const real* q, const rea
     return a_buf.data();
 }
 
-// The same attention for float on long sequences, as small GEMMs per head (defined after the backward)
+// The same attention for float on long sequences, as small GEMMs per head (lib/attention_gemm.h, included
+// after the backward)
 static bool attention_by_gemm(int T, int t0, float drop_p) { return T >= 128 && t0 == 0 && drop_p <= 0; }
 void attention_forward_gemm(float* out, float* att, const float* qkv, int B, int T, int C, int NH);
 void attention_backward_gemm(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att, int B, int T, int C, int NH);
@@ -478,7 +479,8 @@ void attention_backward(real* dqkv, real* datt, const real* dout, const real* qk
             }
             // pass 2, by key row t2: its weights are column t2 of a and of scale * ds, rows t >= t2. The
             // columns are gathered ATT_COLS at a time, from a short run of each row t: one column alone reads
-            // a cache line per element, T floats apart (at T = 1024 the backward took 3x the forward, now 2x).
+            // a cache line per element, T floats apart (at T = 1024 this per-query backward took 3x its forward,
+            // then 2x; float now takes lib/attention_gemm.h there, unless with dropout).
             // (The gathered columns are T + 16 apart, not T: at T = 1024, 16 stores 4 KB apart would all go
             // to one L1 set.)
             static thread_local std::vector<real> col_buf;
@@ -511,96 +513,9 @@ void attention_backward(real* dqkv, real* datt, const real* dout, const real* qk
     }
 }
 
-// ---- attention for float on long sequences, as small GEMMs per head (skip on first reading: the
-// per-query form above is the one to learn from, and the double tests run it)
-// T >= 128, no dropout, no key/value cache (attention_by_gemm): the products above, each head's as small
-// GEMMs (lib/fast.h's matmul_gemm, called from inside the parallel loop over heads, so on one thread each)
-// over blocks of ATT_ROWS query or key rows. Above, each query row is a matrix-vector product, one load
-// per FMA: at T = 1024 they ran at 16-33 GFLOP/s on a Zen 1 and made attention a fifth of the LoRA
-// step. At T = 64 both forms took the same time. The causal mask is zeros: a block of rows
-// computes scores for the keys its last row sees, and each row's entries past its own position are set to
-// zero before anything reads them, so the products over whole blocks add only zeros for masked pairs.
-static const int ATT_ROWS = 64;
-
-// head h of sequence b: its queries, keys and values as (T, hs) rows, in attention_head_rows' slots 0-2
-static void attention_head_qkv(const float** q, const float** k, const float** v, const float* qkv, int b, int h, int T, int C, int hs) {
-    const float* first = qkv + (size_t)b * T * 3 * C + h * hs;
-    *q = attention_head_rows(first, (size_t)3 * C, T, hs, 0);
-    *k = attention_head_rows(first + C, (size_t)3 * C, T, hs, 1);
-    *v = attention_head_rows(first + 2 * C, (size_t)3 * C, T, hs, 2);
-}
-
-// qkv (B,T,3C) -> out (B,T,C), att (B,NH,T,T): attention_forward with t0 = 0 and no dropout
-void attention_forward_gemm(float* out, float* att, const float* qkv, int B, int T, int C, int NH) {
-    int hs = C / NH;
-    float scale = 1 / std::sqrt((float)hs);
-    #pragma omp parallel for collapse(2)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            const float *q, *k, *v;
-            attention_head_qkv(&q, &k, &v, qkv, b, h, T, C, hs);
-            float* att_bh = att + ((size_t)b * NH + h) * T * T;
-            float* out_bh = out + (size_t)b * T * C + h * hs; // row t at out_bh + t * C
-            for (int i0 = 0; i0 < T; i0 += ATT_ROWS) {
-                int n = std::min(T, i0 + ATT_ROWS), m = n - i0; // query rows i0..n-1 see keys 0..n-1 at most
-                // att[t, 0..n) = scale * q[t] . k[t2]: Bmat(i, t2) = k[t2 * hs + i]
-                for (int t = i0; t < n; t++) { memset(att_bh + (size_t)t * T, 0, (size_t)n * sizeof(float)); }
-                matmul_gemm(m, n, hs, scale, q + (size_t)i0 * hs, (size_t)hs, 1, k, 1, (size_t)hs, att_bh + (size_t)i0 * T, (size_t)T);
-                // softmax over the keys t2 <= t, zero after them
-                for (int t = i0; t < n; t++) {
-                    float* row = att_bh + (size_t)t * T;
-                    float maxval = max_lanes(row, t + 1);
-                    float inv = 1 / exp_lanes(row, t + 1, maxval);
-                    for (int j = 0; j < T; j++) { row[j] = j <= t ? row[j] * inv : 0; }
-                    memset(out_bh + (size_t)t * C, 0, (size_t)hs * sizeof(float));
-                }
-                // out[t] = att[t, 0..n) @ v[0..n)
-                matmul_gemm(m, hs, n, 1.0f, att_bh + (size_t)i0 * T, (size_t)T, 1, v, (size_t)hs, 1, out_bh + (size_t)i0 * C, (size_t)C);
-            }
-        }
-    }
-}
-
-// dout (B,T,C) -> dqkv (B,T,3C) +=; datt (B,NH,T,T) scratch: attention_backward without dropout
-void attention_backward_gemm(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att, int B, int T, int C, int NH) {
-    int hs = C / NH;
-    float scale = 1 / std::sqrt((float)hs);
-    #pragma omp parallel for collapse(2)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            const float *q, *k, *v;
-            attention_head_qkv(&q, &k, &v, qkv, b, h, T, C, hs);
-            const float* dout_h = attention_head_rows(dout + (size_t)b * T * C + h * hs, (size_t)C, T, hs, 3);
-            const float* att_bh = att + ((size_t)b * NH + h) * T * T;
-            float* datt_bh = datt + ((size_t)b * NH + h) * T * T;
-            float* dq = dqkv + (size_t)b * T * 3 * C + h * hs; // row t at dq + t * 3C; dk, dv C and 2C after
-            // pass 1, by blocks of query rows: datt, then ds in its place, then dq
-            for (int i0 = 0; i0 < T; i0 += ATT_ROWS) {
-                int n = std::min(T, i0 + ATT_ROWS), m = n - i0;
-                // forward was: out[t] = sum_t2 a[t, t2] v[t2]; so datt[t, t2] = dout[t] . v[t2]
-                for (int t = i0; t < n; t++) { memset(datt_bh + (size_t)t * T, 0, (size_t)n * sizeof(float)); }
-                matmul_gemm(m, n, hs, 1.0f, dout_h + (size_t)i0 * hs, (size_t)hs, 1, v, 1, (size_t)hs, datt_bh + (size_t)i0 * T, (size_t)T);
-                // forward was: a = softmax(s); so ds[t2] = a[t2] (datt[t2] - sum_j a[j] datt[j]), held as scale * ds
-                for (int t = i0; t < n; t++) {
-                    const float* a = att_bh + (size_t)t * T;
-                    float* row = datt_bh + (size_t)t * T;
-                    float dot = dot_lanes(a, row, t + 1);
-                    for (int j = 0; j < T; j++) { row[j] = j <= t ? a[j] * (row[j] - dot) * scale : 0; }
-                }
-                // forward was: s[t, t2] = scale q[t] . k[t2]; so dq[t] += scale ds[t, 0..n) @ k[0..n)
-                matmul_gemm(m, hs, n, 1.0f, datt_bh + (size_t)i0 * T, (size_t)T, 1, k, (size_t)hs, 1, dq + (size_t)i0 * 3 * C, (size_t)3 * C);
-            }
-            // pass 2, by blocks of key rows t2 = j0..: dv[t2] += sum_t a[t, t2] dout[t] and dk[t2] += sum_t
-            // scale ds[t, t2] q[t] over t >= j0 (a and ds are zero for t < t2): A(i, kk) = a[(j0 + kk) * T + j0 + i]
-            for (int j0 = 0; j0 < T; j0 += ATT_ROWS) {
-                int m = std::min(ATT_ROWS, T - j0);
-                size_t at = (size_t)j0 * T + j0;
-                matmul_gemm(m, hs, T - j0, 1.0f, att_bh + at, 1, (size_t)T, dout_h + (size_t)j0 * hs, (size_t)hs, 1, dq + 2 * C + (size_t)j0 * 3 * C, (size_t)3 * C);
-                matmul_gemm(m, hs, T - j0, 1.0f, datt_bh + at, 1, (size_t)T, q + (size_t)j0 * hs, (size_t)hs, 1, dq + C + (size_t)j0 * 3 * C, (size_t)3 * C);
-            }
-        }
-    }
-}
+// ---- attention for float on long sequences (T >= 128): the same products as small GEMMs per head.
+// Skip on first reading.
+#include "lib/attention_gemm.h"
 
 #define GELU_SCALING_FACTOR 0.7978845608028654 // sqrt(2 / pi)
 // tanh for GELU. In float, tanh(|u|) = (1 - e) / (1 + e) with e = exp(-2|u|), sign restored: libm's tanhf
