@@ -906,34 +906,107 @@ static std::vector<float> uniform_floats(Rng* rng, size_t n) {
 
 TEST_SUITE_BEGIN("fast-twins");
 
-TEST_CASE("attention in float on long sequences (per-head GEMMs) matches the double attention") {
-    // {B, T, C, NH}: T >= 128 takes the GEMM form in float; 200 and 129 end in a partial block of rows, and
-    // hs = 30 and 3 are no multiple of any vector width. The scratch starts as garbage, as in a model
-    // whose earlier layers used it. Float against double: sums of up to T products in float round to
-    // ~1e-6 of the largest value (measured 1e-7 to 9e-7), so 1e-5 leaves room and still catches any
-    // wrong or missing term, which moves a result by O(1) of its size.
+TEST_CASE("attention in float on long sequences (per-head GEMMs, the weights recomputed) matches the double attention, with and without dropout") {
+    // {B, T, C, NH}: T >= ATT_GEMM_T takes the GEMM form in float; 200 and 129 end in a partial block of
+    // rows, and hs = 30 and 3 are no multiple of any vector width. Float's att is the GEMM form's row
+    // statistics, (B, NH, T, 2), and the backward reads nothing else of the forward's (no datt is passed);
+    // they and out start as garbage, as in a model whose earlier layers used them. Dropout at p = 0.3 must
+    // drop the same weights as the double per-query form, which draws element (t, t2) at the same index.
+    // Float against double: sums of up to T products in float round to ~1e-6 of the largest value
+    // (measured 1e-7 to 9e-7), so 1e-5 leaves room and still catches any wrong or missing term, which
+    // moves a result by O(1) of its size.
     const double tol_float_attention = 1e-5;
     const int shapes[][4] = {{2, 128, 128, 2}, {1, 200, 90, 3}, {1, 129, 12, 4}};
     Rng rng;
     rng_seed(&rng, 15);
     for (const auto& sh : shapes) {
-        int B = sh[0], T = sh[1], C = sh[2], NH = sh[3];
-        CAPTURE(T);
-        CAPTURE(C);
-        REQUIRE(attention_by_gemm(T, 0, 0.0f));
-        std::vector<double> qkv = random_vector(&rng, (size_t)B * T * 3 * C, 1.0), w = random_vector(&rng, (size_t)B * T * C, 1.0);
-        std::vector<double> out((size_t)B * T * C), att((size_t)B * NH * T * T), datt(att.size()), dqkv(qkv.size(), 0.0);
-        attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH);
-        attention_backward(dqkv.data(), datt.data(), w.data(), qkv.data(), att.data(), B, T, C, NH);
-        std::vector<float> qkv_f(qkv.begin(), qkv.end()), w_f(w.begin(), w.end()), out_f(out.size(), -7.0f);
-        std::vector<float> att_f(att.size(), -7.0f), datt_f(att.size(), 123.0f), dqkv_f(qkv.size(), 0.0f);
-        attention_forward(out_f.data(), att_f.data(), qkv_f.data(), B, T, C, NH);
-        attention_backward(dqkv_f.data(), datt_f.data(), w_f.data(), qkv_f.data(), att_f.data(), B, T, C, NH);
-        // (the double results rounded to float for fast_vs_naive: 6e-8 relative at most)
-        CHECK(fast_vs_naive(out_f, std::vector<float>(out.begin(), out.end())) < tol_float_attention);
-        CHECK(fast_vs_naive(att_f, std::vector<float>(att.begin(), att.end())) < tol_float_attention);
-        CHECK(fast_vs_naive(dqkv_f, std::vector<float>(dqkv.begin(), dqkv.end())) < tol_float_attention);
+        for (float drop_p : {0.0f, 0.3f}) {
+            int B = sh[0], T = sh[1], C = sh[2], NH = sh[3];
+            CAPTURE(T);
+            CAPTURE(C);
+            CAPTURE(drop_p);
+            const uint64_t key = 1234;
+            REQUIRE(attention_by_gemm(T, 0));
+            std::vector<double> qkv = random_vector(&rng, (size_t)B * T * 3 * C, 1.0), w = random_vector(&rng, (size_t)B * T * C, 1.0);
+            std::vector<double> out((size_t)B * T * C), att((size_t)B * NH * T * T), datt(att.size()), dqkv(qkv.size(), 0.0);
+            attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH, 0, drop_p, key);
+            attention_backward(dqkv.data(), datt.data(), w.data(), qkv.data(), att.data(), B, T, C, NH, drop_p, key);
+            std::vector<float> qkv_f(qkv.begin(), qkv.end()), w_f(w.begin(), w.end()), out_f(out.size(), -7.0f);
+            std::vector<float> stats_f(attention_cache_floats<float>(B, NH, T), -7.0f), dqkv_f(qkv.size(), 0.0f);
+            REQUIRE(stats_f.size() == (size_t)B * NH * T * 2);
+            attention_forward(out_f.data(), stats_f.data(), qkv_f.data(), B, T, C, NH, 0, drop_p, key);
+            attention_backward(dqkv_f.data(), (float*)NULL, w_f.data(), qkv_f.data(), stats_f.data(), B, T, C, NH, drop_p, key);
+            // (the double results rounded to float for fast_vs_naive: 6e-8 relative at most)
+            CHECK(fast_vs_naive(out_f, std::vector<float>(out.begin(), out.end())) < tol_float_attention);
+            CHECK(fast_vs_naive(dqkv_f, std::vector<float>(dqkv.begin(), dqkv.end())) < tol_float_attention);
+        }
     }
+}
+
+TEST_CASE("a float model on long sequences (attention's GEMM form) matches the double model: loss and every LoRA gradient, a shorter T in the same allocation, -R, and the key/value cache") {
+    // The GEMM form keeps each attention row's softmax statistics instead of its weights, so a float
+    // model's att is smaller than a double one's, yet the same allocation must serve a shorter batch in
+    // the per-query form (T = 100) and generation's cache. Float against double through two layers:
+    // ~1e-6 of the largest value; 1e-4 leaves room, while a wrong or stale statistic, or a dropout mask
+    // drawn at another index, moves the loss and the gradients by O(1) of their size.
+    const double tol_float_model = 1e-4;
+    const float tol_kv = 1e-5f; // the cache against a forward over the whole context (see the generation suite)
+    GPT2Config cfg = tiny_config();
+    cfg.max_seq_len = 160;
+    const int B = 2, Tmax = 160, L = cfg.num_layers, NH = cfg.num_heads, C = cfg.channels;
+    GPT2<double> d;
+    GPT2<float> f;
+    gpt2_build_random(&d, cfg, 61);
+    gpt2_build_random(&f, cfg, 61);
+    gpt2_lora_attach(&d, lora_config(2, 4.0f, LORA_ALL_TARGETS), 62);
+    gpt2_lora_attach(&f, lora_config(2, 4.0f, LORA_ALL_TARGETS), 62);
+    randomize_lora_B(&d.lora, L, C, 63, 0.2);
+    randomize_lora_B(&f.lora, L, C, 63, 0.2);
+    gpt2_allocate(&d, B, Tmax);
+    gpt2_allocate(&f, B, Tmax);
+    // float: room for the statistics (2 per row) or a batch of T <= 127's weights; double: the weights
+    CHECK(f.act_sizes[ACT_ATT] == (size_t)L * B * NH * std::max(2 * Tmax, (ATT_GEMM_T - 1) * (ATT_GEMM_T - 1)));
+    CHECK(d.act_sizes[ACT_ATT] == (size_t)L * B * NH * Tmax * Tmax);
+    Rng rng;
+    rng_seed(&rng, 64);
+    std::vector<int> inputs, targets;
+    random_tokens(&rng, &inputs, (size_t)B * Tmax, cfg.vocab_size);
+    random_tokens(&rng, &targets, (size_t)B * Tmax, cfg.vocab_size);
+    for (int T : {Tmax, 100}) {
+        for (float p : {0.0f, 0.2f}) {
+            CAPTURE(T);
+            CAPTURE(p);
+            auto step = [&](auto* m) {
+                m->drop.gpt2_p = p; // -R p
+                m->drop.seed = 65;
+                gpt2_train_mode(m, true, 3);
+                gpt2_forward(m, inputs.data(), targets.data(), B, T);
+                gpt2_zero_grad(m);
+                gpt2_backward(m);
+                gpt2_train_mode(m, false);
+            };
+            step(&d);
+            step(&f);
+            CHECK(std::fabs(f.mean_loss - d.mean_loss) < tol_float_model * std::fabs(d.mean_loss));
+            std::vector<float> gf(f.lora.grads_memory, f.lora.grads_memory + f.lora.num_parameters);
+            std::vector<float> gd(d.lora.grads_memory, d.lora.grads_memory + d.lora.num_parameters);
+            CHECK(fast_vs_naive(gf, gd) < tol_float_model);
+        }
+    }
+    // the cache: a prompt of 140 positions (the GEMM form, its statistics in the cache's scratch), then a
+    // position more (the per-query form over 141 keys), against one forward over all 141
+    f.drop.gpt2_p = 0;
+    int Vp = cfg.padded_vocab_size;
+    gpt2_kv_start(&f);
+    gpt2_forward(&f, inputs.data(), (const int*)NULL, 1, 140);
+    gpt2_forward(&f, inputs.data() + 140, (const int*)NULL, 1, 1);
+    std::vector<float> cached(f.acts.logits, f.acts.logits + Vp);
+    f.kv_on = false;
+    gpt2_forward(&f, inputs.data(), (const int*)NULL, 1, 141);
+    std::vector<float> full(f.acts.logits + (size_t)140 * Vp, f.acts.logits + (size_t)141 * Vp);
+    CHECK(fast_vs_naive(cached, full) < tol_kv);
+    gpt2_free(&d);
+    gpt2_free(&f);
 }
 
 TEST_CASE("the float matmul fast path equals its naive twin") {

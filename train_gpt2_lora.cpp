@@ -394,13 +394,17 @@ static const real* attention_softmax_row(real* att_row, const real* q, const rea
     return a_buf.data();
 }
 
-// The same attention for float on long sequences, as small GEMMs per head (lib/attention_gemm.h, included
-// after the backward)
-static bool attention_by_gemm(int T, int t0, float drop_p) { return T >= 128 && t0 == 0 && drop_p <= 0; }
-void attention_forward_gemm(float* out, float* att, const float* qkv, int B, int T, int C, int NH);
-void attention_backward_gemm(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att, int B, int T, int C, int NH);
+// The same attention for float on long sequences (T >= ATT_GEMM_T, not with the key/value cache), as small
+// GEMMs per head that never store the (T, T) weights (lib/attention_gemm.h, included after the backward):
+// there att holds each query row's softmax statistics, (B, NH, T, 2), and the backward recomputes the weights.
+static const int ATT_GEMM_T = 128;
+static bool attention_by_gemm(int T, int t0) { return T >= ATT_GEMM_T && t0 == 0; }
+void attention_forward_gemm(float* out, float* stats, const float* qkv, int B, int T, int C, int NH, float drop_p, uint64_t drop_key);
+void attention_backward_gemm(float* dqkv, const float* dout, const float* qkv, const float* stats, int B, int T, int C, int NH,
+                             float drop_p, uint64_t drop_key);
 
 // qkv (B,T,3C) with q|k|v along channels -> out (B,T,C); att (B,NH,T,T) post-softmax weights cached
+// (in float from T = ATT_GEMM_T on, (B,NH,T,2) statistics instead: attention_cache_floats)
 // Queries are positions t0..T-1 of each sequence, keys and values all T positions: t0 = 0 in training;
 // generation with a key/value cache passes the cached rows as qkv and t0 = the first new position, so
 // out is (B,T-t0,C) and att (B,NH,T-t0,T). Each query row is computed the same way either way.
@@ -410,7 +414,7 @@ template <typename real>
 void attention_forward(real* out, real* att, const real* qkv, int B, int T, int C, int NH, int t0 = 0,
                        float drop_p = 0, uint64_t drop_key = 0) {
     if constexpr (std::is_same<real, float>::value) {
-        if (attention_by_gemm(T, t0, drop_p)) { attention_forward_gemm(out, att, qkv, B, T, C, NH); return; }
+        if (attention_by_gemm(T, t0)) { attention_forward_gemm(out, att, qkv, B, T, C, NH, drop_p, drop_key); return; }
     }
     int hs = C / NH, Tq = T - t0;
     real scale = 1 / std::sqrt((real)hs);
@@ -441,7 +445,7 @@ template <typename real>
 void attention_backward(real* dqkv, real* datt, const real* dout, const real* qkv, const real* att,
                         int B, int T, int C, int NH, float drop_p = 0, uint64_t drop_key = 0) {
     if constexpr (std::is_same<real, float>::value) {
-        if (attention_by_gemm(T, 0, drop_p)) { attention_backward_gemm(dqkv, datt, dout, qkv, att, B, T, C, NH); return; }
+        if (attention_by_gemm(T, 0)) { attention_backward_gemm(dqkv, dout, qkv, att, B, T, C, NH, drop_p, drop_key); return; }
     }
     int hs = C / NH;
     real scale = 1 / std::sqrt((real)hs);
@@ -480,7 +484,7 @@ void attention_backward(real* dqkv, real* datt, const real* dout, const real* qk
             // pass 2, by key row t2: its weights are column t2 of a and of scale * ds, rows t >= t2. The
             // columns are gathered ATT_COLS at a time, from a short run of each row t: one column alone reads
             // a cache line per element, T floats apart (at T = 1024 this per-query backward took 3x its forward,
-            // then 2x; float now takes lib/attention_gemm.h there, unless with dropout).
+            // then 2x; float now takes lib/attention_gemm.h there).
             // (The gathered columns are T + 16 apart, not T: at T = 1024, 16 stores 4 KB apart would all go
             // to one L1 set.)
             static thread_local std::vector<real> col_buf;
@@ -720,6 +724,7 @@ LayerParams<real> layer_params(const ParameterTensors<real>& p, int l, size_t C)
 }
 
 #define NUM_ACTIVATION_TENSORS 19
+#define ACT_ATT 6 // att's place among them
 template <typename real>
 struct ActivationTensors {
     real* encoded;   // (B, T, C)
@@ -728,7 +733,7 @@ struct ActivationTensors {
     real* ln1_rstd;  // (L, B, T)
     real* qkv;       // (L, B, T, 3C)
     real* atty;      // (L, B, T, C)
-    real* att;       // (L, B, NH, T, T) post-softmax
+    real* att;       // (L, B, NH, T, T) post-softmax; in float from T = ATT_GEMM_T on (L, B, NH, T, 2) statistics
     real* residual2; // (L, B, T, C)
     real* ln2;       // (L, B, T, C)
     real* ln2_mean;  // (L, B, T)
@@ -743,10 +748,29 @@ struct ActivationTensors {
     real* proj;      // (B, T, C) output of attproj / fcproj before the residual add; not needed backward
 };
 
+// One layer's att at (B, T): the attention weights (B, NH, T, T), or where float takes the GEMM form
+// (attention_by_gemm) only the softmax statistics of their rows, (B, NH, T, 2): at T = 1024 that is 2
+// floats per row instead of 1024.
+template <typename real>
+static size_t attention_cache_floats(size_t B, size_t NH, size_t T) {
+    return std::is_same<real, float>::value && attention_by_gemm((int)T, 0) ? B * NH * T * 2 : B * NH * T * T;
+}
+// The attention memory allocated for batches up to (B, T), which also holds any smaller batch's: att per
+// layer, and attention_backward's (B, NH, T, T) scratch datt, which the GEMM form does not use.
+template <typename real>
+static size_t attention_cache_room(size_t B, size_t NH, size_t T) {
+    return std::max(attention_cache_floats<real>(B, NH, T), attention_cache_floats<real>(B, NH, std::min<size_t>(T, ATT_GEMM_T - 1)));
+}
+template <typename real>
+static size_t attention_scratch_room(size_t B, size_t NH, size_t T) {
+    return std::is_same<real, float>::value ? B * NH * std::min<size_t>(T, ATT_GEMM_T - 1) * std::min<size_t>(T, ATT_GEMM_T - 1) : B * NH * T * T;
+}
+
+template <typename real>
 static void fill_in_activation_sizes(size_t* sizes, GPT2Config cfg, size_t B, size_t T) {
     size_t C = cfg.channels, NH = cfg.num_heads, L = cfg.num_layers, Vp = cfg.padded_vocab_size;
     size_t s[NUM_ACTIVATION_TENSORS] = {
-        B * T * C, L * B * T * C, L * B * T, L * B * T, L * B * T * 3 * C, L * B * T * C, L * B * NH * T * T,
+        B * T * C, L * B * T * C, L * B * T, L * B * T, L * B * T * 3 * C, L * B * T * C, L * attention_cache_room<real>(B, NH, T),
         L * B * T * C, L * B * T * C, L * B * T, L * B * T, L * B * T * 4 * C, L * B * T * 4 * C,
         L * B * T * C, B * T * C, B * T, B * T, B * T * Vp, B * T * C};
     memcpy(sizes, s, sizeof(s));
@@ -770,7 +794,7 @@ LayerActivations<real> layer_activations(const ActivationTensors<real>& acts, in
     la.ln1_rstd = acts.ln1_rstd + l * BT;
     la.qkv = acts.qkv + l * BT * 3 * C;
     la.atty = acts.atty + l * BT * C;
-    la.att = acts.att + l * B * NH * T * T;
+    la.att = acts.att + l * attention_cache_floats<real>(B, NH, T);
     la.residual2 = acts.residual2 + l * BT * C;
     la.ln2 = acts.ln2 + l * BT * C;
     la.ln2_mean = acts.ln2_mean + l * BT;
@@ -790,7 +814,7 @@ struct BackwardTensors {
     real* dln;       // (B, T, C) gradient at a layernorm output: lnf, ln2, ln1 in turn
     real* datty;     // (B, T, C)
     real* dqkv;      // (B, T, 3C)
-    real* datt;      // (B, NH, T, T) scratch of attention_backward
+    real* datt;      // (B, NH, T, T) scratch of attention_backward (not used by the GEMM form)
     real* dfch;      // (B, T, 4C)
     real* dfch_gelu; // (B, T, 4C)
 };
@@ -965,7 +989,7 @@ void gpt2_enable_full_training(GPT2<real>* model) {
 template <typename real>
 void gpt2_allocate(GPT2<real>* model, int B, int T) {
     GPT2Config cfg = model->config;
-    fill_in_activation_sizes(model->act_sizes, cfg, B, T);
+    fill_in_activation_sizes<real>(model->act_sizes, cfg, B, T);
     model->num_activations = 0;
     for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { model->num_activations += model->act_sizes[i]; }
     model->acts_memory = calloc_real<real>(model->num_activations, "activations");
@@ -978,7 +1002,7 @@ void gpt2_allocate(GPT2<real>* model, int B, int T) {
     for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { *(ptrs[i]) = mem; mem += model->act_sizes[i]; }
 
     size_t BT = (size_t)B * T, C = cfg.channels, NH = cfg.num_heads;
-    size_t dsizes[NUM_BACKWARD_TENSORS] = {BT * C, BT * C, BT * C, BT * 3 * C, (size_t)B * NH * T * T, BT * 4 * C, BT * 4 * C};
+    size_t dsizes[NUM_BACKWARD_TENSORS] = {BT * C, BT * C, BT * C, BT * 3 * C, attention_scratch_room<real>(B, NH, T), BT * 4 * C, BT * 4 * C};
     model->num_dacts = 0;
     for (int i = 0; i < NUM_BACKWARD_TENSORS; i++) { model->num_dacts += dsizes[i]; }
     model->dacts_memory = calloc_real<real>(model->num_dacts, "activation gradients");
@@ -1366,7 +1390,7 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
         die("gpt2_forward: the base's block matrices are still on disk (read for -Q); attach the adapters first (gpt2_lora_attach)\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line");
     }
     if (model->acts_memory == NULL) gpt2_allocate(model, B, T);
-    if (B > model->alloc_B || T > model->alloc_T || (size_t)B * T * T > (size_t)model->alloc_B * model->alloc_T * model->alloc_T) {
+    if (B > model->alloc_B || T > model->alloc_T) {
         die(strprintf("forward with B=%d T=%d exceeds the allocated B=%d T=%d\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line", B, T, model->alloc_B, model->alloc_T));
     }
     int V = model->config.vocab_size, Vp = model->config.padded_vocab_size;
@@ -1382,6 +1406,11 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
     int pos0 = model->kv_on ? model->kv_len : 0;
     if (model->kv_on && (B != 1 || targets != NULL || pos0 + T > model->kv_cap)) {
         die(strprintf("gpt2_forward with the key/value cache: B=%d, targets %s, positions %d..%d of %d", B, targets ? "given" : "none", pos0, pos0 + T - 1, model->kv_cap) + "\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line");
+    }
+    // (the cache's attention uses att as scratch, (NH, T, pos0 + T) or the GEMM form's statistics)
+    size_t kv_att = attention_by_gemm(pos0 + T, pos0) ? (size_t)NH * T * 2 : (size_t)NH * T * (pos0 + T);
+    if (model->kv_on && kv_att > model->act_sizes[ACT_ATT]) {
+        die(strprintf("gpt2_forward with the key/value cache: %d new positions after %d need %zu floats of attention scratch, %zu allocated", T, pos0, kv_att, model->act_sizes[ACT_ATT]) + "\n---> HINT: an internal check failed: this is a bug in train_gpt2_lora, not in your input; please report it with the command line");
     }
 
     // dropout (-D, -R) in a training step's forward only: never at evaluation or generation
@@ -1409,7 +1438,7 @@ void gpt2_forward(GPT2<real>* model, const int* inputs, const int* targets, int 
             real* kv_l = model->kv + (size_t)l * model->kv_cap * 3 * C;
             memcpy(kv_l + (size_t)pos0 * 3 * C, la.qkv, (size_t)T * 3 * C * sizeof(real));
             qkv_all = kv_l;
-            att = acts.att; // scratch: (NH, T, pos0 + T) fits in one layer's (NH, alloc_T, alloc_T); no backward
+            att = acts.att; // scratch (checked above); no backward
         }
         uint64_t att_key = gpt2_dropout_key(model, l, DROP_ATTENTION);
         if (model->prefix.P > 0) gpt2_prefix_attention_forward(&model->prefix, l, la.atty, qkv_all, B, pos0 + T, pos0, pr, att_key);
