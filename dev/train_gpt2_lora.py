@@ -46,6 +46,7 @@ fp32, so the test's tolerances measure the C++ fp32 error alone. The bench runs 
 import argparse
 import math
 import os
+import resource
 import sys
 import time
 
@@ -120,6 +121,7 @@ class Block(nn.Module):
         super().__init__()
         C = cfg.C
         self.NH = cfg.NH
+        self.sdpa = False  # the bench's --attention sdpa sets it
         self.ln1w, self.ln1b = nn.Parameter(torch.ones(C)), nn.Parameter(torch.zeros(C))  # (C,)
         self.qkvw, self.qkvb = nn.Parameter(torch.zeros(3 * C, C)), nn.Parameter(torch.zeros(3 * C))  # (3C,C) (3C,)
         self.attprojw, self.attprojb = nn.Parameter(torch.zeros(C, C)), nn.Parameter(torch.zeros(C))  # (C,C) (C,)
@@ -144,10 +146,13 @@ class Block(nn.Module):
         q = q.view(B, T, NH, hs).transpose(1, 2)  # (B,NH,T,hs)
         k = k.view(B, T, NH, hs).transpose(1, 2)  # (B,NH,T,hs)
         v = v.view(B, T, NH, hs).transpose(1, 2)  # (B,NH,T,hs)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B,NH,T,T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)  # (B,NH,T,T), row t sees 0..t
-        y = (att @ v).transpose(1, 2).reshape(B, T, C)  # (B,T,C), heads concatenated
+        if self.sdpa:  # (bench only) PyTorch's fused attention, which stores no (T,T) weights
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B,NH,T,T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)  # (B,NH,T,T), row t sees 0..t
+            y = (att @ v).transpose(1, 2).reshape(B, T, C)  # (B,T,C), heads concatenated
         x = x + self.adapted("attproj", y, self.attprojw, self.attprojb)  # (B,T,C)
         h = F.layer_norm(x, (C,), self.ln2w, self.ln2b, LN_EPS)  # (B,T,C)
         h = self.adapted("fc", h, self.fcw, self.fcb)  # (B,T,4C)
@@ -439,7 +444,8 @@ def cmd_bench(args):
     x = torch.randint(0, cfg.V, (B, T))
     y = torch.randint(0, cfg.V, (B, T))
     print(f"torch config B {B} T {T} steps {args.steps} threads {torch.get_num_threads()} r {args.r} "
-          f"torch {torch.__version__} OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')} autocast {args.autocast}")
+          f"torch {torch.__version__} OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')} autocast {args.autocast} "
+          f"attention {args.attention}")
     # bf16 autocast: the matmuls (frozen base, LoRA, LM head) run on bf16 copies of their operands, with
     # fp32 accumulation; layernorm, softmax, the loss and AdamW stay fp32 (PyTorch's CPU mixed precision)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16")
@@ -452,6 +458,9 @@ def cmd_bench(args):
                     p.normal_(0.0, 0.02)
             model.wte[cfg.V:] = 0.0
         model.set_trainable(mode)  # lora: base (wte included) requires_grad False; full: everything
+        for m in model.modules():
+            if isinstance(m, Block):
+                m.sdpa = args.attention == "sdpa"
         opt = AdamW(model.parameters(), 1e-4, 0.9, 0.999, 1e-8, 0.0)
         times = []
         for step in range(args.steps + 1):  # step 0 is warm-up, not timed
@@ -463,7 +472,8 @@ def cmd_bench(args):
             opt.step(step + 1)
             times.append(time.perf_counter() - t0)
         tag = mode + ("-bf16" if args.autocast == "bf16" else "")
-        print(f"torch {tag} ms/step {1000.0 * sum(times[1:]) / len(times[1:]):.1f}")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (KiB on Linux; the process's peak so far)
+        print(f"torch {tag} ms/step {1000.0 * sum(times[1:]) / len(times[1:]):.1f} peak_rss_MiB {peak:.0f}")
         del model, opt
 
 
@@ -484,6 +494,8 @@ def main():
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--mode", choices=["lora", "full", "both"], default="both")
     p.add_argument("--autocast", choices=["none", "bf16"], default="none", help="bf16: torch.autocast('cpu', bfloat16)")
+    p.add_argument("--attention", choices=["explicit", "sdpa"], default="explicit",
+                   help="sdpa: F.scaled_dot_product_attention (fused; the twin's tests use the explicit softmax)")
     args = ap.parse_args()
     if args.cmd in ("bench",) and (args.B < 1 or args.T < 1 or args.T > 1024 or args.steps < 1):
         sys.exit(f"bench: bad --B/--T/--steps ({args.B}, {args.T}, {args.steps})\n"
