@@ -755,12 +755,13 @@ template <typename real>
 static size_t attention_cache_floats(size_t B, size_t NH, size_t T) {
     return std::is_same<real, float>::value && attention_by_gemm((int)T, 0) ? B * NH * T * 2 : B * NH * T * T;
 }
-// The attention memory allocated for batches up to (B, T), which also holds any smaller batch's: att per
-// layer, and attention_backward's (B, NH, T, T) scratch datt, which the GEMM form does not use.
+// att's room per layer, allocated for batches up to (B, T): it holds any smaller batch's att too, the
+// weights of one with T below ATT_GEMM_T included
 template <typename real>
 static size_t attention_cache_room(size_t B, size_t NH, size_t T) {
     return std::max(attention_cache_floats<real>(B, NH, T), attention_cache_floats<real>(B, NH, std::min<size_t>(T, ATT_GEMM_T - 1)));
 }
+// and the room of attention_backward's scratch datt, which only the per-query form uses (in float, below ATT_GEMM_T)
 template <typename real>
 static size_t attention_scratch_room(size_t B, size_t NH, size_t T) {
     return std::is_same<real, float>::value ? B * NH * std::min<size_t>(T, ATT_GEMM_T - 1) * std::min<size_t>(T, ATT_GEMM_T - 1) : B * NH * T * T;
