@@ -32,7 +32,8 @@ static void attention_head_qkv(const float** q, const float** k, const float** v
 }
 
 // a block of ATT_ROWS rows of T floats in the calling thread's scratch (slot 0: weights, 1: their
-// gradient), rows *ld apart (T + 16 where T is a multiple of 256: rows 4 KB apart share L1 sets)
+// gradient), rows *ld apart (T + 16 where T is a multiple of 256: rows a multiple of 1 KB apart share few
+// L1 sets; at T = 1024 the backward ran 3% faster padded)
 static float* attention_block_scratch(int slot, int T, size_t* ld) {
     static thread_local std::vector<float> buf[2];
     *ld = (size_t)T + (T % 256 == 0 ? 16 : 0);
