@@ -394,9 +394,10 @@ static const real* attention_softmax_row(real* att_row, const real* q, const rea
     return a_buf.data();
 }
 
-// The same attention for float on long sequences (T >= ATT_GEMM_T, not with the key/value cache), as small
-// GEMMs per head that never store the (T, T) weights (lib/attention_gemm.h, included after the backward):
-// there att holds each query row's softmax statistics, (B, NH, T, 2), and the backward recomputes the weights.
+// The same attention for float on long sequences (T >= ATT_GEMM_T and t0 = 0: with the key/value cache
+// only the prompt's forward), as small GEMMs per head that never store the (T, T) weights
+// (lib/attention_gemm.h, included after the backward): there att holds each query row's softmax
+// statistics, (B, NH, T, 2), and the backward recomputes the weights.
 static const int ATT_GEMM_T = 128;
 static bool attention_by_gemm(int T, int t0) { return T >= ATT_GEMM_T && t0 == 0; }
 void attention_forward_gemm(float* out, float* stats, const float* qkv, int B, int T, int C, int NH, float drop_p, uint64_t drop_key);

@@ -6,8 +6,8 @@
 // dispatch here (attention_by_gemm).
 #pragma once
 
-// T >= ATT_GEMM_T and no key/value cache (attention_by_gemm): the products of attention_forward and
-// attention_backward, each head's as small GEMMs (lib/fast.h's matmul_gemm, called from inside the
+// T >= ATT_GEMM_T and t0 = 0 (attention_by_gemm; with the key/value cache, only the prompt's forward):
+// the products of attention_forward and attention_backward, each head's as small GEMMs (lib/fast.h's matmul_gemm, called from inside the
 // parallel loop over heads, so on one thread each) over blocks of ATT_ROWS query rows. There, each query
 // row is a matrix-vector product, one load per FMA: at T = 1024 they ran at 16-33 GFLOP/s on a Zen 1 and
 // made attention a fifth of the LoRA step. At T = 64 both forms took the same time.
