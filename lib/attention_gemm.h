@@ -7,10 +7,11 @@
 #pragma once
 
 // T >= ATT_GEMM_T and t0 = 0 (attention_by_gemm; with the key/value cache, only the prompt's forward):
-// the products of attention_forward and attention_backward, each head's as small GEMMs (lib/fast.h's matmul_gemm, called from inside the
-// parallel loop over heads, so on one thread each) over blocks of ATT_ROWS query rows. There, each query
-// row is a matrix-vector product, one load per FMA: at T = 1024 they ran at 16-33 GFLOP/s on a Zen 1 and
-// made attention a fifth of the LoRA step. At T = 64 both forms took the same time.
+// the products of attention_forward and attention_backward, each head's as small GEMMs (lib/fast.h's
+// matmul_gemm, called from inside the parallel loop over heads, so on one thread each) over blocks of
+// ATT_ROWS query rows. There, each query row is a matrix-vector product, one load per FMA: at T = 1024
+// they ran at 16-33 GFLOP/s on a Zen 1 and made attention a fifth of the LoRA step. At T = 64 both forms
+// took the same time.
 // - The causal mask is zeros: a block of rows computes scores for the keys its last row sees, and each
 //   row's entries past its own position are set to zero before anything reads them, so the products over
 //   whole blocks add only zeros for masked pairs.
